@@ -1,0 +1,43 @@
+"""The `distill` command: one subcommand per job, each defined next to the code it drives.
+
+Every module in COMMANDS exposes `add_commands(subparsers)`; each subcommand sets `func(args) -> int`.
+Errors meant for people (DistillError) are printed without a traceback and exit with status 2.
+"""
+
+import argparse
+import importlib
+import sys
+
+from distill.errors import DistillError
+
+COMMANDS = [
+    "distill.profile",
+    "distill.data.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distill",
+        description="Knowledge distillation for face recognition (VarGFaceNet students, frozen teachers).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMANDS:
+        importlib.import_module(module).add_commands(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DistillError as err:
+        print(f"distill {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"distill {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
