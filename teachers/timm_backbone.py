@@ -1,0 +1,30 @@
+"""Any timm backbone as a face teacher: the backbone's pooled features -> Linear -> BatchNorm1d embedding."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+
+class TimmBackbone(nn.Module):
+    """`timm.create_model(name, num_classes=0)` plus an embedding head shaped like arcface_torch's
+    (`fc` Linear to `embedding_size`, then `features` BatchNorm1d with its weight fixed at 1).
+
+    Output: (B, embedding_size) raw embeddings. `pretrained=True` downloads ImageNet weights through
+    timm (needs network access); a face-trained checkpoint is loaded by `teachers.build_teacher`.
+    """
+
+    def __init__(self, name: str, embedding_size: int = 512, pretrained: bool = False,
+                 input_size: int = 112, model_kwargs: dict | None = None):
+        super().__init__()
+        self.config = dict(name=name, embedding_size=embedding_size, input_size=input_size,
+                           model_kwargs=dict(model_kwargs or {}))
+        self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **(model_kwargs or {}))
+        self.fc = nn.Linear(self.backbone.num_features, embedding_size)
+        self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
+        nn.init.constant_(self.features.weight, 1.0)
+        self.features.weight.requires_grad = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(self.fc(self.backbone(x)))
