@@ -67,7 +67,7 @@ def _run(args) -> int:
         torch.set_num_threads(args.threads)
     model = create_model(args.name, input_size=args.input_size)
     size = args.input_size or model_input_size(model) or 112
-    r = profile_model(model, size, timing=not args.no_timing)
+    r = profile_model(model, size, timing=not args.no_timing, budget_s=args.seconds)
     if args.json:
         print(json.dumps({"name": args.name, **r}))
         return 0
@@ -87,5 +87,6 @@ def add_commands(sub) -> None:
     p.add_argument("--input-size", type=int, default=None, help="square input side (default: the model's, 112)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-timing", action="store_true", help="count only; skip the CPU latency/throughput runs")
+    p.add_argument("--seconds", type=float, default=3.0, help="time budget of each timing run (default 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for timing (default: torch's choice)")
     p.set_defaults(func=_run)

@@ -45,7 +45,7 @@ class FrozenTeacher(nn.Module):
         """SHA-256 of every tensor of the state dict (names, shapes, dtypes, bytes): keys the teacher cache."""
         h = hashlib.sha256()
         for name, t in sorted(self.model.state_dict().items()):
-            t = t.detach().cpu().contiguous()
+            t = t.detach().cpu().contiguous().reshape(-1)
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         return h.hexdigest()
