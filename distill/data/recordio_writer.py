@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
+
+import numpy as np
 
 from distill.data.recordio import IRHEADER, LENGTH_MASK, MAGIC, MAGIC_BYTES
 from distill.errors import DataFormatError
@@ -153,3 +156,89 @@ def write_insightface_rec(out_dir, samples, num_classes: int, image_size) -> int
     with open(os.path.join(out_dir, "property"), "w", encoding="ascii") as f:
         f.write(f"{num_classes},{h},{w}")
     return num_images
+
+
+def _scan_records(rec_path: str):
+    """Yield (offset, flag, label values, id, image length) for every record, in file order."""
+    size = os.path.getsize(rec_path)
+    with open(rec_path, "rb", buffering=1 << 20) as f:
+        offset = 0
+        while offset < size:
+            start, payload_len, prefix, first = offset, 0, [], True
+            while True:  # the parts of one record
+                frame = f.read(8)
+                if len(frame) < 8:
+                    raise DataFormatError(f"{rec_path}: the file ends inside the record frame at byte {offset} (truncated .rec)")
+                magic, lrec = struct.unpack("<II", frame)
+                if magic != MAGIC:
+                    raise DataFormatError(
+                        f"{rec_path}: bad magic word 0x{magic:08X} at byte {offset} (record starting at byte {start}); "
+                        f"the .rec is damaged from there on and cannot be indexed past it"
+                    )
+                cflag, length = lrec >> 29, lrec & LENGTH_MASK
+                if cflag not in ((0, 1) if first else (2, 3)):
+                    raise DataFormatError(f"{rec_path}: record part at byte {offset} has cflag {cflag} out of sequence")
+                if offset + 8 + length > size:
+                    raise DataFormatError(
+                        f"{rec_path}: the record part at byte {offset} claims {length} bytes but the file ends at "
+                        f"byte {size} (truncated .rec)"
+                    )
+                if not first:
+                    prefix.append(MAGIC_BYTES)
+                    payload_len += 4
+                want = max(0, min(length, 1024 - payload_len))  # enough for the header and its label floats
+                prefix.append(f.read(want))
+                f.seek(length - want + (-length % 4), os.SEEK_CUR)
+                payload_len += length
+                offset += 8 + length + (-length % 4)
+                first = False
+                if cflag in (0, 3):
+                    break
+            head = b"".join(prefix)
+            if len(head) < IRHEADER.size:
+                raise DataFormatError(f"{rec_path}: record at byte {start} is {payload_len} bytes, shorter than an IRHeader")
+            flag, label, id_, _ = IRHEADER.unpack_from(head)
+            n = min(flag, (len(head) - IRHEADER.size) // 4)
+            values = struct.unpack_from(f"<{n}f", head, IRHEADER.size) if flag else (label,)
+            yield start, flag, values, id_, payload_len - IRHEADER.size - 4 * flag
+
+
+def rebuild_index(rec_path, idx_path=None) -> tuple:
+    """Scan a `.rec` and write its `.idx`; return (records, rule used to assign keys).
+
+    The `.rec` does not store keys, so they are inferred the way the writers assigned them:
+    insightface layout (a record with an array label [N+1, N+1+num_ids], no image, N image records
+    and num_ids identity records): that header is key 0 and the others are 1, 2, ... in file order,
+    wherever the header sits. Otherwise (im2rec): im2rec writes IRHeader.id = key, so unique ids are
+    the keys; failing that, file order 0, 1, ... as MXNet's rec2idx tool does.
+    """
+    rec_path = os.fspath(rec_path)
+    idx_path = os.fspath(idx_path) if idx_path is not None else os.path.splitext(rec_path)[0] + ".idx"
+    # array('q'): 8 bytes a record, not ~60 for a list of ints (Glint360K has 17M records).
+    offsets, ids, headers, n_empty = array("q"), array("Q"), [], 0
+    for offset, flag, values, id_, image_len in _scan_records(rec_path):
+        offsets.append(offset)
+        ids.append(id_)
+        n_empty += image_len == 0
+        if flag >= 2 and image_len == 0:
+            headers.append((len(offsets) - 1, values))
+    n_images = len(offsets) - n_empty
+    n_identities = n_empty - 1
+    header = [
+        pos for pos, v in headers if v[0] == n_images + 1 and v[1] == n_images + 1 + n_identities
+    ]
+    if header:
+        keys, rule = [0] * len(offsets), "insightface layout: header record is key 0, the others 1.. in file order"
+        k = 1
+        for pos in range(len(offsets)):
+            if pos != header[0]:
+                keys[pos], k = k, k + 1
+    elif len(np.unique(np.frombuffer(ids, dtype=np.uint64))) == len(ids):
+        keys, rule = ids, "no header (im2rec layout): keys are the IRHeader ids, as im2rec writes them"
+    else:
+        keys, rule = list(range(len(offsets))), "no header, ids not unique: keys are the file order 0.., as rec2idx does"
+    tmp = idx_path + ".partial"
+    with open(tmp, "w", encoding="ascii", newline="\n") as f:
+        f.writelines(f"{k}\t{o}\n" for k, o in zip(keys, offsets))
+    os.replace(tmp, idx_path)
+    return len(offsets), rule
