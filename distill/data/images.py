@@ -13,22 +13,27 @@ from PIL import Image, UnidentifiedImageError
 from distill.errors import DataFormatError
 
 # Decoder choice. JPEG goes through torchvision.io.decode_jpeg, everything else through PIL.
-# Measured on this project's fixture JPEGs (112x112, MXNet/OpenCV-encoded), one thread, 2-core CPU,
-# best of 7 interleaved rounds of 1,200 decodes: torchvision ~9,500 img/s, PIL (open + asarray,
-# no needless convert) ~4,900-6,900 img/s, i.e. 1.4-1.9x in torchvision's favour. Both link
-# libjpeg-turbo with the same default IDCT and upsampling, so both give pixels SHA-1-identical to
-# OpenCV's (the fixtures' truth); the choice changes speed, never pixels. torchvision 0.29 marks
-# its image codecs deprecated in favour of torchcodec (not installed here); decode_jpeg is present in
-# every torchvision this project admits (setup.cfg), and if a future one drops it we fall back to
-# PIL with identical output.
+# Measured on this project's fixture JPEGs (112x112, MXNet/OpenCV-encoded), one thread, a busy
+# 2-core CPU, best of 7 interleaved rounds of 1,200 decodes to a 3xHxW tensor: PIL 2,500-3,400
+# img/s, torchvision.io.decode_jpeg 4,500-7,500 img/s as called here (about 2x PIL in every run).
+# Both link libjpeg-turbo with the same default IDCT and upsampling, so both give pixels
+# SHA-1-identical to OpenCV's (the fixtures' truth): the choice changes speed, never pixels.
+# torchvision 0.29 marks its image codecs deprecated in favour of torchcodec (not a dependency);
+# decode_jpeg exists in every torchvision setup.cfg admits, and without it we fall back to PIL
+# with identical output. Its per-call DeprecationWarning is silenced locally (a module-level
+# filter does not survive test runners that reset filters).
 try:
     from torchvision.io import ImageReadMode, decode_jpeg as _tv_decode_jpeg
-
-    warnings.filterwarnings(
-        "ignore", message="The image decoding and encoding capabilities of TorchVision are deprecated"
-    )
 except ImportError:  # pragma: no cover - depends on the installed torchvision
     _tv_decode_jpeg = None
+
+
+def _decode_torchvision(data: bytes) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # bytearray: torch.frombuffer needs a writable buffer (it warns on bytes).
+        return _tv_decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+
 
 JPEG_SOI = b"\xff\xd8"
 
@@ -37,19 +42,19 @@ def _decode_pil(data: bytes) -> np.ndarray:
     im = Image.open(io.BytesIO(data))
     if im.mode != "RGB":  # grey, CMYK, palette, RGBA: the training data is RGB
         im = im.convert("RGB")
-    return np.asarray(im)
+    return np.array(im)  # a writable copy: torch.from_numpy warns on PIL's read-only view
 
 
 def decode_chw(data, where: str) -> torch.Tensor:
     """Encoded image bytes -> uint8 tensor 3xHxW, RGB. `where` names the file and key for errors."""
-    data = bytes(data)
+    if not isinstance(data, bytes):
+        data = bytes(data)
     if not data:
         raise DataFormatError(f"{where}: empty image (0 bytes); the record holds no encoded image")
     try:
         if _tv_decode_jpeg is not None and data[:2] == JPEG_SOI:
-            # bytearray: torch.frombuffer needs a writable buffer (it warns on bytes).
-            return _tv_decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        return torch.from_numpy(np.ascontiguousarray(_decode_pil(data))).permute(2, 0, 1)
+            return _decode_torchvision(data)
+        return torch.from_numpy(_decode_pil(data)).permute(2, 0, 1)
     except (RuntimeError, OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         head = data[:8].hex(" ")
         reason = str(err).strip().splitlines()[-1][:160] if str(err).strip() else type(err).__name__
