@@ -71,3 +71,55 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source="che
         parts.append("check the architecture/depth the checkpoint was trained with")
         raise CheckpointError("; ".join(parts))
     model.load_state_dict(state_dict, strict=True)
+
+
+def atomic_torch_save(obj, path) -> None:
+    """Write a checkpoint so that a crash, kill or full disk never leaves a broken file at `path`:
+    temporary file in the same folder, fsync, rename. On failure the previous file stays intact."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "no previous checkpoint existed"
+        raise CheckpointError(f"{path}: could not write the checkpoint ({err.strerror or err}); {kept}. "
+                              f"Free disk space and rerun the same command to resume.") from None
+
+
+def capture_rng_state() -> dict:
+    """Every random state training depends on, as tensors and plain values (weights_only-loadable)."""
+    import random
+
+    import numpy as np
+
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": [int(v) for v in random.getstate()[1]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

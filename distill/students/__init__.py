@@ -67,9 +67,10 @@ def student_kwargs(model) -> dict:
     return dict(model.config)
 
 
-def save_student(path, model, arch: str, extra: dict | None = None) -> None:
-    """Write `student.pt` atomically: weights plus what rebuilds the model, nothing executable."""
-    payload = {"format": STUDENT_FORMAT, "arch": arch, "kwargs": student_kwargs(model),
+def save_student(path, model, arch: str, kwargs: dict | None = None, extra: dict | None = None) -> None:
+    """Write `student.pt` atomically: weights plus what rebuilds the model (`distill.models.create_model(
+    arch, **kwargs)`; kwargs default to the model's `.config`), nothing executable."""
+    payload = {"format": STUDENT_FORMAT, "arch": arch, "kwargs": dict(kwargs) if kwargs is not None else student_kwargs(model),
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     if extra:
         payload["extra"] = extra
@@ -88,11 +89,12 @@ def is_student_checkpoint(obj) -> bool:
 
 def load_student(path, map_location="cpu"):
     """Rebuild a student from `student.pt` (strict load). Returns (model, payload)."""
-    from distill.checkpoint import safe_torch_load, load_state_dict_strict
+    from distill.checkpoint import load_state_dict_strict, safe_torch_load
+    from distill.models import create_model  # students and teacher architectures alike
 
     payload = safe_torch_load(path, map_location=map_location)
     if not is_student_checkpoint(payload):
         raise CheckpointError(f"{path}: not a facedistill student checkpoint (no 'format': {STUDENT_FORMAT!r})")
-    model = create_student(payload["arch"], **payload["kwargs"])
+    model = create_model(payload["arch"], **payload["kwargs"])
     load_state_dict_strict(model, payload["state_dict"], source=path)
     return model, payload

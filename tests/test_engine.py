@@ -1,0 +1,154 @@
+"""The training engine: exact resume after a kill, preemption, divergence, config changes, safe saves."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import teachers
+from distill.checkpoint import safe_torch_load
+from distill.engine import StageSpec, TrainingDiverged, run_stage
+from distill.errors import CheckpointError
+from distill.students import load_student
+from tiny import TinyFaces, tiny_config
+
+HERE = Path(__file__).resolve().parent
+CHILD = [sys.executable, str(HERE / "engine_child.py")]
+
+
+def _run(out, **train):
+    cfg = tiny_config(train=train) if train else tiny_config()
+    spec = StageSpec("gen1", "vargfacenet", cfg.student.kwargs(16), cfg.train, alpha=7.0, generation=1)
+    teacher = teachers.build_teacher(cfg.teacher.spec())
+    return run_stage(cfg, spec, str(out), TinyFaces(), {}, teacher=teacher, progress=False), teacher
+
+
+def _final_weights(stage_dir):
+    return safe_torch_load(os.path.join(stage_dir, "student.pt"))["state_dict"]
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    subprocess.run(CHILD + [str(out), "0"], check=True, timeout=300)
+    return out
+
+
+def _wait_for_step(out, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "the child finished before it could be interrupted"
+        path = out / "last.pt"
+        if path.exists():
+            try:
+                if safe_torch_load(path)["step"] >= step:
+                    return
+            except Exception:  # being replaced right now
+                pass
+        time.sleep(0.05)
+    raise AssertionError("the child never reached the step")
+
+
+def test_run_writes_the_stage_files(tmp_path):
+    result, _ = _run(tmp_path)
+    assert {"last.pt", "student.pt", "metrics.jsonl", "result.json"} <= set(os.listdir(tmp_path))
+    assert json.loads((tmp_path / "result.json").read_text())["steps"] == result["steps"] == 12
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4, 6, 8, 10, 12]
+    for key in ("train/loss", "train/loss_cls", "train/loss_kd", "train/lr", "train/images_per_s"):
+        assert key in lines[0]
+    assert lines[-1]["train/loss"] < lines[0]["train/loss"]
+    model, payload = load_student(tmp_path / "student.pt")
+    assert payload["kwargs"]["embedding_size"] == 32 and model.eval()(torch.randn(1, 3, 16, 16)).shape == (1, 32)
+
+
+def test_kill_then_rerun_equals_uninterrupted_bit_for_bit(tmp_path, uninterrupted):
+    proc = subprocess.Popen(CHILD + [str(tmp_path), "0.01"])
+    _wait_for_step(tmp_path, 4, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = safe_torch_load(tmp_path / "last.pt")["step"]
+    assert 4 <= killed_at < 12 and not (tmp_path / "student.pt").exists()
+    subprocess.run(CHILD + [str(tmp_path), "0"], check=True, timeout=300)
+    assert _same(_final_weights(tmp_path), _final_weights(uninterrupted))
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # the log was rewound to the checkpoint: no duplicated steps
+
+
+def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path, uninterrupted):
+    proc = subprocess.Popen(CHILD + [str(tmp_path), "0.01"], stdout=subprocess.PIPE, text=True)
+    _wait_for_step(tmp_path, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 75 and "SIGTERM received" in out
+    assert safe_torch_load(tmp_path / "last.pt")["step"] < 12
+    subprocess.run(CHILD + [str(tmp_path), "0"], check=True, timeout=300)
+    assert _same(_final_weights(tmp_path), _final_weights(uninterrupted))
+
+
+def test_nan_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(tmp_path):
+    cfg = tiny_config(train={"max_steps": 24, "checkpoint_every": 2})
+    spec = StageSpec("gen1", "vargfacenet", cfg.student.kwargs(16), cfg.train, alpha=7.0, generation=1)
+    teacher = teachers.build_teacher(cfg.teacher.spec())
+    # the poisoned image is in the 2nd epoch's plan somewhere after step 0
+    data = TinyFaces(nan_index=5)
+    with pytest.raises(TrainingDiverged, match=r"non-finite at step \d+ \(term\(s\): .*loss_cls") as err:
+        run_stage(cfg, spec, str(tmp_path), data, {}, teacher=teacher, progress=False)
+    if (tmp_path / "last.pt").exists():
+        assert "last good checkpoint" in str(err.value)
+        assert torch.isfinite(torch.cat([v.flatten().float() for v in
+                                         safe_torch_load(tmp_path / "last.pt")["model"].values()])).all()
+    assert not (tmp_path / "student.pt").exists()
+
+
+def test_resume_with_a_breaking_config_change_is_refused(tmp_path):
+    cfg = tiny_config(train={"max_steps": 4, "checkpoint_every": 2})
+    spec = StageSpec("gen1", "vargfacenet", cfg.student.kwargs(16), cfg.train, alpha=7.0, generation=1)
+    run_stage(cfg, spec, str(tmp_path), TinyFaces(), {}, progress=False)
+    (tmp_path / "result.json").unlink()
+    changed = StageSpec("gen1", "vargfacenet", {**cfg.student.kwargs(16), "embedding_size": 64}, cfg.train,
+                        alpha=7.0, generation=1)
+    with pytest.raises(CheckpointError, match="model_kwargs differ"):
+        run_stage(cfg, changed, str(tmp_path), TinyFaces(), {}, progress=False)
+    with pytest.raises(CheckpointError, match="num_classes, num_samples differ"):
+        run_stage(cfg, spec, str(tmp_path), TinyFaces(classes=4), {}, progress=False)
+
+
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    _run(tmp_path, max_steps=4, checkpoint_every=2)
+    before = (tmp_path / "last.pt").read_bytes()
+    (tmp_path / "result.json").unlink()
+
+    def full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous last.pt is intact"):
+        _run(tmp_path, max_steps=8, checkpoint_every=2)
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert not (tmp_path / "last.pt.tmp").exists()
+
+
+def test_teacher_stays_frozen_through_distillation(tmp_path):
+    cfg = tiny_config()
+    teacher = teachers.build_teacher(cfg.teacher.spec())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    spec = StageSpec("gen1", "vargfacenet", cfg.student.kwargs(16), cfg.train, alpha=7.0, generation=1)
+    run_stage(cfg, spec, str(tmp_path), TinyFaces(), {}, teacher=teacher, progress=False)
+    assert not teacher.training and all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    opt_state = safe_torch_load(tmp_path / "last.pt")["optimizer"]
+    n_opt = sum(len(g["params"]) for g in opt_state["param_groups"])
+    student = load_student(tmp_path / "student.pt")[0]
+    assert n_opt == sum(1 for p in student.parameters() if p.requires_grad) + 1  # student + head weight
