@@ -13,6 +13,7 @@ from distill.errors import DistillError
 COMMANDS = [
     "distill.profile",
     "distill.data.cli",
+    "distill.eval_cli",
 ]
 
 

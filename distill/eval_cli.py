@@ -1,0 +1,86 @@
+"""`distill eval MODEL --bin lfw.bin [--bin ...]`: insightface verification numbers for any model."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from distill.errors import ConfigError
+from distill.evaluate import FAR_TARGETS, evaluate_sets, set_name_of
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100.0 * x:.3f}"
+
+
+def format_table(results: dict) -> str:
+    """One row per set: accuracy ± std (%), mean best threshold, XNorm, TAR at each FAR (%)."""
+    header = ["set", "accuracy (%)", "threshold", "XNorm"] + [f"TAR@FAR={k} (%)" for k in FAR_TARGETS]
+    rows = []
+    for name, m in results.items():
+        rows.append([name, f"{100.0 * m['acc_mean']:.3f} ± {100.0 * m['acc_std']:.3f}", f"{m['threshold']:.3f}",
+                     f"{m['xnorm']:.4f}"] + [_pct(m["tar_at_far"][k]["tar"]) for k in FAR_TARGETS])
+    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    short = sorted({f"{name} ({m['tar_at_far'][k]['negatives']} impostor pairs)"
+                    for name, m in results.items() for k in FAR_TARGETS if m["tar_at_far"][k]["tar"] is None})
+    if short:
+        lines.append("n/a: a FAR of 1/N needs at least N impostor pairs; too few in " + ", ".join(short))
+    return "\n".join(lines)
+
+
+def _set_sources(paths) -> dict:
+    sets = {}
+    for path in paths:
+        name = set_name_of(path)
+        if name in sets:
+            raise ConfigError(f"--bin {path}: another set is already named {name!r} ({sets[name]}); "
+                              f"sets are named after the file, so rename one of the files")
+        sets[name] = path
+    return sets
+
+
+def run_eval(args) -> int:
+    import torch
+    from distill.models import load_model
+
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
+    sets = _set_sources(args.bin)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, input_size = load_model(args.model, arch=args.arch, input_size=args.input_size)
+    if input_size is None:
+        input_size = args.input_size
+    elif args.input_size and args.input_size != input_size:
+        print(f"distill eval: note: {args.model} was built for {input_size}x{input_size} inputs; "
+              f"using {input_size}, not --input-size {args.input_size}", file=sys.stderr)
+    if input_size is None:
+        raise ConfigError(f"{args.model}: cannot infer the model's input size; pass --input-size "
+                          f"(112 for arcface_torch and insightface models)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    results = evaluate_sets(model, sets, input_size, batch_size=args.batch_size, device=device,
+                            progress=not args.json, model_name=args.model)
+    print(json.dumps(results, indent=2) if args.json else format_table(results))
+    return 0
+
+
+def add_commands(sub) -> None:
+    parser = sub.add_parser(
+        "eval", help="verification accuracy (insightface protocol) of a model on .bin sets",
+        description="10-fold verification accuracy, XNorm and TAR@FAR of a model on insightface .bin sets "
+                    "(lfw, cfp_fp, agedb_30, ...), computed exactly as insightface does.")
+    parser.add_argument("model", metavar="MODEL",
+                        help="a student.pt written by this toolkit, an arcface_torch .pth (with --arch), "
+                             "or a model name such as vargfacenet or r100 (random weights: smoke test)")
+    parser.add_argument("--bin", action="append", required=True, metavar="FILE",
+                        help="a verification .bin; repeat for several sets (each named after its file)")
+    parser.add_argument("--arch", help="architecture of a plain state dict, e.g. r100 or vargfacenet")
+    parser.add_argument("--input-size", type=int, help="square input side when the model does not record it")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object keyed by set name")
+    parser.set_defaults(func=run_eval)
