@@ -11,6 +11,7 @@ import sys
 from distill.errors import DistillError
 
 COMMANDS = [
+    "distill.export",
     "distill.profile",
     "distill.data.cli",
     "distill.eval_cli",

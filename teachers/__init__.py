@@ -2,6 +2,7 @@
 
     build_teacher({"kind": "iresnet", "depth": 100, "checkpoint": "backbone.pth"})
     build_teacher({"kind": "timm", "name": "resnet50", "checkpoint": "teacher.pt"})
+    build_teacher({"kind": "onnx", "checkpoint": "buffalo_l/w600k_r50.onnx"})
 
 The returned `FrozenTeacher` takes a batch normalised (x/255-0.5)/0.5 (RGB, NCHW) and returns raw
 (not normalised) embeddings. It is frozen by construction: parameters have requires_grad=False, it
@@ -42,7 +43,10 @@ class FrozenTeacher(nn.Module):
         return self.model(x)
 
     def fingerprint(self) -> str:
-        """SHA-256 of every tensor of the state dict (names, shapes, dtypes, bytes): keys the teacher cache."""
+        """SHA-256 of every tensor of the state dict (names, shapes, dtypes, bytes): keys the teacher cache.
+        A model whose weights are not torch tensors (an ONNX file) supplies its own `fingerprint()`."""
+        if callable(getattr(self.model, "fingerprint", None)):
+            return self.model.fingerprint()
         h = hashlib.sha256()
         for name, t in sorted(self.model.state_dict().items()):
             t = t.detach().cpu().contiguous().reshape(-1)
@@ -69,10 +73,18 @@ def _timm(spec):
                         model_kwargs=spec.get("model_kwargs"))
 
 
+def _onnx(spec):
+    if not spec.get("checkpoint"):
+        raise ConfigError("teacher.checkpoint: an onnx teacher needs the .onnx file (e.g. checkpoint: w600k_r50.onnx)")
+    from teachers.onnx import OnnxTeacherModel  # onnxruntime is an optional extra
+    return OnnxTeacherModel(spec["checkpoint"], providers=spec.get("providers"))
+
+
 # kind -> (builder, keys the spec may hold besides 'kind' and 'checkpoint')
 TEACHER_KINDS = {
     "iresnet": (_iresnet, {"depth", "embedding_size", "input_size"}),
     "timm": (_timm, {"name", "embedding_size", "input_size", "pretrained", "model_kwargs"}),
+    "onnx": (_onnx, {"providers"}),
 }
 
 
@@ -87,8 +99,9 @@ def build_teacher(spec: dict) -> FrozenTeacher:
     if unknown:
         raise ConfigError(f"teacher: unknown key(s) {unknown} for kind {kind!r}; allowed: {sorted(allowed | {'checkpoint'})}")
     model = builder(spec)
-    if spec.get("checkpoint"):
+    if spec.get("checkpoint") and not getattr(model, "loads_own_checkpoint", False):
         path = spec["checkpoint"]
         load_state_dict_strict(model, extract_state_dict(safe_torch_load(path), path), source=path)
-    return FrozenTeacher(model, spec, input_size=spec.get("input_size", 112),
-                         embedding_size=spec.get("embedding_size", 512))
+    # a model that reads its sizes from its file (ONNX) knows them better than the spec's defaults
+    return FrozenTeacher(model, spec, input_size=getattr(model, "input_size", None) or spec.get("input_size", 112),
+                         embedding_size=getattr(model, "embedding_size", None) or spec.get("embedding_size", 512))

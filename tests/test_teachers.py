@@ -116,7 +116,7 @@ def test_checkpoint_needing_arbitrary_objects_is_refused(tmp_path):
 
 
 def test_bad_specs():
-    with pytest.raises(UnknownNameError, match="iresnet, timm"):
+    with pytest.raises(UnknownNameError, match="iresnet, onnx, timm"):
         teachers.build_teacher({"kind": "resnet"})
     with pytest.raises(ConfigError, match="depth"):
         teachers.build_teacher({"kind": "iresnet", "depth": 101})
