@@ -104,7 +104,8 @@ class RecordIO:
         if self._has_key(0) and self._is_header_record(0):
             flag, label, _, _ = self.header(0)
             start, stop = label[0], label[1]
-            if not (start == int(start) >= 1 and stop == int(stop) >= start):
+            finite = math.isfinite(start) and math.isfinite(stop)
+            if not (finite and start == int(start) >= 1 and stop == int(stop) >= start):
                 raise DataFormatError(
                     f"{self.rec_path}: header record 0 at byte {self.offset(0)} has label {list(label)}, "
                     f"not [N+1, N+1+num_ids] with 1 <= N+1 <= N+1+num_ids; the file is corrupt"
