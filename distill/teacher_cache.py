@@ -100,7 +100,7 @@ class _Originals(torch.utils.data.Dataset):
         return len(self.dataset) - self.start
 
     def __getitem__(self, i):
-        return self.dataset.get(self.start + i, False)[0]
+        return self.dataset.get(self.start + i, False)
 
 
 def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_workers: int = 0,
@@ -142,6 +142,10 @@ def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_wor
             both = both.float().cpu().numpy().reshape(2, len(x), dim).transpose(1, 0, 2)
             if not np.isfinite(both).all():
                 raise DataFormatError(f"teacher produced NaN/Inf embeddings for rows {row}..{row + len(x) - 1}")
+            peak = float(np.abs(both).max())
+            if peak > np.finfo(np.float16).max:  # would be stored as inf
+                raise DataFormatError(f"teacher embeddings reach {peak:.3g} (rows {row}..{row + len(x) - 1}), beyond "
+                                      f"float16's range; is the teacher trained? Use teacher.cache: false to teach online")
             mem[row:row + len(x)] = both.astype(np.float16)
             row += len(x)
             bar.update(len(x))
