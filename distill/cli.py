@@ -15,6 +15,7 @@ COMMANDS = [
     "distill.profile",
     "distill.data.cli",
     "distill.eval_cli",
+    "distill.run_cli",
 ]
 
 
@@ -30,7 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `--train.lr=0.05` (the form W&B sweep agents send) is an override, not an option
+        if hasattr(args, "overrides") and all(e.startswith("--") and "=" in e for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except DistillError as err:

@@ -27,7 +27,7 @@ class SyntheticConfig:
     """Procedural identities generated into `data.train` on first use (distill/data/synthetic.py)."""
     ids: int = 200                 # training identities
     images_per_id: int = 20
-    holdout_ids: int = 100         # identities kept out of training for the verification pairs
+    holdout_ids: Optional[int] = None  # identities kept out of training for the pairs (default: generator picks)
     pairs: int = 2000              # verification pairs (half same, half different)
     size: int = 112                # image side
     seed: int = 0

@@ -1,43 +1,28 @@
 """Tiny in-memory face-like data and configs for fast engine tests (not a test module)."""
 
-import hashlib
+import time
 
 import torch
 
 from distill.config import ExperimentConfig, build_config
+from distill.data.standin import StandInFaces
 
 
-class TinyFaces(torch.utils.data.Dataset):
-    """`classes` identities, each a fixed random 3x16x16 pattern plus per-image noise (deterministic).
-
-    Follows the training-set contract: item(index, flip) -> (img, label, index, flipped), get(index, flip),
-    flip, num_classes, input_size, fingerprint()."""
+class TinyFaces(StandInFaces):
+    """Stand-in faces that can also poison one image with NaN or slow every item down."""
 
     def __init__(self, classes=8, per_class=16, size=16, seed=0, flip=True, nan_index=None, delay=0.0):
-        g = torch.Generator().manual_seed(seed)
-        self.protos = torch.randn(classes, 3, size, size, generator=g)
-        self.noise = 0.6 * torch.randn(classes * per_class, 3, size, size, generator=g)
-        self.labels = torch.arange(classes).repeat_interleave(per_class)
-        self.flip, self.input_size, self.nan_index, self.delay = flip, size, nan_index, delay
-        self.num_classes = classes
-
-    def __len__(self):
-        return len(self.labels)
+        super().__init__(classes, per_class, size, seed, flip)
+        self.nan_index, self.delay = nan_index, delay
 
     def get(self, index, flip):
-        x = (self.protos[self.labels[index]] + self.noise[index]).clamp(-1, 1)
-        if index == self.nan_index:
-            x = torch.full_like(x, float("nan"))
-        return torch.flip(x, dims=[2]) if flip else x
+        x = super().get(index, flip)
+        return torch.full_like(x, float("nan")) if index == self.nan_index else x
 
     def item(self, index, flip):
         if self.delay:
-            import time
             time.sleep(self.delay)
-        return self.get(index, flip), int(self.labels[index]), index, bool(flip)
-
-    def fingerprint(self):
-        return hashlib.sha256(self.noise.numpy().tobytes()).hexdigest()
+        return super().item(index, flip)
 
 
 TINY_STUDENT = dict(arch="vargfacenet", embedding_size=32, multiplier=0.5, last_channels=64, units=[1, 1, 1])

@@ -42,11 +42,18 @@ class FaceDataset(Dataset):
         chw, _ = self.load(self._check_index(index))
         return to_input_tensor(chw, flip=flip, input_size=self.input_size)
 
-    def __getitem__(self, index: int) -> tuple:
+    def item(self, index: int, flip: bool) -> tuple:
+        """`(img, label, index, flipped)` with the flip chosen by the caller (the engine's epoch plan)."""
         index = self._check_index(int(index))
-        flipped = self.flip and bool(torch.randint(2, ()).item())
         chw, label = self.load(index)
-        return to_input_tensor(chw, flip=flipped, input_size=self.input_size), label, index, flipped
+        return to_input_tensor(chw, flip=flip, input_size=self.input_size), label, index, flip
+
+    def __getitem__(self, index: int) -> tuple:
+        return self.item(index, self.flip and bool(torch.randint(2, ()).item()))
+
+    def fingerprint(self) -> str:
+        """Identifies the images and labels (keys the teacher cache); subclasses hash their index."""
+        raise NotImplementedError
 
 
 class RecordIODataset(FaceDataset):
@@ -65,6 +72,17 @@ class RecordIODataset(FaceDataset):
     @property
     def num_classes(self) -> int:
         return self.rec.num_classes
+
+    def fingerprint(self) -> str:
+        """SHA-256 of train.idx plus the .rec size: any re-pack or edit of the index changes it."""
+        import hashlib
+        import os
+
+        h = hashlib.sha256()
+        with open(self.rec.idx_path, "rb") as f:
+            h.update(f.read())
+        h.update(str(os.path.getsize(self.rec.rec_path)).encode())
+        return h.hexdigest()
 
     def load(self, index: int) -> tuple:
         key = int(self.rec.keys[index])

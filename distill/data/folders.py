@@ -75,6 +75,15 @@ class ImageFolderDataset(FaceDataset):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def fingerprint(self) -> str:
+        """SHA-256 of every image's relative path, class and file size."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for path, label in self.samples:
+            h.update(f"{os.path.relpath(path, self.root)}\t{label}\t{os.path.getsize(path)}\n".encode())
+        return h.hexdigest()
+
     def load(self, index: int) -> tuple:
         path, label = self.samples[index]
         return decode_chw(read_file(path), f"{path} (image {index} of {self.root})"), label

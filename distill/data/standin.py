@@ -1,0 +1,45 @@
+"""Random stand-in faces for `--dry-run` and tests: the training-set contract, no files, any size."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+
+class StandInFaces(torch.utils.data.Dataset):
+    """`classes` identities, each a fixed random pattern plus per-image noise, as normalised tensors.
+
+    Same contract as the real training sets: `item(index, flip) -> (img, label, index, flipped)`,
+    `get(index, flip)`, `flip`, `num_classes`, `input_size`, `fingerprint()`."""
+
+    def __init__(self, classes: int = 8, per_class: int = 16, size: int = 16, seed: int = 0, flip: bool = True):
+        g = torch.Generator().manual_seed(seed)
+        self.protos = torch.randn(classes, 3, size, size, generator=g)
+        self.noise = 0.6 * torch.randn(classes * per_class, 3, size, size, generator=g)
+        self.labels = torch.arange(classes).repeat_interleave(per_class)
+        self.flip, self.input_size, self.num_classes = flip, size, classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def get(self, index: int, flip: bool) -> torch.Tensor:
+        x = (self.protos[self.labels[index]] + self.noise[index]).clamp(-1, 1)
+        return torch.flip(x, dims=[2]) if flip else x
+
+    def item(self, index: int, flip: bool) -> tuple:
+        return self.get(index, flip), int(self.labels[index]), index, bool(flip)
+
+    def __getitem__(self, index: int) -> tuple:
+        return self.item(index, False)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.noise.numpy().tobytes()).hexdigest()
+
+
+def standin_pairs(pairs: int = 10, size: int = 16, seed: int = 0) -> tuple:
+    """(images, issame) shaped like a verification .bin: 2*pairs random RGB uint8 images, half same."""
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(2 * pairs)]
+    return images, np.arange(pairs) % 2 == 0

@@ -1,0 +1,251 @@
+"""The generations driver: teacher -> baseline -> gen1 .. genN, each stage in its own directory.
+
+    runs/<experiment>/
+      experiment.yaml      the resolved config (a rerun with a differing config is refused)
+      teacher/             trained here when the YAML gives a recipe and no checkpoint (backbone.pth)
+      teacher_cache/       the frozen teacher's embeddings of every training image and its flip
+      baseline/            the student without distillation, same budget
+      gen1/ .. genN/       generation k starts from generation k-1's student.pt
+      summary.json, summary.md
+
+A stage with a result.json is finished and skipped on rerun; an interrupted one resumes from its
+last.pt. `dry_run` checks files and shapes and runs two steps of every stage on random stand-in
+data at the configured model sizes, in a temporary directory that is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+import teachers
+from distill.config import ExperimentConfig, config_from_dict, dump_config, to_dict
+from distill.data.standin import StandInFaces, standin_pairs
+from distill.engine import StageSpec, run_stage
+from distill.errors import ConfigError
+from distill.evaluate import evaluate_sets, set_name_of
+from distill.models import create_model
+from distill.profile import count_flops, params_in_use
+from distill.teacher_cache import build_cache
+
+# Keys that may change between reruns of one run directory without invalidating anything trained.
+HARMLESS = ("generations", "tracking", "data.num_workers", "train.log_every", "device")
+
+
+def default_run_dir(cfg: ExperimentConfig) -> str:
+    return os.path.join("runs", cfg.name)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_run_dir(cfg: ExperimentConfig, run_dir: str) -> None:
+    """Refuse a run directory that holds a different experiment (nothing trained is overwritten)."""
+    path = os.path.join(run_dir, "experiment.yaml")
+    if not os.path.exists(path):
+        return
+    import yaml
+    with open(path, encoding="utf-8") as f:
+        old = _flat(yaml.safe_load(f) or {})
+    new = _flat(to_dict(cfg))
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
+                    and not any(k == h or k.startswith(h + ".") for h in HARMLESS))
+    if differ:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in differ[:6])
+        raise ConfigError(f"{run_dir} holds a different experiment ({shown}). Choose another --out directory, "
+                          f"or restore those settings to resume it.")
+
+
+# --------------------------------------------------------------------------------------- pieces
+
+def open_data(cfg: ExperimentConfig, log=print):
+    """(training set, {set name: (images, issame)}); synthetic data is generated on first use."""
+    from distill.data import load_verification_bin, open_training_set
+
+    if cfg.data.synthetic is not None:
+        from distill.data.synthetic import ensure_synthetic
+        log(f"synthetic faces: ensuring {cfg.data.train} (generated on first use)")
+        ensure_synthetic(cfg.data.train, **dataclasses.asdict(cfg.data.synthetic))
+    if not os.path.exists(cfg.data.train):
+        raise ConfigError(f"data.train: {cfg.data.train} does not exist (a RecordIO folder such as faces_emore/, "
+                          f"a .rec file, or an identity-per-folder tree)")
+    for path in cfg.data.val:
+        if not os.path.exists(path):
+            raise ConfigError(f"data.val: verification set {path} does not exist")
+    train_set = open_training_set(cfg.data.train, flip=True, input_size=cfg.data.input_size)
+    val = {set_name_of(p): load_verification_bin(p) for p in cfg.data.val}
+    return train_set, val
+
+
+def student_spec(cfg: ExperimentConfig, name: str, generation: int, alpha: float, init_from, head_from) -> StageSpec:
+    return StageSpec(name=name, arch=cfg.student.arch, model_kwargs=cfg.student.kwargs(cfg.data.input_size),
+                     train=cfg.train, alpha=alpha, generation=generation, init_from=init_from, head_from=head_from)
+
+
+def teacher_arch(cfg: ExperimentConfig) -> tuple:
+    t = cfg.teacher
+    if t.kind == "iresnet":
+        return f"iresnet{t.depth}", {"input_size": t.input_size, "num_features": t.embedding_size}
+    if t.kind == "timm":
+        return f"timm/{t.name}", {"input_size": t.input_size, "embedding_size": t.embedding_size}
+    raise ConfigError(f"teacher.train: only iresnet and timm teachers can be trained here, not {t.kind!r}")
+
+
+def prepare_teacher(cfg, run_dir, train_set, val, progress=True, log=print):
+    """The frozen teacher: from its checkpoint, or trained as stage 0 when the YAML gives a recipe."""
+    t = cfg.teacher
+    spec = t.spec()
+    if t.checkpoint and os.path.exists(t.checkpoint):
+        return teachers.build_teacher(spec)
+    if t.train is None:
+        what = f"teacher.checkpoint {t.checkpoint} does not exist" if t.checkpoint else "teacher.checkpoint is not set"
+        raise ConfigError(f"{what}; give an existing checkpoint, or a teacher.train recipe to train the teacher first")
+    stage_dir = os.path.join(run_dir, "teacher")
+    backbone = os.path.join(stage_dir, "backbone.pth")
+    if not os.path.exists(os.path.join(stage_dir, "result.json")):
+        arch, kwargs = teacher_arch(cfg)
+        stage = StageSpec("teacher", arch, kwargs, t.train, alpha=0.0, generation=0)
+        log(f"teacher: training {arch} ({kwargs}) as stage 0")
+        run_stage(cfg, stage, stage_dir, train_set, val, progress=progress, log=log)
+    if not os.path.exists(backbone):  # a plain arcface_torch-style state dict of the trained teacher
+        from distill.checkpoint import safe_torch_load
+        state = safe_torch_load(os.path.join(stage_dir, "student.pt"))["state_dict"]
+        torch.save(state, backbone + ".tmp")
+        os.replace(backbone + ".tmp", backbone)
+    return teachers.build_teacher({**spec, "checkpoint": backbone})
+
+
+def _teacher_result(cfg, run_dir, teacher, val) -> dict:
+    """Metrics of a loaded (not trained here) teacher, computed once and kept in teacher/result.json."""
+    stage_dir = os.path.join(run_dir, "teacher")
+    path = os.path.join(stage_dir, "result.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    os.makedirs(stage_dir, exist_ok=True)
+    metrics = evaluate_sets(teacher, val, teacher.input_size, progress=False, model_name="teacher") if val else {}
+    result = {"stage": "teacher", "generation": 0, "init_from": cfg.teacher.checkpoint, "train_seconds": 0.0,
+              "metrics": metrics}
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- run
+
+def plan_stages(cfg: ExperimentConfig, run_dir: str) -> list:
+    alpha = cfg.distill.alpha if cfg.teacher is not None else 0.0
+    stages = []
+    if cfg.baseline:
+        stages.append(student_spec(cfg, "baseline", 0, 0.0, cfg.student.init, None))
+    prev = None
+    for k in range(1, cfg.generations + 1):
+        init = cfg.student.init if k == 1 else os.path.join(run_dir, f"gen{k - 1}", "student.pt")
+        head = os.path.join(run_dir, f"gen{k - 1}", "last.pt") if (prev and cfg.init_head_from_previous) else None
+        stages.append(student_spec(cfg, f"gen{k}", k, alpha, init, head))
+        prev = f"gen{k}"
+    return stages
+
+
+def run_experiment(cfg: ExperimentConfig, run_dir: str | None = None, progress: bool = True, log=print) -> dict:
+    run_dir = run_dir or default_run_dir(cfg)
+    check_run_dir(cfg, run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    dump_config(cfg, os.path.join(run_dir, "experiment.yaml"))
+    train_set, val = open_data(cfg, log=log)
+    log(f"{cfg.name}: {len(train_set)} training images of {train_set.num_classes} identities; "
+        f"verification: {', '.join(f'{k} ({len(v[1])} pairs)' for k, v in val.items()) or 'none'}")
+
+    results, teacher, cache = [], None, None
+    if cfg.teacher is not None:
+        teacher = prepare_teacher(cfg, run_dir, train_set, val, progress, log)
+        results.append(_teacher_result(cfg, run_dir, teacher, val))
+        if cfg.teacher.cache and cfg.distill.alpha > 0 and cfg.generations > 0:
+            cache = build_cache(teacher, train_set, os.path.join(run_dir, "teacher_cache"),
+                                num_workers=cfg.data.num_workers, progress=progress, log=log)
+    for spec in plan_stages(cfg, run_dir):
+        stage_dir = os.path.join(run_dir, spec.name)
+        done = os.path.join(stage_dir, "result.json")
+        if os.path.exists(done):
+            log(f"{spec.name}: finished earlier, skipped")
+            with open(done, encoding="utf-8") as f:
+                results.append(json.load(f))
+            continue
+        log(f"{spec.name}: training {spec.arch}" + (f" from {spec.init_from}" if spec.init_from else " from scratch")
+            + (f", distilling with {cfg.distill.loss} (alpha {spec.alpha:g})" if spec.alpha else ", no distillation"))
+        results.append(run_stage(cfg, spec, stage_dir, train_set, val, teacher=teacher, cache=cache,
+                                 progress=progress, log=log))
+    from distill.summary import write_summary
+    return write_summary(cfg, run_dir, results, log=log)
+
+
+def model_cost(arch: str, kwargs: dict) -> tuple:
+    """(parameters in use, GFLOPs) of one architecture, computed on CPU."""
+    model = create_model(arch, **kwargs)
+    size = kwargs.get("input_size", 112)
+    return params_in_use(model, size), count_flops(model, size) / 1e9
+
+
+# ------------------------------------------------------------------------------------------ dry run
+
+def dry_run(cfg: ExperimentConfig, log=print) -> None:
+    """Validate files and shapes, then two steps of every stage on random stand-in data (nothing kept)."""
+    synthetic_dir = os.path.abspath(cfg.data.train) + os.sep if cfg.data.synthetic is not None else None
+    for path in cfg.data.val:  # sets the synthetic generator will write are not there before the first run
+        if not os.path.exists(path) and not (synthetic_dir and os.path.abspath(path).startswith(synthetic_dir)):
+            raise ConfigError(f"data.val: verification set {path} does not exist")
+    if cfg.data.synthetic is None and not os.path.exists(cfg.data.train):
+        raise ConfigError(f"data.train: {cfg.data.train} does not exist")
+    if cfg.teacher is not None:
+        t = cfg.teacher
+        if t.checkpoint and os.path.exists(t.checkpoint):
+            teacher = teachers.build_teacher(t.spec())  # strict load: checks architecture and shapes
+        elif t.train is None:
+            raise ConfigError(f"teacher.checkpoint {t.checkpoint} does not exist and there is no teacher.train recipe")
+        else:
+            spec = {k: v for k, v in t.spec().items() if k != "checkpoint"}
+            teacher = teachers.build_teacher(spec)
+        if cfg.distill.alpha > 0 and teacher.embedding_size != cfg.student.embedding_size:
+            raise ConfigError(f"teacher.embedding_size {teacher.embedding_size} != student.embedding_size "
+                              f"{cfg.student.embedding_size}: the distillation losses compare embeddings")
+    small = copy.deepcopy(cfg)
+    small.train = dataclasses.replace(cfg.train, batch_size=min(cfg.train.batch_size, 4), max_steps=2,
+                                      eval_every=0, checkpoint_every=2, accumulate=1)
+    small.data = dataclasses.replace(cfg.data, num_workers=0)
+    small.teacher = dataclasses.replace(cfg.teacher, cache=False, checkpoint=None) if cfg.teacher else None
+    if small.teacher is not None and small.teacher.train is not None:
+        small.teacher.train = small.train
+    small = config_from_dict(to_dict(small))
+    data = StandInFaces(classes=4, per_class=2, size=cfg.data.input_size)
+    val = {"standin": standin_pairs(pairs=10, size=cfg.data.input_size)}
+    with tempfile.TemporaryDirectory(prefix="distill-dry-run-") as tmp:
+        teacher = None
+        if small.teacher is not None:
+            if cfg.teacher.checkpoint and os.path.exists(cfg.teacher.checkpoint):
+                teacher = teachers.build_teacher(cfg.teacher.spec())
+            else:
+                small.teacher.train = small.train
+                teacher = prepare_teacher(small, tmp, data, val, progress=False, log=lambda *_: None)
+            log(f"dry run: teacher ok ({cfg.teacher.kind}, {teacher.embedding_size}-d at {teacher.input_size}px)")
+        for spec in plan_stages(small, tmp):
+            if spec.init_from and not os.path.exists(spec.init_from) and spec.generation == 1:
+                raise ConfigError(f"student.init: {spec.init_from} does not exist")
+            run_stage(small, spec, os.path.join(tmp, spec.name), data, val, teacher=teacher, progress=False,
+                      log=lambda *_: None)
+            log(f"dry run: {spec.name} ok (2 steps, {spec.arch} at {cfg.data.input_size}px)")
+        shutil.rmtree(tmp, ignore_errors=True)
+    log("dry run passed: files exist, shapes agree, every stage trains")

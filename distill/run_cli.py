@@ -1,0 +1,62 @@
+"""`distill run` (an experiment's stages, resumable) and `distill cache build` (the teacher cache alone)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from distill.config import load_config
+from distill.engine import Preempted
+
+EX_TEMPFAIL = 75  # preempted: a scheduler should requeue the same command
+
+
+def _run(args) -> int:
+    from distill.recursive import default_run_dir, dry_run, run_experiment
+
+    cfg = load_config(args.experiment, args.overrides)
+    if args.dry_run:
+        dry_run(cfg)
+        return 0
+    try:
+        run_experiment(cfg, args.out or default_run_dir(cfg), progress=not args.no_progress and sys.stderr.isatty())
+    except Preempted as err:
+        print(f"distill run: {err}", file=sys.stderr)
+        return EX_TEMPFAIL
+    return 0
+
+
+def _cache_build(args) -> int:
+    from distill.recursive import default_run_dir, open_data, prepare_teacher
+    from distill.teacher_cache import build_cache
+
+    cfg = load_config(args.experiment, args.overrides)
+    if cfg.teacher is None:
+        print("distill cache build: the experiment has no teacher; nothing to cache", file=sys.stderr)
+        return 2
+    run_dir = args.out or default_run_dir(cfg)
+    train_set, val = open_data(cfg)
+    teacher = prepare_teacher(cfg, run_dir, train_set, val)
+    cache = build_cache(teacher, train_set, os.path.join(run_dir, "teacher_cache"), num_workers=cfg.data.num_workers,
+                        progress=sys.stderr.isatty())
+    print(f"teacher cache: {len(cache)} images x 2 views in {cache.directory}")
+    return 0
+
+
+def _experiment_args(p) -> None:
+    p.add_argument("experiment", help="experiment YAML file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides: train.lr=0.05 or --train.lr=0.05")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<experiment name>)")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("run", help="run an experiment: teacher, baseline, generations; resumable")
+    _experiment_args(p)
+    p.add_argument("--dry-run", action="store_true", help="validate files and shapes, run 2 steps per stage, keep nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run)
+    cache = sub.add_parser("cache", help="the frozen teacher's embedding cache")
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="CACHE_COMMAND", required=True)
+    b = cache_sub.add_parser("build", help="compute the teacher embeddings of an experiment's training set")
+    _experiment_args(b)
+    b.set_defaults(func=_cache_build)

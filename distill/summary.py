@@ -1,0 +1,70 @@
+"""The experiment summary: one row per stage (teacher, baseline, gen<k>) in summary.json and summary.md."""
+
+from __future__ import annotations
+
+import json
+import os
+
+METRIC_KEYS = ("acc_mean", "acc_std", "xnorm", "tar_at_far")
+
+
+def _stage_entry(result: dict, cost) -> dict:
+    params, gflops = cost(result)
+    return {
+        "stage": result["stage"], "generation": result.get("generation", 0), "init_from": result.get("init_from"),
+        "params": params, "gflops": gflops, "train_seconds": result.get("train_seconds", 0.0),
+        "metrics": {name: {k: m.get(k) for k in METRIC_KEYS} for name, m in (result.get("metrics") or {}).items()},
+    }
+
+
+def _tar(m: dict, far: str) -> str:
+    t = (m.get("tar_at_far") or {}).get(far) or {}
+    return "n/a" if t.get("tar") is None else f"{100 * t['tar']:.2f}"
+
+
+def markdown_table(summary: dict) -> str:
+    """Stages as rows; per verification set: accuracy ± std (%), TAR@FAR=1e-3 (%)."""
+    sets = []
+    for s in summary["stages"]:
+        sets += [k for k in s["metrics"] if k not in sets]
+    head = ["stage", "init from", "params (M)", "GFLOPs", "train (s)"]
+    for name in sets:
+        head += [f"{name} acc (%)", f"{name} TAR@1e-3 (%)"]
+    rows = [head, ["---"] * len(head)]
+    for s in summary["stages"]:
+        init = os.path.basename(os.path.dirname(s["init_from"])) if s.get("init_from") else "-"
+        row = [s["stage"], init, "-" if s["params"] is None else f"{s['params'] / 1e6:.2f}",
+               "-" if s["gflops"] is None else f"{s['gflops']:.3f}", f"{s['train_seconds']:.0f}"]
+        for name in sets:
+            m = s["metrics"].get(name)
+            row += ["-", "-"] if m is None else [f"{100 * m['acc_mean']:.2f} ± {100 * m['acc_std']:.2f}", _tar(m, "1e-3")]
+        rows.append(row)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def write_summary(cfg, run_dir: str, results: list, log=print) -> dict:
+    from distill.recursive import model_cost, teacher_arch
+
+    costs = {}
+
+    def cost(result):
+        if result["stage"] == "teacher" and "arch" not in result:
+            if cfg.teacher is None or cfg.teacher.kind == "onnx":
+                return None, None
+            arch, kwargs = teacher_arch(cfg)
+        else:
+            arch, kwargs = result["arch"], result["model_kwargs"]
+        key = json.dumps([arch, kwargs], sort_keys=True)
+        if key not in costs:
+            costs[key] = model_cost(arch, kwargs)
+        return costs[key]
+
+    summary = {"experiment": cfg.name, "stages": [_stage_entry(r, cost) for r in results]}
+    with open(os.path.join(run_dir, "summary.json.tmp"), "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=1)
+    os.replace(os.path.join(run_dir, "summary.json.tmp"), os.path.join(run_dir, "summary.json"))
+    table = markdown_table(summary)
+    with open(os.path.join(run_dir, "summary.md"), "w", encoding="utf-8") as f:
+        f.write(f"# {cfg.name}\n\n{table}\n")
+    log(f"\n{cfg.name} ({run_dir})\n{table}")
+    return summary
