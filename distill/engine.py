@@ -229,7 +229,7 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
         step, micro, train_seconds, best = ck["step"], ck["micro"], ck["train_seconds"], ck.get("best")
         restore_rng_state(ck["rng"])
         log(f"{spec.name}: resuming from {paths['last']} at step {step}/{total_steps}")
-    tracker = tracker or Tracker(stage_dir)
+    tracker = tracker or Tracker(stage_dir, rank=rank)
     tracker.truncate_after(step)
 
     def checkpoint():
@@ -362,7 +362,7 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
         os.replace(tmp, paths["result"])
-    tracker.finish()
+    tracker.finish(result, paths["student"] if rank == 0 else None)
     return result
 
 

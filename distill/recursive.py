@@ -33,6 +33,7 @@ from distill.evaluate import evaluate_sets, set_name_of
 from distill.models import create_model
 from distill.profile import count_flops, params_in_use
 from distill.teacher_cache import build_cache
+from distill.tracking import stage_tracker
 
 # Keys that may change between reruns of one run directory without invalidating anything trained.
 HARMLESS = ("generations", "tracking", "data.num_workers", "train.log_every", "device")
@@ -119,7 +120,8 @@ def prepare_teacher(cfg, run_dir, train_set, val, progress=True, log=print):
         arch, kwargs = teacher_arch(cfg)
         stage = StageSpec("teacher", arch, kwargs, t.train, alpha=0.0, generation=0)
         log(f"teacher: training {arch} ({kwargs}) as stage 0")
-        run_stage(cfg, stage, stage_dir, train_set, val, progress=progress, log=log)
+        run_stage(cfg, stage, stage_dir, train_set, val, progress=progress, log=log,
+                  tracker=stage_tracker(cfg, run_dir, "teacher", 0, None))
     if not os.path.exists(backbone):  # a plain arcface_torch-style state dict of the trained teacher
         from distill.checkpoint import safe_torch_load
         state = safe_torch_load(os.path.join(stage_dir, "student.pt"))["state_dict"]
@@ -187,8 +189,9 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | None = None, progress: 
             continue
         log(f"{spec.name}: training {spec.arch}" + (f" from {spec.init_from}" if spec.init_from else " from scratch")
             + (f", distilling with {cfg.distill.loss} (alpha {spec.alpha:g})" if spec.alpha else ", no distillation"))
+        tracker = stage_tracker(cfg, run_dir, spec.name, spec.generation, spec.init_from)
         results.append(run_stage(cfg, spec, stage_dir, train_set, val, teacher=teacher, cache=cache,
-                                 progress=progress, log=log))
+                                 progress=progress, log=log, tracker=tracker))
     from distill.summary import write_summary
     return write_summary(cfg, run_dir, results, log=log)
 

@@ -38,8 +38,13 @@ class Tracker:
                 f.writelines(kept)
             os.replace(tmp, self.path)
 
-    def finish(self) -> None:
-        pass
+    def finish(self, result: dict | None = None, student_path: str | None = None) -> None:
+        """The stage ended: `result` is its result.json content, `student_path` its student.pt."""
+
+
+def stage_tracker(cfg, run_dir: str, stage: str, generation: int, init_from: str | None, rank: int = 0) -> Tracker:
+    """The tracker of one stage of an experiment (the generations driver calls this for every stage)."""
+    return Tracker(os.path.join(run_dir, stage), rank=rank)
 
 
 def _step_of(line: str) -> int:

@@ -7,6 +7,8 @@ import importlib
 
 DATA_COMMANDS: list = [
     "distill.data.pack",
+    "distill.data.synthetic",
+    "distill.data.inspect",
 ]
 
 

@@ -1,0 +1,168 @@
+"""`distill run` end to end on a tiny synthetic experiment: recursion, resets, cache reuse, resume, summary."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from distill.checkpoint import safe_torch_load
+from distill.cli import main
+from distill.config import load_config
+from distill.errors import ConfigError
+from distill.recursive import dry_run, run_experiment
+
+TINY = {
+    "name": "tiny",
+    "seed": 0,
+    "data": {"train": "DATA", "val": ["DATA/synth_val.bin"], "input_size": 32, "num_workers": 0,
+             "synthetic": {"ids": 12, "images_per_id": 6, "size": 32, "pairs": 40, "seed": 0, "holdout_ids": 8}},
+    "teacher": {"kind": "iresnet", "depth": 18, "input_size": 32, "embedding_size": 32,
+                "train": {"batch_size": 24, "lr": 0.1, "lr_batch_size": 24, "max_steps": 4, "log_every": 2}},
+    "student": {"embedding_size": 32, "multiplier": 0.5, "last_channels": 64, "units": [1, 1, 1]},
+    "margin": {"s": 16, "m": 0.3},
+    "train": {"batch_size": 24, "lr": 0.1, "lr_batch_size": 24, "max_steps": 6, "log_every": 2,
+              "checkpoint_every": 2},
+    "generations": 2,
+}
+
+
+def write_experiment(tmp_path, **changes) -> Path:
+    raw = json.loads(json.dumps(TINY).replace("DATA", str(tmp_path / "data")))
+    for k, v in changes.items():
+        raw[k] = {**raw[k], **v} if isinstance(v, dict) else v
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("exp")
+    path = write_experiment(tmp)
+    logs = []
+    summary = run_experiment(load_config(str(path)), str(tmp / "run"), progress=False, log=logs.append)
+    return tmp, path, summary, logs
+
+
+def test_summary_shape_and_values_match_each_stage(finished):
+    tmp, _, summary, _ = finished
+    on_disk = json.loads((tmp / "run" / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert on_disk["experiment"] == "tiny"
+    assert [s["stage"] for s in on_disk["stages"]] == ["teacher", "baseline", "gen1", "gen2"]
+    for s in on_disk["stages"]:
+        assert set(s) == {"stage", "generation", "init_from", "params", "gflops", "train_seconds", "metrics"}
+        stage_result = json.loads((tmp / "run" / s["stage"] / "result.json").read_text())
+        m, r = s["metrics"]["synth_val"], stage_result["metrics"]["synth_val"]
+        assert set(m) == {"acc_mean", "acc_std", "xnorm", "tar_at_far"}
+        assert m["acc_mean"] == r["acc_mean"] and m["xnorm"] == r["xnorm"]
+        assert 0 <= m["acc_mean"] <= 1 and s["params"] > 0 and s["gflops"] > 0
+    assert [s["generation"] for s in on_disk["stages"]] == [0, 0, 1, 2]
+    assert on_disk["stages"][3]["init_from"].endswith(os.path.join("gen1", "student.pt"))
+    assert "| gen2 | gen1 |" in (tmp / "run" / "summary.md").read_text()
+    backbone = torch.load(tmp / "run" / "teacher" / "backbone.pth", weights_only=True)
+    assert "layer1.0.downsample.0.weight" in backbone  # arcface_torch layout
+
+
+def test_generation_two_starts_from_generation_one_with_a_fresh_head(finished):
+    tmp, path, _, _ = finished
+    gen1 = safe_torch_load(tmp / "run" / "gen1" / "student.pt")["state_dict"]
+    from distill.engine import run_stage
+    from distill.recursive import open_data, plan_stages
+    cfg = load_config(str(path), ["train.max_steps=0"])
+    spec = plan_stages(cfg, str(tmp / "run"))[2]
+    assert spec.name == "gen2" and spec.head_from is None and spec.init_from.endswith("gen1/student.pt")
+    # Build gen2's initial state exactly as the engine does: zero steps, weights must equal gen1's final ones.
+    train_set, _ = open_data(cfg, log=lambda *_: None)
+    probe = dict(vars(spec))
+    probe["train"] = cfg.train.__class__(**{**vars(cfg.train), "max_steps": 1, "lr": 1e-12})
+    from distill.engine import StageSpec
+    run_stage(cfg, StageSpec(**probe), str(tmp / "probe"), train_set, {}, progress=False)
+    start = safe_torch_load(tmp / "probe" / "student.pt")["state_dict"]
+    weights = [k for k in gen1 if "running" not in k and "num_batches" not in k]
+    assert all(torch.allclose(start[k], gen1[k], atol=1e-6) for k in weights)  # lr 1e-12: one no-op step
+    gen1_head = safe_torch_load(tmp / "run" / "gen1" / "last.pt")["head_weight"]
+    gen2_ck = safe_torch_load(tmp / "run" / "gen2" / "last.pt")
+    probe_head = safe_torch_load(tmp / "probe" / "last.pt")["head_weight"]
+    assert not torch.allclose(probe_head, gen1_head)  # the margin head starts fresh
+    assert gen2_ck["optimizer"]["state"] and gen2_ck["step"] == 6  # its own optimizer state
+
+
+def test_teacher_cache_built_once_and_reused(finished):
+    tmp, path, _, logs = finished
+    manifest = json.loads((tmp / "run" / "teacher_cache" / "manifest.json").read_text())
+    assert manifest["rows_done"] == 72
+    mtime = os.path.getmtime(tmp / "run" / "teacher_cache" / "embeddings.f16")
+    logs2 = []
+    run_experiment(load_config(str(path)), str(tmp / "run"), progress=False, log=logs2.append)
+    assert os.path.getmtime(tmp / "run" / "teacher_cache" / "embeddings.f16") == mtime
+    assert sum("finished earlier, skipped" in line for line in logs2) == 3  # baseline, gen1, gen2
+
+
+class CrashAfter:
+    """Delegates to a training set and raises after `n` items: a crash in the middle of a stage."""
+
+    def __init__(self, dataset, n):
+        self.dataset, self.n = dataset, n
+
+    def __getattr__(self, name):
+        return getattr(self.dataset, name)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def item(self, index, flip):
+        self.n -= 1
+        if self.n < 0:
+            raise KeyboardInterrupt("simulated crash")
+        return self.dataset.item(index, flip)
+
+
+def test_interrupted_generation_resumes_to_the_same_weights(finished, tmp_path, monkeypatch):
+    tmp, path, _, _ = finished
+    run = tmp_path / "run"
+    shutil.copytree(tmp / "run", run)
+    shutil.rmtree(run / "gen2")
+    (run / "summary.json").unlink()
+    from distill import recursive
+    open_data = recursive.open_data
+    # 3 batches of 24 per epoch, checkpoints every 2 steps: crash inside step 5, after the step-4 checkpoint
+    monkeypatch.setattr(recursive, "open_data", lambda cfg, log=print: (CrashAfter(open_data(cfg, log)[0], 24 * 4 + 5),
+                                                                       open_data(cfg, log)[1]))
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(load_config(str(path)), str(run), progress=False, log=lambda *_: None)
+    assert safe_torch_load(run / "gen2" / "last.pt")["step"] == 4 and not (run / "gen2" / "result.json").exists()
+    monkeypatch.setattr(recursive, "open_data", open_data)
+    logs = []
+    run_experiment(load_config(str(path)), str(run), progress=False, log=logs.append)
+    assert any("gen2: resuming from" in line and "step 4/6" in line for line in logs)
+    resumed = safe_torch_load(run / "gen2" / "student.pt")["state_dict"]
+    uninterrupted = safe_torch_load(tmp / "run" / "gen2" / "student.pt")["state_dict"]
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_a_differing_experiment_in_the_run_dir_is_refused(finished):
+    tmp, path, _, _ = finished
+    cfg = load_config(str(path), ["train.lr=0.5"])
+    with pytest.raises(ConfigError, match=r"holds a different experiment \(train.lr: 0.1 -> 0.5\)"):
+        run_experiment(cfg, str(tmp / "run"), progress=False, log=lambda *_: None)
+
+
+def test_dry_run_checks_without_writing(tmp_path, capsys):
+    path = write_experiment(tmp_path)
+    assert main(["run", str(path), "--dry-run", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "dry run passed" in out and "gen2 ok" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_teacher_checkpoint_without_recipe_stops_before_training(tmp_path, capsys):
+    path = write_experiment(tmp_path, teacher={"train": None, "checkpoint": str(tmp_path / "nope.pth")})
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.checkpoint" in err and "nope.pth" in err and "does not exist" in err
+    assert not (tmp_path / "run" / "baseline").exists()
