@@ -1,9 +1,7 @@
-"""Procedural faces: a random parametric identity per (seed, index), rendered with pose, expression, light and occlusion.
+"""Render one image of a synthetic identity (face_identity.py) under random pose, expression, light and occlusion.
 
-An identity fixes the face's shape and colours (outline, skin, hair style and colour, eyes, brows, nose,
-mouth, ears, beard, moles). Each image of it draws a fresh nuisance: head pose (yaw/pitch/roll as a
-rotation of 3-D feature points, so a turned head moves the nose more than the outline), scale and
-shift, expression (smile, open mouth, raised brows, blink, gaze), background and clothes, lighting
+Each image draws a fresh nuisance: head pose (yaw/pitch/roll as a rotation of 3-D feature points, so
+a turned head moves the nose more than the outline), scale and shift, expression (smile, open mouth, raised brows, blink, gaze), background and clothes, lighting
 (gradient, brightness, contrast, colour cast), blur, sensor noise and now and then an occluder
 (sunglasses, a mask, a random patch). Recognition has to see through all of that.
 
@@ -15,98 +13,14 @@ can be rendered in any process, in any order, with identical bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from distill.data.face_identity import IMAGE_STREAM, FaceIdentity, rgb, sample_identity, shade
 from distill.data.images import encode_jpeg
 
 # Bump when a change alters the pixels: cached datasets (synth.json) written by an older renderer are redone.
 RENDERER_VERSION = 1
-
-_IDENTITY_STREAM, _IMAGE_STREAM = 0, 1
-
-# Anchor colours (RGB) that random tones interpolate between or jitter around.
-_SKIN = np.array([(255, 226, 200), (240, 196, 162), (224, 172, 132), (198, 138, 98),
-                  (164, 106, 70), (120, 78, 50), (84, 56, 38)], np.float64)
-_HAIR = np.array([(28, 24, 22), (58, 40, 28), (102, 68, 40), (150, 108, 66), (206, 170, 112),
-                  (150, 62, 30), (150, 150, 150), (222, 220, 212)], np.float64)
-_HAIR_P = np.array([0.24, 0.22, 0.17, 0.1, 0.09, 0.06, 0.07, 0.05])
-_IRIS = np.array([(92, 56, 30), (44, 30, 20), (68, 110, 162), (78, 122, 80), (118, 128, 140),
-                  (122, 96, 50)], np.float64)
-_HAIR_STYLES = ("short", "fringe", "side_part", "long", "receding", "bald", "curly")
-
-
-@dataclass(frozen=True)
-class FaceIdentity:
-    """The fixed look of one person, in face units (face half-height 1, y pointing down, origin at the face centre)."""
-
-    face_w: float      # half-width of the face
-    squareness: float  # superellipse exponent of the outline: 2 round, higher squarer
-    jaw: float         # how much the lower face narrows towards the chin
-    skin: tuple
-    hair: tuple
-    hair_style: str
-    hairline: float    # y of the hairline at the middle of the forehead
-    hair_volume: float
-    hair_phase: float  # where the bumps of a curly outline fall
-    part: float        # side parting: which side the hairline drops on, and how far
-    eye_y: float
-    eye_dx: float      # half the distance between the eye centres
-    eye_w: float
-    eye_h: float
-    eye_tilt: float
-    iris: tuple
-    brow_gap: float
-    brow_thick: float
-    brow_arch: float
-    brow_tilt: float
-    nose_len: float
-    nose_w: float
-    mouth_y: float
-    mouth_w: float
-    lip_thick: float
-    lips: tuple
-    ear: float
-    beard: str         # none, moustache, goatee or full
-    moles: tuple       # ((x, y), ...) small dark spots
-
-
-def sample_identity(seed: int, index: int) -> FaceIdentity:
-    """The identity `index` of dataset `seed`: the same arguments always give the same face."""
-    rng = np.random.default_rng([int(seed), _IDENTITY_STREAM, int(index)])
-    u = rng.uniform
-    t = u(0, len(_SKIN) - 1)
-    lo = int(t)
-    skin = _SKIN[lo] + (t - lo) * (_SKIN[min(lo + 1, len(_SKIN) - 1)] - _SKIN[lo]) + rng.normal(0, 6, 3)
-    hair = _HAIR[rng.choice(len(_HAIR), p=_HAIR_P)] * u(0.8, 1.15) + rng.normal(0, 8, 3)
-    lips = skin * np.array([0.86, 0.58, 0.6]) + rng.normal(0, 8, 3)
-    style = _HAIR_STYLES[rng.integers(len(_HAIR_STYLES))]
-    beard = ("none", "none", "none", "none", "moustache", "goatee", "full")[rng.integers(7)]
-    face_w = u(0.66, 0.88)
-    n_moles = rng.choice(4, p=[0.55, 0.3, 0.1, 0.05])
-    moles = tuple((float(u(-0.6, 0.6) * face_w), float(u(-0.3, 0.8))) for _ in range(n_moles))
-    return FaceIdentity(
-        face_w=face_w, squareness=u(2.0, 3.6), jaw=u(0.0, 0.4),
-        skin=_rgb(skin), hair=_rgb(hair), hair_style=style,
-        hairline=u(-0.78, -0.5) if style != "receding" else u(-0.95, -0.82),
-        hair_volume=u(0.04, 0.2), hair_phase=u(0, 2 * np.pi), part=u(-1, 1),
-        eye_y=u(-0.2, 0.02), eye_dx=u(0.27, 0.4), eye_w=u(0.1, 0.17), eye_h=u(0.035, 0.07),
-        eye_tilt=u(-0.18, 0.18), iris=_rgb(_IRIS[rng.integers(len(_IRIS))] + rng.normal(0, 10, 3)),
-        brow_gap=u(0.1, 0.22), brow_thick=u(0.025, 0.07), brow_arch=u(-0.02, 0.07),
-        brow_tilt=u(-0.12, 0.12), nose_len=u(0.22, 0.4), nose_w=u(0.07, 0.16),
-        mouth_y=u(0.45, 0.62), mouth_w=u(0.16, 0.32), lip_thick=u(0.025, 0.07), lips=_rgb(lips),
-        ear=u(0.8, 1.25), beard=beard, moles=moles,
-    )
-
-
-def _rgb(c) -> tuple:
-    return tuple(int(v) for v in np.clip(np.round(c), 0, 255))
-
-
-def _shade(c, k) -> tuple:
-    return _rgb(np.asarray(c, np.float64) * k)
 
 
 def _arc(cx, cy, rx, ry, a0=0.0, a1=2 * np.pi, n=24) -> np.ndarray:
@@ -190,18 +104,18 @@ class _Face:
     def _body(self):
         f, back = self.f, self.back
         back.append((self.flat(np.array([(-f.face_w * 0.45, 0.5), (f.face_w * 0.45, 0.5), (f.face_w * 0.55, 1.5),
-                                          (-f.face_w * 0.55, 1.5)]), -0.3), _shade(f.skin, 0.82), 0))
+                                          (-f.face_w * 0.55, 1.5)]), -0.3), shade(f.skin, 0.82), 0))
         if f.hair_style == "long":
             w = f.face_w * (1.25 + f.hair_volume)
             top = _arc(0, -0.05, w, 1.15 + f.hair_volume, np.pi, 2 * np.pi, 20)
             back.append((self.flat(np.concatenate([[(-w, 1.15)], top, [(w, 1.15)]]), -0.4), f.hair, 0))
         for s in (-1, 1):
             ear = _arc(s * f.face_w * 0.98, f.eye_y + 0.12, 0.09 * f.ear, 0.19 * f.ear, n=14)
-            back.append((self.flat(ear, -0.1), _shade(f.skin, 0.9), 0))
+            back.append((self.flat(ear, -0.1), shade(f.skin, 0.9), 0))
         back.append((self.flat(self.outline, 0.0), f.skin, 0))
         for x, y in f.moles:
-            back.append((self.on_face(_arc(x, y, 0.022, 0.022, n=8), 0.01), _shade(f.skin, 0.45), 0))
-        colour = _shade(f.hair, 0.9)
+            back.append((self.on_face(_arc(x, y, 0.022, 0.022, n=8), 0.01), shade(f.skin, 0.45), 0))
+        colour = shade(f.hair, 0.9)
         if f.beard == "full":
             low = self.outline[self.outline[:, 1] > f.mouth_y - 0.25]
             low = low[np.argsort(np.arctan2(low[:, 1], low[:, 0]))]
@@ -219,10 +133,10 @@ class _Face:
         tip_y = f.eye_y + f.nose_len + 0.08
         ridge = np.array([(0.02, f.eye_y + 0.06), (0.03, tip_y - 0.05), (f.nose_w * 0.9, tip_y + 0.02),
                           (0, tip_y + 0.05), (-f.nose_w * 0.9, tip_y + 0.02), (-0.01, tip_y - 0.05)])
-        self.back.append((self.on_face(ridge, 0.08), _shade(f.skin, 0.84), 0))
+        self.back.append((self.on_face(ridge, 0.08), shade(f.skin, 0.84), 0))
         for side in (-1, 1):
             nostril = _arc(side * f.nose_w * 0.5, tip_y + 0.02, f.nose_w * 0.28, 0.022, n=10)
-            self.back.append((self.on_face(nostril, 0.12), _shade(f.skin, 0.45), 0))
+            self.back.append((self.on_face(nostril, 0.12), shade(f.skin, 0.45), 0))
 
     def _hair_top(self):
         f = self.f
@@ -273,7 +187,7 @@ class _Face:
 
         self.moving.append((*shape(upper, lower), 0.04, f.lips, 0, None))
         self.moving.append((*shape(inner_top, inner_bottom), 0.045, (70, 24, 26), 0, "mouth_open"))
-        self.moving.append((*shape(line), 0.05, _shade(f.lips, 0.55), 0.012, None))
+        self.moving.append((*shape(line), 0.05, shade(f.lips, 0.55), 0.012, None))
 
     def _eyes_and_brows(self):
         """Each eye outline is `base + eye_h * direction` (the tilt is a fixed rotation); skin lids above and
@@ -283,7 +197,7 @@ class _Face:
         prof_top, prof_bottom = -(1 - _U12 ** 2) ** 0.7, 0.8 * (1 - _U12 ** 2) ** 0.8
         zero12 = np.zeros(12)
         r = min(f.eye_w * 0.55, f.eye_h * 1.05)
-        lash, brow_colour = _shade(f.hair, 0.5), _shade(f.hair, 0.75)
+        lash, brow_colour = shade(f.hair, 0.5), shade(f.hair, 0.75)
         for side in (-1, 1):
             centre = np.array([side * f.eye_dx, f.eye_y])
             tilt = f.eye_tilt * side  # the outer corner lifts on both eyes when eye_tilt > 0
@@ -312,7 +226,7 @@ class _Face:
     def occluder(self, rng, kind: int) -> list:
         f = self.f
         if kind == 0:  # sunglasses: two dark lenses and a bridge
-            colour = _rgb(rng.uniform(5, 60, 3))
+            colour = rgb(rng.uniform(5, 60, 3))
             lenses = [(self.on_face(_arc(s * f.eye_dx, f.eye_y, f.eye_w * 1.5, f.eye_w * 1.05, n=16), 0.06), colour, 0)
                       for s in (-1, 1)]
             bridge = np.array([(-f.eye_dx + f.eye_w, f.eye_y - 0.03), (f.eye_dx - f.eye_w, f.eye_y - 0.03)])
@@ -322,7 +236,7 @@ class _Face:
         w = f.face_w * 1.02
         shape = np.concatenate([np.stack([_U12 * w, top + 0.05 * _U12 ** 2], 1),
                                 np.stack([_U12[::-1] * w * 0.8, np.full(12, 0.98)], 1)])
-        colour = _rgb(np.array([(200, 220, 235), (235, 235, 235), (40, 40, 46)][rng.integers(3)]) + rng.normal(0, 8, 3))
+        colour = rgb(np.array([(200, 220, 235), (235, 235, 235), (40, 40, 46)][rng.integers(3)]) + rng.normal(0, 8, 3))
         return [(self.on_face(shape, 0.08), colour, 0)]
 
 
@@ -403,11 +317,9 @@ def render_face(face, rng: np.random.Generator, size: int = 112) -> np.ndarray:
     start = 0
     for count, colour, width, condition in shapes:
         end = start + 2 * count
-        if not drawn[condition]:
-            pass
-        elif width:
+        if drawn[condition] and width:
             draw.line(flat[start:end], fill=colour, width=max(1, int(round(width * unit))), joint="curve")
-        else:
+        elif drawn[condition]:
             draw.polygon(flat[start:end], fill=colour)
         start = end
     if occluder == 2:  # something in front of the camera: a random patch anywhere
@@ -437,7 +349,7 @@ def render_face(face, rng: np.random.Generator, size: int = 112) -> np.ndarray:
 
 def render_image(seed: int, identity: int, image: int, size: int = 112) -> np.ndarray:
     """Image `image` of identity `identity` in dataset `seed`, as H×W×3 uint8 RGB (same arguments, same pixels)."""
-    rng = np.random.default_rng([int(seed), _IMAGE_STREAM, int(identity), int(image)])
+    rng = np.random.default_rng([int(seed), IMAGE_STREAM, int(identity), int(image)])
     return render_face(sample_identity(seed, identity), rng, size)
 
 
@@ -449,6 +361,6 @@ def render_jpegs(job) -> list:
     for identity, image in items:
         if identity not in faces:
             faces[identity] = _Face(sample_identity(seed, identity))
-        rng = np.random.default_rng([int(seed), _IMAGE_STREAM, int(identity), int(image)])
+        rng = np.random.default_rng([int(seed), IMAGE_STREAM, int(identity), int(image)])
         out.append(encode_jpeg(render_face(faces[identity], rng, size), quality=quality))
     return out

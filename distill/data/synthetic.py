@@ -33,6 +33,7 @@ VAL_BIN = "synth_val.bin"
 VAL_PAIRS = "synth_val_pairs.tsv"
 JPEG_QUALITY = 90
 _FORMAT = "facedistill-synthetic-faces"
+_PAIRS_STREAM = 2  # entropy word after the seed; 0 and 1 draw identities and images (face_identity.py)
 
 
 def default_holdout_ids(ids: int) -> int:
@@ -73,7 +74,7 @@ def plan_pairs(params: dict) -> list:
     """[(identity_a, image_a, identity_b, image_b, same)] for the held-out set. Pair k uses images 2k and
     2k+1, so every image in the .bin is a distinct rendering; same and different pairs alternate so that
     each of the protocol's 10 contiguous folds is balanced."""
-    rng = np.random.default_rng([params["seed"], 2])
+    rng = np.random.default_rng([params["seed"], _PAIRS_STREAM])
     first, n = params["ids"], params["holdout_ids"]
     out = []
     for k in range(params["pairs"]):
@@ -174,6 +175,7 @@ def ensure_synthetic(out_dir, workers=None, progress=False, **params) -> dict:
     synthetic dataset, so an interrupted run leaves either the old dataset or nothing, never half of one.
     A folder that holds something other than a synthetic dataset is never overwritten.
     """
+    synthetic_params(**params)  # a bad parameter fails here, before any folder is touched
     out = Path(out_dir)
     if synthetic_is_current(out, **params):
         return read_manifest(out)
