@@ -142,6 +142,12 @@ def test_bad_parameters_are_config_errors_naming_the_key(tmp_path, bad, key):
         generate(tmp_path, workers=1, **{**TINY, **bad})
 
 
+def test_default_holdout_is_a_tenth_of_the_identities_and_at_least_ten():
+    assert synthetic.synthetic_params(ids=50)["holdout_ids"] == 10
+    assert synthetic.synthetic_params(ids=500)["holdout_ids"] == 50
+    assert synthetic.synthetic_params(ids=500, holdout_ids=7)["holdout_ids"] == 7
+
+
 def test_cli_synth_then_inspect_end_to_end(tmp_path, capsys):
     out = tmp_path / "faces"
     args = ["data", "synth", str(out), "--ids", "4", "--images-per-id", "5", "--size", "48", "--pairs", "6",
