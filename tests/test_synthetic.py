@@ -128,6 +128,20 @@ def test_interrupted_generation_keeps_the_old_dataset_and_leaves_no_partial_one(
     assert not (tmp_path / "fresh").exists()
 
 
+def test_generate_over_an_older_dataset_drops_its_manifest_until_done(tmp_path, monkeypatch):
+    generate(tmp_path, workers=1, **TINY)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "write_verification_bin", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate(tmp_path, workers=1, **{**TINY, "ids": 6})
+    # train.rec now holds 6 identities: the old synth.json must not vouch for it any more.
+    assert read_manifest(tmp_path) is None
+    assert not synthetic.synthetic_is_current(tmp_path, **TINY)
+
+
 def test_ensure_synthetic_never_overwrites_a_folder_that_is_not_synthetic(tmp_path):
     (tmp_path / "mine.txt").write_text("keep me")
     with pytest.raises(ConfigError, match="not a synthetic dataset"):

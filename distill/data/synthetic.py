@@ -100,6 +100,9 @@ def generate(out_dir, ids=1000, images_per_id=20, size=112, pairs=2000, seed=0, 
     workers = max(1, int(workers or os.cpu_count() or 1))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # The manifest vouches for the files: it goes first and comes back last, so an interrupted run
+    # over an older dataset never leaves new files under the old parameters.
+    (out / MANIFEST).unlink(missing_ok=True)
     seed, size, k = params["seed"], params["size"], params["images_per_id"]
 
     # One job per identity keeps each identity's geometry built once and its images contiguous.
@@ -198,6 +201,8 @@ def ensure_synthetic(out_dir, workers=None, progress=False, **params) -> dict:
             # Another process (another rank, say) finished the same dataset first: keep theirs.
             if synthetic_is_current(out, **params):
                 return read_manifest(out)
+            if old.exists() and not out.exists():
+                os.replace(old, out)  # put the previous dataset back rather than lose it
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
