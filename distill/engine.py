@@ -100,11 +100,11 @@ def plan_epoch(n: int, batch_size: int, seed: int, epoch: int, flip: bool, rank:
 # ------------------------------------------------------------------------------------------ setup
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise DistillError("device: cuda requested but no CUDA device is available (use device: auto or cpu)")
-    return torch.device(device)
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())  # torchrun: set from LOCAL_RANK
+    return torch.device("cpu")
 
 
 def _amp(train: TrainConfig, device: torch.device):

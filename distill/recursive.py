@@ -39,6 +39,24 @@ from distill.tracking import stage_tracker
 HARMLESS = ("generations", "tracking", "data.num_workers", "train.log_every", "device")
 
 
+def _rank():
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def rank0_first(fn):
+    """Run `fn` on rank 0, then on the other ranks (which find its files ready: synthetic data, cache)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn()
+    if dist.get_rank() == 0:
+        out = fn()
+        dist.barrier()
+        return out
+    dist.barrier()
+    return fn()
+
+
 def default_run_dir(cfg: ExperimentConfig) -> str:
     return os.path.join("runs", cfg.name)
 
@@ -79,7 +97,7 @@ def open_data(cfg: ExperimentConfig, log=print):
     if cfg.data.synthetic is not None:
         from distill.data.synthetic import ensure_synthetic
         log(f"synthetic faces: ensuring {cfg.data.train} (generated on first use)")
-        ensure_synthetic(cfg.data.train, **dataclasses.asdict(cfg.data.synthetic))
+        rank0_first(lambda: ensure_synthetic(cfg.data.train, **dataclasses.asdict(cfg.data.synthetic)))
     if not os.path.exists(cfg.data.train):
         raise ConfigError(f"data.train: {cfg.data.train} does not exist (a RecordIO folder such as faces_emore/, "
                           f"a .rec file, or an identity-per-folder tree)")
@@ -122,11 +140,14 @@ def prepare_teacher(cfg, run_dir, train_set, val, progress=True, log=print):
         log(f"teacher: training {arch} ({kwargs}) as stage 0")
         run_stage(cfg, stage, stage_dir, train_set, val, progress=progress, log=log,
                   tracker=stage_tracker(cfg, run_dir, "teacher", 0, None))
-    if not os.path.exists(backbone):  # a plain arcface_torch-style state dict of the trained teacher
-        from distill.checkpoint import safe_torch_load
-        state = safe_torch_load(os.path.join(stage_dir, "student.pt"))["state_dict"]
-        torch.save(state, backbone + ".tmp")
-        os.replace(backbone + ".tmp", backbone)
+    def export_backbone():  # a plain arcface_torch-style state dict of the trained teacher
+        if not os.path.exists(backbone):
+            from distill.checkpoint import safe_torch_load
+            state = safe_torch_load(os.path.join(stage_dir, "student.pt"))["state_dict"]
+            torch.save(state, backbone + ".tmp")
+            os.replace(backbone + ".tmp", backbone)
+
+    rank0_first(export_backbone)
     return teachers.build_teacher({**spec, "checkpoint": backbone})
 
 
@@ -167,7 +188,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | None = None, progress: 
     run_dir = run_dir or default_run_dir(cfg)
     check_run_dir(cfg, run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    dump_config(cfg, os.path.join(run_dir, "experiment.yaml"))
+    if _rank() == 0:
+        dump_config(cfg, os.path.join(run_dir, "experiment.yaml"))
     train_set, val = open_data(cfg, log=log)
     log(f"{cfg.name}: {len(train_set)} training images of {train_set.num_classes} identities; "
         f"verification: {', '.join(f'{k} ({len(v[1])} pairs)' for k, v in val.items()) or 'none'}")
@@ -175,10 +197,10 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | None = None, progress: 
     results, teacher, cache = [], None, None
     if cfg.teacher is not None:
         teacher = prepare_teacher(cfg, run_dir, train_set, val, progress, log)
-        results.append(_teacher_result(cfg, run_dir, teacher, val))
+        results.append(rank0_first(lambda: _teacher_result(cfg, run_dir, teacher, val)))
         if cfg.teacher.cache and cfg.distill.alpha > 0 and cfg.generations > 0:
-            cache = build_cache(teacher, train_set, os.path.join(run_dir, "teacher_cache"),
-                                num_workers=cfg.data.num_workers, progress=progress, log=log)
+            cache = rank0_first(lambda: build_cache(teacher, train_set, os.path.join(run_dir, "teacher_cache"),
+                                                    num_workers=cfg.data.num_workers, progress=progress, log=log))
     for spec in plan_stages(cfg, run_dir):
         stage_dir = os.path.join(run_dir, spec.name)
         done = os.path.join(stage_dir, "result.json")
@@ -193,6 +215,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | None = None, progress: 
         results.append(run_stage(cfg, spec, stage_dir, train_set, val, teacher=teacher, cache=cache,
                                  progress=progress, log=log, tracker=tracker))
     from distill.summary import write_summary
+    if _rank() != 0:
+        return {"experiment": cfg.name, "stages": []}
     return write_summary(cfg, run_dir, results, log=log)
 
 

@@ -11,10 +11,24 @@ from distill.engine import Preempted
 EX_TEMPFAIL = 75  # preempted: a scheduler should requeue the same command
 
 
+def init_distributed() -> None:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
 def _run(args) -> int:
     from distill.recursive import default_run_dir, dry_run, run_experiment
 
     cfg = load_config(args.experiment, args.overrides)
+    init_distributed()
     if args.dry_run:
         dry_run(cfg)
         return 0
