@@ -25,7 +25,7 @@ install-dev: $(VENV)/.installed-dev
 
 ## make quickstart: install, then run the embedded default experiment
 quickstart: install
-	$(VENV)/bin/distill profile vargfacenet
+	$(VENV)/bin/distill run experiments/quickstart.yaml
 
 ## make test: install with dev extras, then run the whole test suite
 test: install-dev

@@ -16,6 +16,8 @@ COMMANDS = [
     "distill.data.cli",
     "distill.eval_cli",
     "distill.run_cli",
+    "distill.compare",
+    "distill.sweep",
 ]
 
 
@@ -33,8 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # `--train.lr=0.05` (the form W&B sweep agents send) is an override, not an option
-        if hasattr(args, "overrides") and all(e.startswith("--") and "=" in e for e in extra):
+    # `--train.lr=0.05` (the form W&B sweep agents send) is an override, not an option; so is
+    # `train.lr=0.05` placed after an option (argparse leaves those over, too)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and (e.startswith("--") or not e.startswith("-")) for e in extra):
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

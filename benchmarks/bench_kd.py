@@ -1,0 +1,97 @@
+"""Distillation cost: images/s of plain student training vs cached-teacher and online-teacher distillation.
+
+All three run the real training loop (distill.engine.run_stage) on the same stand-in data, student and
+settings, in one process, so only the teacher path differs:
+  (a) plain    alpha 0, no teacher
+  (b) cached   alpha 7, teacher embeddings read from a memory-mapped float16 cache
+  (c) online   alpha 7, a frozen IResNet-100 run on every batch at the same input size
+Target: (b) costs at most 5% more time per image than (a). Throughput is the median of the per-step
+images/s the engine logs, skipping the first steps (warm-up).
+
+    python benchmarks/bench_kd.py [--input-size 64] [--batch-size 16] [--steps 6] [--device cpu|cuda] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import teachers  # noqa: E402
+from distill.config import build_config  # noqa: E402
+from distill.data.standin import StandInFaces  # noqa: E402
+from distill.engine import StageSpec, run_stage  # noqa: E402
+from distill.teacher_cache import build_cache  # noqa: E402
+from distill.tracking import read_metrics  # noqa: E402
+
+WARMUP = 2
+
+
+def _config(args):
+    return build_config({
+        "name": "bench_kd", "device": args.device,
+        "data": {"train": "stand-in", "input_size": args.input_size, "num_workers": 0},
+        "student": {"embedding_size": 512},
+        "train": {"batch_size": args.batch_size, "max_steps": args.steps + WARMUP, "log_every": 1,
+                  "checkpoint_every": 10 ** 9, "amp": "auto"},
+    })
+
+
+def _throughput(cfg, data, out, alpha, teacher=None, cache=None) -> float:
+    spec = StageSpec("bench", "vargfacenet", cfg.student.kwargs(cfg.data.input_size), cfg.train, alpha=alpha)
+    run_stage(cfg, spec, out, data, {}, teacher=teacher, cache=cache, progress=False, log=lambda *_: None)
+    rates = [m["train/images_per_s"] for m in read_metrics(out) if "train/images_per_s" in m][WARMUP:]
+    return statistics.median(rates)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--input-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per mode (after 2 warm-up steps)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = _config(args)
+    n = args.batch_size * (args.steps + WARMUP)
+    data = StandInFaces(classes=max(2, n // 4), per_class=4, size=args.input_size)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = _throughput(cfg, data, os.path.join(tmp, "plain"), 0.0)
+        # The cache's contents do not change its read cost: fill it with a cheap frozen stand-in teacher.
+        torch.manual_seed(0)
+        cheap = teachers.FrozenTeacher(nn.Sequential(nn.Flatten(), nn.Linear(3 * args.input_size ** 2, 512)),
+                                       {"kind": "bench"}, args.input_size, 512)
+        cache = build_cache(cheap, data, os.path.join(tmp, "cache"), progress=False, log=lambda *_: None)
+        cached = _throughput(cfg, data, os.path.join(tmp, "cached"), 7.0, cache=cache)
+        r100 = teachers.build_teacher({"kind": "iresnet", "depth": 100, "input_size": args.input_size})
+        if args.device == "cuda":
+            r100 = r100.to(memory_format=torch.channels_last)
+        online = _throughput(cfg, data, os.path.join(tmp, "online"), 7.0, teacher=r100)
+
+    result = {"plain_img_s": plain, "cached_img_s": cached, "online_img_s": online,
+              "cached_time_ratio": plain / cached, "online_time_ratio": plain / online,
+              "input_size": args.input_size, "batch_size": args.batch_size, "device": args.device,
+              "threads": torch.get_num_threads()}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"student VarGFaceNet, teacher IResNet-100, {args.input_size}px, batch {args.batch_size}, {args.device}")
+        print(f"  (a) plain training        {plain:9.1f} img/s")
+        print(f"  (b) cached teacher        {cached:9.1f} img/s   time/image vs (a): {plain / cached:.3f}x (target <= 1.05)")
+        print(f"  (c) online IResNet-100    {online:9.1f} img/s   time/image vs (a): {plain / online:.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
