@@ -22,27 +22,44 @@ def _tar(m: dict, far: str) -> str:
     return "n/a" if t.get("tar") is None else f"{100 * t['tar']:.2f}"
 
 
-def markdown_table(summary: dict) -> str:
-    """Stages as rows; per verification set: accuracy ± std (%), TAR@FAR=1e-3 (%)."""
+def _acc(m: dict) -> str:
+    if m.get("acc_mean") is None:
+        return "-"
+    return f"{100 * m['acc_mean']:.2f} ± {100 * (m.get('acc_std') or 0):.2f}"
+
+
+def markdown_table(summary: dict, fars: tuple = ("1e-3",), before: tuple = (), after: tuple = ()) -> str:
+    """Stages as rows; per verification set: accuracy ± std (%), TAR@FAR (%) for each of `fars`.
+
+    `before` / `after`: extra columns as (header, function(stage entry) -> str), placed before the stage
+    column and after the last one (`distill compare` adds the run and the stage's status)."""
     sets = []
     for s in summary["stages"]:
         sets += [k for k in s["metrics"] if k not in sets]
-    head = ["stage", "init from", "params (M)", "GFLOPs", "train (s)"]
+    head = [h for h, _ in before] + ["stage", "init from", "params (M)", "GFLOPs", "train (s)"]
     for name in sets:
-        head += [f"{name} acc (%)", f"{name} TAR@1e-3 (%)"]
+        head += [f"{name} acc (%)"] + [f"{name} TAR@{far} (%)" for far in fars]
+    head += [h for h, _ in after]
     rows = [head, ["---"] * len(head)]
     for s in summary["stages"]:
         init = os.path.basename(os.path.dirname(s["init_from"])) if s.get("init_from") else "-"
-        row = [s["stage"], init, "-" if s["params"] is None else f"{s['params'] / 1e6:.2f}",
-               "-" if s["gflops"] is None else f"{s['gflops']:.3f}", f"{s['train_seconds']:.0f}"]
+        row = [fn(s) for _, fn in before]
+        row += [s["stage"], init, "-" if s["params"] is None else f"{s['params'] / 1e6:.2f}",
+                "-" if s["gflops"] is None else f"{s['gflops']:.3f}",
+                "-" if s.get("train_seconds") is None else f"{s['train_seconds']:.0f}"]
         for name in sets:
             m = s["metrics"].get(name)
-            row += ["-", "-"] if m is None else [f"{100 * m['acc_mean']:.2f} ± {100 * m['acc_std']:.2f}", _tar(m, "1e-3")]
+            if m is None:
+                row += ["-"] * (1 + len(fars))
+            else:
+                row += [_acc(m)] + [_tar(m, far) for far in fars]
+        row += [fn(s) for _, fn in after]
         rows.append(row)
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
-def write_summary(cfg, run_dir: str, results: list, log=print) -> dict:
+def cost_function(cfg):
+    """`cost(result) -> (params, GFLOPs)` of a stage's model, memoised per architecture (None, None when unknown)."""
     from distill.recursive import model_cost, teacher_arch
 
     costs = {}
@@ -59,6 +76,11 @@ def write_summary(cfg, run_dir: str, results: list, log=print) -> dict:
             costs[key] = model_cost(arch, kwargs)
         return costs[key]
 
+    return cost
+
+
+def write_summary(cfg, run_dir: str, results: list, log=print) -> dict:
+    cost = cost_function(cfg)
     summary = {"experiment": cfg.name, "stages": [_stage_entry(r, cost) for r in results]}
     with open(os.path.join(run_dir, "summary.json.tmp"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)

@@ -1,0 +1,194 @@
+"""`distill compare`: stages of one or more run directories side by side, from their local files alone.
+
+For each run directory (what `distill run` wrote; a `distill sweep` output directory stands for all its
+points) every stage directory is read:
+a finished stage from summary.json (or its result.json when the summary predates it), an unfinished
+one from the last evaluation in its metrics.jsonl. Output: a markdown table (one row per run and
+stage: accuracy ± std per verification set, TAR@FAR 1e-3 and 1e-4, parameters, GFLOPs, training
+time), or one JSON object, and optionally a PNG: accuracy per stage for every verification set, and
+the training loss curves. No W&B involved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+from distill.errors import ConfigError
+from distill.evaluate import FAR_TARGETS
+from distill.summary import _stage_entry, cost_function, markdown_table
+from distill.tracking import read_metrics
+
+
+def stage_order(name: str) -> tuple:
+    """teacher, baseline, gen1, gen2, ... (gen10 after gen9), anything else last."""
+    m = re.fullmatch(r"gen(\d+)", name)
+    if m:
+        return (2, int(m.group(1)), name)
+    return ({"teacher": 0, "baseline": 1}.get(name, 3), 0, name)
+
+
+def _load_config(run_dir: str):
+    import yaml
+
+    from distill.config import config_from_dict
+
+    path = os.path.join(run_dir, "experiment.yaml")
+    if not os.path.isdir(run_dir):
+        raise ConfigError(f"{run_dir}: no such run directory (give what `distill run --out` or `distill sweep` wrote)")
+    if not os.path.exists(path):
+        raise ConfigError(f"{run_dir}: not a run directory of `distill run` (no experiment.yaml in it)")
+    with open(path, encoding="utf-8") as f:
+        return config_from_dict(yaml.safe_load(f) or {})
+
+
+def _partial_entry(name: str, rows: list, spec, cost) -> dict:
+    """A stage still training or interrupted: its last evaluation from metrics.jsonl, its cost from the config."""
+    metrics = {}
+    for row in rows:  # later evaluations overwrite earlier ones
+        for key, value in row.items():
+            parts = key.split("/")
+            if len(parts) != 3 or parts[0] != "val":
+                continue
+            m = metrics.setdefault(parts[1], {"acc_mean": None, "acc_std": None, "xnorm": None, "tar_at_far": {}})
+            if parts[2] == "acc":
+                m["acc_mean"] = value
+            elif parts[2] in ("acc_std", "xnorm"):
+                m[parts[2]] = value
+            elif parts[2].startswith("tar_at_far_"):
+                m["tar_at_far"][parts[2][len("tar_at_far_"):]] = {"tar": value}
+    if spec is not None:
+        result = {"stage": name, "arch": spec.arch, "model_kwargs": spec.model_kwargs}
+    else:
+        result = {"stage": name}  # the teacher: its architecture comes from the config
+    try:
+        params, gflops = cost(result)
+    except Exception:  # noqa: BLE001 - a cost we cannot compute is shown as '-', never a crash
+        params, gflops = None, None
+    steps = [r["step"] for r in rows if "step" in r]
+    return {"stage": name, "generation": spec.generation if spec else 0, "init_from": spec.init_from if spec else None,
+            "params": params, "gflops": gflops, "train_seconds": None, "metrics": metrics,
+            "status": f"unfinished (step {max(steps)})" if steps else "not started"}
+
+
+def load_run(run_dir: str) -> dict:
+    """{"run_dir", "experiment", "stages": [summary.json-style entries with "status"], "curves"}."""
+    from distill.recursive import plan_stages
+
+    cfg = _load_config(run_dir)
+    cost = cost_function(cfg)
+    summarised = {}
+    path = os.path.join(run_dir, "summary.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            summarised = {s["stage"]: s for s in json.load(f).get("stages", [])}
+    specs = {s.name: s for s in plan_stages(cfg, run_dir)}
+    names = [d for d in os.listdir(run_dir) if os.path.isdir(os.path.join(run_dir, d))
+             and (d in ("teacher", "baseline") or re.fullmatch(r"gen\d+", d))]
+    stages, curves = [], {}
+    for name in sorted(set(names) | set(summarised), key=stage_order):
+        stage_dir = os.path.join(run_dir, name)
+        result_path = os.path.join(stage_dir, "result.json")
+        rows = read_metrics(stage_dir)
+        curves[name] = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+        if name in summarised and (os.path.exists(result_path) or not os.path.isdir(stage_dir)):
+            entry = {**summarised[name], "status": "done"}  # (a stage being redone is read from its log)
+        elif os.path.exists(result_path):
+            with open(result_path, encoding="utf-8") as f:
+                result = json.load(f)
+            try:
+                entry = {**_stage_entry(result, cost), "status": "done"}
+            except Exception:  # noqa: BLE001
+                entry = {**_stage_entry(result, lambda _r: (None, None)), "status": "done"}
+        else:
+            entry = _partial_entry(name, rows, specs.get(name), cost)
+        stages.append(entry)
+    return {"run_dir": run_dir, "experiment": cfg.name, "stages": stages, "curves": curves}
+
+
+def expand_run_dirs(paths: list) -> list:
+    """Run directories; a sweep's --out directory (no experiment.yaml, run directories inside) gives its points."""
+    out = []
+    for path in paths:
+        inner = []
+        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "experiment.yaml")):
+            inner = sorted(os.path.join(path, d) for d in os.listdir(path)
+                           if os.path.exists(os.path.join(path, d, "experiment.yaml")))
+        out += inner or [path]
+    return out
+
+
+def load_runs(run_dirs: list) -> list:
+    runs = [load_run(d) for d in expand_run_dirs(run_dirs)]
+    names = [r["experiment"] for r in runs]
+    for r in runs:  # label rows by experiment name, by directory when two runs share a name
+        r["label"] = r["experiment"] if names.count(r["experiment"]) == 1 else r["run_dir"]
+    return runs
+
+
+def comparison_table(runs: list) -> str:
+    """One markdown table: a row per run and stage."""
+    rows = [{**s, "run": r["label"]} for r in runs for s in r["stages"]]
+    after = (("status", lambda s: s["status"]),) if any(s["status"] != "done" for s in rows) else ()
+    return markdown_table({"stages": rows}, fars=tuple(FAR_TARGETS), before=(("run", lambda s: s["run"]),),
+                          after=after)
+
+
+def comparison_json(runs: list) -> dict:
+    return {"runs": [{"run": r["label"], "run_dir": r["run_dir"], "experiment": r["experiment"],
+                      "stages": r["stages"]} for r in runs]}
+
+
+def plot_comparison(runs: list, path: str) -> None:
+    """PNG: accuracy (± std) per stage for every run and verification set; train/loss against step per stage."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend, works headless (Agg)
+
+    order = sorted({s["stage"] for r in runs for s in r["stages"]}, key=stage_order)
+    fig = Figure(figsize=(13, 5), dpi=100, layout="constrained")
+    acc_ax, loss_ax = fig.subplots(1, 2)
+    for r in runs:
+        sets = list(dict.fromkeys(k for s in r["stages"] for k in s["metrics"]))
+        for name in sets:
+            points = [(order.index(s["stage"]), 100 * m["acc_mean"], 100 * (m["acc_std"] or 0))
+                      for s in r["stages"] for m in [s["metrics"].get(name) or {}] if m.get("acc_mean") is not None]
+            if points:
+                x, y, err = zip(*points)
+                acc_ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{r['label']}: {name}")
+        for stage in sorted(r["curves"], key=stage_order):
+            curve = r["curves"][stage]
+            if curve:
+                steps, loss = zip(*curve)
+                loss_ax.plot(steps, loss, label=f"{r['label']}/{stage}")
+    acc_ax.set_xticks(range(len(order)), order)
+    acc_ax.set(title="verification accuracy per stage", xlabel="stage", ylabel="accuracy (%)")
+    loss_ax.set(title="training loss", xlabel="step", ylabel="train/loss")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, format="png")
+
+
+def _compare(args) -> int:
+    runs = load_runs(args.run_dirs)
+    if args.plot:
+        plot_comparison(runs, args.plot)
+    if args.json:
+        print(json.dumps(comparison_json(runs), indent=1))
+    else:
+        print(comparison_table(runs))
+    if args.plot:
+        print(f"plot: {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("compare", help="compare stages of run directories: table, JSON, plot (local files only)")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run directories of `distill run`, or a `distill sweep` --out directory")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="also write accuracy per stage and loss curves")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=_compare)

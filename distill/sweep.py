@@ -1,0 +1,264 @@
+"""`distill sweep`: an ablation grid (a base experiment x lists of override values), one experiment per point.
+
+A grid file (experiments/ablations/*.yaml):
+
+    base: ../quickstart.yaml          # experiment file, relative to the grid file
+    name: alpha                       # optional (default: the file name); names runs/<name>/<point>
+    grid:                             # dotted override -> values; the cartesian product is swept
+      distill.alpha: [0, 1, 7, 20]
+    fixed:                            # optional: overrides shared by every point
+      baseline: false
+
+Each point is its own experiment named `<grid name>-<key>=<value>-...` in `<out>/<point name>`
+(default out: runs/<grid name>), run in this process one after another through the generations
+driver; every point is validated before the first one starts. Points whose teacher settings agree
+share one trained teacher: the finished teacher stage of an earlier point is copied into the next
+point's directory instead of training it again (a teacher given by checkpoint is simply loaded).
+A rerun resumes: finished points are skipped. `--print` prints one `distill run` command per point
+instead, for a cluster scheduler (each command then trains its own teacher unless the base or
+`fixed:` names a teacher.checkpoint). The sweep ends with one `distill compare` table of all points.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import sys
+from dataclasses import dataclass, field
+
+import yaml
+
+from distill.config import load_config, parse_overrides, to_dict
+from distill.errors import ConfigError, DistillError
+
+GRID_KEYS = ("base", "name", "grid", "fixed", "description")
+# What a trained teacher depends on: points that agree on all of these can share it.
+TEACHER_KEYS = ("teacher", "data", "seed", "margin", "deterministic", "device")
+# Files of a finished teacher stage that the next point needs (not last.pt/best.pt, not the W&B run id).
+TEACHER_FILES = ("result.json", "backbone.pth", "student.pt", "metrics.jsonl", "wandb_artifact.txt")
+
+
+@dataclass
+class Grid:
+    path: str                 # the grid file
+    name: str
+    base: str                 # the experiment file every point starts from
+    grid: dict                # dotted key -> list of values
+    fixed: dict = field(default_factory=dict)
+
+
+@dataclass
+class Point:
+    name: str
+    values: dict              # dotted key -> value of this point
+    overrides: list           # `key=value` strings: fixed ones, this point's, then name=<point name>
+
+
+def _scalar(value) -> str:
+    """A value as an override string that parses back (YAML) to the same value: 7, false, [1, 2], 'abc'."""
+    text = value if isinstance(value, str) else json.dumps(value)
+    try:
+        same = yaml.safe_load(text) == value
+    except yaml.YAMLError:
+        same = False
+    return text if same else json.dumps(value)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def _safe(text: str) -> str:
+    """A point name usable as a directory name, W&B group and shell word."""
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_") or "point"
+
+
+def load_grid(path: str, base: str | None = None, overrides: list | None = None) -> Grid:
+    """Read and check a grid file; `base` replaces its base experiment, `overrides` join its `fixed:`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: grid file not found") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a grid file is a mapping with keys {', '.join(GRID_KEYS)}")
+    unknown = sorted(set(raw) - set(GRID_KEYS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; a grid file has {', '.join(GRID_KEYS)}")
+    where = "--base"
+    if base is None:
+        if not isinstance(raw.get("base"), str):
+            raise ConfigError(f"{path}: key 'base' must name the experiment file the points start from "
+                              f"(relative to the grid file), e.g. base: ../quickstart.yaml")
+        base, where = os.path.normpath(os.path.join(os.path.dirname(path), raw["base"])), "key 'base'"
+    if not os.path.exists(base):
+        raise ConfigError(f"{path}: {where}: experiment file {base} not found")
+    name = raw.get("name", os.path.splitext(os.path.basename(path))[0])
+    if not isinstance(name, str) or _safe(name) != name:
+        raise ConfigError(f"{path}: key 'name' must be letters, digits and . _ = + - only, got {name!r}")
+    grid = raw.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise ConfigError(f"{path}: key 'grid' must map dotted config keys to lists of values, "
+                          f"e.g. grid: {{distill.alpha: [0, 1, 7]}}")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{path}: key 'grid.{key}' must be a non-empty list of values, got {values!r}")
+    fixed = raw.get("fixed") or {}
+    if not isinstance(fixed, dict):
+        raise ConfigError(f"{path}: key 'fixed' must map dotted config keys to values, got {fixed!r}")
+    fixed = {**_flat(fixed), **_flat(parse_overrides(overrides or []))}  # command-line overrides join `fixed:`
+    both = sorted(set(grid) & set(fixed))
+    if both:
+        raise ConfigError(f"{path}: key(s) {', '.join(both)} are both swept (grid) and fixed; keep one")
+    if "name" in grid or "name" in fixed:
+        raise ConfigError(f"{path}: 'name' cannot be overridden: each point is named after its values")
+    return Grid(path=path, name=name, base=base, grid=grid, fixed=fixed)
+
+
+def expand(grid: Grid) -> list:
+    """The cartesian product of the grid, in file order (the last key varies fastest)."""
+    keys = list(grid.grid)
+    fixed = [f"{k}={_scalar(v)}" for k, v in grid.fixed.items()]
+    points = []
+    for combo in itertools.product(*(grid.grid[k] for k in keys)):
+        values = dict(zip(keys, combo))
+        name = _safe("-".join([grid.name] + [f"{k}={_scalar(v)}" for k, v in values.items()]))
+        overrides = fixed + [f"{k}={_scalar(v)}" for k, v in values.items()] + [f"name={name}"]
+        points.append(Point(name=name, values=values, overrides=overrides))
+    names = [p.name for p in points]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{grid.path}: values that differ only in characters unsafe for a directory name give "
+                          f"the same point name {dupes[0]!r}; make the values distinct")
+    return points
+
+
+def point_config(grid: Grid, point: Point, build: bool = True):
+    """The point's validated config; with `build`, its student is also built once (S must divide widths...)."""
+    from distill.models import create_model
+
+    try:
+        cfg = load_config(grid.base, point.overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{grid.path}: point {point.name}: {err}") from None
+    if build:
+        try:
+            create_model(cfg.student.arch, **cfg.student.kwargs(cfg.data.input_size))
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{grid.path}: point {point.name}: the student cannot be built with these values: "
+                              f"{err}") from None
+    return cfg
+
+
+def default_out(grid: Grid) -> str:
+    return os.path.join("runs", grid.name)
+
+
+def commands(grid: Grid, out: str | None = None) -> list:
+    """One `distill run` command per point (what `--print` prints), for a cluster scheduler."""
+    out = out or default_out(grid)
+    base = os.path.relpath(grid.base)
+    base = grid.base if base.startswith("..") else base
+    return [shlex.join(["distill", "run", base, *p.overrides, "--out", os.path.join(out, p.name)])
+            for p in expand(grid)]
+
+
+def _teacher_key(cfg) -> str | None:
+    t = cfg.teacher
+    if t is None or t.train is None or (t.checkpoint and os.path.exists(t.checkpoint)):
+        return None  # no teacher, or one loaded from its checkpoint: nothing to share
+    d = to_dict(cfg)
+    return json.dumps({k: d.get(k) for k in TEACHER_KEYS}, sort_keys=True)
+
+
+def _share_teacher(source: str, run_dir: str) -> bool:
+    """Copy a finished teacher stage into a point's run directory that has none yet."""
+    target = os.path.join(run_dir, "teacher")
+    if os.path.exists(os.path.join(target, "result.json")) or not os.path.exists(os.path.join(source, "result.json")):
+        return False
+    os.makedirs(target, exist_ok=True)
+    for name in TEACHER_FILES:
+        if os.path.exists(os.path.join(source, name)):
+            shutil.copy2(os.path.join(source, name), os.path.join(target, name))
+    return True
+
+
+def run_sweep(grid: Grid, out: str | None = None, progress: bool = True, log=print) -> dict:
+    """Run every point (validated first), then compare them. Returns {"points": [...], "failed": [...]}."""
+    from distill.compare import comparison_json, comparison_table, load_runs
+    from distill.engine import Preempted
+    from distill.recursive import run_experiment
+    from distill.tracking import close_open_runs
+
+    out = out or default_out(grid)
+    points = expand(grid)
+    configs = [point_config(grid, p) for p in points]  # every point is checked before any work
+    log(f"sweep {grid.name}: {len(points)} points from {grid.base} into {out}")
+    teachers, failed = {}, []
+    for i, (point, cfg) in enumerate(zip(points, configs), 1):
+        run_dir = os.path.join(out, point.name)
+        log(f"\n[{i}/{len(points)}] {point.name}: " + ", ".join(f"{k}={_scalar(v)}" for k, v in point.values.items()))
+        key = _teacher_key(cfg)
+        if key in teachers and _share_teacher(teachers[key], run_dir):
+            log(f"{point.name}: teacher shared from {teachers[key]}")
+        try:
+            run_experiment(cfg, run_dir, progress=progress, log=log)
+        except Preempted:
+            raise
+        except DistillError as err:  # one broken point does not cost the others
+            close_open_runs(exit_code=1)
+            log(f"{point.name}: FAILED: {err}")
+            failed.append(point.name)
+        if key is not None and key not in teachers and os.path.exists(os.path.join(run_dir, "teacher", "result.json")):
+            teachers[key] = os.path.join(run_dir, "teacher")
+    done = [os.path.join(out, p.name) for p in points
+            if os.path.exists(os.path.join(out, p.name, "experiment.yaml"))]
+    if done:
+        runs = load_runs(done)
+        table = comparison_table(runs)
+        with open(os.path.join(out, "comparison.md"), "w", encoding="utf-8") as f:
+            f.write(f"# sweep {grid.name} ({grid.path})\n\n{table}\n")
+        with open(os.path.join(out, "comparison.json"), "w", encoding="utf-8") as f:
+            json.dump(comparison_json(runs), f, indent=1)
+        log(f"\nsweep {grid.name} ({out}/comparison.md)\n{table}")
+    if failed:
+        log(f"\nsweep {grid.name}: {len(failed)} point(s) failed: {', '.join(failed)}")
+    return {"points": [p.name for p in points], "failed": failed}
+
+
+def _sweep(args) -> int:
+    from distill.run_cli import EX_TEMPFAIL
+
+    grid = load_grid(args.grid, base=args.base, overrides=args.overrides)
+    if args.print:
+        for p in expand(grid):
+            point_config(grid, p)  # a typo fails here, not on the cluster
+        print("\n".join(commands(grid, args.out)))
+        return 0
+    from distill.engine import Preempted
+    try:
+        result = run_sweep(grid, args.out, progress=not args.no_progress and sys.stderr.isatty())
+    except Preempted as err:
+        print(f"distill sweep: {err}", file=sys.stderr)
+        return EX_TEMPFAIL
+    return 1 if result["failed"] else 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("sweep", help="run an ablation grid (one experiment per point) and compare the points")
+    p.add_argument("grid", help="grid file, e.g. experiments/ablations/alpha.yaml")
+    p.add_argument("overrides", nargs="*", help="overrides for every point: train.max_steps=50 or --train.lr=0.05")
+    p.add_argument("--print", action="store_true", help="print one `distill run` command per point, run nothing")
+    p.add_argument("--out", default=None, help="directory of the points' run directories (default: runs/<grid name>)")
+    p.add_argument("--base", default=None, help="experiment file replacing the grid's base (e.g. the paper recipe)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_sweep)
