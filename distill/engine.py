@@ -42,7 +42,7 @@ from distill.losses import DistillationObjective
 from distill.models import create_model
 from distill.students import save_student
 from distill.teacher_cache import match_input_size
-from distill.tracking import Tracker
+from distill.tracking import Tracker, val_scalars
 
 TRAIN_FORMAT = "facedistill.train/1"
 
@@ -250,15 +250,7 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
             return {}
         metrics = evaluate_sets(model, val_sets, spec.model_kwargs.get("input_size", 112), device=device,
                                 progress=False, model_name=f"{spec.name} ({spec.arch})")
-        flat = {}
-        for name, m in metrics.items():
-            flat[f"val/{name}/acc"] = m["acc_mean"]
-            flat[f"val/{name}/acc_std"] = m["acc_std"]
-            flat[f"val/{name}/xnorm"] = m["xnorm"]
-            for far, t in m["tar_at_far"].items():
-                if t and t.get("tar") is not None:
-                    flat[f"val/{name}/tar_at_far_{far}"] = t["tar"]
-        tracker.log(flat, step)
+        tracker.log(val_scalars(metrics), step)
         return metrics
 
     stop = {"signal": None}

@@ -33,7 +33,7 @@ from distill.evaluate import evaluate_sets, set_name_of
 from distill.models import create_model
 from distill.profile import count_flops, params_in_use
 from distill.teacher_cache import build_cache
-from distill.tracking import stage_tracker
+from distill.tracking import stage_tracker, val_scalars
 
 # Keys that may change between reruns of one run directory without invalidating anything trained.
 HARMLESS = ("generations", "tracking", "data.num_workers", "train.log_every", "device")
@@ -165,6 +165,9 @@ def _teacher_result(cfg, run_dir, teacher, val) -> dict:
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     os.replace(path + ".tmp", path)
+    tracker = stage_tracker(cfg, run_dir, "teacher", 0, cfg.teacher.checkpoint)  # a W&B run for the teacher too
+    tracker.log(val_scalars(metrics), 0)
+    tracker.finish(result, None)
     return result
 
 

@@ -143,7 +143,7 @@ def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_wor
             if not np.isfinite(both).all():
                 raise DataFormatError(f"teacher produced NaN/Inf embeddings for rows {row}..{row + len(x) - 1}")
             peak = float(np.abs(both).max())
-            if peak > np.finfo(np.float16).max:  # would be stored as inf
+            if peak > float(np.finfo(np.float16).max):  # would be stored as inf
                 raise DataFormatError(f"teacher embeddings reach {peak:.3g} (rows {row}..{row + len(x) - 1}), beyond "
                                       f"float16's range; is the teacher trained? Use teacher.cache: false to teach online")
             mem[row:row + len(x)] = both.astype(np.float16)

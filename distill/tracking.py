@@ -269,6 +269,19 @@ def _input_artifacts(cfg, run_dir: str, generation: int, init_from: str | None) 
     return [n for n in names if n]
 
 
+def val_scalars(metrics: dict) -> dict:
+    """{set: verification_metrics} -> the flat `val/<set>/<metric>` scalars every tracker logs."""
+    flat = {}
+    for name, m in metrics.items():
+        flat[f"val/{name}/acc"] = m["acc_mean"]
+        flat[f"val/{name}/acc_std"] = m["acc_std"]
+        flat[f"val/{name}/xnorm"] = m["xnorm"]
+        for far, t in m["tar_at_far"].items():
+            if t and t.get("tar") is not None:
+                flat[f"val/{name}/tar_at_far_{far}"] = t["tar"]
+    return flat
+
+
 def stage_tracker(cfg, run_dir: str, stage: str, generation: int, init_from: str | None, rank: int = 0) -> Tracker:
     """The tracker of one stage of an experiment (the generations driver calls this for every stage)."""
     stage_dir = os.path.join(run_dir, stage)

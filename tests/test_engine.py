@@ -152,3 +152,16 @@ def test_teacher_stays_frozen_through_distillation(tmp_path):
     n_opt = sum(len(g["params"]) for g in opt_state["param_groups"])
     student = load_student(tmp_path / "student.pt")[0]
     assert n_opt == sum(1 for p in student.parameters() if p.requires_grad) + 1  # student + head weight
+
+
+def test_gradient_accumulation_counts_micro_batches_and_scales_lr(tmp_path):
+    cfg = tiny_config(train={"max_steps": 3, "accumulate": 2, "batch_size": 8, "clip_grad": 1.0,
+                             "checkpoint_every": 3, "scheduler": "cosine", "min_lr": 0.05})
+    spec = StageSpec("gen1", "vargfacenet", cfg.student.kwargs(16), cfg.train, alpha=0.0, generation=1)
+    result = run_stage(cfg, spec, str(tmp_path), TinyFaces(), {}, progress=False)
+    ck = safe_torch_load(tmp_path / "last.pt")
+    assert result["steps"] == ck["step"] == 3 and ck["micro"] == 6
+    # lr 0.05 is given for a total batch of 16 = 8 x 2 accumulated: no scaling, and min_lr holds it there
+    assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "train/loss_kd" not in lines[0]  # alpha 0: plain training, no distillation term
