@@ -155,18 +155,19 @@ class ExperimentConfig:
 
 # ------------------------------------------------------------------------------------------ loading
 
-def _read_yaml(path: str) -> dict:
+def read_yaml_mapping(path: str, what: str = "experiment file") -> dict:
+    """A YAML file that must hold a mapping, read with safe_load; errors name the file."""
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f"{path}: experiment file not found") from None
+        raise ConfigError(f"{path}: {what} not found") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: an experiment file must be a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(f"{path}: a {what} must be a mapping of keys, got {type(data).__name__}")
     return data
 
 
@@ -182,7 +183,7 @@ def _load_with_bases(path: str, seen: tuple = ()) -> tuple[dict, dict]:
     path = os.path.abspath(path)
     if path in seen:
         raise ConfigError(f"{path}: `base:` chain loops back to itself ({' -> '.join(seen)})")
-    data = _read_yaml(path)
+    data = read_yaml_mapping(path)
     base = data.pop("base", None)
     merged, origin = {}, {}
     if base is not None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from distill.config import load_config, parse_overrides, to_dict
+from distill.config import load_config, parse_overrides, read_yaml_mapping, to_dict
 from distill.errors import ConfigError, DistillError
 
 GRID_KEYS = ("base", "name", "grid", "fixed", "description")
@@ -82,15 +82,7 @@ def _safe(text: str) -> str:
 
 def load_grid(path: str, base: str | None = None, overrides: list | None = None) -> Grid:
     """Read and check a grid file; `base` replaces its base experiment, `overrides` join its `fixed:`."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: grid file not found") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a grid file is a mapping with keys {', '.join(GRID_KEYS)}")
+    raw = read_yaml_mapping(path, "grid file")
     unknown = sorted(set(raw) - set(GRID_KEYS))
     if unknown:
         raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; a grid file has {', '.join(GRID_KEYS)}")

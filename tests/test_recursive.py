@@ -13,29 +13,17 @@ from distill.checkpoint import safe_torch_load
 from distill.cli import main
 from distill.config import load_config
 from distill.errors import ConfigError
-from distill.recursive import dry_run, run_experiment
+from distill.recursive import run_experiment
+from tiny_experiment import tiny_experiment
 
-TINY = {
-    "name": "tiny",
-    "seed": 0,
-    "data": {"train": "DATA", "val": ["DATA/synth_val.bin"], "input_size": 32, "num_workers": 0,
-             "synthetic": {"ids": 12, "images_per_id": 6, "size": 32, "pairs": 40, "seed": 0, "holdout_ids": 8}},
-    "teacher": {"kind": "iresnet", "depth": 18, "input_size": 32, "embedding_size": 32,
-                "train": {"batch_size": 24, "lr": 0.1, "lr_batch_size": 24, "max_steps": 4, "log_every": 2}},
-    "student": {"embedding_size": 32, "multiplier": 0.5, "last_channels": 64, "units": [1, 1, 1]},
-    "margin": {"s": 16, "m": 0.3},
-    "train": {"batch_size": 24, "lr": 0.1, "lr_batch_size": 24, "max_steps": 6, "log_every": 2,
-              "checkpoint_every": 2},
-    "generations": 2,
-}
+# tiny_experiment's run, with 6 steps a stage and checkpoints every 2 (the resume tests rely on both)
+STEPS = {"max_steps": 6, "log_every": 2, "eval_every": 0, "checkpoint_every": 2}
 
 
 def write_experiment(tmp_path, **changes) -> Path:
-    raw = json.loads(json.dumps(TINY).replace("DATA", str(tmp_path / "data")))
-    for k, v in changes.items():
-        raw[k] = {**raw[k], **v} if isinstance(v, dict) else v
+    changes = {"train": STEPS, "tracking": {"wandb": "disabled"}, **changes}
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(tiny_experiment(tmp_path / "data", **changes)))
     return path
 
 
