@@ -27,6 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed as dist
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
@@ -117,7 +118,6 @@ def _amp(train: TrainConfig, device: torch.device):
 
 
 def _world():
-    import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -223,6 +223,8 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
         model.load_state_dict(ck["model"])
         head.load_full_weight(ck["head_weight"].to(device))
         optimizer.load_state_dict(ck["optimizer"])
+        if rank != 0:  # the file holds rank 0's head momentum; this rank's shard restarts its own
+            optimizer.state.pop(head.weight, None)
         scheduler.load_state_dict(ck["scheduler"])
         if ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
@@ -233,11 +235,12 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
     tracker.truncate_after(step)
 
     def checkpoint():
+        head_weight = head.full_weight().cpu()  # a collective: every rank takes part
         if rank != 0:
             return
         atomic_torch_save({
             "format": TRAIN_FORMAT, "stage": spec.name, "arch": spec.arch, "model_kwargs": spec.model_kwargs,
-            "model": model.state_dict(), "head_weight": head.full_weight().cpu(),
+            "model": model.state_dict(), "head_weight": head_weight,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if need_scaler else None, "step": step, "micro": micro,
             "epoch": micro // batches_per_epoch, "batch_in_epoch": micro % batches_per_epoch,
@@ -327,6 +330,10 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
                     train_seconds += time.perf_counter() - t_start
                     best = _keep_best(evaluate(), best, step, model, spec, paths, rank)
                     t_start = time.perf_counter()
+                if world > 1:  # a signal reaches ranks at different steps: stop together, at the same step
+                    flag = torch.tensor([1.0 if stop["signal"] else 0.0], device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    stop["signal"] = stop["signal"] or ("SIGTERM" if flag.item() else None)
                 if stop["signal"] or step % tr.checkpoint_every == 0 or step == total_steps:
                     train_seconds += time.perf_counter() - t_start
                     t_start = time.perf_counter()
@@ -354,6 +361,8 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
         os.replace(tmp, paths["result"])
+    if world > 1:  # the next stage starts from these files on every rank
+        dist.barrier()
     tracker.finish(result, paths["student"] if rank == 0 else None)
     return result
 

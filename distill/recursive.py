@@ -189,6 +189,8 @@ def plan_stages(cfg: ExperimentConfig, run_dir: str) -> list:
 
 def run_experiment(cfg: ExperimentConfig, run_dir: str | None = None, progress: bool = True, log=print) -> dict:
     run_dir = run_dir or default_run_dir(cfg)
+    if _rank() != 0:  # one voice: rank 0 reports for all
+        log = lambda *_: None  # noqa: E731
     check_run_dir(cfg, run_dir)
     os.makedirs(run_dir, exist_ok=True)
     if _rank() == 0:
