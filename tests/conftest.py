@@ -7,7 +7,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures"
+# ../shared/fixtures next to the checkout (as in CI); FACEDISTILL_FIXTURES points elsewhere if needed
+FIXTURES = Path(os.environ.get("FACEDISTILL_FIXTURES", REPO.parent / "shared" / "fixtures"))
 
 torch.set_num_threads(1)
 os.environ.setdefault("WANDB_MODE", "offline")
