@@ -109,8 +109,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _amp(train: TrainConfig, device: torch.device):
-    """(autocast dtype or None, whether a GradScaler is needed). AMP is a CUDA feature here."""
-    if device.type != "cuda" or train.amp == "off":
+    """(autocast dtype or None, whether a GradScaler is needed). `auto` is bf16 on CUDA and off on CPU
+    (CPU autocast rarely pays); an explicit bf16/fp16 is honoured on any device."""
+    if train.amp == "off" or (train.amp == "auto" and device.type != "cuda"):
         return None, False
     if train.amp == "fp16":
         return torch.float16, True
@@ -204,7 +205,7 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
                                     weight_decay=tr.weight_decay, momentum=tr.momentum, filter_bias_and_bn=True)
     scheduler = _scheduler(optimizer, tr, total_steps, steps_per_epoch)
     amp_dtype, need_scaler = _amp(tr, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=need_scaler)
+    scaler = torch.amp.GradScaler(device.type, enabled=need_scaler)
     ddp_model = model
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

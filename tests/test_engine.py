@@ -17,7 +17,7 @@ from distill.checkpoint import safe_torch_load
 from distill.engine import StageSpec, TrainingDiverged, run_stage
 from distill.errors import CheckpointError
 from distill.students import load_student
-from tiny import TinyFaces, tiny_config
+from tiny import TinyFaces, tame, tiny_config
 
 HERE = Path(__file__).resolve().parent
 CHILD = [sys.executable, str(HERE / "engine_child.py")]
@@ -165,3 +165,17 @@ def test_gradient_accumulation_counts_micro_batches_and_scales_lr(tmp_path):
     assert ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.05)
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert "train/loss_kd" not in lines[0]  # alpha 0: plain training, no distillation term
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_paths_train_and_save_the_scaler(tmp_path, amp):
+    """The autocast (+ GradScaler for fp16) code that CUDA runs, exercised on the CPU."""
+    cfg = tiny_config(train={"max_steps": 4, "amp": amp, "checkpoint_every": 2}, deterministic=False)
+    spec = StageSpec("gen1", "vargfacenet", cfg.student.kwargs(16), cfg.train, alpha=7.0, generation=1)
+    teacher = tame(teachers.build_teacher(cfg.teacher.spec()))
+    run_stage(cfg, spec, str(tmp_path), TinyFaces(), {}, teacher=teacher, progress=False)
+    ck = safe_torch_load(tmp_path / "last.pt")
+    assert ck["step"] == 4
+    assert (ck["scaler"] is not None) == (amp == "fp16")
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(x["train/loss"])) for x in lines if "train/loss" in x)

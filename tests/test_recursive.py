@@ -14,6 +14,7 @@ from distill.cli import main
 from distill.config import load_config
 from distill.errors import ConfigError
 from distill.recursive import run_experiment
+from tiny import tame
 from tiny_experiment import tiny_experiment
 
 # tiny_experiment's run, with 6 steps a stage and checkpoints every 2 (the resume tests rely on both)
@@ -160,12 +161,7 @@ def test_paper_recipe_dry_run_on_synthetic_stand_ins(finished, tmp_path, capsys)
     """The MS1MV2 recipe as shipped (VarGFaceNet at 112, IResNet-100 teacher) passes --dry-run here."""
     from teachers.iresnet import IResNet
     tmp, _, _, _ = finished
-    teacher = IResNet(100)
-    for m in teacher.modules():  # arcface_torch's init makes an untrained r100 overflow to inf; keep it finite
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight)
-            m.weight.data.mul_(0.2)
-    torch.save(teacher.state_dict(), tmp_path / "backbone.pth")
+    torch.save(tame(IResNet(100)).state_dict(), tmp_path / "backbone.pth")
     repo = Path(__file__).resolve().parents[1]
     data = tmp / "data"
     args = ["run", str(repo / "experiments" / "vargfacenet_ms1mv2.yaml"), "--dry-run",
