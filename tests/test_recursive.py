@@ -174,3 +174,11 @@ def test_paper_recipe_dry_run_on_synthetic_stand_ins(finished, tmp_path, capsys)
     torch.save(IResNet(50).state_dict(), tmp_path / "r50.pth")
     assert main(args[:-1] + [f"teacher.checkpoint={tmp_path / 'r50.pth'}"]) == 2
     assert "missing keys" in capsys.readouterr().err
+
+
+def test_missing_training_data_stops_before_any_stage(tmp_path, capsys):
+    path = write_experiment(tmp_path, data={"synthetic": None, "train": str(tmp_path / "faces_emore")})
+    assert main(["run", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "data.train" in err and "faces_emore does not exist" in err
+    assert not (tmp_path / "run" / "teacher").exists()
