@@ -117,6 +117,7 @@ class TeacherConfig:
     input_size: int = 112
     cache: bool = True             # embeddings computed once (original + flip); false: online teacher
     train: Optional[TrainConfig] = None  # recipe to train the teacher as stage 0 when checkpoint is missing
+    student: Optional[StudentConfig] = None  # kind 'facedistill': the teacher's architecture, as for a student
 
     def spec(self) -> dict:
         """The dict `teachers.build_teacher` takes."""
@@ -125,6 +126,10 @@ class TeacherConfig:
             spec.update(depth=self.depth, embedding_size=self.embedding_size, input_size=self.input_size)
         elif self.kind == "timm":
             spec.update(name=self.name, embedding_size=self.embedding_size, input_size=self.input_size)
+        elif self.kind == "facedistill":
+            arch = self.student or StudentConfig()
+            spec.update(arch=arch.arch, model_kwargs=arch.kwargs(self.input_size),
+                        embedding_size=arch.embedding_size, input_size=self.input_size)
         return spec
 
 

@@ -120,7 +120,10 @@ def teacher_arch(cfg: ExperimentConfig) -> tuple:
         return f"iresnet{t.depth}", {"input_size": t.input_size, "num_features": t.embedding_size}
     if t.kind == "timm":
         return f"timm/{t.name}", {"input_size": t.input_size, "embedding_size": t.embedding_size}
-    raise ConfigError(f"teacher.train: only iresnet and timm teachers can be trained here, not {t.kind!r}")
+    if t.kind == "facedistill":
+        spec = t.spec()
+        return spec["arch"], spec["model_kwargs"]
+    raise ConfigError(f"teacher.train: only iresnet, timm and facedistill teachers can be trained here, not {t.kind!r}")
 
 
 def prepare_teacher(cfg, run_dir, train_set, val, progress=True, log=print):

@@ -81,7 +81,18 @@ def _onnx(spec):
 
 
 # kind -> (builder, keys the spec may hold besides 'kind' and 'checkpoint')
+def _facedistill(spec):
+    """A model of this toolkit's registry as teacher (e.g. a longer-trained or wider VarGFaceNet)."""
+    if "arch" not in spec:
+        raise ConfigError("teacher: kind 'facedistill' needs 'arch' (a registered model name, e.g. vargfacenet)")
+    from distill.models import create_model
+    kwargs = dict(spec.get("model_kwargs") or {})
+    kwargs.setdefault("input_size", spec.get("input_size", 112))
+    return create_model(spec["arch"], **kwargs)
+
+
 TEACHER_KINDS = {
+    "facedistill": (_facedistill, {"arch", "model_kwargs", "embedding_size", "input_size"}),
     "iresnet": (_iresnet, {"depth", "embedding_size", "input_size"}),
     "timm": (_timm, {"name", "embedding_size", "input_size", "pretrained", "model_kwargs"}),
     "onnx": (_onnx, {"providers"}),

@@ -168,3 +168,21 @@ def test_timm_teacher():
     assert out.shape == (2, 128) and not t.training
     with pytest.raises(UnknownNameError, match="resnet_typo"):
         teachers.build_teacher({"kind": "timm", "name": "resnet_typo"})
+
+
+def test_facedistill_teacher_loads_a_student_checkpoint(tmp_path):
+    from distill.students import save_student
+    from distill.students.vargfacenet import VarGFaceNet
+
+    kwargs = {"embedding_size": 64, "multiplier": 0.5, "last_channels": 128, "units": [1, 1, 1], "input_size": 32}
+    src = VarGFaceNet(**kwargs).eval()
+    save_student(tmp_path / "student.pt", src, "vargfacenet")
+    spec = {"kind": "facedistill", "arch": "vargfacenet", "model_kwargs": kwargs, "embedding_size": 64,
+            "input_size": 32, "checkpoint": str(tmp_path / "student.pt")}
+    t = teachers.build_teacher(spec)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(t(x), src(x)) and not t.training and t.embedding_size == 64
+    with pytest.raises(CheckpointError, match="shape mismatches"):
+        teachers.build_teacher({**spec, "model_kwargs": {**kwargs, "embedding_size": 32}, "embedding_size": 32})
+    with pytest.raises(ConfigError, match="needs 'arch'"):
+        teachers.build_teacher({"kind": "facedistill"})
