@@ -7,6 +7,7 @@ and the model is left untouched (never a partial load).
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -92,6 +93,17 @@ def atomic_torch_save(obj, path) -> None:
         kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "no previous checkpoint existed"
         raise CheckpointError(f"{path}: could not write the checkpoint ({err.strerror or err}); {kept}. "
                               f"Free disk space and rerun the same command to resume.") from None
+
+
+def atomic_write_json(path, obj) -> None:
+    """Write a JSON file (manifest, result, summary) so readers see the old file or the new, never half."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def capture_rng_state() -> dict:

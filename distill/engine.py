@@ -19,7 +19,6 @@ its presence means the stage is finished).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -33,7 +32,7 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 from tqdm import tqdm
 
-from distill.checkpoint import (atomic_torch_save, capture_rng_state, load_state_dict_strict,
+from distill.checkpoint import (atomic_torch_save, atomic_write_json, capture_rng_state, load_state_dict_strict,
                                 restore_rng_state, safe_torch_load)
 from distill.config import ExperimentConfig, TrainConfig, to_dict
 from distill.errors import CheckpointError, DistillError
@@ -195,7 +194,7 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
     if teacher is not None and cache is None:
         teacher.to(device)
 
-    steps_per_epoch = len(plan_epoch(len(train_set), tr.batch_size, 0, 0, False, rank, world)) / tr.accumulate
+    steps_per_epoch = len(train_set) // (tr.batch_size * world) / tr.accumulate  # plan_epoch's full batches
     if steps_per_epoch < 1:
         raise DistillError(f"data.train: {len(train_set)} images are fewer than one step of "
                            f"{tr.batch_size * world * tr.accumulate}; lower train.batch_size")
@@ -358,10 +357,7 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
               "metrics": metrics, "best": best}
     if rank == 0:
         save_student(paths["student"], model, spec.arch, spec.model_kwargs, extra={"stage": spec.name, "step": step})
-        tmp = paths["result"] + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, paths["result"])
+        atomic_write_json(paths["result"], result)
     if world > 1:  # the next stage starts from these files on every rank
         dist.barrier()
     tracker.finish(result, paths["student"] if rank == 0 else None)

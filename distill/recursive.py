@@ -19,12 +19,12 @@ import copy
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 
 import torch
 
 import teachers
+from distill.checkpoint import atomic_write_json
 from distill.config import ExperimentConfig, config_from_dict, dump_config, to_dict
 from distill.data.standin import StandInFaces, standin_pairs
 from distill.engine import StageSpec, run_stage
@@ -165,9 +165,7 @@ def _teacher_result(cfg, run_dir, teacher, val) -> dict:
     metrics = evaluate_sets(teacher, val, teacher.input_size, progress=False, model_name="teacher") if val else {}
     result = {"stage": "teacher", "generation": 0, "init_from": cfg.teacher.checkpoint, "train_seconds": 0.0,
               "metrics": metrics}
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    atomic_write_json(path, result)
     tracker = stage_tracker(cfg, run_dir, "teacher", 0, cfg.teacher.checkpoint)  # a W&B run for the teacher too
     tracker.log(val_scalars(metrics), 0)
     tracker.finish(result, None)
@@ -245,6 +243,7 @@ def dry_run(cfg: ExperimentConfig, log=print) -> None:
             raise ConfigError(f"data.val: verification set {path} does not exist")
     if cfg.data.synthetic is None and not os.path.exists(cfg.data.train):
         raise ConfigError(f"data.train: {cfg.data.train} does not exist")
+    teacher = None
     if cfg.teacher is not None:
         t = cfg.teacher
         if t.checkpoint and os.path.exists(t.checkpoint):
@@ -268,12 +267,9 @@ def dry_run(cfg: ExperimentConfig, log=print) -> None:
     data = StandInFaces(classes=4, per_class=2, size=cfg.data.input_size)
     val = {"standin": standin_pairs(pairs=10, size=cfg.data.input_size)}
     with tempfile.TemporaryDirectory(prefix="distill-dry-run-") as tmp:
-        teacher = None
         if small.teacher is not None:
-            if cfg.teacher.checkpoint and os.path.exists(cfg.teacher.checkpoint):
-                teacher = teachers.build_teacher(cfg.teacher.spec())
-            else:
-                small.teacher.train = small.train
+            if not (cfg.teacher.checkpoint and os.path.exists(cfg.teacher.checkpoint)):
+                # no checkpoint: the recipe's teacher stage trains two steps (the validation one is untrained)
                 teacher = prepare_teacher(small, tmp, data, val, progress=False, log=lambda *_: None)
             log(f"dry run: teacher ok ({cfg.teacher.kind}, {teacher.embedding_size}-d at {teacher.input_size}px)")
         for spec in plan_stages(small, tmp):
@@ -282,5 +278,4 @@ def dry_run(cfg: ExperimentConfig, log=print) -> None:
             run_stage(small, spec, os.path.join(tmp, spec.name), data, val, teacher=teacher, progress=False,
                       log=lambda *_: None)
             log(f"dry run: {spec.name} ok (2 steps, {spec.arch} at {cfg.data.input_size}px)")
-        shutil.rmtree(tmp, ignore_errors=True)
     log("dry run passed: files exist, shapes agree, every stage trains")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from distill.checkpoint import atomic_write_json
+
 METRIC_KEYS = ("acc_mean", "acc_std", "xnorm", "tar_at_far")
 
 
@@ -82,9 +84,7 @@ def cost_function(cfg):
 def write_summary(cfg, run_dir: str, results: list, log=print) -> dict:
     cost = cost_function(cfg)
     summary = {"experiment": cfg.name, "stages": [_stage_entry(r, cost) for r in results]}
-    with open(os.path.join(run_dir, "summary.json.tmp"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(os.path.join(run_dir, "summary.json.tmp"), os.path.join(run_dir, "summary.json"))
+    atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
     table = markdown_table(summary)
     with open(os.path.join(run_dir, "summary.md"), "w", encoding="utf-8") as f:
         f.write(f"# {cfg.name}\n\n{table}\n")

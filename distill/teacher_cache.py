@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from distill.checkpoint import atomic_write_json
 from distill.errors import DataFormatError
 
 CACHE_FORMAT = 1
@@ -81,15 +82,6 @@ def _read_manifest(path: str):
         return None
 
 
-def _write_manifest(path: str, manifest: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class _Originals(torch.utils.data.Dataset):
     """Un-flipped images with their index, for the build loader."""
 
@@ -126,7 +118,7 @@ def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_wor
             log(f"teacher cache: stale (changed: {', '.join(stale) or 'file size'}), rebuilding {directory}")
         start = 0
         manifest = {"key": key, "rows_done": 0}
-        _write_manifest(manifest_path, manifest)  # mark as in-progress before touching the rows
+        atomic_write_json(manifest_path, manifest)  # mark as in-progress before touching the rows
         mem = np.memmap(emb_path, dtype=np.float16, mode="w+", shape=(n, 2, dim))
 
     loader = torch.utils.data.DataLoader(_Originals(dataset, start), batch_size=batch_size,
@@ -152,12 +144,12 @@ def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_wor
             if (i + 1) % flush_every == 0:
                 mem.flush()
                 manifest["rows_done"] = row
-                _write_manifest(manifest_path, manifest)
+                atomic_write_json(manifest_path, manifest)
     finally:
         bar.close()
     mem.flush()
     manifest["rows_done"] = row
     manifest["seconds"] = manifest.get("seconds", 0.0) + time.perf_counter() - t0
-    _write_manifest(manifest_path, manifest)
+    atomic_write_json(manifest_path, manifest)
     del mem
     return TeacherCache(directory, n, dim)

@@ -1,6 +1,5 @@
 """Identity-per-folder image trees as training sets, and open_training_set picking the right reader."""
 
-import io
 
 import numpy as np
 import pytest
