@@ -29,7 +29,7 @@ quickstart: install
 
 ## make test: install with dev extras, then run the whole test suite
 test: install-dev
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

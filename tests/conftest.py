@@ -7,8 +7,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# ../shared/fixtures next to the checkout (as in CI); FACEDISTILL_FIXTURES points elsewhere if needed
-FIXTURES = Path(os.environ.get("FACEDISTILL_FIXTURES", REPO.parent / "shared" / "fixtures"))
+# The committed copy of the tool-written fixtures (tests/fixtures/README.md), so a fresh clone tests itself;
+# FACEDISTILL_FIXTURES=/path reads another copy (e.g. the source of truth) instead
+FIXTURES = Path(os.environ.get("FACEDISTILL_FIXTURES", REPO / "tests" / "fixtures"))
 
 torch.set_num_threads(1)
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -17,7 +18,11 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 @pytest.fixture
 def fixtures() -> Path:
-    assert FIXTURES.is_dir(), f"shared fixtures not found at {FIXTURES}"
+    if "FACEDISTILL_FIXTURES" in os.environ:
+        how = "FACEDISTILL_FIXTURES points there; unset it to use the committed tests/fixtures"
+    else:
+        how = "restore the committed copy with `git checkout -- tests/fixtures` (see tests/fixtures/README.md)"
+    assert FIXTURES.is_dir(), f"test fixtures not found at {FIXTURES}: {how}"
     return FIXTURES
 
 
