@@ -46,7 +46,7 @@ def _config(args):
 
 
 def _throughput(cfg, data, out, alpha, teacher=None, cache=None) -> float:
-    spec = StageSpec("bench", "vargfacenet", cfg.student.kwargs(cfg.data.input_size), cfg.train, alpha=alpha)
+    spec = StageSpec("bench", "vargfacenet", cfg.student.model_kwargs(cfg.data.input_size), cfg.train, alpha=alpha)
     run_stage(cfg, spec, out, data, {}, teacher=teacher, cache=cache, progress=False, log=lambda *_: None)
     rates = [m["train/images_per_s"] for m in read_metrics(out) if "train/images_per_s" in m][WARMUP:]
     return statistics.median(rates)
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
                                        {"kind": "bench"}, args.input_size, 512)
         cache = build_cache(cheap, data, os.path.join(tmp, "cache"), progress=False, log=lambda *_: None)
         cached = _throughput(cfg, data, os.path.join(tmp, "cached"), 7.0, cache=cache)
-        r100 = teachers.build_teacher({"kind": "iresnet", "depth": 100, "input_size": args.input_size})
+        r100 = teachers.build_teacher({"arch": "iresnet100", "input_size": args.input_size})
         for m in r100.modules():  # an untrained r100 with arcface_torch's init overflows to inf; cost is the same
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)

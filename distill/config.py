@@ -10,16 +10,21 @@ batch_size, lr, weight_decay).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import difflib
 import os
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
 import yaml
 
-from distill.errors import ConfigError
+import teachers
+from distill.errors import ConfigDeprecationWarning, ConfigError, DistillError
+from distill.heads import HEADS
+from distill.losses import DISTILL_LOSSES
+from distill.registry import check_model_kwargs, check_model_name, did_you_mean, model_defaults
 
 
 @dataclass
@@ -42,26 +47,47 @@ class DataConfig:
     synthetic: Optional[SyntheticConfig] = None
 
 
-@dataclass
-class StudentConfig:
-    arch: str = "vargfacenet"
-    embedding_size: int = 512
-    group_size: int = 8            # channels per group S (1 = depthwise)
-    se: bool = True
-    act: str = "prelu"
-    head: str = "vargfacenet"      # 'vargfacenet' (stride-1 conv) or 'vargnet'
-    embedding: str = "vargfacenet" # 'vargfacenet' (7x7 group conv) or 'gap'
-    multiplier: float = 1.25
-    last_channels: int = 1024
-    units: list = field(default_factory=lambda: [3, 7, 4])
-    dropout: float = 0.0
-    init: Optional[str] = None     # generation 1 starts from this student.pt instead of from scratch
+def _spread():
+    """A section's dict field that holds every key the section does not define itself: the keyword arguments
+    of its model (`arch`), checked against the registered constructor's signature and written back flat."""
+    return field(default_factory=dict, metadata={"spread": True})
 
-    def kwargs(self, input_size: int) -> dict:
+
+def _model_kwargs(arch: str, given: dict, section: str, own: tuple) -> dict:
+    """`given` checked against `arch`'s constructor, completed with its defaults (tuples as lists, for YAML)."""
+    check_model_kwargs(arch, given, section=section, other_keys=own)
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in model_defaults(arch).items()}
+    return {**defaults, **given}
+
+
+class _ModelArguments:
+    """Model arguments read like the section's own keys: cfg.student.multiplier is cfg.student.model['multiplier']."""
+
+    def __getattr__(self, name):
+        model = self.__dict__.get("model")
+        if model is None or name not in model:
+            raise AttributeError(f"{type(self).__name__} has no key {name!r}")
+        return model[name]
+
+
+@dataclass
+class StudentConfig(_ModelArguments):
+    """`arch` (a model registry name), `init`, and the keyword arguments of `arch` beside them (embedding_size,
+    group_size, se, ... for VarGFaceNet). Its input size is data.input_size."""
+    arch: str = "vargfacenet"
+    init: Optional[str] = None     # generation 1 starts from this student.pt instead of from scratch
+    model: dict = _spread()
+
+    def __post_init__(self):
+        check_model_name(self.arch, "student.arch")
+        if "input_size" in self.model:
+            raise ConfigError("key 'student.input_size': the student's input size is data.input_size; set that")
+        self.model = _model_kwargs(self.arch, self.model, "student.", ("arch", "init"))
+        self.model.pop("input_size")
+
+    def model_kwargs(self, input_size: int) -> dict:
         """Constructor arguments of the student."""
-        d = dataclasses.asdict(self)
-        d.pop("arch"), d.pop("init")
-        return {**d, "input_size": input_size}
+        return {**self.model, "input_size": input_size}
 
 
 @dataclass
@@ -108,29 +134,39 @@ class TrainConfig:
 
 
 @dataclass
-class TeacherConfig:
-    kind: str = "iresnet"          # iresnet | timm | onnx
-    depth: int = 100               # iresnet
-    name: Optional[str] = None     # timm model name
-    checkpoint: Optional[str] = None
-    embedding_size: int = 512
-    input_size: int = 112
+class TeacherConfig(_ModelArguments):
+    """A registered model (`arch` and its keyword arguments beside it, e.g. embedding_size, input_size) or an
+    ONNX file (`onnx`; its sizes are read from the file)."""
+    arch: Optional[str] = None     # iresnet100 (or r100), timm/<name>, vargfacenet, ... (model registry)
+    onnx: Optional[str] = None     # an insightface model-zoo ONNX file instead of arch
+    checkpoint: Optional[str] = None  # weights of arch (arcface_torch backbone.pth, a state dict)
+    providers: Optional[list] = None  # onnx: ONNX Runtime execution providers (default: CUDA if present, CPU)
     cache: bool = True             # embeddings computed once (original + flip); false: online teacher
     train: Optional[TrainConfig] = None  # recipe to train the teacher as stage 0 when checkpoint is missing
-    student: Optional[StudentConfig] = None  # kind 'facedistill': the teacher's architecture, as for a student
+    model: dict = _spread()
+
+    def __post_init__(self):
+        if (self.arch is None) == (self.onnx is None):
+            raise ConfigError("key 'teacher': give exactly one of arch: <model name> (e.g. iresnet100, timm/resnet50, "
+                              "vargfacenet) or onnx: <file>")
+        if self.onnx is not None:
+            given = sorted(self.model) + [k for k in ("train", "checkpoint") if getattr(self, k) is not None]
+            if given:
+                raise ConfigError(f"key 'teacher.{given[0]}': an ONNX teacher is its file: it takes onnx, providers "
+                                  f"and cache (its sizes are read from the file)")
+            return
+        check_model_name(self.arch, "teacher.arch")
+        self.model = _model_kwargs(self.arch, self.model, "teacher.", tuple(f.name for f in dataclasses.fields(self)))
+
+    @property
+    def embedding_size(self) -> Optional[int]:
+        return self.model.get("embedding_size")
 
     def spec(self) -> dict:
         """The dict `teachers.build_teacher` takes."""
-        spec = {"kind": self.kind, "checkpoint": self.checkpoint}
-        if self.kind == "iresnet":
-            spec.update(depth=self.depth, embedding_size=self.embedding_size, input_size=self.input_size)
-        elif self.kind == "timm":
-            spec.update(name=self.name, embedding_size=self.embedding_size, input_size=self.input_size)
-        elif self.kind == "facedistill":
-            arch = self.student or StudentConfig()
-            spec.update(arch=arch.arch, model_kwargs=arch.kwargs(self.input_size),
-                        embedding_size=arch.embedding_size, input_size=self.input_size)
-        return spec
+        if self.onnx is not None:
+            return {"onnx": self.onnx, "providers": self.providers}
+        return {"arch": self.arch, "checkpoint": self.checkpoint, **self.model}
 
 
 @dataclass
@@ -275,19 +311,37 @@ def _check_value(value, tp, key: str, where: str):
 
 def _build(cls, data: dict, prefix: str, where):
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    spread = next((f.name for f in fields.values() if f.metadata.get("spread")), None)
     hints = typing.get_type_hints(cls)
-    values = {}
+    values = {spread: {}} if spread else {}
     for k, v in data.items():
         src = where(prefix + k) if callable(where) else where
+        if spread and (k not in fields or k == spread):
+            values[spread][k] = v  # a model argument: checked against the constructor by the section
+            continue
         if k not in fields:
-            close = difflib.get_close_matches(str(k), list(fields), n=1, cutoff=0.6)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(fields)}"
+            hint = did_you_mean(k, fields, prefix=prefix) or f"; known keys: {', '.join(fields)}"
             raise ConfigError(f"{src}: unknown key '{prefix}{k}'{hint}")
         values[k] = _check_value(v, hints[k], prefix + k, src)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except DistillError as err:  # a section's own check (model name, model arguments): name the file
+        src = where(prefix.rstrip(".")) if callable(where) else where
+        raise type(err)(f"{src}: {err}") from None
 
 
-def build_config(raw: dict, source: str = "<config>", origin: dict | None = None) -> ExperimentConfig:
+def _upgrade_legacy(raw: dict, where, quiet: bool) -> dict:
+    """Earlier spellings that still load: `teacher: {kind: iresnet, depth: 100}`, `kind: facedistill` with
+    `teacher.student`, `kind: timm, name:`, `kind: onnx, checkpoint:` (see teachers.upgrade_legacy_teacher)."""
+    if not isinstance(raw.get("teacher"), dict):
+        return raw
+    teacher, note = teachers.upgrade_legacy_teacher(raw["teacher"])
+    if note and not quiet:
+        warnings.warn(f"{where('teacher.kind')}: {note}", ConfigDeprecationWarning, stacklevel=4)
+    return {**raw, "teacher": teacher}
+
+
+def build_config(raw: dict, source: str = "<config>", origin: dict | None = None, quiet: bool = False) -> ExperimentConfig:
     origin = origin or {}
 
     def where(key):
@@ -296,14 +350,24 @@ def build_config(raw: dict, source: str = "<config>", origin: dict | None = None
             top = top.rsplit(".", 1)[0]
         return origin.get(top, source)
 
-    cfg = _build(ExperimentConfig, raw, "", where)
+    cfg = _build(ExperimentConfig, _upgrade_legacy(raw, where, quiet), "", where)
     _check_semantics(cfg, where)
     return cfg
 
 
+def _optimizers() -> list:
+    """timm's optimizer names (what create_optimizer_v2 takes), also with its lookahead_ prefix."""
+    from timm.optim import list_optimizers
+
+    names = list_optimizers()
+    return names + [f"lookahead_{n}" for n in names]
+
+
 def _check_semantics(cfg: ExperimentConfig, where) -> None:
+    """Every name checked against its registry before any work, so a typo fails in the first second."""
     choices = {
-        "margin.margin": (cfg.margin.margin, ("arcface", "cosface", "combined", "softmax")),
+        "margin.margin": (cfg.margin.margin, list(HEADS)),
+        "distill.loss": (cfg.distill.loss, list(DISTILL_LOSSES)),
         "train.scheduler": (cfg.train.scheduler, ("poly", "cosine", "step")),
         "train.amp": (cfg.train.amp, ("auto", "bf16", "fp16", "off")),
         "device": (cfg.device, ("auto", "cpu", "cuda")),
@@ -311,10 +375,22 @@ def _check_semantics(cfg: ExperimentConfig, where) -> None:
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
-            raise ConfigError(f"{where(key)}: key '{key}' must be one of {', '.join(allowed)}, got {value!r}")
+            raise ConfigError(f"{where(key)}: key '{key}' must be one of {', '.join(allowed)}, got {value!r}"
+                              f"{did_you_mean(value, allowed)}")
+    optimizers = _optimizers()
+    for key, train in (("train", cfg.train), ("teacher.train", cfg.teacher and cfg.teacher.train)):
+        if train is not None and train.optimizer.lower() not in optimizers:
+            raise ConfigError(f"{where(key + '.optimizer')}: key '{key}.optimizer': unknown optimizer "
+                              f"{train.optimizer!r}{did_you_mean(train.optimizer.lower(), optimizers)} (timm's "
+                              f"create_optimizer_v2 names: sgd, adamw, lamb, ...; see timm.optim.list_optimizers())")
+        if train is not None and train.scheduler not in ("poly", "cosine", "step"):
+            raise ConfigError(f"{where(key + '.scheduler')}: key '{key}.scheduler' must be one of poly, cosine, step, "
+                              f"got {train.scheduler!r}{did_you_mean(train.scheduler, ('poly', 'cosine', 'step'))}")
     positive = {"train.batch_size": cfg.train.batch_size, "train.lr": cfg.train.lr,
                 "train.accumulate": cfg.train.accumulate, "data.input_size": cfg.data.input_size,
                 "student.embedding_size": cfg.student.embedding_size}
+    if cfg.teacher is not None and cfg.teacher.embedding_size is not None:
+        positive["teacher.embedding_size"] = cfg.teacher.embedding_size
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{where(key)}: key '{key}' must be positive, got {value!r}")
@@ -337,7 +413,19 @@ def load_config(path: str, overrides: list | None = None) -> ExperimentConfig:
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain YAML-able data; a section's model arguments sit flat beside its own keys."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, (dict, list)):
+            value = copy.deepcopy(value)
+        if f.metadata.get("spread"):
+            out.update(value)
+        else:
+            out[f.name] = value
+    return out
 
 
 def dump_config(cfg, path: str) -> None:
@@ -347,7 +435,8 @@ def dump_config(cfg, path: str) -> None:
     os.replace(tmp, path)
 
 
-def config_from_dict(d: dict) -> ExperimentConfig:
-    """Rebuild a config saved in a checkpoint or run directory (already validated once)."""
-    return build_config(d, source="saved config")
+def config_from_dict(d: dict, source: str = "saved config") -> ExperimentConfig:
+    """Rebuild a config saved in a checkpoint or run directory (already validated once; an earlier
+    spelling is upgraded without a note: the user did not write it)."""
+    return build_config(d, source=source, quiet=True)
 

@@ -39,8 +39,8 @@ from distill.errors import CheckpointError, DistillError
 from distill.evaluate import evaluate_sets
 from distill.heads import create_head
 from distill.losses import DistillationObjective
-from distill.models import create_model
-from distill.students import save_student
+from distill.models import model_embedding_size, save_student
+from distill.registry import create_model
 from distill.teacher_cache import match_input_size
 from distill.tracking import Tracker, val_scalars
 
@@ -181,7 +181,7 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
     if spec.init_from:
         init = safe_torch_load(spec.init_from)
         load_state_dict_strict(model, init["state_dict"], source=spec.init_from)
-    embedding_size = model.config.get("embedding_size", model.config.get("num_features"))
+    embedding_size = model_embedding_size(model)
     head = _head(cfg, embedding_size, train_set.num_classes)
     if spec.head_from:
         head.load_full_weight(safe_torch_load(spec.head_from)["head_weight"])

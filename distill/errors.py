@@ -29,3 +29,7 @@ class UnknownNameError(DistillError, KeyError):
 
     def __str__(self):  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class ConfigDeprecationWarning(UserWarning):
+    """A config key or form still works but has a new spelling; the message says what to write instead."""

@@ -1,7 +1,11 @@
-"""Build any known architecture by name, or load a model file, for profile/eval/export.
+"""Model files: `student.pt` (weights + what rebuilds them) and loading any model for profile/eval/export.
 
-Names: every registered student (`vargfacenet`, ...), IResNet teachers (`iresnet18..iresnet200`, or
-arcface_torch's short names `r18..r200`), and any timm backbone as `timm/<name>` (embedding head added).
+A `student.pt` holds only tensors and plain values, so it loads with `torch.load(weights_only=True)`:
+
+    {"format": "facedistill.student/1", "arch": name, "kwargs": {...constructor args...},
+     "state_dict": {...}, "extra": {...}}
+
+`arch` is a name of the model registry (distill/registry.py), students and teacher architectures alike.
 """
 
 from __future__ import annotations
@@ -10,37 +14,55 @@ import os
 
 from torch import nn
 
-from distill.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
-from distill.errors import ConfigError, UnknownNameError
-from distill.students import STUDENTS, create_student, is_student_checkpoint, load_student
-from teachers.iresnet import LAYERS, IResNet
-from teachers.timm_backbone import TimmBackbone
+from distill.checkpoint import atomic_torch_save, extract_state_dict, load_state_dict_strict, safe_torch_load
+from distill.errors import CheckpointError, ConfigError
+from distill.registry import canonical_name, create_model
 
-IRESNET_NAMES = {**{f"iresnet{d}": d for d in LAYERS}, **{f"r{d}": d for d in LAYERS}}
-
-
-def model_names() -> list:
-    return sorted(STUDENTS) + sorted(IRESNET_NAMES, key=lambda n: (n[0] == "r", IRESNET_NAMES[n])) + ["timm/<name>"]
-
-
-def create_model(name: str, input_size: int | None = None, **kwargs) -> nn.Module:
-    """A fresh (randomly initialised) model of architecture `name`; `input_size` defaults to 112."""
-    size = {"input_size": input_size} if input_size else {}
-    if name in STUDENTS:
-        return create_student(name, **size, **kwargs)
-    if name in IRESNET_NAMES:
-        return IResNet(depth=IRESNET_NAMES[name], **size, **kwargs)
-    if name.startswith("timm/"):
-        import timm
-        if name[5:] not in timm.list_models():
-            raise UnknownNameError(f"unknown timm model {name[5:]!r} (see timm.list_models())")
-        return TimmBackbone(name[5:], **size, **kwargs)
-    raise UnknownNameError(f"unknown model {name!r}; registered names: {', '.join(model_names())}")
+STUDENT_FORMAT = "facedistill.student/1"
 
 
 def model_input_size(model: nn.Module) -> int | None:
     """The square input side a model was built for, when it records one."""
     return getattr(model, "config", {}).get("input_size")
+
+
+def model_embedding_size(model: nn.Module) -> int:
+    """Every registered model records its embedding size in `.config`."""
+    return model.config["embedding_size"]
+
+
+def save_student(path, model: nn.Module, arch: str, kwargs: dict | None = None, extra: dict | None = None) -> None:
+    """Write `student.pt` atomically (distill.checkpoint.atomic_torch_save): weights plus what rebuilds the
+    model (`create_model(arch, **kwargs)`; kwargs default to the model's `.config`), nothing executable."""
+    payload = {"format": STUDENT_FORMAT, "arch": arch,
+               "kwargs": dict(kwargs) if kwargs is not None else dict(model.config),
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    if extra:
+        payload["extra"] = extra
+    atomic_torch_save(payload, path)
+
+
+def is_student_checkpoint(obj) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == STUDENT_FORMAT
+
+
+def _current_kwargs(arch: str, kwargs: dict) -> dict:
+    """Constructor arguments written by earlier versions: IResNet's `num_features` is `embedding_size` now."""
+    kwargs = dict(kwargs)
+    if canonical_name(arch).startswith("iresnet") and "num_features" in kwargs:
+        kwargs["embedding_size"] = kwargs.pop("num_features")
+    return kwargs
+
+
+def load_student(path, map_location="cpu"):
+    """Rebuild a model from `student.pt` (strict load). Returns (model, payload)."""
+    payload = safe_torch_load(path, map_location=map_location)
+    if not is_student_checkpoint(payload):
+        raise CheckpointError(f"{path}: not a facedistill student checkpoint (no 'format': {STUDENT_FORMAT!r})")
+    payload["kwargs"] = _current_kwargs(payload["arch"], payload["kwargs"])
+    model = create_model(payload["arch"], **payload["kwargs"])
+    load_state_dict_strict(model, payload["state_dict"], source=path)
+    return model, payload
 
 
 def _iresnet_input_size(state_dict: dict) -> int | None:
@@ -61,7 +83,7 @@ def load_model(source: str, arch: str | None = None, input_size: int | None = No
     if not os.path.exists(source):
         if os.sep in source or source.endswith((".pt", ".pth")):
             raise ConfigError(f"{source}: model file not found")
-        model = create_model(source, input_size=input_size)
+        model = create_model(source, **({"input_size": input_size} if input_size else {}))
         return model.eval(), model_input_size(model)
     payload = safe_torch_load(source)
     if is_student_checkpoint(payload):
@@ -70,7 +92,7 @@ def load_model(source: str, arch: str | None = None, input_size: int | None = No
     if arch is None:
         raise ConfigError(f"{source}: a plain state dict; say which architecture it holds with --arch (e.g. --arch r100)")
     state = extract_state_dict(payload, source)
-    if input_size is None and arch in IRESNET_NAMES:
+    if input_size is None and canonical_name(arch).startswith("iresnet"):
         input_size = _iresnet_input_size(state)
     if input_size is None:
         raise ConfigError(f"{source}: cannot infer the input size of this {arch} checkpoint; pass --input-size")

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from distill.models import create_model, model_input_size
+from distill.models import model_input_size
+from distill.registry import create_model, list_models
 
 
 def params_in_use(model: nn.Module, input_size: int) -> int:
@@ -63,9 +64,12 @@ def profile_model(model: nn.Module, input_size: int, timing: bool = True, budget
 
 
 def _run(args) -> int:
+    if args.list or not args.name:
+        print("\n".join(list_models(aliases=True)))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = create_model(args.name, input_size=args.input_size)
+    model = create_model(args.name, **({"input_size": args.input_size} if args.input_size else {}))
     size = args.input_size or model_input_size(model) or 112
     r = profile_model(model, size, timing=not args.no_timing, budget_s=args.seconds)
     if args.json:
@@ -83,7 +87,9 @@ def _run(args) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("profile", help="parameters, GFLOPs and CPU speed of a student or teacher")
-    p.add_argument("name", help="model name: vargfacenet, vargfacenet_depthwise, r18..r200 (iresnet18..), timm/<name>")
+    p.add_argument("name", nargs="?", help="model name: vargfacenet, vargfacenet_depthwise, r18..r200 (iresnet18..), "
+                   "timm/<name>; --list shows every registered name")
+    p.add_argument("--list", action="store_true", help="list the registered model names (and aliases)")
     p.add_argument("--input-size", type=int, default=None, help="square input side (default: the model's, 112)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-timing", action="store_true", help="count only; skip the CPU latency/throughput runs")

@@ -30,7 +30,7 @@ from distill.data.standin import StandInFaces, standin_pairs
 from distill.engine import StageSpec, run_stage
 from distill.errors import ConfigError
 from distill.evaluate import evaluate_sets, set_name_of
-from distill.models import create_model
+from distill.registry import create_model
 from distill.profile import count_flops, params_in_use
 from distill.teacher_cache import build_cache
 from distill.tracking import stage_tracker, val_scalars
@@ -110,20 +110,8 @@ def open_data(cfg: ExperimentConfig, log=print):
 
 
 def student_spec(cfg: ExperimentConfig, name: str, generation: int, alpha: float, init_from, head_from) -> StageSpec:
-    return StageSpec(name=name, arch=cfg.student.arch, model_kwargs=cfg.student.kwargs(cfg.data.input_size),
+    return StageSpec(name=name, arch=cfg.student.arch, model_kwargs=cfg.student.model_kwargs(cfg.data.input_size),
                      train=cfg.train, alpha=alpha, generation=generation, init_from=init_from, head_from=head_from)
-
-
-def teacher_arch(cfg: ExperimentConfig) -> tuple:
-    t = cfg.teacher
-    if t.kind == "iresnet":
-        return f"iresnet{t.depth}", {"input_size": t.input_size, "num_features": t.embedding_size}
-    if t.kind == "timm":
-        return f"timm/{t.name}", {"input_size": t.input_size, "embedding_size": t.embedding_size}
-    if t.kind == "facedistill":
-        spec = t.spec()
-        return spec["arch"], spec["model_kwargs"]
-    raise ConfigError(f"teacher.train: only iresnet, timm and facedistill teachers can be trained here, not {t.kind!r}")
 
 
 def prepare_teacher(cfg, run_dir, train_set, val, progress=True, log=print):
@@ -137,10 +125,11 @@ def prepare_teacher(cfg, run_dir, train_set, val, progress=True, log=print):
         raise ConfigError(f"{what}; give an existing checkpoint, or a teacher.train recipe to train the teacher first")
     stage_dir = os.path.join(run_dir, "teacher")
     backbone = os.path.join(stage_dir, "backbone.pth")
+    if t.onnx is not None:
+        raise ConfigError(f"teacher.train: an ONNX teacher ({t.onnx}) cannot be trained here; give arch: <model name>")
     if not os.path.exists(os.path.join(stage_dir, "result.json")):
-        arch, kwargs = teacher_arch(cfg)
-        stage = StageSpec("teacher", arch, kwargs, t.train, alpha=0.0, generation=0)
-        log(f"teacher: training {arch} ({kwargs}) as stage 0")
+        stage = StageSpec("teacher", t.arch, dict(t.model), t.train, alpha=0.0, generation=0)
+        log(f"teacher: training {t.arch} ({t.model}) as stage 0")
         run_stage(cfg, stage, stage_dir, train_set, val, progress=progress, log=log,
                   tracker=stage_tracker(cfg, run_dir, "teacher", 0, None))
     def export_backbone():  # a plain arcface_torch-style state dict of the trained teacher
@@ -271,7 +260,8 @@ def dry_run(cfg: ExperimentConfig, log=print) -> None:
             if not (cfg.teacher.checkpoint and os.path.exists(cfg.teacher.checkpoint)):
                 # no checkpoint: the recipe's teacher stage trains two steps (the validation one is untrained)
                 teacher = prepare_teacher(small, tmp, data, val, progress=False, log=lambda *_: None)
-            log(f"dry run: teacher ok ({cfg.teacher.kind}, {teacher.embedding_size}-d at {teacher.input_size}px)")
+            log(f"dry run: teacher ok ({cfg.teacher.arch or cfg.teacher.onnx}, {teacher.embedding_size}-d at "
+                f"{teacher.input_size}px)")
         for spec in plan_stages(small, tmp):
             if spec.init_from and not os.path.exists(spec.init_from) and spec.generation == 1:
                 raise ConfigError(f"student.init: {spec.init_from} does not exist")

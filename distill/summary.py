@@ -62,15 +62,15 @@ def markdown_table(summary: dict, fars: tuple = ("1e-3",), before: tuple = (), a
 
 def cost_function(cfg):
     """`cost(result) -> (params, GFLOPs)` of a stage's model, memoised per architecture (None, None when unknown)."""
-    from distill.recursive import model_cost, teacher_arch
+    from distill.recursive import model_cost
 
     costs = {}
 
     def cost(result):
-        if result["stage"] == "teacher" and "arch" not in result:
-            if cfg.teacher is None or cfg.teacher.kind == "onnx":
+        if result["stage"] == "teacher" and "arch" not in result:  # loaded, not trained here
+            if cfg.teacher is None or cfg.teacher.arch is None:  # an ONNX file: no torch model to count
                 return None, None
-            arch, kwargs = teacher_arch(cfg)
+            arch, kwargs = cfg.teacher.arch, cfg.teacher.model
         else:
             arch, kwargs = result["arch"], result["model_kwargs"]
         key = json.dumps([arch, kwargs], sort_keys=True)

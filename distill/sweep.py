@@ -34,6 +34,7 @@ import yaml
 
 from distill.config import load_config, parse_overrides, read_yaml_mapping, to_dict
 from distill.errors import ConfigError, DistillError
+from distill.registry import create_model
 
 GRID_KEYS = ("base", "name", "grid", "fixed", "description")
 # What a trained teacher depends on: points that agree on all of these can share it.
@@ -136,15 +137,13 @@ def expand(grid: Grid) -> list:
 
 def point_config(grid: Grid, point: Point, build: bool = True):
     """The point's validated config; with `build`, its student is also built once (S must divide widths...)."""
-    from distill.models import create_model
-
     try:
         cfg = load_config(grid.base, point.overrides)
     except ConfigError as err:
         raise ConfigError(f"{grid.path}: point {point.name}: {err}") from None
     if build:
         try:
-            create_model(cfg.student.arch, **cfg.student.kwargs(cfg.data.input_size))
+            create_model(cfg.student.arch, **cfg.student.model_kwargs(cfg.data.input_size))
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{grid.path}: point {point.name}: the student cannot be built with these values: "
                               f"{err}") from None

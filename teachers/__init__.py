@@ -1,26 +1,32 @@
-"""Frozen teachers: `build_teacher(spec)` is the one entry point for every kind of teacher.
+"""Frozen teachers: `build_teacher(spec)` is the one entry point for every teacher.
 
-    build_teacher({"kind": "iresnet", "depth": 100, "checkpoint": "backbone.pth"})
-    build_teacher({"kind": "timm", "name": "resnet50", "checkpoint": "teacher.pt"})
-    build_teacher({"kind": "onnx", "checkpoint": "buffalo_l/w600k_r50.onnx"})
+    build_teacher({"arch": "iresnet100", "checkpoint": "backbone.pth"})        # arcface_torch r100
+    build_teacher({"arch": "timm/resnet50", "checkpoint": "teacher.pt", "embedding_size": 512})
+    build_teacher({"arch": "vargfacenet", "checkpoint": "student.pt's state dict", "input_size": 32})
+    build_teacher({"onnx": "buffalo_l/w600k_r50.onnx"})
 
-The returned `FrozenTeacher` takes a batch normalised (x/255-0.5)/0.5 (RGB, NCHW) and returns raw
-(not normalised) embeddings. It is frozen by construction: parameters have requires_grad=False, it
-stays in eval mode even when a parent module calls `.train()`, its forward runs under no_grad, so
-its weights and BatchNorm statistics never change.
+`arch` is any name of the model registry (distill/registry.py) and the other keys are its keyword
+arguments; an ONNX teacher is a file whose sizes are read from the graph. The returned `FrozenTeacher`
+takes a batch normalised (x/255-0.5)/0.5 (RGB, NCHW) and returns raw (not normalised) embeddings. It is
+frozen by construction: parameters have requires_grad=False, it stays in eval mode even when a parent
+module calls `.train()`, its forward runs under no_grad, so its weights and BatchNorm statistics never
+change.
+
+The earlier spec form `{"kind": "iresnet", "depth": 100}` (kinds iresnet, timm, facedistill, onnx) still
+works, with a ConfigDeprecationWarning saying what to write instead (`upgrade_legacy_teacher`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import warnings
 
 import torch
 from torch import nn
 
 from distill.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
-from distill.errors import ConfigError, UnknownNameError
-from teachers.iresnet import LAYERS, IResNet
-from teachers.timm_backbone import TimmBackbone
+from distill.errors import ConfigDeprecationWarning, ConfigError
+from distill.registry import check_model_kwargs, create_model
 
 
 class FrozenTeacher(nn.Module):
@@ -55,64 +61,76 @@ class FrozenTeacher(nn.Module):
         return h.hexdigest()
 
 
-def _iresnet(spec):
-    depth = spec.get("depth", 100)
-    if depth not in LAYERS:
-        raise ConfigError(f"teacher.depth: IResNet depth must be one of {sorted(LAYERS)}, got {depth!r}")
-    return IResNet(depth=depth, num_features=spec.get("embedding_size", 512), input_size=spec.get("input_size", 112))
+# ------------------------------------------------------------------------------------------ specs
 
+def upgrade_legacy_teacher(spec: dict) -> tuple[dict, str | None]:
+    """A teacher spec of the earlier `kind:` form in the current form, and a note saying what to write.
 
-def _timm(spec):
-    if "name" not in spec:
-        raise ConfigError("teacher.name: a timm teacher needs the timm model name (e.g. name: resnet50)")
-    import timm
-    if spec["name"] not in timm.list_models():
-        raise UnknownNameError(f"teacher.name: {spec['name']!r} is not a timm model (see timm.list_models())")
-    return TimmBackbone(spec["name"], embedding_size=spec.get("embedding_size", 512),
-                        pretrained=spec.get("pretrained", False), input_size=spec.get("input_size", 112),
-                        model_kwargs=spec.get("model_kwargs"))
+    iresnet (depth) -> arch iresnet<depth>; timm (name) -> arch timm/<name>; facedistill (`student:` in a
+    config, or `arch` + `model_kwargs`) -> arch and its arguments; onnx (checkpoint) -> onnx. Other keys
+    (checkpoint, cache, train, embedding_size, input_size ...) stay."""
+    if not any(k in spec for k in ("kind", "depth", "name", "student", "model_kwargs")) or "onnx" in spec:
+        return dict(spec), None
+    spec = dict(spec)
+    kind = spec.pop("kind", "iresnet")  # the old default kind
+    if kind == "iresnet":
+        spec["arch"] = f"iresnet{spec.pop('depth', 100)}"
+        new = f"arch: {spec['arch']}"
+    elif kind == "timm":
+        if "name" not in spec:
+            raise ConfigError("teacher: kind 'timm' needs 'name' (write arch: timm/<name> instead)")
+        spec["arch"] = f"timm/{spec.pop('name')}"
+        new = f"arch: {spec['arch']}"
+    elif kind == "facedistill":
+        arch = dict(spec.pop("student", None) or {})
+        arch.update(spec.pop("model_kwargs", None) or {})
+        arch.pop("init", None)
+        name = arch.pop("arch", None) or spec.get("arch")
+        if name is None:
+            raise ConfigError("teacher: kind 'facedistill' needs 'arch' (a registered model name); write arch: <name>")
+        spec.pop("embedding_size", None)  # the architecture's own embedding size always won
+        spec = {**spec, **arch, "arch": name}
+        new = f"arch: {name} with its arguments ({', '.join(sorted(arch)) or 'none'}) directly under teacher"
+    elif kind == "onnx":
+        spec["onnx"] = spec.pop("checkpoint", None)
+        spec.pop("embedding_size", None), spec.pop("input_size", None)  # read from the file; were ignored
+        new = f"onnx: {spec['onnx']}"
+    else:
+        raise ConfigError(f"teacher: unknown teacher kind {kind!r}; write arch: <model name> (see `distill "
+                          f"profile --list`) or onnx: <file>")
+    for key in ("depth", "name", "student", "model_kwargs"):
+        spec.pop(key, None)
+    return spec, f"teacher: 'kind: {kind}' is deprecated; write {new}"
 
 
 def _onnx(spec):
-    if not spec.get("checkpoint"):
-        raise ConfigError("teacher.checkpoint: an onnx teacher needs the .onnx file (e.g. checkpoint: w600k_r50.onnx)")
+    if not spec.get("onnx"):
+        raise ConfigError("teacher.onnx: an ONNX teacher needs its .onnx file (e.g. onnx: w600k_r50.onnx)")
+    extra = sorted(set(spec) - {"onnx", "providers"})
+    if extra:
+        raise ConfigError(f"teacher: an ONNX teacher takes only 'onnx' and 'providers' ({', '.join(extra)} given); "
+                          f"its sizes are read from the file (112 when its input size is dynamic)")
     from teachers.onnx import OnnxTeacherModel  # onnxruntime is an optional extra
-    return OnnxTeacherModel(spec["checkpoint"], providers=spec.get("providers"))
-
-
-# kind -> (builder, keys the spec may hold besides 'kind' and 'checkpoint')
-def _facedistill(spec):
-    """A model of this toolkit's registry as teacher (e.g. a longer-trained or wider VarGFaceNet)."""
-    if "arch" not in spec:
-        raise ConfigError("teacher: kind 'facedistill' needs 'arch' (a registered model name, e.g. vargfacenet)")
-    from distill.models import create_model
-    kwargs = dict(spec.get("model_kwargs") or {})
-    kwargs.setdefault("input_size", spec.get("input_size", 112))
-    return create_model(spec["arch"], **kwargs)
-
-
-TEACHER_KINDS = {
-    "facedistill": (_facedistill, {"arch", "model_kwargs", "embedding_size", "input_size"}),
-    "iresnet": (_iresnet, {"depth", "embedding_size", "input_size"}),
-    "timm": (_timm, {"name", "embedding_size", "input_size", "pretrained", "model_kwargs"}),
-    "onnx": (_onnx, {"providers"}),
-}
+    return OnnxTeacherModel(spec["onnx"], providers=spec.get("providers"))
 
 
 def build_teacher(spec: dict) -> FrozenTeacher:
     """Build, load (strictly, weights_only) and freeze the teacher a spec describes."""
-    spec = dict(spec)
-    kind = spec.get("kind")
-    if kind not in TEACHER_KINDS:
-        raise UnknownNameError(f"teacher.kind: unknown teacher kind {kind!r}; known kinds: {', '.join(sorted(TEACHER_KINDS))}")
-    builder, allowed = TEACHER_KINDS[kind]
-    unknown = sorted(set(spec) - allowed - {"kind", "checkpoint"})
-    if unknown:
-        raise ConfigError(f"teacher: unknown key(s) {unknown} for kind {kind!r}; allowed: {sorted(allowed | {'checkpoint'})}")
-    model = builder(spec)
-    if spec.get("checkpoint") and not getattr(model, "loads_own_checkpoint", False):
-        path = spec["checkpoint"]
-        load_state_dict_strict(model, extract_state_dict(safe_torch_load(path), path), source=path)
-    # a model that reads its sizes from its file (ONNX) knows them better than the spec's defaults
-    return FrozenTeacher(model, spec, input_size=getattr(model, "input_size", None) or spec.get("input_size", 112),
-                         embedding_size=getattr(model, "embedding_size", None) or spec.get("embedding_size", 512))
+    spec, note = upgrade_legacy_teacher(spec)
+    if note:
+        warnings.warn(note, ConfigDeprecationWarning, stacklevel=2)
+    if "onnx" in spec:
+        model = _onnx(spec)
+    else:
+        kwargs = {k: v for k, v in spec.items() if k not in ("arch", "checkpoint")}
+        if not spec.get("arch"):
+            raise ConfigError("teacher: say which model it is: arch: <registered name> (e.g. iresnet100) or onnx: <file>")
+        check_model_kwargs(spec["arch"], kwargs, section="teacher.", other_keys=("arch", "checkpoint", "onnx"))
+        model = create_model(spec["arch"], **kwargs)
+        if spec.get("checkpoint"):
+            path = spec["checkpoint"]
+            load_state_dict_strict(model, extract_state_dict(safe_torch_load(path), path), source=path)
+    # a model that reads its sizes from its file (ONNX) knows them; registered models record them in .config
+    sizes = {"input_size": 112, **getattr(model, "config", {})}  # 112: an ONNX graph of dynamic size
+    return FrozenTeacher(model, spec, input_size=getattr(model, "input_size", None) or sizes["input_size"],
+                         embedding_size=getattr(model, "embedding_size", None) or sizes["embedding_size"])

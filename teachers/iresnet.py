@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from distill.registry import register_model
+
 LAYERS = {
     18: (2, 2, 2, 2),
     34: (3, 4, 6, 3),
@@ -38,16 +40,19 @@ class IBasicBlock(nn.Module):
 
 
 class IResNet(nn.Module):
-    """arcface_torch IResNet. Input (B, 3, S, S) normalised (x/255-0.5)/0.5 RGB; output (B, num_features) raw.
+    """arcface_torch IResNet. Input (B, 3, S, S) normalised (x/255-0.5)/0.5 RGB; output (B, embedding_size) raw.
 
-    `input_size` generalises arcface_torch's fixed 7x7 (112 input) flatten size to S/16 squared.
+    `embedding_size` is arcface_torch's `num_features` (renamed: every model of the registry says
+    embedding_size); `input_size` generalises its fixed 7x7 (112 input) flatten size to S/16 squared.
+    `config` holds the keyword arguments of the registered `iresnet<depth>` that rebuild the model.
     """
 
-    def __init__(self, depth: int = 100, num_features: int = 512, dropout: float = 0.0, input_size: int = 112):
+    def __init__(self, depth: int = 100, embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112):
         super().__init__()
         if depth not in LAYERS:
             raise ValueError(f"IResNet depth must be one of {sorted(LAYERS)}, got {depth}")
-        self.config = dict(depth=depth, num_features=num_features, dropout=dropout, input_size=input_size)
+        self.depth = depth
+        self.config = dict(embedding_size=embedding_size, dropout=dropout, input_size=input_size)
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
         self.prelu = nn.PReLU(64)
@@ -63,8 +68,8 @@ class IResNet(nn.Module):
             side = (side + 1) // 2
         self.bn2 = nn.BatchNorm2d(512, eps=1e-5)
         self.dropout = nn.Dropout(p=dropout)
-        self.fc = nn.Linear(512 * side * side, num_features)
-        self.features = nn.BatchNorm1d(num_features, eps=1e-5)
+        self.fc = nn.Linear(512 * side * side, embedding_size)
+        self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
         nn.init.constant_(self.features.weight, 1.0)
         self.features.weight.requires_grad = False
         for m in self.modules():
@@ -81,5 +86,30 @@ class IResNet(nn.Module):
         return self.features(self.fc(x))
 
 
-def iresnet(depth: int, **kwargs) -> IResNet:
-    return IResNet(depth=depth, **kwargs)
+# ------------------------------------------------------------------------------------------ registry
+# arcface_torch's names (r18 .. r200) are aliases.
+
+@register_model(aliases=("r18",))
+def iresnet18(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) -> IResNet:
+    return IResNet(18, embedding_size=embedding_size, input_size=input_size, dropout=dropout)
+
+
+@register_model(aliases=("r34",))
+def iresnet34(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) -> IResNet:
+    return IResNet(34, embedding_size=embedding_size, input_size=input_size, dropout=dropout)
+
+
+@register_model(aliases=("r50",))
+def iresnet50(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) -> IResNet:
+    return IResNet(50, embedding_size=embedding_size, input_size=input_size, dropout=dropout)
+
+
+@register_model(aliases=("r100",))
+def iresnet100(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) -> IResNet:
+    """The VarGFaceNet paper's teacher (arcface_torch r100: 65.2M parameters, 24.2 GFLOPs at 112x112)."""
+    return IResNet(100, embedding_size=embedding_size, input_size=input_size, dropout=dropout)
+
+
+@register_model(aliases=("r200",))
+def iresnet200(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) -> IResNet:
+    return IResNet(200, embedding_size=embedding_size, input_size=input_size, dropout=dropout)

@@ -88,15 +88,12 @@ class OnnxTeacherModel(nn.Module):
     dynamic), `raw_pixels` (the graph normalises inside and takes 0..255 pixels).
     """
 
-    # build_teacher must not try to load `checkpoint` as a torch state dict: this model is the file
-    loads_own_checkpoint = True
-
     def __init__(self, path, providers: list | None = None):
         super().__init__()
         onnx, ort = _import_runtime()
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
-            raise CheckpointError(f"{self.path}: ONNX file not found; check teacher.checkpoint")
+            raise CheckpointError(f"{self.path}: ONNX file not found; check teacher.onnx")
         self._sha256 = _file_sha256(self.path)
         providers = self._check_providers(ort, providers)
         try:

@@ -6,6 +6,8 @@ import timm
 import torch
 from torch import nn
 
+from distill.registry import check_name, register_model_family
+
 
 class TimmBackbone(nn.Module):
     """`timm.create_model(name, num_classes=0)` plus an embedding head shaped like arcface_torch's
@@ -18,8 +20,8 @@ class TimmBackbone(nn.Module):
     def __init__(self, name: str, embedding_size: int = 512, pretrained: bool = False,
                  input_size: int = 112, model_kwargs: dict | None = None):
         super().__init__()
-        self.config = dict(name=name, embedding_size=embedding_size, input_size=input_size,
-                           model_kwargs=dict(model_kwargs or {}))
+        self.name = name  # config: the keyword arguments of the registered `timm/<name>` that rebuild it
+        self.config = dict(embedding_size=embedding_size, input_size=input_size, model_kwargs=dict(model_kwargs or {}))
         self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **(model_kwargs or {}))
         self.fc = nn.Linear(self.backbone.num_features, embedding_size)
         self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
@@ -28,3 +30,15 @@ class TimmBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(self.fc(self.backbone(x)))
+
+
+def _check_timm_name(name: str) -> None:
+    check_name(name, timm.list_models(), "timm model")
+
+
+@register_model_family("timm/", check=_check_timm_name)
+def timm_backbone(name: str, embedding_size: int = 512, input_size: int = 112, pretrained: bool = False,
+                  model_kwargs: dict | None = None) -> TimmBackbone:
+    """`timm/<name>`: any timm backbone with an arcface_torch-style embedding head."""
+    return TimmBackbone(name, embedding_size=embedding_size, pretrained=pretrained, input_size=input_size,
+                        model_kwargs=model_kwargs)

@@ -17,7 +17,7 @@ from distill.engine import Preempted, StageSpec, run_stage  # noqa: E402
 
 def main(out_dir, delay):
     cfg = tiny_config(train={"max_steps": 12, "checkpoint_every": 2})
-    spec = StageSpec("gen1", "vargfacenet", cfg.student.kwargs(16), cfg.train, alpha=7.0, generation=1)
+    spec = StageSpec("gen1", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=7.0, generation=1)
     torch.manual_seed(123)  # a random but identical teacher in every process (real runs load a checkpoint)
     teacher = teachers.build_teacher(cfg.teacher.spec())
     try:

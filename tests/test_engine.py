@@ -16,7 +16,7 @@ import teachers
 from distill.checkpoint import safe_torch_load
 from distill.engine import StageSpec, TrainingDiverged, run_stage
 from distill.errors import CheckpointError
-from distill.students import load_student
+from distill.models import load_student
 from tiny import TinyFaces, tame, tiny_config
 
 HERE = Path(__file__).resolve().parent
@@ -25,7 +25,7 @@ CHILD = [sys.executable, str(HERE / "engine_child.py")]
 
 def _run(out, **train):
     cfg = tiny_config(train=train) if train else tiny_config()
-    spec = StageSpec("gen1", "vargfacenet", cfg.student.kwargs(16), cfg.train, alpha=7.0, generation=1)
+    spec = StageSpec("gen1", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=7.0, generation=1)
     teacher = teachers.build_teacher(cfg.teacher.spec())
     return run_stage(cfg, spec, str(out), TinyFaces(), {}, teacher=teacher, progress=False), teacher
 
@@ -99,7 +99,7 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path, uninterrup
 
 def test_nan_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(tmp_path):
     cfg = tiny_config(train={"max_steps": 24, "checkpoint_every": 2})
-    spec = StageSpec("gen1", "vargfacenet", cfg.student.kwargs(16), cfg.train, alpha=7.0, generation=1)
+    spec = StageSpec("gen1", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=7.0, generation=1)
     teacher = teachers.build_teacher(cfg.teacher.spec())
     # the poisoned image is in the 2nd epoch's plan somewhere after step 0
     data = TinyFaces(nan_index=5)
@@ -114,10 +114,10 @@ def test_nan_loss_stops_naming_step_and_term_and_keeps_the_checkpoint(tmp_path):
 
 def test_resume_with_a_breaking_config_change_is_refused(tmp_path):
     cfg = tiny_config(train={"max_steps": 4, "checkpoint_every": 2})
-    spec = StageSpec("gen1", "vargfacenet", cfg.student.kwargs(16), cfg.train, alpha=7.0, generation=1)
+    spec = StageSpec("gen1", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=7.0, generation=1)
     run_stage(cfg, spec, str(tmp_path), TinyFaces(), {}, progress=False)
     (tmp_path / "result.json").unlink()
-    changed = StageSpec("gen1", "vargfacenet", {**cfg.student.kwargs(16), "embedding_size": 64}, cfg.train,
+    changed = StageSpec("gen1", "vargfacenet", {**cfg.student.model_kwargs(16), "embedding_size": 64}, cfg.train,
                         alpha=7.0, generation=1)
     with pytest.raises(CheckpointError, match="model_kwargs differ"):
         run_stage(cfg, changed, str(tmp_path), TinyFaces(), {}, progress=False)
@@ -144,7 +144,7 @@ def test_teacher_stays_frozen_through_distillation(tmp_path):
     cfg = tiny_config()
     teacher = teachers.build_teacher(cfg.teacher.spec())
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    spec = StageSpec("gen1", "vargfacenet", cfg.student.kwargs(16), cfg.train, alpha=7.0, generation=1)
+    spec = StageSpec("gen1", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=7.0, generation=1)
     run_stage(cfg, spec, str(tmp_path), TinyFaces(), {}, teacher=teacher, progress=False)
     assert not teacher.training and all(p.grad is None and not p.requires_grad for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
@@ -157,7 +157,7 @@ def test_teacher_stays_frozen_through_distillation(tmp_path):
 def test_gradient_accumulation_counts_micro_batches_and_scales_lr(tmp_path):
     cfg = tiny_config(train={"max_steps": 3, "accumulate": 2, "batch_size": 8, "clip_grad": 1.0,
                              "checkpoint_every": 3, "scheduler": "cosine", "min_lr": 0.05})
-    spec = StageSpec("gen1", "vargfacenet", cfg.student.kwargs(16), cfg.train, alpha=0.0, generation=1)
+    spec = StageSpec("gen1", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=0.0, generation=1)
     result = run_stage(cfg, spec, str(tmp_path), TinyFaces(), {}, progress=False)
     ck = safe_torch_load(tmp_path / "last.pt")
     assert result["steps"] == ck["step"] == 3 and ck["micro"] == 6
@@ -171,7 +171,7 @@ def test_gradient_accumulation_counts_micro_batches_and_scales_lr(tmp_path):
 def test_mixed_precision_paths_train_and_save_the_scaler(tmp_path, amp):
     """The autocast (+ GradScaler for fp16) code that CUDA runs, exercised on the CPU."""
     cfg = tiny_config(train={"max_steps": 4, "amp": amp, "checkpoint_every": 2}, deterministic=False)
-    spec = StageSpec("gen1", "vargfacenet", cfg.student.kwargs(16), cfg.train, alpha=7.0, generation=1)
+    spec = StageSpec("gen1", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=7.0, generation=1)
     teacher = tame(teachers.build_teacher(cfg.teacher.spec()))
     run_stage(cfg, spec, str(tmp_path), TinyFaces(), {}, teacher=teacher, progress=False)
     ck = safe_torch_load(tmp_path / "last.pt")

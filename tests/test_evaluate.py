@@ -173,10 +173,11 @@ def test_embed_pairs_names_model_and_set_when_embeddings_are_nan():
 
 @pytest.fixture
 def tiny_student(tmp_path):
-    from distill.students import create_student, save_student
+    from distill.models import save_student
+    from distill.registry import create_model
 
     torch.manual_seed(0)
-    model = create_student("vargfacenet", input_size=32, multiplier=0.25, last_channels=32, units=(1, 1, 1),
+    model = create_model("vargfacenet", input_size=32, multiplier=0.25, last_channels=32, units=(1, 1, 1),
                            embedding_size=16)
     path = tmp_path / "student.pt"
     save_student(path, model, "vargfacenet")

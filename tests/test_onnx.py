@@ -8,9 +8,9 @@ from torch import nn
 
 import teachers
 from distill.cli import main
-from distill.errors import CheckpointError, ConfigError
-from distill.models import create_model
-from distill.students import save_student
+from distill.errors import CheckpointError, ConfigDeprecationWarning, ConfigError
+from distill.models import save_student
+from distill.registry import create_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -72,7 +72,7 @@ def test_parity_check_catches_a_different_model(exported):
 @pytest.mark.parametrize("name", ["vargfacenet", "r18"])
 def test_exported_file_is_a_frozen_teacher_with_torch_embeddings(exported, name):
     model, path = exported[name]
-    teacher = teachers.build_teacher({"kind": "onnx", "checkpoint": str(path), "providers": CPU})
+    teacher = teachers.build_teacher({"onnx": str(path), "providers": CPU})
     assert isinstance(teacher, teachers.FrozenTeacher) and isinstance(teacher.model, OnnxTeacherModel)
     assert teacher.input_size == 32 and teacher.embedding_size == 512
     assert not teacher.model.raw_pixels and teacher.model.fixed_batch is None
@@ -90,9 +90,9 @@ def test_exported_file_is_a_frozen_teacher_with_torch_embeddings(exported, name)
 
 def test_fingerprint_hashes_the_file(exported, tmp_path):
     _, path = exported["vargfacenet"]
-    teacher = teachers.build_teacher({"kind": "onnx", "checkpoint": str(path)})
+    teacher = teachers.build_teacher({"onnx": str(path)})
     assert teacher.fingerprint() == hashlib.sha256(open(path, "rb").read()).hexdigest()
-    other = teachers.build_teacher({"kind": "onnx", "checkpoint": str(exported["r18"][1])})
+    other = teachers.build_teacher({"onnx": str(exported["r18"][1])})
     assert other.fingerprint() != teacher.fingerprint()
 
 
@@ -113,7 +113,7 @@ def test_model_normalising_inside_is_fed_raw_pixels(exported, tmp_path):
     path = export_onnx(mxnet_like, tmp_path / "mxnet_like.onnx", 32)
     graph = onnx.load(path).graph
     assert [n.op_type for n in graph.node if "input.1" in n.input] == ["Sub"]  # then Mul, deep in file order
-    teacher = teachers.build_teacher({"kind": "onnx", "checkpoint": path})
+    teacher = teachers.build_teacher({"onnx": path})
     assert teacher.model.raw_pixels
     pixels = torch.randint(0, 256, (2, 3, 32, 32)).float()
     x = (pixels / 255 - 0.5) / 0.5  # what the toolkit hands every teacher
@@ -145,7 +145,7 @@ def test_mxnet_conversion_layout_ir3_initializers_as_inputs(tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
     model.ir_version = 3
     onnx.save(model, tmp_path / "mx.onnx")
-    teacher = teachers.build_teacher({"kind": "onnx", "checkpoint": str(tmp_path / "mx.onnx")})
+    teacher = teachers.build_teacher({"onnx": str(tmp_path / "mx.onnx")})
     m = teacher.model
     assert (m.input_name, m.input_shape, m.fixed_batch, m.raw_pixels) == ("data", (1, 3, 4, 4), 1, True)
     assert teacher.input_size == 4 and teacher.embedding_size == 8
@@ -158,7 +158,7 @@ def test_fixed_batch_1_model_runs_a_batch_of_3(exported, tmp_path):
     model, _ = exported["vargfacenet"]
     path = export_onnx(model, tmp_path / "b1.onnx", 32, batch=1)
     assert ort.InferenceSession(path, providers=CPU).get_inputs()[0].shape == [1, 3, 32, 32]
-    teacher = teachers.build_teacher({"kind": "onnx", "checkpoint": path})
+    teacher = teachers.build_teacher({"onnx": path})
     assert teacher.model.fixed_batch == 1
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
@@ -183,30 +183,33 @@ def _tiny_graph(tmp_path, input_shape, output_shape, op="Identity"):
 def test_bad_onnx_files_give_clear_errors(tmp_path):
     missing = str(tmp_path / "nope.onnx")
     with pytest.raises(CheckpointError, match="nope.onnx: ONNX file not found"):
-        teachers.build_teacher({"kind": "onnx", "checkpoint": missing})
+        teachers.build_teacher({"onnx": missing})
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"\xff\x00 not a protobuf at all" * 10)
     with pytest.raises(CheckpointError, match="junk.onnx: not an ONNX"):
-        teachers.build_teacher({"kind": "onnx", "checkpoint": str(junk)})
+        teachers.build_teacher({"onnx": str(junk)})
     pth = tmp_path / "backbone.pth"
     torch.save(create_model("r18", input_size=32).state_dict(), pth)
     with pytest.raises(CheckpointError, match=r"backbone\.pth: .*ONNX"):
-        teachers.build_teacher({"kind": "onnx", "checkpoint": str(pth)})
+        teachers.build_teacher({"onnx": str(pth)})
     gray = _tiny_graph(tmp_path, (None, 1, 32, 32), (None, 1024), op="Flatten")
     with pytest.raises(CheckpointError, match=r"shape \['n', 1, 32, 32\].*3-channel NCHW"):
-        teachers.build_teacher({"kind": "onnx", "checkpoint": gray})
+        teachers.build_teacher({"onnx": gray})
     flat = _tiny_graph(tmp_path, (None, 3072), (None, 3072))
     with pytest.raises(CheckpointError, match="3-channel NCHW"):
-        teachers.build_teacher({"kind": "onnx", "checkpoint": flat})
+        teachers.build_teacher({"onnx": flat})
     feature_map = _tiny_graph(tmp_path, (None, 3, 32, 32), (None, 3, 32, 32))
     with pytest.raises(CheckpointError, match="output 'y' .*2-D"):
-        teachers.build_teacher({"kind": "onnx", "checkpoint": feature_map})
-    with pytest.raises(ConfigError, match="teacher.checkpoint: an onnx teacher needs"):
+        teachers.build_teacher({"onnx": feature_map})
+    with pytest.raises(ConfigError, match="teacher.onnx: an ONNX teacher needs"):
+        teachers.build_teacher({"onnx": None})
+    with pytest.warns(ConfigDeprecationWarning, match="write onnx: "), \
+            pytest.raises(ConfigError, match="teacher.onnx: an ONNX teacher needs"):
         teachers.build_teacher({"kind": "onnx"})
     with pytest.raises(ConfigError, match="input_size"):
-        teachers.build_teacher({"kind": "onnx", "checkpoint": gray, "input_size": 32})
+        teachers.build_teacher({"onnx": gray, "input_size": 32})
     with pytest.raises(ConfigError, match="NoSuchExecutionProvider"):
-        teachers.build_teacher({"kind": "onnx", "checkpoint": feature_map, "providers": ["NoSuchExecutionProvider"]})
+        teachers.build_teacher({"onnx": feature_map, "providers": ["NoSuchExecutionProvider"]})
 
 
 def test_export_cli_end_to_end(tmp_path, capsys):
@@ -219,7 +222,7 @@ def test_export_cli_end_to_end(tmp_path, capsys):
     assert out.is_file() and not (tmp_path / "student.onnx.tmp").exists()
     props = {p.key: p.value for p in onnx.load(out).metadata_props}
     assert props["facedistill.normalisation"] == "RGB, (x/255-0.5)/0.5" and props["facedistill.input_size"] == "32"
-    teacher = teachers.build_teacher({"kind": "onnx", "checkpoint": str(out)})
+    teacher = teachers.build_teacher({"onnx": str(out)})
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(teacher(x), student(x), atol=1e-4, rtol=1e-4)

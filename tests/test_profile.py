@@ -7,8 +7,8 @@ import torch
 
 from distill.cli import main
 from distill.errors import ConfigError
-from distill.models import create_model, load_model
-from distill.students import save_student
+from distill.models import load_model, save_student
+from distill.registry import create_model
 from teachers.iresnet import IResNet
 
 

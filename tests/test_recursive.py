@@ -169,7 +169,7 @@ def test_paper_recipe_dry_run_on_synthetic_stand_ins(finished, tmp_path, capsys)
             f"teacher.checkpoint={tmp_path / 'backbone.pth'}"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "teacher ok (iresnet, 512-d at 112px)" in out and "gen2 ok" in out and "dry run passed" in out
+    assert "teacher ok (iresnet100, 512-d at 112px)" in out and "gen2 ok" in out and "dry run passed" in out
     # a checkpoint of another depth is caught before anything trains
     torch.save(IResNet(50).state_dict(), tmp_path / "r50.pth")
     assert main(args[:-1] + [f"teacher.checkpoint={tmp_path / 'r50.pth'}"]) == 2

@@ -12,7 +12,7 @@ from tiny import TinyFaces
 
 def _teacher(seed=0):
     torch.manual_seed(seed)
-    t = teachers.build_teacher({"kind": "iresnet", "depth": 18, "input_size": 16, "embedding_size": 32})
+    t = teachers.build_teacher({"arch": "iresnet18", "input_size": 16, "embedding_size": 32})
     with torch.no_grad():  # an untrained IResNet's outputs reach 1e5; a trained one's are O(1)
         t.model.fc.weight.mul_(1e-4)
     return t
@@ -87,6 +87,6 @@ def test_interrupted_build_resumes_and_equals_a_fresh_build(tmp_path):
 
 def test_embeddings_beyond_float16_are_an_error_not_inf(tmp_path):
     torch.manual_seed(0)
-    wild = teachers.build_teacher({"kind": "iresnet", "depth": 18, "input_size": 16, "embedding_size": 32})
+    wild = teachers.build_teacher({"arch": "iresnet18", "input_size": 16, "embedding_size": 32})
     with pytest.raises(ValueError, match="beyond float16's range.*teacher.cache: false"):
         build_cache(wild, TinyFaces(classes=2, per_class=2), str(tmp_path), progress=False)

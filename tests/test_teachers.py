@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import teachers
-from distill.errors import CheckpointError, ConfigError, UnknownNameError, UnsafeFileError
+from distill.errors import CheckpointError, ConfigDeprecationWarning, ConfigError, UnknownNameError, UnsafeFileError
 from teachers.iresnet import LAYERS, IResNet
 
 
@@ -80,7 +80,7 @@ def test_build_teacher_loads_arcface_torch_checkpoint_and_strips_module_prefix(t
     torch.save({f"module.{k}": v for k, v in src.state_dict().items()}, ddp)
     x = torch.randn(2, 3, 32, 32)
     for path in (plain, ddp):
-        t = teachers.build_teacher({"kind": "iresnet", "depth": 18, "input_size": 32, "checkpoint": str(path)})
+        t = teachers.build_teacher({"arch": "iresnet18", "input_size": 32, "checkpoint": str(path)})
         assert torch.equal(t(x), src(x))
 
 
@@ -88,7 +88,7 @@ def test_wrong_depth_names_missing_keys_and_loads_nothing(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(IResNet(18, input_size=32).state_dict(), path)
     with pytest.raises(CheckpointError, match=r"missing keys .*layer1\.2\.") as err:
-        teachers.build_teacher({"kind": "iresnet", "depth": 34, "input_size": 32, "checkpoint": str(path)})
+        teachers.build_teacher({"arch": "iresnet34", "input_size": 32, "checkpoint": str(path)})
     assert str(path) in str(err.value)
 
 
@@ -98,10 +98,10 @@ def test_unexpected_keys_and_shape_mismatch_are_named(tmp_path):
     path = tmp_path / "odd.pth"
     torch.save(sd, path)
     with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): extra\.weight"):
-        teachers.build_teacher({"kind": "iresnet", "depth": 18, "input_size": 32, "checkpoint": str(path)})
+        teachers.build_teacher({"arch": "iresnet18", "input_size": 32, "checkpoint": str(path)})
     with pytest.raises(CheckpointError, match=r"shape mismatches .*fc\.weight"):  # 112 checkpoint, 32 model
         torch.save(IResNet(18).state_dict(), path)
-        teachers.build_teacher({"kind": "iresnet", "depth": 18, "input_size": 32, "checkpoint": str(path)})
+        teachers.build_teacher({"arch": "iresnet18", "input_size": 32, "checkpoint": str(path)})
 
 
 class Payload:  # needs unpickling of an arbitrary class
@@ -112,18 +112,20 @@ def test_checkpoint_needing_arbitrary_objects_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"obj": Payload()}, path)
     with pytest.raises(UnsafeFileError, match="refused"):
-        teachers.build_teacher({"kind": "iresnet", "depth": 18, "checkpoint": str(path)})
+        teachers.build_teacher({"arch": "iresnet18", "checkpoint": str(path)})
 
 
 def test_bad_specs():
-    with pytest.raises(UnknownNameError, match="iresnet, onnx, timm"):
-        teachers.build_teacher({"kind": "resnet"})
-    with pytest.raises(ConfigError, match="depth"):
-        teachers.build_teacher({"kind": "iresnet", "depth": 101})
-    with pytest.raises(ConfigError, match="checkpiont"):
-        teachers.build_teacher({"kind": "iresnet", "checkpiont": "x.pth"})
+    with pytest.raises(UnknownNameError, match=r"unknown model 'resnet'.*registered: iresnet18, .*timm/<name>"):
+        teachers.build_teacher({"arch": "resnet"})
+    with pytest.raises(UnknownNameError, match="iresnet101'; did you mean 'iresnet100'"):
+        teachers.build_teacher({"arch": "iresnet101"})
+    with pytest.raises(ConfigError, match="unknown key 'teacher.checkpiont'.*did you mean 'teacher.checkpoint'"):
+        teachers.build_teacher({"arch": "iresnet18", "checkpiont": "x.pth"})
+    with pytest.raises(ConfigError, match="say which model"):
+        teachers.build_teacher({"checkpoint": "x.pth"})
     with pytest.raises(CheckpointError, match="not found"):
-        teachers.build_teacher({"kind": "iresnet", "depth": 18, "checkpoint": "/nonexistent/backbone.pth"})
+        teachers.build_teacher({"arch": "iresnet18", "checkpoint": "/nonexistent/backbone.pth"})
 
 
 class Distiller(nn.Module):
@@ -134,7 +136,7 @@ class Distiller(nn.Module):
 
 
 def test_teacher_stays_frozen_inside_a_training_parent():
-    teacher = teachers.build_teacher({"kind": "iresnet", "depth": 18, "input_size": 32})
+    teacher = teachers.build_teacher({"arch": "iresnet18", "input_size": 32})
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     parent = Distiller(teacher).train()
     assert not teacher.training and not any(m.training for m in teacher.modules())
@@ -154,7 +156,7 @@ def test_teacher_stays_frozen_inside_a_training_parent():
 
 
 def test_fingerprint_tracks_weights():
-    a = teachers.build_teacher({"kind": "iresnet", "depth": 18, "input_size": 32})
+    a = teachers.build_teacher({"arch": "iresnet18", "input_size": 32})
     fp = a.fingerprint()
     assert fp == a.fingerprint() and len(fp) == 64
     with torch.no_grad():
@@ -163,15 +165,15 @@ def test_fingerprint_tracks_weights():
 
 
 def test_timm_teacher():
-    t = teachers.build_teacher({"kind": "timm", "name": "resnet18", "embedding_size": 128, "input_size": 32})
+    t = teachers.build_teacher({"arch": "timm/resnet18", "embedding_size": 128, "input_size": 32})
     out = t(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 128) and not t.training
     with pytest.raises(UnknownNameError, match="resnet_typo"):
-        teachers.build_teacher({"kind": "timm", "name": "resnet_typo"})
+        teachers.build_teacher({"arch": "timm/resnet_typo"})
 
 
 def test_facedistill_teacher_loads_a_student_checkpoint(tmp_path):
-    from distill.students import save_student
+    from distill.models import save_student
     from distill.students.vargfacenet import VarGFaceNet
 
     kwargs = {"embedding_size": 64, "multiplier": 0.5, "last_channels": 128, "units": [1, 1, 1], "input_size": 32}
@@ -179,10 +181,27 @@ def test_facedistill_teacher_loads_a_student_checkpoint(tmp_path):
     save_student(tmp_path / "student.pt", src, "vargfacenet")
     spec = {"kind": "facedistill", "arch": "vargfacenet", "model_kwargs": kwargs, "embedding_size": 64,
             "input_size": 32, "checkpoint": str(tmp_path / "student.pt")}
-    t = teachers.build_teacher(spec)
+    with pytest.warns(ConfigDeprecationWarning, match="write arch: vargfacenet with its arguments"):
+        t = teachers.build_teacher(spec)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(t(x), src(x)) and not t.training and t.embedding_size == 64
-    with pytest.raises(CheckpointError, match="shape mismatches"):
+    with pytest.warns(ConfigDeprecationWarning), pytest.raises(CheckpointError, match="shape mismatches"):
         teachers.build_teacher({**spec, "model_kwargs": {**kwargs, "embedding_size": 32}, "embedding_size": 32})
     with pytest.raises(ConfigError, match="needs 'arch'"):
         teachers.build_teacher({"kind": "facedistill"})
+    # the current form of the same teacher: the architecture's arguments beside arch
+    same = teachers.build_teacher({"arch": "vargfacenet", **kwargs, "checkpoint": str(tmp_path / "student.pt")})
+    assert torch.equal(same(x), src(x))
+
+
+def test_legacy_kind_specs_load_with_a_note_saying_what_to_write():
+    with pytest.warns(ConfigDeprecationWarning, match="'kind: iresnet' is deprecated; write arch: iresnet18"):
+        t = teachers.build_teacher({"kind": "iresnet", "depth": 18, "input_size": 32, "embedding_size": 64})
+    assert isinstance(t.model, IResNet) and t.model.depth == 18 and t.embedding_size == 64 and t.input_size == 32
+    with pytest.warns(ConfigDeprecationWarning, match="write arch: timm/resnet18"):
+        t = teachers.build_teacher({"kind": "timm", "name": "resnet18", "embedding_size": 128, "input_size": 32})
+    assert t.embedding_size == 128
+    with pytest.warns(ConfigDeprecationWarning), pytest.raises(UnknownNameError, match="iresnet101"):
+        teachers.build_teacher({"kind": "iresnet", "depth": 101})
+    with pytest.raises(ConfigError, match="unknown teacher kind 'resnet'"):
+        teachers.build_teacher({"kind": "resnet"})

@@ -36,7 +36,7 @@ def tiny_config(**sections) -> ExperimentConfig:
         "margin": {"margin": "arcface", "s": 16.0, "m": 0.3},
         "train": {"batch_size": 16, "lr": 0.05, "lr_batch_size": 16, "max_steps": 12, "log_every": 2,
                   "checkpoint_every": 4, "warmup_epochs": 0.0},
-        "teacher": {"kind": "iresnet", "depth": 18, "input_size": 16, "embedding_size": 32},
+        "teacher": {"arch": "iresnet18", "input_size": 16, "embedding_size": 32},
     }
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value

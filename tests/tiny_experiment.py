@@ -14,7 +14,7 @@ def tiny_experiment(data_dir, **changes) -> dict:
         "seed": 0,
         "data": {"train": data, "val": [f"{data}/synth_val.bin"], "input_size": 32, "num_workers": 0,
                  "synthetic": {"ids": 12, "images_per_id": 6, "size": 32, "pairs": 40, "seed": 0, "holdout_ids": 8}},
-        "teacher": {"kind": "iresnet", "depth": 18, "input_size": 32, "embedding_size": 32,
+        "teacher": {"arch": "iresnet18", "input_size": 32, "embedding_size": 32,
                     "train": {"batch_size": 24, "lr": 0.1, "lr_batch_size": 24, "max_steps": 4, "log_every": 2}},
         "student": {"embedding_size": 32, "multiplier": 0.5, "last_channels": 64, "units": [1, 1, 1]},
         "margin": {"s": 16, "m": 0.3},

@@ -26,6 +26,8 @@ import math
 import torch
 from torch import nn
 
+from distill.registry import register_model
+
 BN_EPS = 2e-5
 BN_MOMENTUM = 0.1  # == MXNet momentum 0.9
 
@@ -234,3 +236,17 @@ class VarGFaceNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stages(self.head(x))
         return self.features(self.fc(self.embed(x)))
+
+
+# ------------------------------------------------------------------------------------------ registry
+
+@register_model(builds=VarGFaceNet, timm=True)
+def vargfacenet(**kwargs) -> VarGFaceNet:
+    """VarGFaceNet as in the paper: S=8, SE, PReLU, stride-1 head, 1024-channel embedding block."""
+    return VarGFaceNet(**kwargs)
+
+
+@register_model(builds=VarGFaceNet, timm=True)
+def vargfacenet_depthwise(group_size: int = 1, **kwargs) -> VarGFaceNet:
+    """The paper's MobileNet-style baseline: VarGFaceNet with depthwise convolutions (S=1)."""
+    return VarGFaceNet(group_size=group_size, **kwargs)
