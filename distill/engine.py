@@ -14,7 +14,15 @@ research tool rather than a script is the guarantees around that loop:
 - The teacher never trains: it is a FrozenTeacher, never handed to the optimizer.
 
 A stage directory holds last.pt, best.pt, student.pt, metrics.jsonl and result.json (written last:
-its presence means the stage is finished).
+its presence means the stage is finished). Every `log_every` updates metrics.jsonl gets one line: each
+train/<term> is the mean over all micro-batches since the previous line (weighted by batch size),
+train/images_per_s the throughput over them (evaluation and checkpoint time left out), plus train/lr
+and train/epoch. A resumed run starts a fresh window.
+
+run_stage reads top-down: _build (device, seed, model, head, objective, optimizer, scheduler, scaler,
+DDP: one _Stage), _resume (last.pt into it), _train (epochs of _micro_step/_update, then
+_after_update: log, evaluate, checkpoint, stop on a signal), _finish (final evaluation, best.pt,
+student.pt, result.json). _checkpoint writes the state to last.pt.
 """
 
 from __future__ import annotations
@@ -23,12 +31,14 @@ import math
 import os
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.utils import AverageMeter
 from torch import nn
 from tqdm import tqdm
 
@@ -162,13 +172,63 @@ def _head(cfg: ExperimentConfig, embedding_size: int, num_classes: int) -> nn.Mo
     return create_head("softmax", embedding_size, num_classes, s=mc.s, **options)
 
 
-# ------------------------------------------------------------------------------------------ the run
+# ------------------------------------------------------------------------------------------ build
 
-def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, val_sets: dict,
-              teacher=None, cache=None, tracker: Tracker | None = None, progress: bool = True,
-              log=print) -> dict:
-    """Train one stage to the end (or resume it) and return its result (also written to result.json)."""
-    os.makedirs(stage_dir, exist_ok=True)
+@dataclass
+class _Stage:
+    """One stage's training state: built once by _build, filled by _resume, written by _checkpoint."""
+    cfg: ExperimentConfig
+    spec: StageSpec
+    device: torch.device
+    rank: int
+    world: int
+    paths: dict                     # last, best, student, result
+    compat: dict                    # what last.pt must agree on to be resumed (_compat_key)
+    model: nn.Module
+    head: nn.Module
+    objective: DistillationObjective
+    optimizer: torch.optim.Optimizer
+    scheduler: object               # timm scheduler, stepped per optimizer update
+    scaler: torch.amp.GradScaler    # enabled for fp16 only
+    ddp_model: nn.Module            # the model, or its DistributedDataParallel wrapper
+    amp_dtype: torch.dtype | None
+    teacher: nn.Module | None       # run online when there is no cache
+    cache: object
+    use_teacher: bool
+    batches_per_epoch: int
+    total_steps: int
+    step: int = 0                   # optimizer updates done
+    micro: int = 0                  # micro-batches done
+    train_seconds: float = 0.0
+    best: dict | None = None        # {"score", "step"} of best.pt
+    clock: float = 0.0              # perf_counter() from which train_seconds counts next
+
+    def lap(self) -> None:
+        """Add the time since the clock last (re)started to train_seconds, and restart it."""
+        now = time.perf_counter()
+        self.train_seconds += now - self.clock
+        self.clock = now
+
+
+def _model_and_head(cfg: ExperimentConfig, spec: StageSpec, num_classes: int, device: torch.device):
+    """The model (+ init_from) and margin head (+ head_from), in this order: it fixes what the seed draws."""
+    model = create_model(spec.arch, **spec.model_kwargs)
+    if spec.init_from:
+        init = safe_torch_load(spec.init_from)
+        load_state_dict_strict(model, init["state_dict"], source=spec.init_from)
+    embedding_size = model_embedding_size(model)
+    head = _head(cfg, embedding_size, num_classes)
+    if spec.head_from:
+        head.load_full_weight(safe_torch_load(spec.head_from)["head_weight"])
+    model.to(device)
+    head.to(device)
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model, head
+
+
+def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, teacher, cache) -> _Stage:
+    """Device, seed, model, head, objective, optimizer, scheduler, scaler and DDP wrapper of a fresh stage."""
     device = resolve_device(cfg.device)
     rank, world = _world()
     if cfg.deterministic:
@@ -176,21 +236,8 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
         torch.backends.cudnn.benchmark = False
     torch.manual_seed(cfg.seed + 7919 * spec.generation)
     tr = spec.train
-
-    model = create_model(spec.arch, **spec.model_kwargs)
-    if spec.init_from:
-        init = safe_torch_load(spec.init_from)
-        load_state_dict_strict(model, init["state_dict"], source=spec.init_from)
-    embedding_size = model_embedding_size(model)
-    head = _head(cfg, embedding_size, train_set.num_classes)
-    if spec.head_from:
-        head.load_full_weight(safe_torch_load(spec.head_from)["head_weight"])
-    model.to(device)
-    head.to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    model, head = _model_and_head(cfg, spec, train_set.num_classes, device)
     objective = DistillationObjective(head, loss=cfg.distill.loss, alpha=spec.alpha)
-    use_teacher = spec.alpha > 0 and (teacher is not None or cache is not None)
     if teacher is not None and cache is None:
         teacher.to(device)
 
@@ -198,7 +245,6 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
     if steps_per_epoch < 1:
         raise DistillError(f"data.train: {len(train_set)} images are fewer than one step of "
                            f"{tr.batch_size * world * tr.accumulate}; lower train.batch_size")
-    batches_per_epoch = int(steps_per_epoch * tr.accumulate)
     total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * steps_per_epoch))
     optimizer = create_optimizer_v2(nn.ModuleList([model, head]), opt=tr.optimizer, lr=scaled_lr(tr, world),
                                     weight_decay=tr.weight_decay, momentum=tr.momentum, filter_bias_and_bn=True)
@@ -208,56 +254,166 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
     ddp_model = model
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    compat = _compat_key(cfg, spec, train_set, world)
     paths = {k: os.path.join(stage_dir, f) for k, f in
              (("last", "last.pt"), ("best", "best.pt"), ("student", "student.pt"), ("result", "result.json"))}
-    step, micro, train_seconds, best = 0, 0, 0.0, None
-    if os.path.exists(paths["last"]):
-        ck = safe_torch_load(paths["last"], map_location="cpu")
-        differ = sorted(k for k in compat if ck.get("compat", {}).get(k) != compat[k])
-        if differ:
-            raise CheckpointError(f"{paths['last']}: cannot resume: the config changed in a way that breaks it "
-                                  f"({', '.join(differ)} differ from the checkpoint). Use another output "
-                                  f"directory, or restore the previous settings.")
-        model.load_state_dict(ck["model"])
-        head.load_full_weight(ck["head_weight"].to(device))
-        optimizer.load_state_dict(ck["optimizer"])
-        if rank != 0:  # the file holds rank 0's head momentum; this rank's shard restarts its own
-            optimizer.state.pop(head.weight, None)
-        scheduler.load_state_dict(ck["scheduler"])
-        if ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        step, micro, train_seconds, best = ck["step"], ck["micro"], ck["train_seconds"], ck.get("best")
-        restore_rng_state(ck["rng"])
-        log(f"{spec.name}: resuming from {paths['last']} at step {step}/{total_steps}")
-    tracker = tracker or Tracker(stage_dir, rank=rank)
-    tracker.truncate_after(step)
+    use_teacher = spec.alpha > 0 and (teacher is not None or cache is not None)
+    return _Stage(cfg=cfg, spec=spec, device=device, rank=rank, world=world, paths=paths,
+                  compat=_compat_key(cfg, spec, train_set, world), model=model, head=head, objective=objective,
+                  optimizer=optimizer, scheduler=scheduler, scaler=scaler, ddp_model=ddp_model, amp_dtype=amp_dtype,
+                  teacher=teacher, cache=cache, use_teacher=use_teacher,
+                  batches_per_epoch=int(steps_per_epoch * tr.accumulate), total_steps=total_steps)
 
-    def checkpoint():
-        head_weight = head.full_weight().cpu()  # a collective: every rank takes part
-        if rank != 0:
-            return
-        atomic_torch_save({
-            "format": TRAIN_FORMAT, "stage": spec.name, "arch": spec.arch, "model_kwargs": spec.model_kwargs,
-            "model": model.state_dict(), "head_weight": head_weight,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if need_scaler else None, "step": step, "micro": micro,
-            "epoch": micro // batches_per_epoch, "batch_in_epoch": micro % batches_per_epoch,
-            "train_seconds": train_seconds, "best": best, "rng": capture_rng_state(),
-            "config": to_dict(cfg), "compat": compat,
-        }, paths["last"])
 
-    def evaluate() -> dict:
-        if not val_sets:
-            return {}
-        metrics = evaluate_sets(model, val_sets, spec.model_kwargs.get("input_size", 112), device=device,
-                                progress=False, model_name=f"{spec.name} ({spec.arch})")
-        tracker.log(val_scalars(metrics), step)
-        return metrics
+# ------------------------------------------------------------------------------------------ resume and checkpoint
 
-    stop = {"signal": None}
-    previous = {}
+def _resume(st: _Stage, log) -> None:
+    """Load last.pt into the freshly built stage: weights, optimizer, scheduler, scaler, counters, RNG."""
+    path = st.paths["last"]
+    ck = safe_torch_load(path, map_location="cpu")
+    differ = sorted(k for k in st.compat if ck.get("compat", {}).get(k) != st.compat[k])
+    if differ:
+        raise CheckpointError(f"{path}: cannot resume: the config changed in a way that breaks it "
+                              f"({', '.join(differ)} differ from the checkpoint). Use another output "
+                              f"directory, or restore the previous settings.")
+    st.model.load_state_dict(ck["model"])
+    st.head.load_full_weight(ck["head_weight"].to(st.device))
+    st.optimizer.load_state_dict(ck["optimizer"])
+    if st.rank != 0:  # the file holds rank 0's head momentum; this rank's shard restarts its own
+        st.optimizer.state.pop(st.head.weight, None)
+    st.scheduler.load_state_dict(ck["scheduler"])
+    if ck.get("scaler"):
+        st.scaler.load_state_dict(ck["scaler"])
+    st.step, st.micro, st.train_seconds, st.best = ck["step"], ck["micro"], ck["train_seconds"], ck.get("best")
+    restore_rng_state(ck["rng"])
+    log(f"{st.spec.name}: resuming from {path} at step {st.step}/{st.total_steps}")
+
+
+def _checkpoint(st: _Stage) -> None:
+    """Write last.pt (rank 0); every rank must call it, since gathering the sharded head is a collective."""
+    head_weight = st.head.full_weight().cpu()
+    if st.rank != 0:
+        return
+    spec, bpe = st.spec, st.batches_per_epoch
+    atomic_torch_save({
+        "format": TRAIN_FORMAT, "stage": spec.name, "arch": spec.arch, "model_kwargs": spec.model_kwargs,
+        "model": st.model.state_dict(), "head_weight": head_weight,
+        "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
+        "scaler": st.scaler.state_dict() if st.scaler.is_enabled() else None, "step": st.step, "micro": st.micro,
+        "epoch": st.micro // bpe, "batch_in_epoch": st.micro % bpe,
+        "train_seconds": st.train_seconds, "best": st.best, "rng": capture_rng_state(),
+        "config": to_dict(st.cfg), "compat": st.compat,
+    }, st.paths["last"])
+
+
+# ------------------------------------------------------------------------------------------ logging
+
+class _Window:
+    """The train/* scalars of the next log line: each term's mean over every micro-batch since the previous
+    line (timm AverageMeter weighted by batch size; the values stay detached tensors, so the device is
+    synced once per line, not per micro-batch) and images/s over the same micro-batches, time spent
+    evaluating or checkpointing left out."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.meters: dict[str, AverageMeter] = {}
+        self.images, self.excluded, self.start = 0, 0.0, time.perf_counter()
+
+    def add(self, logs: dict, batch_size: int, images: int) -> None:
+        for name, value in logs.items():
+            self.meters.setdefault(name, AverageMeter()).update(value, batch_size)
+        self.images += images
+
+    @contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t
+
+    def read(self) -> tuple[dict, float]:
+        """({term: window mean}, images per second); a new window starts."""
+        means = {name: float(meter.avg) for name, meter in self.meters.items()}  # waits for the device
+        seconds = time.perf_counter() - self.start - self.excluded
+        rate = self.images / max(seconds, 1e-9)
+        self.reset()
+        return means, rate
+
+
+def _log_window(st: _Stage, window: _Window, tracker: Tracker, bar) -> None:
+    means, rate = window.read()
+    scalars = {f"train/{k}": v for k, v in means.items()}
+    scalars["train/lr"] = st.optimizer.param_groups[0]["lr"]
+    scalars["train/images_per_s"] = rate
+    scalars["train/epoch"] = st.micro / st.batches_per_epoch
+    tracker.log(scalars, st.step)
+    bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in scalars.items() if k != "train/epoch"})
+
+
+# ------------------------------------------------------------------------------------------ one step
+
+def _micro_step(st: _Stage, batch, window: _Window) -> bool:
+    """Forward and backward one micro-batch; every `accumulate`-th one also updates. True when it did."""
+    x, y, idx, flipped = batch
+    x = x.to(st.device, non_blocking=True)
+    y = y.to(st.device, non_blocking=True)
+    if st.device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = dict(device_type=st.device.type, dtype=st.amp_dtype, enabled=st.amp_dtype is not None)
+    t_emb = None
+    if st.use_teacher:
+        if st.cache is not None:
+            t_emb = st.cache.lookup(idx, flipped).to(st.device, non_blocking=True)
+        else:
+            with torch.autocast(**autocast):
+                t_emb = st.teacher(match_input_size(x, st.teacher.input_size)).float()
+    with torch.autocast(**autocast):
+        emb = st.ddp_model(x)
+    total, logs = st.objective(emb.float(), y, t_emb)
+    if not torch.isfinite(total):
+        bad = [k for k, v in logs.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
+        kept = f"last good checkpoint: {st.paths['last']}" if os.path.exists(st.paths["last"]) else "no checkpoint was written yet"
+        raise TrainingDiverged(f"{st.spec.name}: loss became non-finite at step {st.step + 1} "
+                               f"(term(s): {', '.join(bad) or 'loss'}); {kept}. Lower train.lr "
+                               f"or set train.clip_grad.")
+    st.scaler.scale(total / st.spec.train.accumulate).backward()
+    st.micro += 1
+    window.add(logs, len(x), len(x) * st.world)
+    if st.micro % st.spec.train.accumulate:
+        return False
+    _update(st)
+    return True
+
+
+def _update(st: _Stage) -> None:
+    """The optimizer update over the accumulated gradients (clipped if asked), then the schedule."""
+    if st.spec.train.clip_grad:
+        st.scaler.unscale_(st.optimizer)
+        nn.utils.clip_grad_norm_(list(st.model.parameters()) + list(st.head.parameters()), st.spec.train.clip_grad)
+    st.scaler.step(st.optimizer)
+    st.scaler.update()
+    st.optimizer.zero_grad(set_to_none=True)
+    st.step += 1
+    st.scheduler.step_update(st.step)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+def _evaluate(st: _Stage, val_sets: dict, tracker: Tracker) -> dict:
+    if not val_sets:
+        return {}
+    metrics = evaluate_sets(st.model, val_sets, st.spec.model_kwargs.get("input_size", 112), device=st.device,
+                            progress=False, model_name=f"{st.spec.name} ({st.spec.arch})")
+    tracker.log(val_scalars(metrics), st.step)
+    return metrics
+
+
+@contextmanager
+def _preemption_signals():
+    """{"signal": None}, set to the signal's name when SIGTERM or SIGUSR1 arrives; handlers restored after."""
+    stop, previous = {"signal": None}, {}
 
     def on_signal(signum, _frame):
         stop["signal"] = signal.Signals(signum).name
@@ -267,100 +423,93 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
             previous[sig] = signal.signal(sig, on_signal)
         except ValueError:  # not the main thread: the caller handles preemption
             pass
-
-    model.train()
-    head.train()
-    scheduler.step_update(step)
-    bar = tqdm(total=total_steps, initial=step, desc=spec.name, unit="step", disable=not progress or rank != 0,
-               dynamic_ncols=True, leave=False)
-    window_t, window_imgs = time.perf_counter(), 0
     try:
-        while step < total_steps:
-            epoch, pos = divmod(micro, batches_per_epoch)
-            plan = plan_epoch(len(train_set), tr.batch_size, cfg.seed, epoch, train_set.flip, rank, world)
-            loader = torch.utils.data.DataLoader(
-                _Planned(train_set), batch_sampler=plan[pos:batches_per_epoch], num_workers=cfg.data.num_workers,
-                pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            t_start = time.perf_counter()
-            for x, y, idx, flipped in loader:
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
-                t_emb = None
-                if use_teacher:
-                    if cache is not None:
-                        t_emb = cache.lookup(idx, flipped).to(device, non_blocking=True)
-                    else:
-                        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                            t_emb = teacher(match_input_size(x, teacher.input_size)).float()
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    emb = ddp_model(x)
-                total, logs = objective(emb.float(), y, t_emb)
-                if not torch.isfinite(total):
-                    bad = [k for k, v in logs.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
-                    kept = f"last good checkpoint: {paths['last']}" if os.path.exists(paths["last"]) else "no checkpoint was written yet"
-                    raise TrainingDiverged(f"{spec.name}: loss became non-finite at step {step + 1} "
-                                           f"(term(s): {', '.join(bad) or 'loss'}); {kept}. Lower train.lr "
-                                           f"or set train.clip_grad.")
-                scaler.scale(total / tr.accumulate).backward()
-                micro += 1
-                window_imgs += len(x) * world
-                if micro % tr.accumulate:
-                    continue
-                if tr.clip_grad:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()), tr.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                scheduler.step_update(step)
-                bar.update(1)
-                if step % tr.log_every == 0 or step == total_steps:
-                    now = time.perf_counter()
-                    scalars = {f"train/{k}": float(v) for k, v in logs.items()}
-                    scalars["train/lr"] = optimizer.param_groups[0]["lr"]
-                    scalars["train/images_per_s"] = window_imgs / max(now - window_t, 1e-9)
-                    scalars["train/epoch"] = micro / batches_per_epoch
-                    tracker.log(scalars, step)
-                    bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in scalars.items() if k != "train/epoch"})
-                    window_t, window_imgs = now, 0
-                if tr.eval_every and step % tr.eval_every == 0 and step < total_steps:
-                    train_seconds += time.perf_counter() - t_start
-                    best = _keep_best(evaluate(), best, step, model, spec, paths, rank)
-                    t_start = time.perf_counter()
-                if world > 1:  # a signal reaches ranks at different steps: stop together, at the same step
-                    flag = torch.tensor([1.0 if stop["signal"] else 0.0], device=device)
-                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    stop["signal"] = stop["signal"] or ("SIGTERM" if flag.item() else None)
-                if stop["signal"] or step % tr.checkpoint_every == 0 or step == total_steps:
-                    train_seconds += time.perf_counter() - t_start
-                    t_start = time.perf_counter()
-                    checkpoint()
-                    if stop["signal"]:
-                        raise Preempted(f"{spec.name}: {stop['signal']} received; checkpoint written at step "
-                                        f"{step} ({paths['last']}). Rerun the same command to resume.")
-                if step >= total_steps:
-                    break
-            else:
-                train_seconds += time.perf_counter() - t_start
+        yield stop
     finally:
-        bar.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
-    metrics = evaluate()
-    best = _keep_best(metrics, best, step, model, spec, paths, rank)
+
+def _train(st: _Stage, train_set, val_sets: dict, tracker: Tracker, stop: dict, bar) -> None:
+    """Epochs of planned batches from (epoch, position) = divmod(micro, batches_per_epoch) to total_steps."""
+    tr, window = st.spec.train, _Window()
+    st.model.train()
+    st.head.train()
+    st.scheduler.step_update(st.step)
+    while st.step < st.total_steps:
+        epoch, pos = divmod(st.micro, st.batches_per_epoch)
+        plan = plan_epoch(len(train_set), tr.batch_size, st.cfg.seed, epoch, train_set.flip, st.rank, st.world)
+        loader = torch.utils.data.DataLoader(
+            _Planned(train_set), batch_sampler=plan[pos:st.batches_per_epoch], num_workers=st.cfg.data.num_workers,
+            pin_memory=st.device.type == "cuda", generator=torch.Generator().manual_seed(st.cfg.seed + epoch))
+        st.clock = time.perf_counter()  # plan and loader set-up are not training time
+        for batch in loader:
+            if not _micro_step(st, batch, window):
+                continue
+            bar.update(1)
+            if _after_update(st, window, val_sets, tracker, stop, bar):
+                return
+        st.lap()
+
+
+def _after_update(st: _Stage, window: _Window, val_sets: dict, tracker: Tracker, stop: dict, bar) -> bool:
+    """Log, evaluate, checkpoint or stop as the step asks. True when the stage has trained all its steps."""
+    tr = st.spec.train
+    if st.step % tr.log_every == 0 or st.step == st.total_steps:
+        _log_window(st, window, tracker, bar)
+    if tr.eval_every and st.step % tr.eval_every == 0 and st.step < st.total_steps:
+        st.lap()
+        with window.paused():
+            metrics = _evaluate(st, val_sets, tracker)
+            st.best = _keep_best(metrics, st.best, st.step, st.model, st.spec, st.paths, st.rank)
+        st.clock = time.perf_counter()  # evaluation is not training time
+    if st.world > 1:  # a signal reaches ranks at different steps: stop together, at the same step
+        flag = torch.tensor([1.0 if stop["signal"] else 0.0], device=st.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop["signal"] = stop["signal"] or ("SIGTERM" if flag.item() else None)
+    if stop["signal"] or st.step % tr.checkpoint_every == 0 or st.step == st.total_steps:
+        st.lap()  # the checkpoint's own time counts in the next lap (the last one's, nowhere)
+        with window.paused():
+            _checkpoint(st)
+        if stop["signal"]:
+            raise Preempted(f"{st.spec.name}: {stop['signal']} received; checkpoint written at step "
+                            f"{st.step} ({st.paths['last']}). Rerun the same command to resume.")
+    return st.step >= st.total_steps
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, val_sets: dict,
+              teacher=None, cache=None, tracker: Tracker | None = None, progress: bool = True,
+              log=print) -> dict:
+    """Train one stage to the end (or resume it) and return its result (also written to result.json)."""
+    os.makedirs(stage_dir, exist_ok=True)
+    st = _build(cfg, spec, stage_dir, train_set, teacher, cache)
+    if os.path.exists(st.paths["last"]):
+        _resume(st, log)
+    tracker = tracker or Tracker(stage_dir, rank=st.rank)
+    tracker.truncate_after(st.step)
+    with _preemption_signals() as stop, tqdm(total=st.total_steps, initial=st.step, desc=spec.name, unit="step",
+                                             disable=not progress or st.rank != 0, dynamic_ncols=True,
+                                             leave=False) as bar:
+        _train(st, train_set, val_sets, tracker, stop, bar)
+    return _finish(st, val_sets, tracker)
+
+
+def _finish(st: _Stage, val_sets: dict, tracker: Tracker) -> dict:
+    """Final evaluation, best.pt, student.pt and result.json (written last: the stage is done)."""
+    metrics = _evaluate(st, val_sets, tracker)
+    st.best = _keep_best(metrics, st.best, st.step, st.model, st.spec, st.paths, st.rank)
+    spec = st.spec
     result = {"stage": spec.name, "generation": spec.generation, "init_from": spec.init_from, "arch": spec.arch,
-              "model_kwargs": spec.model_kwargs, "steps": step, "train_seconds": round(train_seconds, 3),
-              "metrics": metrics, "best": best}
-    if rank == 0:
-        save_student(paths["student"], model, spec.arch, spec.model_kwargs, extra={"stage": spec.name, "step": step})
-        atomic_write_json(paths["result"], result)
-    if world > 1:  # the next stage starts from these files on every rank
+              "model_kwargs": spec.model_kwargs, "steps": st.step, "train_seconds": round(st.train_seconds, 3),
+              "metrics": metrics, "best": st.best}
+    if st.rank == 0:
+        save_student(st.paths["student"], st.model, spec.arch, spec.model_kwargs, extra={"stage": spec.name, "step": st.step})
+        atomic_write_json(st.paths["result"], result)
+    if st.world > 1:  # the next stage starts from these files on every rank
         dist.barrier()
-    tracker.finish(result, paths["student"] if rank == 0 else None)
+    tracker.finish(result, st.paths["student"] if st.rank == 0 else None)
     return result
 
 
