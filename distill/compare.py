@@ -1,4 +1,4 @@
-"""`distill compare`: stages of one or more run directories side by side, from their local files alone.
+"""Run directories side by side (behind `distill compare`), from their local files alone.
 
 For each run directory (what `distill run` wrote; a `distill sweep` output directory stands for all its
 points) every stage directory is read:
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 
 from distill.errors import ConfigError
 from distill.evaluate import FAR_TARGETS
@@ -170,25 +169,3 @@ def plot_comparison(runs: list, path: str) -> None:
             ax.legend(fontsize="small")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, format="png")
-
-
-def _compare(args) -> int:
-    runs = load_runs(args.run_dirs)
-    if args.plot:
-        plot_comparison(runs, args.plot)
-    if args.json:
-        print(json.dumps(comparison_json(runs), indent=1))
-    else:
-        print(comparison_table(runs))
-    if args.plot:
-        print(f"plot: {args.plot}", file=sys.stderr if args.json else sys.stdout)
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("compare", help="compare stages of run directories: table, JSON, plot (local files only)")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
-                   help="run directories of `distill run`, or a `distill sweep` --out directory")
-    p.add_argument("--plot", default=None, metavar="OUT.png", help="also write accuracy per stage and loss curves")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.set_defaults(func=_compare)

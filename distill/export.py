@@ -1,4 +1,4 @@
-"""`distill export MODEL OUT.onnx`: a student or teacher to ONNX, checked against torch with ONNX Runtime.
+"""ONNX export (behind `distill export MODEL OUT.onnx`): a student or teacher, checked against torch with ONNX Runtime.
 
 The exported graph has the interface of insightface arcface_torch's ONNX exports, so it loads in
 insightface, ONNX Runtime and back into facedistill as an `onnx` teacher:
@@ -124,39 +124,3 @@ def export_model(source: str, out, arch: str | None = None, input_size: int | No
         if os.path.exists(tmp):
             os.remove(tmp)
     return {**result, "path": out, "input_size": size, "opset": opset}
-
-
-def _batch(value: str):
-    if value == "dynamic":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"--batch: expected 'dynamic' or a number, got {value!r}") from None
-
-
-def _run(args) -> int:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError as err:
-        raise ConfigError(f"export needs onnx and onnxruntime ({err}); pip install 'facedistill[onnx]'") from None
-    r = export_model(args.model, args.out, arch=args.arch, input_size=args.input_size, opset=args.opset,
-                     batch=_batch(args.batch))
-    axis = "dynamic" if args.batch == "dynamic" else f"fixed at {args.batch}"
-    print(f"wrote {r['path']}: input {INPUT_NAME!r} (N, 3, {r['input_size']}, {r['input_size']}) "
-          f"{NORMALISATION}, batch {axis}; output {OUTPUT_NAME!r} (N, {r['embedding_size']}); opset {r['opset']}")
-    print(f"parity with torch (ONNX Runtime, batch {r['batch']}): max abs diff {r['max_abs_diff']:.3g}, "
-          f"min cosine similarity {r['min_cosine']:.7f}")
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("export", help="export a student or teacher to ONNX, with a parity check against torch")
-    p.add_argument("model", help="student.pt, an arcface_torch state dict (.pth, with --arch) or a model name")
-    p.add_argument("out", help="the .onnx file to write")
-    p.add_argument("--arch", default=None, help="architecture of a plain state dict, e.g. r100")
-    p.add_argument("--input-size", type=int, default=None, help="square input side (default: the model's, 112)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
-    p.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size, e.g. 1")
-    p.set_defaults(func=_run)

@@ -1,4 +1,4 @@
-"""`distill data inspect`: what a dataset holds (images, identities, images per identity, image size) and a PNG grid of it.
+"""What a dataset holds (images, identities, per identity, image size) and a PNG grid of it (`distill data inspect`).
 
 Reads an insightface/im2rec RecordIO (folder or .rec), an identity-per-folder image tree, or a
 verification .bin. The grid has one row per identity and one column per image; for a .bin, each
@@ -153,17 +153,3 @@ def format_report(info: dict) -> str:
     if info.get("grid"):
         lines.append(f"  grid          {info['grid']}")
     return "\n".join(lines)
-
-
-def _cmd_inspect(args) -> int:
-    print(format_report(inspect_dataset(args.path, grid=args.grid, rows=args.rows, cols=args.cols)))
-    return 0
-
-
-def add_data_commands(data_sub) -> None:
-    p = data_sub.add_parser("inspect", help="count images and identities of a dataset and draw a grid of samples")
-    p.add_argument("path", help="folder with train.rec, a .rec file, a verification .bin, or an image folder tree")
-    p.add_argument("--grid", default=None, help="write a PNG of samples here (rows = identities, columns = images)")
-    p.add_argument("--rows", type=int, default=8, help="identities (or rows of pairs) in the grid (default 8)")
-    p.add_argument("--cols", type=int, default=8, help="images per row in the grid (default 8)")
-    p.set_defaults(func=_cmd_inspect)

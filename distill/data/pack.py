@@ -1,4 +1,4 @@
-"""`distill data pack` (image tree -> insightface RecordIO) and `distill data reindex` (rebuild a .idx)."""
+"""Packing an identity-per-folder image tree into insightface RecordIO (behind `distill data pack`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 
 from distill.data.folders import read_file, scan_image_tree
 from distill.data.images import JPEG_SOI, decode_chw, encode_jpeg
-from distill.data.recordio_writer import rebuild_index, write_insightface_rec
+from distill.data.recordio_writer import write_insightface_rec
 from distill.errors import DataFormatError
 
 
@@ -39,40 +39,3 @@ def pack_image_tree(src, out, quality: int = 95, progress: bool = False) -> dict
 
     n = write_insightface_rec(out, encoded(), num_classes=len(classes), image_size=first_hw)
     return {"images": n, "identities": len(classes), "image_size": first_hw, "out": os.fspath(out)}
-
-
-def _cmd_pack(args) -> int:
-    out = args.out
-    if os.path.exists(os.path.join(out, "train.rec")) and not args.force:
-        raise DataFormatError(f"{out}: already holds train.rec; pass --force to overwrite it")
-    info = pack_image_tree(args.src, out, quality=args.quality, progress=True)
-    h, w = info["image_size"]
-    print(f"packed {info['images']} images of {info['identities']} identities ({h}x{w}) into "
-          f"{os.path.join(out, 'train.rec')}, train.idx, property")
-    return 0
-
-
-def _cmd_reindex(args) -> int:
-    rec = os.path.join(args.rec, "train.rec") if os.path.isdir(args.rec) else args.rec
-    if not os.path.isfile(rec):
-        raise DataFormatError(f"{rec}: RecordIO file not found")
-    idx = os.path.splitext(rec)[0] + ".idx"
-    if os.path.exists(idx) and not args.force:
-        raise DataFormatError(f"{idx}: already exists; pass --force to rebuild it from {rec}")
-    n, rule = rebuild_index(rec, idx)
-    print(f"wrote {idx}: {n} records ({rule})")
-    return 0
-
-
-def add_data_commands(data_sub) -> None:
-    p = data_sub.add_parser("pack", help="pack an identity-per-folder image tree into insightface train.rec/.idx")
-    p.add_argument("src", help="folder with one sub-folder of images per identity (classes sorted by name)")
-    p.add_argument("out", help="output folder for train.rec, train.idx and property")
-    p.add_argument("--quality", type=int, default=95, help="JPEG quality for non-JPEG sources (JPEGs are kept as is)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing train.rec in OUT")
-    p.set_defaults(func=_cmd_pack)
-
-    p = data_sub.add_parser("reindex", help="rebuild a missing train.idx by scanning train.rec")
-    p.add_argument("rec", help="the .rec file or the folder holding train.rec")
-    p.add_argument("--force", action="store_true", help="overwrite an existing .idx")
-    p.set_defaults(func=_cmd_reindex)

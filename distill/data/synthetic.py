@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -208,36 +207,3 @@ def ensure_synthetic(out_dir, workers=None, progress=False, **params) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
     return manifest
-
-
-# ---- command line ------------------------------------------------------------------------------
-
-def _cmd_synth(args) -> int:
-    params = dict(ids=args.ids, images_per_id=args.images_per_id, size=args.size, pairs=args.pairs,
-                  seed=args.seed, holdout_ids=args.holdout_ids)
-    if synthetic_is_current(args.out, **params):
-        print(f"{args.out} already holds this synthetic dataset ({MANIFEST} matches); nothing to do")
-        return 0
-    start = time.perf_counter()
-    manifest = ensure_synthetic(args.out, workers=args.workers, progress=True, **params)
-    seconds = time.perf_counter() - start
-    p = manifest["params"]
-    rendered = manifest["images"] + 2 * p["pairs"]
-    print(f"wrote {args.out}: {manifest['images']} images of {p['ids']} identities ({p['size']}x{p['size']}) "
-          f"in train.rec/.idx/property; {VAL_BIN}: {p['pairs']} pairs of {p['holdout_ids']} held-out identities. "
-          f"{rendered} images in {seconds:.1f} s ({rendered / seconds:.0f} img/s)")
-    return 0
-
-
-def add_data_commands(data_sub) -> None:
-    p = data_sub.add_parser("synth", help="generate synthetic face identities as insightface train.rec + a .bin")
-    p.add_argument("out", help="output folder (created; replaced only if it holds an older synthetic dataset)")
-    p.add_argument("--ids", type=int, default=1000, help="training identities (default 1000)")
-    p.add_argument("--images-per-id", type=int, default=20, help="images per training identity (default 20)")
-    p.add_argument("--size", type=int, default=112, help="image side in pixels (default 112)")
-    p.add_argument("--pairs", type=int, default=2000, help="verification pairs in synth_val.bin, even (default 2000)")
-    p.add_argument("--seed", type=int, default=0, help="dataset seed: same seed and sizes, same bytes (default 0)")
-    p.add_argument("--holdout-ids", type=int, default=None,
-                   help="held-out identities for the pairs (default max(10, ids/10)); never in train.rec")
-    p.add_argument("--workers", type=int, default=None, help="rendering processes (default: all CPUs)")
-    p.set_defaults(func=_cmd_synth)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import sys
 
+import torch
+
+from distill import models
 from distill.errors import ConfigError
 from distill.evaluate import FAR_TARGETS, evaluate_sets, set_name_of
 
@@ -42,15 +45,12 @@ def _set_sources(paths) -> dict:
 
 
 def run_eval(args) -> int:
-    import torch
-    from distill.models import load_model
-
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
     sets = _set_sources(args.bin)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, input_size = load_model(args.model, arch=args.arch, input_size=args.input_size)
+    model, input_size = models.load_model(args.model, arch=args.arch, input_size=args.input_size)
     if input_size is None:
         input_size = args.input_size
     elif args.input_size and args.input_size != input_size:

@@ -6,27 +6,15 @@ import os
 import sys
 
 from distill.config import load_config
+from distill.dist import init_distributed
 from distill.engine import Preempted
+from distill.recursive import default_run_dir, dry_run, open_data, prepare_teacher, run_experiment
+from distill.teacher_cache import build_cache
 
 EX_TEMPFAIL = 75  # preempted: a scheduler should requeue the same command
 
 
-def init_distributed() -> None:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPUs."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-
-
 def _run(args) -> int:
-    from distill.recursive import default_run_dir, dry_run, run_experiment
-
     cfg = load_config(args.experiment, args.overrides)
     init_distributed()
     if args.dry_run:
@@ -41,9 +29,6 @@ def _run(args) -> int:
 
 
 def _cache_build(args) -> int:
-    from distill.recursive import default_run_dir, open_data, prepare_teacher
-    from distill.teacher_cache import build_cache
-
     cfg = load_config(args.experiment, args.overrides)
     if cfg.teacher is None:
         print("distill cache build: the experiment has no teacher; nothing to cache", file=sys.stderr)

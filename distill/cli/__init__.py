@@ -1,7 +1,9 @@
-"""The `distill` command: one subcommand per job, each defined next to the code it drives.
+"""The `distill` command: the only place with argparse. One module per command family in this package.
 
-Every module in COMMANDS exposes `add_commands(subparsers)`; each subcommand sets `func(args) -> int`.
-Errors meant for people (DistillError) are printed without a traceback and exit with status 2.
+Every module in COMMANDS exposes `add_commands(subparsers)`; each subcommand sets `func(args) -> int`
+and calls library functions (distill.recursive, distill.export, ...), which never import this package.
+Errors meant for people (DistillError) are printed without a traceback and exit with status 2;
+Ctrl-C exits with 130. `--key=value` and `key=value` left over by argparse are experiment overrides.
 """
 
 import argparse
@@ -11,13 +13,13 @@ import sys
 from distill.errors import DistillError
 
 COMMANDS = [
-    "distill.export",
-    "distill.profile",
-    "distill.data.cli",
-    "distill.eval_cli",
-    "distill.run_cli",
-    "distill.compare",
-    "distill.sweep",
+    "distill.cli.export",
+    "distill.cli.profile",
+    "distill.cli.data",
+    "distill.cli.eval",
+    "distill.cli.run",
+    "distill.cli.compare",
+    "distill.cli.sweep",
 ]
 
 
@@ -50,7 +52,3 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"distill {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,93 @@
+"""`distill data pack|reindex|synth|inspect`: pack, reindex, generate and inspect face datasets (library: distill.data)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from distill.data.inspect import format_report, inspect_dataset
+from distill.data.pack import pack_image_tree
+from distill.data.recordio_writer import rebuild_index
+from distill.data.synthetic import MANIFEST, VAL_BIN, ensure_synthetic, synthetic_is_current
+from distill.errors import DataFormatError
+
+
+def _cmd_pack(args) -> int:
+    out = args.out
+    if os.path.exists(os.path.join(out, "train.rec")) and not args.force:
+        raise DataFormatError(f"{out}: already holds train.rec; pass --force to overwrite it")
+    info = pack_image_tree(args.src, out, quality=args.quality, progress=True)
+    h, w = info["image_size"]
+    print(f"packed {info['images']} images of {info['identities']} identities ({h}x{w}) into "
+          f"{os.path.join(out, 'train.rec')}, train.idx, property")
+    return 0
+
+
+def _cmd_reindex(args) -> int:
+    rec = os.path.join(args.rec, "train.rec") if os.path.isdir(args.rec) else args.rec
+    if not os.path.isfile(rec):
+        raise DataFormatError(f"{rec}: RecordIO file not found")
+    idx = os.path.splitext(rec)[0] + ".idx"
+    if os.path.exists(idx) and not args.force:
+        raise DataFormatError(f"{idx}: already exists; pass --force to rebuild it from {rec}")
+    n, rule = rebuild_index(rec, idx)
+    print(f"wrote {idx}: {n} records ({rule})")
+    return 0
+
+
+def _cmd_synth(args) -> int:
+    params = dict(ids=args.ids, images_per_id=args.images_per_id, size=args.size, pairs=args.pairs,
+                  seed=args.seed, holdout_ids=args.holdout_ids)
+    if synthetic_is_current(args.out, **params):
+        print(f"{args.out} already holds this synthetic dataset ({MANIFEST} matches); nothing to do")
+        return 0
+    start = time.perf_counter()
+    manifest = ensure_synthetic(args.out, workers=args.workers, progress=True, **params)
+    seconds = time.perf_counter() - start
+    p = manifest["params"]
+    rendered = manifest["images"] + 2 * p["pairs"]
+    print(f"wrote {args.out}: {manifest['images']} images of {p['ids']} identities ({p['size']}x{p['size']}) "
+          f"in train.rec/.idx/property; {VAL_BIN}: {p['pairs']} pairs of {p['holdout_ids']} held-out identities. "
+          f"{rendered} images in {seconds:.1f} s ({rendered / seconds:.0f} img/s)")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    print(format_report(inspect_dataset(args.path, grid=args.grid, rows=args.rows, cols=args.cols)))
+    return 0
+
+
+def add_commands(sub) -> None:
+    parser = sub.add_parser("data", help="pack, reindex, generate (synth) and inspect face datasets")
+    data_sub = parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+
+    p = data_sub.add_parser("pack", help="pack an identity-per-folder image tree into insightface train.rec/.idx")
+    p.add_argument("src", help="folder with one sub-folder of images per identity (classes sorted by name)")
+    p.add_argument("out", help="output folder for train.rec, train.idx and property")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality for non-JPEG sources (JPEGs are kept as is)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing train.rec in OUT")
+    p.set_defaults(func=_cmd_pack)
+
+    p = data_sub.add_parser("reindex", help="rebuild a missing train.idx by scanning train.rec")
+    p.add_argument("rec", help="the .rec file or the folder holding train.rec")
+    p.add_argument("--force", action="store_true", help="overwrite an existing .idx")
+    p.set_defaults(func=_cmd_reindex)
+
+    p = data_sub.add_parser("synth", help="generate synthetic face identities as insightface train.rec + a .bin")
+    p.add_argument("out", help="output folder (created; replaced only if it holds an older synthetic dataset)")
+    p.add_argument("--ids", type=int, default=1000, help="training identities (default 1000)")
+    p.add_argument("--images-per-id", type=int, default=20, help="images per training identity (default 20)")
+    p.add_argument("--size", type=int, default=112, help="image side in pixels (default 112)")
+    p.add_argument("--pairs", type=int, default=2000, help="verification pairs in synth_val.bin, even (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="dataset seed: same seed and sizes, same bytes (default 0)")
+    p.add_argument("--holdout-ids", type=int, default=None,
+                   help="held-out identities for the pairs (default max(10, ids/10)); never in train.rec")
+    p.add_argument("--workers", type=int, default=None, help="rendering processes (default: all CPUs)")
+    p.set_defaults(func=_cmd_synth)
+
+    p = data_sub.add_parser("inspect", help="count images and identities of a dataset and draw a grid of samples")
+    p.add_argument("path", help="folder with train.rec, a .rec file, a verification .bin, or an image folder tree")
+    p.add_argument("--grid", default=None, help="write a PNG of samples here (rows = identities, columns = images)")
+    p.add_argument("--rows", type=int, default=8, help="identities (or rows of pairs) in the grid (default 8)")
+    p.add_argument("--cols", type=int, default=8, help="images per row in the grid (default 8)")
+    p.set_defaults(func=_cmd_inspect)
