@@ -1,5 +1,6 @@
 """Safe checkpoint reading and strict state-dict loading shared by students, teachers and the engine.
 
+Writing goes through distill/atomic.py (atomic_torch_save here, atomic_write_json/atomic_write_text there).
 `torch.load` always runs with `weights_only=True`: a file that needs arbitrary objects unpickled is
 refused. Loads are strict: a mismatch names the first missing and unexpected keys and shape errors,
 and the model is left untouched (never a partial load).
@@ -7,12 +8,12 @@ and the model is left untouched (never a partial load).
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 
 import torch
 
+from distill.atomic import atomic_open
 from distill.errors import CheckpointError, UnsafeFileError
 
 
@@ -75,35 +76,10 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source="che
 
 
 def atomic_torch_save(obj, path) -> None:
-    """Write a checkpoint so that a crash, kill or full disk never leaves a broken file at `path`:
-    temporary file in the same folder, fsync, rename. On failure the previous file stays intact."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "no previous checkpoint existed"
-        raise CheckpointError(f"{path}: could not write the checkpoint ({err.strerror or err}); {kept}. "
-                              f"Free disk space and rerun the same command to resume.") from None
-
-
-def atomic_write_json(path, obj) -> None:
-    """Write a JSON file (manifest, result, summary) so readers see the old file or the new, never half."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a checkpoint so that a crash, kill or full disk never leaves a broken file at `path`
+    (distill.atomic.atomic_open); on failure the previous file stays intact and CheckpointError says so."""
+    with atomic_open(path, "wb", what="the checkpoint", error=CheckpointError) as f:
+        torch.save(obj, f)
 
 
 def capture_rng_state() -> dict:

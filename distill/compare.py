@@ -11,36 +11,24 @@ the training loss curves. No W&B involved.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 
+from distill.config import load_saved_config
 from distill.errors import ConfigError
+from distill.layout import RunLayout, is_run_dir, read_json, stage_order
+from distill.recursive import plan_stages
 from distill.evaluate import FAR_TARGETS
 from distill.summary import _stage_entry, cost_function, markdown_table
 from distill.tracking import read_metrics
 
 
-def stage_order(name: str) -> tuple:
-    """teacher, baseline, gen1, gen2, ... (gen10 after gen9), anything else last."""
-    m = re.fullmatch(r"gen(\d+)", name)
-    if m:
-        return (2, int(m.group(1)), name)
-    return ({"teacher": 0, "baseline": 1}.get(name, 3), 0, name)
-
-
 def _load_config(run_dir: str):
-    import yaml
-
-    from distill.config import config_from_dict
-
-    path = os.path.join(run_dir, "experiment.yaml")
+    run = RunLayout(run_dir)
     if not os.path.isdir(run_dir):
         raise ConfigError(f"{run_dir}: no such run directory (give what `distill run --out` or `distill sweep` wrote)")
-    if not os.path.exists(path):
-        raise ConfigError(f"{run_dir}: not a run directory of `distill run` (no experiment.yaml in it)")
-    with open(path, encoding="utf-8") as f:
-        return config_from_dict(yaml.safe_load(f) or {})
+    if not run.is_run_dir():
+        raise ConfigError(f"{run_dir}: not a run directory of `distill run` (no {os.path.basename(run.experiment)} in it)")
+    return load_saved_config(run.experiment)
 
 
 def _partial_entry(name: str, rows: list, spec, cost) -> dict:
@@ -74,29 +62,22 @@ def _partial_entry(name: str, rows: list, spec, cost) -> dict:
 
 def load_run(run_dir: str) -> dict:
     """{"run_dir", "experiment", "stages": [summary.json-style entries with "status"], "curves"}."""
-    from distill.recursive import plan_stages
-
     cfg = _load_config(run_dir)
+    run = RunLayout(run_dir)
     cost = cost_function(cfg)
     summarised = {}
-    path = os.path.join(run_dir, "summary.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            summarised = {s["stage"]: s for s in json.load(f).get("stages", [])}
+    if os.path.exists(run.summary_json):
+        summarised = {s["stage"]: s for s in read_json(run.summary_json).get("stages", [])}
     specs = {s.name: s for s in plan_stages(cfg, run_dir)}
-    names = [d for d in os.listdir(run_dir) if os.path.isdir(os.path.join(run_dir, d))
-             and (d in ("teacher", "baseline") or re.fullmatch(r"gen\d+", d))]
     stages, curves = [], {}
-    for name in sorted(set(names) | set(summarised), key=stage_order):
-        stage_dir = os.path.join(run_dir, name)
-        result_path = os.path.join(stage_dir, "result.json")
-        rows = read_metrics(stage_dir)
+    for name in sorted(set(run.stage_names()) | set(summarised), key=stage_order):
+        stage = run.stage(name)
+        rows = read_metrics(stage.dir)
         curves[name] = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
-        if name in summarised and (os.path.exists(result_path) or not os.path.isdir(stage_dir)):
+        if name in summarised and (stage.is_done() or not os.path.isdir(stage.dir)):
             entry = {**summarised[name], "status": "done"}  # (a stage being redone is read from its log)
-        elif os.path.exists(result_path):
-            with open(result_path, encoding="utf-8") as f:
-                result = json.load(f)
+        elif stage.is_done():
+            result = stage.read_result()
             try:
                 entry = {**_stage_entry(result, cost), "status": "done"}
             except Exception:  # noqa: BLE001
@@ -112,9 +93,8 @@ def expand_run_dirs(paths: list) -> list:
     out = []
     for path in paths:
         inner = []
-        if os.path.isdir(path) and not os.path.exists(os.path.join(path, "experiment.yaml")):
-            inner = sorted(os.path.join(path, d) for d in os.listdir(path)
-                           if os.path.exists(os.path.join(path, d, "experiment.yaml")))
+        if os.path.isdir(path) and not is_run_dir(path):
+            inner = sorted(os.path.join(path, d) for d in os.listdir(path) if is_run_dir(os.path.join(path, d)))
         out += inner or [path]
     return out
 

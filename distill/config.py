@@ -21,6 +21,7 @@ from typing import Optional
 import yaml
 
 import teachers
+from distill.atomic import atomic_open
 from distill.errors import ConfigDeprecationWarning, ConfigError, DistillError
 from distill.heads import HEADS
 from distill.losses import DISTILL_LOSSES
@@ -219,6 +220,23 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _merge_experiment(base: dict, over: dict) -> dict:
+    """`_merge`, except that a section's model arguments belong to its model: a child file or override that
+    names another `arch` (or an `onnx` file) for the student or teacher starts that model's arguments afresh
+    (e.g. `teacher.arch=iresnet18` over a VarGFaceNet teacher drops its multiplier); the section's own keys
+    (checkpoint, cache, train, init, ...) are kept."""
+    base = dict(base)
+    for name, cls in (("student", StudentConfig), ("teacher", TeacherConfig)):
+        old, new = base.get(name), over.get(name)
+        if not (isinstance(old, dict) and isinstance(new, dict)):
+            continue
+        changes_model = ("arch" in new and new["arch"] != old.get("arch")) or ("onnx" in new and new["onnx"] != old.get("onnx"))
+        if changes_model:
+            own = {f.name for f in dataclasses.fields(cls)} - {"arch", "onnx", "model"}
+            base[name] = {k: v for k, v in old.items() if k in own}
+    return _merge(base, over)
+
+
 def _load_with_bases(path: str, seen: tuple = ()) -> tuple[dict, dict]:
     """Merged raw dict and, for every top-level key path, the file it came from (for error messages)."""
     path = os.path.abspath(path)
@@ -234,7 +252,7 @@ def _load_with_bases(path: str, seen: tuple = ()) -> tuple[dict, dict]:
         if not os.path.exists(base_path):
             raise ConfigError(f"{path}: key 'base': base file {base_path} not found")
         merged, origin = _load_with_bases(base_path, seen + (path,))
-    merged = _merge(merged, data)
+    merged = _merge_experiment(merged, data)
     origin.update({k: path for k in _key_paths(data)})
     return merged, origin
 
@@ -406,7 +424,7 @@ def load_config(path: str, overrides: list | None = None) -> ExperimentConfig:
     """Read, merge (base, overrides) and validate an experiment file; raises ConfigError naming key and file."""
     raw, origin = _load_with_bases(path)
     over = parse_overrides(overrides or [])
-    raw = _merge(raw, over)
+    raw = _merge_experiment(raw, over)
     origin.update({k: "command-line override" for k in _key_paths(over)})
     # Relative data/checkpoint paths stay relative to the working directory, as for every CLI tool.
     return build_config(raw, source=path, origin=origin)
@@ -429,10 +447,13 @@ def to_dict(cfg) -> dict:
 
 
 def dump_config(cfg, path: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+
+
+def load_saved_config(path: str) -> ExperimentConfig:
+    """The resolved config a run directory keeps (experiment.yaml, written by dump_config)."""
+    return config_from_dict(read_yaml_mapping(path, "saved experiment file"), source=path)
 
 
 def config_from_dict(d: dict, source: str = "saved config") -> ExperimentConfig:

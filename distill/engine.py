@@ -42,12 +42,16 @@ from timm.utils import AverageMeter
 from torch import nn
 from tqdm import tqdm
 
-from distill.checkpoint import (atomic_torch_save, atomic_write_json, capture_rng_state, load_state_dict_strict,
+from distill.atomic import atomic_write_json
+from distill.checkpoint import (atomic_torch_save, capture_rng_state, load_state_dict_strict,
                                 restore_rng_state, safe_torch_load)
 from distill.config import ExperimentConfig, TrainConfig, to_dict
+from distill.dist import barrier, world_size
+from distill.dist import rank as dist_rank
 from distill.errors import CheckpointError, DistillError
 from distill.evaluate import evaluate_sets
 from distill.heads import create_head
+from distill.layout import StageLayout
 from distill.losses import DistillationObjective
 from distill.models import model_embedding_size, save_student
 from distill.registry import create_model
@@ -127,12 +131,6 @@ def _amp(train: TrainConfig, device: torch.device):
     return torch.bfloat16, False
 
 
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def scaled_lr(train: TrainConfig, world: int) -> float:
     """lr is given for a total batch of lr_batch_size and scales linearly with the real total batch."""
     return train.lr * train.batch_size * world * train.accumulate / train.lr_batch_size
@@ -182,7 +180,7 @@ class _Stage:
     device: torch.device
     rank: int
     world: int
-    paths: dict                     # last, best, student, result
+    paths: StageLayout              # last.pt, best.pt, student.pt, result.json
     compat: dict                    # what last.pt must agree on to be resumed (_compat_key)
     model: nn.Module
     head: nn.Module
@@ -230,7 +228,7 @@ def _model_and_head(cfg: ExperimentConfig, spec: StageSpec, num_classes: int, de
 def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, teacher, cache) -> _Stage:
     """Device, seed, model, head, objective, optimizer, scheduler, scaler and DDP wrapper of a fresh stage."""
     device = resolve_device(cfg.device)
-    rank, world = _world()
+    rank, world = dist_rank(), world_size()
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -254,8 +252,7 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
     ddp_model = model
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    paths = {k: os.path.join(stage_dir, f) for k, f in
-             (("last", "last.pt"), ("best", "best.pt"), ("student", "student.pt"), ("result", "result.json"))}
+    paths = StageLayout(stage_dir, spec.name)
     use_teacher = spec.alpha > 0 and (teacher is not None or cache is not None)
     return _Stage(cfg=cfg, spec=spec, device=device, rank=rank, world=world, paths=paths,
                   compat=_compat_key(cfg, spec, train_set, world), model=model, head=head, objective=objective,
@@ -268,7 +265,7 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
 
 def _resume(st: _Stage, log) -> None:
     """Load last.pt into the freshly built stage: weights, optimizer, scheduler, scaler, counters, RNG."""
-    path = st.paths["last"]
+    path = st.paths.last
     ck = safe_torch_load(path, map_location="cpu")
     differ = sorted(k for k in st.compat if ck.get("compat", {}).get(k) != st.compat[k])
     if differ:
@@ -302,7 +299,7 @@ def _checkpoint(st: _Stage) -> None:
         "epoch": st.micro // bpe, "batch_in_epoch": st.micro % bpe,
         "train_seconds": st.train_seconds, "best": st.best, "rng": capture_rng_state(),
         "config": to_dict(st.cfg), "compat": st.compat,
-    }, st.paths["last"])
+    }, st.paths.last)
 
 
 # ------------------------------------------------------------------------------------------ logging
@@ -374,7 +371,7 @@ def _micro_step(st: _Stage, batch, window: _Window) -> bool:
     total, logs = st.objective(emb.float(), y, t_emb)
     if not torch.isfinite(total):
         bad = [k for k, v in logs.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
-        kept = f"last good checkpoint: {st.paths['last']}" if os.path.exists(st.paths["last"]) else "no checkpoint was written yet"
+        kept = f"last good checkpoint: {st.paths.last}" if os.path.exists(st.paths.last) else "no checkpoint was written yet"
         raise TrainingDiverged(f"{st.spec.name}: loss became non-finite at step {st.step + 1} "
                                f"(term(s): {', '.join(bad) or 'loss'}); {kept}. Lower train.lr "
                                f"or set train.clip_grad.")
@@ -473,7 +470,7 @@ def _after_update(st: _Stage, window: _Window, val_sets: dict, tracker: Tracker,
             _checkpoint(st)
         if stop["signal"]:
             raise Preempted(f"{st.spec.name}: {stop['signal']} received; checkpoint written at step "
-                            f"{st.step} ({st.paths['last']}). Rerun the same command to resume.")
+                            f"{st.step} ({st.paths.last}). Rerun the same command to resume.")
     return st.step >= st.total_steps
 
 
@@ -485,7 +482,7 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
     """Train one stage to the end (or resume it) and return its result (also written to result.json)."""
     os.makedirs(stage_dir, exist_ok=True)
     st = _build(cfg, spec, stage_dir, train_set, teacher, cache)
-    if os.path.exists(st.paths["last"]):
+    if os.path.exists(st.paths.last):
         _resume(st, log)
     tracker = tracker or Tracker(stage_dir, rank=st.rank)
     tracker.truncate_after(st.step)
@@ -505,11 +502,11 @@ def _finish(st: _Stage, val_sets: dict, tracker: Tracker) -> dict:
               "model_kwargs": spec.model_kwargs, "steps": st.step, "train_seconds": round(st.train_seconds, 3),
               "metrics": metrics, "best": st.best}
     if st.rank == 0:
-        save_student(st.paths["student"], st.model, spec.arch, spec.model_kwargs, extra={"stage": spec.name, "step": st.step})
-        atomic_write_json(st.paths["result"], result)
+        save_student(st.paths.student, st.model, spec.arch, spec.model_kwargs, extra={"stage": spec.name, "step": st.step})
+        atomic_write_json(st.paths.result, result)
     if st.world > 1:  # the next stage starts from these files on every rank
-        dist.barrier()
-    tracker.finish(result, st.paths["student"] if st.rank == 0 else None)
+        barrier()
+    tracker.finish(result, st.paths.student if st.rank == 0 else None)
     return result
 
 
@@ -518,12 +515,12 @@ def _score(metrics: dict) -> float | None:
     return sum(accs) / len(accs) if accs else None
 
 
-def _keep_best(metrics: dict, best, step: int, model, spec: StageSpec, paths: dict, rank: int):
+def _keep_best(metrics: dict, best, step: int, model, spec: StageSpec, paths: StageLayout, rank: int):
     """best.pt is the student (same format as student.pt) at the evaluation with the best mean accuracy."""
     score = _score(metrics)
     if score is None or (best is not None and score <= best["score"]):
         return best
     best = {"score": score, "step": step}
     if rank == 0:
-        save_student(paths["best"], model, spec.arch, spec.model_kwargs, extra={"stage": spec.name, "step": step, "metrics": metrics})
+        save_student(paths.best, model, spec.arch, spec.model_kwargs, extra={"stage": spec.name, "step": step, "metrics": metrics})
     return best

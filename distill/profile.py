@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from distill.registry import create_model
+
 
 def params_in_use(model: nn.Module, input_size: int) -> int:
     """Trainable parameters that receive a gradient from one forward/backward (batch 2, train mode).
@@ -32,6 +34,13 @@ def count_flops(model: nn.Module, input_size: int) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, input_size, input_size))
     return counter.get_total_flops()
+
+
+def model_cost(arch: str, kwargs: dict) -> tuple:
+    """(parameters in use, GFLOPs) of one architecture, computed on CPU."""
+    model = create_model(arch, **kwargs)
+    size = kwargs.get("input_size", 112)
+    return params_in_use(model, size), count_flops(model, size) / 1e9
 
 
 def _time(fn, min_runs: int, budget_s: float) -> float:

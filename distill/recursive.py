@@ -17,44 +17,25 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import tempfile
 
-import torch
-
 import teachers
-from distill.checkpoint import atomic_write_json
-from distill.config import ExperimentConfig, config_from_dict, dump_config, to_dict
+from distill.atomic import atomic_write_json
+from distill.checkpoint import atomic_torch_save, safe_torch_load
+from distill.config import ExperimentConfig, config_from_dict, dump_config, load_saved_config, to_dict
 from distill.data.standin import StandInFaces, standin_pairs
+from distill.dist import is_main, rank0_first
 from distill.engine import StageSpec, run_stage
 from distill.errors import ConfigError
 from distill.evaluate import evaluate_sets, set_name_of
-from distill.registry import create_model
-from distill.profile import count_flops, params_in_use
+from distill.layout import BASELINE, TEACHER, RunLayout, generation_name
+from distill.summary import write_summary
 from distill.teacher_cache import build_cache
 from distill.tracking import stage_tracker, val_scalars
 
 # Keys that may change between reruns of one run directory without invalidating anything trained.
 HARMLESS = ("generations", "tracking", "data.num_workers", "train.log_every", "device")
-
-
-def _rank():
-    import torch.distributed as dist
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def rank0_first(fn):
-    """Run `fn` on rank 0, then on the other ranks (which find its files ready: synthetic data, cache)."""
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()):
-        return fn()
-    if dist.get_rank() == 0:
-        out = fn()
-        dist.barrier()
-        return out
-    dist.barrier()
-    return fn()
 
 
 def default_run_dir(cfg: ExperimentConfig) -> str:
@@ -72,13 +53,12 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def check_run_dir(cfg: ExperimentConfig, run_dir: str) -> None:
-    """Refuse a run directory that holds a different experiment (nothing trained is overwritten)."""
-    path = os.path.join(run_dir, "experiment.yaml")
+    """Refuse a run directory that holds a different experiment (nothing trained is overwritten). The saved
+    config is read through the current schema, so a directory written with earlier key names still resumes."""
+    path = RunLayout(run_dir).experiment
     if not os.path.exists(path):
         return
-    import yaml
-    with open(path, encoding="utf-8") as f:
-        old = _flat(yaml.safe_load(f) or {})
+    old = _flat(to_dict(load_saved_config(path)))
     new = _flat(to_dict(cfg))
     differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)
                     and not any(k == h or k.startswith(h + ".") for h in HARMLESS))
@@ -123,39 +103,33 @@ def prepare_teacher(cfg, run_dir, train_set, val, progress=True, log=print):
     if t.train is None:
         what = f"teacher.checkpoint {t.checkpoint} does not exist" if t.checkpoint else "teacher.checkpoint is not set"
         raise ConfigError(f"{what}; give an existing checkpoint, or a teacher.train recipe to train the teacher first")
-    stage_dir = os.path.join(run_dir, "teacher")
-    backbone = os.path.join(stage_dir, "backbone.pth")
     if t.onnx is not None:
         raise ConfigError(f"teacher.train: an ONNX teacher ({t.onnx}) cannot be trained here; give arch: <model name>")
-    if not os.path.exists(os.path.join(stage_dir, "result.json")):
-        stage = StageSpec("teacher", t.arch, dict(t.model), t.train, alpha=0.0, generation=0)
+    stage = RunLayout(run_dir).teacher
+    if not stage.is_done():
         log(f"teacher: training {t.arch} ({t.model}) as stage 0")
-        run_stage(cfg, stage, stage_dir, train_set, val, progress=progress, log=log,
-                  tracker=stage_tracker(cfg, run_dir, "teacher", 0, None))
+        run_stage(cfg, StageSpec(TEACHER, t.arch, dict(t.model), t.train, alpha=0.0, generation=0), stage.dir,
+                  train_set, val, progress=progress, log=log, tracker=stage_tracker(cfg, run_dir, TEACHER, 0, None))
+
     def export_backbone():  # a plain arcface_torch-style state dict of the trained teacher
-        if not os.path.exists(backbone):
-            from distill.checkpoint import safe_torch_load
-            state = safe_torch_load(os.path.join(stage_dir, "student.pt"))["state_dict"]
-            torch.save(state, backbone + ".tmp")
-            os.replace(backbone + ".tmp", backbone)
+        if not os.path.exists(stage.backbone):
+            atomic_torch_save(safe_torch_load(stage.student)["state_dict"], stage.backbone)
 
     rank0_first(export_backbone)
-    return teachers.build_teacher({**spec, "checkpoint": backbone})
+    return teachers.build_teacher({**spec, "checkpoint": stage.backbone})
 
 
 def _teacher_result(cfg, run_dir, teacher, val) -> dict:
     """Metrics of a loaded (not trained here) teacher, computed once and kept in teacher/result.json."""
-    stage_dir = os.path.join(run_dir, "teacher")
-    path = os.path.join(stage_dir, "result.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    os.makedirs(stage_dir, exist_ok=True)
-    metrics = evaluate_sets(teacher, val, teacher.input_size, progress=False, model_name="teacher") if val else {}
-    result = {"stage": "teacher", "generation": 0, "init_from": cfg.teacher.checkpoint, "train_seconds": 0.0,
+    stage = RunLayout(run_dir).teacher
+    if stage.is_done():
+        return stage.read_result()
+    os.makedirs(stage.dir, exist_ok=True)
+    metrics = evaluate_sets(teacher, val, teacher.input_size, progress=False, model_name=TEACHER) if val else {}
+    result = {"stage": TEACHER, "generation": 0, "init_from": cfg.teacher.checkpoint, "train_seconds": 0.0,
               "metrics": metrics}
-    atomic_write_json(path, result)
-    tracker = stage_tracker(cfg, run_dir, "teacher", 0, cfg.teacher.checkpoint)  # a W&B run for the teacher too
+    atomic_write_json(stage.result, result)
+    tracker = stage_tracker(cfg, run_dir, TEACHER, 0, cfg.teacher.checkpoint)  # a W&B run for the teacher too
     tracker.log(val_scalars(metrics), 0)
     tracker.finish(result, None)
     return result
@@ -165,26 +139,26 @@ def _teacher_result(cfg, run_dir, teacher, val) -> dict:
 
 def plan_stages(cfg: ExperimentConfig, run_dir: str) -> list:
     alpha = cfg.distill.alpha if cfg.teacher is not None else 0.0
+    run = RunLayout(run_dir)
     stages = []
     if cfg.baseline:
-        stages.append(student_spec(cfg, "baseline", 0, 0.0, cfg.student.init, None))
-    prev = None
+        stages.append(student_spec(cfg, BASELINE, 0, 0.0, cfg.student.init, None))
     for k in range(1, cfg.generations + 1):
-        init = cfg.student.init if k == 1 else os.path.join(run_dir, f"gen{k - 1}", "student.pt")
-        head = os.path.join(run_dir, f"gen{k - 1}", "last.pt") if (prev and cfg.init_head_from_previous) else None
-        stages.append(student_spec(cfg, f"gen{k}", k, alpha, init, head))
-        prev = f"gen{k}"
+        init = cfg.student.init if k == 1 else run.generation(k - 1).student
+        head = run.generation(k - 1).last if (k > 1 and cfg.init_head_from_previous) else None
+        stages.append(student_spec(cfg, generation_name(k), k, alpha, init, head))
     return stages
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: str | None = None, progress: bool = True, log=print) -> dict:
     run_dir = run_dir or default_run_dir(cfg)
-    if _rank() != 0:  # one voice: rank 0 reports for all
+    run = RunLayout(run_dir)
+    if not is_main():  # one voice: rank 0 reports for all
         log = lambda *_: None  # noqa: E731
     check_run_dir(cfg, run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    if _rank() == 0:
-        dump_config(cfg, os.path.join(run_dir, "experiment.yaml"))
+    if is_main():
+        dump_config(cfg, run.experiment)
     train_set, val = open_data(cfg, log=log)
     log(f"{cfg.name}: {len(train_set)} training images of {train_set.num_classes} identities; "
         f"verification: {', '.join(f'{k} ({len(v[1])} pairs)' for k, v in val.items()) or 'none'}")
@@ -194,32 +168,22 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | None = None, progress: 
         teacher = prepare_teacher(cfg, run_dir, train_set, val, progress, log)
         results.append(rank0_first(lambda: _teacher_result(cfg, run_dir, teacher, val)))
         if cfg.teacher.cache and cfg.distill.alpha > 0 and cfg.generations > 0:
-            cache = rank0_first(lambda: build_cache(teacher, train_set, os.path.join(run_dir, "teacher_cache"),
+            cache = rank0_first(lambda: build_cache(teacher, train_set, run.teacher_cache,
                                                     num_workers=cfg.data.num_workers, progress=progress, log=log))
     for spec in plan_stages(cfg, run_dir):
-        stage_dir = os.path.join(run_dir, spec.name)
-        done = os.path.join(stage_dir, "result.json")
-        if os.path.exists(done):
+        stage = run.stage(spec.name)
+        if stage.is_done():
             log(f"{spec.name}: finished earlier, skipped")
-            with open(done, encoding="utf-8") as f:
-                results.append(json.load(f))
+            results.append(stage.read_result())
             continue
         log(f"{spec.name}: training {spec.arch}" + (f" from {spec.init_from}" if spec.init_from else " from scratch")
             + (f", distilling with {cfg.distill.loss} (alpha {spec.alpha:g})" if spec.alpha else ", no distillation"))
         tracker = stage_tracker(cfg, run_dir, spec.name, spec.generation, spec.init_from)
-        results.append(run_stage(cfg, spec, stage_dir, train_set, val, teacher=teacher, cache=cache,
+        results.append(run_stage(cfg, spec, stage.dir, train_set, val, teacher=teacher, cache=cache,
                                  progress=progress, log=log, tracker=tracker))
-    from distill.summary import write_summary
-    if _rank() != 0:
+    if not is_main():
         return {"experiment": cfg.name, "stages": []}
     return write_summary(cfg, run_dir, results, log=log)
-
-
-def model_cost(arch: str, kwargs: dict) -> tuple:
-    """(parameters in use, GFLOPs) of one architecture, computed on CPU."""
-    model = create_model(arch, **kwargs)
-    size = kwargs.get("input_size", 112)
-    return params_in_use(model, size), count_flops(model, size) / 1e9
 
 
 # ------------------------------------------------------------------------------------------ dry run

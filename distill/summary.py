@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-from distill.checkpoint import atomic_write_json
+from distill.atomic import atomic_write_json, atomic_write_text
+from distill.layout import TEACHER, RunLayout
+from distill.profile import model_cost
 
 METRIC_KEYS = ("acc_mean", "acc_std", "xnorm", "tar_at_far")
 
@@ -62,12 +64,10 @@ def markdown_table(summary: dict, fars: tuple = ("1e-3",), before: tuple = (), a
 
 def cost_function(cfg):
     """`cost(result) -> (params, GFLOPs)` of a stage's model, memoised per architecture (None, None when unknown)."""
-    from distill.recursive import model_cost
-
     costs = {}
 
     def cost(result):
-        if result["stage"] == "teacher" and "arch" not in result:  # loaded, not trained here
+        if result["stage"] == TEACHER and "arch" not in result:  # loaded, not trained here
             if cfg.teacher is None or cfg.teacher.arch is None:  # an ONNX file: no torch model to count
                 return None, None
             arch, kwargs = cfg.teacher.arch, cfg.teacher.model
@@ -84,9 +84,9 @@ def cost_function(cfg):
 def write_summary(cfg, run_dir: str, results: list, log=print) -> dict:
     cost = cost_function(cfg)
     summary = {"experiment": cfg.name, "stages": [_stage_entry(r, cost) for r in results]}
-    atomic_write_json(os.path.join(run_dir, "summary.json"), summary)
+    run = RunLayout(run_dir)
+    atomic_write_json(run.summary_json, summary)
     table = markdown_table(summary)
-    with open(os.path.join(run_dir, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(f"# {cfg.name}\n\n{table}\n")
+    atomic_write_text(run.summary_md, f"# {cfg.name}\n\n{table}\n")
     log(f"\n{cfg.name} ({run_dir})\n{table}")
     return summary

@@ -31,15 +31,19 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from distill.atomic import atomic_write_json, atomic_write_text
+from distill.compare import comparison_json, comparison_table, load_runs
 from distill.config import load_config, parse_overrides, read_yaml_mapping, to_dict
+from distill.engine import Preempted
 from distill.errors import ConfigError, DistillError
+from distill.layout import RunLayout, StageLayout, comparison_files, is_run_dir
+from distill.recursive import run_experiment
 from distill.registry import create_model
+from distill.tracking import close_open_runs
 
 GRID_KEYS = ("base", "name", "grid", "fixed", "description")
 # What a trained teacher depends on: points that agree on all of these can share it.
 TEACHER_KEYS = ("teacher", "data", "seed", "margin", "deterministic", "device")
-# Files of a finished teacher stage that the next point needs (not last.pt/best.pt, not the W&B run id).
-TEACHER_FILES = ("result.json", "backbone.pth", "student.pt", "metrics.jsonl", "wandb_artifact.txt")
 
 
 @dataclass
@@ -170,25 +174,21 @@ def _teacher_key(cfg) -> str | None:
     return json.dumps({k: d.get(k) for k in TEACHER_KEYS}, sort_keys=True)
 
 
-def _share_teacher(source: str, run_dir: str) -> bool:
-    """Copy a finished teacher stage into a point's run directory that has none yet."""
-    target = os.path.join(run_dir, "teacher")
-    if os.path.exists(os.path.join(target, "result.json")) or not os.path.exists(os.path.join(source, "result.json")):
+def _share_teacher(source: StageLayout, run_dir: str) -> bool:
+    """Copy a finished teacher stage (the files layout.StageLayout names as shared: not last.pt/best.pt, not
+    the W&B run id) into a point's run directory that has none yet."""
+    target = RunLayout(run_dir).teacher
+    if target.is_done() or not source.is_done():
         return False
-    os.makedirs(target, exist_ok=True)
-    for name in TEACHER_FILES:
-        if os.path.exists(os.path.join(source, name)):
-            shutil.copy2(os.path.join(source, name), os.path.join(target, name))
+    os.makedirs(target.dir, exist_ok=True)
+    for src, dst in zip(source.shared_teacher_files(), target.shared_teacher_files()):
+        if os.path.exists(src):
+            shutil.copy2(src, dst)
     return True
 
 
 def run_sweep(grid: Grid, out: str | None = None, progress: bool = True, log=print) -> dict:
     """Run every point (validated first), then compare them. Returns {"points": [...], "failed": [...]}."""
-    from distill.compare import comparison_json, comparison_table, load_runs
-    from distill.engine import Preempted
-    from distill.recursive import run_experiment
-    from distill.tracking import close_open_runs
-
     out = out or default_out(grid)
     points = expand(grid)
     configs = [point_config(grid, p) for p in points]  # every point is checked before any work
@@ -199,7 +199,7 @@ def run_sweep(grid: Grid, out: str | None = None, progress: bool = True, log=pri
         log(f"\n[{i}/{len(points)}] {point.name}: " + ", ".join(f"{k}={_scalar(v)}" for k, v in point.values.items()))
         key = _teacher_key(cfg)
         if key in teachers and _share_teacher(teachers[key], run_dir):
-            log(f"{point.name}: teacher shared from {teachers[key]}")
+            log(f"{point.name}: teacher shared from {teachers[key].dir}")
         try:
             run_experiment(cfg, run_dir, progress=progress, log=log)
         except Preempted:
@@ -208,18 +208,16 @@ def run_sweep(grid: Grid, out: str | None = None, progress: bool = True, log=pri
             close_open_runs(exit_code=1)
             log(f"{point.name}: FAILED: {err}")
             failed.append(point.name)
-        if key is not None and key not in teachers and os.path.exists(os.path.join(run_dir, "teacher", "result.json")):
-            teachers[key] = os.path.join(run_dir, "teacher")
-    done = [os.path.join(out, p.name) for p in points
-            if os.path.exists(os.path.join(out, p.name, "experiment.yaml"))]
+        if key is not None and key not in teachers and RunLayout(run_dir).teacher.is_done():
+            teachers[key] = RunLayout(run_dir).teacher
+    done = [os.path.join(out, p.name) for p in points if is_run_dir(os.path.join(out, p.name))]
     if done:
         runs = load_runs(done)
         table = comparison_table(runs)
-        with open(os.path.join(out, "comparison.md"), "w", encoding="utf-8") as f:
-            f.write(f"# sweep {grid.name} ({grid.path})\n\n{table}\n")
-        with open(os.path.join(out, "comparison.json"), "w", encoding="utf-8") as f:
-            json.dump(comparison_json(runs), f, indent=1)
-        log(f"\nsweep {grid.name} ({out}/comparison.md)\n{table}")
+        md, js = comparison_files(out)
+        atomic_write_text(md, f"# sweep {grid.name} ({grid.path})\n\n{table}\n")
+        atomic_write_json(js, comparison_json(runs))
+        log(f"\nsweep {grid.name} ({md})\n{table}")
     if failed:
         log(f"\nsweep {grid.name}: {len(failed)} point(s) failed: {', '.join(failed)}")
     return {"points": [p.name for p in points], "failed": failed}

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from distill.checkpoint import atomic_write_json
+from distill.atomic import atomic_write_json
 from distill.errors import DataFormatError
 
 CACHE_FORMAT = 1

@@ -43,7 +43,12 @@ import time
 import warnings
 from urllib.parse import urlsplit
 
+from distill.atomic import atomic_write_text
+from distill.config import to_dict
+from distill.dist import rank as dist_rank
 from distill.errors import ConfigError
+from distill.evaluate import FAR_TARGETS, set_name_of
+from distill.layout import BASELINE, TEACHER, RunLayout, StageLayout, generation_name
 
 MODES = ("auto", "online", "offline", "disabled")
 _SWEEP_ENV = ("WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH", "WANDB_RUN_ID")
@@ -57,7 +62,7 @@ class Tracker:
     """Local metrics log of one stage (rank 0 only writes)."""
 
     def __init__(self, stage_dir: str, rank: int = 0):
-        self.path = os.path.join(stage_dir, "metrics.jsonl")
+        self.path = StageLayout(stage_dir).metrics
         self.rank = rank
 
     def log(self, metrics: dict, step: int) -> None:
@@ -74,10 +79,7 @@ class Tracker:
             lines = [line for line in f if line.strip()]
         kept = [line for line in lines if _step_of(line) <= step]
         if len(kept) != len(lines):
-            tmp = self.path + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(kept)
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(kept))
 
     def finish(self, result: dict | None = None, student_path: str | None = None) -> None:
         """The stage ended: `result` is its result.json content, `student_path` its student.pt."""
@@ -164,9 +166,9 @@ class WandbTracker(Tracker):
                                 metrics=_plain_metrics(result.get("metrics") or {}))
                 art = wandb.Artifact(self.artifact["name"], type="model", metadata=meta,
                                      description=f"student.pt of stage {meta['stage']} ({student_path})")
-                art.add_file(student_path, name="student.pt")
+                art.add_file(student_path, name=os.path.basename(student_path))
                 self.run.log_artifact(art, aliases=["latest", meta["stage"]])
-                _write_text(os.path.join(self.stage_dir, "wandb_artifact.txt"), self.artifact["name"])
+                atomic_write_text(StageLayout(self.stage_dir).wandb_artifact, self.artifact["name"] + "\n")
         except Exception as err:  # noqa: BLE001
             self._fail("logging the student artifact", err, exit_code=0)  # the stage itself succeeded
             return
@@ -215,20 +217,20 @@ def resolve_mode(setting: str, environ=os.environ) -> str:
 
 def group_id(run_dir: str) -> str:
     """8 hex digits naming a run directory, made once and kept in run_dir/wandb_group.txt."""
-    path = os.path.join(run_dir, "wandb_group.txt")
+    path = RunLayout(run_dir).wandb_group
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             kept = f.read().strip()
         if re.fullmatch(r"[0-9a-f]{8}", kept):
             return kept
     digest = hashlib.sha1(os.path.abspath(run_dir).encode()).hexdigest()[:8]
-    _write_text(path, digest)
+    atomic_write_text(path, digest + "\n")
     return digest
 
 
 def _stage_run_id(stage_dir: str, group: str, stage: str, sweep_trial: bool) -> str:
     """The stage's W&B run id, kept in stage_dir/wandb_run_id.txt so a resumed stage continues its run."""
-    path = os.path.join(stage_dir, "wandb_run_id.txt")
+    path = StageLayout(stage_dir).wandb_run_id
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             kept = f.read().strip()
@@ -236,33 +238,22 @@ def _stage_run_id(stage_dir: str, group: str, stage: str, sweep_trial: bool) -> 
             return kept
     # A fresh random part: a deleted and recreated run directory must not append to its old W&B runs.
     run_id = os.environ["WANDB_RUN_ID"] if sweep_trial else f"{group}-{stage}-{secrets.token_hex(3)}"
-    _write_text(path, run_id)
+    atomic_write_text(path, run_id + "\n")
     return run_id
 
 
-def _rank(rank: int) -> int:
-    """This process's rank: the driver does not pass it, and every rank builds its trackers."""
-    try:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except ImportError:
-        pass
-    return int(os.environ.get("RANK", rank) or 0)
-
-
 def _last_stage(cfg) -> str:
-    return f"gen{cfg.generations}" if cfg.generations > 0 else ("baseline" if cfg.baseline else "teacher")
+    return generation_name(cfg.generations) if cfg.generations > 0 else (BASELINE if cfg.baseline else TEACHER)
 
 
 def _input_artifacts(cfg, run_dir: str, generation: int, init_from: str | None) -> list:
     """Artifacts this stage starts from: its init_from's stage, and the teacher trained here when it distils."""
     dirs = [os.path.dirname(os.path.abspath(init_from))] if init_from else []
     if generation > 0 and cfg.teacher is not None and cfg.distill.alpha > 0:
-        dirs.append(os.path.join(run_dir, "teacher"))
+        dirs.append(RunLayout(run_dir).teacher.dir)
     names = []
     for d in dirs:
-        path = os.path.join(d, "wandb_artifact.txt")
+        path = StageLayout(d).wandb_artifact
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 names.append(f.read().strip())
@@ -282,15 +273,13 @@ def val_scalars(metrics: dict) -> dict:
     return flat
 
 
-def stage_tracker(cfg, run_dir: str, stage: str, generation: int, init_from: str | None, rank: int = 0) -> Tracker:
+def stage_tracker(cfg, run_dir: str, stage: str, generation: int, init_from: str | None) -> Tracker:
     """The tracker of one stage of an experiment (the generations driver calls this for every stage)."""
-    stage_dir = os.path.join(run_dir, stage)
-    rank = _rank(rank)
+    stage_dir = RunLayout(run_dir).stage(stage).dir  # W&B writes its own files under run_dir/wandb/
+    rank = dist_rank()  # the driver does not pass it, and every rank builds its trackers
     mode = resolve_mode(cfg.tracking.wandb)
     if rank != 0 or mode == "disabled":
         return Tracker(stage_dir, rank=rank)
-    from distill.config import to_dict
-    from distill.evaluate import FAR_TARGETS, set_name_of
 
     try:
         os.makedirs(stage_dir, exist_ok=True)
@@ -301,7 +290,7 @@ def stage_tracker(cfg, run_dir: str, stage: str, generation: int, init_from: str
         run_id = _stage_run_id(stage_dir, digits, stage, sweep_trial)
     except OSError as err:
         warnings.warn(f"W&B tracking is off for {stage}: cannot write its ids under {run_dir} ({err}); metrics go "
-                      f"to {os.path.join(stage_dir, 'metrics.jsonl')} only", TrackingWarning, stacklevel=2)
+                      f"to {StageLayout(stage_dir).metrics} only", TrackingWarning, stacklevel=2)
         return Tracker(stage_dir, rank=rank)
     inputs = _input_artifacts(cfg, run_dir, generation, init_from)
     config = {**to_dict(cfg), "stage": stage, "generation": generation, "init_from": init_from,
@@ -338,13 +327,6 @@ def _plain_metrics(metrics: dict) -> dict:
             for name, m in metrics.items()}
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)
-
-
 def _step_of(line: str) -> int:
     try:
         return int(json.loads(line).get("step", 0))
@@ -353,7 +335,7 @@ def _step_of(line: str) -> int:
 
 
 def read_metrics(stage_dir: str) -> list:
-    path = os.path.join(stage_dir, "metrics.jsonl")
+    path = StageLayout(stage_dir).metrics
     if not os.path.exists(path):
         return []
     out = []

@@ -12,6 +12,7 @@ from array import array
 
 import numpy as np
 
+from distill.atomic import atomic_open
 from distill.data.recordio import IRHEADER, LENGTH_MASK, MAGIC, MAGIC_BYTES
 from distill.errors import DataFormatError
 
@@ -237,8 +238,6 @@ def rebuild_index(rec_path, idx_path=None) -> tuple:
         keys, rule = ids, "no header (im2rec layout): keys are the IRHeader ids, as im2rec writes them"
     else:
         keys, rule = list(range(len(offsets))), "no header, ids not unique: keys are the file order 0.., as rec2idx does"
-    tmp = idx_path + ".partial"
-    with open(tmp, "w", encoding="ascii", newline="\n") as f:
+    with atomic_open(idx_path, "w", encoding="ascii", newline="\n") as f:
         f.writelines(f"{k}\t{o}\n" for k, o in zip(keys, offsets))
-    os.replace(tmp, idx_path)
     return len(offsets), rule

@@ -8,6 +8,7 @@ import pickle
 
 import numpy as np
 
+from distill.atomic import atomic_open
 from distill.data.images import decode_image
 from distill.errors import DataFormatError, UnsafeFileError
 
@@ -153,8 +154,5 @@ def write_verification_bin(path, encoded_images, issame) -> None:
     flags = [bool(s) for s in issame]
     if len(images) != 2 * len(flags):
         raise ValueError(f"{len(flags)} pairs need {2 * len(flags)} images, got {len(images)}")
-    path = os.fspath(path)
-    tmp = path + ".partial"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         pickle.dump((images, flags), f, protocol=4)
-    os.replace(tmp, path)
