@@ -18,7 +18,7 @@ from distill.errors import ConfigError
 from distill.layout import RunLayout, is_run_dir, read_json, stage_order
 from distill.recursive import plan_stages
 from distill.evaluate import FAR_TARGETS
-from distill.summary import _stage_entry, cost_function, markdown_table
+from distill.summary import _stage_entry, cost_function, markdown_table, teacher_model
 from distill.tracking import read_metrics
 
 
@@ -31,7 +31,7 @@ def _load_config(run_dir: str):
     return load_saved_config(run.experiment)
 
 
-def _partial_entry(name: str, rows: list, spec, cost) -> dict:
+def _partial_entry(name: str, rows: list, spec, cost, cfg) -> dict:
     """A stage still training or interrupted: its last evaluation from metrics.jsonl, its cost from the config."""
     metrics = {}
     for row in rows:  # later evaluations overwrite earlier ones
@@ -49,13 +49,13 @@ def _partial_entry(name: str, rows: list, spec, cost) -> dict:
     if spec is not None:
         result = {"stage": name, "arch": spec.arch, "model_kwargs": spec.model_kwargs}
     else:
-        result = {"stage": name}  # the teacher: its architecture comes from the config
+        result = {"stage": name, "arch": teacher_model(cfg)[0] if cfg.teacher else None}  # from the config
     try:
         params, gflops = cost(result)
     except Exception:  # noqa: BLE001 - a cost we cannot compute is shown as '-', never a crash
         params, gflops = None, None
     steps = [r["step"] for r in rows if "step" in r]
-    return {"stage": name, "generation": spec.generation if spec else 0, "init_from": spec.init_from if spec else None,
+    return {"stage": name, "arch": result.get("arch"), "generation": spec.generation if spec else 0, "init_from": spec.init_from if spec else None,
             "params": params, "gflops": gflops, "train_seconds": None, "metrics": metrics,
             "status": f"unfinished (step {max(steps)})" if steps else "not started"}
 
@@ -83,7 +83,7 @@ def load_run(run_dir: str) -> dict:
             except Exception:  # noqa: BLE001
                 entry = {**_stage_entry(result, lambda _r: (None, None)), "status": "done"}
         else:
-            entry = _partial_entry(name, rows, specs.get(name), cost)
+            entry = _partial_entry(name, rows, specs.get(name), cost, cfg)
         stages.append(entry)
     return {"run_dir": run_dir, "experiment": cfg.name, "stages": stages, "curves": curves}
 

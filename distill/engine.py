@@ -54,6 +54,7 @@ from distill.heads import create_head
 from distill.layout import StageLayout
 from distill.losses import DistillationObjective
 from distill.models import model_embedding_size, save_student
+from distill.profile import model_cost
 from distill.registry import create_model
 from distill.teacher_cache import match_input_size
 from distill.tracking import Tracker, val_scalars
@@ -502,6 +503,8 @@ def _finish(st: _Stage, val_sets: dict, tracker: Tracker) -> dict:
               "model_kwargs": spec.model_kwargs, "steps": st.step, "train_seconds": round(st.train_seconds, 3),
               "metrics": metrics, "best": st.best}
     if st.rank == 0:
+        with torch.random.fork_rng(devices=[]):  # counting builds a fresh model: no random state is used up
+            result["params"], result["gflops"] = model_cost(spec.arch, spec.model_kwargs)
         save_student(st.paths.student, st.model, spec.arch, spec.model_kwargs, extra={"stage": spec.name, "step": st.step})
         atomic_write_json(st.paths.result, result)
     if st.world > 1:  # the next stage starts from these files on every rank

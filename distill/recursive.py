@@ -30,7 +30,8 @@ from distill.engine import StageSpec, run_stage
 from distill.errors import ConfigError
 from distill.evaluate import evaluate_sets, set_name_of
 from distill.layout import BASELINE, TEACHER, RunLayout, generation_name
-from distill.summary import write_summary
+from distill.profile import model_cost
+from distill.summary import teacher_model, write_summary
 from distill.teacher_cache import build_cache
 from distill.tracking import stage_tracker, val_scalars
 
@@ -126,8 +127,10 @@ def _teacher_result(cfg, run_dir, teacher, val) -> dict:
         return stage.read_result()
     os.makedirs(stage.dir, exist_ok=True)
     metrics = evaluate_sets(teacher, val, teacher.input_size, progress=False, model_name=TEACHER) if val else {}
-    result = {"stage": TEACHER, "generation": 0, "init_from": cfg.teacher.checkpoint, "train_seconds": 0.0,
-              "metrics": metrics}
+    label, arch, kwargs = teacher_model(cfg)
+    params, gflops = model_cost(arch, kwargs) if arch else (None, None)
+    result = {"stage": TEACHER, "generation": 0, "init_from": cfg.teacher.checkpoint or cfg.teacher.onnx,
+              "arch": label, "params": params, "gflops": gflops, "train_seconds": 0.0, "metrics": metrics}
     atomic_write_json(stage.result, result)
     tracker = stage_tracker(cfg, run_dir, TEACHER, 0, cfg.teacher.checkpoint)  # a W&B run for the teacher too
     tracker.log(val_scalars(metrics), 0)

@@ -15,8 +15,9 @@ METRIC_KEYS = ("acc_mean", "acc_std", "xnorm", "tar_at_far")
 def _stage_entry(result: dict, cost) -> dict:
     params, gflops = cost(result)
     return {
-        "stage": result["stage"], "generation": result.get("generation", 0), "init_from": result.get("init_from"),
-        "params": params, "gflops": gflops, "train_seconds": result.get("train_seconds", 0.0),
+        "stage": result["stage"], "arch": result.get("arch"), "generation": result.get("generation", 0),
+        "init_from": result.get("init_from"), "params": params, "gflops": gflops,
+        "train_seconds": result.get("train_seconds", 0.0),
         "metrics": {name: {k: m.get(k) for k in METRIC_KEYS} for name, m in (result.get("metrics") or {}).items()},
     }
 
@@ -40,7 +41,7 @@ def markdown_table(summary: dict, fars: tuple = ("1e-3",), before: tuple = (), a
     sets = []
     for s in summary["stages"]:
         sets += [k for k in s["metrics"] if k not in sets]
-    head = [h for h, _ in before] + ["stage", "init from", "params (M)", "GFLOPs", "train (s)"]
+    head = [h for h, _ in before] + ["stage", "arch", "init from", "params (M)", "GFLOPs", "train (s)"]
     for name in sets:
         head += [f"{name} acc (%)"] + [f"{name} TAR@{far} (%)" for far in fars]
     head += [h for h, _ in after]
@@ -48,7 +49,7 @@ def markdown_table(summary: dict, fars: tuple = ("1e-3",), before: tuple = (), a
     for s in summary["stages"]:
         init = os.path.basename(os.path.dirname(s["init_from"])) if s.get("init_from") else "-"
         row = [fn(s) for _, fn in before]
-        row += [s["stage"], init, "-" if s["params"] is None else f"{s['params'] / 1e6:.2f}",
+        row += [s["stage"], s.get("arch") or "-", init, "-" if s["params"] is None else f"{s['params'] / 1e6:.2f}",
                 "-" if s["gflops"] is None else f"{s['gflops']:.3f}",
                 "-" if s.get("train_seconds") is None else f"{s['train_seconds']:.0f}"]
         for name in sets:
@@ -62,15 +63,27 @@ def markdown_table(summary: dict, fars: tuple = ("1e-3",), before: tuple = (), a
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
+def teacher_model(cfg) -> tuple:
+    """(architecture label, registry name or None, its arguments) of the experiment's teacher; an ONNX
+    teacher is labelled by its file and has no torch model to count."""
+    t = cfg.teacher
+    if t.arch is None:
+        return os.path.basename(t.onnx), None, None
+    return t.arch, t.arch, dict(t.model)
+
+
 def cost_function(cfg):
-    """`cost(result) -> (params, GFLOPs)` of a stage's model, memoised per architecture (None, None when unknown)."""
+    """`cost(result) -> (params, GFLOPs)` of a stage's model: what its result.json recorded, else computed
+    (memoised per architecture); (None, None) when unknown."""
     costs = {}
 
     def cost(result):
-        if result["stage"] == TEACHER and "arch" not in result:  # loaded, not trained here
-            if cfg.teacher is None or cfg.teacher.arch is None:  # an ONNX file: no torch model to count
+        if result.get("gflops") is not None:
+            return result.get("params"), result["gflops"]
+        if result["stage"] == TEACHER and "model_kwargs" not in result:  # loaded, not trained here
+            if cfg.teacher is None or teacher_model(cfg)[1] is None:
                 return None, None
-            arch, kwargs = cfg.teacher.arch, cfg.teacher.model
+            _, arch, kwargs = teacher_model(cfg)
         else:
             arch, kwargs = result["arch"], result["model_kwargs"]
         key = json.dumps([arch, kwargs], sort_keys=True)

@@ -159,6 +159,8 @@ class WandbTracker(Tracker):
             if result:
                 self.run.summary.update({"train_seconds": result.get("train_seconds"), "steps": result.get("steps"),
                                          "best_step": (result.get("best") or {}).get("step")})
+                model = {"arch": result.get("arch"), "params": result.get("params"), "gflops": result.get("gflops")}
+                self.run.summary.update({f"model/{k}": v for k, v in model.items() if v is not None})
             if student_path and os.path.exists(student_path):
                 meta = {**self.artifact["metadata"]}
                 if result:

@@ -51,18 +51,19 @@ def test_compare_table_has_one_row_per_run_and_stage(runs, capsys):
     assert main(["compare", str(a), str(b)]) == 0
     rows = table_rows(capsys.readouterr().out)
     head = rows[0]
-    assert head[:6] == ["run", "stage", "init from", "params (M)", "GFLOPs", "train (s)"]
-    assert head[6:] == ["synth_val acc (%)", "synth_val TAR@1e-3 (%)", "synth_val TAR@1e-4 (%)"]
+    assert head[:7] == ["run", "stage", "arch", "init from", "params (M)", "GFLOPs", "train (s)"]
+    assert head[7:] == ["synth_val acc (%)", "synth_val TAR@1e-3 (%)", "synth_val TAR@1e-4 (%)"]
     assert [(r[0], r[1]) for r in rows[1:]] == [("tiny-a", "teacher"), ("tiny-a", "baseline"), ("tiny-a", "gen1"),
                                                ("tiny-b", "gen1"), ("tiny-b", "gen2")]
     for row in rows[1:]:
         run_dir = a if row[0] == "tiny-a" else b
         summary = {s["stage"]: s for s in json.loads((run_dir / "summary.json").read_text())["stages"]}[row[1]]
         m = summary["metrics"]["synth_val"]
-        assert row[6] == f"{100 * m['acc_mean']:.2f} ± {100 * m['acc_std']:.2f}"
-        assert row[3] == f"{summary['params'] / 1e6:.2f}" and row[5] == f"{summary['train_seconds']:.0f}"
-        assert row[7] == row[8] == "n/a"  # 20 impostor pairs cannot measure FAR 1e-3
-    assert rows[5][2] == "gen1"  # tiny-b's gen2 starts from its gen1
+        assert row[7] == f"{100 * m['acc_mean']:.2f} ± {100 * m['acc_std']:.2f}"
+        assert row[4] == f"{summary['params'] / 1e6:.2f}" and row[6] == f"{summary['train_seconds']:.0f}"
+        assert row[2] == summary["arch"] == ("iresnet18" if row[1] == "teacher" else "vargfacenet")
+        assert row[8] == row[9] == "n/a"  # 20 impostor pairs cannot measure FAR 1e-3
+    assert rows[5][3] == "gen1"  # tiny-b's gen2 starts from its gen1
 
 
 def test_compare_json_is_one_object_with_every_stage(runs, capsys):
@@ -102,7 +103,7 @@ def test_compare_reads_an_unfinished_run_from_its_metrics_log(runs, tmp_path, ca
     assert gen2["train_seconds"] is None and gen2["params"] == gen1["params"]
     assert main(["compare", str(run)]) == 0
     rows = table_rows(capsys.readouterr().out)
-    assert rows[0][-1] == "status" and rows[2][1] == "gen2" and rows[2][5] == "-"
+    assert rows[0][-1] == "status" and rows[2][1] == "gen2" and rows[2][6] == "-" and rows[2][2] == "vargfacenet"
     assert rows[2][-1] == "unfinished (step 3)"
 
 

@@ -44,7 +44,8 @@ def test_summary_shape_and_values_match_each_stage(finished):
     assert on_disk["experiment"] == "tiny"
     assert [s["stage"] for s in on_disk["stages"]] == ["teacher", "baseline", "gen1", "gen2"]
     for s in on_disk["stages"]:
-        assert set(s) == {"stage", "generation", "init_from", "params", "gflops", "train_seconds", "metrics"}
+        assert set(s) == {"stage", "arch", "generation", "init_from", "params", "gflops", "train_seconds", "metrics"}
+        assert s["arch"] == ("iresnet18" if s["stage"] == "teacher" else "vargfacenet")
         stage_result = json.loads((tmp / "run" / s["stage"] / "result.json").read_text())
         m, r = s["metrics"]["synth_val"], stage_result["metrics"]["synth_val"]
         assert set(m) == {"acc_mean", "acc_std", "xnorm", "tar_at_far"}
@@ -52,7 +53,8 @@ def test_summary_shape_and_values_match_each_stage(finished):
         assert 0 <= m["acc_mean"] <= 1 and s["params"] > 0 and s["gflops"] > 0
     assert [s["generation"] for s in on_disk["stages"]] == [0, 0, 1, 2]
     assert on_disk["stages"][3]["init_from"].endswith(os.path.join("gen1", "student.pt"))
-    assert "| gen2 | gen1 |" in (tmp / "run" / "summary.md").read_text()
+    assert "| gen2 | vargfacenet | gen1 |" in (tmp / "run" / "summary.md").read_text()
+    assert "| teacher | iresnet18 | - | 11." in (tmp / "run" / "summary.md").read_text()  # ~11.3M parameters
     backbone = torch.load(tmp / "run" / "teacher" / "backbone.pth", weights_only=True)
     assert "layer1.0.downsample.0.weight" in backbone  # arcface_torch layout
 

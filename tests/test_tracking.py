@@ -119,6 +119,12 @@ def test_each_stage_is_one_offline_wandb_run_with_group_job_type_and_config(trac
         assert config["run_dir"] == os.path.abspath(run_dir)
     assert runs["gen2"][0]["config"]["init_from"] == str(run_dir / "gen1" / "student.pt")
     assert runs["gen1"][0]["config"]["init_from"] is None
+    for stage, [run] in runs.items():  # every stage names its model, the teacher included
+        result = json.loads((run_dir / stage / "result.json").read_text())
+        assert run["summary"]["model/arch"] == ("iresnet18" if stage == "teacher" else "vargfacenet") == result["arch"]
+        assert run["summary"]["model/params"] == result["params"] > 0
+        assert run["summary"]["model/gflops"] == result["gflops"] > 0
+    assert runs["teacher"][0]["summary"]["model/params"] > 10 * runs["gen1"][0]["summary"]["model/params"]
 
 
 def test_validation_metrics_in_wandb_match_the_local_log_with_best_and_last(tracked):
