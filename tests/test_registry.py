@@ -186,3 +186,14 @@ def test_shipped_experiments_use_the_current_form(recwarn):
         assert not {"kind", "depth", "name", "student"} & set(teacher), path
         load_config(str(path))
     assert not [w for w in recwarn if issubclass(w.category, ConfigDeprecationWarning)]
+
+
+def test_the_command_prints_a_deprecated_spelling_as_one_note_line(tmp_path, capsys, monkeypatch):
+    from distill.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, {**BASE, "teacher": {"kind": "iresnet", "depth": 18}})
+    assert main(["run", path, "distill.loss=cosin"]) == 2  # stops at the typo, after the note
+    err = capsys.readouterr().err.splitlines()
+    notes = [line for line in err if "deprecated" in line]
+    assert notes == [f"distill run: note: {path}: teacher: 'kind: iresnet' is deprecated; write arch: iresnet18"]

@@ -9,8 +9,9 @@ Ctrl-C exits with 130. `--key=value` and `key=value` left over by argparse are e
 import argparse
 import importlib
 import sys
+import warnings
 
-from distill.errors import DistillError
+from distill.errors import ConfigDeprecationWarning, DistillError
 
 COMMANDS = [
     "distill.cli.export",
@@ -45,7 +46,17 @@ def main(argv=None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            shown = warnings.showwarning
+
+            def note(message, category, *rest, **kwargs):  # a deprecated spelling: one line, not a source dump
+                if issubclass(category, ConfigDeprecationWarning):
+                    print(f"distill {args.command}: note: {message}", file=sys.stderr)
+                else:
+                    shown(message, category, *rest, **kwargs)
+
+            warnings.showwarning = note
+            return int(args.func(args) or 0)
     except DistillError as err:
         print(f"distill {args.command}: error: {err}", file=sys.stderr)
         return 2
