@@ -1,6 +1,7 @@
 """The layout of a run directory: every file name of a run, and the questions asked of it, in one place.
 
     runs/<experiment>/                 RunLayout(root)
+      .lock                            held (flock) by the one process writing here (distill/lock.py)
       experiment.yaml                  the resolved config (a rerun with a differing config is refused)
       summary.json, summary.md         one row per stage, written when the experiment ends
       wandb_group.txt, wandb/          the W&B group id of this directory, W&B's own files
@@ -97,6 +98,7 @@ class RunLayout:
     wandb_group = property(lambda self: self._path("wandb_group.txt"))
     wandb_dir = property(lambda self: self._path("wandb"))
     teacher_cache = property(lambda self: self._path("teacher_cache"))
+    lock = property(lambda self: self._path(".lock"))  # distill/lock.py: one writer per run directory
 
     def stage(self, name: str) -> StageLayout:
         return StageLayout(self._path(name), name)

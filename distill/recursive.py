@@ -30,6 +30,7 @@ from distill.engine import StageSpec, run_stage
 from distill.errors import ConfigError
 from distill.evaluate import evaluate_sets, set_name_of
 from distill.layout import BASELINE, TEACHER, RunLayout, generation_name
+from distill.lock import run_directory_lock
 from distill.profile import model_cost
 from distill.summary import teacher_model, write_summary
 from distill.teacher_cache import build_cache
@@ -76,9 +77,12 @@ def open_data(cfg: ExperimentConfig, log=print):
     from distill.data import load_verification_bin, open_training_set
 
     if cfg.data.synthetic is not None:
-        from distill.data.synthetic import ensure_synthetic
-        log(f"synthetic faces: ensuring {cfg.data.train} (generated on first use)")
-        rank0_first(lambda: ensure_synthetic(cfg.data.train, **dataclasses.asdict(cfg.data.synthetic)))
+        from distill.data.synthetic import ensure_synthetic, synthetic_is_current
+        params = dataclasses.asdict(cfg.data.synthetic)
+        if not synthetic_is_current(cfg.data.train, **params):
+            log(f"synthetic faces: generating {cfg.data.train} (first use)")
+        # an existing dataset is used as it is, or refused when its settings differ: never replaced
+        rank0_first(lambda: ensure_synthetic(cfg.data.train, replace=False, **params))
     if not os.path.exists(cfg.data.train):
         raise ConfigError(f"data.train: {cfg.data.train} does not exist (a RecordIO folder such as faces_emore/, "
                           f"a .rec file, or an identity-per-folder tree)")
@@ -154,7 +158,13 @@ def plan_stages(cfg: ExperimentConfig, run_dir: str) -> list:
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: str | None = None, progress: bool = True, log=print) -> dict:
+    """Every stage of the experiment in `run_dir`, holding the directory's lock (one writer at a time)."""
     run_dir = run_dir or default_run_dir(cfg)
+    with run_directory_lock(run_dir):
+        return _run_locked(cfg, run_dir, progress, log)
+
+
+def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log) -> dict:
     run = RunLayout(run_dir)
     if not is_main():  # one voice: rank 0 reports for all
         log = lambda *_: None  # noqa: E731

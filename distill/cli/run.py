@@ -8,6 +8,7 @@ from distill.config import load_config
 from distill.dist import init_distributed
 from distill.engine import Preempted
 from distill.layout import RunLayout
+from distill.lock import run_directory_lock
 from distill.recursive import default_run_dir, dry_run, open_data, prepare_teacher, run_experiment
 from distill.teacher_cache import build_cache
 
@@ -34,10 +35,11 @@ def _cache_build(args) -> int:
         print("distill cache build: the experiment has no teacher; nothing to cache", file=sys.stderr)
         return 2
     run_dir = args.out or default_run_dir(cfg)
-    train_set, val = open_data(cfg)
-    teacher = prepare_teacher(cfg, run_dir, train_set, val)
-    cache = build_cache(teacher, train_set, RunLayout(run_dir).teacher_cache, num_workers=cfg.data.num_workers,
-                        progress=sys.stderr.isatty())
+    with run_directory_lock(run_dir):  # the same lock as distill run: one writer per run directory
+        train_set, val = open_data(cfg)
+        teacher = prepare_teacher(cfg, run_dir, train_set, val)
+        cache = build_cache(teacher, train_set, RunLayout(run_dir).teacher_cache, num_workers=cfg.data.num_workers,
+                            progress=sys.stderr.isatty())
     print(f"teacher cache: {len(cache)} images x 2 views in {cache.directory}")
     return 0
 
