@@ -262,3 +262,51 @@ def test_identities_are_learnable_but_not_from_raw_pixels(tmp_path):
     print(f"raw pixels {raw:.3f}, random CNN {random_net:.3f}, trained CNN {trained:.3f}")
     assert raw < 0.7 and random_net < 0.7
     assert trained > 0.75 and trained > max(raw, random_net) + 0.12
+
+
+# ------------------------------------------------------------------- distill run never replaces a dataset
+
+def test_run_never_replaces_a_dataset_made_with_other_settings(tmp_path):
+    out = tmp_path / "synth"
+    ensure_synthetic(out, workers=1, **TINY)
+    old = _hashes(out)
+    with pytest.raises(ConfigError, match=r"holds a synthetic dataset made with other settings \(on disk "
+                                          r"\{'ids': 5\}, data.synthetic asks for \{'ids': 6\}\); distill run never "
+                                          r"replaces a dataset: give another data.train, or delete .*synth"):
+        ensure_synthetic(out, workers=1, replace=False, **{**TINY, "ids": 6})
+    assert _hashes(out) == old
+    assert ensure_synthetic(out, workers=1, replace=False, **TINY)["params"]["ids"] == 5  # the same: used as is
+
+
+def test_distill_run_stops_before_any_work_on_a_differing_dataset(tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from distill.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "synth", "mine", "--ids", "5", "--images-per-id", "3", "--size", "32", "--pairs", "10",
+                 "--seed", "7", "--holdout-ids", "4"]) == 0
+    old = _hashes(tmp_path / "mine")
+    exp = tmp_path / "x.yaml"
+    exp.write_text(yaml.safe_dump({"name": "x", "data": {"train": "mine", "val": [], "input_size": 32,
+                                                         "synthetic": {**TINY, "seed": 8}},
+                                   "student": {"embedding_size": 32}, "generations": 0}))
+    capsys.readouterr()
+    assert main(["run", str(exp), "--out", "run"]) == 2
+    err = capsys.readouterr().err
+    assert "never replaces a dataset" in err and "'seed': 7" in err and "'seed': 8" in err and "Traceback" not in err
+    assert _hashes(tmp_path / "mine") == old and not (tmp_path / "run" / "baseline").exists()
+
+
+def test_leftovers_of_a_killed_generation_are_cleaned_up_on_the_next_run(tmp_path):
+    dead = 2 ** 22 + 12345  # above the default pid_max: no such process
+    partial = tmp_path / f".synth.partial-{dead}"
+    partial.mkdir()
+    (partial / "train.rec").write_bytes(b"half")
+    ensure_synthetic(tmp_path / "synth", workers=1, **TINY)
+    assert sorted(os.listdir(tmp_path)) == ["synth"]
+    # killed between its two renames: the previous dataset sits in .old-<pid> and synth is gone
+    os.replace(tmp_path / "synth", tmp_path / f".synth.old-{dead}")
+    before = _hashes(tmp_path / f".synth.old-{dead}")
+    ensure_synthetic(tmp_path / "synth", workers=1, replace=False, **TINY)
+    assert sorted(os.listdir(tmp_path)) == ["synth"] and _hashes(tmp_path / "synth") == before

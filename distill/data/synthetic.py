@@ -169,23 +169,70 @@ def synthetic_is_current(out_dir, **params) -> bool:
             and all((Path(out_dir) / name).is_file() for name in manifest.get("files", [])))
 
 
-def ensure_synthetic(out_dir, workers=None, progress=False, **params) -> dict:
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def clean_interrupted(out: Path) -> None:
+    """Remove what a killed generation left beside `out`: its hidden `.<name>.partial-<pid>` folder, and
+    the `.<name>.old-<pid>` copy of the previous dataset (put back in place if `out` itself is gone)."""
+    if not out.parent.is_dir():
+        return
+    for entry in out.parent.iterdir():
+        for kind in ("partial", "old"):
+            prefix = f".{out.name}.{kind}-"
+            if not entry.name.startswith(prefix) or not entry.name[len(prefix):].isdigit():
+                continue
+            if _pid_alive(int(entry.name[len(prefix):])):
+                continue  # a generation still running
+            if kind == "old" and not out.exists():
+                os.replace(entry, out)  # killed between the two renames: the previous dataset comes back
+            else:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def _differs(out: Path, params: dict) -> str:
+    manifest = read_manifest(out) or {}
+    on_disk = manifest.get("params") or {}
+    wanted = synthetic_params(**params)
+    keys = [k for k in wanted if on_disk.get(k) != wanted[k]]
+    if manifest.get("renderer_version") != RENDERER_VERSION:
+        keys.append("renderer_version")
+    shown = {k: on_disk.get(k) for k in keys}, {k: wanted.get(k, RENDERER_VERSION) for k in keys}
+    if not keys:  # same settings, files missing
+        return "some of its files are missing"
+    return f"on disk {shown[0]}, data.synthetic asks for {shown[1]}"
+
+
+def ensure_synthetic(out_dir, workers=None, progress=False, replace=True, **params) -> dict:
     """Make `out_dir` hold the synthetic dataset with `params` (see `generate`); return its manifest.
 
-    A no-op when synth.json already records the same parameters (and renderer version). Otherwise
-    the dataset is generated into a hidden sibling folder and renamed into place, replacing an older
-    synthetic dataset, so an interrupted run leaves either the old dataset or nothing, never half of one.
+    A no-op when synth.json already records the same parameters (and renderer version). A missing (or
+    empty) folder is generated into a hidden sibling folder and renamed into place, so an interrupted run
+    leaves either the old dataset or nothing, never half of one; what a killed generation left behind is
+    cleaned up first. An existing dataset with other settings is replaced only with `replace=True` (the
+    explicit `distill data synth`); `distill run` passes False and stops with both settings instead.
     A folder that holds something other than a synthetic dataset is never overwritten.
     """
     synthetic_params(**params)  # a bad parameter fails here, before any folder is touched
     out = Path(out_dir)
+    clean_interrupted(out)
     if synthetic_is_current(out, **params):
         return read_manifest(out)
+    ways_out = f"give another data.train, or delete {out} to generate it again"
     if out.exists() and (not out.is_dir() or (read_manifest(out) is None and any(out.iterdir()))):
         raise ConfigError(
-            f"{out}: exists and is not a synthetic dataset (no {MANIFEST}); give a new or empty folder, "
-            f"or remove it first"
+            f"{out}: exists and is not a synthetic dataset (no {MANIFEST}); it is never overwritten: {ways_out}"
         )
+    if not replace and out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out}: holds a synthetic dataset made with other settings ({_differs(out, params)}); "
+                          f"distill run never replaces a dataset: {ways_out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     old = out.parent / f".{out.name}.old-{os.getpid()}"
