@@ -5,7 +5,7 @@ embedding up in the cache (or run the teacher online), add the losses, step. Wha
 research tool rather than a script is the guarantees around that loop:
 
 - Exact resume. The order of samples and their flips is a pure function of (seed, epoch) — planned
-  here, not drawn inside DataLoader workers — so a run resumed from `last.pt` at step k sees exactly
+  in distill/epoch_plan.py, not drawn inside DataLoader workers — so a run resumed from `last.pt` at step k sees exactly
   the batches an uninterrupted run would. The checkpoint holds model, head, optimizer, scheduler,
   scaler, step, epoch, position inside the epoch and every RNG state.
 - Safe checkpoints: temporary file, fsync, rename (distill.checkpoint.atomic_torch_save).
@@ -17,7 +17,8 @@ A stage directory holds last.pt, best.pt, student.pt, metrics.jsonl and result.j
 its presence means the stage is finished). Every `log_every` updates metrics.jsonl gets one line: each
 train/<term> is the mean over all micro-batches since the previous line (weighted by batch size),
 train/images_per_s the throughput over them (evaluation and checkpoint time left out), plus train/lr
-and train/epoch. A resumed run starts a fresh window.
+and train/epoch (tracking.LogWindow). A resumed run starts a fresh window. Device, precision, lr and
+schedule come from distill/train_setup.py.
 
 run_stage reads top-down: _build (device, seed, model, head, objective, optimizer, scheduler, scaler,
 DDP: one _Stage), _resume (last.pt into it), _train (epochs of _micro_step/_update, then
@@ -37,8 +38,6 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
-from timm.utils import AverageMeter
 from torch import nn
 from tqdm import tqdm
 
@@ -47,6 +46,7 @@ from distill.checkpoint import (atomic_torch_save, capture_rng_state, load_state
                                 restore_rng_state, safe_torch_load)
 from distill.config import ExperimentConfig, TrainConfig, to_dict
 from distill.dist import barrier, world_size
+from distill.epoch_plan import PlannedDataset, plan_epoch
 from distill.dist import rank as dist_rank
 from distill.errors import CheckpointError, DistillError
 from distill.evaluate import evaluate_sets
@@ -57,7 +57,8 @@ from distill.models import model_embedding_size, save_student
 from distill.profile import model_cost
 from distill.registry import create_model
 from distill.teacher_cache import match_input_size
-from distill.tracking import Tracker, val_scalars
+from distill.tracking import LogWindow, Tracker, val_scalars
+from distill.train_setup import amp_settings, create_scheduler, resolve_device, scaled_lr
 
 TRAIN_FORMAT = "facedistill.train/1"
 
@@ -81,76 +82,6 @@ class StageSpec:
     generation: int = 0
     init_from: str | None = None    # student.pt whose weights initialise the model (recursion)
     head_from: str | None = None    # last.pt whose margin head initialises this head
-
-
-# ------------------------------------------------------------------------------------------ data
-
-class _Planned(torch.utils.data.Dataset):
-    """Items are (index, flip) pairs chosen by the epoch plan, so flips never depend on workers."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, item):
-        index, flip = item
-        return self.dataset.item(index, bool(flip))
-
-
-def plan_epoch(n: int, batch_size: int, seed: int, epoch: int, flip: bool, rank: int = 0, world: int = 1) -> list:
-    """This rank's batches of one epoch: lists of (index, flip); full global batches only."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g)
-    flips = torch.randint(0, 2, (n,), generator=g) if flip else torch.zeros(n, dtype=torch.int64)
-    glob = batch_size * world
-    batches = []
-    for b in range(n // glob):
-        part = order[b * glob + rank * batch_size: b * glob + (rank + 1) * batch_size]
-        batches.append(list(zip(part.tolist(), flips[part].tolist())))
-    return batches
-
-
-# ------------------------------------------------------------------------------------------ setup
-
-def resolve_device(device: str) -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DistillError("device: cuda requested but no CUDA device is available (use device: auto or cpu)")
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())  # torchrun: set from LOCAL_RANK
-    return torch.device("cpu")
-
-
-def _amp(train: TrainConfig, device: torch.device):
-    """(autocast dtype or None, whether a GradScaler is needed). `auto` is bf16 on CUDA and off on CPU
-    (CPU autocast rarely pays); an explicit bf16/fp16 is honoured on any device."""
-    if train.amp == "off" or (train.amp == "auto" and device.type != "cuda"):
-        return None, False
-    if train.amp == "fp16":
-        return torch.float16, True
-    return torch.bfloat16, False
-
-
-def scaled_lr(train: TrainConfig, world: int) -> float:
-    """lr is given for a total batch of lr_batch_size and scales linearly with the real total batch."""
-    return train.lr * train.batch_size * world * train.accumulate / train.lr_batch_size
-
-
-def _scheduler(optimizer, train: TrainConfig, total_steps: int, steps_per_epoch: float):
-    """timm scheduler stepped per optimizer update: epochs in the config become update counts here."""
-    warmup = int(round(train.warmup_epochs * steps_per_epoch))
-    common = dict(num_epochs=total_steps, warmup_epochs=warmup, min_lr=train.min_lr, warmup_lr=train.min_lr or 1e-6,
-                  step_on_epochs=False, updates_per_epoch=1)
-    if train.scheduler == "poly":
-        sched, _ = create_scheduler_v2(optimizer, sched="poly", decay_rate=train.poly_power, **common)
-    elif train.scheduler == "cosine":
-        sched, _ = create_scheduler_v2(optimizer, sched="cosine", **common)
-    else:
-        milestones = [int(round(e * steps_per_epoch)) for e in train.decay_epochs]
-        sched, _ = create_scheduler_v2(optimizer, sched="multistep", decay_milestones=milestones,
-                                       decay_rate=train.decay_rate, **common)
-    return sched
 
 
 def _compat_key(cfg: ExperimentConfig, spec: StageSpec, dataset, world: int) -> dict:
@@ -247,8 +178,8 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
     total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * steps_per_epoch))
     optimizer = create_optimizer_v2(nn.ModuleList([model, head]), opt=tr.optimizer, lr=scaled_lr(tr, world),
                                     weight_decay=tr.weight_decay, momentum=tr.momentum, filter_bias_and_bn=True)
-    scheduler = _scheduler(optimizer, tr, total_steps, steps_per_epoch)
-    amp_dtype, need_scaler = _amp(tr, device)
+    scheduler = create_scheduler(optimizer, tr, total_steps, steps_per_epoch)
+    amp_dtype, need_scaler = amp_settings(tr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=need_scaler)
     ddp_model = model
     if world > 1:
@@ -305,42 +236,7 @@ def _checkpoint(st: _Stage) -> None:
 
 # ------------------------------------------------------------------------------------------ logging
 
-class _Window:
-    """The train/* scalars of the next log line: each term's mean over every micro-batch since the previous
-    line (timm AverageMeter weighted by batch size; the values stay detached tensors, so the device is
-    synced once per line, not per micro-batch) and images/s over the same micro-batches, time spent
-    evaluating or checkpointing left out."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.meters: dict[str, AverageMeter] = {}
-        self.images, self.excluded, self.start = 0, 0.0, time.perf_counter()
-
-    def add(self, logs: dict, batch_size: int, images: int) -> None:
-        for name, value in logs.items():
-            self.meters.setdefault(name, AverageMeter()).update(value, batch_size)
-        self.images += images
-
-    @contextmanager
-    def paused(self):
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.excluded += time.perf_counter() - t
-
-    def read(self) -> tuple[dict, float]:
-        """({term: window mean}, images per second); a new window starts."""
-        means = {name: float(meter.avg) for name, meter in self.meters.items()}  # waits for the device
-        seconds = time.perf_counter() - self.start - self.excluded
-        rate = self.images / max(seconds, 1e-9)
-        self.reset()
-        return means, rate
-
-
-def _log_window(st: _Stage, window: _Window, tracker: Tracker, bar) -> None:
+def _log_window(st: _Stage, window: LogWindow, tracker: Tracker, bar) -> None:
     means, rate = window.read()
     scalars = {f"train/{k}": v for k, v in means.items()}
     scalars["train/lr"] = st.optimizer.param_groups[0]["lr"]
@@ -352,7 +248,7 @@ def _log_window(st: _Stage, window: _Window, tracker: Tracker, bar) -> None:
 
 # ------------------------------------------------------------------------------------------ one step
 
-def _micro_step(st: _Stage, batch, window: _Window) -> bool:
+def _micro_step(st: _Stage, batch, window: LogWindow) -> bool:
     """Forward and backward one micro-batch; every `accumulate`-th one also updates. True when it did."""
     x, y, idx, flipped = batch
     x = x.to(st.device, non_blocking=True)
@@ -430,7 +326,7 @@ def _preemption_signals():
 
 def _train(st: _Stage, train_set, val_sets: dict, tracker: Tracker, stop: dict, bar) -> None:
     """Epochs of planned batches from (epoch, position) = divmod(micro, batches_per_epoch) to total_steps."""
-    tr, window = st.spec.train, _Window()
+    tr, window = st.spec.train, LogWindow()
     st.model.train()
     st.head.train()
     st.scheduler.step_update(st.step)
@@ -438,7 +334,7 @@ def _train(st: _Stage, train_set, val_sets: dict, tracker: Tracker, stop: dict, 
         epoch, pos = divmod(st.micro, st.batches_per_epoch)
         plan = plan_epoch(len(train_set), tr.batch_size, st.cfg.seed, epoch, train_set.flip, st.rank, st.world)
         loader = torch.utils.data.DataLoader(
-            _Planned(train_set), batch_sampler=plan[pos:st.batches_per_epoch], num_workers=st.cfg.data.num_workers,
+            PlannedDataset(train_set), batch_sampler=plan[pos:st.batches_per_epoch], num_workers=st.cfg.data.num_workers,
             pin_memory=st.device.type == "cuda", generator=torch.Generator().manual_seed(st.cfg.seed + epoch))
         st.clock = time.perf_counter()  # plan and loader set-up are not training time
         for batch in loader:
@@ -450,7 +346,7 @@ def _train(st: _Stage, train_set, val_sets: dict, tracker: Tracker, stop: dict, 
         st.lap()
 
 
-def _after_update(st: _Stage, window: _Window, val_sets: dict, tracker: Tracker, stop: dict, bar) -> bool:
+def _after_update(st: _Stage, window: LogWindow, val_sets: dict, tracker: Tracker, stop: dict, bar) -> bool:
     """Log, evaluate, checkpoint or stop as the step asks. True when the stage has trained all its steps."""
     tr = st.spec.train
     if st.step % tr.log_every == 0 or st.step == st.total_steps:

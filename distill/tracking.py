@@ -43,6 +43,8 @@ import time
 import warnings
 from urllib.parse import urlsplit
 
+from timm.utils import AverageMeter
+
 from distill.atomic import atomic_write_text
 from distill.config import to_dict
 from distill.dist import rank as dist_rank
@@ -83,6 +85,41 @@ class Tracker:
 
     def finish(self, result: dict | None = None, student_path: str | None = None) -> None:
         """The stage ended: `result` is its result.json content, `student_path` its student.pt."""
+
+
+class LogWindow:
+    """The train/* scalars of the next log line: each term's mean over every micro-batch since the previous
+    line (timm AverageMeter weighted by batch size; the values stay detached tensors, so the device is
+    synced once per line, not per micro-batch) and images/s over the same micro-batches, time spent
+    evaluating or checkpointing left out."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.meters: dict[str, AverageMeter] = {}
+        self.images, self.excluded, self.start = 0, 0.0, time.perf_counter()
+
+    def add(self, logs: dict, batch_size: int, images: int) -> None:
+        for name, value in logs.items():
+            self.meters.setdefault(name, AverageMeter()).update(value, batch_size)
+        self.images += images
+
+    @contextlib.contextmanager
+    def paused(self):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - t
+
+    def read(self) -> tuple[dict, float]:
+        """({term: window mean}, images per second); a new window starts."""
+        means = {name: float(meter.avg) for name, meter in self.meters.items()}  # waits for the device
+        seconds = time.perf_counter() - self.start - self.excluded
+        rate = self.images / max(seconds, 1e-9)
+        self.reset()
+        return means, rate
 
 
 # ------------------------------------------------------------------------------------------ W&B
