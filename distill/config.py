@@ -118,7 +118,10 @@ class TrainConfig:
     lr_batch_size: int = 512
     optimizer: str = "sgd"
     momentum: float = 0.9
-    weight_decay: float = 5e-4     # not applied to BatchNorm and biases
+    weight_decay: float = 5e-4
+    # weight decay on 1-D parameters too (BatchNorm, biases, PReLU slopes), as MXNet insightface and
+    # arcface_torch do (the paper recipe sets it); false: timm's habit of exempting them
+    decay_norm_and_bias: bool = False
     scheduler: str = "poly"        # poly | cosine | step
     warmup_epochs: float = 0.0
     poly_power: float = 2.0

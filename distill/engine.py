@@ -177,7 +177,8 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
                            f"{tr.batch_size * world * tr.accumulate}; lower train.batch_size")
     total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * steps_per_epoch))
     optimizer = create_optimizer_v2(nn.ModuleList([model, head]), opt=tr.optimizer, lr=scaled_lr(tr, world),
-                                    weight_decay=tr.weight_decay, momentum=tr.momentum, filter_bias_and_bn=True)
+                                    weight_decay=tr.weight_decay, momentum=tr.momentum,
+                                    filter_bias_and_bn=not tr.decay_norm_and_bias)
     scheduler = create_scheduler(optimizer, tr, total_steps, steps_per_epoch)
     amp_dtype, need_scaler = amp_settings(tr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=need_scaler)

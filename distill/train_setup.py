@@ -38,7 +38,10 @@ def create_scheduler(optimizer, train: TrainConfig, total_steps: int, steps_per_
     common = dict(num_epochs=total_steps, warmup_epochs=warmup, min_lr=train.min_lr, warmup_lr=train.min_lr or 1e-6,
                   step_on_epochs=False, updates_per_epoch=1)
     if train.scheduler == "poly":
-        sched, _ = create_scheduler_v2(optimizer, sched="poly", decay_rate=train.poly_power, **common)
+        # arcface_torch's warmup-poly: the decay starts where the warmup ends (timm's warmup_prefix), so the
+        # lr at the end of the warmup is the full lr and reaches min_lr at the last step
+        poly = {**common, "num_epochs": max(1, total_steps - warmup), "warmup_prefix": True}
+        sched, _ = create_scheduler_v2(optimizer, sched="poly", decay_rate=train.poly_power, **poly)
     elif train.scheduler == "cosine":
         sched, _ = create_scheduler_v2(optimizer, sched="cosine", **common)
     else:
