@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
+import re
+import zipfile
 
 import torch
 
@@ -17,20 +20,78 @@ from distill.atomic import atomic_open
 from distill.errors import CheckpointError, UnsafeFileError
 
 
+def _pickle_globals(data: bytes) -> list:
+    """The `module.name` globals a pickle refers to, read with pickletools (which never executes anything)."""
+    names, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(arg)
+            elif op.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+    except Exception:  # noqa: BLE001 - a damaged pickle: report what was read before the damage
+        pass
+    return names
+
+
+def _what_it_is(path: str, head: bytes) -> str | None:
+    """What a file that is not a PyTorch checkpoint looks like, or None when it may be one."""
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None  # a zip (torch.save) or a pickle (the legacy format)
+    if path.endswith(".onnx") or (head[:1] == b"\x08" and b"\x12" in head[:16]):
+        return "looks like ONNX; for an ONNX teacher use teacher.onnx (or teachers.build_teacher({'onnx': ...}))"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "unrecognised content"
+
+
+def _refusal(path: str, err: Exception) -> UnsafeFileError:
+    """Name the globals that make a checkpoint unsafe, without repeating torch's advice to turn weights_only off."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                data = b"".join(z.read(n) for n in z.namelist() if n.endswith("data.pkl"))
+        except zipfile.BadZipFile:
+            data = b""
+    allowed = ("collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
+               "torch.FloatStorage", "torch.LongStorage", "torch.HalfStorage", "torch.IntStorage",
+               "torch.DoubleStorage", "torch.BFloat16Storage", "torch.ByteStorage", "torch.BoolStorage",
+               "torch._tensor._rebuild_from_type_v2", "torch.Size")
+    names = [n for n in dict.fromkeys(_pickle_globals(data)) if n not in allowed]
+    said = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    if said and said.group(1) not in names:
+        names.insert(0, said.group(1))
+    what = f"it names {', '.join(names[:3])}" if names else "it needs objects a weights-only load does not build"
+    return UnsafeFileError(f"{path}: refused to load: {what}, which could run code when unpickled. Load only "
+                           f"checkpoints of tensors: re-save the state dict (torch.save(model.state_dict(), ...)) "
+                           f"in an environment you trust.")
+
+
 def safe_torch_load(path, map_location="cpu"):
+    """torch.load with weights_only=True; anything else is refused with a message that says what the file is."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: checkpoint file not found")
+    with open(path, "rb") as f:
+        head = f.read(64)
+    kind = _what_it_is(path, head)
+    if kind is not None:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint: {kind}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise UnsafeFileError(
-            f"{path}: refused to load: it needs arbitrary Python objects unpickled, which could run code "
-            f"({str(err).splitlines()[0][:200]}). Re-save only the state dict (torch.save(model.state_dict(), ...)) "
-            f"from a trusted environment."
-        ) from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from None
+        raise _refusal(path, err) from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200] if str(err) else 'truncated'})") from None
 
 
 def extract_state_dict(obj, source) -> dict:
