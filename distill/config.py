@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import typing
 import warnings
@@ -207,6 +208,10 @@ def read_yaml_mapping(path: str, what: str = "experiment file") -> dict:
             data = yaml.safe_load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; give the {what} (a .yaml file) itself") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the {what} as UTF-8") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if data is None:
@@ -318,6 +323,8 @@ def _check_value(value, tp, key: str, where: str):
     elif tp is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):  # .inf / .nan parse as YAML floats; no key means them
+            raise ConfigError(f"{where}: key '{key}' must be a finite number, got {value!r}")
     elif tp is str:
         ok = isinstance(value, str)
     elif tp is list or typing.get_origin(tp) is list:
@@ -419,6 +426,9 @@ def _check_semantics(cfg: ExperimentConfig, where) -> None:
         raise ConfigError(f"{where('generations')}: key 'generations' must be >= 0, got {cfg.generations}")
     if cfg.distill.alpha < 0:
         raise ConfigError(f"{where('distill.alpha')}: key 'distill.alpha' must be >= 0, got {cfg.distill.alpha}")
+    if not cfg.name or os.sep in cfg.name or "/" in cfg.name or ".." in cfg.name or cfg.name == ".":
+        raise ConfigError(f"{where('name')}: key 'name' names the run directory runs/<name>; it must not be empty or "
+                          f"contain '/' or '..', got {cfg.name!r} (use --out to choose another folder)")
     if not cfg.data.train:
         raise ConfigError(f"{where('data.train')}: key 'data.train' is required (RecordIO folder or image tree)")
 

@@ -85,3 +85,38 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
     assert main(["run", path]) == 2
     err = capsys.readouterr().err
     assert "unknown key 'distil'; did you mean 'distill'?" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- user mistakes: one line, exit 2 (issue 12, part 4)
+
+def test_a_folder_or_non_utf8_file_as_experiment_or_base_is_one_clear_line(tmp_path, capsys):
+    (tmp_path / "folder").mkdir()
+    assert main(["run", str(tmp_path / "folder")]) == 2
+    write(tmp_path / "child.yaml", {"base": "folder", "data": {"train": "d"}})
+    assert main(["run", str(tmp_path / "child.yaml")]) == 2
+    (tmp_path / "latin1.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert main(["run", str(tmp_path / "latin1.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("is a folder; give the experiment file (a .yaml file) itself") == 2
+    assert "latin1.yaml: not UTF-8 text (byte 9); save the experiment file as UTF-8" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override", ["train.epochs=.inf", "train.lr=.nan", "distill.alpha=-.inf", "margin.s=.inf"])
+def test_non_finite_numbers_are_refused_at_load(tmp_path, override):
+    path = write(tmp_path / "x.yaml", {"data": {"train": "d"}})
+    with pytest.raises(ConfigError, match=rf"key '{override.split('=')[0]}' must be a finite number"):
+        load_config(path, [override])
+
+
+@pytest.mark.parametrize("name", ["../elsewhere", "a/b", "..", "", "x..y"])
+def test_an_experiment_name_is_a_folder_name(tmp_path, name):
+    path = write(tmp_path / "x.yaml", {"name": name, "data": {"train": "d"}})
+    with pytest.raises(ConfigError, match="key 'name' names the run directory"):
+        load_config(path)
+
+
+def test_profile_refuses_a_meaningless_input_size(capsys):
+    for size in ("-5", "0"):
+        assert main(["profile", "vargfacenet", "--input-size", size, "--no-timing"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("give a square image side of at least 16 pixels") == 2 and "Traceback" not in err

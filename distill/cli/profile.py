@@ -6,6 +6,7 @@ import json
 
 import torch
 
+from distill.errors import ConfigError
 from distill.models import model_input_size
 from distill.profile import profile_model
 from distill.registry import create_model, list_models
@@ -17,6 +18,8 @@ def _profile(args) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.input_size is not None and args.input_size < 16:
+        raise ConfigError(f"--input-size {args.input_size}: give a square image side of at least 16 pixels (e.g. 112)")
     model = create_model(args.name, **({"input_size": args.input_size} if args.input_size else {}))
     size = args.input_size or model_input_size(model) or 112
     r = profile_model(model, size, timing=not args.no_timing, budget_s=args.seconds)
