@@ -5,7 +5,7 @@ relative to the file), then over command-line overrides in either form `train.lr
 `--train.lr=0.05` (the form W&B sweep agents send). Every key is checked before any work starts: an
 unknown key is an error with a "did you mean" suggestion, a wrong type names the key, the file and the
 value. Keys follow the paper and arcface_torch where they exist (embedding_size, margin, s, m, alpha,
-batch_size, lr, weight_decay).
+batch_size, lr, weight_decay). Reading files, `base:` chains and overrides is distill/config_files.py.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import yaml
+from timm.optim import list_optimizers
 
 import teachers
 from distill.atomic import atomic_open
+from distill.config_files import key_paths, load_with_bases, merge_experiment, parse_overrides, read_yaml_mapping
 from distill.errors import ConfigDeprecationWarning, ConfigError, DistillError
 from distill.heads import HEADS
 from distill.losses import DISTILL_LOSSES
@@ -199,104 +201,6 @@ class ExperimentConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
-# ------------------------------------------------------------------------------------------ loading
-
-def read_yaml_mapping(path: str, what: str = "experiment file") -> dict:
-    """A YAML file that must hold a mapping, read with safe_load; errors name the file."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder; give the {what} (a .yaml file) itself") from None
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the {what} as UTF-8") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a {what} must be a mapping of keys, got {type(data).__name__}")
-    return data
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _merge_experiment(base: dict, over: dict) -> dict:
-    """`_merge`, except that a section's model arguments belong to its model: a child file or override that
-    names another `arch` (or an `onnx` file) for the student or teacher starts that model's arguments afresh
-    (e.g. `teacher.arch=iresnet18` over a VarGFaceNet teacher drops its multiplier); the section's own keys
-    (checkpoint, cache, train, init, ...) are kept."""
-    base = dict(base)
-    for name, cls in (("student", StudentConfig), ("teacher", TeacherConfig)):
-        old, new = base.get(name), over.get(name)
-        if not (isinstance(old, dict) and isinstance(new, dict)):
-            continue
-        changes_model = ("arch" in new and new["arch"] != old.get("arch")) or ("onnx" in new and new["onnx"] != old.get("onnx"))
-        if changes_model:
-            own = {f.name for f in dataclasses.fields(cls)} - {"arch", "onnx", "model"}
-            base[name] = {k: v for k, v in old.items() if k in own}
-    return _merge(base, over)
-
-
-def _load_with_bases(path: str, seen: tuple = ()) -> tuple[dict, dict]:
-    """Merged raw dict and, for every top-level key path, the file it came from (for error messages)."""
-    path = os.path.abspath(path)
-    if path in seen:
-        raise ConfigError(f"{path}: `base:` chain loops back to itself ({' -> '.join(seen)})")
-    data = read_yaml_mapping(path)
-    base = data.pop("base", None)
-    merged, origin = {}, {}
-    if base is not None:
-        if not isinstance(base, str):
-            raise ConfigError(f"{path}: key 'base' must be a file name, got {base!r}")
-        base_path = os.path.join(os.path.dirname(path), base)
-        if not os.path.exists(base_path):
-            raise ConfigError(f"{path}: key 'base': base file {base_path} not found")
-        merged, origin = _load_with_bases(base_path, seen + (path,))
-    merged = _merge_experiment(merged, data)
-    origin.update({k: path for k in _key_paths(data)})
-    return merged, origin
-
-
-def _key_paths(d: dict, prefix: str = "") -> list:
-    out = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        out.append(key)
-        if isinstance(v, dict):
-            out += _key_paths(v, key + ".")
-    return out
-
-
-def parse_overrides(args: list) -> dict:
-    """`a.b=1` / `--a.b=1` (values parsed as YAML scalars) -> nested dict."""
-    out: dict = {}
-    for arg in args:
-        text = arg[2:] if arg.startswith("--") else arg
-        if "=" not in text:
-            raise ConfigError(f"override {arg!r}: expected key.sub=value (or --key.sub=value)")
-        key, raw = text.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {arg!r}: {p!r} is set both as a value and as a section")
-        node[parts[-1]] = value
-    return out
-
-
 # --------------------------------------------------------------------------------------- validation
 
 def _unwrap_optional(tp):
@@ -383,10 +287,11 @@ def build_config(raw: dict, source: str = "<config>", origin: dict | None = None
     return cfg
 
 
+SCHEDULERS = ("poly", "cosine", "step")
+
+
 def _optimizers() -> list:
     """timm's optimizer names (what create_optimizer_v2 takes), also with its lookahead_ prefix."""
-    from timm.optim import list_optimizers
-
     names = list_optimizers()
     return names + [f"lookahead_{n}" for n in names]
 
@@ -396,7 +301,6 @@ def _check_semantics(cfg: ExperimentConfig, where) -> None:
     choices = {
         "margin.margin": (cfg.margin.margin, list(HEADS)),
         "distill.loss": (cfg.distill.loss, list(DISTILL_LOSSES)),
-        "train.scheduler": (cfg.train.scheduler, ("poly", "cosine", "step")),
         "train.amp": (cfg.train.amp, ("auto", "bf16", "fp16", "off")),
         "device": (cfg.device, ("auto", "cpu", "cuda")),
         "tracking.wandb": (cfg.tracking.wandb, ("auto", "online", "offline", "disabled")),
@@ -411,9 +315,9 @@ def _check_semantics(cfg: ExperimentConfig, where) -> None:
             raise ConfigError(f"{where(key + '.optimizer')}: key '{key}.optimizer': unknown optimizer "
                               f"{train.optimizer!r}{did_you_mean(train.optimizer.lower(), optimizers)} (timm's "
                               f"create_optimizer_v2 names: sgd, adamw, lamb, ...; see timm.optim.list_optimizers())")
-        if train is not None and train.scheduler not in ("poly", "cosine", "step"):
-            raise ConfigError(f"{where(key + '.scheduler')}: key '{key}.scheduler' must be one of poly, cosine, step, "
-                              f"got {train.scheduler!r}{did_you_mean(train.scheduler, ('poly', 'cosine', 'step'))}")
+        if train is not None and train.scheduler not in SCHEDULERS:
+            raise ConfigError(f"{where(key + '.scheduler')}: key '{key}.scheduler' must be one of "
+                              f"{', '.join(SCHEDULERS)}, got {train.scheduler!r}{did_you_mean(train.scheduler, SCHEDULERS)}")
     positive = {"train.batch_size": cfg.train.batch_size, "train.lr": cfg.train.lr,
                 "train.accumulate": cfg.train.accumulate, "data.input_size": cfg.data.input_size,
                 "student.embedding_size": cfg.student.embedding_size}
@@ -433,12 +337,18 @@ def _check_semantics(cfg: ExperimentConfig, where) -> None:
         raise ConfigError(f"{where('data.train')}: key 'data.train' is required (RecordIO folder or image tree)")
 
 
+def _own_keys() -> dict:
+    """The keys the student and teacher sections define themselves (the rest are their model's arguments)."""
+    return {name: {f.name for f in dataclasses.fields(cls)} - {"arch", "onnx", "model"}
+            for name, cls in (("student", StudentConfig), ("teacher", TeacherConfig))}
+
+
 def load_config(path: str, overrides: list | None = None) -> ExperimentConfig:
     """Read, merge (base, overrides) and validate an experiment file; raises ConfigError naming key and file."""
-    raw, origin = _load_with_bases(path)
+    raw, origin = load_with_bases(path, _own_keys())
     over = parse_overrides(overrides or [])
-    raw = _merge_experiment(raw, over)
-    origin.update({k: "command-line override" for k in _key_paths(over)})
+    raw = merge_experiment(raw, over, _own_keys())
+    origin.update({k: "command-line override" for k in key_paths(over)})
     # Relative data/checkpoint paths stay relative to the working directory, as for every CLI tool.
     return build_config(raw, source=path, origin=origin)
 

@@ -33,7 +33,8 @@ import yaml
 
 from distill.atomic import atomic_write_json, atomic_write_text
 from distill.compare import comparison_json, comparison_table, load_runs
-from distill.config import load_config, parse_overrides, read_yaml_mapping, to_dict
+from distill.config import load_config, to_dict
+from distill.config_files import parse_overrides, read_yaml_mapping
 from distill.engine import Preempted
 from distill.errors import ConfigError, DistillError
 from distill.layout import RunLayout, StageLayout, comparison_files, is_run_dir
