@@ -56,3 +56,12 @@ def rank0_first(fn):
         return out
     dist.barrier()
     return fn()
+
+
+def from_rank0(value):
+    """Rank 0's `value` on every rank (a picklable object); the value itself without a process group."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -16,7 +16,7 @@ import os
 import socket
 from contextlib import contextmanager
 
-from distill.dist import is_distributed, rank
+from distill.dist import from_rank0, rank
 from distill.errors import DistillError
 from distill.layout import RunLayout
 
@@ -50,16 +50,6 @@ def _acquire(directory: str):
     return fd
 
 
-def _share_outcome(error: str | None) -> None:
-    """torchrun: rank 0 tells the other ranks whether it holds the lock (so none hangs at a barrier)."""
-    import torch.distributed as dist
-
-    box = [error]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise RunDirectoryLocked(box[0])
-
-
 @contextmanager
 def run_directory_lock(directory: str):
     """Hold `directory`'s lock for the duration of the block (rank 0 for a torchrun job)."""
@@ -69,9 +59,8 @@ def run_directory_lock(directory: str):
             fd = _acquire(directory)
         except RunDirectoryLocked as err:
             error = str(err)
-    if is_distributed():
-        _share_outcome(error)
-    elif error is not None:
+    error = from_rank0(error)  # torchrun: every rank learns whether rank 0 holds the lock (none hangs later)
+    if error is not None:
         raise RunDirectoryLocked(error)
     try:
         yield

@@ -198,16 +198,14 @@ def clean_interrupted(out: Path) -> None:
 
 
 def _differs(out: Path, params: dict) -> str:
+    """How the dataset in `out` differs from what `params` ask for, for the refusal's message."""
     manifest = read_manifest(out) or {}
-    on_disk = manifest.get("params") or {}
-    wanted = synthetic_params(**params)
+    on_disk = {**(manifest.get("params") or {}), "renderer_version": manifest.get("renderer_version")}
+    wanted = {**synthetic_params(**params), "renderer_version": RENDERER_VERSION}
     keys = [k for k in wanted if on_disk.get(k) != wanted[k]]
-    if manifest.get("renderer_version") != RENDERER_VERSION:
-        keys.append("renderer_version")
-    shown = {k: on_disk.get(k) for k in keys}, {k: wanted.get(k, RENDERER_VERSION) for k in keys}
     if not keys:  # same settings, files missing
         return "some of its files are missing"
-    return f"on disk {shown[0]}, data.synthetic asks for {shown[1]}"
+    return f"on disk {({k: on_disk.get(k) for k in keys})}, data.synthetic asks for {({k: wanted[k] for k in keys})}"
 
 
 def ensure_synthetic(out_dir, workers=None, progress=False, replace=True, **params) -> dict:
