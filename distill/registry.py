@@ -23,6 +23,8 @@ import difflib
 import inspect
 from dataclasses import dataclass
 
+from timm.models import register_model as timm_register
+
 from distill.errors import ConfigError, UnknownNameError
 
 
@@ -48,7 +50,6 @@ class ModelEntry:
     fn: object                  # the registered constructor
     params: dict                # keyword argument -> default (inspect.Parameter.empty when required)
     family: bool = False        # registered by prefix: fn(<rest of the name>, **kwargs)
-    timm: bool = False          # also exposed to timm.create_model
     check: object = None        # family: check(member name) raises when the member does not exist
 
 
@@ -68,7 +69,7 @@ def _keyword_params(fn, skip: int = 0) -> tuple[dict, bool]:
     return params, var_kw
 
 
-def _entry(name: str, fn, builds, family: bool = False, timm: bool = False, check=None) -> ModelEntry:
+def _entry(name: str, fn, builds, family: bool = False, check=None) -> ModelEntry:
     params, var_kw = _keyword_params(fn, skip=1 if family else 0)
     if var_kw:
         if builds is None:
@@ -79,7 +80,7 @@ def _entry(name: str, fn, builds, family: bool = False, timm: bool = False, chec
     if missing:
         raise TypeError(f"register_model({name}): every model takes embedding_size and input_size; "
                         f"{', '.join(sorted(missing))} missing")
-    return ModelEntry(name, fn, params, family=family, timm=timm, check=check)
+    return ModelEntry(name, fn, params, family=family, check=check)
 
 
 def register_model(fn=None, *, aliases: tuple = (), builds=None, timm: bool = False):
@@ -93,7 +94,7 @@ def register_model(fn=None, *, aliases: tuple = (), builds=None, timm: bool = Fa
         for key in (name, *aliases):
             if key in _MODELS or key in _ALIASES:
                 raise ValueError(f"model name {key!r} is registered twice")
-        _MODELS[name] = _entry(name, fn, builds, timm=timm)
+        _MODELS[name] = _entry(name, fn, builds)
         _ALIASES.update({a: name for a in aliases})
         if timm:
             _register_with_timm(fn)
@@ -114,8 +115,6 @@ def register_model_family(prefix: str, check=None):
 
 
 def _register_with_timm(fn) -> None:
-    from timm.models import register_model as timm_register
-
     # keyword arguments timm.create_model passes that a face model has no use for
     ignored = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "num_classes",
                "in_chans", "global_pool", "drop_rate", "scriptable", "exportable", "no_jit")
