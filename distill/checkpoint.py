@@ -90,8 +90,10 @@ def safe_torch_load(path, map_location="cpu"):
     except pickle.UnpicklingError as err:
         raise _refusal(path, err) from None
     except (RuntimeError, EOFError, OSError, KeyError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(err).__name__}: "
-                              f"{str(err).splitlines()[0][:200] if str(err) else 'truncated'})") from None
+        said = str(err).splitlines()[0].split(". ")[0][:200] if str(err) else ""
+        if "central directory" in said or isinstance(err, EOFError) or not said:
+            said = "truncated or damaged: " + (said or "the file ends early")
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({said})") from None
 
 
 def extract_state_dict(obj, source) -> dict:

@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -302,9 +303,11 @@ def _check_semantics(cfg: ExperimentConfig, where) -> None:
         "margin.margin": (cfg.margin.margin, list(HEADS)),
         "distill.loss": (cfg.distill.loss, list(DISTILL_LOSSES)),
         "train.amp": (cfg.train.amp, ("auto", "bf16", "fp16", "off")),
-        "device": (cfg.device, ("auto", "cpu", "cuda")),
         "tracking.wandb": (cfg.tracking.wandb, ("auto", "online", "offline", "disabled")),
     }
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
+        raise ConfigError(f"{where('device')}: key 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"
+                          f"{did_you_mean(str(cfg.device), ('auto', 'cpu', 'cuda'))}")
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{where(key)}: key '{key}' must be one of {', '.join(allowed)}, got {value!r}"
@@ -376,7 +379,9 @@ def dump_config(cfg, path: str) -> None:
 
 def load_saved_config(path: str) -> ExperimentConfig:
     """The resolved config a run directory keeps (experiment.yaml, written by dump_config)."""
-    return config_from_dict(read_yaml_mapping(path, "saved experiment file"), source=path)
+    fix = ("the run directory's copy of its experiment is damaged: restore it, or delete it and rerun `distill run` "
+           "with the experiment file that made this run (which writes it again)")
+    return config_from_dict(read_yaml_mapping(path, "saved experiment file", fix=fix), source=path)
 
 
 def config_from_dict(d: dict, source: str = "saved config") -> ExperimentConfig:

@@ -13,11 +13,48 @@ import yaml
 from distill.errors import ConfigError
 
 
-def read_yaml_mapping(path: str, what: str = "experiment file") -> dict:
-    """A YAML file that must hold a mapping, read with safe_load; errors name the file."""
+class _UniqueKeySafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader (builds only plain data, runs nothing) that refuses a key given twice in one mapping,
+    where safe_load would silently keep the last one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise ConfigError(f"{key_node.start_mark.name}: line {key_node.start_mark.line + 1}: key {key!r} "
+                                  f"is given twice in one mapping (first on line {first}); keep one of them")
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_error_line(err: yaml.YAMLError) -> str:
+    """A YAML parse error on one line: where (line, column) and what."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
+def load_yaml_text(stream, name: str = "<text>"):
+    """yaml.safe_load's result (plain data only), except that a duplicate key is a ConfigError naming it and its line."""
+    loader = _UniqueKeySafeLoader(stream)
+    loader.name = name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def read_yaml_mapping(path: str, what: str = "experiment file", fix: str | None = None) -> dict:
+    """A YAML file that must hold a mapping, read with safe_load; errors name the file (and `fix`, what to do
+    about a damaged one)."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = load_yaml_text(f, path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} not found") from None
     except IsADirectoryError:
@@ -25,11 +62,12 @@ def read_yaml_mapping(path: str, what: str = "experiment file") -> dict:
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save the {what} as UTF-8") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_error_line(err)}); {fix or 'correct the ' + what}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a {what} must be a mapping of keys, got {type(data).__name__}")
+        raise ConfigError(f"{path}: a {what} must be a mapping of keys, got {type(data).__name__}"
+                          + (f"; {fix}" if fix else ""))
     return data
 
 

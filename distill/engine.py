@@ -198,13 +198,18 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
 
 def _resume(st: _Stage, log) -> None:
     """Load last.pt into the freshly built stage: weights, optimizer, scheduler, scaler, counters, RNG."""
-    path = st.paths.last
-    ck = safe_torch_load(path, map_location="cpu")
+    path, name = st.paths.last, st.spec.name
+    try:
+        ck = safe_torch_load(path, map_location="cpu")
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}. Stage {name} cannot resume from it: delete {path} to start the stage from "
+                              f"its beginning, or rerun with --restart-stage {name} (which keeps the old stage "
+                              f"folder aside)") from None
     differ = sorted(k for k in st.compat if ck.get("compat", {}).get(k) != st.compat[k])
     if differ:
         raise CheckpointError(f"{path}: cannot resume: the config changed in a way that breaks it "
                               f"({', '.join(differ)} differ from the checkpoint). Use another output "
-                              f"directory, or restore the previous settings.")
+                              f"directory, restore the previous settings, or rerun with --restart-stage {name}.")
     st.model.load_state_dict(ck["model"])
     st.head.load_full_weight(ck["head_weight"].to(st.device))
     st.optimizer.load_state_dict(ck["optimizer"])

@@ -73,8 +73,19 @@ class StageLayout:
     wandb_artifact = property(lambda self: self._path("wandb_artifact.txt"))
 
     def is_done(self) -> bool:
-        """A stage is finished once its result.json exists (written last, atomically)."""
-        return os.path.exists(self.result)
+        """A stage is finished once its result.json exists (written last, atomically) and reads as a JSON object;
+        a damaged one (see `damaged_result`) leaves the stage unfinished."""
+        return os.path.exists(self.result) and self.damaged_result() is None
+
+    def damaged_result(self) -> str | None:
+        """Why an existing result.json cannot be read (truncated, not JSON, not an object), or None."""
+        try:
+            data = read_json(self.result)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as err:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            return str(err).splitlines()[0]
+        return None if isinstance(data, dict) else f"holds a {type(data).__name__}, not an object"
 
     def read_result(self) -> dict:
         return read_json(self.result)

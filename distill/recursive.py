@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import os
 import tempfile
+import time
 
 import teachers
 from distill.atomic import atomic_write_json
@@ -32,9 +33,11 @@ from distill.evaluate import evaluate_sets, set_name_of
 from distill.layout import BASELINE, TEACHER, RunLayout, generation_name
 from distill.lock import run_directory_lock
 from distill.profile import model_cost
+from distill.registry import did_you_mean
 from distill.summary import teacher_model, write_summary
 from distill.teacher_cache import build_cache
 from distill.tracking import stage_tracker, val_scalars
+from distill.train_setup import resolve_device
 
 # Keys that may change between reruns of one run directory without invalidating anything trained.
 HARMLESS = ("generations", "tracking", "data.num_workers", "train.log_every", "device")
@@ -94,6 +97,14 @@ def open_data(cfg: ExperimentConfig, log=print):
     return train_set, val
 
 
+def note_damaged_result(stage, log) -> None:
+    """A result.json that does not read (truncated by a full disk, edited by hand) marks the stage unfinished: say so."""
+    problem = stage.damaged_result()
+    if problem:
+        log(f"{stage.name}: note: {stage.result} is damaged ({problem}); treating the stage as unfinished: it "
+            f"resumes from its last.pt (or starts again) and writes a new result.json")
+
+
 def student_spec(cfg: ExperimentConfig, name: str, generation: int, alpha: float, init_from, head_from) -> StageSpec:
     return StageSpec(name=name, arch=cfg.student.arch, model_kwargs=cfg.student.model_kwargs(cfg.data.input_size),
                      train=cfg.train, alpha=alpha, generation=generation, init_from=init_from, head_from=head_from)
@@ -111,6 +122,7 @@ def prepare_teacher(cfg, run_dir, train_set, val, progress=True, log=print):
     if t.onnx is not None:
         raise ConfigError(f"teacher.train: an ONNX teacher ({t.onnx}) cannot be trained here; give arch: <model name>")
     stage = RunLayout(run_dir).teacher
+    note_damaged_result(stage, log)
     if not stage.is_done():
         log(f"teacher: training {t.arch} ({t.model}) as stage 0")
         run_stage(cfg, StageSpec(TEACHER, t.arch, dict(t.model), t.train, alpha=0.0, generation=0), stage.dir,
@@ -157,18 +169,62 @@ def plan_stages(cfg: ExperimentConfig, run_dir: str) -> list:
     return stages
 
 
-def run_experiment(cfg: ExperimentConfig, run_dir: str | None = None, progress: bool = True, log=print) -> dict:
-    """Every stage of the experiment in `run_dir`, holding the directory's lock (one writer at a time)."""
+def _dependents(cfg: ExperimentConfig, name: str) -> list:
+    """The stages that start from `name`'s outcome: a generation from the one before it, every generation
+    from the teacher (its weights and cache); the baseline from nothing."""
+    gens = [generation_name(k) for k in range(1, cfg.generations + 1)]
+    if name == TEACHER:
+        return gens
+    return gens[gens.index(name) + 1:] if name in gens else []
+
+
+def restart_stages(cfg: ExperimentConfig, run_dir: str, names, log=print) -> None:
+    """`--restart-stage NAME`: move the stage's folder aside (to NAME.restarted-<time>, nothing deleted) so the
+    stage trains again from its beginning. A finished stage that started from it must be restarted too."""
+    names = list(dict.fromkeys(names or ()))
+    planned = ([TEACHER] if cfg.teacher is not None else []) + ([BASELINE] if cfg.baseline else []) \
+        + [generation_name(k) for k in range(1, cfg.generations + 1)]
+    run = RunLayout(run_dir)
+    for name in names:
+        if name not in planned:
+            raise ConfigError(f"--restart-stage {name}: this experiment's stages are {', '.join(planned)}"
+                              f"{did_you_mean(name, planned)}")
+        if name == TEACHER and cfg.teacher.train is None:
+            raise ConfigError(f"--restart-stage teacher: the teacher is loaded from {cfg.teacher.checkpoint or cfg.teacher.onnx}, "
+                              f"not trained in this run directory")
+        stale = [d for d in _dependents(cfg, name) if d not in names and os.path.isdir(run.stage(d).dir)]
+        if stale:
+            raise ConfigError(f"--restart-stage {name}: {', '.join(stale)} started from {name}'s result; restart "
+                              f"{'it' if len(stale) == 1 else 'them'} too (--restart-stage "
+                              f"{' --restart-stage '.join(stale)}) or use another --out")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in names:
+        stage = run.stage(name)
+        if os.path.isdir(stage.dir):
+            aside = f"{stage.dir}.restarted-{stamp}"
+            os.replace(stage.dir, aside)
+            log(f"{name}: restarting from its beginning; the previous folder is kept as {aside}")
+        else:
+            log(f"{name}: --restart-stage: nothing to move aside, the stage has not started")
+
+
+def run_experiment(cfg: ExperimentConfig, run_dir: str | None = None, progress: bool = True, log=print,
+                   restart=()) -> dict:
+    """Every stage of the experiment in `run_dir`, holding the directory's lock (one writer at a time).
+    `restart`: stage names to train again from their beginning (restart_stages)."""
     run_dir = run_dir or default_run_dir(cfg)
     with run_directory_lock(run_dir):
-        return _run_locked(cfg, run_dir, progress, log)
+        return _run_locked(cfg, run_dir, progress, log, restart)
 
 
-def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log) -> dict:
+def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log, restart=()) -> dict:
     run = RunLayout(run_dir)
     if not is_main():  # one voice: rank 0 reports for all
         log = lambda *_: None  # noqa: E731
     check_run_dir(cfg, run_dir)
+    resolve_device(cfg.device)  # a GPU that is not there stops the run before any work
+    if restart:  # rank 0 moves the folders; the other ranks wait for it
+        rank0_first(lambda: restart_stages(cfg, run_dir, restart, log) if is_main() else None)
     os.makedirs(run_dir, exist_ok=True)
     if is_main():
         dump_config(cfg, run.experiment)
@@ -185,6 +241,7 @@ def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log) -> dic
                                                     num_workers=cfg.data.num_workers, progress=progress, log=log))
     for spec in plan_stages(cfg, run_dir):
         stage = run.stage(spec.name)
+        note_damaged_result(stage, log)
         if stage.is_done():
             log(f"{spec.name}: finished earlier, skipped")
             results.append(stage.read_result())

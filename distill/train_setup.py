@@ -9,12 +9,33 @@ from distill.config import TrainConfig
 from distill.errors import DistillError
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise DistillError("device: cuda requested but no CUDA device is available (use device: auto or cpu)")
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())  # torchrun: set from LOCAL_RANK
-    return torch.device("cpu")
+def _no_cuda_reason() -> str:
+    if torch.version.cuda is None:
+        return f"this torch {torch.__version__} is a CPU-only build"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU or driver on this machine"
+
+
+def resolve_device(device: str | None, key: str = "device") -> torch.device:
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` (this process's GPU; torchrun sets it from
+    LOCAL_RANK) or `cuda:N`; a GPU that is not there is a DistillError naming `key` (checked before any work)."""
+    device = device or "auto"
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DistillError(f"{key} {device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type != "cuda":
+        raise DistillError(f"{key} {device!r}: only cpu and cuda devices are supported; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise DistillError(f"{key} {device!r}: CUDA is not available ({_no_cuda_reason()}); use cpu (or auto)")
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise DistillError(f"{key} {device!r}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
+                           f"(cuda:0{f' .. cuda:{count - 1}' if count > 1 else ''}); use one of those or cpu")
+    return parsed if parsed.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def amp_settings(train: TrainConfig, device: torch.device):

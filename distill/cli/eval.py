@@ -10,6 +10,7 @@ import torch
 from distill import models
 from distill.errors import ConfigError
 from distill.evaluate import FAR_TARGETS, evaluate_sets, set_name_of
+from distill.train_setup import resolve_device
 
 
 def _pct(x) -> str:
@@ -59,7 +60,7 @@ def run_eval(args) -> int:
     if input_size is None:
         raise ConfigError(f"{args.model}: cannot infer the model's input size; pass --input-size "
                           f"(112 for arcface_torch and insightface models)")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device, "--device")
     model.to(device)
     results = evaluate_sets(model, sets, input_size, batch_size=args.batch_size, device=device,
                             progress=not args.json, model_name=args.model)

@@ -22,7 +22,8 @@ def _run(args) -> int:
         dry_run(cfg)
         return 0
     try:
-        run_experiment(cfg, args.out or default_run_dir(cfg), progress=not args.no_progress and sys.stderr.isatty())
+        run_experiment(cfg, args.out or default_run_dir(cfg), progress=not args.no_progress and sys.stderr.isatty(),
+                       restart=args.restart_stage)
     except Preempted as err:
         print(f"distill run: {err}", file=sys.stderr)
         return EX_TEMPFAIL
@@ -55,6 +56,9 @@ def add_commands(sub) -> None:
     _experiment_args(p)
     p.add_argument("--dry-run", action="store_true", help="validate files and shapes, run 2 steps per stage, keep nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--restart-stage", action="append", default=[], metavar="NAME",
+                   help="train stage NAME (teacher, baseline, gen1, ...) again from its beginning; its old folder is "
+                        "kept as NAME.restarted-<time>; repeat for several stages")
     p.set_defaults(func=_run)
     cache = sub.add_parser("cache", help="the frozen teacher's embedding cache")
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="CACHE_COMMAND", required=True)
