@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from contextlib import contextmanager
 
 from distill.errors import DistillError
@@ -58,3 +59,22 @@ def atomic_write_json(path, obj) -> None:
     """Write a JSON file (manifest, result, summary) so readers see the old file or the new, never half."""
     with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=1)
+
+
+def unwritable(path, err: OSError, what: str) -> WriteError:
+    """The WriteError for a folder or file that cannot be created or written (read-only, full, missing parent)."""
+    reason = getattr(err, "strerror", None) or str(err)
+    return WriteError(f"{path}: cannot write {what} ({reason}); give a folder you can write to (or free disk "
+                      f"space) and rerun")
+
+
+def ensure_writable(folder, what: str) -> None:
+    """Create `folder` if needed and prove a file can be written in it, before any work goes into it."""
+    folder = os.fspath(folder) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise unwritable(folder, err, what) from None

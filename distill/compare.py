@@ -15,7 +15,8 @@ import os
 
 from distill.config import load_saved_config
 from distill.errors import ConfigError
-from distill.layout import RunLayout, is_run_dir, read_json, stage_order
+from distill.atomic import atomic_open, ensure_writable
+from distill.layout import TEACHER, RunLayout, is_run_dir, read_json, stage_order
 from distill.recursive import plan_stages
 from distill.evaluate import FAR_TARGETS
 from distill.summary import _stage_entry, cost_function, markdown_table, teacher_model
@@ -69,8 +70,9 @@ def load_run(run_dir: str) -> dict:
     if os.path.exists(run.summary_json):
         summarised = {s["stage"]: s for s in read_json(run.summary_json).get("stages", [])}
     specs = {s.name: s for s in plan_stages(cfg, run_dir)}
+    planned = set(specs) | ({TEACHER} if cfg.teacher is not None else set())  # not started yet: shown as such
     stages, curves = [], {}
-    for name in sorted(set(run.stage_names()) | set(summarised), key=stage_order):
+    for name in sorted(set(run.stage_names()) | set(summarised) | planned, key=stage_order):
         stage = run.stage(name)
         rows = read_metrics(stage.dir)
         curves[name] = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
@@ -147,5 +149,11 @@ def plot_comparison(runs: list, path: str) -> None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, format="png")
+    ensure_writable(os.path.dirname(os.path.abspath(path)), "the plot")
+    with atomic_open(path, "wb", what="the plot") as f:
+        fig.savefig(f, format="png")
+
+
+def unfinished_runs(runs: list) -> list:
+    """Run directories in which no stage has finished (their rows come from logs or are not started)."""
+    return [r["run_dir"] for r in runs if not any(s["status"] == "done" for s in r["stages"])]

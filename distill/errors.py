@@ -31,5 +31,10 @@ class UnknownNameError(DistillError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class ConfigDeprecationWarning(UserWarning):
+class UserNote(UserWarning):
+    """Something the toolkit does on the user's behalf that they should know about (images resized, a
+    metadata file that disagrees with the data). The command line prints each as one `note:` line, once."""
+
+
+class ConfigDeprecationWarning(UserNote):
     """A config key or form still works but has a new spelling; the message says what to write instead."""

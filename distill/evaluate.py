@@ -13,13 +13,14 @@ from __future__ import annotations
 import itertools
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.errors import DistillError, DataFormatError
+from distill.errors import DistillError, DataFormatError, UserNote
 
 THRESHOLDS = np.arange(0, 4, 0.01)  # the exact float64 values insightface compares against
 N_FOLDS = 10
@@ -239,6 +240,19 @@ def set_name_of(path) -> str:
     return Path(path).stem
 
 
+def size_note(what: str, images, input_size: int) -> str | None:
+    """A UserNote (printed once by the command line) when a set's images are not input_size x input_size."""
+    if not len(images) or not isinstance(input_size, int):
+        return None
+    h, w = np.asarray(images[0]).shape[:2]
+    if (h, w) == (input_size, input_size):
+        return None
+    note = (f"{what}: images are {h}x{w}, the model takes {input_size}x{input_size}: each is resized as "
+            f"insightface does (short side to {input_size}, bicubic, centre crop)")
+    warnings.warn(note, UserNote, stacklevel=2)
+    return note
+
+
 def evaluate_sets(model, bins: dict, input_size: int, batch_size: int = 64, device=None,
                   progress: bool = True, model_name: str | None = None) -> dict:
     """{set name: verification_metrics} for each set; a set is a .bin path or (images, issame).
@@ -251,6 +265,7 @@ def evaluate_sets(model, bins: dict, input_size: int, batch_size: int = 64, devi
         if len(images) != 2 * len(issame):
             raise DataFormatError(f"verification set {name}: {len(images)} images for {len(issame)} pairs "
                                   f"(expected two images per pair)")
+        size_note(f"verification set {name}", images, input_size)
         emb_orig, emb_flip = embed_pairs(model, images, input_size, batch_size=batch_size, device=device,
                                          progress=progress, model_name=model_name, set_name=name)
         try:

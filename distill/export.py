@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distill.atomic import ensure_writable, unwritable
 from distill.errors import ConfigError, DistillError
 
 INPUT_NAME = "input.1"
@@ -114,12 +115,19 @@ def export_model(source: str, out, arch: str | None = None, input_size: int | No
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         raise ConfigError(f"{out}: the directory {out_dir} does not exist")
+    ensure_writable(out_dir, "the exported model")  # before the export's work, not after
     tmp = f"{out}.tmp"
     try:
-        export_onnx(model, tmp, size, opset=opset, batch=batch,
-                    metadata={"normalisation": NORMALISATION, "source": os.path.basename(source), "input_size": size})
+        try:
+            export_onnx(model, tmp, size, opset=opset, batch=batch,
+                        metadata={"normalisation": NORMALISATION, "source": os.path.basename(source), "input_size": size})
+        except OSError as err:  # the disk filled during the export
+            raise unwritable(out, err, "the exported model") from None
         result = check_parity(model, tmp, size, batch=batch)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError as err:
+            raise unwritable(out, err, "the exported model") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -16,6 +16,7 @@ import os
 import socket
 from contextlib import contextmanager
 
+from distill.atomic import WriteError, ensure_writable, unwritable
 from distill.dist import from_rank0, rank
 from distill.errors import DistillError
 from distill.layout import RunLayout
@@ -35,9 +36,13 @@ def _holder(path: str) -> dict:
 
 def _acquire(directory: str):
     """The open, locked file descriptor of `directory`'s lock; RunDirectoryLocked when another process has it."""
-    os.makedirs(directory, exist_ok=True)
     path = RunLayout(directory).lock
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise unwritable(directory, err, "the run directory") from None
+    ensure_writable(directory, "the run directory")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -57,14 +62,31 @@ def run_directory_lock(directory: str):
     if rank() == 0:
         try:
             fd = _acquire(directory)
-        except RunDirectoryLocked as err:
-            error = str(err)
+        except (RunDirectoryLocked, WriteError) as err:
+            error = (type(err).__name__, str(err))
     error = from_rank0(error)  # torchrun: every rank learns whether rank 0 holds the lock (none hangs later)
     if error is not None:
-        raise RunDirectoryLocked(error)
+        raise {"WriteError": WriteError}.get(error[0], RunDirectoryLocked)(error[1])
     try:
         yield
     finally:
         if fd is not None:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
+
+
+def lock_holder(directory: str) -> dict | None:
+    """{"pid", "host"} of the process holding `directory`'s lock now, or None when it is free (reads only:
+    the probe takes the lock for an instant and never creates the file)."""
+    path = RunLayout(directory).lock
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _holder(path) or {"pid": "?", "host": "?"}
+    finally:
+        os.close(fd)  # closing drops the probe's shared lock
+    return None

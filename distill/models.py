@@ -87,6 +87,10 @@ def load_model(source: str, arch: str | None = None, input_size: int | None = No
         return model.eval(), model_input_size(model)
     payload = safe_torch_load(source)
     if is_student_checkpoint(payload):
+        recorded = payload.get("arch")
+        if arch is not None and recorded is not None and canonical_name(arch) != canonical_name(recorded):
+            raise ConfigError(f"{source}: --arch {arch} given, but this student.pt records arch {recorded}; "
+                              f"drop --arch (a student.pt says what it holds) or give the right file")
         model, _ = load_student(source)
         return model.eval(), model_input_size(model)
     if arch is None:

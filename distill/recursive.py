@@ -26,10 +26,11 @@ from distill.atomic import atomic_write_json
 from distill.checkpoint import atomic_torch_save, safe_torch_load
 from distill.config import ExperimentConfig, config_from_dict, dump_config, load_saved_config, to_dict
 from distill.data.standin import StandInFaces, standin_pairs
-from distill.dist import is_main, rank0_first
+from distill.disk import DiskSpaceError, check_disk
+from distill.dist import from_rank0, is_main, rank0_first
 from distill.engine import StageSpec, run_stage
 from distill.errors import ConfigError
-from distill.evaluate import evaluate_sets, set_name_of
+from distill.evaluate import evaluate_sets, set_name_of, size_note
 from distill.layout import BASELINE, TEACHER, RunLayout, generation_name
 from distill.lock import run_directory_lock
 from distill.profile import model_cost
@@ -94,6 +95,10 @@ def open_data(cfg: ExperimentConfig, log=print):
             raise ConfigError(f"data.val: verification set {path} does not exist")
     train_set = open_training_set(cfg.data.train, flip=True, input_size=cfg.data.input_size)
     val = {set_name_of(p): load_verification_bin(p) for p in cfg.data.val}
+    if is_main():  # resizing, a property file that disagrees: one note each, before any work
+        train_set.warn_notes()
+        for name, (images, _) in val.items():
+            size_note(f"verification set {name}", images, cfg.data.input_size)
     return train_set, val
 
 
@@ -231,6 +236,15 @@ def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log, restar
     train_set, val = open_data(cfg, log=log)
     log(f"{cfg.name}: {len(train_set)} training images of {train_set.num_classes} identities; "
         f"verification: {', '.join(f'{k} ({len(v[1])} pairs)' for k, v in val.items()) or 'none'}")
+    problem = None
+    if is_main():  # what the run will write against the free disk, before any work (rank 0 measures for all)
+        try:
+            check_disk(cfg, run_dir, len(train_set), train_set.num_classes)
+        except DiskSpaceError as err:
+            problem = str(err)
+    problem = from_rank0(problem)
+    if problem:
+        raise DiskSpaceError(problem)
 
     results, teacher, cache = [], None, None
     if cfg.teacher is not None:

@@ -15,8 +15,10 @@ rebuilt. An interrupted build resumes from the last flushed chunk.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -25,9 +27,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from distill.atomic import atomic_write_json
-from distill.errors import DataFormatError
+from distill.errors import DataFormatError, DistillError
 
 CACHE_FORMAT = 1
+
+
+class CacheSpaceError(DistillError, OSError):
+    """The teacher cache file cannot be allocated (full disk, read-only folder)."""
 PREPROCESSING = {"normalize": "(x/255-0.5)/0.5", "flip": "horizontal", "dtype": "float16"}
 
 
@@ -56,6 +62,40 @@ def cache_key(teacher, dataset) -> dict:
         "num_samples": len(dataset),
         "dim": teacher.embedding_size,
     }
+
+
+def allocate(path: str, nbytes: int, fresh: bool) -> None:
+    """Give `path` all of its `nbytes` on disk before the first row is written (`fresh`: start from an empty
+    file). A memory map over a sparse file dies with SIGBUS, no message, when the disk fills under it; a
+    fully allocated file cannot run out, and a full disk is this error, before any work."""
+    try:
+        with open(path, "wb" if fresh else "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                _write_zeros(f, nbytes)  # a filesystem without fallocate: write the blocks out
+            except AttributeError:  # pragma: no cover - no posix_fallocate (macOS, Windows)
+                _write_zeros(f, nbytes)
+    except OSError as err:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise CacheSpaceError(f"{path}: cannot allocate the teacher cache ({err.strerror or err}): it needs "
+                              f"{nbytes:,} bytes ({nbytes / 1e9:.2f} GB), {free:,} bytes ({free / 1e9:.2f} GB) are "
+                              f"free. Free disk space, put the run on a larger disk (--out), or set "
+                              f"teacher.cache: false to run the teacher online") from None
+
+
+def _write_zeros(f, nbytes: int, chunk: int = 1 << 24) -> None:
+    f.seek(0, os.SEEK_END)
+    done = f.tell()  # keep rows already written (a resumed build)
+    zeros = bytes(chunk)
+    while done < nbytes:
+        n = min(chunk, nbytes - done)
+        f.write(zeros[:n])
+        done += n
+    f.flush()
+    os.fsync(f.fileno())
 
 
 class TeacherCache:
@@ -111,7 +151,6 @@ def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_wor
     if usable:
         start = int(manifest["rows_done"])
         log(f"teacher cache: resuming an interrupted build at row {start}/{n}")
-        mem = np.memmap(emb_path, dtype=np.float16, mode="r+", shape=(n, 2, dim))
     else:
         if manifest is not None:
             stale = [k for k in key if manifest.get("key", {}).get(k) != key[k]]
@@ -119,7 +158,8 @@ def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_wor
         start = 0
         manifest = {"key": key, "rows_done": 0}
         atomic_write_json(manifest_path, manifest)  # mark as in-progress before touching the rows
-        mem = np.memmap(emb_path, dtype=np.float16, mode="w+", shape=(n, 2, dim))
+    allocate(emb_path, n * 2 * dim * 2, fresh=not usable)
+    mem = np.memmap(emb_path, dtype=np.float16, mode="r+", shape=(n, 2, dim))
 
     loader = torch.utils.data.DataLoader(_Originals(dataset, start), batch_size=batch_size,
                                          num_workers=num_workers, shuffle=False)

@@ -33,3 +33,17 @@ def _wandb_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / ".wandb_cache"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / ".wandb_config"))
+
+
+@pytest.fixture(scope="session")
+def tiny_finished_run(tmp_path_factory):
+    """(experiment file, finished run directory, data directory) of the tiny experiment with one generation
+    (teacher, baseline, gen1; about 10 s), built once per session. Tests that change it work on a copy."""
+    from distill.config import load_config
+    from distill.recursive import run_experiment
+    from tiny_experiment import write_experiment
+
+    tmp = tmp_path_factory.mktemp("finished")
+    exp = write_experiment(tmp / "x.yaml", tmp / "faces", generations=1, tracking={"wandb": "disabled"})
+    run_experiment(load_config(str(exp)), str(tmp / "run"), progress=False, log=lambda *_: None)
+    return exp, tmp / "run", tmp / "faces"

@@ -11,13 +11,14 @@ import importlib
 import sys
 import warnings
 
-from distill.errors import ConfigDeprecationWarning, DistillError
+from distill.errors import DistillError, UserNote
 
 COMMANDS = [
     "distill.cli.export",
     "distill.cli.profile",
     "distill.cli.data",
     "distill.cli.eval",
+    "distill.cli.ijb",
     "distill.cli.run",
     "distill.cli.compare",
     "distill.cli.sweep",
@@ -49,8 +50,8 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             shown = warnings.showwarning
 
-            def note(message, category, *rest, **kwargs):  # a deprecated spelling: one line, not a source dump
-                if issubclass(category, ConfigDeprecationWarning):
+            def note(message, category, *rest, **kwargs):  # a note or deprecated spelling: one line, no source dump
+                if issubclass(category, UserNote):
                     print(f"distill {args.command}: note: {message}", file=sys.stderr)
                 else:
                     shown(message, category, *rest, **kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from distill.compare import comparison_json, comparison_table, load_runs, plot_comparison
+from distill.compare import comparison_json, comparison_table, load_runs, plot_comparison, unfinished_runs
 
 
 def _compare(args) -> int:
@@ -18,6 +18,9 @@ def _compare(args) -> int:
         print(comparison_table(runs))
     if args.plot:
         print(f"plot: {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    for run_dir in unfinished_runs(runs):
+        print(f"distill compare: note: {run_dir} holds no finished stage yet (rows marked 'unfinished' come from "
+              f"the last evaluation in metrics.jsonl; 'not started' rows have nothing yet)", file=sys.stderr)
     return 0
 
 

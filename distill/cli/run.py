@@ -45,6 +45,15 @@ def _cache_build(args) -> int:
     return 0
 
 
+def _doctor(args) -> int:
+    from distill.doctor import main_report
+
+    cfg = load_config(args.experiment, args.overrides)
+    report, status = main_report(cfg, args.out or default_run_dir(cfg), args.experiment)
+    print(report)
+    return status
+
+
 def _experiment_args(p) -> None:
     p.add_argument("experiment", help="experiment YAML file")
     p.add_argument("overrides", nargs="*", help="dotted overrides: train.lr=0.05 or --train.lr=0.05")
@@ -60,6 +69,10 @@ def add_commands(sub) -> None:
                    help="train stage NAME (teacher, baseline, gen1, ...) again from its beginning; its old folder is "
                         "kept as NAME.restarted-<time>; repeat for several stages")
     p.set_defaults(func=_run)
+    d = sub.add_parser("doctor", help="check an experiment before a long run: versions, device, data, teacher, "
+                                      "disk, W&B, run directory (reads only); exit 1 when something would fail")
+    _experiment_args(d)
+    d.set_defaults(func=_doctor)
     cache = sub.add_parser("cache", help="the frozen teacher's embedding cache")
     cache_sub = cache.add_subparsers(dest="cache_command", metavar="CACHE_COMMAND", required=True)
     b = cache_sub.add_parser("build", help="compute the teacher embeddings of an experiment's training set")

@@ -11,8 +11,13 @@ look up exactly the view the student saw; `get(index, flip)` returns that view d
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import torch
 from torch.utils.data import Dataset
+
+from distill.errors import UserNote
 
 from distill.data.images import decode_chw, to_input_tensor
 
@@ -55,6 +60,28 @@ class FaceDataset(Dataset):
         """Identifies the images and labels (keys the teacher cache); subclasses hash their index."""
         raise NotImplementedError
 
+    def stored_size(self) -> tuple | None:
+        """(H, W) of the first image as stored (decoded once), None for an empty set."""
+        return tuple(self.load(0)[0].shape[-2:]) if len(self) else None
+
+    def notes(self) -> list:
+        """What the toolkit will do on the user's behalf with this set: today, resizing when the stored images
+        differ from `input_size`. Subclasses add what their metadata files say against the data."""
+        size = self.stored_size()
+        if self.input_size is None or size is None or size == (self.input_size, self.input_size):
+            return []
+        return [f"{self.source}: images are {size[0]}x{size[1]}, the model takes {self.input_size}x{self.input_size} "
+                f"(data.input_size): every image is resized (bicubic) as it is loaded"]
+
+    def warn_notes(self) -> list:
+        """`notes()` issued as UserNote warnings (the command line prints each once); returned too."""
+        notes = self.notes()
+        for note in notes:
+            warnings.warn(note, UserNote, stacklevel=2)
+        return notes
+
+    source = property(lambda self: type(self).__name__)
+
 
 class RecordIODataset(FaceDataset):
     """insightface/im2rec RecordIO as a training set. `path`: folder with train.rec or the .rec file.
@@ -72,6 +99,26 @@ class RecordIODataset(FaceDataset):
     @property
     def num_classes(self) -> int:
         return self.rec.num_classes
+
+    source = property(lambda self: self.rec.rec_path)
+
+    def notes(self) -> list:
+        """Besides resizing: insightface's `property` file (`num_ids,height,width`) against the records."""
+        notes = super().notes()
+        prop = os.path.join(os.path.dirname(self.rec.rec_path), "property")
+        try:
+            with open(prop, encoding="ascii") as f:
+                fields = [int(v) for v in f.read().strip().split(",")]
+        except (OSError, ValueError, UnicodeDecodeError):
+            return notes  # optional; an unreadable one is ignored as insightface ignores it
+        size = self.stored_size()
+        if len(fields) >= 3 and size is not None and tuple(fields[1:3]) != size:
+            notes.append(f"{prop} says images are {fields[1]}x{fields[2]}, but they are {size[0]}x{size[1]}: the "
+                         f"images are used as they are; correct the property file")
+        if fields and self.rec.identity_keys is not None and fields[0] != self.num_classes:
+            notes.append(f"{prop} says {fields[0]} identities, but the header record of {self.rec.rec_path} has "
+                         f"{self.num_classes}: the header is used (it sizes the classifier); correct the property file")
+        return notes
 
     def fingerprint(self) -> str:
         """SHA-256 of train.idx plus the .rec size: any re-pack or edit of the index changes it."""

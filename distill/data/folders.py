@@ -75,6 +75,8 @@ class ImageFolderDataset(FaceDataset):
     def num_classes(self) -> int:
         return len(self.classes)
 
+    source = property(lambda self: self.root)
+
     def fingerprint(self) -> str:
         """SHA-256 of every image's relative path, class and file size."""
         import hashlib

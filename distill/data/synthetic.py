@@ -208,6 +208,21 @@ def _differs(out: Path, params: dict) -> str:
     return f"on disk {({k: on_disk.get(k) for k in keys})}, data.synthetic asks for {({k: wanted[k] for k in keys})}"
 
 
+def synthetic_refusal(out_dir, params: dict, replace: bool = False) -> str | None:
+    """Why `ensure_synthetic(out_dir, replace=replace, **params)` would refuse to (re)generate, or None when it
+    would use or generate the dataset. Reads only: `distill doctor` asks this before a run."""
+    out = Path(out_dir)
+    if synthetic_is_current(out, **params):
+        return None
+    ways_out = f"give another data.train, or delete {out} to generate it again"
+    if out.exists() and (not out.is_dir() or (read_manifest(out) is None and any(out.iterdir()))):
+        return f"{out}: exists and is not a synthetic dataset (no {MANIFEST}); it is never overwritten: {ways_out}"
+    if not replace and out.exists() and any(out.iterdir()):
+        return (f"{out}: holds a synthetic dataset made with other settings ({_differs(out, params)}); "
+                f"distill run never replaces a dataset: {ways_out}")
+    return None
+
+
 def ensure_synthetic(out_dir, workers=None, progress=False, replace=True, **params) -> dict:
     """Make `out_dir` hold the synthetic dataset with `params` (see `generate`); return its manifest.
 
@@ -223,14 +238,9 @@ def ensure_synthetic(out_dir, workers=None, progress=False, replace=True, **para
     clean_interrupted(out)
     if synthetic_is_current(out, **params):
         return read_manifest(out)
-    ways_out = f"give another data.train, or delete {out} to generate it again"
-    if out.exists() and (not out.is_dir() or (read_manifest(out) is None and any(out.iterdir()))):
-        raise ConfigError(
-            f"{out}: exists and is not a synthetic dataset (no {MANIFEST}); it is never overwritten: {ways_out}"
-        )
-    if not replace and out.exists() and any(out.iterdir()):
-        raise ConfigError(f"{out}: holds a synthetic dataset made with other settings ({_differs(out, params)}); "
-                          f"distill run never replaces a dataset: {ways_out}")
+    refusal = synthetic_refusal(out, params, replace)
+    if refusal:
+        raise ConfigError(refusal)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     old = out.parent / f".{out.name}.old-{os.getpid()}"

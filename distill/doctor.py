@@ -1,0 +1,248 @@
+"""`distill doctor EXPERIMENT.yaml`: everything a long run depends on, checked in seconds before it starts.
+
+Each check is a line `ok` / `note` / `FAIL` with what was found: versions (torch, CUDA, bf16, timm,
+wandb, ONNX Runtime), the device, every data path (readable, image size against the config, identity
+count), the teacher (loadable, its embedding size against the student's), the bytes the run will write
+against the free disk (distill/disk.py), the W&B mode that will be used, and the run directory (new,
+resumable with which stages done, holding another experiment, or locked by a running process). It only
+reads: no dataset is generated, no folder created, no lock taken. Any FAIL makes the exit status 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+
+import torch
+
+from distill.errors import DistillError
+
+OK, NOTE, FAIL = "ok", "note", "FAIL"
+
+
+@dataclass
+class Check:
+    status: str   # ok | note | FAIL
+    what: str     # versions, device, data.train, data.val, teacher, disk, wandb, run directory
+    detail: str
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def check_versions() -> list:
+    cuda = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
+    parts = [f"python {platform.python_version()}", f"torch {torch.__version__} ({cuda})",
+             f"timm {_version('timm')}", f"wandb {_version('wandb')}", f"onnxruntime {_version('onnxruntime')}",
+             f"numpy {_version('numpy')}"]
+    return [Check(OK, "versions", ", ".join(parts))]
+
+
+def check_device(cfg) -> list:
+    from distill.train_setup import amp_settings, resolve_device
+
+    try:
+        device = resolve_device(cfg.device)
+    except DistillError as err:
+        return [Check(FAIL, "device", str(err))]
+    amp, _ = amp_settings(cfg.train, device)
+    precision = f"autocast {str(amp).replace('torch.', '')}" if amp is not None else "float32 (no autocast)"
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        bf16 = "yes" if torch.cuda.is_bf16_supported() else "no"
+        found = (f"{device} {props.name} ({props.total_memory / 2 ** 30:.0f} GiB), {torch.cuda.device_count()} "
+                 f"CUDA device(s), bf16 supported: {bf16}")
+    else:
+        gpu = "no CUDA device" if not torch.cuda.is_available() else f"device: {cfg.device} chosen"
+        found = f"cpu ({torch.get_num_threads()} torch threads; {gpu})"
+    return [Check(OK, "device", f"{found}; training in {precision} (train.amp: {cfg.train.amp})")]
+
+
+def _synthetic_counts(cfg) -> tuple:
+    from distill.data.synthetic import synthetic_params
+
+    p = synthetic_params(**dataclasses.asdict(cfg.data.synthetic))
+    return p["ids"] * p["images_per_id"], p["ids"], p["size"]
+
+
+def check_train(cfg) -> tuple:
+    """(checks, (images, identities) or None)."""
+    from distill.data import open_training_set
+
+    path = cfg.data.train
+    if cfg.data.synthetic is not None:
+        from distill.data.synthetic import synthetic_is_current, synthetic_refusal
+
+        params = dataclasses.asdict(cfg.data.synthetic)
+        refusal = synthetic_refusal(path, params, replace=False)
+        if refusal:
+            return [Check(FAIL, "data.train", refusal)], None
+        if not synthetic_is_current(path, **params):
+            images, ids, size = _synthetic_counts(cfg)
+            checks = [Check(NOTE, "data.train", f"{path}: synthetic faces generated on first use ({ids} identities x "
+                                                f"{cfg.data.synthetic.images_per_id} images at {size}x{size})")]
+            if size != cfg.data.input_size:
+                checks.append(Check(NOTE, "data.train", f"images will be {size}x{size}, the model takes "
+                                                        f"{cfg.data.input_size}x{cfg.data.input_size}: resized at load"))
+            return checks, (images, ids)
+    if not os.path.exists(path):
+        return [Check(FAIL, "data.train", f"{path} does not exist (a RecordIO folder such as faces_emore/, a .rec "
+                                          f"file, or an identity-per-folder tree)")], None
+    try:
+        train = open_training_set(path, flip=True, input_size=cfg.data.input_size)
+        size = train.stored_size()
+        checks = [Check(OK, "data.train", f"{path}: {len(train):,} images of {train.num_classes:,} identities"
+                                          + (f", stored {size[0]}x{size[1]}" if size else ""))]
+        checks += [Check(NOTE, "data.train", n) for n in train.notes()]
+        if not len(train):
+            checks.append(Check(FAIL, "data.train", f"{path} holds no images"))
+        return checks, (len(train), train.num_classes)
+    except (DistillError, OSError) as err:
+        return [Check(FAIL, "data.train", str(err))], None
+
+
+def check_val(cfg) -> list:
+    from distill.data import load_verification_bin
+
+    synthetic_dir = os.path.abspath(cfg.data.train) + os.sep if cfg.data.synthetic is not None else None
+    checks = []
+    for path in cfg.data.val:
+        if not os.path.exists(path):
+            if synthetic_dir and os.path.abspath(path).startswith(synthetic_dir):
+                checks.append(Check(NOTE, "data.val", f"{path}: written with the synthetic faces on first use"))
+            else:
+                checks.append(Check(FAIL, "data.val", f"verification set {path} does not exist"))
+            continue
+        try:
+            images, issame = load_verification_bin(path)
+        except (DistillError, OSError) as err:
+            checks.append(Check(FAIL, "data.val", str(err)))
+            continue
+        h, w = images[0].shape[:2] if len(images) else (0, 0)
+        checks.append(Check(OK, "data.val", f"{path}: {len(issame):,} pairs ({int(issame.sum()):,} same), "
+                                            f"images {h}x{w}"))
+        if len(images) and (h, w) != (cfg.data.input_size, cfg.data.input_size):
+            checks.append(Check(NOTE, "data.val", f"{path}: images are {h}x{w}, the model takes {cfg.data.input_size}"
+                                                  f"x{cfg.data.input_size}: resized as insightface does"))
+    if not cfg.data.val:
+        checks.append(Check(NOTE, "data.val", "no verification sets: stages are trained but not evaluated"))
+    return checks
+
+
+def check_teacher(cfg, run_dir: str) -> list:
+    import teachers
+    from distill.layout import RunLayout
+
+    t = cfg.teacher
+    if t is None:
+        return [Check(OK, "teacher", "none: every stage trains without distillation")]
+    done = RunLayout(run_dir).teacher
+    try:
+        if t.checkpoint and os.path.exists(t.checkpoint) or t.onnx:
+            teacher = teachers.build_teacher(t.spec())
+            source = f"loaded from {t.checkpoint or t.onnx}"
+        elif t.train is not None:
+            spec = {k: v for k, v in t.spec().items() if k != "checkpoint"}
+            if done.is_done() and os.path.exists(done.backbone):
+                spec["checkpoint"] = done.backbone
+                source = f"trained earlier in this run directory ({done.backbone})"
+            else:
+                source = (f"trained here as stage 0 ({t.train.epochs:g} epoch{'' if t.train.epochs == 1 else 's'}) "
+                          f"before the students")
+            teacher = teachers.build_teacher(spec)
+        else:
+            what = f"teacher.checkpoint {t.checkpoint} does not exist" if t.checkpoint else "teacher.checkpoint is not set"
+            return [Check(FAIL, "teacher", f"{what}, and there is no teacher.train recipe to train one")]
+    except (DistillError, OSError) as err:
+        return [Check(FAIL, "teacher", str(err))]
+    name = t.arch or os.path.basename(t.onnx)
+    checks = [Check(OK, "teacher", f"{name}, {teacher.embedding_size}-d embeddings at {teacher.input_size}px, {source}")]
+    if cfg.distill.alpha > 0 and teacher.embedding_size != cfg.student.embedding_size:
+        checks.append(Check(FAIL, "teacher", f"teacher embedding size {teacher.embedding_size} != student.embedding_size "
+                                             f"{cfg.student.embedding_size}: the distillation losses compare embeddings"))
+    return checks
+
+
+def check_disk(cfg, run_dir: str, counts) -> list:
+    from distill.disk import estimate, human
+
+    if counts is None:
+        return [Check(NOTE, "disk", "not estimated: the training set could not be read")]
+    try:
+        est = estimate(cfg, run_dir, *counts)
+    except (DistillError, OSError) as err:
+        return [Check(FAIL, "disk", str(err))]
+    parts = ", ".join(f"{what} {human(n)}" for what, n in est["items"]) or "nothing left to write"
+    status = OK if est["needed"] <= est["free"] else FAIL
+    return [Check(status, "disk", f"the run will write about {human(est['needed'])} ({parts}); {est['path']} has "
+                                  f"{human(est['free'])} free")]
+
+
+def check_wandb(cfg) -> list:
+    from distill.tracking import resolve_mode
+
+    try:
+        mode = resolve_mode(cfg.tracking.wandb)
+    except DistillError as err:
+        return [Check(FAIL, "wandb", str(err))]
+    why = {"online": "credentials found: runs go to W&B as they train",
+           "offline": "no upload: runs are kept under the run directory's wandb/ (`wandb sync` uploads them later)",
+           "disabled": "no W&B at all; metrics.jsonl keeps the local log"}[mode]
+    source = "WANDB_MODE" if os.environ.get("WANDB_MODE") else f"tracking.wandb: {cfg.tracking.wandb}"
+    return [Check(OK, "wandb", f"{mode} ({source}); {why}")]
+
+
+def check_run_dir(cfg, run_dir: str) -> list:
+    from distill.layout import RunLayout
+    from distill.lock import lock_holder
+    from distill.recursive import check_run_dir as same_experiment
+
+    holder = lock_holder(run_dir)
+    if holder:
+        return [Check(FAIL, "run directory", f"another distill run (pid {holder.get('pid')}, host {holder.get('host')}) "
+                                             f"is using {run_dir}; wait for it, or give another --out")]
+    run = RunLayout(run_dir)
+    if not run.is_run_dir():
+        parent = run_dir
+        while not os.path.exists(parent):
+            parent = os.path.dirname(os.path.abspath(parent))
+        if not os.access(parent, os.W_OK):
+            return [Check(FAIL, "run directory", f"{parent} is not writable; give another --out")]
+        return [Check(OK, "run directory", f"{run_dir}: new, free")]
+    try:
+        same_experiment(cfg, run_dir)
+    except DistillError as err:
+        return [Check(FAIL, "run directory", str(err))]
+    done = [n for n in run.stage_names() if run.stage(n).is_done()]
+    started = [n for n in run.stage_names() if n not in done]
+    return [Check(OK, "run directory", f"{run_dir}: free; resumes this experiment (finished: {', '.join(done) or 'none'}"
+                                       + (f"; unfinished: {', '.join(started)}" if started else "") + ")")]
+
+
+def diagnose(cfg, run_dir: str) -> list:
+    checks = check_versions() + check_device(cfg)
+    train_checks, counts = check_train(cfg)
+    checks += train_checks + check_val(cfg) + check_teacher(cfg, run_dir) + check_disk(cfg, run_dir, counts)
+    return checks + check_wandb(cfg) + check_run_dir(cfg, run_dir)
+
+
+def format_report(checks: list, title: str) -> str:
+    width = max(len(c.what) for c in checks)
+    lines = [title] + [f"  {c.status:<4}  {c.what:<{width}}  {c.detail}" for c in checks]
+    failed = [c for c in checks if c.status == FAIL]
+    lines.append(f"{len(failed)} problem{'s' if len(failed) != 1 else ''} would stop this run" if failed
+                 else "ready: nothing found that would stop this run")
+    return "\n".join(lines)
+
+
+def main_report(cfg, run_dir: str, config_path: str) -> tuple[str, int]:
+    checks = diagnose(cfg, run_dir)
+    report = format_report(checks, f"distill doctor: {config_path} (experiment {cfg.name}, run directory {run_dir})")
+    return report, int(any(c.status == FAIL for c in checks))
