@@ -1,4 +1,4 @@
-"""`distill data pack|reindex|synth|inspect`: pack, reindex, generate and inspect face datasets (library: distill.data)."""
+"""`distill data pack|reindex|synth|synth-ijb|inspect`: pack, reindex, generate and inspect face datasets (library: distill.data)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import time
 from distill.data.inspect import format_report, inspect_dataset
 from distill.data.pack import pack_image_tree
 from distill.data.recordio_writer import rebuild_index
+from distill.data.synth_ijb import read_manifest as read_synth_ijb_manifest
+from distill.data.synth_ijb import synth_ijb_params, write_synthetic_ijb
 from distill.data.synthetic import MANIFEST, VAL_BIN, ensure_synthetic, synthetic_is_current
 from distill.errors import DataFormatError
 
@@ -52,6 +54,22 @@ def _cmd_synth(args) -> int:
     return 0
 
 
+def _cmd_synth_ijb(args) -> int:
+    params = synth_ijb_params(args.templates, args.seed, args.target)
+    stored = read_synth_ijb_manifest(args.out)
+    if stored is not None and stored.get("params") == params and not args.force:
+        print(f"{args.out} already holds this synthetic IJB set (synth_ijb.json matches); nothing to do")
+        return 0
+    start = time.perf_counter()
+    m = write_synthetic_ijb(args.out, force=args.force or stored is not None, **params)
+    seconds = time.perf_counter() - start
+    print(f"wrote {args.out}: {m['images']} images ({m['medias']} medias) in {m['templates']} templates of "
+          f"{m['people']} people, {m['pairs']} template pairs ({m['genuine_pairs']} genuine), layout of "
+          f"{params['target']}; {seconds:.1f} s. Evaluate: distill ijb MODEL --root {args.out} --target "
+          f"{params['target']}")
+    return 0
+
+
 def _cmd_inspect(args) -> int:
     print(format_report(inspect_dataset(args.path, grid=args.grid, rows=args.rows, cols=args.cols)))
     return 0
@@ -84,6 +102,15 @@ def add_commands(sub) -> None:
                    help="held-out identities for the pairs (default max(10, ids/10)); never in train.rec")
     p.add_argument("--workers", type=int, default=None, help="rendering processes (default: all CPUs)")
     p.set_defaults(func=_cmd_synth)
+
+    p = data_sub.add_parser("synth-ijb", help="generate a synthetic IJB-B/IJB-C test set (insightface's layout)")
+    p.add_argument("out", help="output folder: loose_crop/, meta/ and synth_ijb.json")
+    p.add_argument("--templates", type=int, default=40, help="templates, two per person (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="same seed and sizes, same bytes (default 0)")
+    p.add_argument("--target", default="IJBC", type=str.upper, choices=("IJBC", "IJBB"),
+                   help="name the meta files ijbc_* or ijbb_* (default IJBC)")
+    p.add_argument("--force", action="store_true", help="replace IJB files already in OUT")
+    p.set_defaults(func=_cmd_synth_ijb)
 
     p = data_sub.add_parser("inspect", help="count images and identities of a dataset and draw a grid of samples")
     p.add_argument("path", help="folder with train.rec, a .rec file, a verification .bin, or an image folder tree")

@@ -347,6 +347,29 @@ def render_face(face, rng: np.random.Generator, size: int = 112) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
+def face_landmarks(face, rng: np.random.Generator, size: int = 112) -> np.ndarray:
+    """The 5 landmarks (5 x 2, x y in output pixels, pixel centres at integers) of the image that
+    `render_face(face, rng', size)` draws, `rng'` a generator in the same state as `rng`: eye centres
+    (left, right as seen), nose tip, mouth corners (left, right), the order of insightface's detectors.
+
+    Re-draws the image's pose and expression (the renderer's first draw) and projects those points as
+    the renderer projects its shapes; it draws no pixels and changes nothing the renderer does."""
+    face = face if isinstance(face, _Face) else _Face(face)
+    f = face.f
+    n = dict(zip(_NUISANCE, (_LOW + _SPAN * rng.random(len(_NUISANCE))).tolist()))
+    pose = (n["yaw"], n["pitch"], n["roll"], n["scale"], n["tx"], n["ty"])
+    smile = n["smile"]
+    corner_x = f.mouth_w * (1 + 0.12 * smile)  # _mouth: a smile widens the mouth ...
+    corner_y = f.mouth_y - 0.05 * smile        # ... and lifts its corners (mid_smile at u = +-1)
+    tip_y = f.eye_y + f.nose_len + 0.08
+    xy = np.array([(-f.eye_dx, f.eye_y), (f.eye_dx, f.eye_y), (0.0, tip_y), (-corner_x, corner_y), (corner_x, corner_y)])
+    points = face.on_face(xy, np.array([0.01, 0.01, 0.08, 0.05, 0.05]))  # the lifts of iris, nose, lip line
+    ss = max(2, -(-128 // size))
+    proj, origin, _ = _projection(pose, size * ss)
+    canvas = points @ proj + origin
+    return (canvas - (ss - 1) / 2) / ss  # canvas pixel centres -> output pixel centres after reduce(ss)
+
+
 def render_image(seed: int, identity: int, image: int, size: int = 112) -> np.ndarray:
     """Image `image` of identity `identity` in dataset `seed`, as H×W×3 uint8 RGB (same arguments, same pixels)."""
     rng = np.random.default_rng([int(seed), IMAGE_STREAM, int(identity), int(image)])
