@@ -1,5 +1,7 @@
 """Experiment config: base files, overrides in both forms, unknown keys with suggestions, wrong types."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -120,3 +122,24 @@ def test_profile_refuses_a_meaningless_input_size(capsys):
         assert main(["profile", "vargfacenet", "--input-size", size, "--no-timing"]) == 2
     err = capsys.readouterr().err
     assert err.count("give a square image side of at least 16 pixels") == 2 and "Traceback" not in err
+
+
+def test_the_ms1mv2_recipe_is_the_paper_recipe_on_other_data():
+    """Issue 12: the paper's recipe names the paper's data (ms1m-retinaface-t1, 93,431 identities); the MS1MV2
+    file is a variant of it through base:, changing nothing but the name, the data and the teacher's weights."""
+    from distill.config import load_config, to_dict
+    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    paper_file = experiments / "vargfacenet_ms1m_retinaface.yaml"
+    paper, ms1mv2 = (to_dict(load_config(str(experiments / f))) for f in
+                     ("vargfacenet_ms1m_retinaface.yaml", "vargfacenet_ms1mv2.yaml"))
+
+    def flat(d, prefix=""):
+        return {k2: v2 for k, v in d.items()
+                for k2, v2 in (flat(v, f"{prefix}{k}.").items() if isinstance(v, dict) else [(f"{prefix}{k}", v)])}
+
+    a, b = flat(paper), flat(ms1mv2)
+    assert sorted(k for k in a if a[k] != b.get(k)) == ["data.train", "data.val", "name", "teacher.checkpoint"]
+    assert "ms1m-retinaface-t1" in a["data.train"] and "faces_emore" in b["data.train"]
+    assert "93,431 ids" in paper_file.read_text() and "85,742" in (experiments / "vargfacenet_ms1mv2.yaml").read_text()
+    assert "base: vargfacenet_ms1m_retinaface.yaml" in (experiments / "vargfacenet_ms1mv2.yaml").read_text()
+    assert a["train.decay_norm_and_bias"] is True and a["train.warmup_epochs"] == 1.0

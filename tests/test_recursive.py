@@ -160,13 +160,14 @@ def test_missing_teacher_checkpoint_without_recipe_stops_before_training(tmp_pat
 
 
 def test_paper_recipe_dry_run_on_synthetic_stand_ins(finished, tmp_path, capsys):
-    """The MS1MV2 recipe as shipped (VarGFaceNet at 112, IResNet-100 teacher) passes --dry-run here."""
+    """The paper's recipe as shipped (VarGFaceNet at 112, IResNet-100 teacher) passes --dry-run here (the MS1MV2
+    variant differs only in data and teacher paths: test_config)."""
     from teachers.iresnet import IResNet
     tmp, _, _, _ = finished
     torch.save(tame(IResNet(100)).state_dict(), tmp_path / "backbone.pth")
     repo = Path(__file__).resolve().parents[1]
     data = tmp / "data"
-    args = ["run", str(repo / "experiments" / "vargfacenet_ms1mv2.yaml"), "--dry-run",
+    args = ["run", str(repo / "experiments" / "vargfacenet_ms1m_retinaface.yaml"), "--dry-run",
             f"data.train={data}", f"data.val=[{data / 'synth_val.bin'}]",
             f"teacher.checkpoint={tmp_path / 'backbone.pth'}"]
     assert main(args) == 0
