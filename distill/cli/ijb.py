@@ -106,7 +106,8 @@ def format_table(results: dict, meta, mode: str) -> str:
                     f"templates, {first['pairs']} pairs ({first['genuine_pairs']} genuine)")
     if first["impostor_pairs"] * min(FAR_TARGETS) < 1:
         lines.append(f"note: {first['impostor_pairs']} impostor pairs measure FARs down to "
-                     f"{1 / first['impostor_pairs']:.2g}; below that the nearest ROC point is read, as eval_ijbc.py does")
+                     f"{1 / first['impostor_pairs']:.2g}; below that the nearest ROC point is read, "
+                     f"as eval_ijbc.py does")
     for label, r in results.items():
         if r["missing_images"] or r["empty_templates"]:
             lines.append(f"{label}: {r['missing_images']} missing images left out; {r['empty_templates']} templates "
@@ -158,7 +159,8 @@ def _check_args(args) -> None:
     if len(set(sources)) != len(sources):
         raise ConfigError(f"{sorted(s for s in sources if sources.count(s) > 1)[0]} is given twice")
     if args.cache and not args.model:
-        raise ConfigError("--cache stores the features a MODEL computes; with --features only there is nothing to cache")
+        raise ConfigError("--cache stores the features a MODEL computes; with --features only there is "
+                          "nothing to cache")
     if args.model:
         resolve_device(args.device, "--device")  # a GPU that is not there stops the run before any work
 
@@ -233,7 +235,8 @@ def add_commands(sub) -> None:
                         help="leave out listed images that are missing from loose_crop/ (counted and reported)")
     parser.add_argument("--arch", help="architecture of a plain state dict, e.g. r100 or vargfacenet")
     parser.add_argument("--input-size", type=int, help="square input side when the model does not record it")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per batch (each with its flip; default 128)")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="images per batch (each with its flip; default 128)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes reading, decoding and aligning images (default: CPUs, at most 8)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")

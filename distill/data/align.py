@@ -7,7 +7,8 @@ Both steps are written here with numpy only (no OpenCV or scikit-image): `estima
 Umeyama's least-squares similarity (rotation, uniform scale, translation; never a reflection), the
 computation `skimage.transform.SimilarityTransform.estimate` makes; `warp_affine` samples like OpenCV's
 bilinear warp (source coordinates rounded to 1/32 pixel, integer weights, outside pixels black) and
-gives OpenCV 4.10's pixels exactly. Landmarks and pixel coordinates use OpenCV's convention: (x, y), pixel centres at integers.
+gives OpenCV 4.10's pixels exactly. Landmarks and pixel coordinates use OpenCV's convention: (x, y),
+pixel centres at integers.
 """
 
 from __future__ import annotations

@@ -362,7 +362,8 @@ def face_landmarks(face, rng: np.random.Generator, size: int = 112) -> np.ndarra
     corner_x = f.mouth_w * (1 + 0.12 * smile)  # _mouth: a smile widens the mouth ...
     corner_y = f.mouth_y - 0.05 * smile        # ... and lifts its corners (mid_smile at u = +-1)
     tip_y = f.eye_y + f.nose_len + 0.08
-    xy = np.array([(-f.eye_dx, f.eye_y), (f.eye_dx, f.eye_y), (0.0, tip_y), (-corner_x, corner_y), (corner_x, corner_y)])
+    xy = np.array([(-f.eye_dx, f.eye_y), (f.eye_dx, f.eye_y), (0.0, tip_y),
+                   (-corner_x, corner_y), (corner_x, corner_y)])
     points = face.on_face(xy, np.array([0.01, 0.01, 0.08, 0.05, 0.05]))  # the lifts of iris, nose, lip line
     ss = max(2, -(-128 // size))
     proj, origin, _ = _projection(pose, size * ss)
