@@ -93,12 +93,61 @@ def tar_at_far(dist, issame, far: float) -> dict:
     return {"tar": tar, "far": false_accepts / n_neg, "threshold": threshold, "negatives": n_neg}
 
 
+VAL_THRESHOLDS = np.arange(0, 4, 0.001)  # insightface's finer grid for calculate_val
+VAL_FAR = 1e-3
+
+
+def _interpolated_threshold(far_train: np.ndarray, far_target: float) -> float:
+    """scipy's interp1d(far_train, VAL_THRESHOLDS, kind='slinear')(far_target), as insightface calls it.
+
+    far_train does not decrease along the thresholds and repeats values; interpolation runs between the
+    last threshold whose FAR is below the target and the first whose FAR reaches it (what a stable sort
+    of the repeated values gives; scipy >= 1.11 refuses repeated x outright, older versions did this).
+    Below the lowest FAR there is nothing to interpolate: insightface's bounds error cannot happen, the
+    lowest FAR is 0 at threshold 0."""
+    hi = int(np.searchsorted(far_train, far_target, side="left"))  # first index with far >= target
+    if hi == 0:
+        return float(VAL_THRESHOLDS[0])
+    lo = hi - 1
+    x0, x1 = far_train[lo], far_train[hi]
+    y0, y1 = VAL_THRESHOLDS[lo], VAL_THRESHOLDS[hi]
+    return float(y0 + (far_target - x0) * (y1 - y0) / (x1 - x0))
+
+
+def insightface_val(dist, issame, far_target: float = VAL_FAR, n_folds: int = N_FOLDS) -> dict:
+    """insightface's `calculate_val`: 10 folds; on the other nine, the threshold where the FAR reaches
+    `far_target` (interpolated on the 0.001 grid, 0.0 when the FAR never gets there); on the held-out fold,
+    VAL (true accept rate) and FAR at that threshold. Returns val_mean, val_std (population), far_mean.
+
+    This is the "VAL@FAR=1e-3" of insightface's logs. It differs from `tar_at_far` (all pairs, no folds,
+    an exact count of false accepts): both are reported, each under its own name."""
+    dist = np.asarray(dist, dtype=np.float64)
+    issame = np.asarray(issame, dtype=bool)
+    sizes = _fold_sizes(issame.size, n_folds)
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    val, far = np.zeros(n_folds), np.zeros(n_folds)
+    for f in range(n_folds):
+        test = np.zeros(issame.size, dtype=bool)
+        test[bounds[f]:bounds[f + 1]] = True
+        neg_train = np.sort(dist[~test & ~issame])
+        # FAR at every threshold (dist < threshold accepted): a count by binary search, not a loop
+        far_train = np.searchsorted(neg_train, VAL_THRESHOLDS, side="left") / max(neg_train.size, 1)
+        threshold = _interpolated_threshold(far_train, far_target) if far_train.max() >= far_target else 0.0
+        accept = dist[test] < threshold
+        same = issame[test]
+        val[f] = np.count_nonzero(accept & same) / max(np.count_nonzero(same), 1)
+        far[f] = np.count_nonzero(accept & ~same) / max(np.count_nonzero(~same), 1)
+    return {"val_mean": float(np.mean(val)), "val_std": float(np.std(val)), "far_mean": float(np.mean(far)),
+            "far_target": far_target}
+
+
 def verification_metrics(emb_orig, emb_flip, issame, n_folds: int = N_FOLDS) -> dict:
     """insightface's verification numbers from raw embeddings of 2N images (rows 2k, 2k+1 = pair k).
 
     Returns acc_mean, acc_std (population std over folds), threshold (mean of the per-fold best
     thresholds), xnorm (mean L2 norm of every raw embedding, orig and flip), tar_at_far
-    ({'1e-3': {...}, '1e-4': {...}}, see `tar_at_far`), plus pairs and folds."""
+    ({'1e-3': {...}, '1e-4': {...}}, see `tar_at_far`), insightface_val (insightface's own 10-fold
+    VAL@FAR=1e-3, see `insightface_val`), plus pairs and folds."""
     emb_orig = np.asarray(emb_orig)
     emb_flip = np.asarray(emb_flip)
     issame = np.asarray(issame, dtype=bool).reshape(-1)
@@ -140,6 +189,7 @@ def verification_metrics(emb_orig, emb_flip, issame, n_folds: int = N_FOLDS) -> 
         "threshold": float(np.mean(THRESHOLDS[best])),
         "xnorm": float(norms.mean()),
         "tar_at_far": {key: tar_at_far(dist, issame, far) for key, far in FAR_TARGETS.items()},
+        "insightface_val": insightface_val(dist, issame, VAL_FAR, n_folds),
         "pairs": int(n),
         "folds": int(n_folds),
     }

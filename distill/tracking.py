@@ -309,6 +309,8 @@ def val_scalars(metrics: dict) -> dict:
         for far, t in m["tar_at_far"].items():
             if t and t.get("tar") is not None:
                 flat[f"val/{name}/tar_at_far_{far}"] = t["tar"]
+        if m.get("insightface_val"):  # insightface's own 10-fold VAL@FAR=1e-3, as in its logs
+            flat[f"val/{name}/insightface_val_at_far_1e-3"] = m["insightface_val"]["val_mean"]
     return flat
 
 

@@ -202,7 +202,10 @@ def test_distill_eval_table_and_json_agree(tiny_student, fixtures, capsys):
     assert main(["eval", str(tiny_student), "--bin", bin_path, "--device", "cpu"]) == 0
     table = capsys.readouterr().out
     assert "TAR@FAR=1e-3" in table and "TAR@FAR=1e-4" in table
-    name, acc, threshold, xnorm, tar3, tar4 = _row(table, "py3")
+    assert "VAL@FAR=1e-3, insightface (%)" in table and "its calculate_val (10 folds" in table
+    name, acc, threshold, xnorm, tar3, tar4, val = _row(table, "py3")
+    v = m["insightface_val"]
+    assert val == f"{100 * v['val_mean']:.3f} ± {100 * v['val_std']:.3f} (FAR {v['far_mean']:.2g})"
     assert acc == f"{100 * m['acc_mean']:.3f} ± {100 * m['acc_std']:.3f}"
     assert float(threshold) == pytest.approx(m["threshold"], abs=5e-4)
     assert float(xnorm) == pytest.approx(m["xnorm"], abs=5e-5)
@@ -232,3 +235,61 @@ def test_distill_eval_refuses_a_malicious_bin_without_running_it(tiny_student, f
     assert main(["eval", str(tiny_student), "--bin", str(fixtures / "verification_bin" / "evil.bin")]) == 2
     assert "evil.bin" in capsys.readouterr().err
     assert not (tmp_path / "PWNED_BY_PICKLE").exists()
+
+
+# --------------------------------------------------------------------------- insightface's calculate_val
+
+
+def test_insightface_val_on_a_hand_worked_case():
+    """10 folds of 10 pairs (5 genuine, 5 impostor); one impostor, in fold 0, lies exactly on grid threshold
+    g = VAL_THRESHOLDS[1500], the others 0.3 or more above it.
+    Folds 1-9: their training split holds that impostor (1 of 45), so the FAR is 0 at g (dist < g is false) and
+    1/45 one grid step later: the interpolated threshold is g + 1e-3 * 45 * step = g + 0.000045. Their genuine
+    pairs at g + 0.00004 are accepted, at g + 0.00005 rejected: VAL 4/5; no impostor accepted.
+    Fold 0: its training split's nearest impostors (9 of 45) are at g + 0.3, so the threshold lies above every
+    genuine pair (VAL 1) and above its own impostor at g (FAR 1/5).
+    VAL mean (1 + 9 x 0.8) / 10 = 0.82, std sqrt((1 + 9 x 0.64) / 10 - 0.82^2) = 0.06, FAR mean 0.2 / 10."""
+    from distill.evaluate import VAL_THRESHOLDS, insightface_val
+
+    g, step = VAL_THRESHOLDS[1500], VAL_THRESHOLDS[1501] - VAL_THRESHOLDS[1500]
+    dist, issame = [], []
+    for fold in range(10):
+        genuine = [1.0, 1.0, 1.0, g + 0.00004, g + 0.00005]
+        impostor = [g if fold == 0 else g + 0.3, g + 0.5, g + 0.6, g + 0.7, g + 0.8]
+        dist += genuine + impostor
+        issame += [True] * 5 + [False] * 5
+    assert g + 0.00004 < g + 1e-3 * 45 * step < g + 0.00005  # the case is built around that threshold
+    m = insightface_val(np.array(dist), np.array(issame))
+    assert m["val_mean"] == pytest.approx(0.82) and m["val_std"] == pytest.approx(0.06)
+    assert m["far_mean"] == pytest.approx(0.02)
+    # a FAR no training split reaches (above 100%): insightface's threshold 0.0, nothing accepted
+    never = insightface_val(np.array(dist), np.array(issame), far_target=1.5)
+    assert never["val_mean"] == 0.0 and never["far_mean"] == 0.0
+
+
+def test_insightface_val_matches_its_loop_on_random_pairs():
+    """insightface's calculate_val written as it is (a loop over 4,000 thresholds per fold, interpolation
+    between the last threshold below the target FAR and the first at or above it) on 1,003 random pairs."""
+    from distill.evaluate import N_FOLDS, VAL_THRESHOLDS, _fold_sizes, insightface_val
+
+    rng = np.random.default_rng(3)
+    issame = rng.random(1003) < 0.5
+    dist = np.where(issame, rng.normal(0.9, 0.25, 1003), rng.normal(1.6, 0.2, 1003)).clip(0, 3.99)
+    bounds = np.concatenate([[0], np.cumsum(_fold_sizes(1003, N_FOLDS))])
+    vals, fars = [], []
+    for f in range(N_FOLDS):
+        test = np.zeros(1003, bool)
+        test[bounds[f]:bounds[f + 1]] = True
+        train_neg = dist[~test & ~issame]
+        far_train = np.array([np.sum(train_neg < t) / train_neg.size for t in VAL_THRESHOLDS])
+        hi = next(i for i, v in enumerate(far_train) if v >= 1e-3)
+        lo = hi - 1
+        thr = VAL_THRESHOLDS[lo] + (1e-3 - far_train[lo]) / (far_train[hi] - far_train[lo]) * (VAL_THRESHOLDS[hi] - VAL_THRESHOLDS[lo])
+        acc = dist[test] < thr
+        vals.append(np.sum(acc & issame[test]) / np.sum(issame[test]))
+        fars.append(np.sum(acc & ~issame[test]) / np.sum(~issame[test]))
+    m = insightface_val(dist, issame)
+    assert m["val_mean"] == pytest.approx(np.mean(vals), abs=1e-12)
+    assert m["val_std"] == pytest.approx(np.std(vals), abs=1e-12)
+    assert m["far_mean"] == pytest.approx(np.mean(fars), abs=1e-12)
+    assert 0.0 < m["val_mean"] < 1.0
