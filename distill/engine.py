@@ -42,7 +42,7 @@ from torch import nn
 from tqdm import tqdm
 
 from distill.atomic import atomic_write_json
-from distill.checkpoint import (atomic_torch_save, capture_rng_state, load_state_dict_strict,
+from distill.checkpoint import (atomic_torch_save, capture_rng_state, extract_state_dict, load_state_dict_strict,
                                 restore_rng_state, safe_torch_load)
 from distill.config import ExperimentConfig, TrainConfig, to_dict
 from distill.dist import barrier, world_size
@@ -145,7 +145,8 @@ def _model_and_head(cfg: ExperimentConfig, spec: StageSpec, num_classes: int, de
     model = create_model(spec.arch, **spec.model_kwargs)
     if spec.init_from:
         init = safe_torch_load(spec.init_from)
-        load_state_dict_strict(model, init["state_dict"], source=spec.init_from)
+        # a student.pt, or any checkpoint holding a state dict of this architecture (e.g. a backbone.pth)
+        load_state_dict_strict(model, extract_state_dict(init, spec.init_from), source=spec.init_from)
     embedding_size = model_embedding_size(model)
     head = _head(cfg, embedding_size, num_classes)
     if spec.head_from:
@@ -276,8 +277,9 @@ def _micro_step(st: _Stage, batch, window: LogWindow) -> bool:
         bad = [k for k, v in logs.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
         kept = f"last good checkpoint: {st.paths.last}" if os.path.exists(st.paths.last) else "no checkpoint was written yet"
         raise TrainingDiverged(f"{st.spec.name}: loss became non-finite at step {st.step + 1} "
-                               f"(term(s): {', '.join(bad) or 'loss'}); {kept}. Lower train.lr "
-                               f"or set train.clip_grad.")
+                               f"(term(s): {', '.join(bad) or 'loss'}); {kept}. Run again with a lower "
+                               f"train.lr or a train.clip_grad, into another --out (this directory keeps "
+                               f"the settings it was started with)")
     st.scaler.scale(total / st.spec.train.accumulate).backward()
     st.micro += 1
     window.add(logs, len(x), len(x) * st.world)

@@ -32,7 +32,7 @@ value). The list is generated from the source and checked by `tests/test_errors_
 a message run `python -m distill.error_catalog` and write the fix of any new entry.
 """
 
-_ENTRY = re.compile(r"^- \*\*(\w+)\*\* `` (.*) ``$")
+_ENTRY = re.compile(r"^- \*\*([^*]+)\*\* `` (.*) ``$")
 _FIX = re.compile(r"^  Fix: (.*)$")
 _SECTION = re.compile(r"^## `(.+)`$")
 
@@ -75,20 +75,47 @@ def template(node) -> str:
     return "(built as) " + ast.unparse(node) if node is not None else "(no message)"
 
 
+# Python's own exceptions, raised for programming errors (never for a person's input) and not catalogued
+_BUILTIN = {name for name in dir(__builtins__ if isinstance(__builtins__, dict) else __builtins__.__dict__)
+            if name.endswith(("Error", "Exception"))} | {n for n in dir(__import__("builtins")) if n.endswith("Error")}
+
+
+def _message_call(node, classes: set):
+    """(class name, message node) when `node` builds an error for people: a call of one of the toolkit's error
+    classes (raised or returned by a helper that makes them), or any non-builtin callable given a message
+    string (`error(...)` passed in, `type(err)(...)`); else None."""
+    if not isinstance(node, ast.Call):
+        return None
+    func = node.func
+    name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+    message = node.args[0] if node.args else None
+    if name in classes:
+        return name, message
+    if name not in _BUILTIN and isinstance(message, (ast.JoinedStr, ast.Constant)) and \
+            isinstance(getattr(message, "value", ""), (str, type(None))) and not isinstance(func, ast.Attribute):
+        return ast.unparse(func), message
+    return None
+
+
 def extract() -> list:
-    """[(file relative to the repository, class name, message template)] in code order, duplicates once."""
+    """[(file relative to the repository, class name, message template)] in code order, duplicates once:
+    every `raise` of a message error, and every `return` of one (helpers that build errors for a raise)."""
     classes = _error_classes()
     seen, entries = set(), []
     for path in _files():
         rel = path.relative_to(ROOT).as_posix()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)):
+            if isinstance(node, ast.Raise):
+                found = _message_call(node.exc, classes)
+            elif isinstance(node, ast.Return) and isinstance(node.value, ast.Call):
+                found = _message_call(node.value, classes)
+                found = found if found and found[0] in classes else None  # returned: only real error classes
+            else:
                 continue
-            func = node.exc.func
-            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
-            if name not in classes:
+            if found is None:
                 continue
-            text = " ".join(template(node.exc.args[0] if node.exc.args else None).split())
+            name, message = found
+            text = " ".join(template(message).split())
             key = (rel, name, text)
             if key not in seen:
                 seen.add(key)

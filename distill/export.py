@@ -64,8 +64,10 @@ def export_onnx(model: nn.Module, path, input_size: int, opset: int = 17, batch:
     return path
 
 
-def check_parity(model: nn.Module, path, input_size: int, batch: int | None = None, seed: int = 0) -> dict:
-    """Run torch and ONNX Runtime on the same random batch; raise ExportParityError when they disagree.
+def check_parity(model: nn.Module, path, input_size: int, batch: int | None = None, seed: int = 0,
+                 name: str | None = None) -> dict:
+    """Run torch and ONNX Runtime on the same random batch; raise ExportParityError when they disagree
+    (naming `name`, default `path`: the file the user asked for, not the temporary one checked).
 
     Returns {"max_abs_diff", "min_cosine", "batch", "embedding_size"}."""
     import onnxruntime as ort
@@ -80,11 +82,11 @@ def check_parity(model: nn.Module, path, input_size: int, batch: int | None = No
     try:
         session = ort.InferenceSession(os.fspath(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises pybind exception types without a common base
-        raise ExportParityError(f"{path}: ONNX Runtime cannot load the exported model "
+        raise ExportParityError(f"{name or path}: ONNX Runtime cannot load the exported model "
                                 f"({str(err).splitlines()[0][:300]}); try another --opset") from None
     got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
     if got.shape != expected.shape:
-        raise ExportParityError(f"{path}: ONNX output shape {got.shape} differs from torch's {expected.shape}")
+        raise ExportParityError(f"{name or path}: ONNX output shape {got.shape} differs from torch's {expected.shape}")
     diff = float(np.abs(got - expected).max())
     norms = np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1)
     cosine = float(((got * expected).sum(1) / np.maximum(norms, 1e-12)).min())
@@ -92,7 +94,7 @@ def check_parity(model: nn.Module, path, input_size: int, batch: int | None = No
     result = {"max_abs_diff": diff, "min_cosine": cosine, "batch": n, "embedding_size": int(got.shape[1])}
     if not cosine >= MIN_COSINE or not diff <= MAX_REL_DIFF * scale:  # `not >=` also catches NaN
         raise ExportParityError(
-            f"{path}: ONNX Runtime disagrees with torch (min cosine {cosine:.6f}, needs >= {MIN_COSINE}; "
+            f"{name or path}: ONNX Runtime disagrees with torch (min cosine {cosine:.6f}, needs >= {MIN_COSINE}; "
             f"max abs diff {diff:.3g}, allowed {MAX_REL_DIFF * scale:.3g}); an op exported wrongly: "
             f"try another --opset, and report the model and torch version")
     return result
@@ -123,7 +125,7 @@ def export_model(source: str, out, arch: str | None = None, input_size: int | No
                         metadata={"normalisation": NORMALISATION, "source": os.path.basename(source), "input_size": size})
         except OSError as err:  # the disk filled during the export
             raise unwritable(out, err, "the exported model") from None
-        result = check_parity(model, tmp, size, batch=batch)
+        result = check_parity(model, tmp, size, batch=batch, name=out)
         try:
             os.replace(tmp, out)
         except OSError as err:

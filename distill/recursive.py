@@ -119,7 +119,7 @@ def prepare_teacher(cfg, run_dir, train_set, val, progress=True, log=print):
     """The frozen teacher: from its checkpoint, or trained as stage 0 when the YAML gives a recipe."""
     t = cfg.teacher
     spec = t.spec()
-    if t.checkpoint and os.path.exists(t.checkpoint):
+    if t.onnx is not None or (t.checkpoint and os.path.exists(t.checkpoint)):  # a file to load, not to train
         return teachers.build_teacher(spec)
     if t.train is None:
         what = f"teacher.checkpoint {t.checkpoint} does not exist" if t.checkpoint else "teacher.checkpoint is not set"
@@ -283,7 +283,7 @@ def dry_run(cfg: ExperimentConfig, log=print) -> None:
     teacher = None
     if cfg.teacher is not None:
         t = cfg.teacher
-        if t.checkpoint and os.path.exists(t.checkpoint):
+        if t.onnx is not None or (t.checkpoint and os.path.exists(t.checkpoint)):
             teacher = teachers.build_teacher(t.spec())  # strict load: checks architecture and shapes
         elif t.train is None:
             raise ConfigError(f"teacher.checkpoint {t.checkpoint} does not exist and there is no teacher.train recipe")
@@ -305,7 +305,7 @@ def dry_run(cfg: ExperimentConfig, log=print) -> None:
     val = {"standin": standin_pairs(pairs=10, size=cfg.data.input_size)}
     with tempfile.TemporaryDirectory(prefix="distill-dry-run-") as tmp:
         if small.teacher is not None:
-            if not (cfg.teacher.checkpoint and os.path.exists(cfg.teacher.checkpoint)):
+            if cfg.teacher.onnx is None and not (cfg.teacher.checkpoint and os.path.exists(cfg.teacher.checkpoint)):
                 # no checkpoint: the recipe's teacher stage trains two steps (the validation one is untrained)
                 teacher = prepare_teacher(small, tmp, data, val, progress=False, log=lambda *_: None)
             log(f"dry run: teacher ok ({cfg.teacher.arch or cfg.teacher.onnx}, {teacher.embedding_size}-d at "

@@ -179,3 +179,20 @@ def test_mixed_precision_paths_train_and_save_the_scaler(tmp_path, amp):
     assert (ck["scaler"] is not None) == (amp == "fp16")
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(x["train/loss"])) for x in lines if "train/loss" in x)
+
+
+def test_init_from_a_plain_state_dict_or_a_student_pt(tmp_path):
+    from distill.engine import _build
+
+    """student.init may be a student.pt or any checkpoint holding this architecture's state dict (backbone.pth
+    style, `module.` prefix and all); the stage is built with exactly those weights."""
+    _run(tmp_path / "a", max_steps=2, checkpoint_every=2)
+    weights = _final_weights(tmp_path / "a")
+    torch.save({f"module.{k}": v for k, v in weights.items()}, tmp_path / "backbone.pth")
+    cfg = tiny_config()
+    for source in (tmp_path / "a" / "student.pt", tmp_path / "backbone.pth"):
+        out = tmp_path / f"from-{source.name}"
+        spec = StageSpec("gen2", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=0.0, generation=2,
+                         init_from=str(source))
+        st = _build(cfg, spec, str(out), TinyFaces(), teacher=None, cache=None)
+        assert _same(st.model.state_dict(), weights)

@@ -29,3 +29,8 @@ def test_the_catalogue_reads_messages_as_the_code_writes_them():
             "wait for it to finish, or give another --out") in entries
     # a subclass defined outside errors.py counts (DiskSpaceError is a DistillError through disk.py)
     assert any(f == "distill/disk.py" and c == "DiskSpaceError" for f, c, _ in entries)
+    # errors built by a helper and raised elsewhere (`raise unwritable(...)`), or raised through a class passed in
+    assert ("distill/atomic.py", "WriteError", "{path}: cannot write {what} ({reason}); give a folder you can write "
+            "to (or free disk space) and rerun") in entries
+    assert any(f == "distill/atomic.py" and c == "error" and "could not write {name}" in t for f, c, t in entries)
+    assert any(f == "distill/checkpoint.py" and c == "UnsafeFileError" for f, c, _ in entries)

@@ -245,10 +245,35 @@ def test_export_cli_end_to_end(tmp_path, capsys):
 def test_failed_parity_leaves_no_file(tmp_path, monkeypatch):
     import distill.export as export
 
-    def disagree(model, path, input_size, batch=None, seed=0):
-        raise ExportParityError(f"{path}: ONNX Runtime disagrees with torch")
+    def disagree(model, path, input_size, batch=None, seed=0, name=None):
+        assert str(path).endswith(".tmp") and name == str(tmp_path / "v.onnx")  # checks the temporary file
+        raise ExportParityError(f"{name or path}: ONNX Runtime disagrees with torch")
 
     monkeypatch.setattr(export, "check_parity", disagree)
-    with pytest.raises(ExportParityError):
+    with pytest.raises(ExportParityError, match=r"v\.onnx: ONNX Runtime disagrees"):  # the file asked for, not .tmp
         export_model("vargfacenet", tmp_path / "v.onnx", input_size=32)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_distill_run_with_an_onnx_teacher(exported, tiny_finished_run, tmp_path, capsys):
+    """An ONNX teacher has no checkpoint and no recipe: distill run and --dry-run load it (they used to ask for a
+    teacher.checkpoint). The cache is built from the ONNX model and generation 1 distils from it."""
+    import yaml
+    from tiny_experiment import tiny_experiment
+
+    _, _, data = tiny_finished_run
+    _, path = exported["r18"]
+    raw = tiny_experiment(data, name="onnx-teacher", generations=1, baseline=False, tracking={"wandb": "disabled"},
+                          student={"embedding_size": 512, "multiplier": 0.5, "last_channels": 64, "units": [1, 1, 1]})
+    raw["teacher"] = {"onnx": str(path)}
+    exp = tmp_path / "onnx.yaml"
+    exp.write_text(yaml.safe_dump(raw, sort_keys=False))
+    raw = exp.read_text()
+    assert main(["run", str(exp), "--dry-run"]) == 0
+    assert "dry run: teacher ok (" in capsys.readouterr().out
+    assert main(["run", str(exp), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "gen1: training vargfacenet from scratch, distilling with equivalent_angular (alpha 7)" in out
+    assert (tmp_path / "run" / "gen1" / "result.json").exists()
+    assert (tmp_path / "run" / "teacher_cache" / "embeddings.f16").stat().st_size == 72 * 2 * 512 * 2
+    assert "onnx" in raw

@@ -44,7 +44,7 @@ def _parse_idx_slow(text: bytes, idx_path: str) -> np.ndarray:
         except ValueError:
             raise DataFormatError(
                 f"{idx_path}: line {lineno} is {line[:60]!r}, not '<key>\\t<byte offset>'. "
-                f"Rebuild the index from the .rec with `distill data reindex {idx_path[:-4]}.rec`"
+                f"Rebuild the index from the .rec with `distill data reindex --force {idx_path[:-4]}.rec`"
             ) from None
     return np.array(rows, dtype=np.int64).reshape(-1, 2)
 
@@ -54,7 +54,7 @@ def read_idx(idx_path: str, rec_path: str) -> tuple:
     if not os.path.isfile(idx_path):
         raise DataFormatError(
             f"{idx_path}: index file missing for {rec_path}. Rebuild it by scanning the .rec: "
-            f"`distill data reindex {rec_path}`"
+            f"`distill data reindex --force {rec_path}`"
         )
     with open(idx_path, "rb") as f:
         text = f.read().rstrip()
@@ -72,7 +72,7 @@ def read_idx(idx_path: str, rec_path: str) -> tuple:
     if len(dup):
         raise DataFormatError(
             f"{idx_path}: key {keys[dup[0]]} appears more than once; the index is corrupt. "
-            f"Rebuild it with `distill data reindex {rec_path}`"
+            f"Rebuild it with `distill data reindex --force {rec_path}`"
         )
     size = os.path.getsize(rec_path)
     bad = np.flatnonzero((offsets < 0) | (offsets % 4 != 0) | (offsets + 8 > size))
@@ -81,7 +81,7 @@ def read_idx(idx_path: str, rec_path: str) -> tuple:
         raise DataFormatError(
             f"{idx_path}: key {keys[k]} points to byte offset {offsets[k]}, which is not a record start inside "
             f"{rec_path} ({size} bytes); the .rec is truncated or the index belongs to another file. "
-            f"Rebuild the index with `distill data reindex {rec_path}` or re-copy the dataset"
+            f"Rebuild the index with `distill data reindex --force {rec_path}` or re-copy the dataset"
         )
     return keys, offsets
 
@@ -118,7 +118,7 @@ class RecordIO:
                 raise DataFormatError(
                     f"{self.idx_path}: header record 0 says images are keys 1..{int(start) - 1}, but key "
                     f"{missing[0]} is not in the index ({len(missing)} missing). Rebuild the index with "
-                    f"`distill data reindex {self.rec_path}`"
+                    f"`distill data reindex --force {self.rec_path}`"
                 )
         else:
             self.keys = self._idx_keys.copy()
@@ -197,7 +197,7 @@ class RecordIO:
         return DataFormatError(
             f"{self.rec_path}: key {key} (record at byte {start}): at byte {offset}, {what}. "
             f"The .rec is damaged or {self.idx_path} does not belong to it; re-copy the dataset or rebuild the "
-            f"index with `distill data reindex {self.rec_path}`"
+            f"index with `distill data reindex --force {self.rec_path}`"
         )
 
     def _parse_header(self, key, payload: bytes) -> tuple:
