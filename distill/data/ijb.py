@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from distill.data.align import align_face
+from distill.data.align import LandmarkError, align_face
 from distill.data.images import decode_image, to_input_tensor
 from distill.errors import DataFormatError
 
@@ -216,6 +216,7 @@ class AlignedFaces(Dataset):
 
     def __init__(self, meta: IJBMeta, input_size: int, indices=None):
         self.image_dir = meta.image_dir
+        self.landmark_file = meta.path("landmarks")
         self.names = meta.names
         self.landmarks = meta.landmarks
         self.input_size = int(input_size)
@@ -233,6 +234,8 @@ class AlignedFaces(Dataset):
             face = align_face(decode_image(data, where=path), self.landmarks[index])
         except OSError as err:
             return index, self._blank(), f"{path}: cannot read the image ({err.strerror or err})"
+        except LandmarkError as err:
+            return index, self._blank(), f"{self.landmark_file}: image {self.names[index]}: {err}"
         except DataFormatError as err:
             # decode errors end with advice for RecordIO files; an IJB image is replaced from the download
             message = str(err).split(". The file is corrupt")[0]
