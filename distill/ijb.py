@@ -112,7 +112,7 @@ def template_features(feats, templates, medias, scores=None, norm_score: bool = 
     without images is a zero row. The arithmetic is eval_ijbc.py's, operation for operation: float32 up
     to the template sums (images in file order, medias in id order, added one after another), float64
     from there, so the scores come out bit for bit the same."""
-    x = np.asarray(feats).astype(np.float32)
+    x = np.array(feats, dtype=np.float32)  # a copy: scaled and normalised in place below
     n = x.shape[0]
     templates, medias = np.asarray(templates), np.asarray(medias)
     if x.ndim != 2 or templates.shape != (n,) or medias.shape != (n,):
@@ -131,28 +131,27 @@ def template_features(feats, templates, medias, scores=None, norm_score: bool = 
         if zero.any():
             raise EvaluationError(f"the feature of {names[int(np.argmax(zero))]} is all zeros "
                                   f"({int(zero.sum())} images); it cannot be normalised (--no-norm-score)")
-        x = x / np.where(norms == 0, np.float32(1), norms)
+        norms[norms == 0] = 1  # left-out images only
+        x /= norms
     if scores is not None:
-        x = x * np.asarray(scores, dtype=np.float32)[:, None]
+        x *= np.asarray(scores, dtype=np.float32)[:, None]
     template_ids, t_of_image = np.unique(templates, return_inverse=True)
     _, m_of_image = np.unique(medias, return_inverse=True)
     out = np.zeros((template_ids.size, x.shape[1]), dtype=np.float64)
     used = np.flatnonzero(valid)
     if used.size == 0:
         return template_ids, out
-    # group images by (template, media); a stable sort keeps each group's images in file order.
-    # np.add.at adds in index order, one row after another: the order in which np.mean/np.sum along
-    # axis 0 add up a media's images and a template's medias in eval_ijbc.py (np.add.reduceat does not).
+    # media = (template, media id): a media id is only unique within its template. Media rows are
+    # sorted by template, then media id. np.add.at adds rows one after another in the order given,
+    # here file order within a media and media-id order within a template: the order in which
+    # np.mean/np.sum along axis 0 add them up in eval_ijbc.py (np.add.reduceat does not).
     key = t_of_image[used].astype(np.int64) * (int(m_of_image.max()) + 1) + m_of_image[used]
-    order = np.argsort(key, kind="stable")
-    images, key = used[order], key[order]
-    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    counts = np.diff(np.r_[starts, key.size]).astype(np.float32)
-    media = np.zeros((starts.size, x.shape[1]), dtype=np.float32)
-    np.add.at(media, np.cumsum(np.r_[False, key[1:] != key[:-1]]), x[images])
-    media /= counts[:, None]
+    media_keys, media_of_image, counts = np.unique(key, return_inverse=True, return_counts=True)
+    media = np.zeros((media_keys.size, x.shape[1]), dtype=np.float32)
+    np.add.at(media, media_of_image, x if used.size == n else x[used])
+    media /= counts.astype(np.float32)[:, None]
     template_sum = np.zeros_like(out, dtype=np.float32)
-    np.add.at(template_sum, t_of_image[images[starts]], media)
+    np.add.at(template_sum, media_keys // (int(m_of_image.max()) + 1), media)
     out[:] = template_sum
     norms = np.sqrt(np.einsum("ij,ij->i", out, out))  # sklearn.preprocessing.normalize's row norms
     nonzero = norms > 0
