@@ -12,8 +12,10 @@
    keeps only the corners); TAR at a FAR is the TPR of the ROC point whose FPR is nearest the FAR
    (on a tie the higher point), AUC the trapezoidal area under the curve.
 
-Pooling and scoring are vectorised (sorting and np.add.reduceat; pair scores in chunks), so IJB-C's
-469,375 images, 23,124 templates and 15,658,489 pairs take seconds once the features exist.
+The numbers are eval_ijbc.py's bit for bit given the same image features: pooling runs in float32 in
+its order of additions, scoring in float64 with np.sum, the ROC is sklearn's. Pooling and scoring are
+vectorised (np.unique and np.add.at; pair scores in small chunks): with IJB-C's 469,375 image features,
+23,124 templates and 15,658,489 pairs, the whole of steps 2-5 took 50 s on a busy 2-core CPU.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import sys
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from distill.atomic import atomic_open, atomic_write_json
 from distill.data.ijb import AlignedFaces, IJBMeta
@@ -59,8 +62,6 @@ def embed_images(model, meta: IJBMeta, input_size: int, indices=None, flip: bool
     DataLoader workers read, decode and align; the model runs in eval mode under no_grad on `device`
     (default: where its parameters are), face and mirror in one batch. A file that cannot be read or
     decoded raises DataFormatError naming it; NaN/Inf embeddings raise EvaluationError."""
-    from tqdm import tqdm
-
     dataset = AlignedFaces(meta, input_size, indices)
     device = torch.device(device) if device is not None else _model_device(model)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
