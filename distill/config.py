@@ -44,12 +44,21 @@ class SyntheticConfig:
 
 
 @dataclass
+class IJBConfig:
+    """IJB-B/IJB-C template verification of every finished stage (distill/stage_ijb.py), after training."""
+    root: str = ""                 # insightface's IJB folder: loose_crop/, meta/<t>_*.txt
+    target: str = "IJBC"           # IJBC | IJBB
+    batch_size: int = 128
+
+
+@dataclass
 class DataConfig:
     train: str = ""                # RecordIO folder / .rec file, or an identity-per-folder image tree
     val: list = field(default_factory=list)  # verification .bin files (LFW, CFP-FP, AgeDB-30 ...)
     input_size: int = 112          # images are resized when their size differs
     num_workers: int = 2
     synthetic: Optional[SyntheticConfig] = None
+    ijb: Optional[IJBConfig] = None  # evaluate every finished stage on IJB-B/C too (TAR@FAR 1e-6 .. 1e-1)
 
 
 def _spread():
@@ -305,6 +314,11 @@ def _check_semantics(cfg: ExperimentConfig, where) -> None:
         "train.amp": (cfg.train.amp, ("auto", "bf16", "fp16", "off")),
         "tracking.wandb": (cfg.tracking.wandb, ("auto", "online", "offline", "disabled")),
     }
+    if cfg.data.ijb is not None:
+        choices["data.ijb.target"] = (cfg.data.ijb.target, ("IJBC", "IJBB"))
+        if not cfg.data.ijb.root:
+            raise ConfigError(f"{where('data.ijb.root')}: key 'data.ijb.root' is empty; give insightface's IJB folder "
+                              f"(the one holding loose_crop/ and meta/)")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"{where('device')}: key 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"
                           f"{did_you_mean(str(cfg.device), ('auto', 'cpu', 'cuda'))}")

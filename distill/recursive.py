@@ -27,11 +27,14 @@ from distill.checkpoint import atomic_torch_save, safe_torch_load
 from distill.config import ExperimentConfig, config_from_dict, dump_config, load_saved_config, to_dict
 from distill.data.standin import StandInFaces, standin_pairs
 from distill.disk import DiskSpaceError, check_disk
-from distill.dist import from_rank0, is_main, rank0_first
+from distill.dist import barrier, from_rank0, is_main, rank0_first
 from distill.engine import StageSpec, run_stage
 from distill.errors import ConfigError
 from distill.evaluate import evaluate_sets, set_name_of, size_note
 from distill.layout import BASELINE, TEACHER, RunLayout, generation_name
+from distill.models import load_student, model_input_size
+from distill.stage_ijb import evaluate_ijb, ijb_scalars, needs_ijb
+from distill.stage_ijb import read_meta as read_ijb_meta
 from distill.lock import run_directory_lock
 from distill.profile import model_cost
 from distill.registry import did_you_mean
@@ -41,7 +44,7 @@ from distill.tracking import stage_tracker, val_scalars
 from distill.train_setup import resolve_device
 
 # Keys that may change between reruns of one run directory without invalidating anything trained.
-HARMLESS = ("generations", "tracking", "data.num_workers", "train.log_every", "device")
+HARMLESS = ("generations", "tracking", "data.num_workers", "train.log_every", "device", "data.ijb")
 
 
 def default_run_dir(cfg: ExperimentConfig) -> str:
@@ -108,6 +111,37 @@ def note_damaged_result(stage, log) -> None:
     if problem:
         log(f"{stage.name}: note: {stage.result} is damaged ({problem}); treating the stage as unfinished: it "
             f"resumes from its last.pt (or starts again) and writes a new result.json")
+
+
+def stage_ijb(cfg: ExperimentConfig, run_dir: str, result: dict, load_model, meta, progress: bool = False,
+              log=print) -> dict:
+    """A finished stage evaluated once on `data.ijb` (rank 0; the others wait): the numbers go into its
+    result.json (`ijb`) and its W&B run (`ijb/<target>/...`). `load_model() -> (model, input_size)`."""
+    if not needs_ijb(result, cfg.data.ijb):
+        return result
+    name = result["stage"]
+    if is_main():
+        model, input_size = load_model()
+        log(f"{name}: {cfg.data.ijb.target} template verification ({len(meta.names):,} images, "
+            f"{len(meta.pairs):,} pairs)")
+        ijb = evaluate_ijb(model, input_size, cfg.data.ijb, meta, workers=cfg.data.num_workers, progress=progress,
+                           model_name=name)
+        result = {**result, "ijb": ijb}
+        atomic_write_json(RunLayout(run_dir).stage(name).result, result)
+        tracker = stage_tracker(cfg, run_dir, name, result.get("generation", 0), result.get("init_from"))
+        tracker.log(ijb_scalars(ijb), int(result.get("steps") or 0))
+        tracker.finish(None, None)
+        log(f"{name}: {cfg.data.ijb.target} TAR@FAR=1e-4 {100 * ijb['tar_at_far']['0.0001']:.2f}%, "
+            f"1e-5 {100 * ijb['tar_at_far']['1e-05']:.2f}%, AUC {ijb['auc']:.4f}")
+    barrier()
+    return from_rank0(result)
+
+
+def _student_loader(path: str):
+    def load():
+        model, _ = load_student(path)
+        return model.eval(), model_input_size(model)
+    return load
 
 
 def student_spec(cfg: ExperimentConfig, name: str, generation: int, alpha: float, init_from, head_from) -> StageSpec:
@@ -246,10 +280,18 @@ def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log, restar
     if problem:
         raise DiskSpaceError(problem)
 
+    ijb_meta = read_ijb_meta(cfg.data.ijb) if cfg.data.ijb is not None else None  # a wrong root fails here, first
+
+    def with_ijb(result, load_model):
+        if ijb_meta is None:
+            return result
+        return stage_ijb(cfg, run_dir, result, load_model, ijb_meta, progress, log)
+
     results, teacher, cache = [], None, None
     if cfg.teacher is not None:
         teacher = prepare_teacher(cfg, run_dir, train_set, val, progress, log)
-        results.append(rank0_first(lambda: _teacher_result(cfg, run_dir, teacher, val)))
+        results.append(with_ijb(rank0_first(lambda: _teacher_result(cfg, run_dir, teacher, val)),
+                                lambda: (teacher, teacher.input_size)))
         if cfg.teacher.cache and cfg.distill.alpha > 0 and cfg.generations > 0:
             cache = rank0_first(lambda: build_cache(teacher, train_set, run.teacher_cache,
                                                     num_workers=cfg.data.num_workers, progress=progress, log=log))
@@ -258,13 +300,14 @@ def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log, restar
         note_damaged_result(stage, log)
         if stage.is_done():
             log(f"{spec.name}: finished earlier, skipped")
-            results.append(stage.read_result())
+            results.append(with_ijb(stage.read_result(), _student_loader(stage.student)))
             continue
         log(f"{spec.name}: training {spec.arch}" + (f" from {spec.init_from}" if spec.init_from else " from scratch")
             + (f", distilling with {cfg.distill.loss} (alpha {spec.alpha:g})" if spec.alpha else ", no distillation"))
         tracker = stage_tracker(cfg, run_dir, spec.name, spec.generation, spec.init_from)
-        results.append(run_stage(cfg, spec, stage.dir, train_set, val, teacher=teacher, cache=cache,
-                                 progress=progress, log=log, tracker=tracker))
+        results.append(with_ijb(run_stage(cfg, spec, stage.dir, train_set, val, teacher=teacher, cache=cache,
+                                          progress=progress, log=log, tracker=tracker),
+                                _student_loader(stage.student)))
     if not is_main():
         return {"experiment": cfg.name, "stages": []}
     return write_summary(cfg, run_dir, results, log=log)
@@ -280,6 +323,10 @@ def dry_run(cfg: ExperimentConfig, log=print) -> None:
             raise ConfigError(f"data.val: verification set {path} does not exist")
     if cfg.data.synthetic is None and not os.path.exists(cfg.data.train):
         raise ConfigError(f"data.train: {cfg.data.train} does not exist")
+    if cfg.data.ijb is not None:
+        meta = read_ijb_meta(cfg.data.ijb)  # the meta files: names, landmarks, templates, pairs all read
+        log(f"dry run: {cfg.data.ijb.target} ok ({len(meta.names):,} images, {len(meta.pairs):,} template pairs; "
+            f"evaluated after each stage)")
     teacher = None
     if cfg.teacher is not None:
         t = cfg.teacher

@@ -7,7 +7,9 @@ import os
 
 from distill.atomic import atomic_write_json, atomic_write_text
 from distill.layout import TEACHER, RunLayout
+from distill.ijb import far_key
 from distill.profile import model_cost
+from distill.stage_ijb import SUMMARY_FARS, short_far
 
 METRIC_KEYS = ("acc_mean", "acc_std", "xnorm", "tar_at_far")
 
@@ -19,6 +21,7 @@ def _stage_entry(result: dict, cost) -> dict:
         "init_from": result.get("init_from"), "params": params, "gflops": gflops,
         "train_seconds": result.get("train_seconds", 0.0),
         "metrics": {name: {k: m.get(k) for k in METRIC_KEYS} for name, m in (result.get("metrics") or {}).items()},
+        **({"ijb": {k: result["ijb"][k] for k in ("target", "tar_at_far", "auc")}} if result.get("ijb") else {}),
     }
 
 
@@ -44,6 +47,9 @@ def markdown_table(summary: dict, fars: tuple = ("1e-3",), before: tuple = (), a
     head = [h for h, _ in before] + ["stage", "arch", "init from", "params (M)", "GFLOPs", "train (s)"]
     for name in sets:
         head += [f"{name} acc (%)"] + [f"{name} TAR@{far} (%)" for far in fars]
+    targets = list(dict.fromkeys(s["ijb"]["target"] for s in summary["stages"] if s.get("ijb")))
+    for target in targets:  # IJB-B/C template verification, when data.ijb evaluated the stages
+        head += [f"{target} TAR@{short_far(far)} (%)" for far in SUMMARY_FARS]
     head += [h for h, _ in after]
     rows = [head, ["---"] * len(head)]
     for s in summary["stages"]:
@@ -58,6 +64,9 @@ def markdown_table(summary: dict, fars: tuple = ("1e-3",), before: tuple = (), a
                 row += ["-"] * (1 + len(fars))
             else:
                 row += [_acc(m)] + [_tar(m, far) for far in fars]
+        for target in targets:
+            ijb = s.get("ijb") if (s.get("ijb") or {}).get("target") == target else None
+            row += [f"{100 * ijb['tar_at_far'][far_key(far)]:.2f}" if ijb else "-" for far in SUMMARY_FARS]
         row += [fn(s) for _, fn in after]
         rows.append(row)
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
