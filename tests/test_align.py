@@ -115,3 +115,41 @@ def test_align_face_puts_the_landmarks_on_the_template():
     np.testing.assert_array_equal(face[::2, ::2], img[20:76, 10:66])
     small = align_face(img, ARCFACE_TEMPLATE * 0.5 + np.array([10.0, 20.0]), size=56)
     np.testing.assert_array_equal(small, img[20:76, 10:66])
+
+
+def test_pack_with_landmarks_aligns_raw_photos_into_a_training_set(tmp_path, capsys):
+    """`distill data pack SRC OUT --landmarks FILE`: the synthetic IJB set's loose crops and landmarks, sorted into
+    identity folders by template, become a 112x112 training set whose images are exactly align_face's output."""
+    import shutil
+
+    from distill.cli import main
+    from distill.data import RecordIODataset
+    from distill.data.images import decode_image, encode_jpeg
+    from distill.data.synth_ijb import write_synthetic_ijb
+
+    ijb = tmp_path / "ijb"
+    write_synthetic_ijb(ijb, templates=4, seed=1)
+    tid = dict(line.split()[:2] for line in (ijb / "meta" / "ijbc_face_tid_mid.txt").read_text().splitlines())
+    src, lines = tmp_path / "photos", []
+    for line in (ijb / "meta" / "ijbc_name_5pts_score.txt").read_text().splitlines():
+        name = line.split()[0]
+        (src / f"t{tid[name]}").mkdir(parents=True, exist_ok=True)
+        shutil.copy(ijb / "loose_crop" / name, src / f"t{tid[name]}" / name)
+        lines.append(f"t{tid[name]}/{line}")
+    (tmp_path / "lm.txt").write_text("\n".join(lines) + "\n")
+    assert main(["data", "pack", str(src), str(tmp_path / "out"), "--landmarks", str(tmp_path / "lm.txt")]) == 0
+    assert "(112x112)" in capsys.readouterr().out
+    packed = RecordIODataset(tmp_path / "out")
+    assert len(packed) == len(lines) and (tmp_path / "out" / "property").read_text().strip().endswith("112,112")
+    first = sorted(lines)[0].split()  # folder order, then file order: the first record
+    photo = decode_image((src / first[0]).read_bytes(), first[0])
+    expected = decode_image(encode_jpeg(align_face(photo, np.array(first[1:11], float).reshape(5, 2)), quality=95), "x")
+    chw, _ = packed.load(0)
+    assert np.array_equal(chw.permute(1, 2, 0).numpy(), expected)
+
+    (tmp_path / "lm.txt").write_text("\n".join(lines[1:]) + "\n")  # one image without landmarks
+    assert main(["data", "pack", str(src), str(tmp_path / "out2"), "--landmarks", str(tmp_path / "lm.txt")]) == 2
+    assert f"no landmarks for 1 of {len(lines)} images, first " in capsys.readouterr().err
+    (tmp_path / "lm.txt").write_text(lines[0].rsplit(" ", 3)[0] + "\n")  # too few values
+    assert main(["data", "pack", str(src), str(tmp_path / "out3"), "--landmarks", str(tmp_path / "lm.txt")]) == 2
+    assert f"{tmp_path / 'lm.txt'}: line 1: 8 values after the image name; expected 10" in capsys.readouterr().err

@@ -18,7 +18,9 @@ def _cmd_pack(args) -> int:
     out = args.out
     if os.path.exists(os.path.join(out, "train.rec")) and not args.force:
         raise DataFormatError(f"{out}: already holds train.rec; pass --force to overwrite it")
-    info = pack_image_tree(args.src, out, quality=args.quality, progress=True)
+    if args.size < 16:
+        raise DataFormatError(f"--size {args.size}: an aligned face needs at least 16 pixels a side (112 is insightface's)")
+    info = pack_image_tree(args.src, out, quality=args.quality, progress=True, landmarks=args.landmarks, size=args.size)
     h, w = info["image_size"]
     print(f"packed {info['images']} images of {info['identities']} identities ({h}x{w}) into "
           f"{os.path.join(out, 'train.rec')}, train.idx, property")
@@ -84,6 +86,10 @@ def add_commands(sub) -> None:
     p.add_argument("out", help="output folder for train.rec, train.idx and property")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality for non-JPEG sources (JPEGs are kept as is)")
     p.add_argument("--force", action="store_true", help="overwrite an existing train.rec in OUT")
+    p.add_argument("--landmarks", metavar="FILE",
+                   help="align raw photos first: a text file of `relative/path x1 y1 ... x5 y5 [score]` lines (5 points: "
+                        "eyes, nose, mouth corners), each image warped onto the ArcFace template")
+    p.add_argument("--size", type=int, default=112, help="side of the aligned faces with --landmarks (default 112)")
     p.set_defaults(func=_cmd_pack)
 
     p = data_sub.add_parser("reindex", help="rebuild a missing train.idx by scanning train.rec")
