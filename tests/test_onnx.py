@@ -277,3 +277,18 @@ def test_distill_run_with_an_onnx_teacher(exported, tiny_finished_run, tmp_path,
     assert (tmp_path / "run" / "gen1" / "result.json").exists()
     assert (tmp_path / "run" / "teacher_cache" / "embeddings.f16").stat().st_size == 72 * 2 * 512 * 2
     assert "onnx" in raw
+
+
+def test_distill_eval_takes_an_onnx_model(exported, tiny_finished_run, capsys):
+    """distill eval (like distill ijb) loads an insightface .onnx through the ONNX teacher loader; its numbers equal
+    those of the torch model it was exported from (parity is checked to 1e-3, accuracy compared to 2 decimals)."""
+    import json
+
+    _, _, data = tiny_finished_run
+    model, path = exported["r18"]
+    assert main(["eval", str(path), "--bin", str(data / "synth_val.bin"), "--json"]) == 0
+    from_onnx = json.loads(capsys.readouterr().out)["synth_val"]
+    from distill.evaluate import evaluate_sets
+    from_torch = evaluate_sets(model, {"synth_val": str(data / "synth_val.bin")}, 32, progress=False)["synth_val"]
+    assert from_onnx["acc_mean"] == pytest.approx(from_torch["acc_mean"], abs=0.01)
+    assert from_onnx["xnorm"] == pytest.approx(from_torch["xnorm"], rel=1e-3)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import torch
 
@@ -56,15 +55,7 @@ def run_eval(args) -> int:
     sets = _set_sources(args.bin)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, input_size = models.load_model(args.model, arch=args.arch, input_size=args.input_size)
-    if input_size is None:
-        input_size = args.input_size
-    elif args.input_size and args.input_size != input_size:
-        print(f"distill eval: note: {args.model} was built for {input_size}x{input_size} inputs; "
-              f"using {input_size}, not --input-size {args.input_size}", file=sys.stderr)
-    if input_size is None:
-        raise ConfigError(f"{args.model}: cannot infer the model's input size; pass --input-size "
-                          f"(112 for arcface_torch and insightface models)")
+    model, input_size = models.load_model_for("eval", args.model, arch=args.arch, input_size=args.input_size)
     device = resolve_device(args.device, "--device")
     model.to(device)
     results = evaluate_sets(model, sets, input_size, batch_size=args.batch_size, device=device,

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-import teachers
 from distill import models
 from distill.data.ijb import TARGETS, missing_images, read_ijb_meta
 from distill.errors import ConfigError, DataFormatError
@@ -39,19 +38,7 @@ def _per_row_path(path, label: str, several: bool):
 
 def _load_model(source: str, args):
     """(model, input size): an ONNX file through the ONNX teacher loader, anything else as distill eval loads it."""
-    if source.endswith(".onnx"):
-        teacher = teachers.build_teacher({"onnx": source})
-        return teacher, teacher.input_size
-    model, input_size = models.load_model(source, arch=args.arch, input_size=args.input_size)
-    if input_size is None:
-        input_size = args.input_size
-    elif args.input_size and args.input_size != input_size:
-        print(f"distill ijb: note: {source} was built for {input_size}x{input_size} inputs; using {input_size}, "
-              f"not --input-size {args.input_size}", file=sys.stderr)
-    if input_size is None:
-        raise ConfigError(f"{source}: cannot infer the model's input size; pass --input-size "
-                          f"(112 for arcface_torch and insightface models)")
-    return model, input_size
+    return models.load_model_for("ijb", source, arch=args.arch, input_size=args.input_size)
 
 
 def _model_features(source: str, label: str, meta, args, several: bool):
