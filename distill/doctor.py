@@ -2,7 +2,7 @@
 
 Each check is a line `ok` / `note` / `FAIL` with what was found: versions (torch, CUDA, bf16, timm,
 wandb, ONNX Runtime), the device, every data path (readable, image size against the config, identity
-count), the teacher (loadable, its embedding size against the student's), the bytes the run will write
+count; the IJB meta files and images of data.ijb), the teacher (loadable, its embedding size against the student's), the bytes the run will write
 against the free disk (distill/disk.py), the W&B mode that will be used, and the run directory (new,
 resumable with which stages done, holding another experiment, or locked by a running process). It only
 reads: no dataset is generated, no folder created, no lock taken. Any FAIL makes the exit status 1.
@@ -136,6 +136,25 @@ def check_val(cfg) -> list:
     return checks
 
 
+def check_ijb(cfg) -> list:
+    if cfg.data.ijb is None:
+        return []
+    from distill.data.ijb import missing_images
+    from distill.stage_ijb import read_meta
+
+    try:
+        meta = read_meta(cfg.data.ijb)
+    except (DistillError, OSError) as err:
+        return [Check(FAIL, "data.ijb", str(err))]
+    missing = missing_images(meta)
+    found = (f"{cfg.data.ijb.root}: {cfg.data.ijb.target}, {len(meta.names):,} images, {len(meta.pairs):,} template "
+             f"pairs; evaluated after each stage")
+    if missing.any():
+        first = meta.names[int(missing.argmax())]
+        return [Check(FAIL, "data.ijb", f"{found}; {int(missing.sum()):,} images are missing (first: {first})")]
+    return [Check(OK, "data.ijb", found)]
+
+
 def check_teacher(cfg, run_dir: str) -> list:
     import teachers
     from distill.layout import RunLayout
@@ -229,7 +248,8 @@ def check_run_dir(cfg, run_dir: str) -> list:
 def diagnose(cfg, run_dir: str) -> list:
     checks = check_versions() + check_device(cfg)
     train_checks, counts = check_train(cfg)
-    checks += train_checks + check_val(cfg) + check_teacher(cfg, run_dir) + check_disk(cfg, run_dir, counts)
+    checks += train_checks + check_val(cfg) + check_ijb(cfg) + check_teacher(cfg, run_dir) \
+        + check_disk(cfg, run_dir, counts)
     return checks + check_wandb(cfg) + check_run_dir(cfg, run_dir)
 
 

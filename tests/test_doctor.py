@@ -9,7 +9,7 @@ from distill.cli import main
 from distill.lock import run_directory_lock
 from tiny_experiment import write_experiment
 
-SECTIONS = ["versions", "device", "data.train", "data.val", "teacher", "disk", "wandb", "run directory"]
+SECTIONS = ["versions", "device", "data.train", "data.val", "data.ijb", "teacher", "disk", "wandb", "run directory"]
 
 
 def report(capsys) -> dict:
@@ -28,7 +28,7 @@ def test_a_new_experiment_is_ready_and_nothing_is_written(tmp_path, capsys):
     exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
     assert main(["doctor", str(exp), "--out", str(tmp_path / "run")]) == 0
     r = report(capsys)
-    assert [s for s in SECTIONS if s in r] == SECTIONS
+    assert [s for s in SECTIONS if s in r] == [s for s in SECTIONS if s != "data.ijb"]  # no data.ijb: no line
     assert r["_last"] == "ready: nothing found that would stop this run"
     assert r["versions"][0][1].startswith("python ") and f"torch {torch.__version__}" in r["versions"][0][1]
     assert r["device"][0][1].startswith("cpu (")
@@ -80,3 +80,19 @@ def test_a_dataset_the_run_would_refuse_is_a_fail(tiny_finished_run, capsys):
     assert main(["doctor", str(exp), "--out", str(run), "data.synthetic.images_per_id=7"]) == 1
     r = report(capsys)
     assert r["data.train"][0][0] == "FAIL" and "distill run never replaces a dataset" in r["data.train"][0][1]
+
+
+def test_data_ijb_is_checked_images_included(tiny_finished_run, tmp_path, capsys):
+    from distill.data.synth_ijb import write_synthetic_ijb
+
+    exp, run, _ = tiny_finished_run
+    write_synthetic_ijb(tmp_path / "IJBC", templates=6, seed=0)
+    args = ["doctor", str(exp), "--out", str(run), f"data.ijb.root={tmp_path / 'IJBC'}"]
+    assert main(args) == 0
+    (status, detail), = report(capsys)["data.ijb"]
+    assert status == "ok" and "IJBC" in detail and "evaluated after each stage" in detail
+    first = sorted((tmp_path / "IJBC" / "loose_crop").iterdir())[0]
+    first.unlink()
+    assert main(args) == 1
+    (status, detail), = report(capsys)["data.ijb"]
+    assert status == "FAIL" and "1 images are missing (first: " in detail
