@@ -59,6 +59,9 @@ class DataConfig:
     num_workers: int = 2
     synthetic: Optional[SyntheticConfig] = None
     ijb: Optional[IJBConfig] = None  # evaluate every finished stage on IJB-B/C too (TAR@FAR 1e-6 .. 1e-1)
+    # K: P×K batches of batch_size/K identities with K images each, for batch-level distillation losses
+    # (distill/epoch_plan.py plan_identity_epoch); null: plain shuffled batches
+    images_per_id: Optional[int] = None
 
 
 def _spread():
@@ -121,6 +124,9 @@ class MarginConfig:
 class DistillConfig:
     loss: str = "equivalent_angular"
     alpha: float = 7.0             # total = classification + alpha * distillation (paper: 7)
+    # none (the paper: student and teacher embeddings of one size) | linear: a learned student->teacher
+    # projection used only inside the distillation loss (trained with the student, kept in last.pt only)
+    project: str = "none"
 
 
 @dataclass
@@ -311,6 +317,7 @@ def _check_semantics(cfg: ExperimentConfig, where) -> None:
     choices = {
         "margin.margin": (cfg.margin.margin, list(HEADS)),
         "distill.loss": (cfg.distill.loss, list(DISTILL_LOSSES)),
+        "distill.project": (cfg.distill.project, ("none", "linear")),
         "train.amp": (cfg.train.amp, ("auto", "bf16", "fp16", "off")),
         "tracking.wandb": (cfg.tracking.wandb, ("auto", "online", "offline", "disabled")),
     }
@@ -352,6 +359,29 @@ def _check_semantics(cfg: ExperimentConfig, where) -> None:
                           f"contain '/' or '..', got {cfg.name!r} (use --out to choose another folder)")
     if not cfg.data.train:
         raise ConfigError(f"{where('data.train')}: key 'data.train' is required (RecordIO folder or image tree)")
+    _check_images_per_id(cfg, where)
+
+
+def _check_images_per_id(cfg: ExperimentConfig, where) -> None:
+    """data.images_per_id (K of P×K sampling) is >= 2 and divides every batch size that samples the data."""
+    k = cfg.data.images_per_id
+    if k is None:
+        return
+    if k < 2:
+        raise ConfigError(f"{where('data.images_per_id')}: key 'data.images_per_id' must be 2 or more (images of one "
+                          f"identity in each batch group), got {k}; write null (or leave it out) for plain shuffled "
+                          f"batches")
+    sizes = {key: train.batch_size for key, train in (("train", cfg.train), ("teacher.train", cfg.teacher and
+                                                                              cfg.teacher.train)) if train is not None}
+    common = math.gcd(*sizes.values())
+    for key, size in sizes.items():
+        if size % k == 0:
+            continue
+        near = min((d for d in range(2, common + 1) if common % d == 0), key=lambda d: (abs(d - k), d), default=None)
+        hint = f"data.images_per_id: {near}" if near else "data.images_per_id: null"
+        raise ConfigError(f"{where('data.images_per_id')}: key 'data.images_per_id' ({k}) must divide "
+                          f"{key}.batch_size ({size}): each batch holds batch_size / images_per_id identities of "
+                          f"images_per_id images; set {hint}, or a {key}.batch_size that is a multiple of {k}")
 
 
 def _own_keys() -> dict:

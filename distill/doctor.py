@@ -183,9 +183,10 @@ def check_teacher(cfg, run_dir: str) -> list:
         return [Check(FAIL, "teacher", str(err))]
     name = t.arch or os.path.basename(t.onnx)
     checks = [Check(OK, "teacher", f"{name}, {teacher.embedding_size}-d embeddings at {teacher.input_size}px, {source}")]
-    if cfg.distill.alpha > 0 and teacher.embedding_size != cfg.student.embedding_size:
-        checks.append(Check(FAIL, "teacher", f"teacher embedding size {teacher.embedding_size} != student.embedding_size "
-                                             f"{cfg.student.embedding_size}: the distillation losses compare embeddings"))
+    from distill.recursive import embedding_size_problem
+    problem = embedding_size_problem(cfg, teacher.embedding_size)
+    if problem:
+        checks.append(Check(FAIL, "teacher", problem))
     return checks
 
 

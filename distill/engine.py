@@ -46,7 +46,7 @@ from distill.checkpoint import (atomic_torch_save, capture_rng_state, extract_st
                                 restore_rng_state, safe_torch_load)
 from distill.config import ExperimentConfig, TrainConfig, to_dict
 from distill.dist import barrier, world_size
-from distill.epoch_plan import PlannedDataset, plan_epoch
+from distill.epoch_plan import PlannedDataset, plan_epoch, plan_identity_epoch
 from distill.dist import rank as dist_rank
 from distill.errors import CheckpointError, DistillError
 from distill.evaluate import evaluate_sets
@@ -87,9 +87,11 @@ class StageSpec:
 def _compat_key(cfg: ExperimentConfig, spec: StageSpec, dataset, world: int) -> dict:
     """What a checkpoint must agree on to be resumed (shapes, data, batch geometry)."""
     return {"arch": spec.arch, "model_kwargs": spec.model_kwargs, "num_samples": len(dataset),
+            "images_per_id": cfg.data.images_per_id,  # None (plain batches) in checkpoints from before the key
             "num_classes": dataset.num_classes, "margin": asdict(cfg.margin), "batch_size": spec.train.batch_size,
             "accumulate": spec.train.accumulate, "world_size": world, "alpha": spec.alpha,
-            "distill_loss": cfg.distill.loss, "seed": cfg.seed}
+            "distill_loss": cfg.distill.loss, "seed": cfg.seed,
+            **({"distill_project": cfg.distill.project} if cfg.distill.project != "none" else {})}
 
 
 def _head(cfg: ExperimentConfig, embedding_size: int, num_classes: int) -> nn.Module:
@@ -168,16 +170,22 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
     torch.manual_seed(cfg.seed + 7919 * spec.generation)
     tr = spec.train
     model, head = _model_and_head(cfg, spec, train_set.num_classes, device)
-    objective = DistillationObjective(head, loss=cfg.distill.loss, alpha=spec.alpha)
+    project = None
+    if cfg.distill.project == "linear" and spec.alpha > 0 and (teacher is not None or cache is not None):
+        teacher_dim = cache.emb.shape[2] if cache is not None else teacher.embedding_size
+        project = (model_embedding_size(model), int(teacher_dim))
+    objective = DistillationObjective(head, loss=cfg.distill.loss, alpha=spec.alpha, project=project).to(device)
     if teacher is not None and cache is None:
         teacher.to(device)
 
-    steps_per_epoch = len(train_set) // (tr.batch_size * world) / tr.accumulate  # plan_epoch's full batches
+    # the full global batches of plan_epoch, and of plan_identity_epoch too (it has as many)
+    steps_per_epoch = len(train_set) // (tr.batch_size * world) / tr.accumulate
     if steps_per_epoch < 1:
         raise DistillError(f"data.train: {len(train_set)} images are fewer than one step of "
                            f"{tr.batch_size * world * tr.accumulate}; lower train.batch_size")
     total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * steps_per_epoch))
-    optimizer = create_optimizer_v2(nn.ModuleList([model, head]), opt=tr.optimizer, lr=scaled_lr(tr, world),
+    trained = [model, head] + ([objective.projection] if objective.projection is not None else [])
+    optimizer = create_optimizer_v2(nn.ModuleList(trained), opt=tr.optimizer, lr=scaled_lr(tr, world),
                                     weight_decay=tr.weight_decay, momentum=tr.momentum,
                                     filter_bias_and_bn=not tr.decay_norm_and_bias)
     scheduler = create_scheduler(optimizer, tr, total_steps, steps_per_epoch)
@@ -213,6 +221,8 @@ def _resume(st: _Stage, log) -> None:
                               f"directory, restore the previous settings, or rerun with --restart-stage {name}.")
     st.model.load_state_dict(ck["model"])
     st.head.load_full_weight(ck["head_weight"].to(st.device))
+    if st.objective.projection is not None:
+        st.objective.projection.load_state_dict(ck["projection"])
     st.optimizer.load_state_dict(ck["optimizer"])
     if st.rank != 0:  # the file holds rank 0's head momentum; this rank's shard restarts its own
         st.optimizer.state.pop(st.head.weight, None)
@@ -233,6 +243,7 @@ def _checkpoint(st: _Stage) -> None:
     atomic_torch_save({
         "format": TRAIN_FORMAT, "stage": spec.name, "arch": spec.arch, "model_kwargs": spec.model_kwargs,
         "model": st.model.state_dict(), "head_weight": head_weight,
+        **({"projection": st.objective.projection.state_dict()} if st.objective.projection is not None else {}),
         "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
         "scaler": st.scaler.state_dict() if st.scaler.is_enabled() else None, "step": st.step, "micro": st.micro,
         "epoch": st.micro // bpe, "batch_in_epoch": st.micro % bpe,
@@ -291,9 +302,16 @@ def _micro_step(st: _Stage, batch, window: LogWindow) -> bool:
 
 def _update(st: _Stage) -> None:
     """The optimizer update over the accumulated gradients (clipped if asked), then the schedule."""
+    projection = st.objective.projection
+    if projection is not None and st.world > 1:  # outside DDP's wrapper: average its gradient by hand
+        for p in projection.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(st.world)
     if st.spec.train.clip_grad:
         st.scaler.unscale_(st.optimizer)
-        nn.utils.clip_grad_norm_(list(st.model.parameters()) + list(st.head.parameters()), st.spec.train.clip_grad)
+        extra = list(projection.parameters()) if projection is not None else []
+        nn.utils.clip_grad_norm_(list(st.model.parameters()) + list(st.head.parameters()) + extra, st.spec.train.clip_grad)
     st.scaler.step(st.optimizer)
     st.scaler.update()
     st.optimizer.zero_grad(set_to_none=True)
@@ -340,7 +358,11 @@ def _train(st: _Stage, train_set, val_sets: dict, tracker: Tracker, stop: dict, 
     st.scheduler.step_update(st.step)
     while st.step < st.total_steps:
         epoch, pos = divmod(st.micro, st.batches_per_epoch)
-        plan = plan_epoch(len(train_set), tr.batch_size, st.cfg.seed, epoch, train_set.flip, st.rank, st.world)
+        if st.cfg.data.images_per_id:  # P×K batches of identity groups
+            plan = plan_identity_epoch(train_set.labels(), tr.batch_size, st.cfg.data.images_per_id, st.cfg.seed,
+                                       epoch, train_set.flip, st.rank, st.world)
+        else:
+            plan = plan_epoch(len(train_set), tr.batch_size, st.cfg.seed, epoch, train_set.flip, st.rank, st.world)
         loader = torch.utils.data.DataLoader(
             PlannedDataset(train_set), batch_sampler=plan[pos:st.batches_per_epoch], num_workers=st.cfg.data.num_workers,
             pin_memory=st.device.type == "cuda", generator=torch.Generator().manual_seed(st.cfg.seed + epoch))

@@ -105,7 +105,8 @@ class DistillationObjective(nn.Module):
     ranks) while loss_kd is this rank's; DDP's gradient averaging makes both gradients global means.
     """
 
-    def __init__(self, head: nn.Module, loss: str = "equivalent_angular", alpha: float = 7.0, **loss_options):
+    def __init__(self, head: nn.Module, loss: str = "equivalent_angular", alpha: float = 7.0,
+                 project: tuple | None = None, **loss_options):
         super().__init__()
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
             raise ConfigError(f"distillation alpha must be a finite number >= 0, got {alpha!r}")
@@ -113,6 +114,9 @@ class DistillationObjective(nn.Module):
         self.loss_name = loss
         self.distill_loss = create_distill_loss(loss, **loss_options)
         self.alpha = float(alpha)
+        # distill.project: linear: (student dim, teacher dim) -> a learned map of the student's embedding to the
+        # teacher's size, used only inside the distillation loss (the classifier and the saved student never see it)
+        self.projection = nn.Linear(project[0], project[1], bias=False) if project else None
 
     def extra_repr(self) -> str:
         return f"loss={self.loss_name!r}, alpha={self.alpha}"
@@ -123,7 +127,8 @@ class DistillationObjective(nn.Module):
         logs["loss_cls"] = loss_cls.detach()
         total = loss_cls
         if self.alpha > 0 and teacher_emb is not None:
-            loss_kd = self.distill_loss(student_emb, teacher_emb)
+            projected = self.projection(student_emb) if self.projection is not None else student_emb
+            loss_kd = self.distill_loss(projected, teacher_emb)
             logs["loss_kd"] = loss_kd.detach()
             total = loss_cls + self.alpha * loss_kd
         logs["loss"] = total.detach()

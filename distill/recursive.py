@@ -105,6 +105,22 @@ def open_data(cfg: ExperimentConfig, log=print):
     return train_set, val
 
 
+def embedding_size_problem(cfg: ExperimentConfig, teacher_dim: int) -> str | None:
+    """Why the student's embeddings cannot be distilled against a teacher of `teacher_dim`, or None."""
+    student_dim = cfg.student.embedding_size
+    if cfg.distill.alpha <= 0 or cfg.generations < 1 or teacher_dim == student_dim or cfg.distill.project != "none":
+        return None
+    return (f"the teacher's embeddings are {teacher_dim}-d, student.embedding_size is {student_dim}: the distillation "
+            f"losses compare embeddings of one size. Set distill.project: linear (a learned {student_dim} -> "
+            f"{teacher_dim} projection used only inside the distillation loss), or student.embedding_size: {teacher_dim}")
+
+
+def check_embedding_sizes(cfg: ExperimentConfig, teacher_dim: int) -> None:
+    problem = embedding_size_problem(cfg, teacher_dim)
+    if problem:
+        raise ConfigError(problem)
+
+
 def note_damaged_result(stage, log) -> None:
     """A result.json that does not read (truncated by a full disk, edited by hand) marks the stage unfinished: say so."""
     problem = stage.damaged_result()
@@ -290,6 +306,7 @@ def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log, restar
     results, teacher, cache = [], None, None
     if cfg.teacher is not None:
         teacher = prepare_teacher(cfg, run_dir, train_set, val, progress, log)
+        check_embedding_sizes(cfg, teacher.embedding_size)  # before the cache and any student
         results.append(with_ijb(rank0_first(lambda: _teacher_result(cfg, run_dir, teacher, val)),
                                 lambda: (teacher, teacher.input_size)))
         if cfg.teacher.cache and cfg.distill.alpha > 0 and cfg.generations > 0:
@@ -337,9 +354,7 @@ def dry_run(cfg: ExperimentConfig, log=print) -> None:
         else:
             spec = {k: v for k, v in t.spec().items() if k != "checkpoint"}
             teacher = teachers.build_teacher(spec)
-        if cfg.distill.alpha > 0 and teacher.embedding_size != cfg.student.embedding_size:
-            raise ConfigError(f"teacher.embedding_size {teacher.embedding_size} != student.embedding_size "
-                              f"{cfg.student.embedding_size}: the distillation losses compare embeddings")
+        check_embedding_sizes(cfg, teacher.embedding_size)
     small = copy.deepcopy(cfg)
     small.train = dataclasses.replace(cfg.train, batch_size=min(cfg.train.batch_size, 4), max_steps=2,
                                       eval_every=0, checkpoint_every=2, accumulate=1)

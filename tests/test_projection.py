@@ -1,0 +1,79 @@
+"""distill.project: linear — a teacher of another embedding size: a learned projection used only inside the
+distillation loss, trained with the student, kept in last.pt, never in student.pt; without it, a clear error."""
+
+import pytest
+import torch
+
+import distill.engine
+import teachers
+from distill.checkpoint import safe_torch_load
+from distill.cli import main
+from distill.engine import StageSpec, run_stage
+from distill.losses import DistillationObjective
+from distill.models import load_student
+from tiny import TinyFaces, tiny_config
+from tiny_experiment import write_experiment
+
+
+def _config(**train):
+    # teacher 64-d, student 32-d (tests/tiny.py's student)
+    return tiny_config(teacher={"embedding_size": 64}, distill={"project": "linear"},
+                       train={"max_steps": 4, "checkpoint_every": 2, **train})
+
+
+def test_the_projection_gets_gradients_the_teacher_none():
+    torch.manual_seed(0)
+    objective = DistillationObjective(lambda e, y: (e.sum() * 0, {}), alpha=7.0, project=(32, 64))
+    student = torch.randn(8, 32, requires_grad=True)
+    teacher = torch.randn(8, 64, requires_grad=True)
+    total, logs = objective(student, torch.zeros(8, dtype=torch.long), teacher)
+    total.backward()
+    assert objective.projection.weight.shape == (64, 32) and objective.projection.weight.grad.abs().sum() > 0
+    assert student.grad.abs().sum() > 0 and teacher.grad is None
+    expected = 7.0 * ((torch.nn.functional.normalize(teacher.detach(), dim=1)
+                       - torch.nn.functional.normalize(student @ objective.projection.weight.T, dim=1)) ** 2).sum(1).mean()
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_trained_with_the_student_kept_in_last_pt_dropped_from_student_pt_and_resumed_exactly(tmp_path, monkeypatch):
+    cfg = _config()
+    teacher = teachers.build_teacher(cfg.teacher.spec())
+    spec = StageSpec("gen1", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=7.0, generation=1)
+    run_stage(cfg, spec, str(tmp_path / "whole"), TinyFaces(), {}, teacher=teacher, progress=False)
+    last = safe_torch_load(tmp_path / "whole" / "last.pt")
+    assert last["projection"]["weight"].shape == (64, 32)
+    student, payload = load_student(tmp_path / "whole" / "student.pt")
+    assert not any("projection" in k for k in payload["state_dict"])  # the deployable student only
+    assert payload["kwargs"]["embedding_size"] == 32
+
+    # interrupted after the step-2 checkpoint, then rerun: the same projection and student, bit for bit
+    real = distill.engine._checkpoint
+
+    def stop_after_first(st):
+        real(st)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill.engine, "_checkpoint", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(cfg, spec, str(tmp_path / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
+    at_step_2 = safe_torch_load(tmp_path / "resumed" / "last.pt")
+    assert at_step_2["step"] == 2
+    assert not torch.equal(at_step_2["projection"]["weight"], last["projection"]["weight"])  # it is trained
+    monkeypatch.undo()
+    run_stage(cfg, spec, str(tmp_path / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
+    again = safe_torch_load(tmp_path / "resumed" / "last.pt")
+    assert torch.equal(again["projection"]["weight"], last["projection"]["weight"])
+    assert all(torch.equal(again["model"][k], last["model"][k]) for k in last["model"])
+
+
+def test_without_projection_a_size_mismatch_names_both_sizes_and_the_option(tiny_finished_run, tmp_path, capsys):
+    exp, _, data = tiny_finished_run
+    exp2 = write_experiment(tmp_path / "x.yaml", data, generations=1, tracking={"wandb": "disabled"},
+                            teacher={"embedding_size": 64})
+    assert main(["run", str(exp2), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "the teacher's embeddings are 64-d, student.embedding_size is 32" in err
+    assert "Set distill.project: linear (a learned 32 -> 64 projection" in err
+    assert main(["run", str(exp2), "--dry-run", "distill.project=linear"]) == 0
+    assert main(["run", str(exp2), "--dry-run", "distill.project=mlp"]) == 2
+    assert "key 'distill.project' must be one of none, linear, got 'mlp'" in capsys.readouterr().err
