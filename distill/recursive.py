@@ -358,7 +358,8 @@ def dry_run(cfg: ExperimentConfig, log=print) -> None:
     small = copy.deepcopy(cfg)
     small.train = dataclasses.replace(cfg.train, batch_size=min(cfg.train.batch_size, 4), max_steps=2,
                                       eval_every=0, checkpoint_every=2, accumulate=1)
-    small.data = dataclasses.replace(cfg.data, num_workers=0)
+    # P×K batches (data.images_per_id) run as 2 groups of 2: the stand-in data holds 2 images per identity
+    small.data = dataclasses.replace(cfg.data, num_workers=0, images_per_id=cfg.data.images_per_id and 2)
     small.teacher = dataclasses.replace(cfg.teacher, cache=False, checkpoint=None) if cfg.teacher else None
     if small.teacher is not None and small.teacher.train is not None:
         small.teacher.train = small.train

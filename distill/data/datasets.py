@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import warnings
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -34,6 +35,11 @@ class FaceDataset(Dataset):
 
     @property
     def num_classes(self) -> int:
+        raise NotImplementedError
+
+    def labels(self) -> np.ndarray:
+        """The class id of every item, int64, in index order, read without decoding any image
+        (the P×K identity sampler, data.images_per_id, plans batches from them)."""
         raise NotImplementedError
 
     def _check_index(self, index: int) -> int:
@@ -99,6 +105,10 @@ class RecordIODataset(FaceDataset):
     @property
     def num_classes(self) -> int:
         return self.rec.num_classes
+
+    def labels(self) -> np.ndarray:
+        """From the identity records (insightface layout: one read per identity), else one header read per image."""
+        return self.rec.labels()
 
     source = property(lambda self: self.rec.rec_path)
 

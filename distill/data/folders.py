@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from distill.data.datasets import FaceDataset
 from distill.data.images import decode_chw
 from distill.errors import DataFormatError
@@ -74,6 +76,10 @@ class ImageFolderDataset(FaceDataset):
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def labels(self) -> np.ndarray:
+        """The class id of every image (from the folder scan), int64, in index order."""
+        return np.fromiter((label for _, label in self.samples), dtype=np.int64, count=len(self.samples))
 
     source = property(lambda self: self.root)
 

@@ -12,24 +12,28 @@ class StandInFaces(torch.utils.data.Dataset):
     """`classes` identities, each a fixed random pattern plus per-image noise, as normalised tensors.
 
     Same contract as the real training sets: `item(index, flip) -> (img, label, index, flipped)`,
-    `get(index, flip)`, `flip`, `num_classes`, `input_size`, `fingerprint()`."""
+    `get(index, flip)`, `labels()`, `flip`, `num_classes`, `input_size`, `fingerprint()`."""
 
     def __init__(self, classes: int = 8, per_class: int = 16, size: int = 16, seed: int = 0, flip: bool = True):
         g = torch.Generator().manual_seed(seed)
         self.protos = torch.randn(classes, 3, size, size, generator=g)
         self.noise = 0.6 * torch.randn(classes * per_class, 3, size, size, generator=g)
-        self.labels = torch.arange(classes).repeat_interleave(per_class)
+        self.label_of = torch.arange(classes).repeat_interleave(per_class)
         self.flip, self.input_size, self.num_classes = flip, size, classes
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.label_of)
+
+    def labels(self) -> np.ndarray:
+        """The class id of every image, int64, in index order (as the real training sets give them)."""
+        return self.label_of.numpy().astype(np.int64)
 
     def get(self, index: int, flip: bool) -> torch.Tensor:
-        x = (self.protos[self.labels[index]] + self.noise[index]).clamp(-1, 1)
+        x = (self.protos[self.label_of[index]] + self.noise[index]).clamp(-1, 1)
         return torch.flip(x, dims=[2]) if flip else x
 
     def item(self, index: int, flip: bool) -> tuple:
-        return self.get(index, flip), int(self.labels[index]), index, bool(flip)
+        return self.get(index, flip), int(self.label_of[index]), index, bool(flip)
 
     def __getitem__(self, index: int) -> tuple:
         return self.item(index, False)
