@@ -28,7 +28,7 @@ from distill.atomic import atomic_open
 from distill.config_files import key_paths, load_with_bases, merge_experiment, parse_overrides, read_yaml_mapping
 from distill.errors import ConfigDeprecationWarning, ConfigError, DistillError
 from distill.heads import HEADS
-from distill.losses import DISTILL_LOSSES
+from distill.losses import DISTILL_LOSSES, loss_needs
 from distill.registry import check_model_kwargs, check_model_name, did_you_mean, model_defaults
 
 
@@ -360,6 +360,10 @@ def _check_semantics(cfg: ExperimentConfig, where) -> None:
     if not cfg.data.train:
         raise ConfigError(f"{where('data.train')}: key 'data.train' is required (RecordIO folder or image tree)")
     _check_images_per_id(cfg, where)
+    if loss_needs(cfg.distill.loss, "images_per_id") and cfg.distill.alpha > 0 and cfg.data.images_per_id is None:
+        raise ConfigError(f"{where('data.images_per_id')}: distill.loss {cfg.distill.loss} compares pairs of images within "
+                          f"a batch and needs repeated identities: set data.images_per_id (e.g. 4: batches of "
+                          f"batch_size/4 identities with 4 images each)")
 
 
 def _check_images_per_id(cfg: ExperimentConfig, where) -> None:

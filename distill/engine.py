@@ -221,8 +221,7 @@ def _resume(st: _Stage, log) -> None:
                               f"directory, restore the previous settings, or rerun with --restart-stage {name}.")
     st.model.load_state_dict(ck["model"])
     st.head.load_full_weight(ck["head_weight"].to(st.device))
-    if st.objective.projection is not None:
-        st.objective.projection.load_state_dict(ck["projection"])
+    st.objective.load_training_state(ck.get("objective", {}), source=path)
     st.optimizer.load_state_dict(ck["optimizer"])
     if st.rank != 0:  # the file holds rank 0's head momentum; this rank's shard restarts its own
         st.optimizer.state.pop(st.head.weight, None)
@@ -243,7 +242,7 @@ def _checkpoint(st: _Stage) -> None:
     atomic_torch_save({
         "format": TRAIN_FORMAT, "stage": spec.name, "arch": spec.arch, "model_kwargs": spec.model_kwargs,
         "model": st.model.state_dict(), "head_weight": head_weight,
-        **({"projection": st.objective.projection.state_dict()} if st.objective.projection is not None else {}),
+        "objective": st.objective.training_state(),  # the projection and a loss's own state (see distill/losses.py)
         "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
         "scaler": st.scaler.state_dict() if st.scaler.is_enabled() else None, "step": st.step, "micro": st.micro,
         "epoch": st.micro // bpe, "batch_in_epoch": st.micro % bpe,

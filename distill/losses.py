@@ -12,6 +12,18 @@ With ŝ = s/|s|, t̂ = t/|t| and cos(t, s) = t̂·ŝ:
 
 `l2` averages over elements, not samples: it equals mean_i |s_i − t_i|² / dim, so its scale depends on
 the embedding size and on the embeddings' norms, unlike the angular losses.
+
+The objective's contract. A registered loss is either a function of (student, teacher) added as
+`alpha × loss` to the classification loss (the four above), or a class (an nn.Module, instantiated with
+its options; its buffers are training state, saved in last.pt with the objective and resumed) that says
+what it needs through class attributes:
+    needs_labels = True            called as loss(student, teacher, labels) (batch-level losses)
+    replaces_classification = True it owns the classification term: the objective calls
+                                   loss.classify(head, student, labels, teacher) -> (loss, logs) instead of
+                                   head(student, labels), and adds no alpha × term (alpha > 0 turns it on)
+    images_per_id = True           needs batches with repeated identities (data.images_per_id)
+    same_size = True               compares the student's own space with the teacher's (no distill.project)
+The engine knows none of this: it calls the objective.
 """
 
 from __future__ import annotations
@@ -24,15 +36,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.errors import ConfigError, UnknownNameError
+from distill.errors import CheckpointError, ConfigError, UnknownNameError
 
 DISTILL_LOSSES: dict = {}
 
 
-def register_loss(fn):
-    """Register `fn(student_emb, teacher_emb, *, options...) -> scalar tensor` under its function name."""
-    DISTILL_LOSSES[fn.__name__] = fn
+def register_loss(fn, name: str | None = None):
+    """Register `fn(student_emb, teacher_emb, *, options...) -> scalar tensor` under its function name, or a
+    loss class (see the module docstring) under `name`."""
+    if fn is None or isinstance(fn, str):  # @register_loss("name") on a class
+        return lambda cls: register_loss(cls, fn)
+    DISTILL_LOSSES[name or fn.__name__] = fn
     return fn
+
+
+def loss_needs(name: str, what: str) -> bool:
+    """Whether registered loss `name` declares `what` (needs_labels, replaces_classification, images_per_id,
+    same_size)."""
+    return bool(getattr(DISTILL_LOSSES.get(name), what, False))
 
 
 def create_distill_loss(name: str, **kwargs):
@@ -41,6 +62,13 @@ def create_distill_loss(name: str, **kwargs):
         raise UnknownNameError(f"unknown distillation loss {name!r}; registered losses: "
                                f"{', '.join(sorted(DISTILL_LOSSES))}")
     fn = DISTILL_LOSSES[name]
+    if isinstance(fn, type):
+        accepted = [p for p in inspect.signature(fn).parameters if p != "self"]
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise ConfigError(f"distillation loss {name!r} does not take {', '.join(unknown)}; "
+                              f"it takes {', '.join(accepted) or 'no options'}")
+        return fn(**kwargs)
     if not kwargs:
         return fn
     accepted = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
@@ -122,14 +150,80 @@ class DistillationObjective(nn.Module):
         return f"loss={self.loss_name!r}, alpha={self.alpha}"
 
     def forward(self, student_emb: torch.Tensor, labels: torch.Tensor, teacher_emb: torch.Tensor | None = None):
-        loss_cls, head_logs = self.head(student_emb, labels)
+        kd = self.distill_loss
+        distilling = self.alpha > 0 and teacher_emb is not None
+        if distilling and getattr(kd, "replaces_classification", False):
+            loss_cls, head_logs = kd.classify(self.head, student_emb, labels, teacher_emb)
+        else:
+            loss_cls, head_logs = self.head(student_emb, labels)
         logs = {name: value.detach() if torch.is_tensor(value) else value for name, value in head_logs.items()}
         logs["loss_cls"] = loss_cls.detach()
         total = loss_cls
-        if self.alpha > 0 and teacher_emb is not None:
+        if distilling and not getattr(kd, "replaces_classification", False):
             projected = self.projection(student_emb) if self.projection is not None else student_emb
-            loss_kd = self.distill_loss(projected, teacher_emb)
+            extra = {"labels": labels} if getattr(kd, "needs_labels", False) else {}
+            loss_kd = kd(projected, teacher_emb, **extra)
             logs["loss_kd"] = loss_kd.detach()
             total = loss_cls + self.alpha * loss_kd
         logs["loss"] = total.detach()
         return total, logs
+
+    def training_state(self) -> dict:
+        """What last.pt keeps of the objective besides the head: the projection and a loss's own state."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
+
+    def load_training_state(self, state: dict, source: str = "last.pt") -> None:
+        expected = self.training_state()
+        if set(state) != set(expected):
+            raise CheckpointError(f"{source}: the objective's state holds {sorted(state) or 'nothing'}, this stage "
+                                  f"needs {sorted(expected) or 'nothing'} (distill.loss or distill.project changed?)")
+        self.load_state_dict({**{k: v for k, v in self.state_dict().items() if k.startswith("head.")}, **state})
+
+
+@register_loss("adadistill")
+class AdaDistill(nn.Module):
+    """AdaDistill (Boutros et al., ECCV 2024): the teacher's knowledge goes into the student's class centres.
+
+    For each sample i of identity y_i, with ŝ_i, t̂_i the normalised student and teacher embeddings and Ŵ_y the
+    normalised class centre, computed without gradient:
+        α_i = clip(cos(ŝ_i, t̂_i) · clip(cos(Ŵ_{y_i}, t̂_i), 1e-6, 1), 1e-6, 1)
+        W_{y_i} ← α_i Ŵ_{y_i} + (1 − α_i) t̂_i
+    then the head's usual margin loss (the paper: ArcFace s = 64, m = 0.45; here margin.*) on the updated
+    centres, which replaces the classification term (no alpha × term is added; alpha > 0 turns it on).
+    Early in training (student far from teacher) α is small and the centres follow the teacher; as the
+    student aligns, α grows and the centres move less. Samples of one identity in a batch: their updated
+    centres are averaged (a choice: the paper does not say). Sharded heads: embeddings, labels and teacher
+    embeddings are gathered, and each rank updates the centres it holds. The centres are the head's weight,
+    so they are in last.pt already. Needs teacher and student embeddings of one size (the centres live in
+    the student's space).
+    """
+
+    replaces_classification = True
+    same_size = True
+
+    @torch.no_grad()
+    def update_centres(self, head, student_emb, labels, teacher_emb) -> torch.Tensor:
+        """Move the centres of this batch's identities (those this rank holds) toward the teacher; returns the α
+        of every sample of the global batch whose centre is on this rank."""
+        s, t = _prepare(student_emb, teacher_emb)
+        comm = head._comm()
+        labels = labels.reshape(-1).long()
+        sizes = comm.batch_sizes(labels.shape[0], labels.device)
+        s_hat = comm.gather_rows(F.normalize(s, dim=1), sizes)
+        t_hat = comm.gather_rows(F.normalize(t, dim=1), sizes)
+        local = comm.gather_rows(labels, sizes) - head.class_start
+        mine = (local >= 0) & (local < head.num_local_classes)
+        rows, s_hat, t_hat = local[mine], s_hat[mine], t_hat[mine]
+        w_hat = F.normalize(head.weight[rows].to(t_hat.dtype), dim=1)
+        alpha = ((s_hat * t_hat).sum(1) * (w_hat * t_hat).sum(1).clamp(1e-6, 1.0)).clamp(1e-6, 1.0)
+        updated = alpha[:, None] * w_hat + (1.0 - alpha[:, None]) * t_hat
+        classes, inverse = rows.unique(return_inverse=True)
+        summed = updated.new_zeros(len(classes), updated.shape[1]).index_add_(0, inverse, updated)
+        counts = torch.bincount(inverse, minlength=len(classes)).to(summed.dtype)
+        head.weight[classes] = (summed / counts[:, None]).to(head.weight.dtype)
+        return alpha
+
+    def classify(self, head, student_emb, labels, teacher_emb):
+        alpha = self.update_centres(head, student_emb, labels, teacher_emb)
+        loss, logs = head(student_emb, labels)
+        return loss, {**logs, "ada_alpha": alpha.mean() if alpha.numel() else alpha.new_zeros(())}

@@ -32,6 +32,7 @@ from distill.engine import StageSpec, run_stage
 from distill.errors import ConfigError
 from distill.evaluate import evaluate_sets, set_name_of, size_note
 from distill.layout import BASELINE, TEACHER, RunLayout, generation_name
+from distill.losses import loss_needs
 from distill.models import load_student, model_input_size
 from distill.stage_ijb import evaluate_ijb, ijb_scalars, needs_ijb
 from distill.stage_ijb import read_meta as read_ijb_meta
@@ -108,7 +109,14 @@ def open_data(cfg: ExperimentConfig, log=print):
 def embedding_size_problem(cfg: ExperimentConfig, teacher_dim: int) -> str | None:
     """Why the student's embeddings cannot be distilled against a teacher of `teacher_dim`, or None."""
     student_dim = cfg.student.embedding_size
-    if cfg.distill.alpha <= 0 or cfg.generations < 1 or teacher_dim == student_dim or cfg.distill.project != "none":
+    if cfg.distill.alpha <= 0 or cfg.generations < 1 or teacher_dim == student_dim:
+        return None
+    if loss_needs(cfg.distill.loss, "same_size"):
+        return (f"the teacher's embeddings are {teacher_dim}-d, student.embedding_size is {student_dim}: "
+                f"distill.loss {cfg.distill.loss} moves the student's class centres toward the teacher's embeddings, "
+                f"so both must have one size (distill.project cannot map the teacher into the student's space); "
+                f"set student.embedding_size: {teacher_dim} or use another distill.loss")
+    if cfg.distill.project != "none":
         return None
     return (f"the teacher's embeddings are {teacher_dim}-d, student.embedding_size is {student_dim}: the distillation "
             f"losses compare embeddings of one size. Set distill.project: linear (a learned {student_dim} -> "

@@ -41,7 +41,7 @@ def test_trained_with_the_student_kept_in_last_pt_dropped_from_student_pt_and_re
     spec = StageSpec("gen1", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=7.0, generation=1)
     run_stage(cfg, spec, str(tmp_path / "whole"), TinyFaces(), {}, teacher=teacher, progress=False)
     last = safe_torch_load(tmp_path / "whole" / "last.pt")
-    assert last["projection"]["weight"].shape == (64, 32)
+    assert last["objective"]["projection.weight"].shape == (64, 32)
     student, payload = load_student(tmp_path / "whole" / "student.pt")
     assert not any("projection" in k for k in payload["state_dict"])  # the deployable student only
     assert payload["kwargs"]["embedding_size"] == 32
@@ -58,11 +58,11 @@ def test_trained_with_the_student_kept_in_last_pt_dropped_from_student_pt_and_re
         run_stage(cfg, spec, str(tmp_path / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
     at_step_2 = safe_torch_load(tmp_path / "resumed" / "last.pt")
     assert at_step_2["step"] == 2
-    assert not torch.equal(at_step_2["projection"]["weight"], last["projection"]["weight"])  # it is trained
+    assert not torch.equal(at_step_2["objective"]["projection.weight"], last["objective"]["projection.weight"])  # trained
     monkeypatch.undo()
     run_stage(cfg, spec, str(tmp_path / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
     again = safe_torch_load(tmp_path / "resumed" / "last.pt")
-    assert torch.equal(again["projection"]["weight"], last["projection"]["weight"])
+    assert torch.equal(again["objective"]["projection.weight"], last["objective"]["projection.weight"])
     assert all(torch.equal(again["model"][k], last["model"][k]) for k in last["model"])
 
 
