@@ -1,5 +1,6 @@
 """P×K identity sampling (data.images_per_id = K): the epoch plan, the datasets' labels, the engine, the config."""
 
+import io
 import os
 import signal
 from collections import Counter
@@ -8,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 import teachers
 from distill.checkpoint import safe_torch_load
 from distill.cli import main
-from distill.data import ImageFolderDataset, RecordIODataset
+from distill.data import ImageFolderDataset, RecordIODataset, write_insightface_rec
 from distill.engine import Preempted, StageSpec, run_stage
 from distill.epoch_plan import plan_epoch, plan_identity_epoch
 from distill.errors import CheckpointError, ConfigError
@@ -125,20 +127,21 @@ def test_fewer_identities_than_groups_per_batch_still_fill_batches():
 
 # ---- labels() of the training sets -----------------------------------------------------------------------------
 
-def test_datasets_give_their_labels_in_index_order_without_decoding(fixtures, tmp_path):
+def test_datasets_give_their_labels_in_index_order_without_decoding(tmp_path):
     tiny = TinyFaces(classes=3, per_class=2)
     assert tiny.labels().dtype == np.int64 and tiny.labels().tolist() == [tiny.item(i, False)[1] for i in range(6)]
-    for rec in (fixtures / "insightface_rec", fixtures / "insightface_rec" / "im2rec" / "train.rec"):
-        ds = RecordIODataset(rec, flip=False)
-        labels = ds.labels()
-        assert labels.dtype == np.int64 and len(labels) == len(ds)
-        assert labels.tolist() == [ds.item(i, False)[1] for i in range(len(ds))]
-    from PIL import Image
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (9, 0, 0)).save(png, format="PNG")
+    classes = [0, 0, 0, 1, 3, 3]  # class 2 has no images
+    write_insightface_rec(tmp_path / "rec", [(c, png.getvalue()) for c in classes], num_classes=4, image_size=8)
+    ds = RecordIODataset(tmp_path / "rec", flip=False)
+    assert ds.labels().dtype == np.int64 and ds.labels().tolist() == classes
+    assert ds.labels().tolist() == [ds.item(i, False)[1] for i in range(len(ds))]
     for name, n in (("bob", 2), ("alice", 1), ("carol", 3)):
-        (tmp_path / name).mkdir()
+        (tmp_path / "tree" / name).mkdir(parents=True)
         for j in range(n):
-            Image.new("RGB", (8, 8), (j, 0, 0)).save(tmp_path / name / f"{j}.png")
-    ds = ImageFolderDataset(tmp_path)
+            Image.new("RGB", (8, 8), (j, 0, 0)).save(tmp_path / "tree" / name / f"{j}.png")
+    ds = ImageFolderDataset(tmp_path / "tree")
     assert ds.labels().dtype == np.int64 and ds.labels().tolist() == [0, 1, 1, 2, 2, 2]
     assert ds.labels().tolist() == [label for _, label in ds.samples]
 
