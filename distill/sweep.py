@@ -9,7 +9,16 @@ A grid file (experiments/ablations/*.yaml):
     fixed:                            # optional: overrides shared by every point
       baseline: false
 
-Each point is its own experiment named `<grid name>-<key>=<value>-...` in `<out>/<point name>`
+A grid key `case:` holds named sets of overrides swept as one key, for studies that are not a full
+cartesian product (a control with its own settings beside the main arms):
+
+    grid:
+      case:
+        - {name: scratch, generations: 0, teacher: null}
+        - {name: r18-cosine, distill.loss: cosine, teacher.checkpoint: runs/t/backbone.pth}
+      seed: [0, 1, 2]
+
+Each point is its own experiment named `<grid name>-<key>=<value>-...` (a case by its name) in `<out>/<point name>`
 (default out: runs/<grid name>), run in this process one after another through the generations
 driver; every point is validated before the first one starts. Points whose teacher settings agree
 share one trained teacher: the finished teacher stage of an earlier point is copied into the next
@@ -43,6 +52,7 @@ from distill.registry import create_model
 from distill.tracking import close_open_runs
 
 GRID_KEYS = ("base", "name", "grid", "fixed", "description")
+CASE = "case"  # grid key whose values are named override sets
 # What a trained teacher depends on: points that agree on all of these can share it.
 TEACHER_KEYS = ("teacher", "data", "seed", "margin", "deterministic", "device")
 
@@ -109,6 +119,14 @@ def load_grid(path: str, base: str | None = None, overrides: list | None = None)
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{path}: key 'grid.{key}' must be a non-empty list of values, got {values!r}")
+    for i, case in enumerate(grid.get(CASE, [])):
+        if not isinstance(case, dict) or not isinstance(case.get("name"), str) or _safe(case["name"]) != case["name"]:
+            raise ConfigError(f"{path}: grid.{CASE}[{i}] must be a mapping with a name (letters, digits, . _ = + -) "
+                              f"and the overrides of that case, got {case!r}")
+    case_names = [c["name"] for c in grid.get(CASE, [])]
+    if len(set(case_names)) != len(case_names):
+        raise ConfigError(f"{path}: grid.{CASE}: two cases are named "
+                          f"{sorted(n for n in case_names if case_names.count(n) > 1)[0]!r}; give each its own name")
     fixed = raw.get("fixed") or {}
     if not isinstance(fixed, dict):
         raise ConfigError(f"{path}: key 'fixed' must map dotted config keys to values, got {fixed!r}")
@@ -128,8 +146,13 @@ def expand(grid: Grid) -> list:
     points = []
     for combo in itertools.product(*(grid.grid[k] for k in keys)):
         values = dict(zip(keys, combo))
-        name = _safe("-".join([grid.name] + [f"{k}={_scalar(v)}" for k, v in values.items()]))
-        overrides = fixed + [f"{k}={_scalar(v)}" for k, v in values.items()] + [f"name={name}"]
+        parts = [v["name"] if k == CASE else f"{k}={_scalar(v)}" for k, v in values.items()]
+        name = _safe("-".join([grid.name] + parts))
+        settings = []
+        for k, v in values.items():
+            case = _flat({kk: vv for kk, vv in v.items() if kk != "name"}) if k == CASE else {k: v}
+            settings += [f"{kk}={_scalar(vv)}" for kk, vv in case.items()]
+        overrides = fixed + settings + [f"name={name}"]
         points.append(Point(name=name, values=values, overrides=overrides))
     names = [p.name for p in points]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -197,7 +220,8 @@ def run_sweep(grid: Grid, out: str | None = None, progress: bool = True, log=pri
     teachers, failed = {}, []
     for i, (point, cfg) in enumerate(zip(points, configs), 1):
         run_dir = os.path.join(out, point.name)
-        log(f"\n[{i}/{len(points)}] {point.name}: " + ", ".join(f"{k}={_scalar(v)}" for k, v in point.values.items()))
+        log(f"\n[{i}/{len(points)}] {point.name}: " + ", ".join(
+            f"{k}={v['name'] if k == CASE else _scalar(v)}" for k, v in point.values.items()))
         key = _teacher_key(cfg)
         if key in teachers and _share_teacher(teachers[key], run_dir):
             log(f"{point.name}: teacher shared from {teachers[key].dir}")
