@@ -96,28 +96,36 @@ def _cos(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
 
 @register_loss
 def equivalent_angular(student_emb, teacher_emb):
-    """The paper's equivalent angular loss: mean_i |t̂_i − ŝ_i|² = mean_i (2 − 2 cos(t_i, s_i))."""
+    """The paper's equivalent angular loss: mean_i |t̂_i − ŝ_i|² = mean_i (2 − 2 cos(t_i, s_i)).
+
+    Paper: VarGFaceNet (Yan et al., arXiv 1910.04985), weight alpha = 7. No options. Needs: teacher embeddings
+    of the student's size (or distill.project: linear). Tested: tests/test_losses.py (hand-computed)."""
     s, t = _prepare(student_emb, teacher_emb)
     return (F.normalize(t, dim=1) - F.normalize(s, dim=1)).pow(2).sum(1).mean()
 
 
 @register_loss
 def shrinkteanet_angular(student_emb, teacher_emb):
-    """ShrinkTeaNet's angular loss: mean_i (1 − cos(t_i, s_i))²."""
+    """ShrinkTeaNet's angular loss: mean_i (1 − cos(t_i, s_i))².
+
+    Paper: Duong et al. 2019, "ShrinkTeaNet: Million-scale Lightweight Face Recognition via Shrinking
+    Teacher-Student Networks". No options. Needs: teacher embeddings only."""
     s, t = _prepare(student_emb, teacher_emb)
     return (1.0 - _cos(s, t)).pow(2).mean()
 
 
 @register_loss
 def cosine(student_emb, teacher_emb):
-    """Cosine distance: mean_i (1 − cos(t_i, s_i))."""
+    """Cosine distance: mean_i (1 − cos(t_i, s_i)). No options; needs teacher embeddings only."""
     s, t = _prepare(student_emb, teacher_emb)
     return (1.0 - _cos(s, t)).mean()
 
 
 @register_loss
 def l2(student_emb, teacher_emb):
-    """Mean squared error of the raw embeddings, averaged over all batch × dim elements (F.mse_loss)."""
+    """Mean squared error of the raw embeddings, averaged over all batch × dim elements (F.mse_loss).
+
+    Plain feature regression (FitNets-style); scale depends on the embeddings' norms. Needs teacher embeddings."""
     s, t = _prepare(student_emb, teacher_emb)
     return F.mse_loss(s, t, reduction="mean")
 
