@@ -180,7 +180,7 @@ class DistillationObjective(nn.Module):
         """What last.pt keeps of the objective besides the head: the projection and a loss's own state."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
 
-    def load_training_state(self, state: dict, source: str = "last.pt") -> None:
+    def load_training_state(self, state: dict, source: str = "the checkpoint") -> None:
         expected = self.training_state()
         if set(state) != set(expected):
             raise CheckpointError(f"{source}: the objective's state holds {sorted(state) or 'nothing'}, this stage "
