@@ -101,7 +101,7 @@ def render(table: dict, set_name: str, seeds: list, command: str, plot: str | No
     lines = [
         "# Recursive distillation on synthetic faces: what the study measured",
         "",
-        f"Regenerate: `{command}` (the whole study, ~45 min on 2 CPU cores) or, from existing runs, "
+        f"Regenerate: `{command}` (the whole study, ~55 min on 2 CPU cores) or, from existing runs, "
         "`python experiments/studies/results.py runs/recursive_kd --out docs/results.md`.",
         "",
         f"Setting (experiments/studies/recursive_kd.yaml): synthetic faces, 300 training identities x 16 images at "
@@ -161,6 +161,22 @@ def render(table: dict, set_name: str, seeds: list, command: str, plot: str | No
         lines.append(f"- **Does a later generation beat the one before ({teacher})?** " + "; ".join(steps) + ". "
                      "Each later generation has also trained longer: compare it with the matching scratch control "
                      "above before crediting the recursion.")
+        trends = []
+        for loss in losses:
+            gaps = [(g, _stats(table[(f"{teacher}-{loss}", f"gen{g}")]["acc"])[0] - _stats(control[g * per_stage])[0])
+                    for g in gens if (f"{teacher}-{loss}", f"gen{g}") in table and control.get(g * per_stage)]
+            if len(gaps) >= 2:
+                shape = ("grows" if all(b[1] > a[1] for a, b in zip(gaps, gaps[1:])) else
+                         "shrinks" if all(b[1] < a[1] for a, b in zip(gaps, gaps[1:])) else "does not move one way")
+                trends.append(f"{loss}: " + ", ".join(f"gen{g} {gap:+.2f}" for g, gap in gaps) + f" ({shape})")
+        if trends:
+            lines.append(f"- **Is recursion worth more than training longer ({teacher})?** The advantage of generation k "
+                         f"over scratch trained as long (k x {per_stage} epochs): " + "; ".join(trends) + ". Where it "
+                         "shrinks, each later generation gains less than the same extra epochs give a student trained "
+                         "without a teacher: the benefit is the first distillation's, not the recursion's. These "
+                         "gaps carry the scratch controls' seed noise (their standard errors: "
+                         + ", ".join(f"{ep} epochs ±{_stats(v)[1] / math.sqrt(max(_stats(v)[2], 1)):.2f}"
+                                     for ep, v in sorted(control.items()) if v) + ").")
     for teacher in teachers:
         ranked = sorted(((_stats(table[(f"{teacher}-{loss}", "gen1")]["acc"])[0], loss) for loss in losses
                          if (f"{teacher}-{loss}", "gen1") in table), reverse=True)
