@@ -84,8 +84,10 @@ def arms(table: dict) -> tuple[list, list, dict]:
     teachers, losses = [], []
     scratch = {}
     for case, _ in table:
-        if case.startswith("scratch-e"):
+        if re.fullmatch(r"scratch-e\d+", case):
             scratch[case] = int(case[len("scratch-e"):])
+        elif case.startswith("scratch-"):
+            continue  # another control (e.g. scratch-e2-pk4): its own rows
         elif "-" in case:
             teacher, loss = case.split("-", 1)
             teachers += [teacher] if teacher not in teachers else []
@@ -120,6 +122,13 @@ def render(table: dict, set_name: str, seeds: list, command: str, plot: str | No
         if cell:
             lines.append(f"| scratch (no teacher) | baseline | {ep} | {_fmt(cell['acc'])} | {_fmt(cell['tar'])} | "
                          f"{len(cell['acc'])} |")
+    variants = sorted({case for case, _ in table if case.startswith("scratch-") and case not in scratch})
+    for case in variants:
+        cell = table.get((case, "baseline"))
+        m = re.fullmatch(r"scratch-e(\d+)-pk(\d+)", case)
+        if cell and m:
+            lines.append(f"| scratch, P x K batches ({m[2]} images per identity) | baseline | {m[1]} | {_fmt(cell['acc'])} | "
+                         f"{_fmt(cell['tar'])} | {len(cell['acc'])} |")
     for teacher in teachers:
         first = next((table[(f"{teacher}-{loss}", "teacher")] for loss in losses
                       if (f"{teacher}-{loss}", "teacher") in table), None)
@@ -177,6 +186,17 @@ def render(table: dict, set_name: str, seeds: list, command: str, plot: str | No
                          "gaps carry the scratch controls' seed noise (their standard errors: "
                          + ", ".join(f"{ep} epochs ±{_stats(v)[1] / math.sqrt(max(_stats(v)[2], 1)):.2f}"
                                      for ep, v in sorted(control.items()) if v) + ").")
+    for case in variants:
+        m = re.fullmatch(r"scratch-e(\d+)-pk(\d+)", case)
+        if m and f"scratch-e{m[1]}" in scratch and (case, "baseline") in table:
+            diff, se, verdict = _compare(table[(case, "baseline")]["acc"], table[(f"scratch-e{m[1]}", "baseline")]["acc"])
+            lines.append(f"- **What P x K batches alone do** ({m[2]} images per identity, no teacher, {m[1]} epochs): "
+                         f"{diff:+.2f} (±{se:.2f}) accuracy points against shuffled batches, {verdict}. ekd needs these "
+                         f"batches, so its rows mix the two effects; against this control instead: "
+                         + "; ".join(f"{teacher} ekd gen1 {d:+.2f} (±{e:.2f}, {v})" for teacher in teachers
+                                     for d, e, v in [_compare(table.get((f"{teacher}-ekd", "gen1"), {}).get("acc", []),
+                                                              table[(case, "baseline")]["acc"])] if d is not None)
+                         + ".")
     for teacher in teachers:
         ranked = sorted(((_stats(table[(f"{teacher}-{loss}", "gen1")]["acc"])[0], loss) for loss in losses
                          if (f"{teacher}-{loss}", "gen1") in table), reverse=True)
