@@ -64,19 +64,21 @@ def create_distill_loss(name: str, **kwargs):
     fn = DISTILL_LOSSES[name]
     if isinstance(fn, type):
         accepted = [p for p in inspect.signature(fn).parameters if p != "self"]
-        unknown = sorted(set(kwargs) - set(accepted))
-        if unknown:
-            raise ConfigError(f"distillation loss {name!r} does not take {', '.join(unknown)}; "
-                              f"it takes {', '.join(accepted) or 'no options'}")
+        _check_options(name, kwargs, accepted)
         return fn(**kwargs)
     if not kwargs:
         return fn
     accepted = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    _check_options(name, kwargs, accepted)
+    return functools.partial(fn, **kwargs)
+
+
+def _check_options(name: str, kwargs: dict, accepted: list) -> None:
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ConfigError(f"distillation loss {name!r} does not take {', '.join(unknown)}; "
-                          f"it takes {', '.join(accepted) or 'no options'}")
-    return functools.partial(fn, **kwargs)
+        from distill.registry import did_you_mean
+        raise ConfigError(f"distillation loss {name!r} does not take {', '.join(unknown)}"
+                          f"{did_you_mean(unknown[0], accepted)}; it takes {', '.join(accepted) or 'no options'}")
 
 
 def _prepare(student: torch.Tensor, teacher: torch.Tensor):
