@@ -23,8 +23,9 @@ def _results_module():
 def test_the_shipped_study_expands_to_its_documented_arms():
     grid = load_grid(str(REPO / "experiments" / "studies" / "recursive_kd.yaml"))
     names = [p.name for p in expand(grid)]
-    assert len(names) == 13 * 3
-    for arm in ("scratch-e2", "scratch-e4", "scratch-e6", "r18-equivalent_angular", "r18-ekd", "bornagain-adadistill"):
+    assert len(names) == 14 * 3
+    for arm in ("scratch-e2", "scratch-e4", "scratch-e6", "scratch-e2-pk4", "r18-equivalent_angular", "r18-ekd",
+                "bornagain-adadistill"):
         assert all(f"recursive_kd-{arm}-seed={s}" in names for s in (0, 1, 2))
     ekd = next(p for p in expand(grid) if p.name == "recursive_kd-r18-ekd-seed=0")
     assert "data.images_per_id=4" in ekd.overrides and "distill.alpha=1.0" in ekd.overrides
