@@ -148,6 +148,7 @@ class TrainConfig:
     decay_rate: float = 0.1
     min_lr: float = 0.0
     amp: str = "auto"              # auto (bf16 on CUDA) | bf16 | fp16 | off
+    channels_last: Optional[bool] = None  # NHWC memory format for the student and an online teacher; null: on CUDA
     clip_grad: Optional[float] = None
     accumulate: int = 1            # gradient accumulation steps
     eval_every: int = 0            # steps between verification runs (0: only at the end)

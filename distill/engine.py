@@ -58,7 +58,7 @@ from distill.profile import model_cost
 from distill.registry import create_model
 from distill.teacher_cache import match_input_size
 from distill.tracking import LogWindow, Tracker, val_scalars
-from distill.train_setup import amp_settings, create_scheduler, resolve_device, scaled_lr
+from distill.train_setup import amp_settings, create_scheduler, resolve_device, scaled_lr, use_channels_last
 
 TRAIN_FORMAT = "facedistill.train/1"
 
@@ -127,6 +127,7 @@ class _Stage:
     teacher: nn.Module | None       # run online when there is no cache
     cache: object
     use_teacher: bool
+    channels_last: bool             # inputs in NHWC, as the model (train.channels_last)
     batches_per_epoch: int
     total_steps: int
     step: int = 0                   # optimizer updates done
@@ -155,7 +156,7 @@ def _model_and_head(cfg: ExperimentConfig, spec: StageSpec, num_classes: int, de
         head.load_full_weight(safe_torch_load(spec.head_from)["head_weight"])
     model.to(device)
     head.to(device)
-    if device.type == "cuda":
+    if use_channels_last(spec.train, device):
         model.to(memory_format=torch.channels_last)
     return model, head
 
@@ -177,6 +178,8 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
     objective = DistillationObjective(head, loss=cfg.distill.loss, alpha=spec.alpha, project=project).to(device)
     if teacher is not None and cache is None:
         teacher.to(device)
+        if use_channels_last(tr, device):
+            teacher.to(memory_format=torch.channels_last)
 
     # the full global batches of plan_epoch, and of plan_identity_epoch too (it has as many)
     steps_per_epoch = len(train_set) // (tr.batch_size * world) / tr.accumulate
@@ -200,6 +203,7 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
                   compat=_compat_key(cfg, spec, train_set, world), model=model, head=head, objective=objective,
                   optimizer=optimizer, scheduler=scheduler, scaler=scaler, ddp_model=ddp_model, amp_dtype=amp_dtype,
                   teacher=teacher, cache=cache, use_teacher=use_teacher,
+                  channels_last=use_channels_last(tr, device),
                   batches_per_epoch=int(steps_per_epoch * tr.accumulate), total_steps=total_steps)
 
 
@@ -270,7 +274,7 @@ def _micro_step(st: _Stage, batch, window: LogWindow) -> bool:
     x, y, idx, flipped = batch
     x = x.to(st.device, non_blocking=True)
     y = y.to(st.device, non_blocking=True)
-    if st.device.type == "cuda":
+    if st.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     autocast = dict(device_type=st.device.type, dtype=st.amp_dtype, enabled=st.amp_dtype is not None)
     t_emb = None

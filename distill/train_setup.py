@@ -38,6 +38,11 @@ def resolve_device(device: str | None, key: str = "device") -> torch.device:
     return parsed if parsed.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
+def use_channels_last(train: TrainConfig, device: torch.device) -> bool:
+    """train.channels_last, or by default (null) on CUDA: NHWC convolutions are the fast path of tensor cores."""
+    return device.type == "cuda" if train.channels_last is None else bool(train.channels_last)
+
+
 def amp_settings(train: TrainConfig, device: torch.device):
     """(autocast dtype or None, whether a GradScaler is needed). `auto` is bf16 on CUDA and off on CPU
     (CPU autocast rarely pays); an explicit bf16/fp16 is honoured on any device."""

@@ -47,3 +47,26 @@ def test_weight_decay_on_norm_and_bias_is_an_option(tmp_path, decay_all):
     assert all(decay[id(p)] == expected for p in one_d)
     conv = next(p for p in st.model.parameters() if p.ndim == 4)
     assert decay[id(conv)] == cfg.train.weight_decay
+
+
+def test_channels_last_switch_trains_the_same_student_on_cpu(tmp_path):
+    """train.channels_last: true on CPU (the GPU default) runs the NHWC path; the student it trains equals the
+    NCHW one up to float rounding, and student.pt holds ordinary weights."""
+    import teachers
+    from distill.checkpoint import safe_torch_load
+    from distill.engine import StageSpec, run_stage
+    from distill.train_setup import use_channels_last
+    from tiny import TinyFaces, tiny_config
+
+    weights = {}
+    for flag in (False, True):
+        cfg = tiny_config(train={"max_steps": 2, "checkpoint_every": 2, "channels_last": flag})
+        assert use_channels_last(cfg.train, torch.device("cpu")) is flag
+        spec = StageSpec("gen1", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=7.0, generation=1)
+        torch.manual_seed(0)  # the same random teacher for both (it runs online, in NHWC too when the flag is on)
+        teacher = teachers.build_teacher(cfg.teacher.spec())
+        run_stage(cfg, spec, str(tmp_path / str(flag)), TinyFaces(), {}, teacher=teacher, progress=False)
+        weights[flag] = safe_torch_load(tmp_path / str(flag) / "student.pt")["state_dict"]
+    assert use_channels_last(tiny_config().train, torch.device("cpu")) is False  # null: only on CUDA
+    for k, v in weights[False].items():
+        torch.testing.assert_close(weights[True][k].contiguous(), v, rtol=1e-3, atol=1e-4)  # other kernels: rounding
