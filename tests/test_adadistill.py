@@ -5,15 +5,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import distill.engine
 import teachers
-from distill.checkpoint import safe_torch_load
-from distill.engine import StageSpec, run_stage
+from distill.engine import StageSpec
 from distill.heads import create_head
 from distill.losses import AdaDistill, DistillationObjective, create_distill_loss, loss_needs
-from tiny import TinyFaces, tiny_config
+from tiny import tiny_config, whole_and_resumed
 
 
 def _head(weight):
@@ -85,20 +82,7 @@ def test_a_stage_with_adadistill_resumes_exactly(tmp_path, monkeypatch):
     cfg = tiny_config(distill={"loss": "adadistill"}, train={"max_steps": 4, "checkpoint_every": 2})
     teacher = teachers.build_teacher(cfg.teacher.spec())
     spec = StageSpec("gen1", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=7.0, generation=1)
-    run_stage(cfg, spec, str(tmp_path / "whole"), TinyFaces(), {}, teacher=teacher, progress=False)
-    whole = safe_torch_load(tmp_path / "whole" / "last.pt")
-    real = distill.engine._checkpoint
-
-    def stop_after_first(st):
-        real(st)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(distill.engine, "_checkpoint", stop_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        run_stage(cfg, spec, str(tmp_path / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
-    monkeypatch.undo()
-    run_stage(cfg, spec, str(tmp_path / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
-    again = safe_torch_load(tmp_path / "resumed" / "last.pt")
+    whole, _, again = whole_and_resumed(cfg, spec, teacher, tmp_path, monkeypatch)
     assert torch.equal(again["head_weight"], whole["head_weight"])
     assert all(torch.equal(again["model"][k], whole["model"][k]) for k in whole["model"])
 

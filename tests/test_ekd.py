@@ -69,31 +69,15 @@ def test_a_batch_without_repeated_identities_names_images_per_id():
 
 
 def test_a_stage_with_ekd_resumes_exactly_thresholds_included(tmp_path, monkeypatch):
-    import distill.engine
     import teachers
-    from distill.checkpoint import safe_torch_load
-    from distill.engine import StageSpec, run_stage
-    from tiny import TinyFaces, tiny_config
+    from distill.engine import StageSpec
+    from tiny import tiny_config, whole_and_resumed
 
     cfg = tiny_config(distill={"loss": "ekd", "alpha": 1.0}, data={"images_per_id": 4},
                       train={"max_steps": 4, "checkpoint_every": 2})
     teacher = teachers.build_teacher(cfg.teacher.spec())
     spec = StageSpec("gen1", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=1.0, generation=1)
-    run_stage(cfg, spec, str(tmp_path / "whole"), TinyFaces(), {}, teacher=teacher, progress=False)
-    whole = safe_torch_load(tmp_path / "whole" / "last.pt")
-    assert int(whole["objective"]["distill_loss.seen"]) == 4  # one EMA step per update
-    real = distill.engine._checkpoint
-
-    def stop_after_first(st):
-        real(st)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(distill.engine, "_checkpoint", stop_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        run_stage(cfg, spec, str(tmp_path / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
-    monkeypatch.undo()
-    run_stage(cfg, spec, str(tmp_path / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
-    again = safe_torch_load(tmp_path / "resumed" / "last.pt")
+    whole, _, again = whole_and_resumed(cfg, spec, teacher, tmp_path, monkeypatch)
     assert torch.equal(again["objective"]["distill_loss.thresholds"], whole["objective"]["distill_loss.thresholds"])
     assert all(torch.equal(again["model"][k], whole["model"][k]) for k in whole["model"])
 

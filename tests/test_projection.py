@@ -4,14 +4,12 @@ distillation loss, trained with the student, kept in last.pt, never in student.p
 import pytest
 import torch
 
-import distill.engine
 import teachers
-from distill.checkpoint import safe_torch_load
 from distill.cli import main
-from distill.engine import StageSpec, run_stage
+from distill.engine import StageSpec
 from distill.losses import DistillationObjective
 from distill.models import load_student
-from tiny import TinyFaces, tiny_config
+from tiny import tiny_config, whole_and_resumed
 from tiny_experiment import write_experiment
 
 
@@ -39,29 +37,14 @@ def test_trained_with_the_student_kept_in_last_pt_dropped_from_student_pt_and_re
     cfg = _config()
     teacher = teachers.build_teacher(cfg.teacher.spec())
     spec = StageSpec("gen1", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=7.0, generation=1)
-    run_stage(cfg, spec, str(tmp_path / "whole"), TinyFaces(), {}, teacher=teacher, progress=False)
-    last = safe_torch_load(tmp_path / "whole" / "last.pt")
+    last, at_step_2, again = whole_and_resumed(cfg, spec, teacher, tmp_path, monkeypatch)
     assert last["objective"]["projection.weight"].shape == (64, 32)
     student, payload = load_student(tmp_path / "whole" / "student.pt")
     assert not any("projection" in k for k in payload["state_dict"])  # the deployable student only
     assert payload["kwargs"]["embedding_size"] == 32
-
-    # interrupted after the step-2 checkpoint, then rerun: the same projection and student, bit for bit
-    real = distill.engine._checkpoint
-
-    def stop_after_first(st):
-        real(st)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(distill.engine, "_checkpoint", stop_after_first)
-    with pytest.raises(KeyboardInterrupt):
-        run_stage(cfg, spec, str(tmp_path / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
-    at_step_2 = safe_torch_load(tmp_path / "resumed" / "last.pt")
+    # stopped after the step-2 checkpoint, then rerun: the same projection and student, bit for bit
     assert at_step_2["step"] == 2
     assert not torch.equal(at_step_2["objective"]["projection.weight"], last["objective"]["projection.weight"])  # trained
-    monkeypatch.undo()
-    run_stage(cfg, spec, str(tmp_path / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
-    again = safe_torch_load(tmp_path / "resumed" / "last.pt")
     assert torch.equal(again["objective"]["projection.weight"], last["objective"]["projection.weight"])
     assert all(torch.equal(again["model"][k], last["model"][k]) for k in last["model"])
 

@@ -51,3 +51,28 @@ def tame(model):
             torch.nn.init.kaiming_normal_(m.weight)
             m.weight.data.mul_(0.2)
     return model
+
+
+def whole_and_resumed(cfg, spec, teacher, out, monkeypatch) -> tuple:
+    """last.pt of one stage trained straight through (out/whole) and of the same stage stopped right after its
+    first checkpoint, then rerun to resume it (out/resumed): (whole, at the stop, resumed) checkpoints."""
+    import pytest
+
+    import distill.engine
+    from distill.checkpoint import safe_torch_load
+    from distill.engine import run_stage
+
+    run_stage(cfg, spec, str(out / "whole"), TinyFaces(), {}, teacher=teacher, progress=False)
+    real = distill.engine._checkpoint
+
+    def stop_after_first(st):
+        real(st)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(distill.engine, "_checkpoint", stop_after_first)
+        with pytest.raises(KeyboardInterrupt):
+            run_stage(cfg, spec, str(out / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
+    stopped = safe_torch_load(out / "resumed" / "last.pt")
+    run_stage(cfg, spec, str(out / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
+    return safe_torch_load(out / "whole" / "last.pt"), stopped, safe_torch_load(out / "resumed" / "last.pt")
