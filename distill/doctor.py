@@ -110,6 +110,7 @@ def check_train(cfg) -> tuple:
 
 def check_val(cfg) -> list:
     from distill.data import load_verification_bin
+    from distill.evaluate import resize_note
 
     synthetic_dir = os.path.abspath(cfg.data.train) + os.sep if cfg.data.synthetic is not None else None
     checks = []
@@ -128,9 +129,9 @@ def check_val(cfg) -> list:
         h, w = images[0].shape[:2] if len(images) else (0, 0)
         checks.append(Check(OK, "data.val", f"{path}: {len(issame):,} pairs ({int(issame.sum()):,} same), "
                                             f"images {h}x{w}"))
-        if len(images) and (h, w) != (cfg.data.input_size, cfg.data.input_size):
-            checks.append(Check(NOTE, "data.val", f"{path}: images are {h}x{w}, the model takes {cfg.data.input_size}"
-                                                  f"x{cfg.data.input_size}: resized as insightface does"))
+        note = resize_note(path, images, cfg.data.input_size)  # the note distill run and eval give
+        if note:
+            checks.append(Check(NOTE, "data.val", note))
     if not cfg.data.val:
         checks.append(Check(NOTE, "data.val", "no verification sets: stages are trained but not evaluated"))
     return checks

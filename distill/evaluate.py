@@ -290,16 +290,22 @@ def set_name_of(path) -> str:
     return Path(path).stem
 
 
-def size_note(what: str, images, input_size: int) -> str | None:
-    """A UserNote (printed once by the command line) when a set's images are not input_size x input_size."""
+def resize_note(what: str, images, input_size: int) -> str | None:
+    """What happens to a set's images that are not input_size x input_size (None when they are)."""
     if not len(images) or not isinstance(input_size, int):
         return None
     h, w = np.asarray(images[0]).shape[:2]
     if (h, w) == (input_size, input_size):
         return None
-    note = (f"{what}: images are {h}x{w}, the model takes {input_size}x{input_size}: each is resized as "
+    return (f"{what}: images are {h}x{w}, the model takes {input_size}x{input_size}: each is resized as "
             f"insightface does (short side to {input_size}, bicubic, centre crop)")
-    warnings.warn(note, UserNote, stacklevel=2)
+
+
+def size_note(what: str, images, input_size: int) -> str | None:
+    """resize_note as a UserNote (printed once by the command line)."""
+    note = resize_note(what, images, input_size)
+    if note:
+        warnings.warn(note, UserNote, stacklevel=2)
     return note
 
 
