@@ -50,7 +50,7 @@ from distill.epoch_plan import PlannedDataset, plan_epoch, plan_identity_epoch
 from distill.dist import rank as dist_rank
 from distill.errors import CheckpointError, DistillError
 from distill.evaluate import evaluate_sets
-from distill.heads import create_head
+from distill.heads import head_from_config
 from distill.layout import StageLayout
 from distill.losses import DistillationObjective
 from distill.models import model_embedding_size, save_student
@@ -92,16 +92,6 @@ def _compat_key(cfg: ExperimentConfig, spec: StageSpec, dataset, world: int) -> 
             "accumulate": spec.train.accumulate, "world_size": world, "alpha": spec.alpha,
             "distill_loss": cfg.distill.loss, "seed": cfg.seed,
             **({"distill_project": cfg.distill.project} if cfg.distill.project != "none" else {})}
-
-
-def _head(cfg: ExperimentConfig, embedding_size: int, num_classes: int) -> nn.Module:
-    mc = cfg.margin
-    options = dict(straight_through=mc.straight_through, sample_rate=mc.sample_rate)
-    if mc.margin in ("arcface", "cosface"):
-        return create_head(mc.margin, embedding_size, num_classes, s=mc.s, m=mc.m, **options)
-    if mc.margin == "combined":
-        return create_head("combined", embedding_size, num_classes, s=mc.s, m1=mc.m1, m2=mc.m2, m3=mc.m3, **options)
-    return create_head("softmax", embedding_size, num_classes, s=mc.s, **options)
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -151,7 +141,7 @@ def _model_and_head(cfg: ExperimentConfig, spec: StageSpec, num_classes: int, de
         # a student.pt, or any checkpoint holding a state dict of this architecture (e.g. a backbone.pth)
         load_state_dict_strict(model, extract_state_dict(init, spec.init_from), source=spec.init_from)
     embedding_size = model_embedding_size(model)
-    head = _head(cfg, embedding_size, num_classes)
+    head = head_from_config(cfg.margin, embedding_size, num_classes)
     if spec.head_from:
         head.load_full_weight(safe_torch_load(spec.head_from)["head_weight"])
     model.to(device)

@@ -318,3 +318,14 @@ def combined(embedding_size, num_classes, s=64.0, m1=1.0, m2=0.5, m3=0.0, **opti
 def softmax(embedding_size, num_classes, s=64.0, **options):
     """Normalised softmax without margin: every logit s·cosθ."""
     return MarginHead(embedding_size, num_classes, s=s, m1=1.0, m2=0.0, m3=0.0, **options)
+
+
+def head_from_config(margin, embedding_size: int, num_classes: int) -> nn.Module:
+    """The head an experiment's `margin:` section (distill.config.MarginConfig) describes."""
+    options = dict(straight_through=margin.straight_through, sample_rate=margin.sample_rate)
+    if margin.margin in ("arcface", "cosface"):
+        return create_head(margin.margin, embedding_size, num_classes, s=margin.s, m=margin.m, **options)
+    if margin.margin == "combined":
+        return create_head("combined", embedding_size, num_classes, s=margin.s, m1=margin.m1, m2=margin.m2,
+                           m3=margin.m3, **options)
+    return create_head("softmax", embedding_size, num_classes, s=margin.s, **options)
