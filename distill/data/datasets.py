@@ -33,6 +33,15 @@ class FaceDataset(Dataset):
     def load(self, index: int) -> tuple:
         raise NotImplementedError
 
+    def encoded(self, index: int) -> tuple:
+        """`(encoded image bytes, class id)` of item `index`, read but not decoded (data.decode: cuda decodes
+        whole batches on the GPU, distill/data/gpu_decode.py). Sets whose images are not stored encoded lack it."""
+        raise NotImplementedError(f"{type(self).__name__} does not store encoded images")
+
+    def where(self, index: int) -> str:
+        """Names item `index` (file, key, offset) in error messages."""
+        return f"{self.source}: image {index}"
+
     @property
     def num_classes(self) -> int:
         raise NotImplementedError
@@ -141,11 +150,19 @@ class RecordIODataset(FaceDataset):
         h.update(str(os.path.getsize(self.rec.rec_path)).encode())
         return h.hexdigest()
 
-    def load(self, index: int) -> tuple:
+    def encoded(self, index: int) -> tuple:
+        """`(JPEG/PNG bytes of the record's payload, class id)`: one read, no decode."""
         key = int(self.rec.keys[index])
         head, data = self.rec.record(key)  # one read gives both the label and the image
-        label = self.rec.class_of(key, head)
-        return decode_chw(data, f"{self.rec.rec_path}: key {key} (record at byte {self.rec.offset(key)})"), label
+        return data, self.rec.class_of(key, head)
+
+    def where(self, index: int) -> str:
+        key = int(self.rec.keys[index])
+        return f"{self.rec.rec_path}: key {key} (record at byte {self.rec.offset(key)})"
+
+    def load(self, index: int) -> tuple:
+        data, label = self.encoded(index)
+        return decode_chw(data, self.where(index)), label
 
     def __repr__(self) -> str:
         return f"RecordIODataset({self.rec!r}, flip={self.flip}, input_size={self.input_size})"

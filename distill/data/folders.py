@@ -92,9 +92,17 @@ class ImageFolderDataset(FaceDataset):
             h.update(f"{os.path.relpath(path, self.root)}\t{label}\t{os.path.getsize(path)}\n".encode())
         return h.hexdigest()
 
-    def load(self, index: int) -> tuple:
+    def encoded(self, index: int) -> tuple:
+        """`(the image file's bytes, class id)`: one read, no decode."""
         path, label = self.samples[index]
-        return decode_chw(read_file(path), f"{path} (image {index} of {self.root})"), label
+        return read_file(path), label
+
+    def where(self, index: int) -> str:
+        return f"{self.samples[index][0]} (image {index} of {self.root})"
+
+    def load(self, index: int) -> tuple:
+        data, label = self.encoded(index)
+        return decode_chw(data, self.where(index)), label
 
     def __repr__(self) -> str:
         return f"ImageFolderDataset({self.root!r}, {len(self)} images, {self.num_classes} identities)"
