@@ -98,7 +98,7 @@ def safe_torch_load(path, map_location="cpu"):
 
 def extract_state_dict(obj, source) -> dict:
     """A plain state dict from what people save: a state dict, or a dict holding one under a common key.
-    A `module.` prefix (saved from DDP) is stripped."""
+    A `module.` prefix (saved from DDP) and `_orig_mod.` (a torch.compile'd module, saved by other tools) are stripped."""
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "backbone", "student"):
             if key in obj and isinstance(obj[key], dict):
@@ -106,8 +106,9 @@ def extract_state_dict(obj, source) -> dict:
                 break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{source}: no state dict found (expected a dict of tensors)")
-    if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+    for prefix in ("_orig_mod.", "module.", "_orig_mod."):  # compile(DDP(m)) and DDP(compile(m)) alike
+        if obj and all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
     return obj
 
 

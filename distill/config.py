@@ -57,6 +57,10 @@ class DataConfig:
     val: list = field(default_factory=list)  # verification .bin files (LFW, CFP-FP, AgeDB-30 ...)
     input_size: int = 112          # images are resized when their size differs
     num_workers: int = 2
+    prefetch_factor: int = 4       # batches each loader worker keeps ready (workers persist for the whole stage)
+    # where training JPEGs are decoded: cpu (loader workers) | cuda (batched nvJPEG on the GPU, flip and
+    # normalisation there too; identical pixels, distill/data/gpu_decode.py)
+    decode: str = "cpu"
     synthetic: Optional[SyntheticConfig] = None
     ijb: Optional[IJBConfig] = None  # evaluate every finished stage on IJB-B/C too (TAR@FAR 1e-6 .. 1e-1)
     # K: P×K batches of batch_size/K identities with K images each, for batch-level distillation losses
@@ -149,6 +153,10 @@ class TrainConfig:
     min_lr: float = 0.0
     amp: str = "auto"              # auto (bf16 on CUDA) | bf16 | fp16 | off
     channels_last: Optional[bool] = None  # NHWC memory format for the student and an online teacher; null: on CUDA
+    compile: bool = False          # torch.compile the student and an online teacher (eager, with a warning, where it fails)
+    # the optimizer's multi-tensor kernels: auto (fused on CUDA where the optimizer has them, else foreach) |
+    # fused | foreach | off (the per-parameter loop)
+    optimizer_impl: str = "auto"
     clip_grad: Optional[float] = None
     accumulate: int = 1            # gradient accumulation steps
     eval_every: int = 0            # steps between verification runs (0: only at the end)
@@ -320,6 +328,8 @@ def _check_semantics(cfg: ExperimentConfig, where) -> None:
         "distill.loss": (cfg.distill.loss, list(DISTILL_LOSSES)),
         "distill.project": (cfg.distill.project, ("none", "linear")),
         "train.amp": (cfg.train.amp, ("auto", "bf16", "fp16", "off")),
+        "train.optimizer_impl": (cfg.train.optimizer_impl, ("auto", "fused", "foreach", "off")),
+        "data.decode": (cfg.data.decode, ("cpu", "cuda")),
         "tracking.wandb": (cfg.tracking.wandb, ("auto", "online", "offline", "disabled")),
     }
     if cfg.data.ijb is not None:
@@ -330,6 +340,9 @@ def _check_semantics(cfg: ExperimentConfig, where) -> None:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
         raise ConfigError(f"{where('device')}: key 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"
                           f"{did_you_mean(str(cfg.device), ('auto', 'cpu', 'cuda'))}")
+    if cfg.data.prefetch_factor < 1:
+        raise ConfigError(f"{where('data.prefetch_factor')}: key 'data.prefetch_factor' must be at least 1 (batches "
+                          f"each loader worker prepares ahead), got {cfg.data.prefetch_factor}")
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{where(key)}: key '{key}' must be one of {', '.join(allowed)}, got {value!r}"

@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-from timm.optim import create_optimizer_v2
 from torch import nn
 from tqdm import tqdm
 
@@ -46,7 +45,7 @@ from distill.checkpoint import (atomic_torch_save, capture_rng_state, extract_st
                                 restore_rng_state, safe_torch_load)
 from distill.config import ExperimentConfig, TrainConfig, to_dict
 from distill.dist import barrier, world_size
-from distill.epoch_plan import PlannedDataset, plan_epoch, plan_identity_epoch
+from distill.epoch_plan import plan_epoch, plan_identity_epoch, stage_loader
 from distill.dist import rank as dist_rank
 from distill.errors import CheckpointError, DistillError
 from distill.evaluate import evaluate_sets
@@ -58,7 +57,8 @@ from distill.profile import model_cost
 from distill.registry import create_model
 from distill.teacher_cache import match_input_size
 from distill.tracking import LogWindow, Tracker, val_scalars
-from distill.train_setup import amp_settings, create_scheduler, resolve_device, scaled_lr, use_channels_last
+from distill.train_setup import (amp_settings, create_optimizer, create_scheduler, describe_precision, maybe_compile,
+                                 resolve_device, use_channels_last)
 
 TRAIN_FORMAT = "facedistill.train/1"
 
@@ -112,9 +112,9 @@ class _Stage:
     optimizer: torch.optim.Optimizer
     scheduler: object               # timm scheduler, stepped per optimizer update
     scaler: torch.amp.GradScaler    # enabled for fp16 only
-    ddp_model: nn.Module            # the model, or its DistributedDataParallel wrapper
+    forward: object                 # what training calls: the model or its DDP wrapper, compiled when asked
     amp_dtype: torch.dtype | None
-    teacher: nn.Module | None       # run online when there is no cache
+    teacher: object                 # run online when there is no cache (compiled when asked)
     cache: object
     use_teacher: bool
     channels_last: bool             # inputs in NHWC, as the model (train.channels_last)
@@ -178,9 +178,7 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
                            f"{tr.batch_size * world * tr.accumulate}; lower train.batch_size")
     total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * steps_per_epoch))
     trained = [model, head] + ([objective.projection] if objective.projection is not None else [])
-    optimizer = create_optimizer_v2(nn.ModuleList(trained), opt=tr.optimizer, lr=scaled_lr(tr, world),
-                                    weight_decay=tr.weight_decay, momentum=tr.momentum,
-                                    filter_bias_and_bn=not tr.decay_norm_and_bias)
+    optimizer = create_optimizer(nn.ModuleList(trained), tr, world, device)
     scheduler = create_scheduler(optimizer, tr, total_steps, steps_per_epoch)
     amp_dtype, need_scaler = amp_settings(tr, device)
     scaler = torch.amp.GradScaler(device.type, enabled=need_scaler)
@@ -189,10 +187,12 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     paths = StageLayout(stage_dir, spec.name)
     use_teacher = spec.alpha > 0 and (teacher is not None or cache is not None)
+    if use_teacher and cache is None:
+        teacher = maybe_compile(teacher, tr, "teacher")
     return _Stage(cfg=cfg, spec=spec, device=device, rank=rank, world=world, paths=paths,
                   compat=_compat_key(cfg, spec, train_set, world), model=model, head=head, objective=objective,
-                  optimizer=optimizer, scheduler=scheduler, scaler=scaler, ddp_model=ddp_model, amp_dtype=amp_dtype,
-                  teacher=teacher, cache=cache, use_teacher=use_teacher,
+                  optimizer=optimizer, scheduler=scheduler, scaler=scaler, forward=maybe_compile(ddp_model, tr, "student"),
+                  amp_dtype=amp_dtype, teacher=teacher, cache=cache, use_teacher=use_teacher,
                   channels_last=use_channels_last(tr, device),
                   batches_per_epoch=int(steps_per_epoch * tr.accumulate), total_steps=total_steps)
 
@@ -272,10 +272,10 @@ def _micro_step(st: _Stage, batch, window: LogWindow) -> bool:
         if st.cache is not None:
             t_emb = st.cache.lookup(idx, flipped).to(st.device, non_blocking=True)
         else:
-            with torch.autocast(**autocast):
+            with torch.autocast(**autocast):  # the student's autocast (the log says so)
                 t_emb = st.teacher(match_input_size(x, st.teacher.input_size)).float()
     with torch.autocast(**autocast):
-        emb = st.ddp_model(x)
+        emb = st.forward(x)
     total, logs = st.objective(emb.float(), y, t_emb)
     if not torch.isfinite(total):
         bad = [k for k, v in logs.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
@@ -344,29 +344,28 @@ def _preemption_signals():
 
 
 def _train(st: _Stage, train_set, val_sets: dict, tracker: Tracker, stop: dict, bar) -> None:
-    """Epochs of planned batches from (epoch, position) = divmod(micro, batches_per_epoch) to total_steps."""
-    tr, window = st.spec.train, LogWindow()
+    """Planned batches from micro-batch st.micro (epoch, position = divmod(micro, batches_per_epoch)) to
+    total_steps, from one loader whose workers live as long as the stage (epoch_plan.stage_loader)."""
+    tr, data, window = st.spec.train, st.cfg.data, LogWindow()
     st.model.train()
     st.head.train()
     st.scheduler.step_update(st.step)
-    while st.step < st.total_steps:
-        epoch, pos = divmod(st.micro, st.batches_per_epoch)
-        if st.cfg.data.images_per_id:  # P×K batches of identity groups
-            plan = plan_identity_epoch(train_set.labels(), tr.batch_size, st.cfg.data.images_per_id, st.cfg.seed,
-                                       epoch, train_set.flip, st.rank, st.world)
-        else:
-            plan = plan_epoch(len(train_set), tr.batch_size, st.cfg.seed, epoch, train_set.flip, st.rank, st.world)
-        loader = torch.utils.data.DataLoader(
-            PlannedDataset(train_set), batch_sampler=plan[pos:st.batches_per_epoch], num_workers=st.cfg.data.num_workers,
-            pin_memory=st.device.type == "cuda", generator=torch.Generator().manual_seed(st.cfg.seed + epoch))
-        st.clock = time.perf_counter()  # plan and loader set-up are not training time
-        for batch in loader:
-            if not _micro_step(st, batch, window):
-                continue
-            bar.update(1)
-            if _after_update(st, window, val_sets, tracker, stop, bar):
-                return
-        st.lap()
+    if data.images_per_id:  # P×K batches of identity groups
+        labels = train_set.labels()
+        plan = lambda epoch: plan_identity_epoch(labels, tr.batch_size, data.images_per_id, st.cfg.seed, epoch,  # noqa: E731
+                                                 train_set.flip, st.rank, st.world)
+    else:
+        plan = lambda epoch: plan_epoch(len(train_set), tr.batch_size, st.cfg.seed, epoch, train_set.flip,  # noqa: E731
+                                        st.rank, st.world)
+    loader = stage_loader(train_set, plan, st.batches_per_epoch, st.micro, st.total_steps * tr.accumulate - st.micro,
+                          data, st.cfg.seed, pin_memory=st.device.type == "cuda")
+    st.clock = time.perf_counter()  # loader set-up is not training time
+    for batch in loader:
+        if not _micro_step(st, batch, window):
+            continue
+        bar.update(1)
+        if _after_update(st, window, val_sets, tracker, stop, bar):
+            return
 
 
 def _after_update(st: _Stage, window: LogWindow, val_sets: dict, tracker: Tracker, stop: dict, bar) -> bool:
@@ -402,6 +401,9 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
     """Train one stage to the end (or resume it) and return its result (also written to result.json)."""
     os.makedirs(stage_dir, exist_ok=True)
     st = _build(cfg, spec, stage_dir, train_set, teacher, cache)
+    how = describe_precision(spec.name, spec.train, st.device, st.use_teacher and cache is None)
+    if how and st.rank == 0:
+        log(how)
     if os.path.exists(st.paths.last):
         _resume(st, log)
     tracker = tracker or Tracker(stage_dir, rank=st.rank)

@@ -85,3 +85,35 @@ def plan_identity_epoch(labels, batch_size: int, images_per_id: int, seed: int, 
         part = chunks[b * per_global + rank * per_batch: b * per_global + (rank + 1) * per_batch].reshape(-1)
         batches.append(list(zip(part.tolist(), flips[part].tolist())))
     return batches
+
+
+class StagePlan:
+    """A DataLoader batch sampler over a whole stage: the planned batches from micro-batch `start` on, epoch
+    after epoch, `count` of them. One sampler for the stage (not one loader per epoch) lets loader workers
+    persist across epochs and keep prefetching over the epoch boundary. `plan(epoch)` gives an epoch's
+    batches (plan_epoch or plan_identity_epoch, bound to this rank), `per_epoch` how many are used of each."""
+
+    def __init__(self, plan, per_epoch: int, start: int, count: int):
+        self.plan, self.per_epoch, self.start, self.count = plan, per_epoch, start, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        micro, end = self.start, self.start + self.count
+        while micro < end:
+            epoch, pos = divmod(micro, self.per_epoch)
+            for batch in self.plan(epoch)[pos:min(self.per_epoch, pos + end - micro)]:
+                yield batch
+                micro += 1
+
+
+def stage_loader(dataset, plan, per_epoch: int, start: int, count: int, data, seed: int, pin_memory: bool):
+    """The stage's one DataLoader (distill/engine.py): `data` is the DataConfig (num_workers, prefetch_factor;
+    workers persist for the whole stage). Worker seeds come from a generator of their own: creating the
+    loader draws nothing from the global RNG, which exact resume depends on."""
+    workers = data.num_workers
+    extra = dict(persistent_workers=True, prefetch_factor=data.prefetch_factor) if workers > 0 else {}
+    return torch.utils.data.DataLoader(PlannedDataset(dataset), batch_sampler=StagePlan(plan, per_epoch, start, count),
+                                       num_workers=workers, pin_memory=pin_memory,
+                                       generator=torch.Generator().manual_seed(seed), **extra)

@@ -45,7 +45,8 @@ from distill.tracking import stage_tracker, val_scalars
 from distill.train_setup import resolve_device
 
 # Keys that may change between reruns of one run directory without invalidating anything trained.
-HARMLESS = ("generations", "tracking", "data.num_workers", "train.log_every", "device", "data.ijb")
+HARMLESS = ("generations", "tracking", "data.num_workers", "data.prefetch_factor", "data.decode", "train.log_every",
+            "train.compile", "train.optimizer_impl", "train.channels_last", "device", "data.ijb")
 
 
 def default_run_dir(cfg: ExperimentConfig) -> str:

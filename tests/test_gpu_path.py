@@ -1,0 +1,170 @@
+"""The GPU throughput switches, on the CPU where their code paths exist: train.compile (no `_orig_mod.` in any
+file, compiled <-> eager resume, eager fallback with a warning), train.optimizer_impl, the stage's one loader
+with persistent workers, and the log line on precision and the online teacher."""
+
+import warnings
+
+import pytest
+import torch
+
+import distill.train_setup
+import teachers
+from distill.checkpoint import extract_state_dict, safe_torch_load
+from distill.engine import StageSpec, _build, run_stage
+from distill.epoch_plan import StagePlan, plan_epoch
+from distill.errors import ConfigError, UserNote
+from tiny import TinyFaces, tiny_config, whole_and_resumed
+
+
+def _spec(cfg, name="gen1", alpha=7.0):
+    return StageSpec(name, "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=alpha, generation=1)
+
+
+def _teacher(cfg):
+    torch.manual_seed(0)
+    return teachers.build_teacher(cfg.teacher.spec())
+
+
+def _train(cfg, out, **kw):
+    return run_stage(cfg, _spec(cfg), str(out), TinyFaces(), {}, teacher=_teacher(cfg), progress=False, **kw)
+
+
+@pytest.fixture
+def eager_backend(monkeypatch):
+    """dynamo traces the model but leaves code generation out (inductor takes minutes on 2 cores)."""
+    monkeypatch.setattr(distill.train_setup, "COMPILE_BACKEND", "eager")
+
+
+def test_compile_trains_what_eager_trains_and_saves_plain_keys(tmp_path, eager_backend):
+    """train.compile: the student and the online teacher go through torch.compile (the counter proves dynamo
+    ran), yet last.pt and student.pt hold the plain module's keys and the same weights as without compile."""
+    import torch._dynamo.utils as dynamo_utils
+
+    weights = {}
+    for flag in (False, True):
+        dynamo_utils.counters.clear()
+        cfg = tiny_config(train={"max_steps": 2, "checkpoint_every": 2, "compile": flag})
+        _train(cfg, tmp_path / str(flag))
+        frames = sum(dynamo_utils.counters["frames"].values())
+        assert (frames > 0) is flag
+        last = safe_torch_load(tmp_path / str(flag) / "last.pt")
+        student = safe_torch_load(tmp_path / str(flag) / "student.pt")
+        for keys in (last["model"], student["state_dict"]):
+            assert not any("_orig_mod" in k or k.startswith("module.") for k in keys)
+        weights[flag] = student["state_dict"]
+    assert weights[True].keys() == weights[False].keys()
+    for k, v in weights[False].items():
+        torch.testing.assert_close(weights[True][k], v, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("first,then", [(True, False), (False, True)])
+def test_a_compiled_run_resumes_uncompiled_and_back(tmp_path, monkeypatch, eager_backend, first, then):
+    """Stopped after its first checkpoint with compile `first`, resumed with compile `then`: the resumed stage
+    ends where one uninterrupted run ends (the switch is not part of what a checkpoint must agree on)."""
+    cfg = tiny_config(train={"max_steps": 4, "checkpoint_every": 2, "compile": first})
+    other = tiny_config(train={"max_steps": 4, "checkpoint_every": 2, "compile": then})
+    real = run_stage
+    calls = []
+
+    def switching(c, spec, *args, **kw):  # the rerun (the resume) uses the other setting
+        calls.append(c)
+        return real(other if len(calls) == 3 else c, _spec(other) if len(calls) == 3 else spec, *args, **kw)
+
+    monkeypatch.setattr("distill.engine.run_stage", switching)
+    whole, stopped, resumed = whole_and_resumed(cfg, _spec(cfg), _teacher(cfg), tmp_path, monkeypatch)
+    assert stopped["step"] == 2 and resumed["step"] == 4 == whole["step"]
+    for k, v in whole["model"].items():
+        torch.testing.assert_close(resumed["model"][k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(tmp_path, monkeypatch):
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no C compiler here")
+
+    monkeypatch.setattr(distill.train_setup, "COMPILE_BACKEND", broken_backend)
+    import torch._dynamo
+    torch._dynamo.reset()
+    cfg = tiny_config(train={"max_steps": 2, "checkpoint_every": 2, "compile": True})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _train(cfg, tmp_path / "run")
+    notes = [str(w.message) for w in caught if issubclass(w.category, UserNote) and "train.compile" in str(w.message)]
+    assert result["steps"] == 2
+    assert len(notes) == 2  # the student once, the online teacher once; then eager without further words
+    assert all("eager mode" in n and "no C compiler here" in n for n in notes)
+    assert {("student" in n) for n in notes} == {True, False}
+
+
+def test_checkpoints_saved_by_compiled_modules_elsewhere_load():
+    """A state dict saved from a torch.compile'd module (keys `_orig_mod.`, also under DDP) is read as plain."""
+    sd = {"conv.weight": torch.zeros(1), "bn.bias": torch.ones(1)}
+    for prefix in ("_orig_mod.", "module._orig_mod.", "_orig_mod.module."):
+        assert extract_state_dict({f"{prefix}{k}": v for k, v in sd.items()}, "x.pth").keys() == sd.keys()
+
+
+@pytest.mark.parametrize("impl,expect", [("off", {"foreach": False}), ("foreach", {"foreach": True}),
+                                         ("fused", {"fused": True}), ("auto", {"fused": None})])
+def test_optimizer_impl_picks_the_kernel(tmp_path, impl, expect):
+    cfg = tiny_config(train={"optimizer_impl": impl})
+    st = _build(cfg, _spec(cfg, alpha=0.0), str(tmp_path), TinyFaces(), None, None)
+    for key, value in expect.items():
+        assert st.optimizer.defaults.get(key) == value
+
+
+def test_optimizer_impls_train_the_same_student(tmp_path):
+    weights = {}
+    for impl in ("off", "foreach", "fused"):
+        cfg = tiny_config(train={"max_steps": 3, "checkpoint_every": 3, "optimizer_impl": impl})
+        _train(cfg, tmp_path / impl)
+        weights[impl] = safe_torch_load(tmp_path / impl / "student.pt")["state_dict"]
+    for impl in ("foreach", "fused"):
+        for k, v in weights["off"].items():
+            torch.testing.assert_close(weights[impl][k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_where_the_optimizer_has_none_names_the_key(tmp_path):
+    cfg = tiny_config(train={"optimizer": "lamb", "optimizer_impl": "fused"})
+    with pytest.raises(ConfigError, match=r"train\.optimizer_impl.*lamb.*no fused kernel"):
+        _build(cfg, _spec(cfg, alpha=0.0), str(tmp_path), TinyFaces(), None, None)
+
+
+def test_stage_plan_runs_across_epochs_from_any_position():
+    per_epoch = 5
+
+    def plan(epoch):
+        return plan_epoch(100, 16, 3, epoch, True)[:per_epoch]  # 6 planned, 5 used: the stage's batches_per_epoch
+
+    flat = [b for e in range(4) for b in plan(e)]
+    for start in (0, 3, 5, 7):
+        assert list(StagePlan(plan, per_epoch, start, 11)) == flat[start:start + 11]
+    assert len(StagePlan(plan, per_epoch, 3, 11)) == 11
+
+
+def test_persistent_workers_see_the_batches_of_the_single_process_loader(tmp_path):
+    """Two workers alive for the whole stage (12 updates over two epochs of 8 batches) train the very
+    student that the in-process loader trains: same batches, same flips, across the epoch boundary."""
+    weights = {}
+    for workers in (0, 2):
+        cfg = tiny_config(train={"max_steps": 12, "checkpoint_every": 12},
+                          data={"num_workers": workers, "prefetch_factor": 2})
+        run_stage(cfg, _spec(cfg, alpha=0.0), str(tmp_path / str(workers)), TinyFaces(), {}, progress=False)
+        weights[workers] = safe_torch_load(tmp_path / str(workers) / "student.pt")["state_dict"]
+    for k, v in weights[0].items():
+        assert torch.equal(weights[2][k], v), k
+
+
+def test_prefetch_factor_below_one_is_refused():
+    with pytest.raises(ConfigError, match=r"data\.prefetch_factor.*at least 1"):
+        tiny_config(data={"prefetch_factor": 0})
+
+
+def test_the_log_says_the_online_teacher_runs_under_the_students_autocast(tmp_path):
+    lines = []
+    cfg = tiny_config(train={"max_steps": 1, "checkpoint_every": 1, "amp": "bf16"}, teacher={"cache": False})
+    _train(cfg, tmp_path / "online", log=lines.append)
+    assert any("gen1: on cpu, bfloat16 autocast" in ln and "online teacher under the same bfloat16 autocast" in ln
+               for ln in lines), lines
+    quiet = []
+    cfg = tiny_config(train={"max_steps": 1, "checkpoint_every": 1})
+    run_stage(cfg, _spec(cfg, alpha=0.0), str(tmp_path / "plain"), TinyFaces(), {}, progress=False, log=quiet.append)
+    assert not any("autocast" in ln for ln in quiet)
