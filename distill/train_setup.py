@@ -47,13 +47,19 @@ def use_channels_last(train: TrainConfig, device: torch.device) -> bool:
 
 
 def amp_settings(train: TrainConfig, device: torch.device):
-    """(autocast dtype or None, whether a GradScaler is needed). `auto` is bf16 on CUDA and off on CPU
-    (CPU autocast rarely pays); an explicit bf16/fp16 is honoured on any device."""
+    """(autocast dtype or None, whether a GradScaler is needed). `auto` is bf16 on CUDA — fp16 with a GradScaler
+    on a GPU without bf16 (before Ampere: V100, T4) — and off on CPU (CPU autocast rarely pays); an explicit
+    bf16/fp16 is honoured on any device."""
     if train.amp == "off" or (train.amp == "auto" and device.type != "cuda"):
         return None, False
-    if train.amp == "fp16":
+    if train.amp == "fp16" or (train.amp == "auto" and not _bf16_supported(device)):
         return torch.float16, True
     return torch.bfloat16, False
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def scaled_lr(train: TrainConfig, world: int) -> float:

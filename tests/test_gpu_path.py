@@ -168,3 +168,15 @@ def test_the_log_says_the_online_teacher_runs_under_the_students_autocast(tmp_pa
     cfg = tiny_config(train={"max_steps": 1, "checkpoint_every": 1})
     run_stage(cfg, _spec(cfg, alpha=0.0), str(tmp_path / "plain"), TinyFaces(), {}, progress=False, log=quiet.append)
     assert not any("autocast" in ln for ln in quiet)
+
+
+@pytest.mark.parametrize("bf16,expect", [(True, (torch.bfloat16, False)), (False, (torch.float16, True))])
+def test_auto_precision_on_a_gpu_is_bf16_or_fp16_with_a_scaler(monkeypatch, bf16, expect):
+    """amp: auto on CUDA is bf16 where the GPU has it and fp16 + GradScaler before Ampere; off on the CPU."""
+    from distill.config import TrainConfig
+    from distill.train_setup import amp_settings
+
+    monkeypatch.setattr(distill.train_setup, "_bf16_supported", lambda device: bf16)
+    assert amp_settings(TrainConfig(), torch.device("cuda", 0)) == expect
+    assert amp_settings(TrainConfig(), torch.device("cpu")) == (None, False)
+    assert amp_settings(TrainConfig(amp="bf16"), torch.device("cuda", 0)) == (torch.bfloat16, False)
