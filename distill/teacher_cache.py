@@ -5,12 +5,23 @@ student's 1). With flipping as the only augmentation, each image has exactly two
 they are computed once and training reads row `[index, flipped]` instead of running the teacher.
 
 Layout of a cache directory:
-    embeddings.f16   raw float16 array, shape (num_samples, 2, dim); [:, 0] original, [:, 1] flipped
-    manifest.json    what the rows were computed from (teacher weights hash, dataset fingerprint,
-                     preprocessing) and how many rows are done
+    embeddings.f16        raw float16 array, shape (num_samples, 2, dim); [:, 0] original, [:, 1] flipped
+    manifest.json         what the rows were computed from (teacher weights hash, dataset fingerprint,
+                          preprocessing), the build's world size, batch size and id, and `rows_done`
+                          (num_samples when finished). Written by rank 0 alone.
+    progress.rank<R>.json during a build only: rank R's slice (start, stop) and how many of its rows are on
+                          disk. Written by rank R alone, atomically, after an fsync of those rows.
+
+Under torchrun every rank builds: rank r embeds a contiguous slice of whole batches (rank_slice) into the
+one pre-allocated file (each rank writes its own byte range); rank 0 prepares the build first and marks it
+finished (rows_done = num_samples, progress files removed) once every rank is through and every slice is
+vouched for. Since each batch is the batch a one-process build would run, a finished cache is
+byte-identical whatever the world size, and is reused as it is by any number of processes.
 
 A manifest that disagrees with the current teacher/dataset/preprocessing marks the cache stale: it is
-rebuilt. An interrupted build resumes from the last flushed chunk.
+rebuilt. An interrupted build resumes each rank's slice from its last recorded batch, provided it is
+resumed with the same world size and batch size; otherwise (or from another teacher or data) it is
+rebuilt from scratch, never mixed, and the log says why.
 """
 
 from __future__ import annotations
@@ -18,14 +29,17 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import time
+import uuid
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import distill.dist as ddp
 from distill.atomic import atomic_write_json
 from distill.errors import DataFormatError, DistillError
 
@@ -122,51 +136,175 @@ def _read_manifest(path: str):
         return None
 
 
-class _Originals(torch.utils.data.Dataset):
-    """Un-flipped images with their index, for the build loader."""
+class _Rows(torch.utils.data.Dataset):
+    """Un-flipped images `start`..`stop - 1`, for the build loader."""
 
-    def __init__(self, dataset, start: int):
-        self.dataset, self.start = dataset, start
+    def __init__(self, dataset, start: int, stop: int):
+        self.dataset, self.start, self.stop = dataset, start, stop
 
     def __len__(self):
-        return len(self.dataset) - self.start
+        return self.stop - self.start
 
     def __getitem__(self, i):
         return self.dataset.get(self.start + i, False)
 
 
-def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_workers: int = 0,
-                device: str = "cpu", progress: bool = True, flush_every: int = 20, log=print) -> TeacherCache:
-    """Fill (or reuse, or resume) the cache of `teacher` over `dataset` in `directory`."""
-    os.makedirs(directory, exist_ok=True)
-    key = cache_key(teacher, dataset)
-    n, dim = key["num_samples"], key["dim"]
-    manifest_path = os.path.join(directory, "manifest.json")
-    emb_path = os.path.join(directory, "embeddings.f16")
-    manifest = _read_manifest(manifest_path)
-    usable = manifest is not None and manifest.get("key") == key and os.path.exists(emb_path) \
-        and os.path.getsize(emb_path) == n * 2 * dim * 2
-    if usable and manifest.get("rows_done") == n:
-        return TeacherCache(directory, n, dim)
-    if usable:
-        start = int(manifest["rows_done"])
-        log(f"teacher cache: resuming an interrupted build at row {start}/{n}")
-    else:
-        if manifest is not None:
-            stale = [k for k in key if manifest.get("key", {}).get(k) != key[k]]
-            log(f"teacher cache: stale (changed: {', '.join(stale) or 'file size'}), rebuilding {directory}")
-        start = 0
-        manifest = {"key": key, "rows_done": 0}
-        atomic_write_json(manifest_path, manifest)  # mark as in-progress before touching the rows
-    allocate(emb_path, n * 2 * dim * 2, fresh=not usable)
-    mem = np.memmap(emb_path, dtype=np.float16, mode="r+", shape=(n, 2, dim))
+def rank_slice(num_samples: int, batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows [start, stop) that process `rank` of `world_size` embeds: a contiguous run of whole batches of the
+    one-process build (batch b is rows [b*batch_size, (b+1)*batch_size)), the batches shared out as evenly as
+    integers allow. Every batch the teacher sees is then a batch of the one-process build, so its float
+    reductions, and the bytes written, are the same whatever the number of processes."""
+    batches = -(-num_samples // batch_size)
+    lo, hi = rank * batches // world_size, (rank + 1) * batches // world_size
+    return min(lo * batch_size, num_samples), min(hi * batch_size, num_samples)
 
-    loader = torch.utils.data.DataLoader(_Originals(dataset, start), batch_size=batch_size,
+
+def progress_path(directory: str, rank: int) -> str:
+    """Process `rank`'s own progress file: written by that process alone, atomically."""
+    return os.path.join(directory, f"progress.rank{rank}.json")
+
+
+def _progress_files(directory: str) -> list:
+    return [os.path.join(directory, f) for f in os.listdir(directory) if re.fullmatch(r"progress\.rank\d+\.json", f)]
+
+
+def _slice_done(directory: str, manifest: dict, rank: int, world_size: int, num_samples: int) -> int:
+    """Rows of `rank`'s slice that its progress file vouches for in the build `manifest` describes; 0 without a
+    valid file (the slice is then embedded again, which writes the same bytes)."""
+    batch_size = manifest["batch_size"]
+    start, stop = rank_slice(num_samples, batch_size, rank, world_size)
+    p = _read_manifest(progress_path(directory, rank))
+    if not isinstance(p, dict) or p.get("build") != manifest.get("build") or (p.get("start"), p.get("stop")) != (start, stop):
+        return 0
+    done = p.get("rows_done")
+    if not isinstance(done, int) or not 0 <= done <= stop - start or (done % batch_size and done != stop - start):
+        return 0
+    return done
+
+
+def _changed(key: dict, other) -> list:
+    other = other if isinstance(other, dict) else {}
+    return [k for k in key if other.get(k) != key[k]]
+
+
+def _prepare(directory: str, key: dict, world_size: int, batch_size: int, log) -> dict:
+    """Rank 0, before any process embeds: the manifest of a finished cache (reused), of an unfinished build of
+    this teacher, data and slicing (resumed), or of a new build (stale or foreign rows are never mixed in: a
+    new build id, the progress files removed, the file allocated afresh)."""
+    n, dim = key["num_samples"], key["dim"]
+    manifest_path, emb_path = os.path.join(directory, "manifest.json"), os.path.join(directory, "embeddings.f16")
+    nbytes = n * 2 * dim * 2
+    manifest = _read_manifest(manifest_path)
+    why = None
+    if not isinstance(manifest, dict):
+        if os.path.exists(manifest_path):
+            why = f"{manifest_path} is unreadable"
+    elif manifest.get("key") != key:
+        why = f"stale (changed: {', '.join(_changed(key, manifest.get('key'))) or 'format'})"
+    elif not (os.path.exists(emb_path) and os.path.getsize(emb_path) == nbytes):
+        why = "stale (changed: file size)"
+    elif manifest.get("rows_done") == n:
+        return manifest  # finished: reused by any number of processes (its bytes do not depend on it)
+    elif "build" not in manifest:
+        why = "the unfinished build there was started by an older version (no per-process progress)"
+    elif manifest.get("world_size") != world_size:
+        why = (f"the unfinished build there was started with world size {manifest.get('world_size')} and this run "
+               f"has world size {world_size}: its rows are sliced differently and are not mixed in")
+    elif manifest.get("batch_size") != batch_size:
+        why = (f"the unfinished build there was started with batch size {manifest.get('batch_size')} and this run "
+               f"has batch size {batch_size}: its batches are not mixed in")
+    if manifest is not None and why is None:  # an unfinished build of this teacher, data and slicing
+        done = [_slice_done(directory, manifest, r, world_size, n) for r in range(world_size)]
+        ranks = f" ({', '.join(f'rank {r}: {d}' for r, d in enumerate(done))})" if world_size > 1 else ""
+        log(f"teacher cache: resuming an interrupted build at {sum(done)}/{n} rows{ranks}")
+        allocate(emb_path, nbytes, fresh=False)
+        return manifest
+    if why is not None:
+        log(f"teacher cache: {why}, rebuilding {directory} from scratch")
+    manifest = {"key": key, "world_size": world_size, "batch_size": batch_size, "build": uuid.uuid4().hex,
+                "rows_done": 0}
+    atomic_write_json(manifest_path, manifest)  # the new build id first: older progress files no longer count
+    for path in _progress_files(directory):
+        os.remove(path)
+    allocate(emb_path, nbytes, fresh=True)
+    return manifest
+
+
+def _joined(directory: str, key: dict, rank: int, world_size: int, batch_size: int) -> dict:
+    """A non-zero rank: the build rank 0 prepared, checked to be of this process's teacher, data and slicing."""
+    manifest_path = os.path.join(directory, "manifest.json")
+    manifest = _read_manifest(manifest_path)
+    if not isinstance(manifest, dict) or manifest.get("key") != key:
+        differs = f" (rank {rank} differs in: {', '.join(_changed(key, manifest.get('key')))})" \
+            if isinstance(manifest, dict) else ""
+        raise DistillError(f"{manifest_path}: rank {rank} finds no teacher cache build of its teacher and data"
+                           f"{differs}; every process must load the same teacher and dataset, and all "
+                           f"{world_size} must start together (torchrun --nproc_per_node={world_size}) so that "
+                           f"rank 0 prepares the build")
+    if manifest.get("rows_done") != key["num_samples"] and \
+            (manifest.get("world_size"), manifest.get("batch_size")) != (world_size, batch_size):
+        raise DistillError(f"{manifest_path}: the unfinished teacher cache build there is for world size "
+                           f"{manifest.get('world_size')} with batch size {manifest.get('batch_size')}, and rank "
+                           f"{rank} runs with world size {world_size} and batch size {batch_size}; start all "
+                           f"{world_size} processes together (torchrun --nproc_per_node={world_size}) with the same "
+                           f"settings so that rank 0 prepares the build for them")
+    return manifest
+
+
+def _all_ranks(value, collective: bool) -> list:
+    """`value` of every rank (a picklable object), in rank order; [value] without a process group."""
+    if not collective:
+        return [value]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def _settle(err, collective: bool, step: str, directory: str) -> None:
+    """Every rank learns whether any rank failed at `step` (no rank is left waiting for another): the rank that
+    failed raises its own exception, the others a DistillError naming it."""
+    notes = _all_ranks(None if err is None else f"{type(err).__name__}: {err}", collective)
+    if err is not None:
+        raise err
+    for r, note in enumerate(notes):
+        if note is not None:
+            raise DistillError(f"{directory}: the teacher cache {step} stopped on rank {r} ({note}); the rows "
+                               f"written so far are kept: see rank {r}'s message, then rerun the same command with "
+                               f"the same number of processes to resume")
+
+
+def _pwrite(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        k = os.pwrite(fd, view, offset)
+        view, offset = view[k:], offset + k
+
+
+def _embed(teacher, dataset, directory: str, manifest: dict, rank: int, world_size: int, start: int, stop: int,
+           done: int, batch_size: int, num_workers: int, device: str, progress: bool, flush_every: int) -> None:
+    """Rows `start + done`..`stop - 1` (both views), written in place; the progress file follows the flushed rows."""
+    n, dim = manifest["key"]["num_samples"], manifest["key"]["dim"]
+    manifest_path = os.path.join(directory, "manifest.json")
+    loader = torch.utils.data.DataLoader(_Rows(dataset, start + done, stop), batch_size=batch_size,
                                          num_workers=num_workers, shuffle=False)
     teacher = teacher.to(device)
-    row, t0 = start, time.perf_counter()
-    bar = tqdm(total=n, initial=start, unit="img", desc="teacher cache", disable=not progress,
-               dynamic_ncols=True, leave=False)
+    row = start + done
+    where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
+    bar = tqdm(total=stop - start, initial=done, unit="img", desc=f"teacher cache{where}",
+               disable=not progress or rank != 0, dynamic_ncols=True, leave=False)
+
+    def record():  # the rows reach the disk before the progress file vouches for them
+        os.fsync(fd)
+        atomic_write_json(progress_path(directory, rank), {"build": manifest["build"], "rank": rank,
+                                                            "world_size": world_size, "start": start, "stop": stop,
+                                                            "rows_done": row - start})
+        if rank == 0:  # a summary for people; each rank's own file is what a resumed build trusts
+            total = sum(_slice_done(directory, manifest, r, world_size, n) for r in range(world_size))
+            if total < n:  # n (finished) is written by rank 0 once every rank is through
+                manifest["rows_done"] = total
+                atomic_write_json(manifest_path, manifest)
+
+    fd = os.open(os.path.join(directory, "embeddings.f16"), os.O_RDWR)
     try:
         for i, x in enumerate(loader):
             x = match_input_size(x.to(device), teacher.input_size)
@@ -178,18 +316,92 @@ def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_wor
             if peak > float(np.finfo(np.float16).max):  # would be stored as inf
                 raise DataFormatError(f"teacher embeddings reach {peak:.3g} (rows {row}..{row + len(x) - 1}), beyond "
                                       f"float16's range; is the teacher trained? Use teacher.cache: false to teach online")
-            mem[row:row + len(x)] = both.astype(np.float16)
+            _pwrite(fd, np.ascontiguousarray(both.astype(np.float16)).tobytes(), row * 2 * dim * 2)
             row += len(x)
             bar.update(len(x))
             if (i + 1) % flush_every == 0:
-                mem.flush()
-                manifest["rows_done"] = row
-                atomic_write_json(manifest_path, manifest)
+                record()
+        record()
     finally:
+        os.close(fd)
         bar.close()
-    mem.flush()
-    manifest["rows_done"] = row
-    manifest["seconds"] = manifest.get("seconds", 0.0) + time.perf_counter() - t0
-    atomic_write_json(manifest_path, manifest)
-    del mem
+
+
+def _finish(directory: str, manifest: dict, world_size: int, seconds: float) -> None:
+    """Rank 0, after every rank is through: check each slice is vouched for, mark the cache finished."""
+    n = manifest["key"]["num_samples"]
+    for r in range(world_size):
+        start, stop = rank_slice(n, manifest["batch_size"], r, world_size)
+        done = _slice_done(directory, manifest, r, world_size, n)
+        if done < stop - start:
+            raise DistillError(f"{progress_path(directory, r)}: rank {r}'s slice of the teacher cache (rows "
+                               f"{start}..{stop - 1}) is not finished ({done}/{stop - start} rows); the cache is "
+                               f"complete only when all {world_size} processes have built their slices: rerun the "
+                               f"same command with all of them (torchrun --nproc_per_node={world_size}) to finish it")
+    manifest["rows_done"] = n
+    manifest["seconds"] = manifest.get("seconds", 0.0) + seconds
+    atomic_write_json(os.path.join(directory, "manifest.json"), manifest)
+    for path in _progress_files(directory):
+        os.remove(path)
+
+
+def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_workers: int = 0,
+                device: str = "cpu", progress: bool = True, flush_every: int = 20, log=print,
+                rank: int | None = None, world_size: int | None = None) -> TeacherCache:
+    """Fill (or reuse, or resume) the cache of `teacher` over `dataset` in `directory`, on every rank.
+
+    Each of the `world_size` processes (default: distill.dist's, i.e. torchrun's) embeds its own slice
+    (rank_slice: whole batches, contiguous) into the one file; rank 0 alone prepares the build and marks it
+    finished once all slices are. Call it on every rank, each with the same arguments; `rank` and
+    `world_size` override distill.dist's (tests; collectives are used only when a process group exists).
+    A finished cache is byte-identical whatever the number of processes that built it (same teacher, data and
+    batch_size), so any number reuses it; an unfinished one is resumed only by the same teacher, data,
+    world size and batch size, and rebuilt from scratch otherwise (the log says why)."""
+    rank = ddp.rank() if rank is None else rank
+    world = ddp.world_size() if world_size is None else world_size
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not a rank of a world of size {world}")
+    collective = world > 1 and ddp.is_distributed()
+    os.makedirs(directory, exist_ok=True)
+    key = cache_key(teacher, dataset)
+    n, dim = key["num_samples"], key["dim"]
+    t0 = time.perf_counter()
+
+    err, manifest = None, None  # 1. rank 0 reuses, resumes or starts the build; the others wait for it
+    if rank == 0:
+        try:
+            manifest = _prepare(directory, key, world, batch_size, log)
+        except BaseException as e:  # noqa: BLE001 - reported to every rank, then re-raised
+            err = e
+    _settle(err, collective, "preparation", directory)
+    if rank != 0:  # 2. every rank checks that it is the build of its own teacher, data and slicing
+        try:
+            manifest = _joined(directory, key, rank, world, batch_size)
+        except BaseException as e:  # noqa: BLE001
+            err = e
+    _settle(err, collective, "preparation", directory)
+    if manifest.get("rows_done") == n:
+        return TeacherCache(directory, n, dim)
+
+    start, stop = rank_slice(n, manifest["batch_size"], rank, world)  # 3. each rank embeds its own slice
+    done = _slice_done(directory, manifest, rank, world, n)
+    if start + done < stop:
+        try:
+            _embed(teacher, dataset, directory, manifest, rank, world, start, stop, done, manifest["batch_size"],
+                   num_workers, device, progress, flush_every)
+        except BaseException as e:  # noqa: BLE001
+            err = e
+    _settle(err, collective, "build", directory)
+
+    if rank == 0:  # 4. all are through: rank 0 checks every slice and marks the cache finished
+        try:
+            _finish(directory, manifest, world, time.perf_counter() - t0)
+        except BaseException as e:  # noqa: BLE001
+            err = e
+    _settle(err, collective, "completion", directory)
+    final = _read_manifest(os.path.join(directory, "manifest.json"))
+    if rank != 0 and not (isinstance(final, dict) and final.get("rows_done") == n):
+        raise DistillError(f"{directory}: rank {rank} has built its slice of the teacher cache, and rank 0 marks the "
+                           f"cache finished once every slice is built: start all {world} processes together "
+                           f"(torchrun --nproc_per_node={world}) to finish it")
     return TeacherCache(directory, n, dim)
