@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -45,6 +43,7 @@ from distill.checkpoint import (atomic_torch_save, capture_rng_state, extract_st
                                 restore_rng_state, safe_torch_load)
 from distill.config import ExperimentConfig, TrainConfig, to_dict
 from distill.dist import barrier, world_size
+from distill.data.gpu_decode import check_decode, decode_batch
 from distill.epoch_plan import plan_epoch, plan_identity_epoch, stage_loader
 from distill.dist import rank as dist_rank
 from distill.errors import CheckpointError, DistillError
@@ -58,7 +57,7 @@ from distill.registry import create_model
 from distill.teacher_cache import match_input_size
 from distill.tracking import LogWindow, Tracker, val_scalars
 from distill.train_setup import (amp_settings, create_optimizer, create_scheduler, describe_precision, maybe_compile,
-                                 resolve_device, use_channels_last)
+                                 preemption_signals, resolve_device, use_channels_last)
 
 TRAIN_FORMAT = "facedistill.train/1"
 
@@ -154,6 +153,7 @@ def _model_and_head(cfg: ExperimentConfig, spec: StageSpec, num_classes: int, de
 def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, teacher, cache) -> _Stage:
     """Device, seed, model, head, objective, optimizer, scheduler, scaler and DDP wrapper of a fresh stage."""
     device = resolve_device(cfg.device)
+    check_decode(cfg.data.decode, device, train_set)
     rank, world = dist_rank(), world_size()
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -262,6 +262,8 @@ def _log_window(st: _Stage, window: LogWindow, tracker: Tracker, bar) -> None:
 def _micro_step(st: _Stage, batch, window: LogWindow) -> bool:
     """Forward and backward one micro-batch; every `accumulate`-th one also updates. True when it did."""
     x, y, idx, flipped = batch
+    if isinstance(x, list):  # data.decode: cuda: encoded images, decoded here as one batch
+        x = decode_batch(x, flipped, st.device, st.cfg.data.input_size)
     x = x.to(st.device, non_blocking=True)
     y = y.to(st.device, non_blocking=True)
     if st.channels_last:
@@ -321,26 +323,6 @@ def _evaluate(st: _Stage, val_sets: dict, tracker: Tracker) -> dict:
                             progress=False, model_name=f"{st.spec.name} ({st.spec.arch})")
     tracker.log(val_scalars(metrics), st.step)
     return metrics
-
-
-@contextmanager
-def _preemption_signals():
-    """{"signal": None}, set to the signal's name when SIGTERM or SIGUSR1 arrives; handlers restored after."""
-    stop, previous = {"signal": None}, {}
-
-    def on_signal(signum, _frame):
-        stop["signal"] = signal.Signals(signum).name
-
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        try:
-            previous[sig] = signal.signal(sig, on_signal)
-        except ValueError:  # not the main thread: the caller handles preemption
-            pass
-    try:
-        yield stop
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _train(st: _Stage, train_set, val_sets: dict, tracker: Tracker, stop: dict, bar) -> None:
@@ -408,7 +390,7 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
         _resume(st, log)
     tracker = tracker or Tracker(stage_dir, rank=st.rank)
     tracker.truncate_after(st.step)
-    with _preemption_signals() as stop, tqdm(total=st.total_steps, initial=st.step, desc=spec.name, unit="step",
+    with preemption_signals() as stop, tqdm(total=st.total_steps, initial=st.step, desc=spec.name, unit="step",
                                              disable=not progress or st.rank != 0, dynamic_ncols=True,
                                              leave=False) as bar:
         _train(st, train_set, val_sets, tracker, stop, bar)

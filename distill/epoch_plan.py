@@ -114,6 +114,9 @@ def stage_loader(dataset, plan, per_epoch: int, start: int, count: int, data, se
     loader draws nothing from the global RNG, which exact resume depends on."""
     workers = data.num_workers
     extra = dict(persistent_workers=True, prefetch_factor=data.prefetch_factor) if workers > 0 else {}
-    return torch.utils.data.DataLoader(PlannedDataset(dataset), batch_sampler=StagePlan(plan, per_epoch, start, count),
-                                       num_workers=workers, pin_memory=pin_memory,
-                                       generator=torch.Generator().manual_seed(seed), **extra)
+    if data.decode == "cuda":  # workers read the encoded images; the engine decodes batches on the GPU
+        from distill.data.gpu_decode import EncodedPlanned, collate_encoded
+        extra.update(dataset=EncodedPlanned(dataset), collate_fn=collate_encoded)
+    extra.setdefault("dataset", PlannedDataset(dataset))
+    return torch.utils.data.DataLoader(batch_sampler=StagePlan(plan, per_epoch, start, count), num_workers=workers,
+                                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed), **extra)

@@ -1,8 +1,11 @@
-"""One stage's device, mixed precision, learning rate and schedule, from its TrainConfig (timm's schedulers)."""
+"""One stage's device, mixed precision, compile, optimizer, learning rate and schedule, from its TrainConfig (timm's
+optimizers and schedulers), and the preemption signals a stage stops on."""
 
 from __future__ import annotations
 
+import signal
 import warnings
+from contextlib import contextmanager
 
 import torch
 from timm.scheduler import create_scheduler_v2
@@ -171,3 +174,23 @@ def describe_precision(name: str, train: TrainConfig, device: torch.device, onli
         under = f"the same {str(amp_dtype).replace('torch.', '')} autocast" if amp_dtype is not None else "float32"
         parts.append(f"online teacher under {under} as the student")
     return f"{name}: on {device}, " + ", ".join(parts) if parts else None
+
+
+@contextmanager
+def preemption_signals():
+    """{"signal": None}, set to the signal's name when SIGTERM or SIGUSR1 arrives; handlers restored after."""
+    stop, previous = {"signal": None}, {}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            previous[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread: the caller handles preemption
+            pass
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

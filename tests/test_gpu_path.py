@@ -180,3 +180,34 @@ def test_auto_precision_on_a_gpu_is_bf16_or_fp16_with_a_scaler(monkeypatch, bf16
     assert amp_settings(TrainConfig(), torch.device("cuda", 0)) == expect
     assert amp_settings(TrainConfig(), torch.device("cpu")) == (None, False)
     assert amp_settings(TrainConfig(amp="bf16"), torch.device("cuda", 0)) == (torch.bfloat16, False)
+
+
+def test_gpu_decode_path_trains_the_student_the_cpu_path_trains(tmp_path, monkeypatch, fixtures):
+    """data.decode: cuda through the engine (the loader hands out encoded records, _micro_step decodes the batch):
+    run on the CPU device with the device check lifted, it trains bit for bit the student of data.decode: cpu."""
+    import distill.engine
+    from distill.data import RecordIODataset
+
+    monkeypatch.setattr(distill.engine, "check_decode", lambda decode, device, dataset=None: None)
+    real, decoded = distill.engine.decode_batch, []
+    monkeypatch.setattr(distill.engine, "decode_batch", lambda enc, *a: decoded.append(len(enc)) or real(enc, *a))
+    weights = {}
+    for decode in ("cpu", "cuda"):
+        cfg = tiny_config(data={"decode": decode, "num_workers": 1},
+                          train={"batch_size": 8, "lr_batch_size": 8, "max_steps": 4, "checkpoint_every": 4})
+        train_set = RecordIODataset(fixtures / "insightface_rec", input_size=16)
+        run_stage(cfg, _spec(cfg, alpha=0.0), str(tmp_path / decode), train_set, {}, progress=False)
+        weights[decode] = safe_torch_load(tmp_path / decode / "student.pt")["state_dict"]
+    assert decoded == [8] * 4  # the cuda run decoded its four batches in the engine; the cpu run none
+    for k, v in weights["cpu"].items():
+        assert torch.equal(weights["cuda"][k], v), k
+
+
+def test_gpu_decode_on_a_cpu_run_is_a_config_error_before_training(tmp_path, fixtures):
+    from distill.data import RecordIODataset
+
+    cfg = tiny_config(data={"decode": "cuda"})
+    with pytest.raises(ConfigError, match=r"key 'data\.decode': cuda .* device is cpu"):
+        run_stage(cfg, _spec(cfg, alpha=0.0), str(tmp_path), RecordIODataset(fixtures / "insightface_rec"), {},
+                  progress=False)
+    assert not (tmp_path / "last.pt").exists()
