@@ -32,6 +32,8 @@ NORMALISATION = "RGB, (x/255-0.5)/0.5"
 MIN_COSINE = 0.9999
 # allowed max abs difference, relative to the largest embedding value (float32 reorderings only)
 MAX_REL_DIFF = 1e-3
+# what `distill export` allows its BatchNorm-folded file against the unfolded torch model
+FOLDED_MAX_REL_DIFF = 1e-4
 # opsets the TorchScript exporter writes (9 is its base; 20 its maximum in torch 2.x)
 OPSETS = range(9, 21)
 
@@ -41,8 +43,9 @@ class ExportParityError(DistillError):
 
 
 def export_onnx(model: nn.Module, path, input_size: int, opset: int = 17, batch: int | None = None,
-                metadata: dict | None = None) -> str:
-    """Write `model` (eval, CPU, float32) to `path` as ONNX; `batch` None keeps the batch axis dynamic."""
+                metadata: dict | None = None, fold_bn: bool = False) -> str:
+    """Write `model` (eval, CPU, float32) to `path` as ONNX; `batch` None keeps the batch axis dynamic.
+    `fold_bn` removes every BatchNormalization node (see fold_batchnorm) and records how in the metadata."""
     path = os.fspath(path)
     model = model.eval().to("cpu", torch.float32)
     example = torch.randn(batch or 2, 3, input_size, input_size)
@@ -54,9 +57,14 @@ def export_onnx(model: nn.Module, path, input_size: int, opset: int = 17, batch:
         torch.onnx.export(model, (example,), path, dynamo=False, export_params=True, opset_version=opset,
                           do_constant_folding=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes=dynamic)
-    if metadata:
+    if metadata or fold_bn:
         import onnx
         proto = onnx.load(path)
+        metadata = dict(metadata or {})
+        if fold_bn:
+            counts = fold_batchnorm(proto)
+            metadata["batchnorm"] = (f"folded: {counts['folded']} into the neighbouring Conv/Gemm (the exporter "
+                                     f"folds Conv->BN itself), {counts['mul_add']} as Mul+Add, {counts['left']} left")
         for key, value in metadata.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = f"facedistill.{key}", str(value)
@@ -65,11 +73,12 @@ def export_onnx(model: nn.Module, path, input_size: int, opset: int = 17, batch:
 
 
 def check_parity(model: nn.Module, path, input_size: int, batch: int | None = None, seed: int = 0,
-                 name: str | None = None) -> dict:
+                 name: str | None = None, max_rel_diff: float = MAX_REL_DIFF) -> dict:
     """Run torch and ONNX Runtime on the same random batch; raise ExportParityError when they disagree
     (naming `name`, default `path`: the file the user asked for, not the temporary one checked).
 
-    Returns {"max_abs_diff", "min_cosine", "batch", "embedding_size"}."""
+    Returns {"max_abs_diff", "min_cosine", "batch", "embedding_size", "scale"} (scale: the largest torch
+    embedding value, at least 1, which the allowed difference is relative to)."""
     import onnxruntime as ort
 
     n = batch or 3  # 3, not the export's example batch of 2: proves the batch axis really is dynamic
@@ -91,18 +100,52 @@ def check_parity(model: nn.Module, path, input_size: int, batch: int | None = No
     norms = np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1)
     cosine = float(((got * expected).sum(1) / np.maximum(norms, 1e-12)).min())
     scale = max(1.0, float(np.abs(expected).max()))
-    result = {"max_abs_diff": diff, "min_cosine": cosine, "batch": n, "embedding_size": int(got.shape[1])}
-    if not cosine >= MIN_COSINE or not diff <= MAX_REL_DIFF * scale:  # `not >=` also catches NaN
+    result = {"max_abs_diff": diff, "min_cosine": cosine, "batch": n, "embedding_size": int(got.shape[1]),
+              "scale": scale}
+    if not cosine >= MIN_COSINE or not diff <= max_rel_diff * scale:  # `not >=` also catches NaN
         raise ExportParityError(
             f"{name or path}: ONNX Runtime disagrees with torch (min cosine {cosine:.6f}, needs >= {MIN_COSINE}; "
-            f"max abs diff {diff:.3g}, allowed {MAX_REL_DIFF * scale:.3g}); an op exported wrongly: "
+            f"max abs diff {diff:.3g}, allowed {max_rel_diff * scale:.3g}); an op exported wrongly: "
             f"try another --opset, and report the model and torch version")
     return result
 
 
+def _check_paths(out: str, int8: bool, calibrate, check_bins) -> str:
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        raise ConfigError(f"{out}: the directory {out_dir} does not exist")
+    if int8 and calibrate is None:
+        raise ConfigError("--int8: static quantization needs calibration images; add --calibrate DATA (a training "
+                          "set: a RecordIO folder or .rec file, or an image-folder tree)")
+    if calibrate is not None and not int8:
+        raise ConfigError(f"--calibrate {calibrate}: calibration is for the INT8 file; add --int8")
+    if calibrate is not None and not os.path.exists(calibrate):
+        raise ConfigError(f"--calibrate {calibrate}: no such training set (a RecordIO folder holding train.rec, "
+                          f"a .rec file, or a folder of one sub-folder of images per identity)")
+    for path in check_bins:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--check-bin {path}: verification set not found")
+    ensure_writable(out_dir, "the exported model")  # before the export's work, not after
+    return out_dir
+
+
+def _move_into_place(tmp: str, out: str) -> None:
+    try:
+        os.replace(tmp, out)
+    except OSError as err:
+        raise unwritable(out, err, "the exported model") from None
+
+
 def export_model(source: str, out, arch: str | None = None, input_size: int | None = None, opset: int = 17,
-                 batch: int | None = None) -> dict:
-    """Load `source` (see distill.models.load_model), export it to `out`, check parity, then move it into place."""
+                 batch: int | None = None, int8: bool = False, calibrate=None, calib_images: int | None = None,
+                 check_bins=()) -> dict:
+    """Load `source` (see distill.models.load_model), export it to `out` with BatchNorm folded, check parity
+    (<= FOLDED_MAX_REL_DIFF against the unfolded torch model), then move it into place.
+
+    With `int8`, also write `int8_path(out)` (out.int8.onnx), quantized statically on `calib_images` images of
+    the training set `calibrate` (distill.quantize). With `check_bins`, evaluate torch and every file written
+    on those verification sets (check_exports; judge the result with judge_checks). Every argument and the
+    output directory are checked before any work."""
     from distill.models import load_model
 
     out = os.fspath(out)
@@ -112,25 +155,389 @@ def export_model(source: str, out, arch: str | None = None, input_size: int | No
         raise ConfigError(f"--opset: {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1} (default 17)")
     if batch is not None and batch < 1:
         raise ConfigError(f"--batch: a fixed batch must be at least 1, got {batch}")
+    from distill.quantize import DEFAULT_CALIB_IMAGES, int8_path
+    calib_images = DEFAULT_CALIB_IMAGES if calib_images is None else calib_images
+    if int8 and calib_images < 1:
+        raise ConfigError(f"--calib-images: {calib_images}; calibration needs at least 1 image")
+    _check_paths(out, int8, calibrate, check_bins)
     model, size = load_model(source, arch=arch, input_size=input_size)
     size = input_size or size or 112
-    out_dir = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(out_dir):
-        raise ConfigError(f"{out}: the directory {out_dir} does not exist")
-    ensure_writable(out_dir, "the exported model")  # before the export's work, not after
     tmp = f"{out}.tmp"
     try:
         try:
-            export_onnx(model, tmp, size, opset=opset, batch=batch,
+            export_onnx(model, tmp, size, opset=opset, batch=batch, fold_bn=True,
                         metadata={"normalisation": NORMALISATION, "source": os.path.basename(source), "input_size": size})
         except OSError as err:  # the disk filled during the export
             raise unwritable(out, err, "the exported model") from None
         result = check_parity(model, tmp, size, batch=batch, name=out)
-        try:
-            os.replace(tmp, out)
-        except OSError as err:
-            raise unwritable(out, err, "the exported model") from None
+        allowed = FOLDED_MAX_REL_DIFF * result.get("scale", 1.0)
+        if not result["max_abs_diff"] <= allowed:
+            raise ExportParityError(
+                f"{out}: the BatchNorm-folded graph drifts from the torch model (max abs diff "
+                f"{result['max_abs_diff']:.3g}, allowed {allowed:.3g}); report the model and torch version")
+        _move_into_place(tmp, out)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return {**result, "path": out, "input_size": size, "opset": opset}
+    import onnx
+    props = {p.key: p.value for p in onnx.load(out, load_external_data=False).metadata_props}
+    result = {**result, "path": out, "input_size": size, "opset": opset, "size_mb": os.path.getsize(out) / 1e6,
+              "batchnorm": props.get("facedistill.batchnorm"), "files": {"fp32": out}, "model": model}
+    if int8:
+        result["int8"] = _export_int8(model, out, int8_path(out), size, batch, calibrate, calib_images)
+        result["files"]["int8"] = result["int8"]["path"]
+    if check_bins:
+        result["check"] = check_exports(model, size, result["files"], check_bins)
+    return result
+
+
+def _export_int8(model, fp32: str, out: str, size: int, batch, calibrate, calib_images: int) -> dict:
+    """Quantize the FP32 file into `out` (atomically); report the calibration and how close it stays to torch."""
+    from distill.quantize import calibration_reader, open_calibration_set, quantize_file
+
+    dataset, indices = open_calibration_set(calibrate, size, calib_images)
+    tmp = f"{out}.tmp"
+    try:
+        try:
+            summary = quantize_file(fp32, tmp, calibration_reader(dataset, indices, INPUT_NAME, batch),
+                                    metadata={"calibration": f"{len(indices)} images of {os.path.basename(os.path.normpath(calibrate))}"})
+        except OSError as err:
+            raise unwritable(out, err, "the INT8 model") from None
+        cosines = _cosines_to_torch(model, tmp, dataset, indices[:64], batch)
+        _move_into_place(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return {"path": out, "size_mb": os.path.getsize(out) / 1e6, "calib_images": int(len(indices)),
+            "int8_ops": summary["int8"], "fp32_ops": summary["fp32"], **cosines}
+
+
+def _onnx_model(path):
+    from teachers.onnx import OnnxTeacherModel
+
+    return OnnxTeacherModel(path, providers=["CPUExecutionProvider"])
+
+
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(1) / np.maximum(norms, 1e-12)
+
+
+def _cosines_to_torch(model, path, dataset, indices, batch) -> dict:
+    """Min / mean cosine between torch's and the file's embeddings of some calibration images."""
+    x = torch.stack([dataset.get(int(i), flip=False) for i in indices])
+    with torch.no_grad():
+        expected = model.eval()(x).float().numpy()
+        got = _onnx_model(path)(x).numpy()
+    cos = _cosine_rows(got, expected)
+    return {"calib_cosine_min": float(cos.min()), "calib_cosine_mean": float(cos.mean())}
+
+
+def check_exports(model, input_size: int, files: dict, bins, batch_size: int = 64) -> dict:
+    """{set: {"pytorch": metrics, label: metrics + cosine_min/cosine_mean/size_mb for each file}}: verification
+    accuracy, XNorm and TAR@FAR (distill.evaluate's embed_pairs + verification_metrics, as `distill eval`)
+    of the torch model and of each ONNX file in `files` ({label: path}), and the cosine between torch's and the
+    file's embedding of every image and of its flip."""
+    from distill.data import load_verification_bin
+    from distill.evaluate import EvaluationError, embed_pairs, set_name_of, size_note, verification_metrics
+
+    results = {}
+    for path in bins:
+        name = set_name_of(path)
+        images, issame = load_verification_bin(path)
+        size_note(f"verification set {name}", images, input_size)
+        rows = {}
+        reference = None
+        for label, runner in [("pytorch", model)] + [(label, _onnx_model(p)) for label, p in files.items()]:
+            orig, flip = embed_pairs(runner, images, input_size, batch_size=batch_size, progress=False,
+                                     model_name=label if label == "pytorch" else files[label], set_name=name)
+            try:
+                rows[label] = verification_metrics(orig, flip, issame)
+            except EvaluationError as err:
+                raise EvaluationError(f"verification set {name}: {err}") from None
+            both = np.concatenate([orig, flip])
+            if reference is None:
+                reference = both
+            else:
+                cos = _cosine_rows(both, reference)
+                rows[label].update(cosine_min=float(cos.min()), cosine_mean=float(cos.mean()),
+                                   size_mb=os.path.getsize(files[label]) / 1e6, path=files[label])
+        results[name] = rows
+    return results
+
+
+def judge_checks(results: dict, int8_margin: float = 0.5) -> list:
+    """Raise ExportParityError when the FP32 file's embedding of some verification image is not the torch
+    model's (cosine < MIN_COSINE); warn (UserNote) for each set where the INT8 file loses more than
+    `int8_margin` points of accuracy. Returns the warnings' texts."""
+    from distill.errors import UserNote
+
+    notes = []
+    for name, rows in results.items():
+        fp32 = rows.get("fp32")
+        if fp32 is not None and not fp32["cosine_min"] >= MIN_COSINE:
+            raise ExportParityError(
+                f"{fp32['path']}: on {name} its embeddings differ from torch's (min cosine {fp32['cosine_min']:.6f}, "
+                f"needs >= {MIN_COSINE}); an op exported wrongly: try another --opset, and report the model and "
+                f"torch version")
+        q = rows.get("int8")
+        if q is not None:
+            lost = 100.0 * (rows["pytorch"]["acc_mean"] - q["acc_mean"])
+            if lost > int8_margin:
+                notes.append(f"{q['path']}: INT8 loses {lost:.2f} points of accuracy on {name} "
+                             f"({100 * rows['pytorch']['acc_mean']:.2f}% -> {100 * q['acc_mean']:.2f}%), more than "
+                             f"--int8-margin {int8_margin}; calibrate on more images (--calib-images) or images "
+                             f"closer to the deployment's, or deploy the FP32 file")
+    for note in notes:
+        warnings.warn(note, UserNote, stacklevel=2)
+    return notes
+
+
+def format_checks(results: dict) -> str:
+    """One row per set and model: the PyTorch model, then each file (size, accuracy, XNorm, TAR@FAR, cosine)."""
+    from distill.evaluate import FAR_TARGETS
+
+    header = ["set", "model", "size (MB)", "accuracy (%)", "XNorm"] + [f"TAR@FAR={k} (%)" for k in FAR_TARGETS] \
+        + ["cosine to PyTorch (min / mean)"]
+    table = []
+    for name, rows in results.items():
+        for label, m in rows.items():
+            tars = [m["tar_at_far"][k]["tar"] for k in FAR_TARGETS]
+            table.append([name, label, "-" if "size_mb" not in m else f"{m['size_mb']:.2f}",
+                          f"{100 * m['acc_mean']:.3f} ± {100 * m['acc_std']:.3f}", f"{m['xnorm']:.4f}"]
+                         + ["n/a" if t is None else f"{100 * t:.3f}" for t in tars]
+                         + ["-" if "cosine_min" not in m else f"{m['cosine_min']:.6f} / {m['cosine_mean']:.6f}"])
+    widths = [max(len(r[i]) for r in [header] + table) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+# ----------------------------------------------------------------------------- BatchNorm folding
+
+def _bn_affine(bn, inits: dict) -> tuple:
+    """(scale, shift) of an inference BatchNormalization: y = x * scale + shift per channel."""
+    from onnx import numpy_helper
+
+    eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+    gamma, beta, mean, var = (numpy_helper.to_array(inits[name]).astype(np.float64) for name in bn.input[1:5])
+    scale = gamma / np.sqrt(var + eps)
+    return scale, beta - mean * scale
+
+
+def _attr(node, name, default):
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _set_attr(node, name, value) -> None:
+    from onnx import helper
+
+    for a in list(node.attribute):
+        if a.name == name:
+            node.attribute.remove(a)
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+class _Graph:
+    """Producer/consumer maps and initializers of an ONNX graph, rebuilt after each rewrite."""
+
+    def __init__(self, graph):
+        self.graph = graph
+        self.inits = {t.name: t for t in graph.initializer}
+        self.producer = {out: n for n in graph.node for out in n.output}
+        self.consumers = {}
+        for n in graph.node:
+            for name in n.input:
+                self.consumers.setdefault(name, []).append(n)
+        self.outputs = {o.name for o in graph.output}
+
+    def only_consumer(self, tensor, op_type):
+        """The node consuming `tensor` when it is the only one and of `op_type` (tensor not a graph output)."""
+        users = self.consumers.get(tensor, [])
+        if len(users) == 1 and users[0].op_type == op_type and tensor not in self.outputs:
+            return users[0]
+        return None
+
+    def array(self, name):
+        from onnx import numpy_helper
+
+        return numpy_helper.to_array(self.inits[name]).astype(np.float64) if name in self.inits else None
+
+    def add_init(self, array, base: str) -> str:
+        from onnx import numpy_helper
+
+        name, i = f"{base}_bnfolded", 0
+        while name in self.inits or name in self.producer:
+            i += 1
+            name = f"{base}_bnfolded{i}"
+        tensor = numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
+        self.graph.initializer.append(tensor)
+        self.inits[name] = tensor
+        return name
+
+
+def _fold_into_conv(g: _Graph, bn, scale, shift) -> bool:
+    """Conv -> BN: scale the conv's output channels, shift its bias."""
+    conv = g.producer.get(bn.input[0])
+    if conv is None or conv.op_type != "Conv" or g.only_consumer(bn.input[0], "BatchNormalization") is not bn:
+        return False
+    w = g.array(conv.input[1])
+    bias = g.array(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else np.zeros(len(scale))
+    if w is None or bias is None or w.shape[0] != len(scale):
+        return False
+    w_name = g.add_init(w * scale.reshape(-1, *[1] * (w.ndim - 1)), conv.input[1])
+    b_name = g.add_init(bias * scale + shift, conv.input[2] if len(conv.input) > 2 and conv.input[2] else f"{conv.name}.bias")
+    conv.input[:] = [conv.input[0], w_name, b_name]
+    conv.output[0] = bn.output[0]
+    return True
+
+
+def _gemm_parts(g: _Graph, gemm):
+    """(B as (K, N) float64, C broadcast to (N,), alpha, beta) of a Gemm with constant B/C, or None."""
+    if _attr(gemm, "transA", 0):
+        return None
+    b = g.array(gemm.input[1])
+    if b is None or b.ndim != 2:
+        return None
+    b = b.T if _attr(gemm, "transB", 0) else b
+    n = b.shape[1]
+    c = np.zeros(n)
+    if len(gemm.input) > 2 and gemm.input[2]:
+        c = g.array(gemm.input[2])
+        if c is None or c.size not in (1, n):
+            return None
+        c = np.broadcast_to(c.reshape(-1), (n,)).copy()
+    return b, c, float(_attr(gemm, "alpha", 1.0)), float(_attr(gemm, "beta", 1.0))
+
+
+def _write_gemm(g: _Graph, gemm, b, c) -> None:
+    """Give a Gemm new weights B (K, N) (stored transposed, as torch writes Linear) and bias C, alpha = beta = 1."""
+    b_name = g.add_init(b.T, gemm.input[1])
+    c_name = g.add_init(c, gemm.input[2] if len(gemm.input) > 2 and gemm.input[2] else f"{gemm.name}.bias")
+    gemm.input[:] = [gemm.input[0], b_name, c_name]
+    for name, value in (("transB", 1), ("alpha", 1.0), ("beta", 1.0)):
+        _set_attr(gemm, name, value)
+
+
+def _fold_into_gemm_output(g: _Graph, bn, scale, shift) -> bool:
+    """Gemm -> BN (a Linear followed by BatchNorm1d, the embedding layer): scale B's columns and C."""
+    gemm = g.producer.get(bn.input[0])
+    if gemm is None or gemm.op_type != "Gemm" or g.only_consumer(bn.input[0], "BatchNormalization") is not bn:
+        return False
+    parts = _gemm_parts(g, gemm)
+    if parts is None or parts[0].shape[1] != len(scale):
+        return False
+    b, c, alpha, beta = parts
+    _write_gemm(g, gemm, alpha * b * scale, (beta * c) * scale + shift)
+    gemm.output[0] = bn.output[0]
+    return True
+
+
+def _fold_into_gemm_input(g: _Graph, bn, scale, shift) -> bool:
+    """BN -> Flatten -> Gemm (IResNet's bn2 before its fc): input feature k of the Gemm is channel k // (H*W)."""
+    flatten = g.only_consumer(bn.output[0], "Flatten")
+    if flatten is None or _attr(flatten, "axis", 1) != 1:
+        return False
+    gemm = g.only_consumer(flatten.output[0], "Gemm")
+    if gemm is None or gemm.input[0] != flatten.output[0]:
+        return False
+    parts = _gemm_parts(g, gemm)
+    if parts is None or parts[0].shape[0] % len(scale):
+        return False
+    b, c, alpha, beta = parts
+    per_channel = b.shape[0] // len(scale)
+    s, t = np.repeat(scale, per_channel), np.repeat(shift, per_channel)
+    _write_gemm(g, gemm, alpha * b * s[:, None], beta * c + alpha * (t @ b))
+    flatten.input[0] = bn.input[0]
+    return True
+
+
+def _as_mul_add(g: _Graph, bn, scale, shift, rank: int | None) -> bool:
+    """A BatchNorm no neighbour can absorb exactly (IResNet's, before a zero-padded conv: the padding is
+    not normalised) becomes the same per-channel affine map as Mul + Add."""
+    from onnx import helper
+
+    if not rank or rank < 2:
+        return False
+    shape = (1, len(scale)) + (1,) * (rank - 2)
+    s_name = g.add_init(scale.reshape(shape), f"{bn.name or bn.output[0]}.scale")
+    t_name = g.add_init(shift.reshape(shape), f"{bn.name or bn.output[0]}.shift")
+    mid = f"{bn.output[0]}_scaled"
+    index = list(g.graph.node).index(bn)
+    g.graph.node.insert(index, helper.make_node("Mul", [bn.input[0], s_name], [mid], name=f"{bn.name}_mul"))
+    g.graph.node.insert(index + 1, helper.make_node("Add", [mid, t_name], [bn.output[0]], name=f"{bn.name}_add"))
+    return True
+
+
+def fold_batchnorm(proto) -> dict:
+    """Remove every BatchNormalization node of an inference ONNX graph, in place; the arithmetic is unchanged.
+
+    The TorchScript exporter (do_constant_folding, eval mode) already folds a BatchNorm that follows a
+    convolution; what it leaves is folded here: BN after a Gemm (BatchNorm1d on the embedding, after the
+    fc: VarGFaceNet and IResNet `features`), BN before Flatten -> Gemm (IResNet's bn2), a Conv -> BN it
+    missed; any other BN (IResNet's pre-activation bn1, whose 3x3 convolution pads with zeros *after* the
+    normalisation, so no weight change reproduces it at the borders) is written as Mul + Add.
+    Returns {"folded": n, "mul_add": m, "left": k} (k BatchNorms without constant statistics stay)."""
+    import onnx
+
+    ranks = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+        for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+            if vi.type.tensor_type.HasField("shape"):
+                ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+    except Exception:  # noqa: BLE001 - without shapes only the Mul + Add rewrite is skipped
+        pass
+    counts = {"folded": 0, "mul_add": 0, "left": 0}
+    graph = proto.graph
+    _materialise_constants(graph)
+    for bn in [n for n in graph.node if n.op_type == "BatchNormalization"]:
+        g = _Graph(graph)
+        if len(bn.output) != 1 or any(name not in g.inits for name in bn.input[1:5]):
+            counts["left"] += 1
+            continue
+        scale, shift = _bn_affine(bn, g.inits)
+        if _fold_into_conv(g, bn, scale, shift) or _fold_into_gemm_output(g, bn, scale, shift) \
+                or _fold_into_gemm_input(g, bn, scale, shift):
+            counts["folded"] += 1
+        elif _as_mul_add(g, bn, scale, shift, ranks.get(bn.input[0])):
+            counts["mul_add"] += 1
+        else:
+            counts["left"] += 1
+            continue
+        graph.node.remove(bn)
+    _drop_unused_initializers(graph)
+    return counts
+
+
+def _materialise_constants(graph) -> None:
+    """Constant nodes, and the Identity nodes the exporter writes for initializers of equal value (shared
+    copies: a BatchNorm1d's zero bias and mean may be Identity outputs), become plain initializers."""
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in graph.initializer}
+    for node in list(graph.node):
+        tensor = None
+        if node.op_type == "Identity" and node.input[0] in inits:
+            tensor = numpy_helper.to_array(inits[node.input[0]])
+        elif node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tensor = numpy_helper.to_array(helper.get_attribute_value(node.attribute[0]))
+        if tensor is not None:
+            new = numpy_helper.from_array(tensor, node.output[0])
+            graph.initializer.append(new)
+            inits[new.name] = new
+            graph.node.remove(node)
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+    unused = [t for t in graph.initializer if t.name not in used]
+    dropped = {t.name for t in unused}
+    for t in unused:
+        graph.initializer.remove(t)
+    for vi in [vi for vi in graph.input if vi.name in dropped]:  # IR < 4 files list weights as inputs too
+        graph.input.remove(vi)

@@ -1,9 +1,12 @@
-"""`distill export MODEL OUT.onnx`: a student or teacher to ONNX with a parity check (library: distill.export)."""
+"""`distill export MODEL OUT.onnx [--int8 --calibrate DATA] [--check-bin X.bin ...]`: a student or teacher to
+ONNX, BatchNorm folded, with a parity check; optionally INT8 beside it and verification numbers side by side
+(library: distill.export, distill.quantize)."""
 
 from __future__ import annotations
 
 from distill.errors import ConfigError
-from distill.export import INPUT_NAME, NORMALISATION, OUTPUT_NAME, export_model
+from distill.export import (INPUT_NAME, NORMALISATION, OUTPUT_NAME, export_model, format_checks, judge_checks)
+from distill.quantize import DEFAULT_CALIB_IMAGES, INT8_SUFFIX
 
 
 def _batch(value: str):
@@ -15,6 +18,10 @@ def _batch(value: str):
         raise ConfigError(f"--batch: expected 'dynamic' or a number, got {value!r}") from None
 
 
+def _ops(counts: dict) -> str:
+    return ", ".join(f"{op} x{n}" for op, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
+
+
 def _export(args) -> int:
     try:
         import onnx  # noqa: F401
@@ -22,21 +29,48 @@ def _export(args) -> int:
     except ImportError as err:
         raise ConfigError(f"export needs onnx and onnxruntime ({err}); pip install 'facedistill[onnx]'") from None
     r = export_model(args.model, args.out, arch=args.arch, input_size=args.input_size, opset=args.opset,
-                     batch=_batch(args.batch))
+                     batch=_batch(args.batch), int8=args.int8, calibrate=args.calibrate,
+                     calib_images=args.calib_images, check_bins=args.check_bin or ())
     axis = "dynamic" if args.batch == "dynamic" else f"fixed at {args.batch}"
-    print(f"wrote {r['path']}: input {INPUT_NAME!r} (N, 3, {r['input_size']}, {r['input_size']}) "
+    print(f"wrote {r['path']} ({r['size_mb']:.2f} MB): input {INPUT_NAME!r} (N, 3, {r['input_size']}, {r['input_size']}) "
           f"{NORMALISATION}, batch {axis}; output {OUTPUT_NAME!r} (N, {r['embedding_size']}); opset {r['opset']}")
+    print(f"BatchNorm {r['batchnorm']}")
     print(f"parity with torch (ONNX Runtime, batch {r['batch']}): max abs diff {r['max_abs_diff']:.3g}, "
           f"min cosine similarity {r['min_cosine']:.7f}")
+    if "int8" in r:
+        q = r["int8"]
+        print(f"wrote {q['path']} ({q['size_mb']:.2f} MB): INT8 (QDQ, weights int8 per channel, activations uint8), "
+              f"calibrated on {q['calib_images']} images; same input and output")
+        print(f"  int8 in ONNX Runtime: {_ops(q['int8_ops'])}")
+        print(f"  FP32 in ONNX Runtime: {_ops(q['fp32_ops'])} (no int8 kernel or quantizer for them in ORT)")
+        print(f"  cosine to torch on calibration images: min {q['calib_cosine_min']:.5f}, mean {q['calib_cosine_mean']:.5f}")
+    if "check" in r:
+        print(format_checks(r["check"]))
+        judge_checks(r["check"], args.int8_margin)  # raises when the FP32 file breaks parity; INT8 losses: notes
     return 0
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("export", help="export a student or teacher to ONNX, with a parity check against torch")
+    p = sub.add_parser("export", help="export a student or teacher to ONNX (BatchNorm folded, parity-checked), "
+                                      "optionally INT8 too")
     p.add_argument("model", help="student.pt, an arcface_torch state dict (.pth, with --arch) or a model name")
-    p.add_argument("out", help="the .onnx file to write")
+    p.add_argument("out", help=f"the .onnx file to write (FP32); with --int8 the INT8 file is written beside it as "
+                               f"OUT{INT8_SUFFIX} without the first .onnx (student.onnx -> student{INT8_SUFFIX})")
     p.add_argument("--arch", default=None, help="architecture of a plain state dict, e.g. r100")
     p.add_argument("--input-size", type=int, default=None, help="square input side (default: the model's, 112)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size, e.g. 1")
+    p.add_argument("--int8", action="store_true",
+                   help=f"also write an INT8 file (ONNX Runtime static quantization, QDQ) beside OUT: OUT{INT8_SUFFIX}")
+    p.add_argument("--calibrate", metavar="DATA", default=None,
+                   help="training set whose images calibrate the INT8 ranges: a RecordIO folder or .rec file "
+                        "(the synthetic set is one), or an identity-per-folder image tree")
+    p.add_argument("--calib-images", type=int, default=None, metavar="N",
+                   help=f"calibration images, spread over the set (default {DEFAULT_CALIB_IMAGES})")
+    p.add_argument("--check-bin", action="append", metavar="FILE",
+                   help="a verification .bin: accuracy, XNorm, TAR@FAR of torch and each file side by side, and "
+                        "the embedding cosine between them; fails when the FP32 file is not the torch model; "
+                        "repeat for several sets")
+    p.add_argument("--int8-margin", type=float, default=0.5, metavar="POINTS",
+                   help="with --check-bin: warn when INT8 loses more accuracy points than this (default 0.5)")
     p.set_defaults(func=_export)
