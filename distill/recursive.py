@@ -319,8 +319,9 @@ def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log, restar
         results.append(with_ijb(rank0_first(lambda: _teacher_result(cfg, run_dir, teacher, val)),
                                 lambda: (teacher, teacher.input_size)))
         if cfg.teacher.cache and cfg.distill.alpha > 0 and cfg.generations > 0:
-            cache = rank0_first(lambda: build_cache(teacher, train_set, run.teacher_cache,
-                                                    num_workers=cfg.data.num_workers, progress=progress, log=log))
+            # every rank embeds its own slice of the training set; rank 0 prepares the build and marks it finished
+            cache = build_cache(teacher, train_set, run.teacher_cache, num_workers=cfg.data.num_workers,
+                                progress=progress, log=log)
     for spec in plan_stages(cfg, run_dir):
         stage = run.stage(spec.name)
         note_damaged_result(stage, log)

@@ -174,7 +174,8 @@ def _slice_done(directory: str, manifest: dict, rank: int, world_size: int, num_
     batch_size = manifest["batch_size"]
     start, stop = rank_slice(num_samples, batch_size, rank, world_size)
     p = _read_manifest(progress_path(directory, rank))
-    if not isinstance(p, dict) or p.get("build") != manifest.get("build") or (p.get("start"), p.get("stop")) != (start, stop):
+    if not isinstance(p, dict) or p.get("build") != manifest.get("build") \
+            or (p.get("start"), p.get("stop")) != (start, stop):
         return 0
     done = p.get("rows_done")
     if not isinstance(done, int) or not 0 <= done <= stop - start or (done % batch_size and done != stop - start):

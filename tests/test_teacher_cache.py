@@ -194,7 +194,8 @@ def test_a_build_stopped_on_one_rank_resumes_each_slice_where_it_stopped(two_ran
     root, one, results = two_ranks
     killed = [r["killed"] for r in results]
     assert killed[1]["error"] == "KeyboardInterrupt: simulated kill"
-    assert killed[0]["error"].startswith("DistillError: ") and "stopped on rank 1 (KeyboardInterrupt" in killed[0]["error"]
+    assert killed[0]["error"].startswith("DistillError: ")
+    assert "stopped on rank 1 (KeyboardInterrupt" in killed[0]["error"]
     after = results[0]["after_kill"]
     assert after["progress.rank0.json"]["rows_done"] == 18  # rank 0's slice was finished
     assert after["progress.rank1.json"]["rows_done"] == 12  # rank 1 stopped in its third batch (two recorded)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from distill.config import load_config
-from distill.dist import init_distributed
+from distill.dist import init_distributed, is_main
 from distill.engine import Preempted
 from distill.layout import RunLayout
 from distill.lock import run_directory_lock
@@ -36,12 +36,14 @@ def _cache_build(args) -> int:
         print("distill cache build: the experiment has no teacher; nothing to cache", file=sys.stderr)
         return 2
     run_dir = args.out or default_run_dir(cfg)
+    init_distributed()  # under torchrun every rank builds its slice of the cache
     with run_directory_lock(run_dir):  # the same lock as distill run: one writer per run directory
         train_set, val = open_data(cfg)
         teacher = prepare_teacher(cfg, run_dir, train_set, val)
         cache = build_cache(teacher, train_set, RunLayout(run_dir).teacher_cache, num_workers=cfg.data.num_workers,
-                            progress=sys.stderr.isatty())
-    print(f"teacher cache: {len(cache)} images x 2 views in {cache.directory}")
+                            progress=sys.stderr.isatty(), log=print if is_main() else (lambda *_: None))
+    if is_main():  # under torchrun every rank built its slice; rank 0 speaks for all
+        print(f"teacher cache: {len(cache)} images x 2 views in {cache.directory}")
     return 0
 
 
