@@ -65,14 +65,14 @@ def dataset_rate(ds, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def pil_rate(encoded: list, flips: list) -> float:
+def pil_rate(encoded: list, flips: list, input_size=None) -> float:
     start = time.perf_counter()
     for data, flip in zip(encoded, flips):
         im = Image.open(io.BytesIO(data))
         if im.mode != "RGB":
             im = im.convert("RGB")
         chw = torch.from_numpy(np.array(im)).permute(2, 0, 1)  # a writable copy, as torch wants
-        to_input_tensor(chw, flip=flip)
+        to_input_tensor(chw, flip=flip, input_size=input_size)
     return len(encoded) / (time.perf_counter() - start)
 
 
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
         gpu_workers = dict.fromkeys(counts, 0.0) if device is not None else {}
         for _ in range(args.rounds):
             dataset_img_s = max(dataset_img_s, dataset_rate(ds, n))
-            pil_img_s = max(pil_img_s, pil_rate(encoded, flips))
+            pil_img_s = max(pil_img_s, pil_rate(encoded, flips, args.input_size))
             ours, pil = decode_rates(encoded)
             decode_ours, decode_pil = max(decode_ours, ours), max(decode_pil, pil)
             for w in counts:
@@ -264,7 +264,8 @@ def print_scaling(title: str, rates: dict, args) -> None:
     one = rates[1]
     print(f"  {title} (batch {args.batch_size}, prefetch {args.prefetch}):")
     for w, rate in rates.items():
-        eff = {0: "", 1: "   (per-worker rate)"}.get(w, f"   efficiency {rate / (w * one):5.2f} of {w} x one worker")
+        eff = f"   efficiency {rate / (w * one):5.2f} of {w} x one worker" if w > 1 else ""
+        eff = "   (per-worker rate)" if w == 1 else eff
         print(f"    {w} worker{'s' if w != 1 else ' '}: {rate:8.0f} img/s{eff}")
     k = math.ceil(args.target_rate / one)
     print(f"    cores needed for {args.target_rate:.0f} img/s: {k} loader worker{'s' if k != 1 else ''} "
