@@ -169,7 +169,7 @@ def test_check_decode_on_a_cpu_device_names_the_key(rec):
     with pytest.raises(ConfigError, match=r"key 'data\.decode': cuda decodes JPEGs on the GPU, but this run's "
                                           r"device is cpu \(.+\); set data\.decode: cpu"):
         check_decode("cuda", CPU, rec)
-    with pytest.raises(ConfigError, match=r"key 'data\.decode': 'gpu' is not one of cpu, cuda"):
+    with pytest.raises(ValueError, match=r"data\.decode 'gpu' is not one of cpu, cuda"):
         check_decode("gpu", CPU)
 
 

@@ -50,8 +50,8 @@ def check_decode(decode: str, device, dataset=None) -> None:
     """Refuse `data.decode` settings this run cannot honour, before any work: an unknown value; cuda on a run
     whose device is not a GPU (or without a usable CUDA); a torchvision without decode_jpeg; a training set
     that cannot hand out encoded images. Warns (UserNote) when the set's first image is not a JPEG."""
-    if decode not in DECODES:
-        raise ConfigError(f"key 'data.decode': {decode!r} is not one of {', '.join(DECODES)}")
+    if decode not in DECODES:  # the config loader has refused these already: a caller's mistake
+        raise ValueError(f"data.decode {decode!r} is not one of {', '.join(DECODES)}")
     if decode != "cuda":
         return
     device = torch.device(device)
