@@ -11,7 +11,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from distill.data import ImageFolderDataset, RecordIODataset, write_insightface_rec
-from distill.data.gpu_decode import EncodedPlanned, check_decode, collate_encoded, decode_batch, jpeg_frame
+from distill.data.gpu_decode import (EncodedPlanned, _gpu_can_decode, check_decode, collate_encoded, decode_batch,
+                                    jpeg_frame)
 from distill.data.images import decode_chw, to_input_tensor
 from distill.data.standin import StandInFaces
 from distill.epoch_plan import PlannedDataset, plan_epoch
@@ -87,11 +88,14 @@ def test_synthetic_jpegs_and_fallbacks_bit_identical():
     assert grey.shape == (1, 3, 40, 36) and torch.equal(grey[0, 0], grey[0, 1]) and torch.equal(grey[0, 1], grey[0, 2])
 
 
-def test_jpeg_frame_routes_what_nvjpeg_cannot_take_to_the_cpu():
+def test_jpeg_frame_reads_precision_and_components():
     img = picture(1)
     assert jpeg_frame(encode(img)) == (8, 3)
-    assert jpeg_frame(encode(img, mode="L")) == (8, 1)
-    assert jpeg_frame(encode(img, mode="CMYK")) == (8, 4)  # decoded on the CPU under data.decode: cuda
+    assert jpeg_frame(encode(img, mode="L")) == (8, 1)  # grey and CMYK: decoded on the CPU under data.decode: cuda
+    assert jpeg_frame(encode(img, mode="CMYK")) == (8, 4)
+    assert _gpu_can_decode(np.frombuffer(encode(img), np.uint8))
+    assert not _gpu_can_decode(np.frombuffer(encode(img, mode="L"), np.uint8))
+    assert not _gpu_can_decode(np.frombuffer(encode(img, mode="CMYK"), np.uint8))
     assert jpeg_frame(encode(img, progressive=True)) == (8, 3)
     assert jpeg_frame(b"\xff\xd8\xff\xda\x00\x08") is None  # scan before any frame header
     assert jpeg_frame(encode(img)[:20]) is None  # truncated before the frame header

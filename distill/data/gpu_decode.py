@@ -25,8 +25,8 @@ Which pixels come out:
   same formula, different kernel and summation order, so results are expected to differ from the CPU's by
   float rounding only (not measured here); not bit-exact. The tests compare the resize case bit for bit only
   on the CPU device.
-- JPEGs nvJPEG does not take as they are (CMYK/YCCK with 4 components, sample precision other than 8 bits,
-  an unparseable header) and every non-JPEG image (PNG, BMP ...) are decoded on the CPU in the training
+- JPEGs other than 8-bit 3-component ones (grey, whose RGB expansion by nvJPEG is unverified here; CMYK/YCCK;
+  12-bit; an unparseable header) and every non-JPEG image (PNG, BMP ...) are decoded on the CPU in the training
   process, one by one, exactly as the CPU path does (so a broken record raises the same DataFormatError).
 """
 
@@ -150,7 +150,7 @@ def jpeg_frame(data: bytes):
 
 def _gpu_can_decode(data) -> bool:
     frame = jpeg_frame(memoryview(data).tobytes())
-    return frame is not None and frame[0] == 8 and frame[1] in (1, 3)
+    return frame is not None and frame[0] == 8 and frame[1] == 3
 
 
 def _decode_jpegs(tensors: list, device: torch.device) -> list:
@@ -159,15 +159,16 @@ def _decode_jpegs(tensors: list, device: torch.device) -> list:
         return _tv_decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
 
 
-_LUT = None
+_TABLES = {}
 
 
-def _normalise_table() -> torch.Tensor:
-    """float32 value of every uint8 level after to_input_tensor's own operations (on the CPU)."""
-    global _LUT
-    if _LUT is None:
-        _LUT = torch.arange(256, dtype=torch.uint8).float().div_(255).sub_(0.5).div_(0.5)
-    return _LUT
+def _normalise_table(device: torch.device) -> torch.Tensor:
+    """float32 value of every uint8 level after to_input_tensor's own operations, computed on the CPU, kept on
+    `device`."""
+    if device not in _TABLES:
+        table = torch.arange(256, dtype=torch.uint8).float().div_(255).sub_(0.5).div_(0.5)
+        _TABLES[device] = table.to(device)
+    return _TABLES[device]
 
 
 def _where(where, i: int) -> str:
@@ -230,7 +231,7 @@ def _transform(x: torch.Tensor, flipped: torch.Tensor, size) -> torch.Tensor:
     flip = flipped.view(-1, 1, 1, 1)
     if size is None or tuple(x.shape[-2:]) == size:
         x = torch.where(flip, x.flip(-1), x)  # flipping before or after normalising is the same
-        return _normalise_table().to(x.device)[x.int()]
+        return _normalise_table(x.device)[x.int()]
     x = F.interpolate(x.float(), size=size, mode="bicubic", align_corners=False, antialias=True).clamp_(0, 255)
     x = torch.where(flip, x.flip(-1), x)
     if x.device.type == "cpu":
