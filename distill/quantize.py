@@ -11,7 +11,7 @@ loads the file; ops it has no int8 kernel or quantizer for stay FP32 between a D
 QuantizeLinear. `int8_op_summary` reads that split from ORT's own optimised graph and the file records it
 in its metadata (`facedistill.int8_ops`, `facedistill.fp32_ops`).
 
-What ONNX Runtime 1.23 makes of VarGFaceNet (measured, full size at 112x112; the metadata of each file says
+What ONNX Runtime 1.32 makes of VarGFaceNet (measured, full size at 112x112; the metadata of each file says
 what happened to it):
 - int8: all 102 Conv (the variable-group 3x3 ones, S = 8 channels per group, and the 1x1 ones alike) as
   QLinearConv, the FC as QGemm, the 18 residual/branch Adds as QLinearAdd, the SE gates' Sigmoid and Mul as
