@@ -1,17 +1,25 @@
-"""ONNX export (behind `distill export MODEL OUT.onnx`): a student or teacher, checked against torch with ONNX Runtime.
+"""ONNX export (behind `distill export MODEL OUT.onnx`): a student or teacher, BatchNorm folded, checked
+against torch with ONNX Runtime; optionally an INT8 file beside it and verification numbers side by side.
 
 The exported graph has the interface of insightface arcface_torch's ONNX exports, so it loads in
 insightface, ONNX Runtime and back into facedistill as an `onnx` teacher:
 - input  `input.1`: float32 (N, 3, S, S) RGB normalised (x/255 - 0.5)/0.5, i.e. (p - 127.5)/127.5
   (no normalisation inside the graph); N is a dynamic axis named `batch` unless --batch N fixes it;
 - output `embedding`: float32 (N, embedding_size) raw embeddings (not L2-normalised).
-The file also records `facedistill.normalisation`, `facedistill.source` and `facedistill.input_size`
-in its metadata_props.
+The file also records `facedistill.normalisation`, `facedistill.source`, `facedistill.input_size` and
+`facedistill.batchnorm` (how its BatchNorms were removed) in its metadata_props.
+
+BatchNorm: `distill export` leaves no BatchNormalization node (fold_batchnorm, on the ONNX graph: the
+TorchScript exporter already folds Conv -> BN; the BN after the fc, BatchNorm1d `features`, is folded here
+into the Gemm; any BN no neighbour can absorb exactly becomes Mul + Add). The folded file must match the
+unfolded torch model to FOLDED_MAX_REL_DIFF (1e-4 of the largest embedding value).
 
 MODEL is a facedistill `student.pt`, a plain state dict such as arcface_torch's `backbone.pth`
 (with --arch), or a model name (random weights, for deployment tests). The file is written only
 after the parity check passes: ONNX Runtime and torch must agree on random input (cosine similarity of
 every embedding >= 0.9999 and a small max abs difference), otherwise nothing is left at OUT.
+With --int8 the file OUT.int8.onnx (student.onnx -> student.int8.onnx) is written beside it (distill.quantize).
+With --check-bin, check_exports / judge_checks / format_checks compare torch and each file on .bin sets.
 """
 
 from __future__ import annotations

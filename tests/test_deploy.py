@@ -53,10 +53,10 @@ def _image_tree(root: Path, faces, per_class: int, size: int | None = None) -> P
 
 @pytest.fixture(scope="module")
 def deploy(tmp_path_factory):
-    """(student.pt of a tiny VarGFaceNet trained 24 steps at 16x16, image-folder training set of 32 images,
+    """(student.pt of a tiny VarGFaceNet trained 12 steps at 16x16, image-folder training set of 32 images,
     a 40-pair .bin of new noise draws around the same 8 identities)."""
     tmp = tmp_path_factory.mktemp("deploy")
-    cfg = tiny_config(train={"max_steps": 24, "checkpoint_every": 24})
+    cfg = tiny_config(train={"max_steps": 12, "checkpoint_every": 12})
     spec = StageSpec("baseline", "vargfacenet", cfg.student.model_kwargs(SIZE), cfg.train, alpha=0.0, generation=0)
     faces = TinyFaces()
     run_stage(cfg, spec, str(tmp / "stage"), faces, {}, progress=False)
