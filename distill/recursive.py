@@ -42,7 +42,7 @@ from distill.registry import did_you_mean
 from distill.summary import teacher_model, write_summary
 from distill.teacher_cache import build_cache
 from distill.tracking import stage_tracker, val_scalars
-from distill.train_setup import resolve_device
+from distill.train_setup import amp_settings, resolve_device
 
 # Keys that may change between reruns of one run directory without invalidating anything trained.
 HARMLESS = ("generations", "tracking", "data.num_workers", "data.prefetch_factor", "data.decode", "train.log_every",
@@ -320,8 +320,9 @@ def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log, restar
                                 lambda: (teacher, teacher.input_size)))
         if cfg.teacher.cache and cfg.distill.alpha > 0 and cfg.generations > 0:
             # every rank embeds its own slice of the training set; rank 0 prepares the build and marks it finished
+            device = resolve_device(cfg.device)  # on the GPU, under the students' autocast (train.amp)
             cache = build_cache(teacher, train_set, run.teacher_cache, num_workers=cfg.data.num_workers,
-                                progress=progress, log=log)
+                                device=device, amp_dtype=amp_settings(cfg.train, device)[0], progress=progress, log=log)
     for spec in plan_stages(cfg, run_dir):
         stage = run.stage(spec.name)
         note_damaged_result(stage, log)

@@ -66,8 +66,9 @@ def dataset_fingerprint(dataset) -> str:
     return fp()
 
 
-def cache_key(teacher, dataset) -> dict:
-    return {
+def cache_key(teacher, dataset, amp_dtype=None) -> dict:
+    """What the rows are a function of; a build under autocast (`amp_dtype`, on a GPU) is keyed by it too."""
+    key = {
         "format": CACHE_FORMAT,
         "teacher": teacher.fingerprint(),
         "dataset": dataset_fingerprint(dataset),
@@ -76,6 +77,9 @@ def cache_key(teacher, dataset) -> dict:
         "num_samples": len(dataset),
         "dim": teacher.embedding_size,
     }
+    if amp_dtype is not None:
+        key["autocast"] = str(amp_dtype).replace("torch.", "")
+    return key
 
 
 def allocate(path: str, nbytes: int, fresh: bool) -> None:
@@ -282,13 +286,18 @@ def _pwrite(fd: int, data: bytes, offset: int) -> None:
 
 
 def _embed(teacher, dataset, directory: str, manifest: dict, rank: int, world_size: int, start: int, stop: int,
-           done: int, batch_size: int, num_workers: int, device: str, progress: bool, flush_every: int) -> None:
+           done: int, batch_size: int, num_workers: int, device: str, progress: bool, flush_every: int,
+           amp_dtype=None) -> None:
     """Rows `start + done`..`stop - 1` (both views), written in place; the progress file follows the flushed rows."""
     n, dim = manifest["key"]["num_samples"], manifest["key"]["dim"]
     manifest_path = os.path.join(directory, "manifest.json")
     loader = torch.utils.data.DataLoader(_Rows(dataset, start + done, stop), batch_size=batch_size,
                                          num_workers=num_workers, shuffle=False)
+    device = torch.device(device)
     teacher = teacher.to(device)
+    if device.type == "cuda":  # NHWC: the tensor-core path, as the online teacher runs (train.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+    autocast = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     row = start + done
     where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
     bar = tqdm(total=stop - start, initial=done, unit="img", desc=f"teacher cache{where}",
@@ -308,8 +317,12 @@ def _embed(teacher, dataset, directory: str, manifest: dict, rank: int, world_si
     fd = os.open(os.path.join(directory, "embeddings.f16"), os.O_RDWR)
     try:
         for i, x in enumerate(loader):
-            x = match_input_size(x.to(device), teacher.input_size)
-            both = teacher(torch.cat([x, torch.flip(x, dims=[3])]))
+            x = match_input_size(x.to(device, non_blocking=True), teacher.input_size)
+            views = torch.cat([x, torch.flip(x, dims=[3])])
+            if device.type == "cuda":
+                views = views.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad(), torch.autocast(**autocast):
+                both = teacher(views)
             both = both.float().cpu().numpy().reshape(2, len(x), dim).transpose(1, 0, 2)
             if not np.isfinite(both).all():
                 raise DataFormatError(f"teacher produced NaN/Inf embeddings for rows {row}..{row + len(x) - 1}")
@@ -348,7 +361,7 @@ def _finish(directory: str, manifest: dict, world_size: int, seconds: float) -> 
 
 def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_workers: int = 0,
                 device: str = "cpu", progress: bool = True, flush_every: int = 20, log=print,
-                rank: int | None = None, world_size: int | None = None) -> TeacherCache:
+                rank: int | None = None, world_size: int | None = None, amp_dtype=None) -> TeacherCache:
     """Fill (or reuse, or resume) the cache of `teacher` over `dataset` in `directory`, on every rank.
 
     Each of the `world_size` processes (default: distill.dist's, i.e. torchrun's) embeds its own slice
@@ -357,14 +370,16 @@ def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_wor
     `world_size` override distill.dist's (tests; collectives are used only when a process group exists).
     A finished cache is byte-identical whatever the number of processes that built it (same teacher, data and
     batch_size), so any number reuses it; an unfinished one is resumed only by the same teacher, data,
-    world size and batch size, and rebuilt from scratch otherwise (the log says why)."""
+    world size and batch size, and rebuilt from scratch otherwise (the log says why). `device` and `amp_dtype`:
+    where and under which autocast the teacher runs (a run passes its own device and train.amp, so an
+    IResNet-100 embeds on the GPU in bf16 and NHWC); rows made under autocast are keyed by its dtype."""
     rank = ddp.rank() if rank is None else rank
     world = ddp.world_size() if world_size is None else world_size
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not a rank of a world of size {world}")
     collective = world > 1 and ddp.is_distributed()
     os.makedirs(directory, exist_ok=True)
-    key = cache_key(teacher, dataset)
+    key = cache_key(teacher, dataset, amp_dtype)
     n, dim = key["num_samples"], key["dim"]
     t0 = time.perf_counter()
 
@@ -389,7 +404,7 @@ def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_wor
     if start + done < stop:
         try:
             _embed(teacher, dataset, directory, manifest, rank, world, start, stop, done, manifest["batch_size"],
-                   num_workers, device, progress, flush_every)
+                   num_workers, device, progress, flush_every, amp_dtype)
         except BaseException as e:  # noqa: BLE001
             err = e
     _settle(err, collective, "build", directory)

@@ -221,3 +221,20 @@ def test_an_unfinished_build_of_world_size_2_is_rebuilt_by_world_size_1(two_rank
     assert "started with world size 2 and this run has world size 1" in logs[0] and "from scratch" in logs[0]
     assert _bytes(tmp_path / "partial") == one
     assert json.loads((tmp_path / "partial" / "manifest.json").read_text())["world_size"] == 1
+
+
+def test_a_build_under_autocast_is_keyed_by_it_and_close_to_float32(tmp_path):
+    """A run on a GPU builds its cache on the device under the students' autocast (train.amp): the rows are the
+    bf16 teacher's (close to float32's, not equal), and a float32 cache is not reused for it (rebuilt, said so)."""
+    data, logs = TinyFaces(classes=4, per_class=5), []
+    counting = CountingTeacher(_teacher())
+    full = build_cache(counting, data, str(tmp_path), batch_size=8, progress=False)
+    f32 = full.lookup(torch.arange(20), torch.zeros(20, dtype=torch.bool)).clone()
+    del full
+    bf16 = build_cache(counting, data, str(tmp_path), batch_size=8, progress=False, log=logs.append,
+                       amp_dtype=torch.bfloat16)
+    assert counting.images == 40 and "stale" in logs[0] and "autocast" in logs[0]
+    assert json.loads((tmp_path / "manifest.json").read_text())["key"]["autocast"] == "bfloat16"
+    got = bf16.lookup(torch.arange(20), torch.zeros(20, dtype=torch.bool))
+    assert not torch.equal(got, f32)
+    torch.testing.assert_close(got, f32, rtol=0.05, atol=0.05 * float(f32.abs().max()))

@@ -11,6 +11,7 @@ from distill.layout import RunLayout
 from distill.lock import run_directory_lock
 from distill.recursive import default_run_dir, dry_run, open_data, prepare_teacher, run_experiment
 from distill.teacher_cache import build_cache
+from distill.train_setup import amp_settings, resolve_device
 
 EX_TEMPFAIL = 75  # preempted: a scheduler should requeue the same command
 
@@ -40,7 +41,9 @@ def _cache_build(args) -> int:
     with run_directory_lock(run_dir):  # the same lock as distill run: one writer per run directory
         train_set, val = open_data(cfg)
         teacher = prepare_teacher(cfg, run_dir, train_set, val)
+        device = resolve_device(cfg.device)  # where and how distill run would build it
         cache = build_cache(teacher, train_set, RunLayout(run_dir).teacher_cache, num_workers=cfg.data.num_workers,
+                            device=device, amp_dtype=amp_settings(cfg.train, device)[0],
                             progress=sys.stderr.isatty(), log=print if is_main() else (lambda *_: None))
     if is_main():  # under torchrun every rank built its slice; rank 0 speaks for all
         print(f"teacher cache: {len(cache)} images x 2 views in {cache.directory}")
