@@ -59,7 +59,7 @@ class DataConfig:
     num_workers: int = 2
     prefetch_factor: int = 4       # batches each loader worker keeps ready (workers persist for the whole stage)
     # where training JPEGs are decoded: cpu (loader workers) | cuda (batched nvJPEG on the GPU, flip and
-    # normalisation there too; identical pixels, distill/data/gpu_decode.py)
+    # normalisation there too; nvJPEG's pixels differ from libjpeg-turbo's by a few levels: distill/data/gpu_decode.py)
     decode: str = "cpu"
     synthetic: Optional[SyntheticConfig] = None
     ijb: Optional[IJBConfig] = None  # evaluate every finished stage on IJB-B/C too (TAR@FAR 1e-6 .. 1e-1)
