@@ -172,7 +172,9 @@ def export_names(runs: list) -> list:
     names = [r["experiment"] for r in runs]
     out = []
     for r in runs:
-        name = r["experiment"] if names.count(r["experiment"]) == 1 else os.path.basename(os.path.normpath(r["run_dir"]))
+        name = r["experiment"]
+        if names.count(name) > 1:
+            name = os.path.basename(os.path.normpath(r["run_dir"]))
         base, i = name, 1
         while name in out:
             i += 1
@@ -288,7 +290,7 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def export_table(summaries: list, out_dir: str) -> str:
+def export_table(summaries: list) -> str:
     """Markdown: a row per run and stage: file, size (MB), mean accuracy (%) over the val sets of torch, the
     FP32 file and (with --int8) the INT8 file, and what INT8 loses against torch in points."""
     int8 = any(s["int8"] for s in summaries)

@@ -5,7 +5,6 @@ import contextlib
 import io
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -207,3 +206,22 @@ def test_rerun_replaces_the_files_by_rename(exported, finished_run, tmp_path):
         assert after[f"{stage}.onnx"] != before[f"{stage}.onnx"]  # a new file moved into place
     assert json.loads((tmp_path / "deploy" / "tiny" / "export_summary.json").read_text())["int8"] is False
     assert export_rows(stdout)[0] == [h for h in HEAD if "int8" not in h]
+
+
+def test_a_missing_val_set_is_skipped_with_a_note(finished_run, tmp_path):
+    _, run, data = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for stage in ("teacher", "baseline"):  # gen1 alone finished: one quick export
+        (copy / stage / "result.json").unlink()
+    raw = yaml.safe_load((copy / "experiment.yaml").read_text())
+    raw["data"]["val"] = [str(tmp_path / "lfw.bin"), str(data / "synth_val.bin")]
+    (copy / "experiment.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    code, stdout, stderr = run_cli(["compare", copy, "--export", tmp_path / "deploy"])
+    assert code == 0, stderr
+    assert f"verification set {tmp_path / 'lfw.bin'} (data.val) not found" in stderr
+    summary = json.loads((tmp_path / "deploy" / "tiny" / "export_summary.json").read_text())
+    assert summary["val_sets"] == ["synth_val"] and summary["missing_val"] == [str(tmp_path / "lfw.bin")]
+    assert [s["status"] for s in summary["stages"]] == ["not exported (unfinished)"] * 2 + ["exported"] \
+        + ["not exported (unfinished)"]
+    assert sorted(p.name for p in (tmp_path / "deploy" / "tiny").iterdir()) == ["export_summary.json", "gen1.onnx"]

@@ -48,7 +48,7 @@ def _compare(args) -> int:
         if plans is not None:
             print(f"\nexported to {args.export} (accuracy: mean over each run's val sets; "
                   f"{', '.join(sorted({s for x in summaries for s in x['val_sets']})) or 'none found'}):")
-            print(export_table(summaries, args.export))
+            print(export_table(summaries))
     if args.plot:
         print(f"plot: {args.plot}", file=sys.stderr if args.json else sys.stdout)
     for run_dir in unfinished_runs(runs):
