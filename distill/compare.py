@@ -184,8 +184,9 @@ def export_names(runs: list) -> list:
 
 
 def _stage_source(run_dir: str, name: str, cfg) -> tuple:
-    """(source, arch, input_size, why_not) for export_model: a stage's student.pt; a teacher loaded from a
-    checkpoint (not trained here) exports from that checkpoint; an ONNX teacher is not exported again."""
+    """(source, arch, model arguments, why_not): a stage's student.pt; a teacher loaded from a checkpoint (not
+    trained here) exports from that checkpoint with the teacher's `arch` and arguments; an ONNX teacher is not
+    exported again."""
     stage = RunLayout(run_dir).stage(name)
     if os.path.isfile(stage.student):
         return stage.student, None, None, None
@@ -194,8 +195,21 @@ def _stage_source(run_dir: str, name: str, cfg) -> tuple:
         if t.onnx is not None:
             return None, None, None, f"not exported (ONNX teacher: {t.onnx} is already an ONNX file)"
         if t.checkpoint and os.path.isfile(t.checkpoint):
-            return t.checkpoint, t.arch, t.model.get("input_size"), None
+            return t.checkpoint, t.arch, dict(t.model), None
     return None, None, None, f"not exported (no {os.path.basename(stage.student)} in {stage.dir})"
+
+
+def _as_student(checkpoint: str, arch: str, kwargs: dict, path: str) -> str:
+    """A teacher checkpoint (plain state dict) written as a student.pt at `path`, so export_model rebuilds it
+    with every argument of the config (embedding_size too), not only its input size."""
+    from distill.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
+    from distill.models import save_student
+    from distill.registry import create_model
+
+    model = create_model(arch, **kwargs)
+    load_state_dict_strict(model, extract_state_dict(safe_torch_load(checkpoint), checkpoint), source=checkpoint)
+    save_student(path, model, arch, kwargs)
+    return path
 
 
 def _mean_acc(rows: dict, label: str):
@@ -249,16 +263,18 @@ def export_run(plan: dict, int8: bool = False, calib_images: int | None = None, 
         name = entry["stage"]
         row = {"stage": name, "status": UNFINISHED, "files": {}, "torch": None}
         if entry["status"] == "done":
-            source, arch, size, why_not = _stage_source(run["run_dir"], name, cfg)
+            source, arch, kwargs, why_not = _stage_source(run["run_dir"], name, cfg)
             if why_not:
                 row["status"] = why_not
             else:
                 if log:
                     log(f"exporting {plan['name']}/{name} ({source})")
                 try:
-                    r = export_model(source, os.path.join(plan["dir"], f"{name}.onnx"), arch=arch, input_size=size,
-                                     opset=opset, int8=int8, calibrate=plan["calibrate"] if int8 else None,
-                                     calib_images=calib_images, check_bins=plan["bins"])
+                    if arch is not None:  # a plain state dict: as a student.pt, built with the config's arguments
+                        source = _as_student(source, arch, kwargs, os.path.join(plan["dir"], f".{name}.pt"))
+                    r = export_model(source, os.path.join(plan["dir"], f"{name}.onnx"), opset=opset, int8=int8,
+                                     calibrate=plan["calibrate"] if int8 else None, calib_images=calib_images,
+                                     check_bins=plan["bins"])
                     checks = r.get("check", {})
                     # raises when the FP32 file is not the model; a note for each set where INT8 loses much
                     judge_checks(checks, 0.5 if int8_margin is None else int8_margin)
@@ -266,6 +282,9 @@ def export_run(plan: dict, int8: bool = False, calib_images: int | None = None, 
                     row["status"] = f"failed: {err}"
                     stages.append(row)
                     continue
+                finally:
+                    if arch is not None and os.path.exists(source) and source.startswith(plan["dir"]):
+                        os.remove(source)
                 row["status"] = EXPORTED
                 row["torch"] = {"acc_mean": _mean_acc(checks, "pytorch"),
                                 "per_set": {s: c["pytorch"]["acc_mean"] for s, c in checks.items()}}
