@@ -28,6 +28,9 @@ FIXTURE_TESTS = [
     "tests/test_evaluate.py::test_distill_eval_refuses_two_sets_with_one_name",
     "tests/test_evaluate.py::test_distill_eval_refuses_a_malicious_bin_without_running_it",
     "tests/test_folders.py::test_open_training_set_picks_the_reader",
+    "tests/test_gpu_decode.py",
+    "tests/test_gpu_path.py::test_gpu_decode_path_trains_the_student_the_cpu_path_trains",
+    "tests/test_gpu_path.py::test_gpu_decode_on_a_cpu_run_is_a_config_error_before_training",
 ]
 
 # References to files beside the checkout. Each pattern is spelled so that it does not match its own source
