@@ -29,6 +29,8 @@ activations and int8 weights (U8S8, its classic x86 path) every one is fused.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import json
 import os
 import warnings
 
@@ -105,21 +107,118 @@ def calibration_reader(dataset, indices, input_name: str, batch: int | None = CA
     return FaceCalibrationReader()
 
 
-def quantize_file(fp32_path, out_path, reader, metadata: dict | None = None) -> dict:
-    """Quantize `fp32_path` to `out_path` (QDQ, int8 per-channel weights, uint8 activations, MinMax calibration
-    from `reader`); add `metadata` and the int8/FP32 op split to its metadata_props. Returns int8_op_summary."""
+CALIBRATIONS = ("minmax", "percentile", "entropy")
+# where a tensor's range comes from: the extremes seen (MinMax), a percentile of its histogram (Percentile),
+# or the range minimising the KL divergence of the quantized histogram (Entropy)
+NODE_ROLES = ("first_conv", "embedding_out", "embedding_dw")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSettings:
+    """How quantize_file quantizes. `exclude`: node roles (NODE_ROLES) kept FP32; `per_tensor`: roles whose
+    weights get one scale instead of one per output channel."""
+    calibration: str = "minmax"
+    percentile: float = 99.999
+    activation_symmetric: bool = False
+    weight_symmetric: bool = True
+    moving_average: bool = False
+    reduce_range: bool = False
+    exclude: tuple = ()
+    per_tensor: tuple = ()
+
+    def describe(self) -> str:
+        calib = {"minmax": "MinMax", "percentile": f"Percentile {self.percentile:g}",
+                 "entropy": "Entropy"}[self.calibration]
+        if self.moving_average:
+            calib += " (moving average)"
+        parts = [f"weights int8 per channel{' (7-bit, reduce_range)' if self.reduce_range else ''}"
+                 f"{'' if self.weight_symmetric else ' asymmetric'}",
+                 f"activations uint8{' symmetric' if self.activation_symmetric else ''}",
+                 f"{calib} calibration"]
+        if self.per_tensor:
+            parts.append("per-tensor weights for " + ", ".join(self.per_tensor))
+        if self.exclude:
+            parts.append("kept FP32: " + ", ".join(self.exclude))
+        return ", ".join(parts)
+
+
+def _consumers(graph, name):
+    return [n for n in graph.node if name in n.input]
+
+
+def sensitive_nodes(graph, roles) -> dict:
+    """{role: [node names]} for NODE_ROLES in `graph`: `first_conv` the Conv(s) reading the graph input,
+    `embedding_out` the Gemm/MatMul/Conv producing the graph output (walking back over Flatten/Reshape/
+    PRelu/Add...), `embedding_dw` the last grouped (depthwise) Conv of the graph."""
     import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    unknown = [r for r in roles if r not in NODE_ROLES]
+    if unknown:
+        raise ConfigError(f"unknown node role(s) {unknown}; known: {', '.join(NODE_ROLES)}")
+    producer = {o: n for n in graph.node for o in n.output}
+    found = {}
+    for role in roles:
+        names = []
+        if role == "first_conv":
+            for inp in graph.input:
+                names += [n.name for n in _consumers(graph, inp.name) if n.op_type == "Conv"]
+        elif role == "embedding_out":
+            for out in graph.output:
+                node = producer.get(out.name)
+                while node is not None and node.op_type not in ("Gemm", "MatMul", "Conv"):
+                    node = producer.get(node.input[0])
+                if node is not None:
+                    names.append(node.name)
+        elif role == "embedding_dw":
+            grouped = [n.name for n in graph.node if n.op_type == "Conv" and any(
+                a.name == "group" and onnx.helper.get_attribute_value(a) > 1 for a in n.attribute)]
+            names += grouped[-1:]
+        found[role] = names
+    return found
+
+
+def quantize_file(fp32_path, out_path, reader, metadata: dict | None = None,
+                  settings: QuantSettings | None = None) -> dict:
+    """Quantize `fp32_path` to `out_path` (QDQ, int8 per-channel weights, uint8 activations, ranges from
+    `reader` as `settings` say, default DEFAULT_SETTINGS); add `metadata`, the settings and the int8/FP32 op
+    split to its metadata_props. Returns int8_op_summary."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    settings = settings or DEFAULT_SETTINGS
+    if settings.calibration not in CALIBRATIONS:
+        raise ConfigError(f"--int8-calibration {settings.calibration}: use one of {', '.join(CALIBRATIONS)}")
     fp32_path, out_path = os.fspath(fp32_path), os.fspath(out_path)
     prepared = f"{out_path}.pre.onnx"
     try:
         # shape inference + ORT's basic optimisations (constant folding, redundant nodes): what ORT advises
         # before quantize_static, so each tensor gets one scale and the quantizer sees every shape
         quant_pre_process(fp32_path, prepared, skip_symbolic_shape=True)
+        graph = onnx.load(prepared).graph
+        roles = sensitive_nodes(graph, tuple(settings.exclude) + tuple(settings.per_tensor))
+        exclude = [name for role in settings.exclude for name in roles[role]]
+        extra = {"ActivationSymmetric": settings.activation_symmetric,
+                 "WeightSymmetric": settings.weight_symmetric,
+                 "CalibMovingAverage": settings.moving_average,
+                 # histogram calibrators default to a range symmetric about 0: half of uint8 wasted
+                 "CalibTensorRangeSymmetric": settings.activation_symmetric}
+        if settings.calibration == "percentile":
+            extra["CalibPercentile"] = settings.percentile
+        per_tensor = {}
+        initializers = {i.name for i in graph.initializer}
+        for role in settings.per_tensor:
+            for node in graph.node:
+                if node.name in roles[role] and len(node.input) > 1 and node.input[1] in initializers:
+                    per_tensor[node.input[1]] = [{"symmetric": settings.weight_symmetric}]  # no "axis": one scale
+        method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                  "entropy": CalibrationMethod.Entropy}[settings.calibration]
+        if per_tensor:
+            extra["TensorQuantOverrides"] = per_tensor
         quantize_static(prepared, out_path, reader, quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        reduce_range=settings.reduce_range, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, nodes_to_exclude=exclude or None, calibrate_method=method,
+                        extra_options=extra)
     finally:
         if os.path.exists(prepared):
             os.remove(prepared)
@@ -128,8 +227,10 @@ def quantize_file(fp32_path, out_path, reader, metadata: dict | None = None) -> 
     props = dict(metadata or {})
     props["int8_ops"] = _counts_text(summary["int8"])
     props["fp32_ops"] = _counts_text(summary["fp32"])
-    props["quantization"] = ("onnxruntime quantize_static, QDQ, weights int8 per channel, activations uint8, "
-                             "MinMax calibration")
+    props["quantization"] = f"onnxruntime quantize_static, QDQ, {settings.describe()}"
+    props["quantization_settings"] = json.dumps(dataclasses.asdict(settings), sort_keys=True)
+    if exclude:
+        props["fp32_nodes"] = ", ".join(exclude)
     existing = {p.key for p in proto.metadata_props}
     for key, value in props.items():
         name = f"facedistill.{key}"
@@ -140,6 +241,9 @@ def quantize_file(fp32_path, out_path, reader, metadata: dict | None = None) -> 
             entry.key, entry.value = name, str(value)
     onnx.save(proto, out_path)
     return summary
+
+
+DEFAULT_SETTINGS = QuantSettings()
 
 
 def _counts_text(counts: dict) -> str:
