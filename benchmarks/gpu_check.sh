@@ -9,7 +9,7 @@ py="${PYTHON:-}"
 if [ -z "$py" ]; then
   if [ -x "$root/.venv/bin/python" ]; then py="$root/.venv/bin/python"; else py="python3"; fi
 fi
-if ! "$py" -c "import distill, torch" 2>/dev/null; then
+if ! "$py" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('torch') and u.find_spec('distill')))" 2>/dev/null; then
   echo "gpu_check.sh: $py cannot import facedistill and torch; run 'make install' in $root first (or set PYTHON)" >&2
   exit 2
 fi
