@@ -3,8 +3,20 @@
 The FP32 file written by distill.export (BatchNorm folded, input `input.1`, output `embedding`) goes through
 `onnxruntime.quantization.quant_pre_process` (shape inference, ORT's basic graph optimisations), then
 `quantize_static` in the QDQ format: weights int8 per output channel (symmetric), activations uint8 with
-ranges calibrated (MinMax) on N images of a training set (RecordIO folder or .rec, an image-folder tree,
-or the synthetic set, which is written as RecordIO). The result keeps the FP32 file's interface: float32
+ranges calibrated on N images of a training set (RecordIO folder or .rec, an image-folder tree, or the
+synthetic set, which is written as RecordIO). The ranges (DEFAULT_SETTINGS, calibration "images",
+image_ranges) cover each tensor entirely on 99% of the calibration images: a training set holds a few
+images whose activations are far outside the rest (on the quickstart set 1% of the images give embedding
+norms over 4x the median, the largest 28x), and a plain MinMax range stretched to fit them quantizes every
+other image coarsely in the deep layers; which ones the N images include then decides the accuracy.
+Measured on the quickstart student (VarGFaceNet at 32px, 128-d, synth_val 2400 pairs, PyTorch 77.29%):
+MinMax on 512 images 75.63% (cosine to torch min 0.85 / mean 0.9880), on 2048 78.21% (0.95 / 0.9983);
+per-image ranges at 99% on 512 images 77.33% (0.93 / 0.99960), on 2048 77.88% (0.93 / 0.99960).
+ORT's Percentile (99.99: 77.46%, mean cosine 0.9926) and moving-average MinMax (77.54%, mean 0.9994 but
+min 0.84: the average is the first batch's range) help less; its Entropy through quantize_static is MinMax
+(its histogram has as many bins as the quantized one); reduce_range (7-bit weights) loses more (75.25%).
+The settings used are recorded in the file's metadata (`facedistill.quantization`,
+`facedistill.quantization_settings`). The result keeps the FP32 file's interface: float32
 in, float32 out; QuantizeLinear/DequantizeLinear pairs inside mark what runs in int8. ONNX Runtime fuses
 DequantizeLinear -> op -> QuantizeLinear into int8 kernels (QLinearConv, QGemm, QLinearAdd, ...) when it
 loads the file; ops it has no int8 kernel or quantizer for stay FP32 between a DequantizeLinear and a
@@ -107,9 +119,13 @@ def calibration_reader(dataset, indices, input_name: str, batch: int | None = CA
     return FaceCalibrationReader()
 
 
-CALIBRATIONS = ("minmax", "percentile", "entropy")
+CALIBRATIONS = ("minmax", "percentile", "entropy", "images")
 # where a tensor's range comes from: the extremes seen (MinMax), a percentile of its histogram (Percentile),
-# or the range minimising the KL divergence of the quantized histogram (Entropy)
+# or the range minimising the KL divergence of the quantized histogram (Entropy; through quantize_static its
+# histogram has as many bins as the quantized one, so it only ever picks the full range: MinMax); `images`
+# (image_ranges): each tensor's range covers that tensor entirely on `image_quantile` of the images, so the few
+# calibration images with extreme activations (embedding norms 20x the median) are clipped, not every image
+# quantized coarsely to make room for them
 NODE_ROLES = ("first_conv", "embedding_out", "embedding_dw")
 
 
@@ -117,8 +133,9 @@ NODE_ROLES = ("first_conv", "embedding_out", "embedding_dw")
 class QuantSettings:
     """How quantize_file quantizes. `exclude`: node roles (NODE_ROLES) kept FP32; `per_tensor`: roles whose
     weights get one scale instead of one per output channel."""
-    calibration: str = "minmax"
+    calibration: str = "images"
     percentile: float = 99.999
+    image_quantile: float = 0.99
     activation_symmetric: bool = False
     weight_symmetric: bool = True
     moving_average: bool = False
@@ -127,8 +144,9 @@ class QuantSettings:
     per_tensor: tuple = ()
 
     def describe(self) -> str:
-        calib = {"minmax": "MinMax", "percentile": f"Percentile {self.percentile:g}",
-                 "entropy": "Entropy"}[self.calibration]
+        calib = {"minmax": "MinMax", "percentile": f"Percentile {self.percentile:g}", "entropy": "Entropy",
+                 "images": f"per-image MinMax, ranges covering {100 * self.image_quantile:g}% of the images"}[
+                     self.calibration]
         if self.moving_average:
             calib += " (moving average)"
         parts = [f"weights int8 per channel{' (7-bit, reduce_range)' if self.reduce_range else ''}"
@@ -212,7 +230,11 @@ def quantize_file(fp32_path, out_path, reader, metadata: dict | None = None,
                 if node.name in roles[role] and len(node.input) > 1 and node.input[1] in initializers:
                     per_tensor[node.input[1]] = [{"symmetric": settings.weight_symmetric}]  # no "axis": one scale
         method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                  "entropy": CalibrationMethod.Entropy}[settings.calibration]
+                  "entropy": CalibrationMethod.Entropy, "images": CalibrationMethod.MinMax}[settings.calibration]
+        if settings.calibration == "images":
+            for name, (lo, hi) in image_ranges(prepared, reader, settings.image_quantile).items():
+                per_tensor.setdefault(name, [{}])[0].update(rmin=np.float32(lo), rmax=np.float32(hi))
+            reader.rewind()
         if per_tensor:
             extra["TensorQuantOverrides"] = per_tensor
         quantize_static(prepared, out_path, reader, quant_format=QuantFormat.QDQ, per_channel=True,
@@ -244,6 +266,56 @@ def quantize_file(fp32_path, out_path, reader, metadata: dict | None = None,
 
 
 DEFAULT_SETTINGS = QuantSettings()
+
+
+def image_ranges(model_path, reader, quantile: float) -> dict:
+    """{tensor: (rmin, rmax)} for every float activation of the model at `model_path`: the `1 - quantile`
+    quantile over the images from `reader` of each image's minimum, and the `quantile` quantile of each image's
+    maximum (0 always inside): on each side the floor((1 - quantile) * (N - 1)) most extreme of N images are
+    clipped (none of 100 or fewer at 0.99: plain MinMax). The graph is run once with a Flatten -> ReduceMin/ReduceMax pair per tensor."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    model = onnx.load(model_path)
+    graph = model.graph
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    floats = {vi.name for vi in list(graph.value_info) + list(graph.input) + list(graph.output)
+              if vi.type.tensor_type.elem_type == TensorProto.FLOAT}
+    initializers = {i.name for i in graph.initializer}
+    names = sorted({t for n in graph.node for t in list(n.input) + list(n.output)} & floats - initializers)
+    if opset >= 18:
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array([1], np.int64), "_fd_axes"))
+    outputs = []
+    for i, name in enumerate(names):
+        flat = f"_fd_flat{i}"
+        graph.node.append(helper.make_node("Flatten", [name], [flat], axis=1))
+        for op in ("ReduceMin", "ReduceMax"):
+            out = f"_fd_{op}{i}"
+            if opset >= 18:
+                graph.node.append(helper.make_node(op, [flat, "_fd_axes"], [out], keepdims=0))
+            else:
+                graph.node.append(helper.make_node(op, [flat], [out], axes=[1], keepdims=0))
+            graph.output.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+            outputs.append(out)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), sess_options=options,
+                                   providers=["CPUExecutionProvider"])
+    lows, highs = [[] for _ in names], [[] for _ in names]
+    reader.rewind()
+    while (feed := reader.get_next()) is not None:
+        values = session.run(outputs, feed)
+        for i in range(len(names)):
+            lows[i].append(values[2 * i])
+            highs[i].append(values[2 * i + 1])
+    ranges = {}
+    for i, name in enumerate(names):
+        # "higher"/"lower": an observed image's value, and plain MinMax for small sets
+        lo = float(np.quantile(np.concatenate(lows[i]), 1 - quantile, method="lower"))
+        hi = float(np.quantile(np.concatenate(highs[i]), quantile, method="higher"))
+        ranges[name] = (min(lo, 0.0), max(hi, 0.0))
+    return ranges
 
 
 def _counts_text(counts: dict) -> str:

@@ -288,3 +288,64 @@ def test_bench_infer_json(deploy, capsys):
                                 "ort_int8_vs_eager_batch_img_s", "ort_int8_vs_eager_b1_p50_ms"}
     assert r["ratios"]["ort_int8_vs_eager_batch_img_s"] == pytest.approx(
         r["ort_int8"]["batch_img_s"] / r["eager"]["batch_img_s"], rel=1e-2)
+
+
+class _ArrayReader:
+    """A CalibrationDataReader over a (N, ...) float32 array, `batch` rows at a time."""
+
+    def __init__(self, x, batch=8, name="input.1"):
+        self.x, self.batch, self.name = x, batch, name
+        self.rewind()
+
+    def rewind(self):
+        self._starts = iter(range(0, len(self.x), self.batch))
+
+    def get_next(self):
+        start = next(self._starts, None)
+        return None if start is None else {self.name: self.x[start:start + self.batch]}
+
+
+def test_image_ranges_clip_the_few_extreme_images_only_from_enough_images(tmp_path):
+    from onnx import TensorProto, helper
+
+    from distill.quantize import image_ranges
+    node = helper.make_node("Relu", ["input.1"], ["embedding"])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["n", 4])])
+    path = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    x = np.random.default_rng(0).uniform(-1, 1, (301, 4)).astype(np.float32)
+    x[[7, 150, 300]] *= 50.0  # 1% of the images far outside the rest: floor(0.01 * 300) = 3 clipped each side
+    ranges = image_ranges(str(path), _ArrayReader(x), 0.99)
+    assert set(ranges) == {"input.1", "embedding"}
+    lo, hi = ranges["input.1"]
+    assert -1.0 <= lo < -0.9 and 0.9 < hi <= 1.0  # both outliers clipped
+    assert ranges["embedding"][0] == 0.0 and 0.9 < ranges["embedding"][1] <= 1.0
+    few = image_ranges(str(path), _ArrayReader(x[:100]), 0.99)  # 100 images: none clipped, plain MinMax
+    assert few["input.1"] == pytest.approx((float(x[:100].min()), float(x[:100].max())))
+
+
+def test_quantize_settings_roles_and_metadata(tmp_path):
+    import dataclasses
+
+    from distill.quantize import DEFAULT_SETTINGS, QuantSettings, quantize_file, sensitive_nodes
+    model = _calibrated("vargfacenet", size=SIZE, multiplier=0.5, last_channels=64, units=(1, 1, 1),
+                        embedding_size=32)
+    fp32 = export_onnx(model, tmp_path / "m.onnx", SIZE)
+    x = torch.randn(16, 3, SIZE, SIZE).numpy()
+    roles = sensitive_nodes(onnx.load(fp32).graph, ("first_conv", "embedding_out", "embedding_dw"))
+    assert [len(v) for v in roles.values()] == [1, 1, 1]
+    assert roles["embedding_out"][0].endswith("Gemm") and roles["embedding_dw"][0].startswith("/embed/")
+    default = quantize_file(fp32, tmp_path / "d.onnx", _ArrayReader(x))
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "d.onnx")).metadata_props}
+    assert json.loads(props["facedistill.quantization_settings"]) == json.loads(
+        json.dumps(dataclasses.asdict(DEFAULT_SETTINGS)))
+    assert DEFAULT_SETTINGS.calibration == "images" and "99% of the images" in props["facedistill.quantization"]
+    kept = quantize_file(fp32, tmp_path / "k.onnx", _ArrayReader(x),
+                         settings=QuantSettings(exclude=("first_conv", "embedding_out", "embedding_dw")))
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "k.onnx")).metadata_props}
+    assert props["facedistill.fp32_nodes"].count("/") >= 3 and "kept FP32: first_conv" in props["facedistill.quantization"]
+    assert kept["int8"]["QLinearConv"] == default["int8"]["QLinearConv"] - 2
+    assert "QGemm" not in kept["int8"] and kept["fp32"]["Gemm"] == 1
+    with pytest.raises(ConfigError, match="--int8-calibration kl"):
+        quantize_file(fp32, tmp_path / "x.onnx", _ArrayReader(x), settings=QuantSettings(calibration="kl"))
