@@ -221,13 +221,9 @@ def plan_export(runs: list, out_dir: str, int8: bool = False, calibrate=None, ca
     """Check everything `export_runs` needs before any work: the calibration set (--calibrate, else each run's
     data.train), --calib-images, the val sets (missing ones are skipped with a note), a writable `out_dir`.
     Returns one plan per run: {"run", "name", "dir", "cfg", "calibrate", "bins", "missing_bins"}."""
-    if calibrate is not None and not int8:
-        raise ConfigError(f"--calibrate {calibrate}: calibration is for the INT8 files; add --int8")
-    if calib_images is not None and calib_images < 1:
-        raise ConfigError(f"--calib-images: {calib_images}; calibration needs at least 1 image")
-    if calibrate is not None and not os.path.exists(calibrate):
-        raise ConfigError(f"--calibrate {calibrate}: no such training set (a RecordIO folder holding train.rec, "
-                          f"a .rec file, or a folder of one sub-folder of images per identity)")
+    from distill.quantize import check_calibration
+
+    check_calibration(int8, calibrate, calib_images, what="files")
     plans = []
     for run, name in zip(runs, export_names(runs)):
         cfg = _load_config(run["run_dir"])

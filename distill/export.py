@@ -126,11 +126,9 @@ def _check_paths(out: str, int8: bool, calibrate, check_bins) -> str:
     if int8 and calibrate is None:
         raise ConfigError("--int8: static quantization needs calibration images; add --calibrate DATA (a training "
                           "set: a RecordIO folder or .rec file, or an image-folder tree)")
-    if calibrate is not None and not int8:
-        raise ConfigError(f"--calibrate {calibrate}: calibration is for the INT8 file; add --int8")
-    if calibrate is not None and not os.path.exists(calibrate):
-        raise ConfigError(f"--calibrate {calibrate}: no such training set (a RecordIO folder holding train.rec, "
-                          f"a .rec file, or a folder of one sub-folder of images per identity)")
+    from distill.quantize import check_calibration
+
+    check_calibration(int8, calibrate, None)
     for path in check_bins:
         if not os.path.isfile(path):
             raise ConfigError(f"--check-bin {path}: verification set not found")
@@ -147,7 +145,7 @@ def _move_into_place(tmp: str, out: str) -> None:
 
 def export_model(source: str, out, arch: str | None = None, input_size: int | None = None, opset: int = 17,
                  batch: int | None = None, int8: bool = False, calibrate=None, calib_images: int | None = None,
-                 check_bins=()) -> dict:
+                 check_bins=(), int8_calibration: str | None = None) -> dict:
     """Load `source` (see distill.models.load_model), export it to `out` with BatchNorm folded, check parity
     (<= FOLDED_MAX_REL_DIFF against the unfolded torch model), then move it into place.
 
@@ -164,10 +162,10 @@ def export_model(source: str, out, arch: str | None = None, input_size: int | No
         raise ConfigError(f"--opset: {opset} is not supported; use {OPSETS.start}..{OPSETS.stop - 1} (default 17)")
     if batch is not None and batch < 1:
         raise ConfigError(f"--batch: a fixed batch must be at least 1, got {batch}")
-    from distill.quantize import DEFAULT_CALIB_IMAGES, int8_path
+    from distill.quantize import DEFAULT_CALIB_IMAGES, check_calibration, int8_path
+    if int8:
+        check_calibration(int8, None, calib_images)
     calib_images = DEFAULT_CALIB_IMAGES if calib_images is None else calib_images
-    if int8 and calib_images < 1:
-        raise ConfigError(f"--calib-images: {calib_images}; calibration needs at least 1 image")
     _check_paths(out, int8, calibrate, check_bins)
     model, size = load_model(source, arch=arch, input_size=input_size)
     size = input_size or size or 112
@@ -193,23 +191,28 @@ def export_model(source: str, out, arch: str | None = None, input_size: int | No
     result = {**result, "path": out, "input_size": size, "opset": opset, "size_mb": os.path.getsize(out) / 1e6,
               "batchnorm": props.get("facedistill.batchnorm"), "files": {"fp32": out}, "model": model}
     if int8:
-        result["int8"] = _export_int8(model, out, int8_path(out), size, batch, calibrate, calib_images)
+        result["int8"] = _export_int8(model, out, int8_path(out), size, batch, calibrate, calib_images,
+                                      int8_calibration)
         result["files"]["int8"] = result["int8"]["path"]
     if check_bins:
         result["check"] = check_exports(model, size, result["files"], check_bins)
     return result
 
 
-def _export_int8(model, fp32: str, out: str, size: int, batch, calibrate, calib_images: int) -> dict:
-    """Quantize the FP32 file into `out` (atomically); report the calibration and how close it stays to torch."""
-    from distill.quantize import calibration_reader, open_calibration_set, quantize_file
+def _export_int8(model, fp32: str, out: str, size: int, batch, calibrate, calib_images: int,
+                 calibration: str | None = None) -> dict:
+    """Quantize the FP32 file into `out` (atomically); report the calibration and how close it stays to torch.
+    `calibration`: how activation ranges are read (distill.quantize.CALIBRATIONS; None: its default)."""
+    from distill.quantize import DEFAULT_SETTINGS, QuantSettings, calibration_reader, open_calibration_set, quantize_file
 
+    settings = QuantSettings(calibration=calibration) if calibration else DEFAULT_SETTINGS
     dataset, indices = open_calibration_set(calibrate, size, calib_images)
     tmp = f"{out}.tmp"
     try:
         try:
             summary = quantize_file(fp32, tmp, calibration_reader(dataset, indices, INPUT_NAME, batch),
-                                    metadata={"calibration": f"{len(indices)} images of {os.path.basename(os.path.normpath(calibrate))}"})
+                                    metadata={"calibration": f"{len(indices)} images of {os.path.basename(os.path.normpath(calibrate))}"},
+                                    settings=settings)
         except OSError as err:
             raise unwritable(out, err, "the INT8 model") from None
         cosines = _cosines_to_torch(model, tmp, dataset, indices[:64], batch)
@@ -218,6 +221,7 @@ def _export_int8(model, fp32: str, out: str, size: int, batch, calibrate, calib_
         if os.path.exists(tmp):
             os.remove(tmp)
     return {"path": out, "size_mb": os.path.getsize(out) / 1e6, "calib_images": int(len(indices)),
+            "quantization": settings.describe(),
             "int8_ops": summary["int8"], "fp32_ops": summary["fp32"], **cosines}
 
 

@@ -61,6 +61,19 @@ def int8_path(fp32_path) -> str:
     return (path[:-len(".onnx")] if path.endswith(".onnx") else path) + INT8_SUFFIX
 
 
+def check_calibration(int8: bool, calibrate, calib_images: int | None, what: str = "file") -> None:
+    """The calibration options of `distill export` and `distill compare --export`, checked before any work:
+    --calibrate only with --int8, an existing set, --calib-images >= 1 (None: DEFAULT_CALIB_IMAGES)."""
+    if calibrate is not None and not int8:
+        raise ConfigError(f"--calibrate {calibrate}: calibration is for the INT8 {what}; add --int8")
+    if calib_images is not None and calib_images < 1:
+        raise ConfigError(f"--calib-images: {calib_images}; calibration needs at least 1 image (default "
+                          f"{DEFAULT_CALIB_IMAGES})")
+    if calibrate is not None and not os.path.exists(calibrate):
+        raise ConfigError(f"--calibrate {calibrate}: no such training set (a RecordIO folder holding train.rec, a "
+                          f".rec file, or a folder of one sub-folder of images per identity)")
+
+
 def open_calibration_set(path, input_size: int, images: int = DEFAULT_CALIB_IMAGES):
     """(dataset, indices): `images` images spread evenly over the training set at `path`, resized to
     input_size (a UserNote says so when they are stored at another size); fewer when the set is smaller
@@ -68,11 +81,7 @@ def open_calibration_set(path, input_size: int, images: int = DEFAULT_CALIB_IMAG
     from distill.data import open_training_set
 
     path = os.fspath(path)
-    if images < 1:
-        raise ConfigError(f"--calib-images: {images}; calibration needs at least 1 image (default {DEFAULT_CALIB_IMAGES})")
-    if not os.path.exists(path):
-        raise ConfigError(f"--calibrate {path}: no such training set (a RecordIO folder holding train.rec, a .rec "
-                          f"file, or a folder of one sub-folder of images per identity)")
+    check_calibration(True, path, images)
     dataset = open_training_set(path, flip=False, input_size=input_size)
     if len(dataset) == 0:
         raise ConfigError(f"--calibrate {path}: the training set holds no images")

@@ -186,6 +186,16 @@ def test_export_int8_and_check_bin_end_to_end(deploy, tmp_path, capsys):
     assert "fewer than the 512 asked" in captured.err and "calibrating on all 32" in captured.err
 
 
+def test_int8_calibration_option_reaches_the_file(deploy, tmp_path, capsys):
+    student, train, _ = deploy
+    out = tmp_path / "student.onnx"
+    assert main(["export", str(student), str(out), "--int8", "--calibrate", str(train), "--calib-images", "8",
+                 "--int8-calibration", "minmax"]) == 0
+    props = {p.key: p.value for p in onnx.load(int8_path(out)).metadata_props}
+    assert json.loads(props["facedistill.quantization_settings"])["calibration"] == "minmax"
+    assert "MinMax calibration" in capsys.readouterr().out
+
+
 def test_check_bin_fails_when_fp32_parity_breaks_and_warns_on_int8_loss(deploy, tmp_path, monkeypatch, capsys):
     import distill.export as export
 

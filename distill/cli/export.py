@@ -30,7 +30,8 @@ def _export(args) -> int:
         raise ConfigError(f"export needs onnx and onnxruntime ({err}); pip install 'facedistill[onnx]'") from None
     r = export_model(args.model, args.out, arch=args.arch, input_size=args.input_size, opset=args.opset,
                      batch=_batch(args.batch), int8=args.int8, calibrate=args.calibrate,
-                     calib_images=args.calib_images, check_bins=args.check_bin or ())
+                     calib_images=args.calib_images, check_bins=args.check_bin or (),
+                     int8_calibration=args.int8_calibration)
     axis = "dynamic" if args.batch == "dynamic" else f"fixed at {args.batch}"
     print(f"wrote {r['path']} ({r['size_mb']:.2f} MB): input {INPUT_NAME!r} (N, 3, {r['input_size']}, {r['input_size']}) "
           f"{NORMALISATION}, batch {axis}; output {OUTPUT_NAME!r} (N, {r['embedding_size']}); opset {r['opset']}")
@@ -39,7 +40,7 @@ def _export(args) -> int:
           f"min cosine similarity {r['min_cosine']:.7f}")
     if "int8" in r:
         q = r["int8"]
-        print(f"wrote {q['path']} ({q['size_mb']:.2f} MB): INT8 (QDQ, weights int8 per channel, activations uint8), "
+        print(f"wrote {q['path']} ({q['size_mb']:.2f} MB): INT8 (QDQ; {q['quantization']}), "
               f"calibrated on {q['calib_images']} images; same input and output")
         print(f"  int8 in ONNX Runtime: {_ops(q['int8_ops'])}")
         print(f"  FP32 in ONNX Runtime: {_ops(q['fp32_ops'])} (no int8 kernel or quantizer for them in ORT)")
@@ -71,6 +72,10 @@ def add_commands(sub) -> None:
                    help="a verification .bin: accuracy, XNorm, TAR@FAR of torch and each file side by side, and "
                         "the embedding cosine between them; fails when the FP32 file is not the torch model; "
                         "repeat for several sets")
+    p.add_argument("--int8-calibration", choices=("images", "percentile", "minmax"), default=None,
+                   help="how activation ranges are read from the calibration images: images (default: each range "
+                        "covers its tensor on 99%% of the images, the rare extreme ones clipped), percentile "
+                        "(99.999), minmax (the whole range of all images)")
     p.add_argument("--int8-margin", type=float, default=0.5, metavar="POINTS",
                    help="with --check-bin: warn when INT8 loses more accuracy points than this (default 0.5)")
     p.set_defaults(func=_export)
