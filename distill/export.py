@@ -33,7 +33,7 @@ from torch import nn
 
 from distill.atomic import ensure_writable, unwritable
 from distill.errors import ConfigError, DistillError
-from distill.onnx_fold import fold_batchnorm
+from distill.onnx_fold import fold_batchnorm, split_prelu
 
 INPUT_NAME = "input.1"
 OUTPUT_NAME = "embedding"
@@ -43,6 +43,8 @@ MIN_COSINE = 0.9999
 MAX_REL_DIFF = 1e-3
 # what `distill export` allows its BatchNorm-folded file against the unfolded torch model
 FOLDED_MAX_REL_DIFF = 1e-4
+# the deployed graph writes PReLU as Relu + slope * Min(x, 0): same numbers, ~4x faster in ORT (onnx_fold.split_prelu)
+SPLIT_PRELU = True
 # opsets the TorchScript exporter writes (9 is its base; 20 its maximum in torch 2.x)
 OPSETS = range(9, 21)
 
@@ -74,6 +76,8 @@ def export_onnx(model: nn.Module, path, input_size: int, opset: int = 17, batch:
             counts = fold_batchnorm(proto)
             metadata["batchnorm"] = (f"folded: {counts['folded']} into the neighbouring Conv/Gemm (the exporter "
                                      f"folds Conv->BN itself), {counts['mul_add']} as Mul+Add, {counts['left']} left")
+            if SPLIT_PRELU:
+                metadata["prelu"] = f"{split_prelu(proto)} PRelu as Relu(x) + slope * Min(x, 0) (faster in ONNX Runtime)"
         for key, value in metadata.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = f"facedistill.{key}", str(value)

@@ -49,6 +49,7 @@ import warnings
 import numpy as np
 
 from distill.errors import ConfigError, UserNote
+from distill.onnx_fold import shorten_names
 
 DEFAULT_CALIB_IMAGES = 512
 CALIB_BATCH = 32
@@ -255,6 +256,7 @@ def quantize_file(fp32_path, out_path, reader, metadata: dict | None = None,
             os.remove(prepared)
     summary = int8_op_summary(out_path)
     proto = onnx.load(out_path)
+    shorten_names(proto.graph)  # the quantizer's long names are ~6% of the file
     props = dict(metadata or {})
     props["int8_ops"] = _counts_text(summary["int8"])
     props["fp32_ops"] = _counts_text(summary["fp32"])
