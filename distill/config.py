@@ -58,9 +58,7 @@ class DataConfig:
     input_size: int = 112          # images are resized when their size differs
     num_workers: int = 2
     prefetch_factor: int = 4       # batches each loader worker keeps ready (workers persist for the whole stage)
-    # where training JPEGs are decoded: cpu (loader workers) | cuda (batched nvJPEG on the GPU, flip and
-    # normalisation there too; nvJPEG's pixels differ from libjpeg-turbo's by a few levels: distill/data/gpu_decode.py)
-    decode: str = "cpu"
+    decode: str = "cpu"            # JPEGs decoded by loader workers | cuda: by nvJPEG, batched (data/gpu_decode.py)
     synthetic: Optional[SyntheticConfig] = None
     ijb: Optional[IJBConfig] = None  # evaluate every finished stage on IJB-B/C too (TAR@FAR 1e-6 .. 1e-1)
     # K: P×K batches of batch_size/K identities with K images each, for batch-level distillation losses
@@ -154,9 +152,7 @@ class TrainConfig:
     amp: str = "auto"              # auto (bf16 on CUDA) | bf16 | fp16 | off
     channels_last: Optional[bool] = None  # NHWC memory format for the student and an online teacher; null: on CUDA
     compile: bool = False          # torch.compile the student and an online teacher (eager, with a warning, where it fails)
-    # the optimizer's multi-tensor kernels: auto (fused on CUDA where the optimizer has them, else foreach) |
-    # fused | foreach | off (the per-parameter loop)
-    optimizer_impl: str = "auto"
+    optimizer_impl: str = "auto"   # auto (fused on CUDA where it exists, else torch's default) | fused | foreach | off
     clip_grad: Optional[float] = None
     accumulate: int = 1            # gradient accumulation steps
     eval_every: int = 0            # steps between verification runs (0: only at the end)

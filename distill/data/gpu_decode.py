@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.data.images import JPEG_SOI, _tv_decode_jpeg, decode_chw
+from distill.epoch_plan import PlannedDataset
 from distill.errors import ConfigError, UserNote
 
 if _tv_decode_jpeg is not None:
@@ -90,15 +91,9 @@ def _as_uint8(data) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-class EncodedPlanned(torch.utils.data.Dataset):
-    """PlannedDataset's twin for data.decode: cuda: item (index, flip) of the epoch plan is
+class EncodedPlanned(PlannedDataset):
+    """PlannedDataset for data.decode: cuda: item (index, flip) of the epoch plan is
     `(uint8 1-D tensor of the encoded image, label, index, flipped)`, read and not decoded."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
 
     def __getitem__(self, item):
         index, flip = item
