@@ -380,8 +380,9 @@ def dry_run(cfg: ExperimentConfig, log=print) -> None:
     with tempfile.TemporaryDirectory(prefix="distill-dry-run-") as tmp:
         if small.teacher is not None:
             if cfg.teacher.onnx is None and not (cfg.teacher.checkpoint and os.path.exists(cfg.teacher.checkpoint)):
-                # no checkpoint: the recipe's teacher stage trains two steps (the validation one is untrained)
-                teacher = prepare_teacher(small, tmp, data, val, progress=False, log=lambda *_: None)
+                # no checkpoint: the recipe's teacher stage trains two steps (the validation one is untrained);
+                # not evaluated: the students' stages check the evaluation path, an IResNet-100's costs seconds
+                teacher = prepare_teacher(small, tmp, data, {}, progress=False, log=lambda *_: None)
             log(f"dry run: teacher ok ({cfg.teacher.arch or cfg.teacher.onnx}, {teacher.embedding_size}-d at "
                 f"{teacher.input_size}px)")
         for spec in plan_stages(small, tmp):
