@@ -244,7 +244,7 @@ def plan_export(runs: list, out_dir: str, int8: bool = False, calibrate=None, ca
 
 
 def export_run(plan: dict, int8: bool = False, calib_images: int | None = None, opset: int = 17,
-               int8_margin: float | None = None, log=None) -> dict:
+               int8_margin: float | None = None, int8_calibration: str | None = None, log=None) -> dict:
     """Export every finished stage of one run into plan["dir"] (<stage>.onnx, with `int8` <stage>.int8.onnx
     too: distill.export.export_model, BatchNorm folded and parity-checked), evaluate torch and each file on the
     run's val sets (check_exports) and write export_summary.json there. Returns that summary."""
@@ -266,11 +266,13 @@ def export_run(plan: dict, int8: bool = False, calib_images: int | None = None, 
                 if log:
                     log(f"exporting {plan['name']}/{name} ({source})")
                 try:
+                    source_name = os.path.basename(source)  # the file's metadata names it, not a temporary copy
                     if arch is not None:  # a plain state dict: as a student.pt, built with the config's arguments
                         source = _as_student(source, arch, kwargs, os.path.join(plan["dir"], f".{name}.pt"))
                     r = export_model(source, os.path.join(plan["dir"], f"{name}.onnx"), opset=opset, int8=int8,
                                      calibrate=plan["calibrate"] if int8 else None, calib_images=calib_images,
-                                     check_bins=plan["bins"])
+                                     check_bins=plan["bins"], int8_calibration=int8_calibration,
+                                     source_name=source_name)
                     checks = r.get("check", {})
                     # raises when the FP32 file is not the model; a note for each set where INT8 loses much
                     judge_checks(checks, 0.5 if int8_margin is None else int8_margin)

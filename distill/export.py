@@ -149,7 +149,7 @@ def _move_into_place(tmp: str, out: str) -> None:
 
 def export_model(source: str, out, arch: str | None = None, input_size: int | None = None, opset: int = 17,
                  batch: int | None = None, int8: bool = False, calibrate=None, calib_images: int | None = None,
-                 check_bins=(), int8_calibration: str | None = None) -> dict:
+                 check_bins=(), int8_calibration: str | None = None, source_name: str | None = None) -> dict:
     """Load `source` (see distill.models.load_model), export it to `out` with BatchNorm folded, check parity
     (<= FOLDED_MAX_REL_DIFF against the unfolded torch model), then move it into place.
 
@@ -177,7 +177,8 @@ def export_model(source: str, out, arch: str | None = None, input_size: int | No
     try:
         try:
             export_onnx(model, tmp, size, opset=opset, batch=batch, fold_bn=True,
-                        metadata={"normalisation": NORMALISATION, "source": os.path.basename(source), "input_size": size})
+                        metadata={"normalisation": NORMALISATION, "source": source_name or os.path.basename(source),
+                                  "input_size": size})
         except OSError as err:  # the disk filled during the export
             raise unwritable(out, err, "the exported model") from None
         result = check_parity(model, tmp, size, batch=batch, name=out)

@@ -77,7 +77,8 @@ def finished_run(tmp_path_factory):
 def exported(finished_run):
     tmp, run, data = finished_run
     out = tmp / "deploy"
-    code, stdout, stderr = run_cli(["compare", run, "--export", out, "--int8", "--calib-images", 8])
+    code, stdout, stderr = run_cli(["compare", run, "--export", out, "--int8", "--calib-images", 8,
+                                    "--int8-calibration", "minmax"])
     assert code == 0, stderr
     return out / "tiny", stdout, stderr
 
@@ -94,6 +95,9 @@ def test_every_finished_stage_is_exported_fp32_and_int8(exported):
         assert {p.key for p in fp32.metadata_props} >= {"facedistill.batchnorm", "facedistill.normalisation"}
         q = {p.key: p.value for p in onnx.load(str(folder / f"{stage}.int8.onnx")).metadata_props}
         assert q["facedistill.calibration"] == "8 images of faces"
+        assert json.loads(q["facedistill.quantization_settings"])["calibration"] == "minmax"  # --int8-calibration
+        source = {p.key: p.value for p in fp32.metadata_props}["facedistill.source"]
+        assert source.endswith(".pt") and not source.startswith(".")  # the stage's file, never a temporary copy
 
 
 def test_table_has_the_documented_columns_and_lists_the_unfinished_stage(exported):
@@ -191,6 +195,8 @@ def test_compare_without_export_is_unchanged_and_export_options_need_it(finished
     assert table_rows(stdout)[0][:2] == ["run", "stage"] and "file" not in table_rows(stdout)[0]
     code, _, stderr = run_cli(["compare", run, "--int8"])
     assert code == 2 and "--export" in stderr
+    code, _, stderr = run_cli(["compare", run, "--int8-calibration", "minmax"])
+    assert code == 2 and "--int8-calibration go with --export" in stderr
 
 
 def test_rerun_replaces_the_files_by_rename(exported, finished_run, tmp_path):

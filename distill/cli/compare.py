@@ -9,6 +9,7 @@ import sys
 from distill.compare import (comparison_json, comparison_table, export_run, export_table, load_runs, plan_export,
                              plot_comparison, unfinished_runs)
 from distill.errors import ConfigError
+from distill.quantize import add_calibration_option
 
 
 def _log(message: str) -> None:
@@ -26,8 +27,9 @@ def _compare(args) -> int:
                               f"(a finished stage has its result.json)")
         plans = plan_export([r for r in runs if r["run_dir"] not in empty], args.export, int8=args.int8,
                             calibrate=args.calibrate, calib_images=args.calib_images)  # before any work
-    elif args.int8 or args.calibrate is not None or args.calib_images is not None or args.int8_margin is not None:
-        raise ConfigError("--int8, --calibrate, --calib-images and --int8-margin go with --export DIR")
+    elif args.int8 or args.calibrate is not None or args.calib_images is not None or args.int8_margin is not None \
+            or args.int8_calibration is not None:
+        raise ConfigError("--int8, --calibrate, --calib-images, --int8-margin and --int8-calibration go with --export DIR")
     if args.plot:
         plot_comparison(runs, args.plot)
     summaries = []
@@ -37,7 +39,8 @@ def _compare(args) -> int:
                 _log(f"note: {plan['run']['run_dir']}: verification set {missing} (data.val) not found; "
                      f"the exported files are not evaluated on it")
             summaries.append(export_run(plan, int8=args.int8, calib_images=args.calib_images,
-                                        int8_margin=args.int8_margin, log=_log))
+                                        int8_margin=args.int8_margin, int8_calibration=args.int8_calibration,
+                                        log=_log))
     if args.json:
         out = comparison_json(runs)
         if plans is not None:
@@ -88,4 +91,5 @@ def add_commands(sub) -> None:
                    help="with --int8: calibration images spread over the set (default 512)")
     p.add_argument("--int8-margin", type=float, default=None, metavar="POINTS",
                    help="with --int8: note each val set where INT8 loses more accuracy points than this (default 0.5)")
+    add_calibration_option(p)
     p.set_defaults(func=_compare)

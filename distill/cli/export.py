@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from distill.errors import ConfigError
 from distill.export import (INPUT_NAME, NORMALISATION, OUTPUT_NAME, export_model, format_checks, judge_checks)
-from distill.quantize import DEFAULT_CALIB_IMAGES, INT8_SUFFIX
+from distill.quantize import DEFAULT_CALIB_IMAGES, INT8_SUFFIX, add_calibration_option
 
 
 def _batch(value: str):
@@ -72,10 +72,7 @@ def add_commands(sub) -> None:
                    help="a verification .bin: accuracy, XNorm, TAR@FAR of torch and each file side by side, and "
                         "the embedding cosine between them; fails when the FP32 file is not the torch model; "
                         "repeat for several sets")
-    p.add_argument("--int8-calibration", choices=("images", "percentile", "minmax"), default=None,
-                   help="how activation ranges are read from the calibration images: images (default: each range "
-                        "covers its tensor on 99%% of the images, the rare extreme ones clipped), percentile "
-                        "(99.999), minmax (the whole range of all images)")
+    add_calibration_option(p)
     p.add_argument("--int8-margin", type=float, default=0.5, metavar="POINTS",
                    help="with --check-bin: warn when INT8 loses more accuracy points than this (default 0.5)")
     p.set_defaults(func=_export)
