@@ -43,8 +43,8 @@ from distill.checkpoint import (atomic_torch_save, capture_rng_state, extract_st
                                 restore_rng_state, safe_torch_load)
 from distill.config import ExperimentConfig, TrainConfig, to_dict
 from distill.dist import barrier, world_size
-from distill.data.gpu_decode import check_decode, decode_batch
-from distill.epoch_plan import plan_epoch, plan_identity_epoch, stage_loader
+from distill.data.gpu_decode import EncodedPlanned, check_decode, collate_encoded, decode_batch
+from distill.epoch_plan import PlannedDataset, plan_epoch, plan_identity_epoch, stage_loader
 from distill.dist import rank as dist_rank
 from distill.errors import CheckpointError, DistillError
 from distill.evaluate import evaluate_sets
@@ -339,8 +339,10 @@ def _train(st: _Stage, train_set, val_sets: dict, tracker: Tracker, stop: dict, 
     else:
         plan = lambda epoch: plan_epoch(len(train_set), tr.batch_size, st.cfg.seed, epoch, train_set.flip,  # noqa: E731
                                         st.rank, st.world)
-    loader = stage_loader(train_set, plan, st.batches_per_epoch, st.micro, st.total_steps * tr.accumulate - st.micro,
-                          data, st.cfg.seed, pin_memory=st.device.type == "cuda")
+    encoded = data.decode == "cuda"  # workers read the encoded images; _micro_step decodes batches on the GPU
+    loader = stage_loader(EncodedPlanned(train_set) if encoded else PlannedDataset(train_set), plan,
+                          st.batches_per_epoch, st.micro, st.total_steps * tr.accumulate - st.micro, data, st.cfg.seed,
+                          pin_memory=st.device.type == "cuda", collate_fn=collate_encoded if encoded else None)
     st.clock = time.perf_counter()  # loader set-up is not training time
     for batch in loader:
         if not _micro_step(st, batch, window):

@@ -108,15 +108,14 @@ class StagePlan:
                 micro += 1
 
 
-def stage_loader(dataset, plan, per_epoch: int, start: int, count: int, data, seed: int, pin_memory: bool):
-    """The stage's one DataLoader (distill/engine.py): `data` is the DataConfig (num_workers, prefetch_factor;
-    workers persist for the whole stage). Worker seeds come from a generator of their own: creating the
-    loader draws nothing from the global RNG, which exact resume depends on."""
+def stage_loader(planned, plan, per_epoch: int, start: int, count: int, data, seed: int, pin_memory: bool,
+                 collate_fn=None):
+    """The stage's one DataLoader (distill/engine.py) over `planned` (a PlannedDataset, or gpu_decode's
+    EncodedPlanned with its collate_fn): `data` is the DataConfig (num_workers, prefetch_factor; workers
+    persist for the whole stage). Worker seeds come from a generator of their own: creating the loader draws
+    nothing from the global RNG, which exact resume depends on."""
     workers = data.num_workers
     extra = dict(persistent_workers=True, prefetch_factor=data.prefetch_factor) if workers > 0 else {}
-    if data.decode == "cuda":  # workers read the encoded images; the engine decodes batches on the GPU
-        from distill.data.gpu_decode import EncodedPlanned, collate_encoded
-        extra.update(dataset=EncodedPlanned(dataset), collate_fn=collate_encoded)
-    extra.setdefault("dataset", PlannedDataset(dataset))
-    return torch.utils.data.DataLoader(batch_sampler=StagePlan(plan, per_epoch, start, count), num_workers=workers,
-                                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed), **extra)
+    return torch.utils.data.DataLoader(planned, batch_sampler=StagePlan(plan, per_epoch, start, count),
+                                       num_workers=workers, pin_memory=pin_memory, collate_fn=collate_fn,
+                                       generator=torch.Generator().manual_seed(seed), **extra)

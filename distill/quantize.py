@@ -62,14 +62,6 @@ def int8_path(fp32_path) -> str:
     return (path[:-len(".onnx")] if path.endswith(".onnx") else path) + INT8_SUFFIX
 
 
-def add_calibration_option(parser) -> None:
-    """--int8-calibration of `distill export` and `distill compare --export` (QuantSettings.calibration)."""
-    parser.add_argument("--int8-calibration", choices=("images", "percentile", "minmax"), default=None,
-                        help="how activation ranges are read from the calibration images: images (default: each "
-                             "range covers its tensor on 99%% of the images, the rare extreme ones clipped), "
-                             "percentile (99.999), minmax (the whole range of all images)")
-
-
 def check_calibration(int8: bool, calibrate, calib_images: int | None, what: str = "file") -> None:
     """The calibration options of `distill export` and `distill compare --export`, checked before any work:
     --calibrate only with --int8, an existing set, --calib-images >= 1 (None: DEFAULT_CALIB_IMAGES)."""

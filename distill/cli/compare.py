@@ -9,7 +9,7 @@ import sys
 from distill.compare import (comparison_json, comparison_table, export_run, export_table, load_runs, plan_export,
                              plot_comparison, unfinished_runs)
 from distill.errors import ConfigError
-from distill.quantize import add_calibration_option
+from distill.cli.export import add_calibration_option
 
 
 def _log(message: str) -> None:

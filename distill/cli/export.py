@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from distill.errors import ConfigError
 from distill.export import (INPUT_NAME, NORMALISATION, OUTPUT_NAME, export_model, format_checks, judge_checks)
-from distill.quantize import DEFAULT_CALIB_IMAGES, INT8_SUFFIX, add_calibration_option
+from distill.quantize import DEFAULT_CALIB_IMAGES, INT8_SUFFIX
 
 
 def _batch(value: str):
@@ -49,6 +49,14 @@ def _export(args) -> int:
         print(format_checks(r["check"]))
         judge_checks(r["check"], args.int8_margin)  # raises when the FP32 file breaks parity; INT8 losses: notes
     return 0
+
+
+def add_calibration_option(parser) -> None:
+    """--int8-calibration of `distill export` and `distill compare --export` (QuantSettings.calibration)."""
+    parser.add_argument("--int8-calibration", choices=("images", "percentile", "minmax"), default=None,
+                        help="how activation ranges are read from the calibration images: images (default: each "
+                             "range covers its tensor on 99%% of the images, the rare extreme ones clipped), "
+                             "percentile (99.999), minmax (the whole range of all images)")
 
 
 def add_commands(sub) -> None:
