@@ -45,11 +45,38 @@ def _config(args):
     })
 
 
-def _throughput(cfg, data, out, alpha, teacher=None, cache=None) -> float:
+def throughput(cfg, data, out, alpha, teacher=None, cache=None, warmup: int = WARMUP) -> float:
+    """Median of the per-step images/s the engine logs for one stage, after `warmup` steps."""
     spec = StageSpec("bench", "vargfacenet", cfg.student.model_kwargs(cfg.data.input_size), cfg.train, alpha=alpha)
     run_stage(cfg, spec, out, data, {}, teacher=teacher, cache=cache, progress=False, log=lambda *_: None)
-    rates = [m["train/images_per_s"] for m in read_metrics(out) if "train/images_per_s" in m][WARMUP:]
+    rates = [m["train/images_per_s"] for m in read_metrics(out) if "train/images_per_s" in m][warmup:]
     return statistics.median(rates)
+
+
+def untrained_teacher(arch: str, size: int, dim: int = 512):
+    """An untrained IResNet re-initialised small (arcface_torch's init overflows to inf); the cost is the same."""
+    model = teachers.build_teacher({"arch": arch, "input_size": size, "embedding_size": dim})
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight)
+            m.weight.data.mul_(0.2)
+    return model
+
+
+def kd_rates(cfg, data, tmp: str, teacher, warmup: int = WARMUP) -> dict:
+    """Images/s of (a) plain training, (b) a cached teacher, (c) `teacher` run online, through the engine on the
+    same data and settings (cfg.student's embedding size), and the time ratios of (b) and (c) against (a)."""
+    plain = throughput(cfg, data, os.path.join(tmp, "plain"), 0.0, warmup=warmup)
+    # The cache's contents do not change its read cost: fill it with a cheap frozen stand-in teacher.
+    torch.manual_seed(0)
+    size, dim = cfg.data.input_size, cfg.student.embedding_size
+    cheap = teachers.FrozenTeacher(nn.Sequential(nn.Flatten(), nn.Linear(3 * size ** 2, dim)),
+                                   {"kind": "bench"}, size, dim)
+    cache = build_cache(cheap, data, os.path.join(tmp, "cache"), progress=False, log=lambda *_: None)
+    cached = throughput(cfg, data, os.path.join(tmp, "cached"), 7.0, cache=cache, warmup=warmup)
+    online = throughput(cfg, data, os.path.join(tmp, "online"), 7.0, teacher=teacher, warmup=warmup)
+    return {"plain_img_s": plain, "cached_img_s": cached, "online_img_s": online,
+            "cached_time_ratio": plain / cached, "online_time_ratio": plain / online}
 
 
 def main(argv=None) -> int:
@@ -66,26 +93,10 @@ def main(argv=None) -> int:
     n = args.batch_size * (args.steps + WARMUP)
     data = StandInFaces(classes=max(2, n // 4), per_class=4, size=args.input_size)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        plain = _throughput(cfg, data, os.path.join(tmp, "plain"), 0.0)
-        # The cache's contents do not change its read cost: fill it with a cheap frozen stand-in teacher.
-        torch.manual_seed(0)
-        cheap = teachers.FrozenTeacher(nn.Sequential(nn.Flatten(), nn.Linear(3 * args.input_size ** 2, 512)),
-                                       {"kind": "bench"}, args.input_size, 512)
-        cache = build_cache(cheap, data, os.path.join(tmp, "cache"), progress=False, log=lambda *_: None)
-        cached = _throughput(cfg, data, os.path.join(tmp, "cached"), 7.0, cache=cache)
-        r100 = teachers.build_teacher({"arch": "iresnet100", "input_size": args.input_size})
-        for m in r100.modules():  # an untrained r100 with arcface_torch's init overflows to inf; cost is the same
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-                m.weight.data.mul_(0.2)
-        if args.device == "cuda":
-            r100 = r100.to(memory_format=torch.channels_last)
-        online = _throughput(cfg, data, os.path.join(tmp, "online"), 7.0, teacher=r100)
-
-    result = {"plain_img_s": plain, "cached_img_s": cached, "online_img_s": online,
-              "cached_time_ratio": plain / cached, "online_time_ratio": plain / online,
-              "input_size": args.input_size, "batch_size": args.batch_size, "device": args.device,
+    with tempfile.TemporaryDirectory() as tmp:  # the engine puts the online teacher in channels_last on CUDA
+        rates = kd_rates(cfg, data, tmp, untrained_teacher("iresnet100", args.input_size))
+    plain, cached, online = rates["plain_img_s"], rates["cached_img_s"], rates["online_img_s"]
+    result = {**rates, "input_size": args.input_size, "batch_size": args.batch_size, "device": args.device,
               "threads": torch.get_num_threads()}
     if args.json:
         print(json.dumps(result))

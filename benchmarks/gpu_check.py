@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,9 +34,9 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)  # bench_kd, whose measurement the training figures reuse
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 
 # full: the sizes the issue asks for; tiny: the same code in seconds on a CPU (an IResNet-18 stands in for the
 # IResNet-100 of the KD and inference figures, whose construction alone takes seconds; the shortened run's teacher is a
@@ -55,18 +54,6 @@ SIZES = {
 }
 
 
-def _untrained_teacher(arch: str, size: int, dim: int = 512):
-    """An untrained IResNet re-initialised small: arcface_torch's init overflows to inf; the cost is the same."""
-    import teachers
-
-    model = teachers.build_teacher({"arch": arch, "input_size": size, "embedding_size": dim})
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight)
-            m.weight.data.mul_(0.2)
-    return model
-
-
 def _config(args, s, compile_: bool):
     from distill.config import build_config
 
@@ -79,39 +66,25 @@ def _config(args, s, compile_: bool):
     })
 
 
-def _engine_rate(cfg, data, out, alpha, s, teacher=None, cache=None) -> float:
-    from distill.engine import StageSpec, run_stage
-    from distill.tracking import read_metrics
-
-    spec = StageSpec("check", "vargfacenet", cfg.student.model_kwargs(cfg.data.input_size), cfg.train, alpha=alpha)
-    run_stage(cfg, spec, out, data, {}, teacher=teacher, cache=cache, progress=False, log=lambda *_: None)
-    rates = [m["train/images_per_s"] for m in read_metrics(out) if "train/images_per_s" in m][s["warmup"]:]
-    return statistics.median(rates)
-
-
 def training_rates(args, s, tmp) -> dict:
-    """Plain, compiled, cached-teacher and online-teacher training through the engine, on the same data."""
-    import teachers
+    """Plain, compiled, cached-teacher and online-teacher training through the engine, on the same data
+    (bench_kd's measurement, plus the compiled student)."""
+    from bench_kd import kd_rates, throughput, untrained_teacher
     from distill.data.standin import StandInFaces
-    from distill.teacher_cache import build_cache
 
     data = StandInFaces(classes=max(2, s["batch"] // 2), per_class=max(4, (s["steps"] + s["warmup"]) * 2 + 2),
                         size=s["size"])
     cfg = _config(args, s, compile_=False)
-    out = {"train_img_s": _engine_rate(cfg, data, os.path.join(tmp, "plain"), 0.0, s)}
+    kd = kd_rates(cfg, data, tmp, untrained_teacher(s["teacher"], s["size"], s["student"]["embedding_size"]),
+                  warmup=s["warmup"])
+    out = {"train_img_s": kd["plain_img_s"]}
     try:
-        out["train_compiled_img_s"] = _engine_rate(_config(args, s, True), data, os.path.join(tmp, "compiled"), 0.0, s)
+        out["train_compiled_img_s"] = throughput(_config(args, s, True), data, os.path.join(tmp, "compiled"), 0.0,
+                                                 warmup=s["warmup"])
     except Exception as err:  # noqa: BLE001 - reported, the rest goes on
         out["train_compiled_img_s"] = {"error": f"{type(err).__name__}: {err}"[:300]}
-    torch.manual_seed(0)
-    dim = s["student"]["embedding_size"]
-    cheap = teachers.FrozenTeacher(nn.Sequential(nn.Flatten(), nn.Linear(3 * s["size"] ** 2, dim)),
-                                   {"kind": "gpu_check"}, s["size"], dim)  # the cache's read cost is its size's
-    cache = build_cache(cheap, data, os.path.join(tmp, "cache"), progress=False, log=lambda *_: None)
-    cached = _engine_rate(cfg, data, os.path.join(tmp, "cached"), 7.0, s, cache=cache)
-    online = _engine_rate(cfg, data, os.path.join(tmp, "online"), 7.0, s, teacher=_untrained_teacher(s["teacher"], s["size"], dim))
-    out.update(kd_cached_img_s=cached, kd_online_img_s=online, kd_cached_time_ratio=out["train_img_s"] / cached,
-               kd_online_time_ratio=out["train_img_s"] / online)
+    out.update(kd_cached_img_s=kd["cached_img_s"], kd_online_img_s=kd["online_img_s"],
+               kd_cached_time_ratio=kd["cached_time_ratio"], kd_online_time_ratio=kd["online_time_ratio"])
     return out
 
 
@@ -121,7 +94,9 @@ def teacher_inference_rate(args, s) -> float:
     from distill.train_setup import amp_settings
 
     device = torch.device(args.device)
-    model = _untrained_teacher(s["teacher"], s["size"]).to(device).eval()
+    from bench_kd import untrained_teacher
+
+    model = untrained_teacher(s["teacher"], s["size"]).to(device).eval()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     dtype, _ = amp_settings(TrainConfig(), device)
