@@ -53,6 +53,15 @@ def default_run_dir(cfg: ExperimentConfig) -> str:
     return os.path.join("runs", cfg.name)
 
 
+def build_run_cache(cfg: ExperimentConfig, teacher, train_set, run_dir: str, progress: bool, log):
+    """The run's teacher cache (`distill run` and `distill cache build`): on the run's device, under the
+    students' autocast (train.amp); under torchrun every rank embeds its own slice and rank 0 prepares the
+    build and marks it finished."""
+    device = resolve_device(cfg.device)
+    return build_cache(teacher, train_set, RunLayout(run_dir).teacher_cache, num_workers=cfg.data.num_workers,
+                       device=device, amp_dtype=amp_settings(cfg.train, device)[0], progress=progress, log=log)
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
@@ -319,10 +328,7 @@ def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log, restar
         results.append(with_ijb(rank0_first(lambda: _teacher_result(cfg, run_dir, teacher, val)),
                                 lambda: (teacher, teacher.input_size)))
         if cfg.teacher.cache and cfg.distill.alpha > 0 and cfg.generations > 0:
-            # every rank embeds its own slice of the training set; rank 0 prepares the build and marks it finished
-            device = resolve_device(cfg.device)  # on the GPU, under the students' autocast (train.amp)
-            cache = build_cache(teacher, train_set, run.teacher_cache, num_workers=cfg.data.num_workers,
-                                device=device, amp_dtype=amp_settings(cfg.train, device)[0], progress=progress, log=log)
+            cache = build_run_cache(cfg, teacher, train_set, run_dir, progress, log)
     for spec in plan_stages(cfg, run_dir):
         stage = run.stage(spec.name)
         note_damaged_result(stage, log)

@@ -7,11 +7,8 @@ import sys
 from distill.config import load_config
 from distill.dist import init_distributed, is_main
 from distill.engine import Preempted
-from distill.layout import RunLayout
 from distill.lock import run_directory_lock
-from distill.recursive import default_run_dir, dry_run, open_data, prepare_teacher, run_experiment
-from distill.teacher_cache import build_cache
-from distill.train_setup import amp_settings, resolve_device
+from distill.recursive import build_run_cache, default_run_dir, dry_run, open_data, prepare_teacher, run_experiment
 
 EX_TEMPFAIL = 75  # preempted: a scheduler should requeue the same command
 
@@ -41,10 +38,8 @@ def _cache_build(args) -> int:
     with run_directory_lock(run_dir):  # the same lock as distill run: one writer per run directory
         train_set, val = open_data(cfg)
         teacher = prepare_teacher(cfg, run_dir, train_set, val)
-        device = resolve_device(cfg.device)  # where and how distill run would build it
-        cache = build_cache(teacher, train_set, RunLayout(run_dir).teacher_cache, num_workers=cfg.data.num_workers,
-                            device=device, amp_dtype=amp_settings(cfg.train, device)[0],
-                            progress=sys.stderr.isatty(), log=print if is_main() else (lambda *_: None))
+        cache = build_run_cache(cfg, teacher, train_set, run_dir, progress=sys.stderr.isatty(),
+                                log=print if is_main() else (lambda *_: None))
     if is_main():  # under torchrun every rank built its slice; rank 0 speaks for all
         print(f"teacher cache: {len(cache)} images x 2 views in {cache.directory}")
     return 0
