@@ -25,13 +25,14 @@ in its metadata (`facedistill.int8_ops`, `facedistill.fp32_ops`).
 
 What ONNX Runtime 1.32 makes of VarGFaceNet (measured, full size at 112x112; the metadata of each file says
 what happened to it):
+- the exported FP32 graph writes each of the 82 PReLU as Relu(x) + slope * Min(x, 0) (distill.onnx_fold.
+  split_prelu: the same numbers; ORT's PRelu kernel is ~4x slower, and neither ORT's quantizer, whose op
+  registry has Relu, Clip, LeakyRelu, Sigmoid but no PRelu, nor its CPU provider has an int8 PRelu);
 - int8: all 102 Conv (the variable-group 3x3 ones, S = 8 channels per group, and the 1x1 ones alike) as
-  QLinearConv, the FC as QGemm, the 18 residual/branch Adds as QLinearAdd, the SE gates' Sigmoid and Mul as
-  QLinearSigmoid / QLinearMul;
-- FP32: the 82 PReLU, the SE blocks' 12 ReduceMean (global pooling) and the Flatten. Neither ORT's
-  quantizer (its op registry has Relu, Clip, LeakyRelu, Sigmoid but no PRelu, no ReduceMean) nor its CPU
-  provider (no int8 PRelu kernel) handles them, so each PReLU runs between a DequantizeLinear and a
-  QuantizeLinear: the int8 file pays a dequantize/requantize round trip per activation.
+  QLinearConv, the FC as QGemm, the Adds (residual, branch and PReLU halves) as QLinearAdd, the Muls (SE gates
+  and PReLU slopes) as QLinearMul, the SE gates' Sigmoid as QLinearSigmoid, Relu fused into its producer;
+- FP32: the 82 Min of the PReLUs, the SE blocks' 12 ReduceMean (global pooling, no quantizer entry) and the
+  Flatten, each between a DequantizeLinear and a QuantizeLinear: a dequantize/requantize round trip apiece.
 Activations are uint8, not int8 (ORT's default): with int8 activations (S8S8) ORT's CPU provider left a
 third of the convolutions (those fed by a PReLU shared with a residual Add, and the pointwise conv before
 each SE block) as DequantizeLinear -> FP32 Conv -> QuantizeLinear, slower than FP32 itself; with uint8
