@@ -259,11 +259,13 @@ def _log_window(st: _Stage, window: LogWindow, tracker: Tracker, bar) -> None:
 
 # ------------------------------------------------------------------------------------------ one step
 
-def _micro_step(st: _Stage, batch, window: LogWindow) -> bool:
-    """Forward and backward one micro-batch; every `accumulate`-th one also updates. True when it did."""
+def _micro_step(st: _Stage, batch, window: LogWindow, where=None) -> bool:
+    """Forward and backward one micro-batch; every `accumulate`-th one also updates. True when it did.
+    `where(index)` names a training image in errors (data.decode: cuda decodes here, not in the loader)."""
     x, y, idx, flipped = batch
     if isinstance(x, list):  # data.decode: cuda: encoded images, decoded here as one batch
-        x = decode_batch(x, flipped, st.device, st.cfg.data.input_size)
+        name = (lambda i: where(int(idx[i]))) if where else None
+        x = decode_batch(x, flipped, st.device, st.cfg.data.input_size, where=name)
     x = x.to(st.device, non_blocking=True)
     y = y.to(st.device, non_blocking=True)
     if st.channels_last:
@@ -345,7 +347,7 @@ def _train(st: _Stage, train_set, val_sets: dict, tracker: Tracker, stop: dict, 
                           pin_memory=st.device.type == "cuda", collate_fn=collate_encoded if encoded else None)
     st.clock = time.perf_counter()  # loader set-up is not training time
     for batch in loader:
-        if not _micro_step(st, batch, window):
+        if not _micro_step(st, batch, window, getattr(train_set, "where", None)):
             continue
         bar.update(1)
         if _after_update(st, window, val_sets, tracker, stop, bar):

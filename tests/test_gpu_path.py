@@ -190,7 +190,8 @@ def test_gpu_decode_path_trains_the_student_the_cpu_path_trains(tmp_path, monkey
 
     monkeypatch.setattr(distill.engine, "check_decode", lambda decode, device, dataset=None: None)
     real, decoded = distill.engine.decode_batch, []
-    monkeypatch.setattr(distill.engine, "decode_batch", lambda enc, *a: decoded.append(len(enc)) or real(enc, *a))
+    monkeypatch.setattr(distill.engine, "decode_batch",
+                        lambda enc, *a, **kw: decoded.append(len(enc)) or real(enc, *a, **kw))
     weights = {}
     for decode in ("cpu", "cuda"):
         cfg = tiny_config(data={"decode": decode, "num_workers": 1},
@@ -211,3 +212,23 @@ def test_gpu_decode_on_a_cpu_run_is_a_config_error_before_training(tmp_path, fix
         run_stage(cfg, _spec(cfg, alpha=0.0), str(tmp_path), RecordIODataset(fixtures / "insightface_rec"), {},
                   progress=False)
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_a_broken_image_under_gpu_decode_names_its_record(tmp_path, monkeypatch, fixtures):
+    """data.decode: cuda decodes in the training step, not in the loader: a damaged record is still named by its
+    file, key and byte offset, as the CPU path names it."""
+    import distill.engine
+    from distill.data import RecordIODataset
+    from distill.errors import DataFormatError
+
+    class Damaged(RecordIODataset):
+        def encoded(self, index):
+            data, label = super().encoded(index)
+            return (data[:40] if index == 3 else data), label
+
+    monkeypatch.setattr(distill.engine, "check_decode", lambda decode, device, dataset=None: None)
+    train_set = Damaged(fixtures / "insightface_rec", input_size=16)
+    cfg = tiny_config(data={"decode": "cuda"}, train={"batch_size": 24, "lr_batch_size": 24, "max_steps": 1})
+    with pytest.raises(DataFormatError) as err:
+        run_stage(cfg, _spec(cfg, alpha=0.0), str(tmp_path), train_set, {}, progress=False)
+    assert train_set.where(3) in str(err.value)

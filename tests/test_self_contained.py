@@ -31,6 +31,7 @@ FIXTURE_TESTS = [
     "tests/test_gpu_decode.py",
     "tests/test_gpu_path.py::test_gpu_decode_path_trains_the_student_the_cpu_path_trains",
     "tests/test_gpu_path.py::test_gpu_decode_on_a_cpu_run_is_a_config_error_before_training",
+    "tests/test_gpu_path.py::test_a_broken_image_under_gpu_decode_names_its_record",
 ]
 
 # References to files beside the checkout. Each pattern is spelled so that it does not match its own source
