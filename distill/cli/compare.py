@@ -9,7 +9,7 @@ import sys
 from distill.compare import (comparison_json, comparison_table, export_run, export_table, load_runs, plan_export,
                              plot_comparison, unfinished_runs)
 from distill.errors import ConfigError
-from distill.cli.export import add_calibration_option
+from distill.cli.export import add_calibration_option, require_onnx
 
 
 def _log(message: str) -> None:
@@ -20,7 +20,7 @@ def _compare(args) -> int:
     runs = load_runs(args.run_dirs)
     plans = None
     if args.export is not None:
-        _check_onnx()
+        require_onnx("--export")
         empty = set(unfinished_runs(runs))
         if len(empty) == len(runs):
             raise ConfigError(f"--export: nothing to export: no stage of {', '.join(sorted(empty))} has finished "
@@ -62,14 +62,6 @@ def _compare(args) -> int:
         _log(f"error: export failed for {', '.join(failed)} (see the status column / export_summary.json)")
         return 1
     return 0
-
-
-def _check_onnx() -> None:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError as err:
-        raise ConfigError(f"--export needs onnx and onnxruntime ({err}); pip install 'facedistill[onnx]'") from None
 
 
 def add_commands(sub) -> None:

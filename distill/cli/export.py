@@ -22,12 +22,17 @@ def _ops(counts: dict) -> str:
     return ", ".join(f"{op} x{n}" for op, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "none"
 
 
-def _export(args) -> int:
+def require_onnx(what: str) -> None:
+    """`what` (export, --export) needs the onnx extra: a ConfigError saying how to install it, before any work."""
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as err:
-        raise ConfigError(f"export needs onnx and onnxruntime ({err}); pip install 'facedistill[onnx]'") from None
+        raise ConfigError(f"{what} needs onnx and onnxruntime ({err}); pip install 'facedistill[onnx]'") from None
+
+
+def _export(args) -> int:
+    require_onnx("export")
     r = export_model(args.model, args.out, arch=args.arch, input_size=args.input_size, opset=args.opset,
                      batch=_batch(args.batch), int8=args.int8, calibrate=args.calibrate,
                      calib_images=args.calib_images, check_bins=args.check_bin or (),
