@@ -10,7 +10,7 @@ same IDCT and upsampling, so the pixels are the same, identical to OpenCV's); no
 One process: the reference decodes the very same bytes, already in memory, with PIL (`Image.open` + RGB array)
 and applies the same transform, so the ratio shows what the decoder choice and the reading cost together.
 
-Loader: what training runs (distill/engine.py): PlannedDataset over plan_epoch's batches (flips from the plan),
+Loader: what training runs (distill/train/engine.py): PlannedDataset over plan_epoch's batches (flips from the plan),
 a DataLoader with `--workers` processes, `--batch-size`, `--prefetch` batches per worker. The one-worker rate is
 the per-worker (per-core) rate; for N workers the efficiency is rate(N) / (N x rate(1)), measured in the same run,
 so it shows what N processes on this machine's cores lose to each other (and to the main process). "Cores
@@ -55,7 +55,7 @@ from distill.data import RecordIODataset
 from distill.data.gpu_decode import EncodedPlanned, collate_encoded, decode_batch
 from distill.data.images import decode_chw, to_input_tensor
 from distill.data.synthetic import ensure_synthetic
-from distill.epoch_plan import PlannedDataset, plan_epoch
+from distill.train.epoch_plan import PlannedDataset, plan_epoch
 
 
 def dataset_rate(ds, n: int) -> float:

@@ -1,4 +1,4 @@
-"""Time distill.evaluate.verification_metrics on 6,000 random pairs against a plain-loop reference.
+"""Time distill.eval.verification.verification_metrics on 6,000 random pairs against a plain-loop reference.
 
 The reference is the protocol written the straightforward way (a Python loop over 10 folds x 400
 thresholds, `np.less(dist, threshold)` each time), the way insightface computes it; the run checks
@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from distill.evaluate import THRESHOLDS, _fold_sizes, pair_distances, verification_metrics
+from distill.eval.verification import THRESHOLDS, _fold_sizes, pair_distances, verification_metrics
 
 
 def reference_accuracies(dist, issame, n_folds=10):

@@ -33,9 +33,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from distill.data.standin import StandInFaces  # noqa: E402
-from distill.export import INPUT_NAME, export_onnx  # noqa: E402
-from distill.models import load_model  # noqa: E402
-from distill.quantize import calibration_reader, quantize_file  # noqa: E402
+from distill.deploy.export import INPUT_NAME, export_onnx  # noqa: E402
+from distill.models.files import load_model  # noqa: E402
+from distill.deploy.quantize import calibration_reader, quantize_file  # noqa: E402
 
 WARMUP = 3
 

@@ -1,6 +1,6 @@
 """Distillation cost: images/s of plain student training vs cached-teacher and online-teacher distillation.
 
-All three run the real training loop (distill.engine.run_stage) on the same stand-in data, student and
+All three run the real training loop (distill.train.engine.run_stage) on the same stand-in data, student and
 settings, in one process, so only the teacher path differs:
   (a) plain    alpha 0, no teacher
   (b) cached   alpha 7, teacher embeddings read from a memory-mapped float16 cache
@@ -26,11 +26,11 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import teachers  # noqa: E402
-from distill.config import build_config  # noqa: E402
+from distill.config.schema import build_config  # noqa: E402
 from distill.data.standin import StandInFaces  # noqa: E402
-from distill.engine import StageSpec, run_stage  # noqa: E402
-from distill.teacher_cache import build_cache  # noqa: E402
-from distill.tracking import read_metrics  # noqa: E402
+from distill.train.engine import StageSpec, run_stage  # noqa: E402
+from teachers.cache import build_cache  # noqa: E402
+from distill.train.tracking import read_metrics  # noqa: E402
 
 WARMUP = 2
 

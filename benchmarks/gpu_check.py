@@ -4,7 +4,7 @@
     benchmarks/gpu_check.sh --device cpu --tiny   # the same code on a CPU with tiny sizes (the test suite runs it)
 
 What it measures (every rate is images/s; every ratio is from the same run, so a noisy machine cancels out):
-  train_img_s            VarGFaceNet (full size, 512-d; tiny: a small one) trained by the real loop (distill.engine.run_stage) on
+  train_img_s            VarGFaceNet (full size, 512-d; tiny: a small one) trained by the real loop (distill.train.engine.run_stage) on
                          in-memory stand-in faces: amp auto (bf16 on an Ampere+ GPU), channels_last on CUDA,
                          batch 256 at 112 px; `train_compiled_img_s` the same with train.compile (inductor)
   kd_cached_time_ratio   time per image of cached-teacher distillation / plain training (goal <= 1.05)
@@ -55,7 +55,7 @@ SIZES = {
 
 
 def _config(args, s, compile_: bool):
-    from distill.config import build_config
+    from distill.config.schema import build_config
 
     return build_config({
         "name": "gpu_check", "device": args.device,
@@ -90,8 +90,8 @@ def training_rates(args, s, tmp) -> dict:
 
 def teacher_inference_rate(args, s) -> float:
     """IResNet-100 forward passes as the cache build runs them (no grad, the run's autocast, channels_last on CUDA)."""
-    from distill.config import TrainConfig
-    from distill.train_setup import amp_settings
+    from distill.config.schema import TrainConfig
+    from distill.utils.device import amp_settings
 
     device = torch.device(args.device)
     from bench_kd import untrained_teacher
@@ -209,8 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep", default=None, help="keep the check's files in this folder (default: a temporary one)")
     args = p.parse_args(argv)
     s = SIZES["tiny" if args.tiny else "full"]
-    import distill.train_setup
-    distill.train_setup.COMPILE_BACKEND = args.compile_backend
+    import distill.train.setup
+    distill.train.setup.COMPILE_BACKEND = args.compile_backend
     args.workers = args.workers if args.workers is not None else (0 if args.tiny else 8)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print(json.dumps({"error": "no CUDA device here; run with --device cpu --tiny for the CPU parts"}))

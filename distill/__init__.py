@@ -1,12 +1,12 @@
 """facedistill: knowledge distillation for face recognition (VarGFaceNet students, frozen teachers).
 
-Importing `distill` registers every architecture in the model registry (distill/registry.py): the
+Importing `distill` registers every architecture in the model registry (distill/models/registry.py): the
 students (also with timm, so `timm.create_model('vargfacenet')` works), the IResNets and `timm/<name>`.
 """
 
 __version__ = "0.1.0"
 
-from distill.errors import (  # noqa: F401  (re-exported for users)
+from distill.utils.errors import (  # noqa: F401  (re-exported for users)
     CheckpointError,
     ConfigDeprecationWarning,
     ConfigError,

@@ -5,7 +5,7 @@
     build_teacher({"arch": "vargfacenet", "checkpoint": "student.pt's state dict", "input_size": 32})
     build_teacher({"onnx": "buffalo_l/w600k_r50.onnx"})
 
-`arch` is any name of the model registry (distill/registry.py) and the other keys are its keyword
+`arch` is any name of the model registry (distill/models/registry.py) and the other keys are its keyword
 arguments; an ONNX teacher is a file whose sizes are read from the graph. The returned `FrozenTeacher`
 takes a batch normalised (x/255-0.5)/0.5 (RGB, NCHW) and returns raw (not normalised) embeddings. It is
 frozen by construction: parameters have requires_grad=False, it stays in eval mode even when a parent
@@ -24,9 +24,9 @@ import warnings
 import torch
 from torch import nn
 
-from distill.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
-from distill.errors import ConfigDeprecationWarning, ConfigError
-from distill.registry import check_model_kwargs, create_model
+from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
+from distill.utils.errors import ConfigDeprecationWarning, ConfigError
+from distill.models.registry import check_model_kwargs, create_model
 
 
 class FrozenTeacher(nn.Module):

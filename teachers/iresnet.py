@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from distill.registry import register_model
+from distill.models.registry import register_model
 
 LAYERS = {
     18: (2, 2, 2, 2),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.errors import CheckpointError, ConfigError
+from distill.utils.errors import CheckpointError, ConfigError
 
 # ops that may stand between the input and the in-graph normalisation without changing pixel values
 _PASS_THROUGH = ("Identity", "Cast")

@@ -6,7 +6,7 @@ import timm
 import torch
 from torch import nn
 
-from distill.registry import check_name, register_model_family
+from distill.models.registry import check_name, register_model_family
 
 
 class TimmBackbone(nn.Module):

@@ -39,8 +39,8 @@ def _wandb_in_tmp(tmp_path, monkeypatch):
 def tiny_finished_run(tmp_path_factory):
     """(experiment file, finished run directory, data directory) of the tiny experiment with one generation
     (teacher, baseline, gen1; about 10 s), built once per session. Tests that change it work on a copy."""
-    from distill.config import load_config
-    from distill.recursive import run_experiment
+    from distill.config.schema import load_config
+    from distill.run.experiment import run_experiment
     from tiny_experiment import write_experiment
 
     tmp = tmp_path_factory.mktemp("finished")

@@ -12,7 +12,7 @@ torch.set_num_threads(1)
 from tiny import TinyFaces, tiny_config  # noqa: E402
 
 import teachers  # noqa: E402
-from distill.engine import Preempted, StageSpec, run_stage  # noqa: E402
+from distill.train.engine import Preempted, StageSpec, run_stage  # noqa: E402
 
 
 def main(out_dir, delay):

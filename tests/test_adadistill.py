@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import teachers
-from distill.engine import StageSpec
-from distill.heads import create_head
-from distill.losses import AdaDistill, DistillationObjective, create_distill_loss, loss_needs
+from distill.train.engine import StageSpec
+from distill.losses.heads import create_head
+from distill.losses.distillation import AdaDistill, DistillationObjective, create_distill_loss, loss_needs
 from tiny import tiny_config, whole_and_resumed
 
 
@@ -88,7 +88,7 @@ def test_a_stage_with_adadistill_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_a_size_mismatch_is_an_error_even_with_a_projection():
-    from distill.recursive import embedding_size_problem
+    from distill.run.experiment import embedding_size_problem
 
     cfg = tiny_config(distill={"loss": "adadistill", "project": "linear"}, teacher={"embedding_size": 64})
     problem = embedding_size_problem(cfg, 64)

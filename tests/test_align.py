@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from distill.data.align import ARCFACE_TEMPLATE, LandmarkError, align_face, estimate_similarity, warp_affine
-from distill.errors import DataFormatError
+from distill.utils.errors import DataFormatError
 
 
 def _closed_form_similarity(src, dst) -> np.ndarray:

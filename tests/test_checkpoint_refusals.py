@@ -7,8 +7,8 @@ import pickle
 import pytest
 import torch
 
-from distill.checkpoint import safe_torch_load
-from distill.errors import CheckpointError, UnsafeFileError
+from distill.utils.checkpoint import safe_torch_load
+from distill.utils.errors import CheckpointError, UnsafeFileError
 
 
 class Runs:  # pickles as a call of os.system

@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from distill.cli import main
-from distill.config import dump_config, load_config
+from distill.config.schema import dump_config, load_config
 from distill.data.synthetic import ensure_synthetic
-from distill.models import save_student
-from distill.registry import create_model
+from distill.models.files import save_student
+from distill.models.registry import create_model
 from tiny_experiment import write_experiment
 
 pytest.importorskip("onnxruntime")
@@ -121,8 +121,8 @@ def test_table_has_the_documented_columns_and_lists_the_unfinished_stage(exporte
 
 def test_summary_json_numbers_match_an_independent_evaluation(exported, finished_run):
     from distill.data import load_verification_bin
-    from distill.evaluate import embed_pairs, verification_metrics
-    from distill.models import load_student
+    from distill.eval.verification import embed_pairs, verification_metrics
+    from distill.models.files import load_student
     from teachers.onnx import OnnxTeacherModel
 
     folder, _, _ = exported
@@ -150,14 +150,14 @@ def test_summary_json_numbers_match_an_independent_evaluation(exported, finished
 
 
 def test_unwritable_dir_is_refused_before_any_export(finished_run, tmp_path, monkeypatch):
-    import distill.export
+    import distill.deploy.export
 
     _, run, _ = finished_run
 
     def no_export(*args, **kwargs):
         raise AssertionError("export_model called although DIR cannot be written")
 
-    monkeypatch.setattr(distill.export, "export_model", no_export)
+    monkeypatch.setattr(distill.deploy.export, "export_model", no_export)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")  # a folder below a file cannot be made, even by root
     code, stdout, stderr = run_cli(["compare", run, "--export", blocker / "deploy", "--int8"])

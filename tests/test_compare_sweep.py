@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from distill.cli import build_parser, main
-from distill.config import load_config
-from distill.evaluate import set_name_of
-from distill.recursive import run_experiment
-from distill.sweep import expand, load_grid, point_config
+from distill.config.schema import load_config
+from distill.eval.verification import set_name_of
+from distill.run.experiment import run_experiment
+from distill.run.sweep import expand, load_grid, point_config
 from tiny_experiment import write_experiment
 
 REPO = Path(__file__).resolve().parents[1]

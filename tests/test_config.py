@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from distill.cli import main
-from distill.config import dump_config, load_config, parse_overrides
-from distill.errors import ConfigError
+from distill.config.schema import dump_config, load_config, parse_overrides
+from distill.utils.errors import ConfigError
 
 
 def write(path, data):
@@ -127,7 +127,7 @@ def test_profile_refuses_a_meaningless_input_size(capsys):
 def test_the_ms1mv2_recipe_is_the_paper_recipe_on_other_data():
     """Issue 12: the paper's recipe names the paper's data (ms1m-retinaface-t1, 93,431 identities); the MS1MV2
     file is a variant of it through base:, changing nothing but the name, the data and the teacher's weights."""
-    from distill.config import load_config, to_dict
+    from distill.config.schema import load_config, to_dict
     experiments = Path(__file__).resolve().parents[1] / "experiments"
     paper_file = experiments / "vargfacenet_ms1m_retinaface.yaml"
     paper, ms1mv2 = (to_dict(load_config(str(experiments / f))) for f in

@@ -18,11 +18,11 @@ ort = pytest.importorskip("onnxruntime")
 from distill.cli import main  # noqa: E402
 from distill.data import write_verification_bin  # noqa: E402
 from distill.data.images import encode_jpeg  # noqa: E402
-from distill.engine import StageSpec, run_stage  # noqa: E402
-from distill.errors import ConfigError, UserNote  # noqa: E402
-from distill.export import export_onnx, export_model, fold_batchnorm  # noqa: E402
-from distill.models import load_model  # noqa: E402
-from distill.quantize import int8_path, open_calibration_set  # noqa: E402
+from distill.train.engine import StageSpec, run_stage  # noqa: E402
+from distill.utils.errors import ConfigError, UserNote  # noqa: E402
+from distill.deploy.export import export_onnx, export_model, fold_batchnorm  # noqa: E402
+from distill.models.files import load_model  # noqa: E402
+from distill.deploy.quantize import int8_path, open_calibration_set  # noqa: E402
 from tiny import TinyFaces, tiny_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +77,7 @@ def _calibrated(name, size=32, **kwargs):
     """A random model whose BatchNorm statistics come from data (every BN matters, embeddings O(1))."""
     from torch import nn
 
-    from distill.registry import create_model
+    from distill.models.registry import create_model
     torch.manual_seed(0)
     model = create_model(name, input_size=size, **kwargs)
     for m in model.modules():
@@ -122,7 +122,7 @@ def test_batchnorm_folding_leaves_no_batchnorm_and_keeps_parity(tmp_path, name, 
 def test_split_prelu_computes_prelu_bit_for_bit():
     from onnx import TensorProto, helper, numpy_helper
 
-    from distill.onnx_fold import split_prelu
+    from distill.deploy.onnx_graph import split_prelu
 
     rng = np.random.default_rng(0)
     slope = numpy_helper.from_array(rng.uniform(-0.5, 0.5, (4, 1, 1)).astype(np.float32), "slope")
@@ -221,7 +221,7 @@ def test_int8_calibration_option_reaches_the_file(deploy, tmp_path, capsys):
 
 
 def test_check_bin_fails_when_fp32_parity_breaks_and_warns_on_int8_loss(deploy, tmp_path, monkeypatch, capsys):
-    import distill.export as export
+    import distill.deploy.export as export
 
     student, _, val_bin = deploy
     model, size = load_model(str(student))
@@ -243,8 +243,8 @@ def test_check_bin_fails_when_fp32_parity_breaks_and_warns_on_int8_loss(deploy, 
 
 
 def test_refusals_before_any_work(deploy, tmp_path, monkeypatch, capsys):
-    import distill.export as export
-    import distill.models as models
+    import distill.deploy.export as export
+    import distill.models.files as models
 
     student, train, val_bin = deploy
 
@@ -256,14 +256,14 @@ def test_refusals_before_any_work(deploy, tmp_path, monkeypatch, capsys):
     locked.mkdir()
     locked.chmod(0o500)
     if os.access(locked, os.W_OK):  # root writes anywhere: make the write probe fail as a read-only folder would
-        import distill.atomic
+        import distill.utils.atomic
 
         class ReadOnly:
             @staticmethod
             def mkstemp(*args, **kwargs):
                 raise PermissionError(13, "Permission denied")
 
-        monkeypatch.setattr(distill.atomic, "tempfile", ReadOnly)
+        monkeypatch.setattr(distill.utils.atomic, "tempfile", ReadOnly)
     try:
         with pytest.raises(export.DistillError, match=r"locked: cannot write the exported model \(Permission denied"):
             export_model(str(student), locked / "s.onnx", int8=True, calibrate=str(train))
@@ -342,7 +342,7 @@ class _ArrayReader:
 def test_image_ranges_clip_the_few_extreme_images_only_from_enough_images(tmp_path):
     from onnx import TensorProto, helper
 
-    from distill.quantize import image_ranges
+    from distill.deploy.quantize import image_ranges
     node = helper.make_node("Relu", ["input.1"], ["embedding"])
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, ["n", 4])],
                               [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["n", 4])])
@@ -362,7 +362,7 @@ def test_image_ranges_clip_the_few_extreme_images_only_from_enough_images(tmp_pa
 def test_quantize_settings_roles_and_metadata(tmp_path):
     import dataclasses
 
-    from distill.quantize import DEFAULT_SETTINGS, QuantSettings, quantize_file, sensitive_nodes
+    from distill.deploy.quantize import DEFAULT_SETTINGS, QuantSettings, quantize_file, sensitive_nodes
     model = _calibrated("vargfacenet", size=SIZE, multiplier=0.5, last_channels=64, units=(1, 1, 1),
                         embedding_size=32)
     fp32 = export_onnx(model, tmp_path / "m.onnx", SIZE)

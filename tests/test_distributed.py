@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from distill.checkpoint import safe_torch_load
+from distill.utils.checkpoint import safe_torch_load
 from tiny_experiment import tiny_experiment
 
 

@@ -4,9 +4,9 @@ import shutil
 
 import torch
 
-import distill.disk
+import distill.run.disk
 from distill.cli import main
-from distill.lock import run_directory_lock
+from distill.run.lock import run_directory_lock
 from tiny_experiment import write_experiment
 
 SECTIONS = ["versions", "device", "data.train", "data.val", "data.ijb", "teacher", "disk", "wandb", "run directory"]
@@ -58,7 +58,7 @@ def test_each_blocker_is_a_fail_line_and_exit_1(tiny_finished_run, tmp_path, mon
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(distill.disk.shutil, "disk_usage", lambda _p: usage._replace(free=1000))
+    monkeypatch.setattr(distill.run.disk.shutil, "disk_usage", lambda _p: usage._replace(free=1000))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     shutil.rmtree(copy / "gen1")
     with run_directory_lock(str(copy)):
@@ -69,7 +69,7 @@ def test_each_blocker_is_a_fail_line_and_exit_1(tiny_finished_run, tmp_path, mon
     assert set(fails) == {"device", "data.val", "teacher", "disk", "run directory"}
     assert "device 'cuda': CUDA is not available" in fails["device"]
     assert fails["data.val"] == "verification set /nowhere/lfw.bin does not exist"
-    assert "teacher.checkpoint /nowhere/backbone.pth does not exist, and there is no teacher.train recipe" in fails["teacher"]
+    assert "teacher.checkpoint /nowhere/backbone.pth does not exist; give an existing checkpoint, or a teacher.train recipe" in fails["teacher"]
     assert "1 student stage (gen1; checkpoints)" in fails["disk"] and "has 1.0 KB free" in fails["disk"]
     assert fails["run directory"].startswith("another distill run (pid ") and str(copy) in fails["run directory"]
     assert r["_last"] == "5 problems would stop this run"

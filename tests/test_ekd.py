@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.errors import ConfigError
-from distill.losses import EKD, DistillationObjective, create_distill_loss, loss_needs
+from distill.utils.errors import ConfigError
+from distill.losses.distillation import EKD, DistillationObjective, create_distill_loss, loss_needs
 
 
 def unit(degrees):
@@ -55,7 +55,7 @@ def test_default_levels_gradients_and_contract():
     torch.manual_seed(0)
     student, teacher = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
     labels = torch.arange(4).repeat_interleave(2)
-    from distill.heads import create_head
+    from distill.losses.heads import create_head
     objective = DistillationObjective(create_head("arcface", 16, 4, s=16.0, m=0.3), loss="ekd", alpha=1.0)
     total, logs = objective(student, labels, teacher)
     total.backward()
@@ -70,7 +70,7 @@ def test_a_batch_without_repeated_identities_names_images_per_id():
 
 def test_a_stage_with_ekd_resumes_exactly_thresholds_included(tmp_path, monkeypatch):
     import teachers
-    from distill.engine import StageSpec
+    from distill.train.engine import StageSpec
     from tiny import tiny_config, whole_and_resumed
 
     cfg = tiny_config(distill={"loss": "ekd", "alpha": 1.0}, data={"images_per_id": 4},

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import teachers
-from distill.checkpoint import safe_torch_load
-from distill.engine import StageSpec, TrainingDiverged, run_stage
-from distill.errors import CheckpointError
-from distill.models import load_student
+from distill.utils.checkpoint import safe_torch_load
+from distill.train.engine import StageSpec, TrainingDiverged, run_stage
+from distill.utils.errors import CheckpointError
+from distill.models.files import load_student
 from tiny import TinyFaces, tame, tiny_config
 
 HERE = Path(__file__).resolve().parent
@@ -182,7 +182,7 @@ def test_mixed_precision_paths_train_and_save_the_scaler(tmp_path, amp):
 
 
 def test_init_from_a_plain_state_dict_or_a_student_pt(tmp_path):
-    from distill.engine import _build
+    from distill.train.engine import _build
 
     """student.init may be a student.pt or any checkpoint holding this architecture's state dict (backbone.pth
     style, `module.` prefix and all); the stage is built with exactly those weights."""

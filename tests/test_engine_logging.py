@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from distill.engine import Preempted, StageSpec, run_stage
-from distill.losses import DistillationObjective
+from distill.train.engine import Preempted, StageSpec, run_stage
+from distill.losses.distillation import DistillationObjective
 from tiny import TINY_STUDENT, TinyFaces, tiny_config
 
 MODEL_KWARGS = {**{k: v for k, v in TINY_STUDENT.items() if k != "arch"}, "input_size": 16}

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-import distill.evaluate as evaluate
+import distill.eval.verification as evaluate
 from distill.cli import main
-from distill.evaluate import (THRESHOLDS, EvaluationError, embed_pairs, evaluate_sets, tar_at_far,
+from distill.eval.verification import (THRESHOLDS, EvaluationError, embed_pairs, evaluate_sets, tar_at_far,
                               verification_metrics)
 
 from conftest import REPO
@@ -173,8 +173,8 @@ def test_embed_pairs_names_model_and_set_when_embeddings_are_nan():
 
 @pytest.fixture
 def tiny_student(tmp_path):
-    from distill.models import save_student
-    from distill.registry import create_model
+    from distill.models.files import save_student
+    from distill.models.registry import create_model
 
     torch.manual_seed(0)
     model = create_model("vargfacenet", input_size=32, multiplier=0.25, last_channels=32, units=(1, 1, 1),
@@ -213,9 +213,9 @@ def test_distill_eval_table_and_json_agree(tiny_student, fixtures, capsys):
 
 
 def test_distill_eval_asks_for_input_size_when_unknown(tiny_student, fixtures, monkeypatch, capsys):
-    import distill.models
+    import distill.models.files
 
-    monkeypatch.setattr(distill.models, "load_model", lambda *a, **k: (PixelProbe(), None))
+    monkeypatch.setattr(distill.models.files, "load_model", lambda *a, **k: (PixelProbe(), None))
     bin_path = str(fixtures / "verification_bin" / "py3.bin")
     assert main(["eval", "some-model", "--bin", bin_path]) == 2
     assert "--input-size" in capsys.readouterr().err
@@ -249,7 +249,7 @@ def test_insightface_val_on_a_hand_worked_case():
     Fold 0: its training split's nearest impostors (9 of 45) are at g + 0.3, so the threshold lies above every
     genuine pair (VAL 1) and above its own impostor at g (FAR 1/5).
     VAL mean (1 + 9 x 0.8) / 10 = 0.82, std sqrt((1 + 9 x 0.64) / 10 - 0.82^2) = 0.06, FAR mean 0.2 / 10."""
-    from distill.evaluate import VAL_THRESHOLDS, insightface_val
+    from distill.eval.verification import VAL_THRESHOLDS, insightface_val
 
     g, step = VAL_THRESHOLDS[1500], VAL_THRESHOLDS[1501] - VAL_THRESHOLDS[1500]
     dist, issame = [], []
@@ -270,7 +270,7 @@ def test_insightface_val_on_a_hand_worked_case():
 def test_insightface_val_matches_its_loop_on_random_pairs():
     """insightface's calculate_val written as it is (a loop over 4,000 thresholds per fold, interpolation
     between the last threshold below the target FAR and the first at or above it) on 1,003 random pairs."""
-    from distill.evaluate import N_FOLDS, VAL_THRESHOLDS, _fold_sizes, insightface_val
+    from distill.eval.verification import N_FOLDS, VAL_THRESHOLDS, _fold_sizes, insightface_val
 
     rng = np.random.default_rng(3)
     issame = rng.random(1003) < 0.5

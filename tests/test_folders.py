@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from distill.data import ImageFolderDataset, RecordIODataset, open_training_set
-from distill.errors import DataFormatError
+from distill.utils.errors import DataFormatError
 
 
 def save(path, seed, fmt="JPEG", mode="RGB", size=20):

@@ -15,8 +15,8 @@ from distill.data.gpu_decode import (EncodedPlanned, _gpu_can_decode, check_deco
                                     jpeg_frame)
 from distill.data.images import decode_chw, to_input_tensor
 from distill.data.standin import StandInFaces
-from distill.epoch_plan import PlannedDataset, plan_epoch
-from distill.errors import ConfigError, DataFormatError
+from distill.train.epoch_plan import PlannedDataset, plan_epoch
+from distill.utils.errors import ConfigError, DataFormatError
 
 CPU = torch.device("cpu")
 

@@ -7,12 +7,13 @@ import warnings
 import pytest
 import torch
 
-import distill.train_setup
+import distill.train.setup
+import distill.utils.device
 import teachers
-from distill.checkpoint import extract_state_dict, safe_torch_load
-from distill.engine import StageSpec, _build, run_stage
-from distill.epoch_plan import StagePlan, plan_epoch
-from distill.errors import ConfigError, UserNote
+from distill.utils.checkpoint import extract_state_dict, safe_torch_load
+from distill.train.engine import StageSpec, _build, run_stage
+from distill.train.epoch_plan import StagePlan, plan_epoch
+from distill.utils.errors import ConfigError, UserNote
 from tiny import TinyFaces, tiny_config, whole_and_resumed
 
 
@@ -32,7 +33,7 @@ def _train(cfg, out, **kw):
 @pytest.fixture
 def eager_backend(monkeypatch):
     """dynamo traces the model but leaves code generation out (inductor takes minutes on 2 cores)."""
-    monkeypatch.setattr(distill.train_setup, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(distill.train.setup, "COMPILE_BACKEND", "eager")
 
 
 def test_compile_trains_what_eager_trains_and_saves_plain_keys(tmp_path, eager_backend):
@@ -70,7 +71,7 @@ def test_a_compiled_run_resumes_uncompiled_and_back(tmp_path, monkeypatch, eager
         calls.append(c)
         return real(other if len(calls) == 3 else c, _spec(other) if len(calls) == 3 else spec, *args, **kw)
 
-    monkeypatch.setattr("distill.engine.run_stage", switching)
+    monkeypatch.setattr("distill.train.engine.run_stage", switching)
     whole, stopped, resumed = whole_and_resumed(cfg, _spec(cfg), _teacher(cfg), tmp_path, monkeypatch)
     assert stopped["step"] == 2 and resumed["step"] == 4 == whole["step"]
     for k, v in whole["model"].items():
@@ -81,7 +82,7 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(tmp_path, monkeypa
     def broken_backend(gm, example_inputs):
         raise RuntimeError("no C compiler here")
 
-    monkeypatch.setattr(distill.train_setup, "COMPILE_BACKEND", broken_backend)
+    monkeypatch.setattr(distill.train.setup, "COMPILE_BACKEND", broken_backend)
     import torch._dynamo
     torch._dynamo.reset()
     cfg = tiny_config(train={"max_steps": 2, "checkpoint_every": 2, "compile": True})
@@ -173,10 +174,10 @@ def test_the_log_says_the_online_teacher_runs_under_the_students_autocast(tmp_pa
 @pytest.mark.parametrize("bf16,expect", [(True, (torch.bfloat16, False)), (False, (torch.float16, True))])
 def test_auto_precision_on_a_gpu_is_bf16_or_fp16_with_a_scaler(monkeypatch, bf16, expect):
     """amp: auto on CUDA is bf16 where the GPU has it and fp16 + GradScaler before Ampere; off on the CPU."""
-    from distill.config import TrainConfig
-    from distill.train_setup import amp_settings
+    from distill.config.schema import TrainConfig
+    from distill.utils.device import amp_settings
 
-    monkeypatch.setattr(distill.train_setup, "_bf16_supported", lambda device: bf16)
+    monkeypatch.setattr(distill.utils.device, "_bf16_supported", lambda device: bf16)
     assert amp_settings(TrainConfig(), torch.device("cuda", 0)) == expect
     assert amp_settings(TrainConfig(), torch.device("cpu")) == (None, False)
     assert amp_settings(TrainConfig(amp="bf16"), torch.device("cuda", 0)) == (torch.bfloat16, False)
@@ -185,12 +186,12 @@ def test_auto_precision_on_a_gpu_is_bf16_or_fp16_with_a_scaler(monkeypatch, bf16
 def test_gpu_decode_path_trains_the_student_the_cpu_path_trains(tmp_path, monkeypatch, fixtures):
     """data.decode: cuda through the engine (the loader hands out encoded records, _micro_step decodes the batch):
     run on the CPU device with the device check lifted, it trains bit for bit the student of data.decode: cpu."""
-    import distill.engine
+    import distill.train.engine
     from distill.data import RecordIODataset
 
-    monkeypatch.setattr(distill.engine, "check_decode", lambda decode, device, dataset=None: None)
-    real, decoded = distill.engine.decode_batch, []
-    monkeypatch.setattr(distill.engine, "decode_batch",
+    monkeypatch.setattr(distill.train.engine, "check_decode", lambda decode, device, dataset=None: None)
+    real, decoded = distill.train.engine.decode_batch, []
+    monkeypatch.setattr(distill.train.engine, "decode_batch",
                         lambda enc, *a, **kw: decoded.append(len(enc)) or real(enc, *a, **kw))
     weights = {}
     for decode in ("cpu", "cuda"):
@@ -217,16 +218,16 @@ def test_gpu_decode_on_a_cpu_run_is_a_config_error_before_training(tmp_path, fix
 def test_a_broken_image_under_gpu_decode_names_its_record(tmp_path, monkeypatch, fixtures):
     """data.decode: cuda decodes in the training step, not in the loader: a damaged record is still named by its
     file, key and byte offset, as the CPU path names it."""
-    import distill.engine
+    import distill.train.engine
     from distill.data import RecordIODataset
-    from distill.errors import DataFormatError
+    from distill.utils.errors import DataFormatError
 
     class Damaged(RecordIODataset):
         def encoded(self, index):
             data, label = super().encoded(index)
             return (data[:40] if index == 3 else data), label
 
-    monkeypatch.setattr(distill.engine, "check_decode", lambda decode, device, dataset=None: None)
+    monkeypatch.setattr(distill.train.engine, "check_decode", lambda decode, device, dataset=None: None)
     train_set = Damaged(fixtures / "insightface_rec", input_size=16)
     cfg = tiny_config(data={"decode": "cuda"}, train={"batch_size": 24, "lr_batch_size": 24, "max_steps": 1})
     with pytest.raises(DataFormatError) as err:

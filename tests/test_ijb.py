@@ -1,4 +1,4 @@
-"""IJB-B/IJB-C template verification (distill/ijb.py, distill ijb) and the synthetic IJB set (distill data synth-ijb)."""
+"""IJB-B/IJB-C template verification (distill/eval/ijb.py, distill ijb) and the synthetic IJB set (distill data synth-ijb)."""
 
 import json
 import shutil
@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-import distill.ijb
+import distill.eval.ijb
 from distill.cli import main
 from distill.data.align import ARCFACE_TEMPLATE, estimate_similarity
 from distill.data.ijb import read_ijb_meta
 from distill.data.synth_ijb import IDENTITY_OFFSET, write_synthetic_ijb
-from distill.ijb import FAR_TARGETS, far_key, roc_auc, roc_curve, tar_at_far, template_features
-from distill.models import save_student
-from distill.registry import create_model
+from distill.eval.ijb import FAR_TARGETS, far_key, roc_auc, roc_curve, tar_at_far, template_features
+from distill.models.files import save_student
+from distill.models.registry import create_model
 
 FAR_KEYS = ["1e-06", "1e-05", "0.0001", "0.001", "0.01", "0.1"]
 
@@ -64,9 +64,9 @@ def test_pooling_leaves_out_invalid_images_and_an_empty_template_scores_zero():
 
 
 def test_pooling_refuses_nan_and_unnormalisable_zero_features():
-    with pytest.raises(distill.ijb.EvaluationError, match="image 2 contains NaN"):
+    with pytest.raises(distill.eval.ijb.EvaluationError, match="image 2 contains NaN"):
         template_features(np.array([[1, 0], [0, 1], [np.nan, 0]], np.float32), [1, 1, 2], [1, 2, 3])
-    with pytest.raises(distill.ijb.EvaluationError, match="all zeros"):
+    with pytest.raises(distill.eval.ijb.EvaluationError, match="all zeros"):
         template_features(np.array([[1, 0], [0, 0]], np.float32), [1, 2], [1, 2], norm_score=False)
 
 
@@ -119,9 +119,9 @@ def test_tar_is_read_at_the_nearest_fpr_and_the_higher_point_on_a_tie():
 
 
 def test_roc_needs_both_kinds_of_pairs_and_finite_scores():
-    with pytest.raises(distill.ijb.EvaluationError, match="no impostor"):
+    with pytest.raises(distill.eval.ijb.EvaluationError, match="no impostor"):
         roc_curve([1, 1], [0.5, 0.2])
-    with pytest.raises(distill.ijb.EvaluationError, match="NaN"):
+    with pytest.raises(distill.eval.ijb.EvaluationError, match="NaN"):
         roc_curve([1, 0], [np.nan, 0.2])
 
 
@@ -207,7 +207,7 @@ def test_distill_ijb_end_to_end_json_cache_and_features(ijb_root, students, tmp_
     assert np.load(cache).shape[0] == len(meta.names) and (tmp_path / "feats.npy.json").is_file()
 
     # the cache is reused: nothing is embedded again, the numbers are the same
-    monkeypatch.setattr(distill.ijb, "embed_images", lambda *a, **k: pytest.fail("embedded again"))
+    monkeypatch.setattr(distill.eval.ijb, "embed_images", lambda *a, **k: pytest.fail("embedded again"))
     monkeypatch.setattr("distill.cli.ijb.embed_images", lambda *a, **k: pytest.fail("embedded again"))
     assert _json(capsys, students[0], "--root", ijb_root, "--cache", cache) == first
     # the cached features scored as external features give the same numbers
@@ -332,8 +332,8 @@ def test_bad_features_and_arguments(ijb_root, tmp_path, capsys):
 
 def test_an_onnx_model_scores_like_the_student_it_was_exported_from(ijb_root, students, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    from distill.export import export_onnx
-    from distill.models import load_model
+    from distill.deploy.export import export_onnx
+    from distill.models.files import load_model
 
     model, size = load_model(students[0])
     onnx_path = export_onnx(model, tmp_path / "student.onnx", size)

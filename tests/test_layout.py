@@ -9,12 +9,12 @@ import pytest
 import torch
 import yaml
 
-from distill import dist
-from distill.atomic import WriteError, atomic_open, atomic_write_json, atomic_write_text
-from distill.checkpoint import atomic_torch_save
-from distill.config import load_config
-from distill.errors import CheckpointError
-from distill.layout import RunLayout, StageLayout, is_run_dir, stage_order
+from distill.utils import dist
+from distill.utils.atomic import WriteError, atomic_open, atomic_write_json, atomic_write_text
+from distill.utils.checkpoint import atomic_torch_save
+from distill.config.schema import load_config
+from distill.utils.errors import CheckpointError
+from distill.utils.layout import RunLayout, StageLayout, is_run_dir, stage_order
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_FILE_NAMES = ("result.json", "student.pt", "last.pt", "best.pt", "metrics.jsonl", "experiment.yaml",
@@ -41,7 +41,7 @@ def test_only_layout_spells_the_file_names_of_a_run():
             # a path component (a whole literal, or the end of one: f"{d}/last.pt"); prose may name the files
             offenders += [f"{path.relative_to(REPO)}:{line}: {text!r}" for name in RUN_FILE_NAMES
                           if text == name or text.endswith("/" + name)]
-    assert not offenders, "run file names spelled outside distill/layout.py:\n" + "\n".join(offenders)
+    assert not offenders, "run file names spelled outside distill/utils/layout.py:\n" + "\n".join(offenders)
 
 
 def test_layout_answers_the_questions_asked_of_a_run(tmp_path):

@@ -12,12 +12,12 @@ import pytest
 import yaml
 
 from distill.cli import main
-from distill.lock import RunDirectoryLocked, run_directory_lock
+from distill.run.lock import RunDirectoryLocked, run_directory_lock
 
 REPO = Path(__file__).resolve().parents[1]
 HOLDER = """
 import sys, time
-from distill.lock import run_directory_lock
+from distill.run.lock import run_directory_lock
 with run_directory_lock(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(120)

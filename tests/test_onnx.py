@@ -8,15 +8,15 @@ from torch import nn
 
 import teachers
 from distill.cli import main
-from distill.errors import CheckpointError, ConfigDeprecationWarning, ConfigError
-from distill.models import save_student
-from distill.registry import create_model
+from distill.utils.errors import CheckpointError, ConfigDeprecationWarning, ConfigError
+from distill.models.files import save_student
+from distill.models.registry import create_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper  # noqa: E402
 
-from distill.export import ExportParityError, check_parity, export_model, export_onnx  # noqa: E402
+from distill.deploy.export import ExportParityError, check_parity, export_model, export_onnx  # noqa: E402
 from teachers.onnx import OnnxTeacherModel  # noqa: E402
 
 CPU = ["CPUExecutionProvider"]
@@ -243,7 +243,7 @@ def test_export_cli_end_to_end(tmp_path, capsys):
 
 
 def test_failed_parity_leaves_no_file(tmp_path, monkeypatch):
-    import distill.export as export
+    import distill.deploy.export as export
 
     def disagree(model, path, input_size, batch=None, seed=0, name=None):
         assert str(path).endswith(".tmp") and name == str(tmp_path / "v.onnx")  # checks the temporary file
@@ -288,7 +288,7 @@ def test_distill_eval_takes_an_onnx_model(exported, tiny_finished_run, capsys):
     model, path = exported["r18"]
     assert main(["eval", str(path), "--bin", str(data / "synth_val.bin"), "--json"]) == 0
     from_onnx = json.loads(capsys.readouterr().out)["synth_val"]
-    from distill.evaluate import evaluate_sets
+    from distill.eval.verification import evaluate_sets
     from_torch = evaluate_sets(model, {"synth_val": str(data / "synth_val.bin")}, 32, progress=False)["synth_val"]
     assert from_onnx["acc_mean"] == pytest.approx(from_torch["acc_mean"], abs=0.01)
     assert from_onnx["xnorm"] == pytest.approx(from_torch["xnorm"], rel=1e-3)

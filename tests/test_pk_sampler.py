@@ -12,12 +12,12 @@ import yaml
 from PIL import Image
 
 import teachers
-from distill.checkpoint import safe_torch_load
+from distill.utils.checkpoint import safe_torch_load
 from distill.cli import main
 from distill.data import ImageFolderDataset, RecordIODataset, write_insightface_rec
-from distill.engine import Preempted, StageSpec, run_stage
-from distill.epoch_plan import plan_epoch, plan_identity_epoch
-from distill.errors import CheckpointError, ConfigError
+from distill.train.engine import Preempted, StageSpec, run_stage
+from distill.train.epoch_plan import plan_epoch, plan_identity_epoch
+from distill.utils.errors import CheckpointError, ConfigError
 from tiny import TinyFaces, tiny_config
 from tiny_experiment import tiny_experiment
 
@@ -197,14 +197,14 @@ def test_training_with_images_per_id_resumes_bit_for_bit_and_refuses_another_k(t
 
 
 def test_dry_run_with_images_per_id_passes(tmp_path, capsys, monkeypatch):
-    import distill.engine
+    import distill.train.engine
     calls = []
 
     def spy(labels, batch_size, k, *args):
         calls.append((len(labels), batch_size, k))
         return plan_identity_epoch(labels, batch_size, k, *args)
 
-    monkeypatch.setattr(distill.engine, "plan_identity_epoch", spy)
+    monkeypatch.setattr(distill.train.engine, "plan_identity_epoch", spy)
     path = tmp_path / "tiny.yaml"
     exp = tiny_experiment(tmp_path / "data", train={"max_steps": 2}, tracking={"wandb": "disabled"},
                           data={"images_per_id": 8})  # 24 = 3 identities x 8 (teacher.train too)

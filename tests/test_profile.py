@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from distill.cli import main
-from distill.errors import ConfigError
-from distill.models import load_model, save_student
-from distill.registry import create_model
+from distill.utils.errors import ConfigError
+from distill.models.files import load_model, save_student
+from distill.models.registry import create_model
 from teachers.iresnet import IResNet
 
 

@@ -6,9 +6,9 @@ import torch
 
 import teachers
 from distill.cli import main
-from distill.engine import StageSpec
-from distill.losses import DistillationObjective
-from distill.models import load_student
+from distill.train.engine import StageSpec
+from distill.losses.distillation import DistillationObjective
+from distill.models.files import load_student
 from tiny import tiny_config, whole_and_resumed
 from tiny_experiment import write_experiment
 

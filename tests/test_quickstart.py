@@ -5,8 +5,8 @@ import dataclasses
 from pathlib import Path
 
 from distill.cli import main
-from distill.config import load_config
-from distill.recursive import plan_stages
+from distill.config.schema import load_config
+from distill.run.experiment import plan_stages
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"

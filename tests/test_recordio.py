@@ -17,7 +17,7 @@ from distill.data import RecordIO, RecordIODataset, rebuild_index, write_insight
 from distill.data.images import encode_jpeg
 from distill.data.recordio import MAGIC, MAGIC_BYTES
 from distill.data.recordio_writer import RecordWriter, frame_record, pack_payload
-from distill.errors import DataFormatError
+from distill.utils.errors import DataFormatError
 
 
 def sha1(a):

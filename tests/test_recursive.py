@@ -9,11 +9,11 @@ import pytest
 import torch
 import yaml
 
-from distill.checkpoint import safe_torch_load
+from distill.utils.checkpoint import safe_torch_load
 from distill.cli import main
-from distill.config import load_config
-from distill.errors import ConfigError
-from distill.recursive import run_experiment
+from distill.config.schema import load_config
+from distill.utils.errors import ConfigError
+from distill.run.experiment import run_experiment
 from tiny import tame
 from tiny_experiment import tiny_experiment
 
@@ -62,8 +62,8 @@ def test_summary_shape_and_values_match_each_stage(finished):
 def test_generation_two_starts_from_generation_one_with_a_fresh_head(finished):
     tmp, path, _, _ = finished
     gen1 = safe_torch_load(tmp / "run" / "gen1" / "student.pt")["state_dict"]
-    from distill.engine import run_stage
-    from distill.recursive import open_data, plan_stages
+    from distill.train.engine import run_stage
+    from distill.run.experiment import open_data, plan_stages
     cfg = load_config(str(path), ["train.max_steps=0"])
     spec = plan_stages(cfg, str(tmp / "run"))[2]
     assert spec.name == "gen2" and spec.head_from is None and spec.init_from.endswith("gen1/student.pt")
@@ -71,7 +71,7 @@ def test_generation_two_starts_from_generation_one_with_a_fresh_head(finished):
     train_set, _ = open_data(cfg, log=lambda *_: None)
     probe = dict(vars(spec))
     probe["train"] = cfg.train.__class__(**{**vars(cfg.train), "max_steps": 1, "lr": 1e-12})
-    from distill.engine import StageSpec
+    from distill.train.engine import StageSpec
     run_stage(cfg, StageSpec(**probe), str(tmp / "probe"), train_set, {}, progress=False)
     start = safe_torch_load(tmp / "probe" / "student.pt")["state_dict"]
     weights = [k for k in gen1 if "running" not in k and "num_batches" not in k]
@@ -119,7 +119,7 @@ def test_interrupted_generation_resumes_to_the_same_weights(finished, tmp_path, 
     shutil.copytree(tmp / "run", run)
     shutil.rmtree(run / "gen2")
     (run / "summary.json").unlink()
-    from distill import recursive
+    from distill.run import experiment as recursive
     open_data = recursive.open_data
     # 3 batches of 24 per epoch, checkpoints every 2 steps: crash inside step 5, after the step-4 checkpoint
     monkeypatch.setattr(recursive, "open_data", lambda cfg, log=print: (CrashAfter(open_data(cfg, log)[0], 24 * 4 + 5),

@@ -7,10 +7,10 @@ import pytest
 import torch
 import yaml
 
-from distill.config import load_config
-from distill.errors import ConfigDeprecationWarning, ConfigError, UnknownNameError
-from distill.models import load_student, save_student
-from distill.registry import (canonical_name, check_model_kwargs, create_model, list_models, model_defaults,
+from distill.config.schema import load_config
+from distill.utils.errors import ConfigDeprecationWarning, ConfigError, UnknownNameError
+from distill.models.files import load_student, save_student
+from distill.models.registry import (canonical_name, check_model_kwargs, create_model, list_models, model_defaults,
                               register_model)
 from tiny import tame
 
@@ -69,9 +69,9 @@ def test_unknown_names_and_arguments_suggest_the_right_one():
 
 
 def test_a_new_student_is_one_decorated_function(monkeypatch):
-    import distill.registry
+    import distill.models.registry
 
-    monkeypatch.setattr(distill.registry, "_MODELS", dict(distill.registry._MODELS))  # registered for this test only
+    monkeypatch.setattr(distill.models.registry, "_MODELS", dict(distill.models.registry._MODELS))  # registered for this test only
     calls = []
 
     @register_model(builds=torch.nn.Linear)

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 import distill  # noqa: F401  (registers the students with timm)
-from distill.profile import count_flops, params_in_use
-from distill.models import load_student, save_student
-from distill.registry import create_model, list_models
+from distill.models.cost import count_flops, params_in_use
+from distill.models.files import load_student, save_student
+from distill.models.registry import create_model, list_models
 from distill.students.vargfacenet import SEBlock, VarGBlock, VarGFaceNet
-from distill.errors import UnknownNameError
+from distill.utils.errors import UnknownNameError
 
 
 def trainable(model):

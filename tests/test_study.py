@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from distill.cli import main
-from distill.sweep import expand, load_grid
+from distill.run.sweep import expand, load_grid
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from distill.data import RecordIO, RecordIODataset, load_verification_bin
 from distill.data import synthetic
 from distill.data.face_render import render_image
 from distill.data.synthetic import VAL_BIN, VAL_PAIRS, ensure_synthetic, generate, read_manifest
-from distill.errors import ConfigError
+from distill.utils.errors import ConfigError
 
 TINY = dict(ids=5, images_per_id=3, size=32, pairs=10, seed=7, holdout_ids=4)
 

@@ -4,8 +4,8 @@ its --dry-run passes on a CPU (every stage trains two steps at the real model si
 from pathlib import Path
 
 from distill.cli import main
-from distill.config import load_config
-from distill.disk import parameter_count
+from distill.config.schema import load_config
+from distill.run.disk import parameter_count
 
 EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "synthetic_r100.yaml"
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import teachers
-from distill.errors import DistillError
-from distill.teacher_cache import build_cache, rank_slice
+from distill.utils.errors import DistillError
+from teachers.cache import build_cache, rank_slice
 from tiny import TinyFaces
 
 BATCH = 6  # 40 rows: 7 batches, the last one short; 2 ranks get rows 0..17 and 18..39

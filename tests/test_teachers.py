@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import teachers
-from distill.errors import CheckpointError, ConfigDeprecationWarning, ConfigError, UnknownNameError, UnsafeFileError
+from distill.utils.errors import CheckpointError, ConfigDeprecationWarning, ConfigError, UnknownNameError, UnsafeFileError
 from teachers.iresnet import LAYERS, IResNet
 
 
@@ -173,7 +173,7 @@ def test_timm_teacher():
 
 
 def test_facedistill_teacher_loads_a_student_checkpoint(tmp_path):
-    from distill.models import save_student
+    from distill.models.files import save_student
     from distill.students.vargfacenet import VarGFaceNet
 
     kwargs = {"embedding_size": 64, "multiplier": 0.5, "last_channels": 128, "units": [1, 1, 1], "input_size": 32}

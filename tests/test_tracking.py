@@ -11,10 +11,10 @@ import zlib
 
 import pytest
 
-from distill.config import load_config
-from distill.errors import ConfigError
-from distill.recursive import run_experiment
-from distill.tracking import Tracker, TrackingWarning, WandbTracker, read_metrics, resolve_mode, stage_tracker
+from distill.config.schema import load_config
+from distill.utils.errors import ConfigError
+from distill.run.experiment import run_experiment
+from distill.train.tracking import Tracker, TrackingWarning, WandbTracker, read_metrics, resolve_mode, stage_tracker
 from tiny_experiment import write_experiment
 
 FAKE_KEY = "local-0123456789abcdef0123456789abcdef01234567"  # must never reach a file
@@ -242,8 +242,8 @@ def test_disabled_mode_and_other_ranks_keep_only_the_local_log(tmp_path, data_di
     tracker.log({"train/loss": 1.0}, 1)
     assert [m["train/loss"] for m in read_metrics(str(tmp_path / "run" / "gen1"))] == [1.0]
     monkeypatch.setenv("WANDB_MODE", "offline")
-    import distill.tracking
-    monkeypatch.setattr(distill.tracking, "dist_rank", lambda: 1)  # a DDP worker: the driver does not pass its rank
+    import distill.train.tracking
+    monkeypatch.setattr(distill.train.tracking, "dist_rank", lambda: 1)  # a DDP worker: the driver does not pass its rank
     other = stage_tracker(cfg, str(tmp_path / "run2"), "gen1", 1, None)
     assert type(other) is Tracker and other.rank == 1
     other.log({"train/loss": 1.0}, 1)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from distill.config import TrainConfig
-from distill.engine import StageSpec, _build
-from distill.train_setup import create_scheduler
+from distill.config.schema import TrainConfig
+from distill.train.engine import StageSpec, _build
+from distill.train.setup import create_scheduler
 from tiny import TinyFaces, tiny_config
 
 
@@ -53,9 +53,9 @@ def test_channels_last_switch_trains_the_same_student_on_cpu(tmp_path):
     """train.channels_last: true on CPU (the GPU default) runs the NHWC path; the student it trains equals the
     NCHW one up to float rounding, and student.pt holds ordinary weights."""
     import teachers
-    from distill.checkpoint import safe_torch_load
-    from distill.engine import StageSpec, run_stage
-    from distill.train_setup import use_channels_last
+    from distill.utils.checkpoint import safe_torch_load
+    from distill.train.engine import StageSpec, run_stage
+    from distill.train.setup import use_channels_last
     from tiny import TinyFaces, tiny_config
 
     weights = {}

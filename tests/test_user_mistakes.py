@@ -12,14 +12,14 @@ import shutil
 import pytest
 import torch
 
-import distill.atomic
-import distill.disk
-import distill.teacher_cache
+import distill.utils.atomic
+import distill.run.disk
+import teachers.cache
 from distill.cli import main
-from distill.config import load_config
+from distill.config.schema import load_config
 from distill.data import open_training_set
-from distill.disk import estimate
-from distill.teacher_cache import CacheSpaceError, allocate, build_cache
+from distill.run.disk import estimate
+from teachers.cache import CacheSpaceError, allocate, build_cache
 
 
 @pytest.fixture
@@ -165,7 +165,7 @@ def _refuse_writes(monkeypatch):
     """A read-only folder (injected: the tests may run as root, which writes anywhere)."""
     def denied(*_a, **_k):
         raise PermissionError(errno.EACCES, "Permission denied")
-    monkeypatch.setattr(distill.atomic.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(distill.utils.atomic.tempfile, "mkstemp", denied)
 
 
 def test_read_only_output_folders_are_named(finished, tmp_path, monkeypatch, capsys):
@@ -183,7 +183,7 @@ def test_read_only_output_folders_are_named(finished, tmp_path, monkeypatch, cap
 def test_the_run_refuses_a_disk_too_small_with_the_figures(finished, tmp_path, monkeypatch, capsys):
     exp, _, _ = finished
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(distill.disk.shutil, "disk_usage", lambda _p: usage._replace(free=50_000_000))
+    monkeypatch.setattr(distill.run.disk.shutil, "disk_usage", lambda _p: usage._replace(free=50_000_000))
     assert main(["run", str(exp), "--out", str(tmp_path / "small")]) == 2
     line = one_error_line(capsys, "run")
     assert "this run will write about 354.4 MB (teacher stage (checkpoints) 225.2 MB, teacher cache" in line
@@ -224,7 +224,7 @@ def test_a_full_disk_is_a_cache_error_before_the_teacher_runs(finished, tmp_path
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(distill.teacher_cache.os, "posix_fallocate", full)
+    monkeypatch.setattr(teachers.cache.os, "posix_fallocate", full)
     train = open_training_set(data, input_size=32)
     with pytest.raises(CacheSpaceError, match=rf"cannot allocate the teacher cache \(No space left on device\): it "
                                               rf"needs {len(train) * 2 * 32 * 2:,} bytes .* are free.*teacher.cache: false"):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from distill.data import load_verification_bin, write_verification_bin
 from distill.data.verification import read_verification_pickle
-from distill.errors import DataFormatError, UnsafeFileError
+from distill.utils.errors import DataFormatError, UnsafeFileError
 
 
 def sha1(a):

@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from distill.config import ExperimentConfig, build_config
+from distill.config.schema import ExperimentConfig, build_config
 from distill.data.standin import StandInFaces
 
 
@@ -58,19 +58,19 @@ def whole_and_resumed(cfg, spec, teacher, out, monkeypatch) -> tuple:
     first checkpoint, then rerun to resume it (out/resumed): (whole, at the stop, resumed) checkpoints."""
     import pytest
 
-    import distill.engine
-    from distill.checkpoint import safe_torch_load
-    from distill.engine import run_stage
+    import distill.train.engine
+    from distill.utils.checkpoint import safe_torch_load
+    from distill.train.engine import run_stage
 
     run_stage(cfg, spec, str(out / "whole"), TinyFaces(), {}, teacher=teacher, progress=False)
-    real = distill.engine._checkpoint
+    real = distill.train.engine._checkpoint
 
     def stop_after_first(st):
         real(st)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(distill.engine, "_checkpoint", stop_after_first)
+        patch.setattr(distill.train.engine, "_checkpoint", stop_after_first)
         with pytest.raises(KeyboardInterrupt):
             run_stage(cfg, spec, str(out / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
     stopped = safe_torch_load(out / "resumed" / "last.pt")

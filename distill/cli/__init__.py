@@ -1,7 +1,7 @@
 """The `distill` command: the only place with argparse. One module per command family in this package.
 
 Every module in COMMANDS exposes `add_commands(subparsers)`; each subcommand sets `func(args) -> int`
-and calls library functions (distill.recursive, distill.export, ...), which never import this package.
+and calls library functions (distill.run.experiment, distill.deploy.export, ...), which never import this package.
 Errors meant for people (DistillError) are printed without a traceback and exit with status 2;
 Ctrl-C exits with 130. `--key=value` and `key=value` left over by argparse are experiment overrides.
 """
@@ -11,7 +11,7 @@ import importlib
 import sys
 import warnings
 
-from distill.errors import DistillError, UserNote
+from distill.utils.errors import DistillError, UserNote
 
 COMMANDS = [
     "distill.cli.export",

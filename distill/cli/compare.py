@@ -1,4 +1,4 @@
-"""`distill compare RUN_DIR ...`: stages of run directories side by side (library: distill.compare);
+"""`distill compare RUN_DIR ...`: stages of run directories side by side (library: distill.run.compare);
 with --export DIR every finished stage is exported to ONNX (and INT8) and the files are evaluated."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import sys
 
-from distill.compare import (comparison_json, comparison_table, export_run, export_table, load_runs, plan_export,
-                             plot_comparison, unfinished_runs)
-from distill.errors import ConfigError
+from distill.deploy.run_export import export_run, export_table, plan_export
+from distill.run.compare import comparison_json, comparison_table, load_runs, plot_comparison, unfinished_runs
+from distill.utils.errors import ConfigError
 from distill.cli.export import add_calibration_option, require_onnx
 
 

@@ -11,7 +11,7 @@ from distill.data.recordio_writer import rebuild_index
 from distill.data.synth_ijb import read_manifest as read_synth_ijb_manifest
 from distill.data.synth_ijb import synth_ijb_params, write_synthetic_ijb
 from distill.data.synthetic import MANIFEST, VAL_BIN, ensure_synthetic, synthetic_is_current
-from distill.errors import DataFormatError
+from distill.utils.errors import DataFormatError
 
 
 def _cmd_pack(args) -> int:

@@ -6,10 +6,10 @@ import json
 
 import torch
 
-from distill import models
-from distill.errors import ConfigError
-from distill.evaluate import FAR_TARGETS, evaluate_sets, set_name_of
-from distill.train_setup import resolve_device
+from distill.models import files as models
+from distill.utils.errors import ConfigError
+from distill.eval.verification import FAR_TARGETS, evaluate_sets, set_name_of
+from distill.utils.device import resolve_device
 
 
 def _pct(x) -> str:

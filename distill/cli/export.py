@@ -1,12 +1,12 @@
 """`distill export MODEL OUT.onnx [--int8 --calibrate DATA] [--check-bin X.bin ...]`: a student or teacher to
 ONNX, BatchNorm folded, with a parity check; optionally INT8 beside it and verification numbers side by side
-(library: distill.export, distill.quantize)."""
+(library: distill.deploy.export, distill.deploy.quantize)."""
 
 from __future__ import annotations
 
-from distill.errors import ConfigError
-from distill.export import (INPUT_NAME, NORMALISATION, OUTPUT_NAME, export_model, format_checks, judge_checks)
-from distill.quantize import DEFAULT_CALIB_IMAGES, INT8_SUFFIX
+from distill.utils.errors import ConfigError
+from distill.deploy.export import (INPUT_NAME, NORMALISATION, OUTPUT_NAME, export_model, format_checks, judge_checks)
+from distill.deploy.quantize import DEFAULT_CALIB_IMAGES, INT8_SUFFIX
 
 
 def _batch(value: str):

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from distill import models
+from distill.models import files as models
 from distill.data.ijb import TARGETS, missing_images, read_ijb_meta
-from distill.errors import ConfigError, DataFormatError
-from distill.ijb import (FAR_TARGETS, embed_images, far_key, feature_cache_key, load_feature_cache, load_features,
+from distill.utils.errors import ConfigError, DataFormatError
+from distill.eval.ijb import (FAR_TARGETS, embed_images, far_key, feature_cache_key, load_feature_cache, load_features,
                          protocol_name, save_feature_cache, save_scores, verify)
-from distill.train_setup import resolve_device
+from distill.utils.device import resolve_device
 
 
 def _labels(sources) -> list:

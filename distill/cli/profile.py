@@ -1,4 +1,4 @@
-"""`distill profile NAME`: parameters in use, GMACs/GFLOPs and CPU speed of a model (library: distill.profile)."""
+"""`distill profile NAME`: parameters in use, GMACs/GFLOPs and CPU speed of a model (library: distill.models.cost)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import json
 
 import torch
 
-from distill.errors import ConfigError
-from distill.models import model_input_size
-from distill.profile import profile_model
-from distill.registry import create_model, list_models
+from distill.utils.errors import ConfigError
+from distill.models.files import model_input_size
+from distill.models.cost import profile_model
+from distill.models.registry import create_model, list_models
 
 
 def _profile(args) -> int:

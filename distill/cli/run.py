@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import sys
 
-from distill.config import load_config
-from distill.dist import init_distributed, is_main
-from distill.engine import Preempted
-from distill.lock import run_directory_lock
-from distill.recursive import build_run_cache, default_run_dir, dry_run, open_data, prepare_teacher, run_experiment
-
 EX_TEMPFAIL = 75  # preempted: a scheduler should requeue the same command
 
 
 def _run(args) -> int:
+    from distill.config.schema import load_config
+    from distill.run.dry_run import dry_run
+    from distill.run.experiment import run_experiment
+    from distill.run.rundir import default_run_dir
+    from distill.train.engine import Preempted
+    from distill.utils.dist import init_distributed
+
     cfg = load_config(args.experiment, args.overrides)
     init_distributed()
     if args.dry_run:
@@ -29,24 +30,26 @@ def _run(args) -> int:
 
 
 def _cache_build(args) -> int:
+    from distill.config.schema import load_config
+    from distill.run.experiment import build_teacher_cache
+    from distill.run.rundir import default_run_dir
+    from distill.utils.dist import init_distributed, is_main
+
     cfg = load_config(args.experiment, args.overrides)
     if cfg.teacher is None:
         print("distill cache build: the experiment has no teacher; nothing to cache", file=sys.stderr)
         return 2
-    run_dir = args.out or default_run_dir(cfg)
     init_distributed()  # under torchrun every rank builds its slice of the cache
-    with run_directory_lock(run_dir):  # the same lock as distill run: one writer per run directory
-        train_set, val = open_data(cfg)
-        teacher = prepare_teacher(cfg, run_dir, train_set, val)
-        cache = build_run_cache(cfg, teacher, train_set, run_dir, progress=sys.stderr.isatty(),
-                                log=print if is_main() else (lambda *_: None))
+    cache = build_teacher_cache(cfg, args.out or default_run_dir(cfg), progress=sys.stderr.isatty())
     if is_main():  # under torchrun every rank built its slice; rank 0 speaks for all
         print(f"teacher cache: {len(cache)} images x 2 views in {cache.directory}")
     return 0
 
 
 def _doctor(args) -> int:
-    from distill.doctor import main_report
+    from distill.config.schema import load_config
+    from distill.run.doctor import main_report
+    from distill.run.rundir import default_run_dir
 
     cfg = load_config(args.experiment, args.overrides)
     report, status = main_report(cfg, args.out or default_run_dir(cfg), args.experiment)

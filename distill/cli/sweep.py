@@ -1,12 +1,12 @@
-"""`distill sweep GRID.yaml`: run an ablation grid, or print one `distill run` per point (library: distill.sweep)."""
+"""`distill sweep GRID.yaml`: run an ablation grid, or print one `distill run` per point (library: distill.run.sweep)."""
 
 from __future__ import annotations
 
 import sys
 
 from distill.cli.run import EX_TEMPFAIL
-from distill.engine import Preempted
-from distill.sweep import commands, expand, load_grid, point_config, run_sweep
+from distill.train.engine import Preempted
+from distill.run.sweep import commands, expand, load_grid, point_config, run_sweep
 
 
 def _sweep(args) -> int:

@@ -8,7 +8,7 @@ from distill.data.folders import ImageFolderDataset
 from distill.data.recordio import RecordIO
 from distill.data.recordio_writer import rebuild_index, write_insightface_rec
 from distill.data.verification import load_verification_bin, write_verification_bin
-from distill.errors import DataFormatError
+from distill.utils.errors import DataFormatError
 
 
 def open_training_set(path, **kw) -> FaceDataset:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from distill.errors import DataFormatError
+from distill.utils.errors import DataFormatError
 
 # The five ArcFace reference points (left eye, right eye, nose tip, left and right mouth corner, as
 # seen in the image) for a 112x112 crop. arcface_torch's eval_ijbc.py writes them for the 112x96

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from distill.errors import UserNote
+from distill.utils.errors import UserNote
 
 from distill.data.images import decode_chw, to_input_tensor
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from distill.data.datasets import FaceDataset
 from distill.data.images import decode_chw
-from distill.errors import DataFormatError
+from distill.utils.errors import DataFormatError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from distill.data.images import JPEG_SOI, _tv_decode_jpeg, decode_chw
-from distill.epoch_plan import PlannedDataset
-from distill.errors import ConfigError, UserNote
+from distill.train.epoch_plan import PlannedDataset
+from distill.utils.errors import ConfigError, UserNote
 
 if _tv_decode_jpeg is not None:
     from torchvision.io import ImageReadMode
@@ -57,9 +57,9 @@ def check_decode(decode: str, device, dataset=None) -> None:
         return
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
-        from distill.train_setup import _no_cuda_reason
+        from distill.utils.device import no_cuda_reason
 
-        reason = (_no_cuda_reason() if not torch.cuda.is_available()
+        reason = (no_cuda_reason() if not torch.cuda.is_available()
                   else "the key 'device' chose it, though a GPU is available")
         raise ConfigError(f"key 'data.decode': cuda decodes JPEGs on the GPU, but this run's device is {device} "
                           f"({reason}); set data.decode: cpu (or device: cuda)")

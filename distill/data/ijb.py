@@ -7,7 +7,7 @@
 
 with t = ijbc or ijbb. `read_ijb_meta` reads all three and checks them (a mistake names the file and
 line); `AlignedFaces` is the Dataset a DataLoader's workers use to decode and align every image
-(distill/data/align.py) and normalise it for the model. Protocol and scoring are in distill/ijb.py.
+(distill/data/align.py) and normalise it for the model. Protocol and scoring are in distill/eval/ijb.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from distill.data.align import LandmarkError, align_face
 from distill.data.images import decode_image, to_input_tensor
-from distill.errors import DataFormatError
+from distill.utils.errors import DataFormatError
 
 TARGETS = ("IJBC", "IJBB")
 IMAGE_DIR = "loose_crop"

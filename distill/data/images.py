@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from distill.errors import DataFormatError
+from distill.utils.errors import DataFormatError
 
 # Decoder choice. JPEG goes through torchvision.io.decode_jpeg, everything else through PIL.
 # Measured on this project's fixture JPEGs (112x112, MXNet/OpenCV-encoded), one thread, a busy

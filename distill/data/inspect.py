@@ -12,7 +12,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from distill.errors import DataFormatError
+from distill.utils.errors import DataFormatError
 
 _GAP = 2          # pixels between tiles
 _BAR = 4          # height of the same/different bar under a .bin pair

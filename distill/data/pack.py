@@ -10,7 +10,7 @@ from distill.data.align import LandmarkError, align_face
 from distill.data.folders import read_file, scan_image_tree
 from distill.data.images import JPEG_SOI, decode_chw, encode_jpeg
 from distill.data.recordio_writer import write_insightface_rec
-from distill.errors import DataFormatError
+from distill.utils.errors import DataFormatError
 
 
 def read_landmark_file(path, src) -> dict:

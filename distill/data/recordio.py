@@ -13,7 +13,7 @@ import struct
 
 import numpy as np
 
-from distill.errors import DataFormatError
+from distill.utils.errors import DataFormatError
 
 MAGIC = 0xCED7230A
 MAGIC_BYTES = struct.pack("<I", MAGIC)

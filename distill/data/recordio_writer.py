@@ -12,9 +12,9 @@ from array import array
 
 import numpy as np
 
-from distill.atomic import atomic_open
+from distill.utils.atomic import atomic_open
 from distill.data.recordio import IRHEADER, LENGTH_MASK, MAGIC, MAGIC_BYTES
-from distill.errors import DataFormatError
+from distill.utils.errors import DataFormatError
 
 
 def pack_payload(flag: int, label, id_: int, id2: int = 0, image: bytes = b"") -> bytes:

@@ -22,12 +22,12 @@ import os
 import numpy as np
 from PIL import Image
 
-from distill.atomic import atomic_write_json
+from distill.utils.atomic import atomic_write_json
 from distill.data.face_identity import IMAGE_STREAM, sample_identity
 from distill.data.face_render import RENDERER_VERSION, face_landmarks, render_face
 from distill.data.ijb import IMAGE_DIR, META_DIR, TARGETS, meta_path
 from distill.data.images import encode_jpeg
-from distill.errors import ConfigError
+from distill.utils.errors import ConfigError
 
 MANIFEST = "synth_ijb.json"
 IDENTITY_OFFSET = 1_000_000

@@ -25,7 +25,7 @@ import numpy as np
 from distill.data.face_render import RENDERER_VERSION, render_jpegs
 from distill.data.recordio_writer import write_insightface_rec
 from distill.data.verification import write_verification_bin
-from distill.errors import ConfigError
+from distill.utils.errors import ConfigError
 
 MANIFEST = "synth.json"
 VAL_BIN = "synth_val.bin"

@@ -8,9 +8,9 @@ import pickle
 
 import numpy as np
 
-from distill.atomic import atomic_open
+from distill.utils.atomic import atomic_open
 from distill.data.images import decode_image
-from distill.errors import DataFormatError, UnsafeFileError
+from distill.utils.errors import DataFormatError, UnsafeFileError
 
 
 class _NdarrayToken:

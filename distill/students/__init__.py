@@ -1,7 +1,7 @@
-"""Students: lightweight face models, each registered in the model registry (distill/registry.py).
+"""Students: lightweight face models, each registered in the model registry (distill/models/registry.py).
 
 A student is one decorated function in one file of this package (see vargfacenet.py, the end of the
-file), imported here; `distill.registry.create_model(name, **kwargs)` then builds it, and
+file), imported here; `distill.models.registry.create_model(name, **kwargs)` then builds it, and
 `timm.create_model(name, ...)` too for the ones registered with `timm=True`.
 """
 

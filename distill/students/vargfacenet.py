@@ -26,7 +26,7 @@ import math
 import torch
 from torch import nn
 
-from distill.registry import register_model
+from distill.models.registry import register_model
 
 BN_EPS = 2e-5
 BN_MOMENTUM = 0.1  # == MXNet momentum 0.9

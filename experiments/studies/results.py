@@ -2,7 +2,7 @@
 
     python experiments/studies/results.py runs/recursive_kd --out docs/results.md
 
-Reads every point of the sweep (distill.compare.load_runs: result.json / summary.json of each stage), groups
+Reads every point of the sweep (distill.run.compare.load_runs: result.json / summary.json of each stage), groups
 the points by case (`<grid>-<case>-seed=<s>`), and reports per case and stage the mean ± std over seeds of the
 verification accuracy and TAR@FAR=1e-3 of the first verification set, against the equal-budget scratch
 controls (`scratch-e<epochs>`). The conclusions are computed from the numbers: a difference is called beyond
@@ -21,7 +21,7 @@ from collections import defaultdict
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from distill.compare import load_runs  # noqa: E402
+from distill.run.compare import load_runs  # noqa: E402
 
 POINT = re.compile(r"^(?P<grid>[^-]+)-(?P<case>.+)-seed=(?P<seed>\d+)$")
 PAPER = [  # LFW / CFP-FP / AgeDB-30 (%), the VarGFaceNet authors' figures (ms1m-retinaface-t1, 112 px; README)

@@ -1,0 +1,106 @@
+"""The checks of an experiment's values that a type cannot express: names against their registries (margin heads,
+distillation losses, optimizers, schedulers), positive sizes, P×K batch divisibility. Run by
+distill.config.schema.build_config on every config before any work."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+from timm.optim import list_optimizers
+
+from distill.losses.distillation import DISTILL_LOSSES, loss_needs
+from distill.losses.heads import HEADS
+from distill.models.registry import did_you_mean
+from distill.utils.errors import ConfigError
+
+
+SCHEDULERS = ("poly", "cosine", "step")
+
+
+def _optimizers() -> list:
+    """timm's optimizer names (what create_optimizer_v2 takes), also with its lookahead_ prefix."""
+    names = list_optimizers()
+    return names + [f"lookahead_{n}" for n in names]
+
+
+def check_semantics(cfg, where) -> None:
+    """Every name checked against its registry before any work, so a typo fails in the first second."""
+    choices = {
+        "margin.margin": (cfg.margin.margin, list(HEADS)),
+        "distill.loss": (cfg.distill.loss, list(DISTILL_LOSSES)),
+        "distill.project": (cfg.distill.project, ("none", "linear")),
+        "train.amp": (cfg.train.amp, ("auto", "bf16", "fp16", "off")),
+        "train.optimizer_impl": (cfg.train.optimizer_impl, ("auto", "fused", "foreach", "off")),
+        "data.decode": (cfg.data.decode, ("cpu", "cuda")),
+        "tracking.wandb": (cfg.tracking.wandb, ("auto", "online", "offline", "disabled")),
+    }
+    if cfg.data.ijb is not None:
+        choices["data.ijb.target"] = (cfg.data.ijb.target, ("IJBC", "IJBB"))
+        if not cfg.data.ijb.root:
+            raise ConfigError(f"{where('data.ijb.root')}: key 'data.ijb.root' is empty; give insightface's IJB folder "
+                              f"(the one holding loose_crop/ and meta/)")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(cfg.device)):
+        raise ConfigError(f"{where('device')}: key 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"
+                          f"{did_you_mean(str(cfg.device), ('auto', 'cpu', 'cuda'))}")
+    if cfg.data.prefetch_factor < 1:
+        raise ConfigError(f"{where('data.prefetch_factor')}: key 'data.prefetch_factor' must be at least 1 (batches "
+                          f"each loader worker prepares ahead), got {cfg.data.prefetch_factor}")
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{where(key)}: key '{key}' must be one of {', '.join(allowed)}, got {value!r}"
+                              f"{did_you_mean(value, allowed)}")
+    optimizers = _optimizers()
+    for key, train in (("train", cfg.train), ("teacher.train", cfg.teacher and cfg.teacher.train)):
+        if train is not None and train.optimizer.lower() not in optimizers:
+            raise ConfigError(f"{where(key + '.optimizer')}: key '{key}.optimizer': unknown optimizer "
+                              f"{train.optimizer!r}{did_you_mean(train.optimizer.lower(), optimizers)} (timm's "
+                              f"create_optimizer_v2 names: sgd, adamw, lamb, ...; see timm.optim.list_optimizers())")
+        if train is not None and train.scheduler not in SCHEDULERS:
+            raise ConfigError(f"{where(key + '.scheduler')}: key '{key}.scheduler' must be one of "
+                              f"{', '.join(SCHEDULERS)}, got {train.scheduler!r}{did_you_mean(train.scheduler, SCHEDULERS)}")
+    positive = {"train.batch_size": cfg.train.batch_size, "train.lr": cfg.train.lr,
+                "train.accumulate": cfg.train.accumulate, "data.input_size": cfg.data.input_size,
+                "student.embedding_size": cfg.student.embedding_size}
+    if cfg.teacher is not None and cfg.teacher.embedding_size is not None:
+        positive["teacher.embedding_size"] = cfg.teacher.embedding_size
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{where(key)}: key '{key}' must be positive, got {value!r}")
+    if cfg.generations < 0:
+        raise ConfigError(f"{where('generations')}: key 'generations' must be >= 0, got {cfg.generations}")
+    if cfg.distill.alpha < 0:
+        raise ConfigError(f"{where('distill.alpha')}: key 'distill.alpha' must be >= 0, got {cfg.distill.alpha}")
+    if not cfg.name or os.sep in cfg.name or "/" in cfg.name or ".." in cfg.name or cfg.name == ".":
+        raise ConfigError(f"{where('name')}: key 'name' names the run directory runs/<name>; it must not be empty or "
+                          f"contain '/' or '..', got {cfg.name!r} (use --out to choose another folder)")
+    if not cfg.data.train:
+        raise ConfigError(f"{where('data.train')}: key 'data.train' is required (RecordIO folder or image tree)")
+    _check_images_per_id(cfg, where)
+    if loss_needs(cfg.distill.loss, "images_per_id") and cfg.distill.alpha > 0 and cfg.data.images_per_id is None:
+        raise ConfigError(f"{where('data.images_per_id')}: distill.loss {cfg.distill.loss} compares pairs of images within "
+                          f"a batch and needs repeated identities: set data.images_per_id (e.g. 4: batches of "
+                          f"batch_size/4 identities with 4 images each)")
+
+
+def _check_images_per_id(cfg, where) -> None:
+    """data.images_per_id (K of P×K sampling) is >= 2 and divides every batch size that samples the data."""
+    k = cfg.data.images_per_id
+    if k is None:
+        return
+    if k < 2:
+        raise ConfigError(f"{where('data.images_per_id')}: key 'data.images_per_id' must be 2 or more (images of one "
+                          f"identity in each batch group), got {k}; write null (or leave it out) for plain shuffled "
+                          f"batches")
+    sizes = {key: train.batch_size for key, train in (("train", cfg.train), ("teacher.train", cfg.teacher and
+                                                                              cfg.teacher.train)) if train is not None}
+    common = math.gcd(*sizes.values())
+    for key, size in sizes.items():
+        if size % k == 0:
+            continue
+        near = min((d for d in range(2, common + 1) if common % d == 0), key=lambda d: (abs(d - k), d), default=None)
+        hint = f"data.images_per_id: {near}" if near else "data.images_per_id: null"
+        raise ConfigError(f"{where('data.images_per_id')}: key 'data.images_per_id' ({k}) must divide "
+                          f"{key}.batch_size ({size}): each batch holds batch_size / images_per_id identities of "
+                          f"images_per_id images; set {hint}, or a {key}.batch_size that is a multiple of {k}")

@@ -1,0 +1,376 @@
+"""Experiment YAML -> typed, validated config: `base:` inheritance, dotted overrides, no unknown keys.
+
+An experiment file is read with `yaml.safe_load`, merged over the file its `base:` names (recursively,
+relative to the file), then over command-line overrides in either form `train.lr=0.05` or
+`--train.lr=0.05` (the form W&B sweep agents send). Every key is checked before any work starts: an
+unknown key is an error with a "did you mean" suggestion, a wrong type names the key, the file and the
+value. Keys follow the paper and arcface_torch where they exist (embedding_size, margin, s, m, alpha,
+batch_size, lr, weight_decay). Reading files, `base:` chains and overrides is distill/config/files.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import typing
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional
+
+import yaml
+
+import teachers
+from distill.utils.atomic import atomic_open
+from distill.config.files import key_paths, load_with_bases, merge_experiment, parse_overrides, read_yaml_mapping
+from distill.utils.errors import ConfigDeprecationWarning, ConfigError, DistillError
+from distill.config.checks import check_semantics
+from distill.models.registry import check_model_kwargs, check_model_name, did_you_mean, model_defaults
+
+
+@dataclass
+class SyntheticConfig:
+    """Procedural identities generated into `data.train` on first use (distill/data/synthetic.py)."""
+    ids: int = 200                 # training identities
+    images_per_id: int = 20
+    holdout_ids: Optional[int] = None  # identities kept out of training for the pairs (default: generator picks)
+    pairs: int = 2000              # verification pairs (half same, half different)
+    size: int = 112                # image side
+    seed: int = 0
+
+
+@dataclass
+class IJBConfig:
+    """IJB-B/IJB-C template verification of every finished stage (distill/eval/ijb_stage.py), after training."""
+    root: str = ""                 # insightface's IJB folder: loose_crop/, meta/<t>_*.txt
+    target: str = "IJBC"           # IJBC | IJBB
+    batch_size: int = 128
+
+
+@dataclass
+class DataConfig:
+    train: str = ""                # RecordIO folder / .rec file, or an identity-per-folder image tree
+    val: list = field(default_factory=list)  # verification .bin files (LFW, CFP-FP, AgeDB-30 ...)
+    input_size: int = 112          # images are resized when their size differs
+    num_workers: int = 2
+    prefetch_factor: int = 4       # batches each loader worker keeps ready (workers persist for the whole stage)
+    decode: str = "cpu"            # JPEGs decoded by loader workers | cuda: by nvJPEG, batched (data/gpu_decode.py)
+    synthetic: Optional[SyntheticConfig] = None
+    ijb: Optional[IJBConfig] = None  # evaluate every finished stage on IJB-B/C too (TAR@FAR 1e-6 .. 1e-1)
+    # K: P×K batches of batch_size/K identities with K images each, for batch-level distillation losses
+    # (distill/train/epoch_plan.py plan_identity_epoch); null: plain shuffled batches
+    images_per_id: Optional[int] = None
+
+
+def _spread():
+    """A section's dict field that holds every key the section does not define itself: the keyword arguments
+    of its model (`arch`), checked against the registered constructor's signature and written back flat."""
+    return field(default_factory=dict, metadata={"spread": True})
+
+
+def _model_kwargs(arch: str, given: dict, section: str, own: tuple) -> dict:
+    """`given` checked against `arch`'s constructor, completed with its defaults (tuples as lists, for YAML)."""
+    check_model_kwargs(arch, given, section=section, other_keys=own)
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in model_defaults(arch).items()}
+    return {**defaults, **given}
+
+
+class _ModelArguments:
+    """Model arguments read like the section's own keys: cfg.student.multiplier is cfg.student.model['multiplier']."""
+
+    def __getattr__(self, name):
+        model = self.__dict__.get("model")
+        if model is None or name not in model:
+            raise AttributeError(f"{type(self).__name__} has no key {name!r}")
+        return model[name]
+
+
+@dataclass
+class StudentConfig(_ModelArguments):
+    """`arch` (a model registry name), `init`, and the keyword arguments of `arch` beside them (embedding_size,
+    group_size, se, ... for VarGFaceNet). Its input size is data.input_size."""
+    arch: str = "vargfacenet"
+    init: Optional[str] = None     # generation 1 starts from this student.pt instead of from scratch
+    model: dict = _spread()
+
+    def __post_init__(self):
+        check_model_name(self.arch, "student.arch")
+        if "input_size" in self.model:
+            raise ConfigError("key 'student.input_size': the student's input size is data.input_size; set that")
+        self.model = _model_kwargs(self.arch, self.model, "student.", ("arch", "init"))
+        self.model.pop("input_size")
+
+    def model_kwargs(self, input_size: int) -> dict:
+        """Constructor arguments of the student."""
+        return {**self.model, "input_size": input_size}
+
+
+@dataclass
+class MarginConfig:
+    """Margin head: ArcFace cos(m1*theta + m2) - m3 with s; arcface (m2=m), cosface (m3=m), combined."""
+    margin: str = "arcface"
+    s: float = 64.0
+    m: float = 0.5
+    m1: float = 1.0
+    m2: float = 0.0
+    m3: float = 0.0
+    straight_through: bool = False  # arcface_torch's margin without gradient
+    sample_rate: float = 1.0        # PartialFC class sampling
+
+
+@dataclass
+class DistillConfig:
+    loss: str = "equivalent_angular"
+    alpha: float = 7.0             # total = classification + alpha * distillation (paper: 7)
+    # none (the paper: student and teacher embeddings of one size) | linear: a learned student->teacher
+    # projection used only inside the distillation loss (trained with the student, kept in last.pt only)
+    project: str = "none"
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    batch_size: int = 128          # per process
+    lr: float = 0.1                # for a total batch of lr_batch_size, scaled linearly with the batch
+    lr_batch_size: int = 512
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    # weight decay on 1-D parameters too (BatchNorm, biases, PReLU slopes), as MXNet insightface and
+    # arcface_torch do (the paper recipe sets it); false: timm's habit of exempting them
+    decay_norm_and_bias: bool = False
+    scheduler: str = "poly"        # poly | cosine | step
+    warmup_epochs: float = 0.0
+    poly_power: float = 2.0
+    decay_epochs: list = field(default_factory=list)  # for scheduler 'step'
+    decay_rate: float = 0.1
+    min_lr: float = 0.0
+    amp: str = "auto"              # auto (bf16 on CUDA) | bf16 | fp16 | off
+    channels_last: Optional[bool] = None  # NHWC memory format for the student and an online teacher; null: on CUDA
+    compile: bool = False          # torch.compile the student and an online teacher (eager, with a warning, where it fails)
+    optimizer_impl: str = "auto"   # auto (fused on CUDA where it exists, else torch's default) | fused | foreach | off
+    clip_grad: Optional[float] = None
+    accumulate: int = 1            # gradient accumulation steps
+    eval_every: int = 0            # steps between verification runs (0: only at the end)
+    log_every: int = 20
+    checkpoint_every: int = 200    # steps between last.pt writes
+    max_steps: Optional[int] = None
+
+
+@dataclass
+class TeacherConfig(_ModelArguments):
+    """A registered model (`arch` and its keyword arguments beside it, e.g. embedding_size, input_size) or an
+    ONNX file (`onnx`; its sizes are read from the file)."""
+    arch: Optional[str] = None     # iresnet100 (or r100), timm/<name>, vargfacenet, ... (model registry)
+    onnx: Optional[str] = None     # an insightface model-zoo ONNX file instead of arch
+    checkpoint: Optional[str] = None  # weights of arch (arcface_torch backbone.pth, a state dict)
+    providers: Optional[list] = None  # onnx: ONNX Runtime execution providers (default: CUDA if present, CPU)
+    cache: bool = True             # embeddings computed once (original + flip); false: online teacher
+    train: Optional[TrainConfig] = None  # recipe to train the teacher as stage 0 when checkpoint is missing
+    model: dict = _spread()
+
+    def __post_init__(self):
+        if (self.arch is None) == (self.onnx is None):
+            raise ConfigError("key 'teacher': give exactly one of arch: <model name> (e.g. iresnet100, timm/resnet50, "
+                              "vargfacenet) or onnx: <file>")
+        if self.onnx is not None:
+            given = sorted(self.model) + [k for k in ("train", "checkpoint") if getattr(self, k) is not None]
+            if given:
+                raise ConfigError(f"key 'teacher.{given[0]}': an ONNX teacher is its file: it takes onnx, providers "
+                                  f"and cache (its sizes are read from the file)")
+            return
+        check_model_name(self.arch, "teacher.arch")
+        self.model = _model_kwargs(self.arch, self.model, "teacher.", tuple(f.name for f in dataclasses.fields(self)))
+
+    @property
+    def embedding_size(self) -> Optional[int]:
+        return self.model.get("embedding_size")
+
+    def spec(self) -> dict:
+        """The dict `teachers.build_teacher` takes."""
+        if self.onnx is not None:
+            return {"onnx": self.onnx, "providers": self.providers}
+        return {"arch": self.arch, "checkpoint": self.checkpoint, **self.model}
+
+
+@dataclass
+class TrackingConfig:
+    wandb: str = "auto"            # auto (offline unless credentials exist) | online | offline | disabled
+    project: str = "facedistill"
+    entity: Optional[str] = None
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    seed: int = 0
+    device: str = "auto"           # auto | cpu | cuda
+    deterministic: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: Optional[TeacherConfig] = None   # no teacher: plain training
+    student: StudentConfig = field(default_factory=StudentConfig)
+    margin: MarginConfig = field(default_factory=MarginConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    baseline: bool = True          # also train the student without distillation, same budget
+    generations: int = 2
+    init_head_from_previous: bool = False
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# --------------------------------------------------------------------------------------- validation
+
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _check_value(value, tp, key: str, where: str):
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: key '{key}' must not be empty (null)")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}' must be a section (mapping), got {value!r}")
+        return _build(tp, value, key + ".", where)
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+        if ok and not math.isfinite(value):  # .inf / .nan parse as YAML floats; no key means them
+            raise ConfigError(f"{where}: key '{key}' must be a finite number, got {value!r}")
+    elif tp is str:
+        ok = isinstance(value, str)
+    elif tp is list or typing.get_origin(tp) is list:
+        ok = isinstance(value, list)
+    else:
+        ok = True
+    if not ok:
+        name = getattr(tp, "__name__", str(tp))
+        raise ConfigError(f"{where}: key '{key}' must be {name}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _build(cls, data: dict, prefix: str, where):
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    spread = next((f.name for f in fields.values() if f.metadata.get("spread")), None)
+    hints = typing.get_type_hints(cls)
+    values = {spread: {}} if spread else {}
+    for k, v in data.items():
+        src = where(prefix + k) if callable(where) else where
+        if spread and (k not in fields or k == spread):
+            values[spread][k] = v  # a model argument: checked against the constructor by the section
+            continue
+        if k not in fields:
+            hint = did_you_mean(k, fields, prefix=prefix) or f"; known keys: {', '.join(fields)}"
+            raise ConfigError(f"{src}: unknown key '{prefix}{k}'{hint}")
+        values[k] = _check_value(v, hints[k], prefix + k, src)
+    try:
+        return cls(**values)
+    except DistillError as err:  # a section's own check (model name, model arguments): name the file
+        src = where(prefix.rstrip(".")) if callable(where) else where
+        raise type(err)(f"{src}: {err}") from None
+
+
+def _upgrade_legacy(raw: dict, where, quiet: bool) -> dict:
+    """Earlier spellings that still load: `teacher: {kind: iresnet, depth: 100}`, `kind: facedistill` with
+    `teacher.student`, `kind: timm, name:`, `kind: onnx, checkpoint:` (see teachers.upgrade_legacy_teacher)."""
+    if not isinstance(raw.get("teacher"), dict):
+        return raw
+    teacher, note = teachers.upgrade_legacy_teacher(raw["teacher"])
+    if note and not quiet:
+        warnings.warn(f"{where('teacher.kind')}: {note}", ConfigDeprecationWarning, stacklevel=4)
+    return {**raw, "teacher": teacher}
+
+
+def build_config(raw: dict, source: str = "<config>", origin: dict | None = None, quiet: bool = False) -> ExperimentConfig:
+    origin = origin or {}
+
+    def where(key):
+        top = key
+        while top not in origin and "." in top:
+            top = top.rsplit(".", 1)[0]
+        return origin.get(top, source)
+
+    cfg = _build(ExperimentConfig, _upgrade_legacy(raw, where, quiet), "", where)
+    check_semantics(cfg, where)
+    return cfg
+
+
+def _own_keys() -> dict:
+    """The keys the student and teacher sections define themselves (the rest are their model's arguments)."""
+    return {name: {f.name for f in dataclasses.fields(cls)} - {"arch", "onnx", "model"}
+            for name, cls in (("student", StudentConfig), ("teacher", TeacherConfig))}
+
+
+def load_config(path: str, overrides: list | None = None) -> ExperimentConfig:
+    """Read, merge (base, overrides) and validate an experiment file; raises ConfigError naming key and file."""
+    raw, origin = load_with_bases(path, _own_keys())
+    over = parse_overrides(overrides or [])
+    raw = merge_experiment(raw, over, _own_keys())
+    origin.update({k: "command-line override" for k in key_paths(over)})
+    # Relative data/checkpoint paths stay relative to the working directory, as for every CLI tool.
+    return build_config(raw, source=path, origin=origin)
+
+
+def to_dict(cfg) -> dict:
+    """The config as plain YAML-able data; a section's model arguments sit flat beside its own keys."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+        elif isinstance(value, (dict, list)):
+            value = copy.deepcopy(value)
+        if f.metadata.get("spread"):
+            out.update(value)
+        else:
+            out[f.name] = value
+    return out
+
+
+def dump_config(cfg, path: str) -> None:
+    with atomic_open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def load_saved_config(path: str) -> ExperimentConfig:
+    """The resolved config a run directory keeps (experiment.yaml, written by dump_config)."""
+    fix = ("the run directory's copy of its experiment is damaged: restore it, or delete it and rerun `distill run` "
+           "with the experiment file that made this run (which writes it again)")
+    return config_from_dict(read_yaml_mapping(path, "saved experiment file", fix=fix), source=path)
+
+
+def config_from_dict(d: dict, source: str = "saved config") -> ExperimentConfig:
+    """Rebuild a config saved in a checkpoint or run directory (already validated once; an earlier
+    spelling is upgraded without a note: the user did not write it)."""
+    return build_config(d, source=source, quiet=True)
+
+
+
+# Keys that may change between reruns of one run directory without invalidating anything trained (how the
+# work is done, not what is learned); a key under one of these prefixes is harmless too.
+HARMLESS = ("generations", "tracking", "data.num_workers", "data.prefetch_factor", "data.decode", "train.log_every",
+            "train.compile", "train.optimizer_impl", "train.channels_last", "device", "data.ijb")
+
+
+def is_harmless(key: str) -> bool:
+    return any(key == h or key.startswith(h + ".") for h in HARMLESS)
+
+
+def flat_dict(d: dict, prefix: str = "") -> dict:
+    """{'train.lr': 0.1, ...}: a nested config dict keyed by dotted paths (empty sections kept as values)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(flat_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,309 @@
+"""Distillation losses on embeddings (one registry) and the training objective: classification + alpha × distillation.
+
+Every loss takes (student_emb, teacher_emb), both (batch, dim), and returns a scalar. The teacher is a
+constant: it is detached, so no gradient ever reaches it. Half-precision inputs (a float16 teacher cache,
+bfloat16 autocast outputs) are computed in float32; the teacher is cast to the student's dtype.
+With ŝ = s/|s|, t̂ = t/|t| and cos(t, s) = t̂·ŝ:
+
+    equivalent_angular    mean_i |t̂_i − ŝ_i|²     = mean_i (2 − 2 cos(t_i, s_i))   (arXiv 1910.04985)
+    shrinkteanet_angular  mean_i (1 − cos(t_i, s_i))²
+    cosine                mean_i (1 − cos(t_i, s_i))
+    l2                    mean over all batch × dim elements of (s − t)²          (F.mse_loss, 'mean')
+
+`l2` averages over elements, not samples: it equals mean_i |s_i − t_i|² / dim, so its scale depends on
+the embedding size and on the embeddings' norms, unlike the angular losses.
+
+The objective's contract. A registered loss is either a function of (student, teacher) added as
+`alpha × loss` to the classification loss (the four above), or a class (an nn.Module, instantiated with
+its options; its buffers are training state, saved in last.pt with the objective and resumed) that says
+what it needs through class attributes:
+    needs_labels = True            called as loss(student, teacher, labels) (batch-level losses)
+    replaces_classification = True it owns the classification term: the objective calls
+                                   loss.classify(head, student, labels, teacher) -> (loss, logs) instead of
+                                   head(student, labels), and adds no alpha × term (alpha > 0 turns it on)
+    images_per_id = True           needs batches with repeated identities (data.images_per_id)
+    same_size = True               compares the student's own space with the teacher's (no distill.project)
+The engine knows none of this: it calls the objective.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.utils.errors import CheckpointError, ConfigError, UnknownNameError
+
+DISTILL_LOSSES: dict = {}
+
+
+def register_loss(fn, name: str | None = None):
+    """Register `fn(student_emb, teacher_emb, *, options...) -> scalar tensor` under its function name, or a
+    loss class (see the module docstring) under `name`."""
+    if fn is None or isinstance(fn, str):  # @register_loss("name") on a class
+        return lambda cls: register_loss(cls, fn)
+    DISTILL_LOSSES[name or fn.__name__] = fn
+    return fn
+
+
+def loss_needs(name: str, what: str) -> bool:
+    """Whether registered loss `name` declares `what` (needs_labels, replaces_classification, images_per_id,
+    same_size)."""
+    return bool(getattr(DISTILL_LOSSES.get(name), what, False))
+
+
+def create_distill_loss(name: str, **kwargs):
+    """The registered loss `name`, with keyword options bound; unknown names or options are errors."""
+    if name not in DISTILL_LOSSES:
+        raise UnknownNameError(f"unknown distillation loss {name!r}; registered losses: "
+                               f"{', '.join(sorted(DISTILL_LOSSES))}")
+    fn = DISTILL_LOSSES[name]
+    if isinstance(fn, type):
+        accepted = [p for p in inspect.signature(fn).parameters if p != "self"]
+        _check_options(name, kwargs, accepted)
+        return fn(**kwargs)
+    if not kwargs:
+        return fn
+    accepted = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    _check_options(name, kwargs, accepted)
+    return functools.partial(fn, **kwargs)
+
+
+def _check_options(name: str, kwargs: dict, accepted: list) -> None:
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        from distill.models.registry import did_you_mean
+        raise ConfigError(f"distillation loss {name!r} does not take {', '.join(unknown)}"
+                          f"{did_you_mean(unknown[0], accepted)}; it takes {', '.join(accepted) or 'no options'}")
+
+
+def _prepare(student: torch.Tensor, teacher: torch.Tensor):
+    """Check shapes, detach the teacher and bring both to one dtype of at least float32 precision."""
+    if student.dim() != 2 or student.shape != teacher.shape:
+        raise ConfigError(f"distillation loss needs student and teacher embeddings of one shape (batch, dim), got "
+                          f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)}; the student's "
+                          f"embedding_size must match the teacher's")
+    if student.dtype in (torch.float16, torch.bfloat16):
+        student = student.float()
+    return student, teacher.detach().to(student.dtype)
+
+
+def _cos(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(student, teacher, dim=1, eps=1e-8)
+
+
+@register_loss
+def equivalent_angular(student_emb, teacher_emb):
+    """The paper's equivalent angular loss: mean_i |t̂_i − ŝ_i|² = mean_i (2 − 2 cos(t_i, s_i)).
+
+    Paper: VarGFaceNet (Yan et al., arXiv 1910.04985), weight alpha = 7. No options. Needs: teacher embeddings
+    of the student's size (or distill.project: linear). Tested: tests/test_losses.py (hand-computed)."""
+    s, t = _prepare(student_emb, teacher_emb)
+    return (F.normalize(t, dim=1) - F.normalize(s, dim=1)).pow(2).sum(1).mean()
+
+
+@register_loss
+def shrinkteanet_angular(student_emb, teacher_emb):
+    """ShrinkTeaNet's angular loss: mean_i (1 − cos(t_i, s_i))².
+
+    Paper: Duong et al. 2019, "ShrinkTeaNet: Million-scale Lightweight Face Recognition via Shrinking
+    Teacher-Student Networks". No options. Needs: teacher embeddings only."""
+    s, t = _prepare(student_emb, teacher_emb)
+    return (1.0 - _cos(s, t)).pow(2).mean()
+
+
+@register_loss
+def cosine(student_emb, teacher_emb):
+    """Cosine distance: mean_i (1 − cos(t_i, s_i)). No options; needs teacher embeddings only."""
+    s, t = _prepare(student_emb, teacher_emb)
+    return (1.0 - _cos(s, t)).mean()
+
+
+@register_loss
+def l2(student_emb, teacher_emb):
+    """Mean squared error of the raw embeddings, averaged over all batch × dim elements (F.mse_loss).
+
+    Plain feature regression (FitNets-style); scale depends on the embeddings' norms. Needs teacher embeddings."""
+    s, t = _prepare(student_emb, teacher_emb)
+    return F.mse_loss(s, t, reduction="mean")
+
+
+class DistillationObjective(nn.Module):
+    """total = classification (the margin head's loss) + alpha × distillation loss, every term by name.
+
+    forward(student_emb, labels, teacher_emb=None) returns (total, logs) with logs holding detached
+    tensors: 'loss' (total), 'loss_cls', 'loss_kd' (the distillation loss before alpha) and the head's
+    logs. With alpha = 0 or no teacher embeddings it is plain training: the distillation loss is not
+    computed and 'loss_kd' is absent from the logs (so a baseline run shows no distillation curve
+    rather than a flat zero). Under DDP, loss_cls is the global batch's loss (the head gathers all
+    ranks) while loss_kd is this rank's; DDP's gradient averaging makes both gradients global means.
+    """
+
+    def __init__(self, head: nn.Module, loss: str = "equivalent_angular", alpha: float = 7.0,
+                 project: tuple | None = None, **loss_options):
+        super().__init__()
+        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+            raise ConfigError(f"distillation alpha must be a finite number >= 0, got {alpha!r}")
+        self.head = head
+        self.loss_name = loss
+        self.distill_loss = create_distill_loss(loss, **loss_options)
+        self.alpha = float(alpha)
+        # distill.project: linear: (student dim, teacher dim) -> a learned map of the student's embedding to the
+        # teacher's size, used only inside the distillation loss (the classifier and the saved student never see it)
+        self.projection = nn.Linear(project[0], project[1], bias=False) if project else None
+
+    def extra_repr(self) -> str:
+        return f"loss={self.loss_name!r}, alpha={self.alpha}"
+
+    def forward(self, student_emb: torch.Tensor, labels: torch.Tensor, teacher_emb: torch.Tensor | None = None):
+        kd = self.distill_loss
+        distilling = self.alpha > 0 and teacher_emb is not None
+        if distilling and getattr(kd, "replaces_classification", False):
+            loss_cls, head_logs = kd.classify(self.head, student_emb, labels, teacher_emb)
+        else:
+            loss_cls, head_logs = self.head(student_emb, labels)
+        logs = {name: value.detach() if torch.is_tensor(value) else value for name, value in head_logs.items()}
+        logs["loss_cls"] = loss_cls.detach()
+        total = loss_cls
+        if distilling and not getattr(kd, "replaces_classification", False):
+            projected = self.projection(student_emb) if self.projection is not None else student_emb
+            extra = {"labels": labels} if getattr(kd, "needs_labels", False) else {}
+            loss_kd = kd(projected, teacher_emb, **extra)
+            logs["loss_kd"] = loss_kd.detach()
+            total = loss_cls + self.alpha * loss_kd
+        logs["loss"] = total.detach()
+        return total, logs
+
+    def training_state(self) -> dict:
+        """What last.pt keeps of the objective besides the head: the projection and a loss's own state."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
+
+    def load_training_state(self, state: dict, source: str = "the checkpoint") -> None:
+        expected = self.training_state()
+        if set(state) != set(expected):
+            raise CheckpointError(f"{source}: the objective's state holds {sorted(state) or 'nothing'}, this stage "
+                                  f"needs {sorted(expected) or 'nothing'} (distill.loss or distill.project changed?)")
+        self.load_state_dict({**{k: v for k, v in self.state_dict().items() if k.startswith("head.")}, **state})
+
+
+@register_loss("adadistill")
+class AdaDistill(nn.Module):
+    """AdaDistill (Boutros et al., ECCV 2024): the teacher's knowledge goes into the student's class centres.
+
+    For each sample i of identity y_i, with ŝ_i, t̂_i the normalised student and teacher embeddings and Ŵ_y the
+    normalised class centre, computed without gradient:
+        α_i = clip(cos(ŝ_i, t̂_i) · clip(cos(Ŵ_{y_i}, t̂_i), 1e-6, 1), 1e-6, 1)
+        W_{y_i} ← α_i Ŵ_{y_i} + (1 − α_i) t̂_i
+    then the head's usual margin loss (the paper: ArcFace s = 64, m = 0.45; here margin.*) on the updated
+    centres, which replaces the classification term (no alpha × term is added; alpha > 0 turns it on).
+    Early in training (student far from teacher) α is small and the centres follow the teacher; as the
+    student aligns, α grows and the centres move less. Samples of one identity in a batch: their updated
+    centres are averaged (a choice: the paper does not say). Sharded heads: embeddings, labels and teacher
+    embeddings are gathered, and each rank updates the centres it holds. The centres are the head's weight,
+    so they are in last.pt already. Needs teacher and student embeddings of one size (the centres live in
+    the student's space).
+    """
+
+    replaces_classification = True
+    same_size = True
+
+    @torch.no_grad()
+    def update_centres(self, head, student_emb, labels, teacher_emb) -> torch.Tensor:
+        """Move the centres of this batch's identities (those this rank holds) toward the teacher; returns the α
+        of every sample of the global batch whose centre is on this rank."""
+        s, t = _prepare(student_emb, teacher_emb)
+        comm = head._comm()
+        labels = labels.reshape(-1).long()
+        sizes = comm.batch_sizes(labels.shape[0], labels.device)
+        s_hat = comm.gather_rows(F.normalize(s, dim=1), sizes)
+        t_hat = comm.gather_rows(F.normalize(t, dim=1), sizes)
+        local = comm.gather_rows(labels, sizes) - head.class_start
+        mine = (local >= 0) & (local < head.num_local_classes)
+        rows, s_hat, t_hat = local[mine], s_hat[mine], t_hat[mine]
+        w_hat = F.normalize(head.weight[rows].to(t_hat.dtype), dim=1)
+        alpha = ((s_hat * t_hat).sum(1) * (w_hat * t_hat).sum(1).clamp(1e-6, 1.0)).clamp(1e-6, 1.0)
+        updated = alpha[:, None] * w_hat + (1.0 - alpha[:, None]) * t_hat
+        classes, inverse = rows.unique(return_inverse=True)
+        summed = updated.new_zeros(len(classes), updated.shape[1]).index_add_(0, inverse, updated)
+        counts = torch.bincount(inverse, minlength=len(classes)).to(summed.dtype)
+        head.weight[classes] = (summed / counts[:, None]).to(head.weight.dtype)
+        return alpha
+
+    def classify(self, head, student_emb, labels, teacher_emb):
+        alpha = self.update_centres(head, student_emb, labels, teacher_emb)
+        loss, logs = head(student_emb, labels)
+        return loss, {**logs, "ada_alpha": alpha.mean() if alpha.numel() else alpha.new_zeros(())}
+
+
+@register_loss("ekd")
+class EKD(nn.Module):
+    """EKD, evaluation-oriented knowledge distillation (Huang et al., CVPR 2022): match where pairs fall relative
+    to the verification thresholds, for student and teacher, instead of matching embeddings.
+
+    In a batch (which needs repeated identities: data.images_per_id), S = the pairwise cosine similarities
+    (pairs i < j), once for the student and once for the teacher. Positives: pairs of one identity;
+    negatives: the `hard_negatives` pairs of different identities with the highest student similarity (all
+    of them when fewer). For each FAR r in `fars` the threshold a_r is the similarity that a share r of the
+    batch's negative pairs exceed (the ceil(r·N)-th highest, at least the highest), tracked by an EMA with
+    `momentum` (the first batch sets it), separately for student and teacher, without gradient. The soft
+    count of thresholds a similarity passes is c(x) = Σ_r σ((x − a_r) / `temperature`), and
+
+        loss = `positive_weight` · MSE(c_s(S⁺_s), c_t(S⁺_t)) + `negative_weight` · MSE(c_s(S⁻_s), c_t(S⁻_t)),
+
+    added to the classification loss as alpha × loss: distill.alpha: 1 gives the paper's
+    ArcFace + 0.02·MSE⁺ + 0.01·MSE⁻. The thresholds are buffers: saved in last.pt, resumed.
+    """
+
+    needs_labels = True
+    images_per_id = True
+
+    def __init__(self, fars=(1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6), hard_negatives: int = 2000, momentum: float = 0.01,
+                 temperature: float = 0.01, positive_weight: float = 0.02, negative_weight: float = 0.01):
+        super().__init__()
+        self.fars = tuple(float(r) for r in fars)
+        self.hard_negatives, self.momentum, self.temperature = int(hard_negatives), float(momentum), float(temperature)
+        self.positive_weight, self.negative_weight = float(positive_weight), float(negative_weight)
+        self.register_buffer("thresholds", torch.zeros(2, len(self.fars)))  # [student, teacher] x FAR
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))     # batches folded into the EMA
+
+    def batch_thresholds(self, negatives: torch.Tensor) -> torch.Tensor:
+        """a_r of one batch: the ceil(r·N)-th highest negative similarity (the highest when r·N < 1)."""
+        ordered = negatives.detach().sort(descending=True).values
+        n = ordered.numel()
+        index = torch.tensor([max(math.ceil(r * n) - 1, 0) for r in self.fars], device=ordered.device)
+        return ordered[index]
+
+    def soft_count(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid((x[:, None] - thresholds[None, :]) / self.temperature).sum(1)
+
+    def forward(self, student_emb, teacher_emb, labels):
+        s, t = _prepare(student_emb, teacher_emb)
+        s, t = F.normalize(s, dim=1), F.normalize(t, dim=1)
+        i, j = torch.triu_indices(len(s), len(s), offset=1, device=s.device)
+        labels = labels.reshape(-1)
+        same = labels[i] == labels[j]
+        if not bool(same.any()):
+            raise ConfigError("distill.loss ekd: this batch holds no two images of one identity; set "
+                              "data.images_per_id (e.g. 4) so every batch repeats identities")
+        sim_s, sim_t = (s[i] * s[j]).sum(1), (t[i] * t[j]).sum(1)
+        neg_s, neg_t = sim_s[~same], sim_t[~same]
+        if neg_s.numel() == 0:
+            raise ConfigError("distill.loss ekd: this batch holds only one identity; lower data.images_per_id so a "
+                              "batch holds several identities")
+        with torch.no_grad():
+            batch = torch.stack([self.batch_thresholds(neg_s), self.batch_thresholds(neg_t)])
+            if self.training:
+                if int(self.seen) == 0:
+                    self.thresholds.copy_(batch)
+                else:
+                    self.thresholds.mul_(1 - self.momentum).add_(self.momentum * batch)
+                self.seen += 1
+            thresholds = self.thresholds.to(sim_s.dtype) if int(self.seen) else batch
+        hard = neg_s.detach().topk(min(self.hard_negatives, neg_s.numel())).indices
+        pos_term = F.mse_loss(self.soft_count(sim_s[same], thresholds[0]), self.soft_count(sim_t[same], thresholds[1]))
+        neg_term = F.mse_loss(self.soft_count(neg_s[hard], thresholds[0]), self.soft_count(neg_t[hard], thresholds[1]))
+        return self.positive_weight * pos_term + self.negative_weight * neg_term

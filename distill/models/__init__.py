@@ -1,0 +1,12 @@
+"""Models as things to build, save, load and measure: the model registry (`registry`: create_model, list_models,
+register_model), `student.pt` files and loading any model file (`files`: save_student, load_student, load_model),
+and what a model costs (`cost`: parameters, GFLOPs, CPU speed). The architectures themselves live in
+`distill/students/` (students) and `teachers/` (IResNets, timm backbones, ONNX)."""
+
+from distill.models.files import (  # noqa: F401  (the documented import path distill.models.load_student)
+    load_model,
+    load_student,
+    model_embedding_size,
+    model_input_size,
+    save_student,
+)

@@ -1,0 +1,215 @@
+"""The model registry: every architecture registered once by name, in timm's manner.
+
+    @register_model(aliases=("r18",))
+    def iresnet18(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0):
+        return IResNet(18, embedding_size=embedding_size, input_size=input_size, dropout=dropout)
+
+`create_model(name, **kwargs)` and `list_models()` are the only factory: students, IResNet teachers
+(`iresnet18..200`, arcface_torch's `r18..r200` as aliases) and any timm backbone as `timm/<name>` (a
+family registered by its prefix). Every model takes `embedding_size` and `input_size`.
+
+A model's keyword arguments are its constructor's signature: `model_defaults(name)` lists them with
+their defaults and `check_model_kwargs(name, kwargs)` refuses an unknown one with a "did you mean", so a
+config is checked when it loads, before any file is touched. A registered function with `**kwargs` that
+passes them on to a class says so with `builds=Class`: the class's keyword arguments are then accepted too.
+
+The families register when their modules are imported; `import distill` imports them all
+(distill/__init__.py), like `import timm` does.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+
+from timm.models import register_model as timm_register
+
+from distill.utils.errors import ConfigError, UnknownNameError
+
+
+def did_you_mean(word: str, choices, prefix: str = "") -> str:
+    """'; did you mean 'x'?' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
+def check_name(name, known, what: str, key: str = "") -> None:
+    """Refuse a name that is not registered: the message names the key, suggests and lists the known names."""
+    known = sorted(known)
+    if name in known:
+        return
+    where = f"key '{key}': " if key else ""
+    listing = f" (registered: {', '.join(known)})" if len(known) <= 40 else ""
+    raise UnknownNameError(f"{where}unknown {what} {name!r}{did_you_mean(name, known)}{listing}")
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    fn: object                  # the registered constructor
+    params: dict                # keyword argument -> default (inspect.Parameter.empty when required)
+    family: bool = False        # registered by prefix: fn(<rest of the name>, **kwargs)
+    check: object = None        # family: check(member name) raises when the member does not exist
+
+
+_MODELS: dict = {}     # canonical name (or family prefix) -> ModelEntry
+_ALIASES: dict = {}    # alias -> canonical name
+_FAMILIES: dict = {}   # prefix -> ModelEntry
+
+
+def _keyword_params(fn, skip: int = 0) -> tuple[dict, bool]:
+    """{name: default} of fn's keyword-capable parameters (the first `skip` dropped) and whether it has **kwargs."""
+    params, var_kw = {}, False
+    for i, p in enumerate(inspect.signature(fn).parameters.values()):
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            var_kw = True
+        elif i >= skip and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            params[p.name] = p.default
+    return params, var_kw
+
+
+def _entry(name: str, fn, builds, family: bool = False, check=None) -> ModelEntry:
+    params, var_kw = _keyword_params(fn, skip=1 if family else 0)
+    if var_kw:
+        if builds is None:
+            raise TypeError(f"register_model({name}): a constructor taking **kwargs must say what it builds (builds=Class)")
+        inherited, _ = _keyword_params(builds.__init__, skip=1)
+        params = {**inherited, **params}  # the function's own defaults win (vargfacenet_depthwise: group_size=1)
+    missing = {"embedding_size", "input_size"} - set(params)
+    if missing:
+        raise TypeError(f"register_model({name}): every model takes embedding_size and input_size; "
+                        f"{', '.join(sorted(missing))} missing")
+    return ModelEntry(name, fn, params, family=family, check=check)
+
+
+def register_model(fn=None, *, aliases: tuple = (), builds=None, timm: bool = False):
+    """Register `fn(**kwargs) -> nn.Module` under its function name (decorator, with or without arguments).
+
+    aliases: other names for it (r100 for iresnet100); builds: the class `fn` passes **kwargs to;
+    timm: also register it with timm, so `timm.create_model(name)` builds it after `import distill`."""
+
+    def add(fn):
+        name = fn.__name__
+        for key in (name, *aliases):
+            if key in _MODELS or key in _ALIASES:
+                raise ValueError(f"model name {key!r} is registered twice")
+        _MODELS[name] = _entry(name, fn, builds)
+        _ALIASES.update({a: name for a in aliases})
+        if timm:
+            _register_with_timm(fn)
+        return fn
+
+    return add(fn) if fn is not None else add
+
+
+def register_model_family(prefix: str, check=None):
+    """Register `fn(name, **kwargs)` for every model name `<prefix><name>` (e.g. timm/resnet50).
+    `check(name)` raises when `name` does not exist in the family."""
+
+    def add(fn):
+        _FAMILIES[prefix] = _entry(prefix + "<name>", fn, None, family=True, check=check)
+        return fn
+
+    return add
+
+
+def _register_with_timm(fn) -> None:
+    # keyword arguments timm.create_model passes that a face model has no use for
+    ignored = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "num_classes",
+               "in_chans", "global_pool", "drop_rate", "scriptable", "exportable", "no_jit")
+
+    def factory(pretrained: bool = False, **kwargs):
+        if pretrained:
+            raise ValueError(f"{fn.__name__}: no pretrained weights are published; load a student.pt instead")
+        return fn(**{k: v for k, v in kwargs.items() if k not in ignored})
+
+    factory.__name__ = factory.__qualname__ = fn.__name__
+    factory.__module__ = fn.__module__
+    factory.__doc__ = fn.__doc__
+    timm_register(factory)
+
+
+def list_models(aliases: bool = False) -> list:
+    """Registered model names (and their aliases), then each family as `<prefix><name>`."""
+    names = sorted(_MODELS, key=_natural) + (sorted(_ALIASES, key=_natural) if aliases else [])
+    return names + [f"{p}<name>" for p in sorted(_FAMILIES)]
+
+
+def _natural(name: str) -> tuple:
+    """iresnet18 < iresnet100 (digits compared as numbers)."""
+    head = name.rstrip("0123456789")
+    return (head, int(name[len(head):]) if name[len(head):] else -1)
+
+
+def resolve(name: str) -> tuple[ModelEntry, str | None]:
+    """(entry, family member name or None) of a model name; unknown names get a suggestion."""
+    if not isinstance(name, str):
+        raise ConfigError(f"a model name must be a string, got {name!r}")
+    name = _ALIASES.get(name, name)
+    if name in _MODELS:
+        return _MODELS[name], None
+    for prefix, entry in _FAMILIES.items():
+        if name.startswith(prefix):
+            member = name[len(prefix):]
+            if entry.check is not None:
+                entry.check(member)
+            return entry, member
+    raise UnknownNameError(f"unknown model {name!r}{did_you_mean(name, list(_MODELS) + list(_ALIASES))} "
+                           f"(registered: {', '.join(list_models(aliases=True))})")
+
+
+def check_model_name(name: str, key: str) -> None:
+    """`resolve` for a config key: an unknown name's message starts with the key."""
+    try:
+        resolve(name)
+    except UnknownNameError as err:
+        raise UnknownNameError(f"key '{key}': {err}") from None
+
+
+def canonical_name(name: str) -> str:
+    """iresnet100 for r100; a family member and a registered name stay as they are."""
+    return _ALIASES.get(name, name)
+
+
+def model_defaults(name: str) -> dict:
+    """The model's keyword arguments and their defaults (required ones absent)."""
+    entry, _ = resolve(name)
+    return {k: v for k, v in entry.params.items() if v is not inspect.Parameter.empty}
+
+
+def check_model_kwargs(name: str, kwargs: dict, section: str = "", other_keys: tuple = ()) -> None:
+    """Refuse keyword arguments the constructor of `name` does not take, or values of the wrong type
+    (judged by the default's type). `section` prefixes key names in messages (e.g. 'student.');
+    `other_keys` are the section's own keys, suggested too (a typo of 'init' is not a model argument)."""
+    entry, _ = resolve(name)
+    for key, value in kwargs.items():
+        if key not in entry.params:
+            hint = (did_you_mean(key, [*entry.params, *other_keys], prefix=section)
+                    or f"; {name} takes {', '.join(entry.params)}")
+            raise ConfigError(f"unknown key '{section}{key}': {name} has no argument {key!r}{hint}")
+        default = entry.params[key]
+        if not _same_kind(value, default):
+            kind = "list" if isinstance(default, (list, tuple)) else type(default).__name__
+            raise ConfigError(f"key '{section}{key}' must be {kind}, got {value!r} ({type(value).__name__})")
+
+
+def _same_kind(value, default) -> bool:
+    if default is inspect.Parameter.empty or default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def create_model(name: str, **kwargs):
+    """A fresh (randomly initialised) model of architecture `name`, built from keyword arguments."""
+    entry, member = resolve(name)
+    check_model_kwargs(name, kwargs)
+    return entry.fn(member, **kwargs) if entry.family else entry.fn(**kwargs)

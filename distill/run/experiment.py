@@ -1,0 +1,268 @@
+"""The experiment driver: teacher -> baseline -> gen1 .. genN, each stage in its own directory.
+
+    runs/<experiment>/
+      experiment.yaml      the resolved config (a rerun with a differing config is refused)
+      teacher/             trained here when the YAML gives a recipe and no checkpoint (backbone.pth)
+      teacher_cache/       the frozen teacher's embeddings of every training image and its flip
+      baseline/            the student without distillation, same budget
+      gen1/ .. genN/       generation k starts from generation k-1's student.pt
+      summary.json, summary.md
+
+A stage with a result.json is finished and skipped on rerun; an interrupted one resumes from its
+last.pt. `dry_run` checks files and shapes and runs two steps of every stage on random stand-in
+data at the configured model sizes, in a temporary directory that is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from distill.config.schema import ExperimentConfig, dump_config
+from distill.eval.ijb_stage import evaluate_ijb, ijb_scalars, needs_ijb
+from distill.eval.ijb_stage import read_meta as read_ijb_meta
+from distill.eval.verification import evaluate_sets, set_name_of, size_note
+from distill.losses.distillation import loss_needs
+from distill.models.cost import model_cost
+from distill.models.files import load_student, model_input_size
+from distill.run.disk import DiskSpaceError, check_disk
+from distill.run.lock import run_directory_lock
+from distill.run.rundir import check_run_dir, default_run_dir, restart_stages
+from distill.run.summary import teacher_model, write_summary
+from distill.train.engine import StageSpec, run_stage
+from distill.train.tracking import stage_tracker, val_scalars
+from distill.utils.atomic import atomic_write_json
+from distill.utils.device import amp_settings, resolve_device
+from distill.utils.dist import barrier, from_rank0, is_main, rank0_first
+from distill.utils.errors import ConfigError
+from distill.utils.layout import BASELINE, TEACHER, RunLayout, generation_name
+from teachers.prepare import (IDENTITY_KEY, check_recorded_teacher, needs_cache, prepare_cache, prepare_teacher,
+                              teacher_identity)
+
+# --------------------------------------------------------------------------------------- pieces
+
+def open_data(cfg: ExperimentConfig, log=print):
+    """(training set, {set name: (images, issame)}); synthetic data is generated on first use."""
+    from distill.data import load_verification_bin, open_training_set
+
+    if cfg.data.synthetic is not None:
+        from distill.data.synthetic import ensure_synthetic, synthetic_is_current
+        params = dataclasses.asdict(cfg.data.synthetic)
+        if not synthetic_is_current(cfg.data.train, **params):
+            log(f"synthetic faces: generating {cfg.data.train} (first use)")
+        # an existing dataset is used as it is, or refused when its settings differ: never replaced
+        rank0_first(lambda: ensure_synthetic(cfg.data.train, replace=False, **params))
+    if not os.path.exists(cfg.data.train):
+        raise ConfigError(f"data.train: {cfg.data.train} does not exist (a RecordIO folder such as faces_emore/, "
+                          f"a .rec file, or an identity-per-folder tree)")
+    for path in cfg.data.val:
+        if not os.path.exists(path):
+            raise ConfigError(f"data.val: verification set {path} does not exist")
+    train_set = open_training_set(cfg.data.train, flip=True, input_size=cfg.data.input_size)
+    val = {set_name_of(p): load_verification_bin(p) for p in cfg.data.val}
+    if is_main():  # resizing, a property file that disagrees: one note each, before any work
+        train_set.warn_notes()
+        for name, (images, _) in val.items():
+            size_note(f"verification set {name}", images, cfg.data.input_size)
+    return train_set, val
+
+
+def embedding_size_problem(cfg: ExperimentConfig, teacher_dim: int) -> str | None:
+    """Why the student's embeddings cannot be distilled against a teacher of `teacher_dim`, or None."""
+    student_dim = cfg.student.embedding_size
+    if cfg.distill.alpha <= 0 or cfg.generations < 1 or teacher_dim == student_dim:
+        return None
+    if loss_needs(cfg.distill.loss, "same_size"):
+        return (f"the teacher's embeddings are {teacher_dim}-d, student.embedding_size is {student_dim}: "
+                f"distill.loss {cfg.distill.loss} moves the student's class centres toward the teacher's embeddings, "
+                f"so both must have one size (distill.project cannot map the teacher into the student's space); "
+                f"set student.embedding_size: {teacher_dim} or use another distill.loss")
+    if cfg.distill.project != "none":
+        return None
+    return (f"the teacher's embeddings are {teacher_dim}-d, student.embedding_size is {student_dim}: the distillation "
+            f"losses compare embeddings of one size. Set distill.project: linear (a learned {student_dim} -> "
+            f"{teacher_dim} projection used only inside the distillation loss), or student.embedding_size: {teacher_dim}")
+
+
+def check_embedding_sizes(cfg: ExperimentConfig, teacher_dim: int) -> None:
+    problem = embedding_size_problem(cfg, teacher_dim)
+    if problem:
+        raise ConfigError(problem)
+
+
+def stage_ijb(cfg: ExperimentConfig, run_dir: str, result: dict, load_model, meta, progress: bool = False,
+              log=print) -> dict:
+    """A finished stage evaluated once on `data.ijb` (rank 0; the others wait): the numbers go into its
+    result.json (`ijb`) and its W&B run (`ijb/<target>/...`). `load_model() -> (model, input_size)`."""
+    if not needs_ijb(result, cfg.data.ijb):
+        return result
+    name = result["stage"]
+    if is_main():
+        model, input_size = load_model()
+        log(f"{name}: {cfg.data.ijb.target} template verification ({len(meta.names):,} images, "
+            f"{len(meta.pairs):,} pairs)")
+        ijb = evaluate_ijb(model, input_size, cfg.data.ijb, meta, workers=cfg.data.num_workers, progress=progress,
+                           model_name=name)
+        result = {**result, "ijb": ijb}
+        atomic_write_json(RunLayout(run_dir).stage(name).result, result)
+        tracker = stage_tracker(cfg, run_dir, name, result.get("generation", 0), result.get("init_from"))
+        tracker.log(ijb_scalars(ijb), int(result.get("steps") or 0))
+        tracker.finish(None, None)
+        log(f"{name}: {cfg.data.ijb.target} TAR@FAR=1e-4 {100 * ijb['tar_at_far']['0.0001']:.2f}%, "
+            f"1e-5 {100 * ijb['tar_at_far']['1e-05']:.2f}%, AUC {ijb['auc']:.4f}")
+    barrier()
+    return from_rank0(result)
+
+
+def _student_loader(path: str):
+    def load():
+        model, _ = load_student(path)
+        return model.eval(), model_input_size(model)
+    return load
+
+
+def student_spec(cfg: ExperimentConfig, name: str, generation: int, alpha: float, init_from, head_from) -> StageSpec:
+    return StageSpec(name=name, arch=cfg.student.arch, model_kwargs=cfg.student.model_kwargs(cfg.data.input_size),
+                     train=cfg.train, alpha=alpha, generation=generation, init_from=init_from, head_from=head_from)
+
+
+def _teacher_result(cfg, run_dir, teacher, val, train_set) -> dict:
+    """Metrics of a loaded (not trained here) teacher, computed once and kept in teacher/result.json with the
+    teacher's identity."""
+    stage = RunLayout(run_dir).teacher
+    if stage.is_done():
+        return stage.read_result()
+    os.makedirs(stage.dir, exist_ok=True)
+    metrics = evaluate_sets(teacher, val, teacher.input_size, progress=False, model_name=TEACHER) if val else {}
+    label, arch, kwargs = teacher_model(cfg)
+    params, gflops = model_cost(arch, kwargs) if arch else (None, None)
+    result = {"stage": TEACHER, "generation": 0, "init_from": cfg.teacher.checkpoint or cfg.teacher.onnx,
+              "arch": label, "params": params, "gflops": gflops, "train_seconds": 0.0, "metrics": metrics,
+              IDENTITY_KEY: teacher_identity(cfg, train_set)}
+    atomic_write_json(stage.result, result)
+    tracker = stage_tracker(cfg, run_dir, TEACHER, 0, cfg.teacher.checkpoint)  # a W&B run for the teacher too
+    tracker.log(val_scalars(metrics), 0)
+    tracker.finish(result, None)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- run
+
+def plan_stages(cfg: ExperimentConfig, run_dir: str) -> list:
+    alpha = cfg.distill.alpha if cfg.teacher is not None else 0.0
+    run = RunLayout(run_dir)
+    stages = []
+    if cfg.baseline:
+        stages.append(student_spec(cfg, BASELINE, 0, 0.0, cfg.student.init, None))
+    for k in range(1, cfg.generations + 1):
+        init = cfg.student.init if k == 1 else run.generation(k - 1).student
+        head = run.generation(k - 1).last if (k > 1 and cfg.init_head_from_previous) else None
+        stages.append(student_spec(cfg, generation_name(k), k, alpha, init, head))
+    return stages
+
+
+def teacher_trainer(cfg: ExperimentConfig, run_dir: str, train_set, val, progress: bool, log):
+    """How the teacher stage (stage 0) trains, for teachers.prepare.prepare_teacher: with the engine, recording
+    the teacher's identity in its result.json."""
+    def train(stage, identity):
+        t = cfg.teacher
+        spec = StageSpec(TEACHER, t.arch, dict(t.model), t.train, alpha=0.0, generation=0,
+                         record={IDENTITY_KEY: identity})
+        run_stage(cfg, spec, stage.dir, train_set, val, progress=progress, log=log,
+                  tracker=stage_tracker(cfg, run_dir, TEACHER, 0, None))
+    return train
+
+
+def _before_any_work(cfg: ExperimentConfig, run_dir: str, restart, log):
+    """What `distill run` and `distill cache build` check and prepare before any training: the run directory
+    holds this experiment (and its teacher), the device exists, the data opens, the disk has room, the IJB
+    meta files read; then experiment.yaml is written. Returns (training set, verification sets, IJB meta)."""
+    check_run_dir(cfg, run_dir, restart)
+    resolve_device(cfg.device)  # a GPU that is not there stops the run before any work
+    if restart:  # rank 0 moves the folders; the other ranks wait for it
+        rank0_first(lambda: restart_stages(cfg, run_dir, restart, log) if is_main() else None)
+    os.makedirs(run_dir, exist_ok=True)
+    train_set, val = open_data(cfg, log=log)
+    log(f"{cfg.name}: {len(train_set)} training images of {train_set.num_classes} identities; "
+        f"verification: {', '.join(f'{k} ({len(v[1])} pairs)' for k, v in val.items()) or 'none'}")
+    problem = None
+    if is_main():  # what the run will write against the free disk, before any work (rank 0 measures for all)
+        try:
+            check_disk(cfg, run_dir, len(train_set), train_set.num_classes)
+        except DiskSpaceError as err:
+            problem = str(err)
+    problem = from_rank0(problem)
+    if problem:
+        raise DiskSpaceError(problem)
+    check_recorded_teacher(cfg, run_dir, train_set, log=log, record=is_main())
+    ijb_meta = read_ijb_meta(cfg.data.ijb) if cfg.data.ijb is not None else None  # a wrong root fails here, first
+    if is_main():
+        dump_config(cfg, RunLayout(run_dir).experiment)
+    return train_set, val, ijb_meta
+
+
+def _cache(cfg: ExperimentConfig, teacher, train_set, run_dir: str, progress: bool, log):
+    """The teacher cache on the run's device, under the students' autocast (train.amp)."""
+    device = resolve_device(cfg.device)
+    return prepare_cache(cfg, teacher, train_set, run_dir, device, amp_settings(cfg.train, device)[0], progress, log)
+
+
+def build_teacher_cache(cfg: ExperimentConfig, run_dir: str, progress: bool = False, log=print):
+    """`distill cache build`: the teacher (trained as stage 0 when the experiment says so) and its cache, with
+    every check `distill run` makes and its experiment.yaml, holding the run directory's lock."""
+    if not is_main():
+        log = lambda *_: None  # noqa: E731
+    with run_directory_lock(run_dir):
+        train_set, val, _ = _before_any_work(cfg, run_dir, (), log)
+        teacher = prepare_teacher(cfg, run_dir, train_set, teacher_trainer(cfg, run_dir, train_set, val, progress,
+                                                                            log), log=log)
+        check_embedding_sizes(cfg, teacher.embedding_size)
+        return _cache(cfg, teacher, train_set, run_dir, progress, log)
+
+
+def run_experiment(cfg: ExperimentConfig, run_dir: str | None = None, progress: bool = True, log=print,
+                   restart=()) -> dict:
+    """Every stage of the experiment in `run_dir`, holding the directory's lock (one writer at a time).
+    `restart`: stage names to train again from their beginning (restart_stages)."""
+    run_dir = run_dir or default_run_dir(cfg)
+    with run_directory_lock(run_dir):
+        return _run_locked(cfg, run_dir, progress, log, restart)
+
+
+def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log, restart=()) -> dict:
+    run = RunLayout(run_dir)
+    if not is_main():  # one voice: rank 0 reports for all
+        log = lambda *_: None  # noqa: E731
+    train_set, val, ijb_meta = _before_any_work(cfg, run_dir, restart, log)
+
+    def with_ijb(result, load_model):
+        if ijb_meta is None:
+            return result
+        return stage_ijb(cfg, run_dir, result, load_model, ijb_meta, progress, log)
+
+    results, teacher, cache = [], None, None
+    if cfg.teacher is not None:
+        teacher = prepare_teacher(cfg, run_dir, train_set, teacher_trainer(cfg, run_dir, train_set, val, progress,
+                                                                            log), log=log)
+        check_embedding_sizes(cfg, teacher.embedding_size)  # before the cache and any student
+        results.append(with_ijb(rank0_first(lambda: _teacher_result(cfg, run_dir, teacher, val, train_set)),
+                                lambda: (teacher, teacher.input_size)))
+        if needs_cache(cfg):
+            cache = _cache(cfg, teacher, train_set, run_dir, progress, log)
+    for spec in plan_stages(cfg, run_dir):
+        stage = run.stage(spec.name)
+        if stage.damaged_note():
+            log(stage.damaged_note())
+        if stage.is_done():
+            log(f"{spec.name}: finished earlier, skipped")
+            results.append(with_ijb(stage.read_result(), _student_loader(stage.student)))
+            continue
+        log(f"{spec.name}: training {spec.arch}" + (f" from {spec.init_from}" if spec.init_from else " from scratch")
+            + (f", distilling with {cfg.distill.loss} (alpha {spec.alpha:g})" if spec.alpha else ", no distillation"))
+        tracker = stage_tracker(cfg, run_dir, spec.name, spec.generation, spec.init_from)
+        results.append(with_ijb(run_stage(cfg, spec, stage.dir, train_set, val, teacher=teacher, cache=cache,
+                                          progress=progress, log=log, tracker=tracker),
+                                _student_loader(stage.student)))
+    if not is_main():
+        return {"experiment": cfg.name, "stages": []}
+    return write_summary(cfg, run_dir, results, log=log)

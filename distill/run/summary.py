@@ -1,0 +1,114 @@
+"""The experiment summary: one row per stage (teacher, baseline, gen<k>) in summary.json and summary.md."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from distill.utils.atomic import atomic_write_json, atomic_write_text
+from distill.utils.layout import TEACHER, RunLayout
+from distill.eval.ijb import far_key
+from distill.models.cost import model_cost
+from distill.eval.ijb_stage import SUMMARY_FARS, short_far
+
+METRIC_KEYS = ("acc_mean", "acc_std", "xnorm", "tar_at_far")
+
+
+def _stage_entry(result: dict, cost) -> dict:
+    params, gflops = cost(result)
+    return {
+        "stage": result["stage"], "arch": result.get("arch"), "generation": result.get("generation", 0),
+        "init_from": result.get("init_from"), "params": params, "gflops": gflops,
+        "train_seconds": result.get("train_seconds", 0.0),
+        "metrics": {name: {k: m.get(k) for k in METRIC_KEYS} for name, m in (result.get("metrics") or {}).items()},
+        **({"ijb": {k: result["ijb"][k] for k in ("target", "tar_at_far", "auc")}} if result.get("ijb") else {}),
+    }
+
+
+def _tar(m: dict, far: str) -> str:
+    t = (m.get("tar_at_far") or {}).get(far) or {}
+    return "n/a" if t.get("tar") is None else f"{100 * t['tar']:.2f}"
+
+
+def _acc(m: dict) -> str:
+    if m.get("acc_mean") is None:
+        return "-"
+    return f"{100 * m['acc_mean']:.2f} ± {100 * (m.get('acc_std') or 0):.2f}"
+
+
+def markdown_table(summary: dict, fars: tuple = ("1e-3",), before: tuple = (), after: tuple = ()) -> str:
+    """Stages as rows; per verification set: accuracy ± std (%), TAR@FAR (%) for each of `fars`.
+
+    `before` / `after`: extra columns as (header, function(stage entry) -> str), placed before the stage
+    column and after the last one (`distill compare` adds the run and the stage's status)."""
+    sets = []
+    for s in summary["stages"]:
+        sets += [k for k in s["metrics"] if k not in sets]
+    head = [h for h, _ in before] + ["stage", "arch", "init from", "params (M)", "GFLOPs", "train (s)"]
+    for name in sets:
+        head += [f"{name} acc (%)"] + [f"{name} TAR@{far} (%)" for far in fars]
+    targets = list(dict.fromkeys(s["ijb"]["target"] for s in summary["stages"] if s.get("ijb")))
+    for target in targets:  # IJB-B/C template verification, when data.ijb evaluated the stages
+        head += [f"{target} TAR@{short_far(far)} (%)" for far in SUMMARY_FARS]
+    head += [h for h, _ in after]
+    rows = [head, ["---"] * len(head)]
+    for s in summary["stages"]:
+        init = os.path.basename(os.path.dirname(s["init_from"])) if s.get("init_from") else "-"
+        row = [fn(s) for _, fn in before]
+        row += [s["stage"], s.get("arch") or "-", init, "-" if s["params"] is None else f"{s['params'] / 1e6:.2f}",
+                "-" if s["gflops"] is None else f"{s['gflops']:.3f}",
+                "-" if s.get("train_seconds") is None else f"{s['train_seconds']:.0f}"]
+        for name in sets:
+            m = s["metrics"].get(name)
+            if m is None:
+                row += ["-"] * (1 + len(fars))
+            else:
+                row += [_acc(m)] + [_tar(m, far) for far in fars]
+        for target in targets:
+            ijb = s.get("ijb") if (s.get("ijb") or {}).get("target") == target else None
+            row += [f"{100 * ijb['tar_at_far'][far_key(far)]:.2f}" if ijb else "-" for far in SUMMARY_FARS]
+        row += [fn(s) for _, fn in after]
+        rows.append(row)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def teacher_model(cfg) -> tuple:
+    """(architecture label, registry name or None, its arguments) of the experiment's teacher; an ONNX
+    teacher is labelled by its file and has no torch model to count."""
+    t = cfg.teacher
+    if t.arch is None:
+        return os.path.basename(t.onnx), None, None
+    return t.arch, t.arch, dict(t.model)
+
+
+def cost_function(cfg):
+    """`cost(result) -> (params, GFLOPs)` of a stage's model: what its result.json recorded, else computed
+    (memoised per architecture); (None, None) when unknown."""
+    costs = {}
+
+    def cost(result):
+        if result.get("gflops") is not None:
+            return result.get("params"), result["gflops"]
+        if result["stage"] == TEACHER and "model_kwargs" not in result:  # loaded, not trained here
+            if cfg.teacher is None or teacher_model(cfg)[1] is None:
+                return None, None
+            _, arch, kwargs = teacher_model(cfg)
+        else:
+            arch, kwargs = result["arch"], result["model_kwargs"]
+        key = json.dumps([arch, kwargs], sort_keys=True)
+        if key not in costs:
+            costs[key] = model_cost(arch, kwargs)
+        return costs[key]
+
+    return cost
+
+
+def write_summary(cfg, run_dir: str, results: list, log=print) -> dict:
+    cost = cost_function(cfg)
+    summary = {"experiment": cfg.name, "stages": [_stage_entry(r, cost) for r in results]}
+    run = RunLayout(run_dir)
+    atomic_write_json(run.summary_json, summary)
+    table = markdown_table(summary)
+    atomic_write_text(run.summary_md, f"# {cfg.name}\n\n{table}\n")
+    log(f"\n{cfg.name} ({run_dir})\n{table}")
+    return summary

@@ -1,0 +1,438 @@
+"""One training run (a stage): a model, a margin head, data, an optional frozen teacher, exact resume.
+
+The loop is deliberately plain: plan the epoch's batches, forward the student, look the teacher's
+embedding up in the cache (or run the teacher online), add the losses, step. What makes it a
+research tool rather than a script is the guarantees around that loop:
+
+- Exact resume. The order of samples and their flips is a pure function of (seed, epoch) — planned
+  in distill/train/epoch_plan.py, not drawn inside DataLoader workers — so a run resumed from `last.pt` at step k sees exactly
+  the batches an uninterrupted run would. The checkpoint holds model, head, optimizer, scheduler,
+  scaler, step, epoch, position inside the epoch and every RNG state.
+- Safe checkpoints: temporary file, fsync, rename (distill.utils.checkpoint.atomic_torch_save).
+- Preemption: SIGTERM or SIGUSR1 writes last.pt at the next step boundary and stops cleanly.
+- Divergence: a NaN/Inf loss stops the run naming the step and the term; nothing is saved after it.
+- The teacher never trains: it is a FrozenTeacher, never handed to the optimizer.
+
+A stage directory holds last.pt, best.pt, student.pt, metrics.jsonl and result.json (written last:
+its presence means the stage is finished). Every `log_every` updates metrics.jsonl gets one line: each
+train/<term> is the mean over all micro-batches since the previous line (weighted by batch size),
+train/images_per_s the throughput over them (evaluation and checkpoint time left out), plus train/lr
+and train/epoch (tracking.LogWindow). A resumed run starts a fresh window. Device, precision, lr and
+schedule come from distill/train/setup.py.
+
+run_stage reads top-down: _build (device, seed, model, head, objective, optimizer, scheduler, scaler,
+DDP: one _Stage), _resume (last.pt into it), _train (epochs of _micro_step/_update, then
+_after_update: log, evaluate, checkpoint, stop on a signal), _finish (final evaluation, best.pt,
+student.pt, result.json). _checkpoint writes the state to last.pt.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from distill.utils.atomic import atomic_write_json
+from distill.utils.checkpoint import (atomic_torch_save, capture_rng_state, extract_state_dict, load_state_dict_strict,
+                                restore_rng_state, safe_torch_load)
+from distill.config.schema import ExperimentConfig, TrainConfig, to_dict
+from distill.utils.dist import barrier, world_size
+from distill.data.gpu_decode import EncodedPlanned, check_decode, collate_encoded, decode_batch
+from distill.train.epoch_plan import PlannedDataset, plan_epoch, plan_identity_epoch, stage_loader
+from distill.utils.dist import rank as dist_rank
+from distill.utils.errors import CheckpointError, DistillError
+from distill.eval.verification import evaluate_sets
+from distill.losses.heads import head_from_config
+from distill.utils.layout import StageLayout
+from distill.losses.distillation import DistillationObjective
+from distill.models.files import model_embedding_size, save_student
+from distill.models.cost import model_cost
+from distill.models.registry import create_model
+from teachers.cache import match_input_size
+from distill.train.tracking import LogWindow, Tracker, val_scalars
+from distill.train.setup import (create_optimizer, create_scheduler, describe_precision, maybe_compile,
+                                 preemption_signals, use_channels_last)
+from distill.utils.device import amp_settings, resolve_device
+
+TRAIN_FORMAT = "facedistill.train/1"
+
+
+class Preempted(DistillError):
+    """SIGTERM/SIGUSR1 arrived: last.pt was written; rerunning the same command resumes."""
+
+
+class TrainingDiverged(DistillError):
+    """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class StageSpec:
+    """What one stage trains. The recursive driver builds one per stage (teacher, baseline, gen<k>)."""
+    name: str                       # stage directory name and W&B job_type
+    arch: str                       # model registry name (vargfacenet, iresnet18, ...)
+    model_kwargs: dict              # constructor arguments (input_size included)
+    train: TrainConfig
+    alpha: float = 0.0              # 0: no distillation
+    generation: int = 0
+    init_from: str | None = None    # student.pt whose weights initialise the model (recursion)
+    head_from: str | None = None    # last.pt whose margin head initialises this head
+    record: dict = field(default_factory=dict)  # extra keys of result.json (the teacher stage: its identity)
+
+
+def _compat_key(cfg: ExperimentConfig, spec: StageSpec, dataset, world: int) -> dict:
+    """What a checkpoint must agree on to be resumed (shapes, data, batch geometry)."""
+    return {"arch": spec.arch, "model_kwargs": spec.model_kwargs, "num_samples": len(dataset),
+            "images_per_id": cfg.data.images_per_id,  # None (plain batches) in checkpoints from before the key
+            "num_classes": dataset.num_classes, "margin": asdict(cfg.margin), "batch_size": spec.train.batch_size,
+            "accumulate": spec.train.accumulate, "world_size": world, "alpha": spec.alpha,
+            "distill_loss": cfg.distill.loss, "seed": cfg.seed,
+            **({"distill_project": cfg.distill.project} if cfg.distill.project != "none" else {})}
+
+
+# ------------------------------------------------------------------------------------------ build
+
+@dataclass
+class _Stage:
+    """One stage's training state: built once by _build, filled by _resume, written by _checkpoint."""
+    cfg: ExperimentConfig
+    spec: StageSpec
+    device: torch.device
+    rank: int
+    world: int
+    paths: StageLayout              # last.pt, best.pt, student.pt, result.json
+    compat: dict                    # what last.pt must agree on to be resumed (_compat_key)
+    model: nn.Module
+    head: nn.Module
+    objective: DistillationObjective
+    optimizer: torch.optim.Optimizer
+    scheduler: object               # timm scheduler, stepped per optimizer update
+    scaler: torch.amp.GradScaler    # enabled for fp16 only
+    forward: object                 # what training calls: the model or its DDP wrapper, compiled when asked
+    amp_dtype: torch.dtype | None
+    teacher: object                 # run online when there is no cache (compiled when asked)
+    cache: object
+    use_teacher: bool
+    channels_last: bool             # inputs in NHWC, as the model (train.channels_last)
+    batches_per_epoch: int
+    total_steps: int
+    step: int = 0                   # optimizer updates done
+    micro: int = 0                  # micro-batches done
+    train_seconds: float = 0.0
+    best: dict | None = None        # {"score", "step"} of best.pt
+    clock: float = 0.0              # perf_counter() from which train_seconds counts next
+
+    def lap(self) -> None:
+        """Add the time since the clock last (re)started to train_seconds, and restart it."""
+        now = time.perf_counter()
+        self.train_seconds += now - self.clock
+        self.clock = now
+
+
+def _model_and_head(cfg: ExperimentConfig, spec: StageSpec, num_classes: int, device: torch.device):
+    """The model (+ init_from) and margin head (+ head_from), in this order: it fixes what the seed draws."""
+    model = create_model(spec.arch, **spec.model_kwargs)
+    if spec.init_from:
+        init = safe_torch_load(spec.init_from)
+        # a student.pt, or any checkpoint holding a state dict of this architecture (e.g. a backbone.pth)
+        load_state_dict_strict(model, extract_state_dict(init, spec.init_from), source=spec.init_from)
+    embedding_size = model_embedding_size(model)
+    head = head_from_config(cfg.margin, embedding_size, num_classes)
+    if spec.head_from:
+        head.load_full_weight(safe_torch_load(spec.head_from)["head_weight"])
+    model.to(device)
+    head.to(device)
+    if use_channels_last(spec.train, device):
+        model.to(memory_format=torch.channels_last)
+    return model, head
+
+
+def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, teacher, cache) -> _Stage:
+    """Device, seed, model, head, objective, optimizer, scheduler, scaler and DDP wrapper of a fresh stage."""
+    device = resolve_device(cfg.device)
+    check_decode(cfg.data.decode, device, train_set)
+    rank, world = dist_rank(), world_size()
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    torch.manual_seed(cfg.seed + 7919 * spec.generation)
+    tr = spec.train
+    model, head = _model_and_head(cfg, spec, train_set.num_classes, device)
+    project = None
+    if cfg.distill.project == "linear" and spec.alpha > 0 and (teacher is not None or cache is not None):
+        teacher_dim = cache.emb.shape[2] if cache is not None else teacher.embedding_size
+        project = (model_embedding_size(model), int(teacher_dim))
+    objective = DistillationObjective(head, loss=cfg.distill.loss, alpha=spec.alpha, project=project).to(device)
+    if teacher is not None and cache is None:
+        teacher.to(device)
+        if use_channels_last(tr, device):
+            teacher.to(memory_format=torch.channels_last)
+
+    # the full global batches of plan_epoch, and of plan_identity_epoch too (it has as many)
+    steps_per_epoch = len(train_set) // (tr.batch_size * world) / tr.accumulate
+    if steps_per_epoch < 1:
+        raise DistillError(f"data.train: {len(train_set)} images are fewer than one step of "
+                           f"{tr.batch_size * world * tr.accumulate}; lower train.batch_size")
+    total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * steps_per_epoch))
+    trained = [model, head] + ([objective.projection] if objective.projection is not None else [])
+    optimizer = create_optimizer(nn.ModuleList(trained), tr, world, device)
+    scheduler = create_scheduler(optimizer, tr, total_steps, steps_per_epoch)
+    amp_dtype, need_scaler = amp_settings(tr, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=need_scaler)
+    ddp_model = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    paths = StageLayout(stage_dir, spec.name)
+    use_teacher = spec.alpha > 0 and (teacher is not None or cache is not None)
+    if use_teacher and cache is None:
+        teacher = maybe_compile(teacher, tr, "teacher")
+    return _Stage(cfg=cfg, spec=spec, device=device, rank=rank, world=world, paths=paths,
+                  compat=_compat_key(cfg, spec, train_set, world), model=model, head=head, objective=objective,
+                  optimizer=optimizer, scheduler=scheduler, scaler=scaler, forward=maybe_compile(ddp_model, tr, "student"),
+                  amp_dtype=amp_dtype, teacher=teacher, cache=cache, use_teacher=use_teacher,
+                  channels_last=use_channels_last(tr, device),
+                  batches_per_epoch=int(steps_per_epoch * tr.accumulate), total_steps=total_steps)
+
+
+# ------------------------------------------------------------------------------------------ resume and checkpoint
+
+def _resume(st: _Stage, log) -> None:
+    """Load last.pt into the freshly built stage: weights, optimizer, scheduler, scaler, counters, RNG."""
+    path, name = st.paths.last, st.spec.name
+    try:
+        ck = safe_torch_load(path, map_location="cpu")
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}. Stage {name} cannot resume from it: delete {path} to start the stage from "
+                              f"its beginning, or rerun with --restart-stage {name} (which keeps the old stage "
+                              f"folder aside)") from None
+    differ = sorted(k for k in st.compat if ck.get("compat", {}).get(k) != st.compat[k])
+    if differ:
+        raise CheckpointError(f"{path}: cannot resume: the config changed in a way that breaks it "
+                              f"({', '.join(differ)} differ from the checkpoint). Use another output "
+                              f"directory, restore the previous settings, or rerun with --restart-stage {name}.")
+    st.model.load_state_dict(ck["model"])
+    st.head.load_full_weight(ck["head_weight"].to(st.device))
+    st.objective.load_training_state(ck.get("objective", {}), source=path)
+    st.optimizer.load_state_dict(ck["optimizer"])
+    if st.rank != 0:  # the file holds rank 0's head momentum; this rank's shard restarts its own
+        st.optimizer.state.pop(st.head.weight, None)
+    st.scheduler.load_state_dict(ck["scheduler"])
+    if ck.get("scaler"):
+        st.scaler.load_state_dict(ck["scaler"])
+    st.step, st.micro, st.train_seconds, st.best = ck["step"], ck["micro"], ck["train_seconds"], ck.get("best")
+    restore_rng_state(ck["rng"])
+    log(f"{st.spec.name}: resuming from {path} at step {st.step}/{st.total_steps}")
+
+
+def _checkpoint(st: _Stage) -> None:
+    """Write last.pt (rank 0); every rank must call it, since gathering the sharded head is a collective."""
+    head_weight = st.head.full_weight().cpu()
+    if st.rank != 0:
+        return
+    spec, bpe = st.spec, st.batches_per_epoch
+    atomic_torch_save({
+        "format": TRAIN_FORMAT, "stage": spec.name, "arch": spec.arch, "model_kwargs": spec.model_kwargs,
+        "model": st.model.state_dict(), "head_weight": head_weight,
+        "objective": st.objective.training_state(),  # the projection and a loss's own state (see distill/losses/distillation.py)
+        "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
+        "scaler": st.scaler.state_dict() if st.scaler.is_enabled() else None, "step": st.step, "micro": st.micro,
+        "epoch": st.micro // bpe, "batch_in_epoch": st.micro % bpe,
+        "train_seconds": st.train_seconds, "best": st.best, "rng": capture_rng_state(),
+        "config": to_dict(st.cfg), "compat": st.compat,
+    }, st.paths.last)
+
+
+# ------------------------------------------------------------------------------------------ logging
+
+def _log_window(st: _Stage, window: LogWindow, tracker: Tracker, bar) -> None:
+    means, rate = window.read()
+    scalars = {f"train/{k}": v for k, v in means.items()}
+    scalars["train/lr"] = st.optimizer.param_groups[0]["lr"]
+    scalars["train/images_per_s"] = rate
+    scalars["train/epoch"] = st.micro / st.batches_per_epoch
+    tracker.log(scalars, st.step)
+    bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in scalars.items() if k != "train/epoch"})
+
+
+# ------------------------------------------------------------------------------------------ one step
+
+def _micro_step(st: _Stage, batch, window: LogWindow, where=None) -> bool:
+    """Forward and backward one micro-batch; every `accumulate`-th one also updates. True when it did.
+    `where(index)` names a training image in errors (data.decode: cuda decodes here, not in the loader)."""
+    x, y, idx, flipped = batch
+    if isinstance(x, list):  # data.decode: cuda: encoded images, decoded here as one batch
+        name = (lambda i: where(int(idx[i]))) if where else None
+        x = decode_batch(x, flipped, st.device, st.cfg.data.input_size, where=name)
+    x = x.to(st.device, non_blocking=True)
+    y = y.to(st.device, non_blocking=True)
+    if st.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = dict(device_type=st.device.type, dtype=st.amp_dtype, enabled=st.amp_dtype is not None)
+    t_emb = None
+    if st.use_teacher:
+        if st.cache is not None:
+            t_emb = st.cache.lookup(idx, flipped).to(st.device, non_blocking=True)
+        else:
+            with torch.autocast(**autocast):  # the student's autocast (the log says so)
+                t_emb = st.teacher(match_input_size(x, st.teacher.input_size)).float()
+    with torch.autocast(**autocast):
+        emb = st.forward(x)
+    total, logs = st.objective(emb.float(), y, t_emb)
+    if not torch.isfinite(total):
+        bad = [k for k, v in logs.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
+        kept = f"last good checkpoint: {st.paths.last}" if os.path.exists(st.paths.last) else "no checkpoint was written yet"
+        raise TrainingDiverged(f"{st.spec.name}: loss became non-finite at step {st.step + 1} "
+                               f"(term(s): {', '.join(bad) or 'loss'}); {kept}. Run again with a lower "
+                               f"train.lr or a train.clip_grad, into another --out (this directory keeps "
+                               f"the settings it was started with)")
+    st.scaler.scale(total / st.spec.train.accumulate).backward()
+    st.micro += 1
+    window.add(logs, len(x), len(x) * st.world)
+    if st.micro % st.spec.train.accumulate:
+        return False
+    _update(st)
+    return True
+
+
+def _update(st: _Stage) -> None:
+    """The optimizer update over the accumulated gradients (clipped if asked), then the schedule."""
+    projection = st.objective.projection
+    if projection is not None and st.world > 1:  # outside DDP's wrapper: average its gradient by hand
+        for p in projection.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(st.world)
+    if st.spec.train.clip_grad:
+        st.scaler.unscale_(st.optimizer)
+        extra = list(projection.parameters()) if projection is not None else []
+        nn.utils.clip_grad_norm_(list(st.model.parameters()) + list(st.head.parameters()) + extra, st.spec.train.clip_grad)
+    st.scaler.step(st.optimizer)
+    st.scaler.update()
+    st.optimizer.zero_grad(set_to_none=True)
+    st.step += 1
+    st.scheduler.step_update(st.step)
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+def _evaluate(st: _Stage, val_sets: dict, tracker: Tracker) -> dict:
+    if not val_sets:
+        return {}
+    metrics = evaluate_sets(st.model, val_sets, st.spec.model_kwargs.get("input_size", 112), device=st.device,
+                            progress=False, model_name=f"{st.spec.name} ({st.spec.arch})")
+    tracker.log(val_scalars(metrics), st.step)
+    return metrics
+
+
+def _train(st: _Stage, train_set, val_sets: dict, tracker: Tracker, stop: dict, bar) -> None:
+    """Planned batches from micro-batch st.micro (epoch, position = divmod(micro, batches_per_epoch)) to
+    total_steps, from one loader whose workers live as long as the stage (epoch_plan.stage_loader)."""
+    tr, data, window = st.spec.train, st.cfg.data, LogWindow()
+    st.model.train()
+    st.head.train()
+    st.scheduler.step_update(st.step)
+    if data.images_per_id:  # P×K batches of identity groups
+        labels = train_set.labels()
+        plan = lambda epoch: plan_identity_epoch(labels, tr.batch_size, data.images_per_id, st.cfg.seed, epoch,  # noqa: E731
+                                                 train_set.flip, st.rank, st.world)
+    else:
+        plan = lambda epoch: plan_epoch(len(train_set), tr.batch_size, st.cfg.seed, epoch, train_set.flip,  # noqa: E731
+                                        st.rank, st.world)
+    encoded = data.decode == "cuda"  # workers read the encoded images; _micro_step decodes batches on the GPU
+    loader = stage_loader(EncodedPlanned(train_set) if encoded else PlannedDataset(train_set), plan,
+                          st.batches_per_epoch, st.micro, st.total_steps * tr.accumulate - st.micro, data, st.cfg.seed,
+                          pin_memory=st.device.type == "cuda", collate_fn=collate_encoded if encoded else None)
+    st.clock = time.perf_counter()  # loader set-up is not training time
+    for batch in loader:
+        if not _micro_step(st, batch, window, getattr(train_set, "where", None)):
+            continue
+        bar.update(1)
+        if _after_update(st, window, val_sets, tracker, stop, bar):
+            return
+
+
+def _after_update(st: _Stage, window: LogWindow, val_sets: dict, tracker: Tracker, stop: dict, bar) -> bool:
+    """Log, evaluate, checkpoint or stop as the step asks. True when the stage has trained all its steps."""
+    tr = st.spec.train
+    if st.step % tr.log_every == 0 or st.step == st.total_steps:
+        _log_window(st, window, tracker, bar)
+    if tr.eval_every and st.step % tr.eval_every == 0 and st.step < st.total_steps:
+        st.lap()
+        with window.paused():
+            metrics = _evaluate(st, val_sets, tracker)
+            st.best = _keep_best(metrics, st.best, st.step, st.model, st.spec, st.paths, st.rank)
+        st.clock = time.perf_counter()  # evaluation is not training time
+    if st.world > 1:  # a signal reaches ranks at different steps: stop together, at the same step
+        flag = torch.tensor([1.0 if stop["signal"] else 0.0], device=st.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop["signal"] = stop["signal"] or ("SIGTERM" if flag.item() else None)
+    if stop["signal"] or st.step % tr.checkpoint_every == 0 or st.step == st.total_steps:
+        st.lap()  # the checkpoint's own time counts in the next lap (the last one's, nowhere)
+        with window.paused():
+            _checkpoint(st)
+        if stop["signal"]:
+            raise Preempted(f"{st.spec.name}: {stop['signal']} received; checkpoint written at step "
+                            f"{st.step} ({st.paths.last}). Rerun the same command to resume.")
+    return st.step >= st.total_steps
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, val_sets: dict,
+              teacher=None, cache=None, tracker: Tracker | None = None, progress: bool = True,
+              log=print) -> dict:
+    """Train one stage to the end (or resume it) and return its result (also written to result.json)."""
+    os.makedirs(stage_dir, exist_ok=True)
+    st = _build(cfg, spec, stage_dir, train_set, teacher, cache)
+    how = describe_precision(spec.name, spec.train, st.device, st.use_teacher and cache is None)
+    if how and st.rank == 0:
+        log(how)
+    if os.path.exists(st.paths.last):
+        _resume(st, log)
+    tracker = tracker or Tracker(stage_dir, rank=st.rank)
+    tracker.truncate_after(st.step)
+    with preemption_signals() as stop, tqdm(total=st.total_steps, initial=st.step, desc=spec.name, unit="step",
+                                             disable=not progress or st.rank != 0, dynamic_ncols=True,
+                                             leave=False) as bar:
+        _train(st, train_set, val_sets, tracker, stop, bar)
+    return _finish(st, val_sets, tracker)
+
+
+def _finish(st: _Stage, val_sets: dict, tracker: Tracker) -> dict:
+    """Final evaluation, best.pt, student.pt and result.json (written last: the stage is done)."""
+    metrics = _evaluate(st, val_sets, tracker)
+    st.best = _keep_best(metrics, st.best, st.step, st.model, st.spec, st.paths, st.rank)
+    spec = st.spec
+    result = {"stage": spec.name, "generation": spec.generation, "init_from": spec.init_from, "arch": spec.arch,
+              "model_kwargs": spec.model_kwargs, "steps": st.step, "train_seconds": round(st.train_seconds, 3),
+              "metrics": metrics, "best": st.best, **spec.record}
+    if st.rank == 0:
+        with torch.random.fork_rng(devices=[]):  # counting builds a fresh model: no random state is used up
+            result["params"], result["gflops"] = model_cost(spec.arch, spec.model_kwargs)
+        save_student(st.paths.student, st.model, spec.arch, spec.model_kwargs, extra={"stage": spec.name, "step": st.step})
+        atomic_write_json(st.paths.result, result)
+    if st.world > 1:  # the next stage starts from these files on every rank
+        barrier()
+    tracker.finish(result, st.paths.student if st.rank == 0 else None)
+    return result
+
+
+def _score(metrics: dict) -> float | None:
+    accs = [m["acc_mean"] for m in metrics.values()]
+    return sum(accs) / len(accs) if accs else None
+
+
+def _keep_best(metrics: dict, best, step: int, model, spec: StageSpec, paths: StageLayout, rank: int):
+    """best.pt is the student (same format as student.pt) at the evaluation with the best mean accuracy."""
+    score = _score(metrics)
+    if score is None or (best is not None and score <= best["score"]):
+        return best
+    best = {"score": score, "step": step}
+    if rank == 0:
+        save_student(paths.best, model, spec.arch, spec.model_kwargs, extra={"stage": spec.name, "step": step, "metrics": metrics})
+    return best

@@ -1,0 +1,152 @@
+"""One stage's device, mixed precision, compile, optimizer, learning rate and schedule, from its TrainConfig (timm's
+optimizers and schedulers), and the preemption signals a stage stops on."""
+
+from __future__ import annotations
+
+import signal
+import warnings
+from contextlib import contextmanager
+
+import torch
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+
+from distill.config.schema import TrainConfig
+from distill.utils.device import amp_settings
+from distill.utils.errors import ConfigError, UserNote
+
+
+def use_channels_last(train: TrainConfig, device: torch.device) -> bool:
+    """train.channels_last, or by default (null) on CUDA: NHWC convolutions are the fast path of tensor cores."""
+    return device.type == "cuda" if train.channels_last is None else bool(train.channels_last)
+
+
+def scaled_lr(train: TrainConfig, world: int) -> float:
+    """lr is given for a total batch of lr_batch_size and scales linearly with the real total batch."""
+    return train.lr * train.batch_size * world * train.accumulate / train.lr_batch_size
+
+
+def create_scheduler(optimizer, train: TrainConfig, total_steps: int, steps_per_epoch: float):
+    """timm scheduler stepped per optimizer update: epochs in the config become update counts here."""
+    warmup = int(round(train.warmup_epochs * steps_per_epoch))
+    common = dict(num_epochs=total_steps, warmup_epochs=warmup, min_lr=train.min_lr, warmup_lr=train.min_lr or 1e-6,
+                  step_on_epochs=False, updates_per_epoch=1)
+    if train.scheduler == "poly":
+        # arcface_torch's warmup-poly: the decay starts where the warmup ends (timm's warmup_prefix), so the
+        # lr at the end of the warmup is the full lr and reaches min_lr at the last step
+        poly = {**common, "num_epochs": max(1, total_steps - warmup), "warmup_prefix": True}
+        sched, _ = create_scheduler_v2(optimizer, sched="poly", decay_rate=train.poly_power, **poly)
+    elif train.scheduler == "cosine":
+        sched, _ = create_scheduler_v2(optimizer, sched="cosine", **common)
+    else:
+        milestones = [int(round(e * steps_per_epoch)) for e in train.decay_epochs]
+        sched, _ = create_scheduler_v2(optimizer, sched="multistep", decay_milestones=milestones,
+                                       decay_rate=train.decay_rate, **common)
+    return sched
+
+
+def create_optimizer(params, train: TrainConfig, world: int, device: torch.device):
+    """timm's create_optimizer_v2 with the multi-tensor implementation train.optimizer_impl asks for: `auto` is
+    the fused kernel on CUDA where the optimizer has one (SGD, AdamW, ...) and torch's default elsewhere;
+    `fused` where the optimizer has none is a ConfigError naming the key."""
+    from timm.optim import create_optimizer_v2
+
+    common = dict(opt=train.optimizer, lr=scaled_lr(train, world), weight_decay=train.weight_decay,
+                  momentum=train.momentum, filter_bias_and_bn=not train.decay_norm_and_bias)
+    impl = train.optimizer_impl
+    if impl == "off":
+        return create_optimizer_v2(params, foreach=False, **common)
+    if impl == "foreach":
+        return create_optimizer_v2(params, foreach=True, **common)
+    if impl == "fused" or (impl == "auto" and device.type == "cuda"):
+        try:
+            return create_optimizer_v2(params, fused=True, **common)
+        except (TypeError, RuntimeError) as err:
+            if impl == "fused":
+                raise ConfigError(f"key 'train.optimizer_impl': fused, but the {train.optimizer} optimizer has no "
+                                  f"fused kernel on {device.type} ({str(err).splitlines()[0][:160]}); use auto or "
+                                  f"foreach") from None
+    return create_optimizer_v2(params, **common)
+
+
+# torch.compile's backend; tests set "eager" (dynamo's tracing without inductor's minutes of code generation)
+COMPILE_BACKEND = "inductor"
+
+
+class CompiledOrEager:
+    """Calls `module` through torch.compile, falling back to eager mode (one warning) when compiling fails, as
+    it does where torch.compile is unavailable (no C compiler, an unsupported Python). Deliberately not an
+    nn.Module: the compiled wrapper (whose state dict keys carry `_orig_mod.`) is only ever called, never
+    saved; checkpoints and student.pt are written from the plain module, as without compile, so a compiled
+    run resumes into an uncompiled one and back."""
+
+    def __init__(self, module: nn.Module, what: str):
+        self.module, self.what, self.compiled = module, what, None
+        try:
+            self.compiled = torch.compile(module, backend=COMPILE_BACKEND)
+        except Exception as err:  # e.g. "Dynamo is not supported on Python 3.x"
+            self._fall_back(err)
+
+    def _fall_back(self, err: Exception) -> None:
+        self.compiled = None
+        inner = getattr(err, "inner_exception", None) or err.__cause__ or err  # a backend's own error, when wrapped
+        reason = str(inner).strip().splitlines()[0][:200] if str(inner).strip() else ""
+        warnings.warn(f"train.compile: torch.compile of the {self.what} failed ({type(inner).__name__}"
+                      f"{': ' + reason if reason else ''}); running it in eager mode. Set train.compile: false "
+                      f"to silence this", UserNote, stacklevel=3)
+
+    def __getattr__(self, name):  # the module's own attributes (input_size, embedding_size, ...)
+        if name == "module":
+            raise AttributeError(name)
+        return getattr(self.module, name)
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as err:  # dynamo/inductor raise many unrelated types; a real error recurs in eager
+                self._fall_back(err)
+        return self.module(*args, **kwargs)
+
+
+def maybe_compile(module: nn.Module, train: TrainConfig, what: str):
+    """What to call for forward passes: the module through torch.compile when train.compile is set, else the
+    module itself."""
+    return CompiledOrEager(module, what) if train.compile else module
+
+
+def describe_precision(name: str, train: TrainConfig, device: torch.device, online_teacher: bool) -> str | None:
+    """The stage's log line on how it computes: autocast, memory format, compile, and that an online teacher
+    runs under the student's autocast. None when there is nothing beyond float32 eager NCHW with a cache."""
+    amp_dtype, scaler = amp_settings(train, device)
+    parts = []
+    if amp_dtype is not None:
+        parts.append(f"{str(amp_dtype).replace('torch.', '')} autocast" + (" with a GradScaler" if scaler else ""))
+    if use_channels_last(train, device):
+        parts.append("channels_last")
+    if train.compile:
+        parts.append("torch.compile")
+    if online_teacher:
+        under = f"the same {str(amp_dtype).replace('torch.', '')} autocast" if amp_dtype is not None else "float32"
+        parts.append(f"online teacher under {under} as the student")
+    return f"{name}: on {device}, " + ", ".join(parts) if parts else None
+
+
+@contextmanager
+def preemption_signals():
+    """{"signal": None}, set to the signal's name when SIGTERM or SIGUSR1 arrives; handlers restored after."""
+    stop, previous = {"signal": None}, {}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            previous[sig] = signal.signal(sig, on_signal)
+        except ValueError:  # not the main thread: the caller handles preemption
+            pass
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,80 @@
+"""The one atomic writer: a file is replaced whole or not at all (temporary file, fsync, rename).
+
+Every file the toolkit writes in place of an older one (checkpoints, student.pt, result/summary JSON,
+experiment.yaml, metrics logs, W&B ids, verification sets, RecordIO indexes) goes through
+`atomic_open`, so a crash, a kill or a full disk never leaves a half-written file behind: readers see
+the old file or the new one. A failure removes the temporary file, keeps the old file and raises a
+`WriteError` that names the path and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+
+from distill.utils.errors import DistillError
+
+
+class WriteError(DistillError, OSError):
+    """A file could not be written (full disk, read-only folder); the previous file, if any, is intact."""
+
+
+@contextmanager
+def atomic_open(path, mode: str = "w", what: str | None = None, error: type = WriteError, **open_kwargs):
+    """`with atomic_open(path, "wb") as f: ...` writes `path` atomically. `what` names the file in the error
+    message (default: its name); `error` is the exception class raised on failure.
+
+    Besides OSError, a RuntimeError inside the block counts as a failed write: torch.save reports a full
+    disk as `RuntimeError: ... failed writing file`."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    if "b" not in mode:
+        open_kwargs.setdefault("encoding", "utf-8")
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        name = what or os.path.basename(path)
+        kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else f"no previous {name} existed"
+        reason = getattr(err, "strerror", None) or str(err).splitlines()[0][:200]
+        raise error(f"{path}: could not write {name} ({reason}); {kept}. Free disk space (or make the folder "
+                    f"writable) and rerun the same command to resume.") from None
+
+
+def atomic_write_text(path, text: str) -> None:
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path, obj) -> None:
+    """Write a JSON file (manifest, result, summary) so readers see the old file or the new, never half."""
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def unwritable(path, err: OSError, what: str) -> WriteError:
+    """The WriteError for a folder or file that cannot be created or written (read-only, full, missing parent)."""
+    reason = getattr(err, "strerror", None) or str(err)
+    return WriteError(f"{path}: cannot write {what} ({reason}); give a folder you can write to (or free disk "
+                      f"space) and rerun")
+
+
+def ensure_writable(folder, what: str) -> None:
+    """Create `folder` if needed and prove a file can be written in it, before any work goes into it."""
+    folder = os.fspath(folder) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise unwritable(folder, err, what) from None

@@ -1,0 +1,61 @@
+"""Where computation runs and in what precision: the one device resolver (`device: auto|cpu|cuda|cuda:N`, checked
+before any work), a model's device, and the autocast dtype a TrainConfig's `amp` asks for on a device."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from distill.utils.errors import DistillError
+
+
+def no_cuda_reason() -> str:
+    if torch.version.cuda is None:
+        return f"this torch {torch.__version__} is a CPU-only build"
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable GPU or driver on this machine"
+
+
+def resolve_device(device: str | None, key: str = "device") -> torch.device:
+    """`auto` (CUDA when available, else CPU), `cpu`, `cuda` (this process's GPU; torchrun sets it from
+    LOCAL_RANK) or `cuda:N`; a GPU that is not there is a DistillError naming `key` (checked before any work)."""
+    device = device or "auto"
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DistillError(f"{key} {device!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type != "cuda":
+        raise DistillError(f"{key} {device!r}: only cpu and cuda devices are supported; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise DistillError(f"{key} {device!r}: CUDA is not available ({no_cuda_reason()}); use cpu (or auto)")
+    count = torch.cuda.device_count()
+    if parsed.index is not None and parsed.index >= count:
+        raise DistillError(f"{key} {device!r}: this machine has {count} CUDA device{'s' if count != 1 else ''} "
+                           f"(cuda:0{f' .. cuda:{count - 1}' if count > 1 else ''}); use one of those or cpu")
+    return parsed if parsed.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
+def model_device(model) -> torch.device:
+    """The device of a model's first parameter or buffer (CPU for a model with neither)."""
+    tensor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def amp_settings(train, device: torch.device):
+    """(autocast dtype or None, whether a GradScaler is needed). `auto` is bf16 on CUDA — fp16 with a GradScaler
+    on a GPU without bf16 (before Ampere: V100, T4) — and off on CPU (CPU autocast rarely pays); an explicit
+    bf16/fp16 is honoured on any device."""
+    if train.amp == "off" or (train.amp == "auto" and device.type != "cuda"):
+        return None, False
+    if train.amp == "fp16" or (train.amp == "auto" and not _bf16_supported(device)):
+        return torch.float16, True
+    return torch.bfloat16, False
+
+
+def _bf16_supported(device: torch.device) -> bool:
+    with torch.cuda.device(device):
+        return torch.cuda.is_bf16_supported(including_emulation=False)

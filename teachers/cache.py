@@ -1,0 +1,439 @@
+"""Frozen-teacher embeddings computed once (each image and its horizontal flip), memory-mapped float16.
+
+The teacher is the expensive half of distillation (IResNet-100 is 24 GFLOPs an image against the
+student's 1). With flipping as the only augmentation, each image has exactly two teacher outputs, so
+they are computed once and training reads row `[index, flipped]` instead of running the teacher.
+
+Layout of a cache directory:
+    embeddings.f16        raw float16 array, shape (num_samples, 2, dim); [:, 0] original, [:, 1] flipped
+    manifest.json         what the rows were computed from (teacher weights hash, dataset fingerprint,
+                          preprocessing), the build's world size, batch size and id, and `rows_done`
+                          (num_samples when finished). Written by rank 0 alone.
+    progress.rank<R>.json during a build only: rank R's slice (start, stop) and how many of its rows are on
+                          disk. Written by rank R alone, atomically, after an fsync of those rows.
+
+Under torchrun every rank builds: rank r embeds a contiguous slice of whole batches (rank_slice) into the
+one pre-allocated file (each rank writes its own byte range); rank 0 prepares the build first and marks it
+finished (rows_done = num_samples, progress files removed) once every rank is through and every slice is
+vouched for. Since each batch is the batch a one-process build would run, a finished cache is
+byte-identical whatever the world size, and is reused as it is by any number of processes.
+
+A manifest that disagrees with the current teacher/dataset/preprocessing marks the cache stale: it is
+rebuilt. An interrupted build resumes each rank's slice from its last recorded batch, provided it is
+resumed with the same world size and batch size; otherwise (or from another teacher or data) it is
+rebuilt from scratch, never mixed, and the log says why.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import distill.utils.dist as ddp
+from distill.utils.atomic import atomic_write_json
+from distill.utils.errors import DataFormatError, DistillError
+
+CACHE_FORMAT = 1
+
+
+class CacheSpaceError(DistillError, OSError):
+    """The teacher cache file cannot be allocated (full disk, read-only folder)."""
+PREPROCESSING = {"normalize": "(x/255-0.5)/0.5", "flip": "horizontal", "dtype": "float16"}
+
+
+def match_input_size(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a normalised batch to the teacher's input side when the data is stored at another size."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def dataset_fingerprint(dataset) -> str:
+    fp = getattr(dataset, "fingerprint", None)
+    if fp is None:
+        raise DataFormatError(f"{type(dataset).__name__} has no fingerprint(); the teacher cache cannot tell "
+                              f"whether it is stale (use teacher.cache: false for this dataset)")
+    return fp()
+
+
+def cache_key(teacher, dataset, amp_dtype=None) -> dict:
+    """What the rows are a function of; a build under autocast (`amp_dtype`, on a GPU) is keyed by it too."""
+    key = {
+        "format": CACHE_FORMAT,
+        "teacher": teacher.fingerprint(),
+        "dataset": dataset_fingerprint(dataset),
+        "preprocessing": {**PREPROCESSING, "teacher_input_size": teacher.input_size,
+                          "data_input_size": getattr(dataset, "input_size", None)},
+        "num_samples": len(dataset),
+        "dim": teacher.embedding_size,
+    }
+    if amp_dtype is not None:
+        key["autocast"] = str(amp_dtype).replace("torch.", "")
+    return key
+
+
+def allocate(path: str, nbytes: int, fresh: bool) -> None:
+    """Give `path` all of its `nbytes` on disk before the first row is written (`fresh`: start from an empty
+    file). A memory map over a sparse file dies with SIGBUS, no message, when the disk fills under it; a
+    fully allocated file cannot run out, and a full disk is this error, before any work."""
+    try:
+        with open(path, "wb" if fresh else "r+b") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            except OSError as err:
+                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+                _write_zeros(f, nbytes)  # a filesystem without fallocate: write the blocks out
+            except AttributeError:  # pragma: no cover - no posix_fallocate (macOS, Windows)
+                _write_zeros(f, nbytes)
+    except OSError as err:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise CacheSpaceError(f"{path}: cannot allocate the teacher cache ({err.strerror or err}): it needs "
+                              f"{nbytes:,} bytes ({nbytes / 1e9:.2f} GB), {free:,} bytes ({free / 1e9:.2f} GB) are "
+                              f"free. Free disk space, put the run on a larger disk (--out), or set "
+                              f"teacher.cache: false to run the teacher online") from None
+
+
+def _write_zeros(f, nbytes: int, chunk: int = 1 << 24) -> None:
+    f.seek(0, os.SEEK_END)
+    done = f.tell()  # keep rows already written (a resumed build)
+    zeros = bytes(chunk)
+    while done < nbytes:
+        n = min(chunk, nbytes - done)
+        f.write(zeros[:n])
+        done += n
+    f.flush()
+    os.fsync(f.fileno())
+
+
+class TeacherCache:
+    """Read side: `lookup(indices, flipped) -> float32 tensor (B, dim)`."""
+
+    def __init__(self, directory: str, num_samples: int, dim: int):
+        self.directory = directory
+        self.path = os.path.join(directory, "embeddings.f16")
+        self.emb = np.memmap(self.path, dtype=np.float16, mode="r", shape=(num_samples, 2, dim))
+
+    def __len__(self) -> int:
+        return self.emb.shape[0]
+
+    def lookup(self, indices: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+        rows = self.emb[indices.cpu().numpy(), flipped.cpu().numpy().astype(np.int64)]
+        return torch.from_numpy(rows.astype(np.float32))
+
+
+def _read_manifest(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Un-flipped images `start`..`stop - 1`, for the build loader."""
+
+    def __init__(self, dataset, start: int, stop: int):
+        self.dataset, self.start, self.stop = dataset, start, stop
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __getitem__(self, i):
+        return self.dataset.get(self.start + i, False)
+
+
+def rank_slice(num_samples: int, batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows [start, stop) that process `rank` of `world_size` embeds: a contiguous run of whole batches of the
+    one-process build (batch b is rows [b*batch_size, (b+1)*batch_size)), the batches shared out as evenly as
+    integers allow. Every batch the teacher sees is then a batch of the one-process build, so its float
+    reductions, and the bytes written, are the same whatever the number of processes."""
+    batches = -(-num_samples // batch_size)
+    lo, hi = rank * batches // world_size, (rank + 1) * batches // world_size
+    return min(lo * batch_size, num_samples), min(hi * batch_size, num_samples)
+
+
+def progress_path(directory: str, rank: int) -> str:
+    """Process `rank`'s own progress file: written by that process alone, atomically."""
+    return os.path.join(directory, f"progress.rank{rank}.json")
+
+
+def _progress_files(directory: str) -> list:
+    return [os.path.join(directory, f) for f in os.listdir(directory) if re.fullmatch(r"progress\.rank\d+\.json", f)]
+
+
+def _slice_done(directory: str, manifest: dict, rank: int, world_size: int, num_samples: int) -> int:
+    """Rows of `rank`'s slice that its progress file vouches for in the build `manifest` describes; 0 without a
+    valid file (the slice is then embedded again, which writes the same bytes)."""
+    batch_size = manifest["batch_size"]
+    start, stop = rank_slice(num_samples, batch_size, rank, world_size)
+    p = _read_manifest(progress_path(directory, rank))
+    if not isinstance(p, dict) or p.get("build") != manifest.get("build") \
+            or (p.get("start"), p.get("stop")) != (start, stop):
+        return 0
+    done = p.get("rows_done")
+    if not isinstance(done, int) or not 0 <= done <= stop - start or (done % batch_size and done != stop - start):
+        return 0
+    return done
+
+
+def _changed(key: dict, other) -> list:
+    other = other if isinstance(other, dict) else {}
+    return [k for k in key if other.get(k) != key[k]]
+
+
+def recorded_identity(directory: str):
+    """The teacher identity a cache's manifest records (teachers/prepare.py), or None (none recorded, or no cache)."""
+    manifest = _read_manifest(os.path.join(directory, "manifest.json"))
+    return manifest.get("teacher_identity") if isinstance(manifest, dict) else None
+
+
+def record_identity(directory: str, identity: dict) -> None:
+    """Record `identity` in a cache's manifest (rank 0; the rows are unchanged)."""
+    path = os.path.join(directory, "manifest.json")
+    manifest = _read_manifest(path)
+    if isinstance(manifest, dict) and ddp.is_main():
+        atomic_write_json(path, {**manifest, "teacher_identity": identity})
+
+
+def _prepare(directory: str, key: dict, world_size: int, batch_size: int, log, identity=None) -> dict:
+    """Rank 0, before any process embeds: the manifest of a finished cache (reused), of an unfinished build of
+    this teacher, data and slicing (resumed), or of a new build (stale or foreign rows are never mixed in: a
+    new build id, the progress files removed, the file allocated afresh)."""
+    n, dim = key["num_samples"], key["dim"]
+    manifest_path, emb_path = os.path.join(directory, "manifest.json"), os.path.join(directory, "embeddings.f16")
+    nbytes = n * 2 * dim * 2
+    manifest = _read_manifest(manifest_path)
+    why = None
+    if not isinstance(manifest, dict):
+        if os.path.exists(manifest_path):
+            why = f"{manifest_path} is unreadable"
+    elif manifest.get("key") != key:
+        why = f"stale (changed: {', '.join(_changed(key, manifest.get('key'))) or 'format'})"
+    elif not (os.path.exists(emb_path) and os.path.getsize(emb_path) == nbytes):
+        why = "stale (changed: file size)"
+    elif manifest.get("rows_done") == n:
+        return manifest  # finished: reused by any number of processes (its bytes do not depend on it)
+    elif "build" not in manifest:
+        why = "the unfinished build there was started by an older version (no per-process progress)"
+    elif manifest.get("world_size") != world_size:
+        why = (f"the unfinished build there was started with world size {manifest.get('world_size')} and this run "
+               f"has world size {world_size}: its rows are sliced differently and are not mixed in")
+    elif manifest.get("batch_size") != batch_size:
+        why = (f"the unfinished build there was started with batch size {manifest.get('batch_size')} and this run "
+               f"has batch size {batch_size}: its batches are not mixed in")
+    if manifest is not None and why is None:  # an unfinished build of this teacher, data and slicing
+        done = [_slice_done(directory, manifest, r, world_size, n) for r in range(world_size)]
+        ranks = f" ({', '.join(f'rank {r}: {d}' for r, d in enumerate(done))})" if world_size > 1 else ""
+        log(f"teacher cache: resuming an interrupted build at {sum(done)}/{n} rows{ranks}")
+        allocate(emb_path, nbytes, fresh=False)
+        return manifest
+    if why is not None:
+        log(f"teacher cache: {why}, rebuilding {directory} from scratch")
+    manifest = {"key": key, "world_size": world_size, "batch_size": batch_size, "build": uuid.uuid4().hex,
+                "rows_done": 0, **({"teacher_identity": identity} if identity is not None else {})}
+    atomic_write_json(manifest_path, manifest)  # the new build id first: older progress files no longer count
+    for path in _progress_files(directory):
+        os.remove(path)
+    allocate(emb_path, nbytes, fresh=True)
+    return manifest
+
+
+def _joined(directory: str, key: dict, rank: int, world_size: int, batch_size: int) -> dict:
+    """A non-zero rank: the build rank 0 prepared, checked to be of this process's teacher, data and slicing."""
+    manifest_path = os.path.join(directory, "manifest.json")
+    manifest = _read_manifest(manifest_path)
+    if not isinstance(manifest, dict) or manifest.get("key") != key:
+        differs = f" (rank {rank} differs in: {', '.join(_changed(key, manifest.get('key')))})" \
+            if isinstance(manifest, dict) else ""
+        raise DistillError(f"{manifest_path}: rank {rank} finds no teacher cache build of its teacher and data"
+                           f"{differs}; every process must load the same teacher and dataset, and all "
+                           f"{world_size} must start together (torchrun --nproc_per_node={world_size}) so that "
+                           f"rank 0 prepares the build")
+    if manifest.get("rows_done") != key["num_samples"] and \
+            (manifest.get("world_size"), manifest.get("batch_size")) != (world_size, batch_size):
+        raise DistillError(f"{manifest_path}: the unfinished teacher cache build there is for world size "
+                           f"{manifest.get('world_size')} with batch size {manifest.get('batch_size')}, and rank "
+                           f"{rank} runs with world size {world_size} and batch size {batch_size}; start all "
+                           f"{world_size} processes together (torchrun --nproc_per_node={world_size}) with the same "
+                           f"settings so that rank 0 prepares the build for them")
+    return manifest
+
+
+def _all_ranks(value, collective: bool) -> list:
+    """`value` of every rank (a picklable object), in rank order; [value] without a process group."""
+    if not collective:
+        return [value]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def _settle(err, collective: bool, step: str, directory: str) -> None:
+    """Every rank learns whether any rank failed at `step` (no rank is left waiting for another): the rank that
+    failed raises its own exception, the others a DistillError naming it."""
+    notes = _all_ranks(None if err is None else f"{type(err).__name__}: {err}", collective)
+    if err is not None:
+        raise err
+    for r, note in enumerate(notes):
+        if note is not None:
+            raise DistillError(f"{directory}: the teacher cache {step} stopped on rank {r} ({note}); the rows "
+                               f"written so far are kept: see rank {r}'s message, then rerun the same command with "
+                               f"the same number of processes to resume")
+
+
+def _pwrite(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        k = os.pwrite(fd, view, offset)
+        view, offset = view[k:], offset + k
+
+
+def _embed(teacher, dataset, directory: str, manifest: dict, rank: int, world_size: int, start: int, stop: int,
+           done: int, batch_size: int, num_workers: int, device: str, progress: bool, flush_every: int,
+           amp_dtype=None) -> None:
+    """Rows `start + done`..`stop - 1` (both views), written in place; the progress file follows the flushed rows."""
+    n, dim = manifest["key"]["num_samples"], manifest["key"]["dim"]
+    manifest_path = os.path.join(directory, "manifest.json")
+    loader = torch.utils.data.DataLoader(_Rows(dataset, start + done, stop), batch_size=batch_size,
+                                         num_workers=num_workers, shuffle=False)
+    device = torch.device(device)
+    teacher = teacher.to(device)
+    if device.type == "cuda":  # NHWC: the tensor-core path, as the online teacher runs (train.channels_last)
+        teacher = teacher.to(memory_format=torch.channels_last)
+    autocast = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    row = start + done
+    where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
+    bar = tqdm(total=stop - start, initial=done, unit="img", desc=f"teacher cache{where}",
+               disable=not progress or rank != 0, dynamic_ncols=True, leave=False)
+
+    def record():  # the rows reach the disk before the progress file vouches for them
+        os.fsync(fd)
+        atomic_write_json(progress_path(directory, rank), {"build": manifest["build"], "rank": rank,
+                                                            "world_size": world_size, "start": start, "stop": stop,
+                                                            "rows_done": row - start})
+        if rank == 0:  # a summary for people; each rank's own file is what a resumed build trusts
+            total = sum(_slice_done(directory, manifest, r, world_size, n) for r in range(world_size))
+            if total < n:  # n (finished) is written by rank 0 once every rank is through
+                manifest["rows_done"] = total
+                atomic_write_json(manifest_path, manifest)
+
+    fd = os.open(os.path.join(directory, "embeddings.f16"), os.O_RDWR)
+    try:
+        for i, x in enumerate(loader):
+            x = match_input_size(x.to(device, non_blocking=True), teacher.input_size)
+            views = torch.cat([x, torch.flip(x, dims=[3])])
+            if device.type == "cuda":
+                views = views.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad(), torch.autocast(**autocast):
+                both = teacher(views)
+            both = both.float().cpu().numpy().reshape(2, len(x), dim).transpose(1, 0, 2)
+            if not np.isfinite(both).all():
+                raise DataFormatError(f"teacher produced NaN/Inf embeddings for rows {row}..{row + len(x) - 1}")
+            peak = float(np.abs(both).max())
+            if peak > float(np.finfo(np.float16).max):  # would be stored as inf
+                raise DataFormatError(f"teacher embeddings reach {peak:.3g} (rows {row}..{row + len(x) - 1}), beyond "
+                                      f"float16's range; is the teacher trained? Use teacher.cache: false to teach online")
+            _pwrite(fd, np.ascontiguousarray(both.astype(np.float16)).tobytes(), row * 2 * dim * 2)
+            row += len(x)
+            bar.update(len(x))
+            if (i + 1) % flush_every == 0:
+                record()
+        record()
+    finally:
+        os.close(fd)
+        bar.close()
+
+
+def _finish(directory: str, manifest: dict, world_size: int, seconds: float) -> None:
+    """Rank 0, after every rank is through: check each slice is vouched for, mark the cache finished."""
+    n = manifest["key"]["num_samples"]
+    for r in range(world_size):
+        start, stop = rank_slice(n, manifest["batch_size"], r, world_size)
+        done = _slice_done(directory, manifest, r, world_size, n)
+        if done < stop - start:
+            raise DistillError(f"{progress_path(directory, r)}: rank {r}'s slice of the teacher cache (rows "
+                               f"{start}..{stop - 1}) is not finished ({done}/{stop - start} rows); the cache is "
+                               f"complete only when all {world_size} processes have built their slices: rerun the "
+                               f"same command with all of them (torchrun --nproc_per_node={world_size}) to finish it")
+    manifest["rows_done"] = n
+    manifest["seconds"] = manifest.get("seconds", 0.0) + seconds
+    atomic_write_json(os.path.join(directory, "manifest.json"), manifest)
+    for path in _progress_files(directory):
+        os.remove(path)
+
+
+def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_workers: int = 0,
+                device: str = "cpu", progress: bool = True, flush_every: int = 20, log=print,
+                rank: int | None = None, world_size: int | None = None, amp_dtype=None,
+                identity: dict | None = None) -> TeacherCache:
+    """Fill (or reuse, or resume) the cache of `teacher` over `dataset` in `directory`, on every rank.
+
+    Each of the `world_size` processes (default: distill.utils.dist's, i.e. torchrun's) embeds its own slice
+    (rank_slice: whole batches, contiguous) into the one file; rank 0 alone prepares the build and marks it
+    finished once all slices are. Call it on every rank, each with the same arguments; `rank` and
+    `world_size` override distill.utils.dist's (tests; collectives are used only when a process group exists).
+    A finished cache is byte-identical whatever the number of processes that built it (same teacher, data and
+    batch_size), so any number reuses it; an unfinished one is resumed only by the same teacher, data,
+    world size and batch size, and rebuilt from scratch otherwise (the log says why). `device` and `amp_dtype`:
+    where and under which autocast the teacher runs (a run passes its own device and train.amp, so an
+    IResNet-100 embeds on the GPU in bf16 and NHWC); rows made under autocast are keyed by its dtype.
+    `identity`: the teacher's identity (teachers/prepare.py), recorded in the manifest of a new build."""
+    rank = ddp.rank() if rank is None else rank
+    world = ddp.world_size() if world_size is None else world_size
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not a rank of a world of size {world}")
+    collective = world > 1 and ddp.is_distributed()
+    os.makedirs(directory, exist_ok=True)
+    key = cache_key(teacher, dataset, amp_dtype)
+    n, dim = key["num_samples"], key["dim"]
+    t0 = time.perf_counter()
+
+    err, manifest = None, None  # 1. rank 0 reuses, resumes or starts the build; the others wait for it
+    if rank == 0:
+        try:
+            manifest = _prepare(directory, key, world, batch_size, log, identity)
+        except BaseException as e:  # noqa: BLE001 - reported to every rank, then re-raised
+            err = e
+    _settle(err, collective, "preparation", directory)
+    if rank != 0:  # 2. every rank checks that it is the build of its own teacher, data and slicing
+        try:
+            manifest = _joined(directory, key, rank, world, batch_size)
+        except BaseException as e:  # noqa: BLE001
+            err = e
+    _settle(err, collective, "preparation", directory)
+    if manifest.get("rows_done") == n:
+        return TeacherCache(directory, n, dim)
+
+    start, stop = rank_slice(n, manifest["batch_size"], rank, world)  # 3. each rank embeds its own slice
+    done = _slice_done(directory, manifest, rank, world, n)
+    if start + done < stop:
+        try:
+            _embed(teacher, dataset, directory, manifest, rank, world, start, stop, done, manifest["batch_size"],
+                   num_workers, device, progress, flush_every, amp_dtype)
+        except BaseException as e:  # noqa: BLE001
+            err = e
+    _settle(err, collective, "build", directory)
+
+    if rank == 0:  # 4. all are through: rank 0 checks every slice and marks the cache finished
+        try:
+            _finish(directory, manifest, world, time.perf_counter() - t0)
+        except BaseException as e:  # noqa: BLE001
+            err = e
+    _settle(err, collective, "completion", directory)
+    final = _read_manifest(os.path.join(directory, "manifest.json"))
+    if rank != 0 and not (isinstance(final, dict) and final.get("rows_done") == n):
+        raise DistillError(f"{directory}: rank {rank} has built its slice of the teacher cache, and rank 0 marks the "
+                           f"cache finished once every slice is built: start all {world} processes together "
+                           f"(torchrun --nproc_per_node={world}) to finish it")
+    return TeacherCache(directory, n, dim)

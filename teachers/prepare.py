@@ -1,0 +1,214 @@
+"""A run's teacher, decided in one place: where it comes from, what identifies it, and its embedding cache.
+
+Every command that needs an experiment's teacher asks here: `distill run`, `distill cache build`,
+`distill run --dry-run`, `distill doctor`, the disk estimate, `distill sweep` (which points may share a
+trained teacher) and `distill compare --export` (what the teacher row exports).
+
+Where it comes from (`teacher_source`):
+    onnx        teacher.onnx: an insightface ONNX file, loaded
+    checkpoint  teacher.checkpoint names an existing file: the arch's weights, loaded
+    train       otherwise teacher.train: trained in the run directory as stage 0 (teacher/), then loaded
+                from its backbone.pth; neither file nor recipe is a ConfigError
+
+Its identity (`teacher_identity`) is a flat {config key: value} of everything the teacher's weights are a
+function of: for a trained teacher the arch and its arguments, the recipe (teacher.train.*), data.* (the
+path, input size, P×K sampling, synthetic settings; not the loader's settings), margin.*, seed,
+deterministic, plus the training set's contents (`data.train (contents)`, its fingerprint); for a loaded
+teacher the arch and its arguments and the file's SHA-256 (`teacher.checkpoint (contents)` or
+`teacher.onnx (contents)`). The teacher stage records it in teacher/result.json and the cache in its
+manifest.json (key `teacher_identity`); `check_recorded_teacher` refuses, before any work, a run directory
+whose teacher stage or cache was made by another identity, naming the keys that differ and the ways out.
+A directory written before identities were recorded has none: it is used as it is, with one note, and
+the current identity is recorded from then on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import teachers
+from teachers.cache import build_cache, recorded_identity, record_identity
+from distill.config.schema import flat_dict, is_harmless, to_dict
+from distill.utils.atomic import atomic_write_json
+from distill.utils.checkpoint import atomic_torch_save, safe_torch_load
+from distill.utils.dist import rank0_first
+from distill.utils.errors import ConfigError
+from distill.utils.layout import RunLayout
+
+ONNX, CHECKPOINT, TRAINED = "onnx", "checkpoint", "train"
+IDENTITY_KEY = "teacher_identity"
+SOURCE_KEY = "teacher (source)"
+# keys of data.* that say how the data is read, not what is learned from it
+_NOT_IDENTITY = ("data.val", "teacher.cache", "teacher.checkpoint", "teacher.providers", "teacher.onnx")
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    kind: str               # ONNX | CHECKPOINT | TRAINED
+    file: str | None        # the file a loaded teacher is read from (None: trained here)
+
+    @property
+    def trained_here(self) -> bool:
+        return self.kind == TRAINED
+
+
+def teacher_source(cfg) -> TeacherSource | None:
+    """Where the experiment's teacher comes from (None: no teacher). Neither a file nor a recipe: ConfigError."""
+    t = cfg.teacher
+    if t is None:
+        return None
+    if t.onnx is not None:
+        return TeacherSource(ONNX, t.onnx)
+    if t.checkpoint and os.path.exists(t.checkpoint):
+        return TeacherSource(CHECKPOINT, t.checkpoint)
+    if t.train is None:
+        what = f"teacher.checkpoint {t.checkpoint} does not exist" if t.checkpoint else "teacher.checkpoint is not set"
+        raise ConfigError(f"{what}; give an existing checkpoint, or a teacher.train recipe to train the teacher first")
+    return TeacherSource(TRAINED, None)
+
+
+def teacher_spec(cfg, run_dir: str) -> dict:
+    """The `teachers.build_teacher` spec of the experiment's teacher; a trained one is read from its stage's
+    backbone.pth (which exists once the stage has finished)."""
+    source = teacher_source(cfg)
+    spec = cfg.teacher.spec()
+    return {**spec, "checkpoint": RunLayout(run_dir).teacher.backbone} if source.trained_here else spec
+
+
+_SHA256: dict = {}  # (path, size, mtime_ns) -> hex digest: a checkpoint is hashed once per process
+
+
+def file_sha256(path: str) -> str:
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA256:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                h.update(block)
+        _SHA256[key] = h.hexdigest()
+    return _SHA256[key]
+
+
+def _identity_key(key: str) -> bool:
+    if key.startswith("teacher.train."):
+        return not is_harmless(key[len("teacher."):])
+    if key.startswith("teacher."):
+        return not any(key == k or key.startswith(k + ".") for k in _NOT_IDENTITY)
+    if key.startswith(("data.", "margin.")) or key in ("seed", "deterministic"):
+        return not is_harmless(key) and not any(key == k or key.startswith(k + ".") for k in _NOT_IDENTITY)
+    return False
+
+
+def teacher_identity(cfg, dataset=None) -> dict:
+    """What the teacher's weights are a function of, as {config key: value} (see the module docstring); with
+    `dataset` (the opened training set) a trained teacher's identity includes the data's contents too."""
+    source = teacher_source(cfg)
+    flat = flat_dict(to_dict(cfg))
+    if source.trained_here:
+        identity = {k: v for k, v in flat.items() if _identity_key(k)}
+        if dataset is not None and callable(getattr(dataset, "fingerprint", None)):
+            identity["data.train (contents)"] = dataset.fingerprint()
+    else:
+        identity = {k: v for k, v in flat.items() if k.startswith("teacher.") and _identity_key(k)
+                    and not k.startswith("teacher.train.")}
+        identity[f"teacher.{source.kind} (contents)"] = f"sha256 {file_sha256(source.file)}"
+    identity[SOURCE_KEY] = source.kind
+    return identity
+
+
+def identity_changes(recorded: dict, current: dict) -> list:
+    """'key: recorded -> current' for each key whose value differs; a `(contents)` key one side lacks (not
+    measured there) is not a difference."""
+    out = []
+    for key in sorted(set(recorded) | set(current)):
+        if key.endswith("(contents)") and (key not in recorded or key not in current):
+            continue
+        if recorded.get(key) != current.get(key):
+            out.append(f"{key}: {_short(recorded.get(key))} -> {_short(current.get(key))}")
+    return out
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text[:22] + "...'" if isinstance(value, str) and value.startswith("sha256 ") else text
+
+
+def check_recorded_teacher(cfg, run_dir: str, dataset=None, log=print, record: bool = True) -> None:
+    """Refuse a run directory whose finished teacher stage or teacher cache was made by another teacher than
+    the experiment's (ConfigError naming the keys and the ways out). One with no identity recorded (written by
+    an earlier version) is accepted with one note, and the current identity is recorded (`record`)."""
+    if cfg.teacher is None:
+        return
+    run = RunLayout(run_dir)
+    stage = run.teacher
+    found = []
+    if stage.is_done():
+        found.append((stage.result, stage.read_result().get(IDENTITY_KEY)))
+    if os.path.exists(os.path.join(run.teacher_cache, "manifest.json")):
+        found.append((run.teacher_cache, recorded_identity(run.teacher_cache)))
+    if not found:
+        return
+    current = teacher_identity(cfg, dataset)
+    for where, recorded in found:
+        if recorded is None:
+            continue
+        changes = identity_changes(recorded, current)
+        if changes:
+            raise ConfigError(
+                f"{where} was made by another teacher than this experiment's ({'; '.join(changes)}). Nothing is "
+                f"reused silently: train the teacher again here with --restart-stage teacher (its folder and cache are "
+                f"kept aside; the generations distilled from it must be restarted too), or go back to the values it "
+                f"was made with, or use another --out")
+    old = [where for where, recorded in found if recorded is None]
+    if old:
+        log(f"teacher: note: {' and '.join(old)} record no teacher identity (written by an earlier facedistill); "
+            f"used as they are, made by this experiment's teacher as far as the run directory's experiment.yaml "
+            f"says. The identity is recorded from now on")
+        if record:
+            for where in old:
+                if where == stage.result:
+                    atomic_write_json(stage.result, {**stage.read_result(), IDENTITY_KEY: current})
+                else:
+                    record_identity(where, current)
+
+
+def prepare_teacher(cfg, run_dir: str, dataset, train_stage=None, log=print):
+    """The experiment's frozen teacher. A trained one (stage 0) is trained first when its stage is unfinished:
+    `train_stage(stage_layout, identity)` trains it (the run driver's engine call; the stage records
+    `identity` in its result.json); then its weights are exported once as backbone.pth and loaded."""
+    source = teacher_source(cfg)
+    if not source.trained_here:
+        return teachers.build_teacher(cfg.teacher.spec())
+    stage = RunLayout(run_dir).teacher
+    note = stage.damaged_note()
+    if note:
+        log(note)
+    if not stage.is_done():
+        if train_stage is None:
+            raise ConfigError(f"{stage.dir}: the teacher is trained in the run directory and has not finished; "
+                              f"run `distill run` (or `distill cache build`) to train it")
+        log(f"teacher: training {cfg.teacher.arch} ({cfg.teacher.model}) as stage 0")
+        train_stage(stage, teacher_identity(cfg, dataset))
+
+    def export_backbone():  # a plain arcface_torch-style state dict of the trained teacher
+        if not os.path.exists(stage.backbone):
+            atomic_torch_save(safe_torch_load(stage.student)["state_dict"], stage.backbone)
+
+    rank0_first(export_backbone)
+    return teachers.build_teacher(teacher_spec(cfg, run_dir))
+
+
+def needs_cache(cfg) -> bool:
+    """Whether the experiment distils from cached teacher embeddings (teacher.cache, some distillation)."""
+    return cfg.teacher is not None and cfg.teacher.cache and cfg.distill.alpha > 0 and cfg.generations > 0
+
+
+def prepare_cache(cfg, teacher, dataset, run_dir: str, device, amp_dtype=None, progress: bool = False, log=print):
+    """The run's teacher cache (built, resumed or reused; under torchrun every rank embeds its slice), on the
+    run's device and the students' autocast dtype, recording the teacher's identity in its manifest."""
+    return build_cache(teacher, dataset, RunLayout(run_dir).teacher_cache, num_workers=cfg.data.num_workers,
+                       device=device, amp_dtype=amp_dtype, progress=progress, log=log,
+                       identity=teacher_identity(cfg, dataset))
