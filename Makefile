@@ -27,9 +27,11 @@ install-dev: $(VENV)/.installed-dev
 quickstart: install
 	$(VENV)/bin/distill run experiments/quickstart.yaml
 
-## make test: install with dev extras, then run the whole test suite
+## make test: install with dev extras, then run the whole test suite (TEST_WORKERS pytest-xdist processes, one
+## torch thread each: tests/conftest.py)
+TEST_WORKERS ?= 2
 test: install-dev
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info

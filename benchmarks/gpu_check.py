@@ -207,7 +207,11 @@ def main(argv=None) -> int:
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of train_compiled_img_s (the tests use eager: no code generation)")
     p.add_argument("--keep", default=None, help="keep the check's files in this folder (default: a temporary one)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of torch with --device cpu (default: up to 4; the tests use 1 beside other work)")
     args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads {args.threads}: must be at least 1")
     s = SIZES["tiny" if args.tiny else "full"]
     import distill.train.setup
     distill.train.setup.COMPILE_BACKEND = args.compile_backend
@@ -217,7 +221,7 @@ def main(argv=None) -> int:
         return 2
     skip = {x for x in args.skip.split(",") if x}
     if args.device == "cpu":
-        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+        torch.set_num_threads(args.threads or max(1, min(4, os.cpu_count() or 1)))
     device = torch.device(args.device)
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "sizes": "tiny" if args.tiny else "full", "input_size": s["size"],

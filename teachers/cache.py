@@ -26,11 +26,9 @@ rebuilt from scratch, never mixed, and the log says why.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
-import shutil
 import time
 import uuid
 
@@ -42,12 +40,11 @@ from tqdm import tqdm
 import distill.utils.dist as ddp
 from distill.utils.atomic import atomic_write_json
 from distill.utils.errors import DataFormatError, DistillError
+from teachers.cache_file import CacheSpaceError, allocate, pwrite_all  # noqa: F401  (CacheSpaceError: re-exported for callers of build_cache)
 
 CACHE_FORMAT = 1
 
 
-class CacheSpaceError(DistillError, OSError):
-    """The teacher cache file cannot be allocated (full disk, read-only folder)."""
 PREPROCESSING = {"normalize": "(x/255-0.5)/0.5", "flip": "horizontal", "dtype": "float16"}
 
 
@@ -80,40 +77,6 @@ def cache_key(teacher, dataset, amp_dtype=None) -> dict:
     if amp_dtype is not None:
         key["autocast"] = str(amp_dtype).replace("torch.", "")
     return key
-
-
-def allocate(path: str, nbytes: int, fresh: bool) -> None:
-    """Give `path` all of its `nbytes` on disk before the first row is written (`fresh`: start from an empty
-    file). A memory map over a sparse file dies with SIGBUS, no message, when the disk fills under it; a
-    fully allocated file cannot run out, and a full disk is this error, before any work."""
-    try:
-        with open(path, "wb" if fresh else "r+b") as f:
-            try:
-                os.posix_fallocate(f.fileno(), 0, nbytes)
-            except OSError as err:
-                if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                    raise
-                _write_zeros(f, nbytes)  # a filesystem without fallocate: write the blocks out
-            except AttributeError:  # pragma: no cover - no posix_fallocate (macOS, Windows)
-                _write_zeros(f, nbytes)
-    except OSError as err:
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        raise CacheSpaceError(f"{path}: cannot allocate the teacher cache ({err.strerror or err}): it needs "
-                              f"{nbytes:,} bytes ({nbytes / 1e9:.2f} GB), {free:,} bytes ({free / 1e9:.2f} GB) are "
-                              f"free. Free disk space, put the run on a larger disk (--out), or set "
-                              f"teacher.cache: false to run the teacher online") from None
-
-
-def _write_zeros(f, nbytes: int, chunk: int = 1 << 24) -> None:
-    f.seek(0, os.SEEK_END)
-    done = f.tell()  # keep rows already written (a resumed build)
-    zeros = bytes(chunk)
-    while done < nbytes:
-        n = min(chunk, nbytes - done)
-        f.write(zeros[:n])
-        done += n
-    f.flush()
-    os.fsync(f.fileno())
 
 
 class TeacherCache:
@@ -292,13 +255,6 @@ def _settle(err, collective: bool, step: str, directory: str) -> None:
                                f"the same number of processes to resume")
 
 
-def _pwrite(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        k = os.pwrite(fd, view, offset)
-        view, offset = view[k:], offset + k
-
-
 def _embed(teacher, dataset, directory: str, manifest: dict, rank: int, world_size: int, start: int, stop: int,
            done: int, batch_size: int, num_workers: int, device: str, progress: bool, flush_every: int,
            amp_dtype=None) -> None:
@@ -344,7 +300,7 @@ def _embed(teacher, dataset, directory: str, manifest: dict, rank: int, world_si
             if peak > float(np.finfo(np.float16).max):  # would be stored as inf
                 raise DataFormatError(f"teacher embeddings reach {peak:.3g} (rows {row}..{row + len(x) - 1}), beyond "
                                       f"float16's range; is the teacher trained? Use teacher.cache: false to teach online")
-            _pwrite(fd, np.ascontiguousarray(both.astype(np.float16)).tobytes(), row * 2 * dim * 2)
+            pwrite_all(fd, np.ascontiguousarray(both.astype(np.float16)).tobytes(), row * 2 * dim * 2)
             row += len(x)
             bar.update(len(x))
             if (i + 1) % flush_every == 0:

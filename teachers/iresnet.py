@@ -1,6 +1,6 @@
 """IResNet r18..r200 whose state dicts, shapes and forward match insightface arcface_torch exactly.
 
-Layout (FORMATS.md §4): conv1/bn1/prelu stem at full resolution, four stages that each stride 2
+Layout (docs/formats.md §4): conv1/bn1/prelu stem at full resolution, four stages that each stride 2
 (112 -> 7), pre-activation-style blocks (bn1 -> conv1 -> bn2 -> prelu -> conv2(stride) -> bn3, no
 activation after the add), then bn2 -> flatten -> dropout -> fc -> features (BatchNorm1d with a weight
 fixed at 1). Every BN is eps 1e-5 as in arcface_torch. Module names are the state-dict contract, so

@@ -4,7 +4,7 @@
 
 `OnnxTeacherModel` follows the torch-teacher contract: it takes a torch batch normalised (x/255-0.5)/0.5
 (RGB, NCHW) and returns raw float32 embeddings on the batch's device. What differs between files is
-read from the file, never assumed (FORMATS.md §5):
+read from the file, never assumed (docs/formats.md §5):
 - the input name, element type and shape come from the session at run time;
 - models converted from MXNet normalise inside the graph (a Sub and a Mul by constants applied to the
   input before anything else); they are fed raw 0..255 pixels, converted back as x*127.5+127.5;

@@ -1,10 +1,15 @@
-"""Shared test setup: fixture paths, one torch thread, W&B offline in a temporary directory."""
+"""Shared test setup: fixture paths, one thread per process, W&B offline in a temporary directory."""
 
 import os
 from pathlib import Path
 
 import pytest
-import torch
+
+# one thread in this process and in every process a test starts (a `distill` subprocess, torchrun ranks, loader
+# workers): the suite runs on 2 cores beside itself (pytest-xdist) and more threads than cores is 10x slower
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # The committed copy of the tool-written fixtures (tests/fixtures/README.md), so a fresh clone tests itself;

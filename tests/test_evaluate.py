@@ -11,7 +11,7 @@ from torch import nn
 
 import distill.eval.verification as evaluate
 from distill.cli import main
-from distill.eval.verification import (THRESHOLDS, EvaluationError, embed_pairs, evaluate_sets, tar_at_far,
+from distill.eval.verification import (THRESHOLDS, EvaluationError, embed_pairs, evaluate_sets, tar_at_far_pairs,
                               verification_metrics)
 
 from conftest import REPO
@@ -87,18 +87,18 @@ def test_tar_at_far_on_a_constructed_roc():
     pos = np.concatenate([np.linspace(0.2, 0.9, 40), [neg[2]], np.linspace(1.1, 2.0, 59)])
     dist = np.concatenate([neg, pos])
     issame = np.concatenate([np.zeros(neg.size, bool), np.ones(pos.size, bool)])
-    r = tar_at_far(dist, issame, 1e-3)
+    r = tar_at_far_pairs(dist, issame, 1e-3)
     assert r == {"tar": 0.40, "far": 0.001, "threshold": neg[2], "negatives": 2000}
     # at FAR 1e-2, 20 false accepts: threshold 1.020 now admits the genuine pair at 1.002 too
-    assert tar_at_far(dist, issame, 1e-2) == {"tar": 0.41, "far": 0.01, "threshold": neg[20], "negatives": 2000}
+    assert tar_at_far_pairs(dist, issame, 1e-2) == {"tar": 0.41, "far": 0.01, "threshold": neg[20], "negatives": 2000}
 
 
 def test_tar_at_far_is_none_with_fewer_than_one_over_far_negatives():
     dist = np.linspace(0, 3, 1999)
     issame = np.arange(1999) < 1000  # 999 impostor pairs
-    assert tar_at_far(dist, issame, 1e-3) == {"tar": None, "far": None, "threshold": None, "negatives": 999}
+    assert tar_at_far_pairs(dist, issame, 1e-3) == {"tar": None, "far": None, "threshold": None, "negatives": 999}
     issame = np.arange(1999) < 999  # exactly 1,000 impostors: one false accept allowed, measurable
-    r = tar_at_far(dist, issame, 1e-3)
+    r = tar_at_far_pairs(dist, issame, 1e-3)
     assert r["negatives"] == 1000 and r["tar"] == 1.0 and r["far"] == 0.001
 
 

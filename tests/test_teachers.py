@@ -15,7 +15,7 @@ def test_state_dict_layout_matches_arcface_torch(depth):
     model = IResNet(depth)
     sd = model.state_dict()
     blocks = sum(LAYERS[depth])
-    # stem 7 + 18 per block + 6 per stage downsample + head 12 (FORMATS.md §4)
+    # stem 7 + 18 per block + 6 per stage downsample + head 12 (docs/formats.md §4)
     assert len(sd) == 7 + 18 * blocks + 6 * 4 + 12
     assert sd["conv1.weight"].shape == (64, 3, 3, 3)
     assert sd["prelu.weight"].shape == (64,)
@@ -43,7 +43,7 @@ def _bn(x, sd, name, eps=1e-5):
 
 
 def reference_forward(sd, x, layers):
-    """IResNet written straight from FORMATS.md §4 over a state dict, independent of teachers.iresnet."""
+    """IResNet written straight from docs/formats.md §4 over a state dict, independent of teachers.iresnet."""
     x = F.prelu(_bn(F.conv2d(x, sd["conv1.weight"], padding=1), sd, "bn1"), sd["prelu.weight"])
     for i, n in enumerate(layers, start=1):
         for b in range(n):

@@ -63,14 +63,14 @@ def whole_and_resumed(cfg, spec, teacher, out, monkeypatch) -> tuple:
     from distill.train.engine import run_stage
 
     run_stage(cfg, spec, str(out / "whole"), TinyFaces(), {}, teacher=teacher, progress=False)
-    real = distill.train.engine._checkpoint
+    real = distill.train.engine.save_state
 
     def stop_after_first(st):
         real(st)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(distill.train.engine, "_checkpoint", stop_after_first)
+        patch.setattr(distill.train.engine, "save_state", stop_after_first)
         with pytest.raises(KeyboardInterrupt):
             run_stage(cfg, spec, str(out / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
     stopped = safe_torch_load(out / "resumed" / "last.pt")

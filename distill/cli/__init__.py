@@ -4,6 +4,12 @@ Every module in COMMANDS exposes `add_commands(subparsers)`; each subcommand set
 and calls library functions (distill.run.experiment, distill.deploy.export, ...), which never import this package.
 Errors meant for people (DistillError) are printed without a traceback and exit with status 2;
 Ctrl-C exits with 130. `--key=value` and `key=value` left over by argparse are experiment overrides.
+
+Building the parser is light: at their top level the modules here import only the standard library and light
+modules (distill.utils.errors, distill.eval.far: standard library only), the library (torch, ONNX, ...) inside
+the handlers, so `distill --help` answers at once and `distill run` never loads ONNX code (tests/test_imports.py
+checks both). A library constant shown in help text is read only when that help is printed (`help_values`);
+`choices` held by a library module are checked in the handler.
 """
 
 import argparse
@@ -23,6 +29,30 @@ COMMANDS = [
     "distill.cli.compare",
     "distill.cli.sweep",
 ]
+
+
+class _Later:
+    """A library constant, imported when printed ("package.module:NAME"; a tuple prints as 'a, b')."""
+
+    def __init__(self, ref: str):
+        self.ref = ref
+
+    def __str__(self) -> str:
+        module, _, name = self.ref.partition(":")
+        value = getattr(importlib.import_module(module), name)
+        return ", ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def help_values(action: argparse.Action, **refs: str) -> argparse.Action:
+    """Fill `%(key)s` in an option's help with a library constant when the help is printed, not when the parser
+    is built (argparse expands help with the action's attributes; these import their module when printed):
+
+        help_values(p.add_argument("--calib-images", help="... (default %(n)s)"),
+                    n="distill.deploy.quantize:DEFAULT_CALIB_IMAGES")
+    """
+    for key, ref in refs.items():
+        setattr(action, key, _Later(ref))
+    return action
 
 
 def build_parser() -> argparse.ArgumentParser:

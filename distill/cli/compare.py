@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
-from distill.deploy.run_export import export_run, export_table, plan_export
-from distill.run.compare import comparison_json, comparison_table, load_runs, plot_comparison, unfinished_runs
 from distill.utils.errors import ConfigError
-from distill.cli.export import add_calibration_option, require_onnx
+from distill.cli.export import add_calib_images_option, add_calibration_option, require_onnx
 
 
 def _log(message: str) -> None:
@@ -17,10 +15,14 @@ def _log(message: str) -> None:
 
 
 def _compare(args) -> int:
+    from distill.run.compare import comparison_json, comparison_table, load_runs, plot_comparison, unfinished_runs
+
     runs = load_runs(args.run_dirs)
     plans = None
     if args.export is not None:
         require_onnx("--export")
+        from distill.deploy.run_export import export_run, export_table, plan_export
+
         empty = set(unfinished_runs(runs))
         if len(empty) == len(runs):
             raise ConfigError(f"--export: nothing to export: no stage of {', '.join(sorted(empty))} has finished "
@@ -79,8 +81,7 @@ def add_commands(sub) -> None:
                    help="with --export: also write <stage>.int8.onnx (ONNX Runtime static quantization)")
     p.add_argument("--calibrate", default=None, metavar="DATA",
                    help="with --int8: training set calibrating the INT8 files (default: each run's data.train)")
-    p.add_argument("--calib-images", type=int, default=None, metavar="N",
-                   help="with --int8: calibration images spread over the set (default 512)")
+    add_calib_images_option(p, "with --int8: calibration images spread over the set")
     p.add_argument("--int8-margin", type=float, default=None, metavar="POINTS",
                    help="with --int8: note each val set where INT8 loses more accuracy points than this (default 0.5)")
     add_calibration_option(p)

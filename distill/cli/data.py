@@ -5,16 +5,13 @@ from __future__ import annotations
 import os
 import time
 
-from distill.data.inspect import format_report, inspect_dataset
-from distill.data.pack import pack_image_tree
-from distill.data.recordio_writer import rebuild_index
-from distill.data.synth_ijb import read_manifest as read_synth_ijb_manifest
-from distill.data.synth_ijb import synth_ijb_params, write_synthetic_ijb
-from distill.data.synthetic import MANIFEST, VAL_BIN, ensure_synthetic, synthetic_is_current
-from distill.utils.errors import DataFormatError
+from distill.cli import help_values
+from distill.utils.errors import ConfigError, DataFormatError
 
 
 def _cmd_pack(args) -> int:
+    from distill.data.pack import pack_image_tree
+
     out = args.out
     if os.path.exists(os.path.join(out, "train.rec")) and not args.force:
         raise DataFormatError(f"{out}: already holds train.rec; pass --force to overwrite it")
@@ -28,6 +25,8 @@ def _cmd_pack(args) -> int:
 
 
 def _cmd_reindex(args) -> int:
+    from distill.data.recordio_writer import rebuild_index
+
     rec = os.path.join(args.rec, "train.rec") if os.path.isdir(args.rec) else args.rec
     if not os.path.isfile(rec):
         raise DataFormatError(f"{rec}: RecordIO file not found")
@@ -40,6 +39,8 @@ def _cmd_reindex(args) -> int:
 
 
 def _cmd_synth(args) -> int:
+    from distill.data.synthetic import MANIFEST, VAL_BIN, ensure_synthetic, synthetic_is_current
+
     params = dict(ids=args.ids, images_per_id=args.images_per_id, size=args.size, pairs=args.pairs,
                   seed=args.seed, holdout_ids=args.holdout_ids)
     if synthetic_is_current(args.out, **params):
@@ -57,6 +58,12 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_synth_ijb(args) -> int:
+    from distill.data.ijb import TARGETS
+    from distill.data.synth_ijb import read_manifest as read_synth_ijb_manifest
+    from distill.data.synth_ijb import synth_ijb_params, write_synthetic_ijb
+
+    if args.target not in TARGETS:
+        raise ConfigError(f"--target {args.target}: one of {', '.join(TARGETS)}")
     params = synth_ijb_params(args.templates, args.seed, args.target)
     stored = read_synth_ijb_manifest(args.out)
     if stored is not None and stored.get("params") == params and not args.force:
@@ -73,6 +80,8 @@ def _cmd_synth_ijb(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
+    from distill.data.inspect import format_report, inspect_dataset
+
     print(format_report(inspect_dataset(args.path, grid=args.grid, rows=args.rows, cols=args.cols)))
     return 0
 
@@ -113,8 +122,9 @@ def add_commands(sub) -> None:
     p.add_argument("out", help="output folder: loose_crop/, meta/ and synth_ijb.json")
     p.add_argument("--templates", type=int, default=40, help="templates, two per person (default 40)")
     p.add_argument("--seed", type=int, default=0, help="same seed and sizes, same bytes (default 0)")
-    p.add_argument("--target", default="IJBC", type=str.upper, choices=("IJBC", "IJBB"),
-                   help="name the meta files ijbc_* or ijbb_* (default IJBC)")
+    help_values(p.add_argument("--target", default="IJBC", type=str.upper,
+                               help="which set's layout to write: %(targets)s (meta files ijbc_* or ijbb_*; "
+                                    "default IJBC)"), targets="distill.data.ijb:TARGETS")
     p.add_argument("--force", action="store_true", help="replace IJB files already in OUT")
     p.set_defaults(func=_cmd_synth_ijb)
 

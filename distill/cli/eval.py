@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import json
 
-import torch
-
-from distill.models import files as models
 from distill.utils.errors import ConfigError
-from distill.eval.verification import FAR_TARGETS, evaluate_sets, set_name_of
-from distill.utils.device import resolve_device
 
 
 def _pct(x) -> str:
@@ -18,19 +13,22 @@ def _pct(x) -> str:
 
 def format_table(results: dict) -> str:
     """One row per set: accuracy ± std (%), mean best threshold, XNorm, TAR at each FAR (%)."""
-    header = ["set", "accuracy (%)", "threshold", "XNorm"] + [f"TAR@FAR={k} (%)" for k in FAR_TARGETS] \
+    from distill.eval.far import VERIFICATION_FARS, far_key
+
+    far_keys = [far_key(far) for far in VERIFICATION_FARS]  # '1e-3', '1e-4'
+    header = ["set", "accuracy (%)", "threshold", "XNorm"] + [f"TAR@FAR={k} (%)" for k in far_keys] \
         + ["VAL@FAR=1e-3, insightface (%)"]
     rows = []
     for name, m in results.items():
         v = m["insightface_val"]
         rows.append([name, f"{100.0 * m['acc_mean']:.3f} ± {100.0 * m['acc_std']:.3f}", f"{m['threshold']:.3f}",
-                     f"{m['xnorm']:.4f}"] + [_pct(m["tar_at_far"][k]["tar"]) for k in FAR_TARGETS]
+                     f"{m['xnorm']:.4f}"] + [_pct(m["tar_at_far"][k]["tar"]) for k in far_keys]
                     + [f"{100.0 * v['val_mean']:.3f} ± {100.0 * v['val_std']:.3f} (FAR {v['far_mean']:.2g})"])
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     short = sorted({f"{name} ({m['tar_at_far'][k]['negatives']} impostor pairs)"
-                    for name, m in results.items() for k in FAR_TARGETS if m["tar_at_far"][k]["tar"] is None})
+                    for name, m in results.items() for k in far_keys if m["tar_at_far"][k]["tar"] is None})
     if short:
         lines.append("n/a: a FAR of 1/N needs at least N impostor pairs; too few in " + ", ".join(short))
     lines.append("TAR@FAR: all pairs, the exact threshold admitting that share of impostors. VAL@FAR, insightface: "
@@ -39,6 +37,8 @@ def format_table(results: dict) -> str:
 
 
 def _set_sources(paths) -> dict:
+    from distill.eval.verification import set_name_of
+
     sets = {}
     for path in paths:
         name = set_name_of(path)
@@ -50,6 +50,12 @@ def _set_sources(paths) -> dict:
 
 
 def run_eval(args) -> int:
+    import torch
+
+    from distill.eval.verification import evaluate_sets
+    from distill.models import files as models
+    from distill.utils.device import resolve_device
+
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
     sets = _set_sources(args.bin)

@@ -4,9 +4,12 @@ ONNX, BatchNorm folded, with a parity check; optionally INT8 beside it and verif
 
 from __future__ import annotations
 
+from distill.cli import help_values
 from distill.utils.errors import ConfigError
-from distill.deploy.export import (INPUT_NAME, NORMALISATION, OUTPUT_NAME, export_model, format_checks, judge_checks)
-from distill.deploy.quantize import DEFAULT_CALIB_IMAGES, INT8_SUFFIX
+
+# library constants in help texts, read when the help is printed (distill.cli.help_values)
+_INT8_SUFFIX = "distill.deploy.quantize:INT8_SUFFIX"
+_DEFAULT_CALIB_IMAGES = "distill.deploy.quantize:DEFAULT_CALIB_IMAGES"
 
 
 def _batch(value: str):
@@ -33,6 +36,9 @@ def require_onnx(what: str) -> None:
 
 def _export(args) -> int:
     require_onnx("export")
+    from distill.deploy.export import (INPUT_NAME, NORMALISATION, OUTPUT_NAME, export_model, format_checks,
+                                       judge_checks)
+
     r = export_model(args.model, args.out, arch=args.arch, input_size=args.input_size, opset=args.opset,
                      batch=_batch(args.batch), int8=args.int8, calibrate=args.calibrate,
                      calib_images=args.calib_images, check_bins=args.check_bin or (),
@@ -56,6 +62,12 @@ def _export(args) -> int:
     return 0
 
 
+def add_calib_images_option(parser, text: str) -> None:
+    """--calib-images N of `distill export` and `distill compare --export` (None: DEFAULT_CALIB_IMAGES)."""
+    help_values(parser.add_argument("--calib-images", type=int, default=None, metavar="N",
+                                    help=text + " (default %(calib_default)s)"), calib_default=_DEFAULT_CALIB_IMAGES)
+
+
 def add_calibration_option(parser) -> None:
     """--int8-calibration of `distill export` and `distill compare --export` (QuantSettings.calibration)."""
     parser.add_argument("--int8-calibration", choices=("images", "percentile", "minmax"), default=None,
@@ -68,19 +80,20 @@ def add_commands(sub) -> None:
     p = sub.add_parser("export", help="export a student or teacher to ONNX (BatchNorm folded, parity-checked), "
                                       "optionally INT8 too")
     p.add_argument("model", help="student.pt, an arcface_torch state dict (.pth, with --arch) or a model name")
-    p.add_argument("out", help=f"the .onnx file to write (FP32); with --int8 the INT8 file is written beside it as "
-                               f"OUT{INT8_SUFFIX} without the first .onnx (student.onnx -> student{INT8_SUFFIX})")
+    help_values(p.add_argument("out", help="the .onnx file to write (FP32); with --int8 the INT8 file is written beside "
+                                           "it as OUT%(suffix)s without the first .onnx (student.onnx -> "
+                                           "student%(suffix)s)"), suffix=_INT8_SUFFIX)
     p.add_argument("--arch", default=None, help="architecture of a plain state dict, e.g. r100")
     p.add_argument("--input-size", type=int, default=None, help="square input side (default: the model's, 112)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--batch", default="dynamic", help="'dynamic' (default) or a fixed batch size, e.g. 1")
-    p.add_argument("--int8", action="store_true",
-                   help=f"also write an INT8 file (ONNX Runtime static quantization, QDQ) beside OUT: OUT{INT8_SUFFIX}")
+    help_values(p.add_argument("--int8", action="store_true", help="also write an INT8 file (ONNX Runtime static "
+                                                                   "quantization, QDQ) beside OUT: OUT%(suffix)s"),
+                suffix=_INT8_SUFFIX)
     p.add_argument("--calibrate", metavar="DATA", default=None,
                    help="training set whose images calibrate the INT8 ranges: a RecordIO folder or .rec file "
                         "(the synthetic set is one), or an identity-per-folder image tree")
-    p.add_argument("--calib-images", type=int, default=None, metavar="N",
-                   help=f"calibration images, spread over the set (default {DEFAULT_CALIB_IMAGES})")
+    add_calib_images_option(p, "calibration images, spread over the set")
     p.add_argument("--check-bin", action="append", metavar="FILE",
                    help="a verification .bin: accuracy, XNorm, TAR@FAR of torch and each file side by side, and "
                         "the embedding cosine between them; fails when the FP32 file is not the torch model; "

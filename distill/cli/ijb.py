@@ -8,14 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
-from distill.models import files as models
-from distill.data.ijb import TARGETS, missing_images, read_ijb_meta
+from distill.cli import help_values
 from distill.utils.errors import ConfigError, DataFormatError
-from distill.eval.ijb import (FAR_TARGETS, embed_images, far_key, feature_cache_key, load_feature_cache, load_features,
-                         protocol_name, save_feature_cache, save_scores, verify)
-from distill.utils.device import resolve_device
+from distill.eval.far import IJB_FARS, far_key
 
 
 def _labels(sources) -> list:
@@ -38,11 +33,19 @@ def _per_row_path(path, label: str, several: bool):
 
 def _load_model(source: str, args):
     """(model, input size): an ONNX file through the ONNX teacher loader, anything else as distill eval loads it."""
+    from distill.models import files as models
+
     return models.load_model_for("ijb", source, arch=args.arch, input_size=args.input_size)
 
 
 def _model_features(source: str, label: str, meta, args, several: bool):
     """(features, valid mask) of one model: from its --cache when that holds them, else embedded now."""
+    import numpy as np
+
+    from distill.data.ijb import missing_images
+    from distill.eval.ijb import embed_images, feature_cache_key, load_feature_cache, save_feature_cache
+    from distill.utils.device import resolve_device
+
     model, input_size = _load_model(source, args)
     cache = _per_row_path(args.cache, label, several)
     key = feature_cache_key(source, meta, flip=not args.no_flip, input_size=input_size) if cache else None
@@ -82,8 +85,8 @@ def _model_features(source: str, label: str, meta, args, several: bool):
 
 def format_table(results: dict, meta, mode: str) -> str:
     """One row per model: TAR (%) at each FAR and AUC (%), as eval_ijbc.py's table (two decimals)."""
-    header = ["model"] + [f"TAR@FAR={far_key(f)} (%)" for f in FAR_TARGETS] + ["AUC (%)"]
-    rows = [[label] + [f"{100 * r['tar_at_far'][far_key(f)]:.2f}" for f in FAR_TARGETS] + [f"{100 * r['auc']:.4f}"]
+    header = ["model"] + [f"TAR@FAR={far_key(f)} (%)" for f in IJB_FARS] + ["AUC (%)"]
+    rows = [[label] + [f"{100 * r['tar_at_far'][far_key(f)]:.2f}" for f in IJB_FARS] + [f"{100 * r['auc']:.4f}"]
             for label, r in results.items()]
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header] + rows]
@@ -91,7 +94,7 @@ def format_table(results: dict, meta, mode: str) -> str:
     first = next(iter(results.values()))
     lines.insert(0, f"{meta.target} 1:1 verification, {mode}: {first['images']} images, {first['templates']} "
                     f"templates, {first['pairs']} pairs ({first['genuine_pairs']} genuine)")
-    if first["impostor_pairs"] * min(FAR_TARGETS) < 1:
+    if first["impostor_pairs"] * min(IJB_FARS) < 1:
         lines.append(f"note: {first['impostor_pairs']} impostor pairs measure FARs down to "
                      f"{1 / first['impostor_pairs']:.2g}; below that the nearest ROC point is read, "
                      f"as eval_ijbc.py does")
@@ -103,6 +106,8 @@ def format_table(results: dict, meta, mode: str) -> str:
 
 
 def _plot(path: str, curves: dict, target: str) -> None:
+    import numpy as np
+
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -113,11 +118,11 @@ def _plot(path: str, curves: dict, target: str) -> None:
     low = 1.0
     for label, (fpr, tpr, auc) in curves.items():
         ax.plot(fpr, tpr, lw=1, label=f"{label} (AUC = {100 * auc:.4f} %)")
-        low = min(low, float(tpr[np.searchsorted(fpr, min(FAR_TARGETS))]) if fpr.size else 1.0)
+        low = min(low, float(tpr[np.searchsorted(fpr, min(IJB_FARS))]) if fpr.size else 1.0)
     ax.set_xscale("log")
-    ax.set_xlim(min(FAR_TARGETS), max(FAR_TARGETS))
+    ax.set_xlim(min(IJB_FARS), max(IJB_FARS))
     ax.set_ylim(0.3 if low >= 0.3 else 0.0, 1.0)
-    ax.set_xticks(FAR_TARGETS)
+    ax.set_xticks(IJB_FARS)
     ax.grid(linestyle="--", linewidth=1)
     ax.set_xlabel("False Positive Rate")
     ax.set_ylabel("True Positive Rate")
@@ -133,6 +138,11 @@ def _plot(path: str, curves: dict, target: str) -> None:
 
 
 def _check_args(args) -> None:
+    from distill.data.ijb import TARGETS
+    from distill.utils.device import resolve_device
+
+    if args.target not in TARGETS:
+        raise ConfigError(f"--target {args.target}: one of {', '.join(TARGETS)}")
     if not args.model and not args.features:
         raise ConfigError("nothing to evaluate: give a MODEL (student.pt, backbone.pth with --arch, .onnx) "
                           "or --features FILE")
@@ -153,6 +163,9 @@ def _check_args(args) -> None:
 
 
 def run_ijb(args) -> int:
+    from distill.data.ijb import read_ijb_meta
+    from distill.eval.ijb import load_features, protocol_name, save_scores, verify
+
     _check_args(args)
     meta = read_ijb_meta(args.root, args.target)
     sources = list(args.model) + list(args.features or [])
@@ -198,8 +211,9 @@ def add_commands(sub) -> None:
                         help="a student.pt, an arcface_torch .pth (with --arch), an insightface .onnx, or a model "
                              "name (random weights: smoke test); several give one row each")
     parser.add_argument("--root", required=True, metavar="DIR", help="the IJB folder (loose_crop/, meta/)")
-    parser.add_argument("--target", default="IJBC", type=str.upper, choices=TARGETS,
-                        help="which set's meta files to read (default IJBC)")
+    help_values(parser.add_argument("--target", default="IJBC", type=str.upper,
+                                    help="which set's meta files to read: %(targets)s (default IJBC)"),
+                targets="distill.data.ijb:TARGETS")
     parser.add_argument("--features", action="append", metavar="FILE",
                         help="score these image features (.npy, N x D in the order of <t>_name_5pts_score.txt, "
                              "flip already combined) instead of running a model; repeatable")

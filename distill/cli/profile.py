@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from distill.utils.errors import ConfigError
-from distill.models.files import model_input_size
-from distill.models.cost import profile_model
-from distill.models.registry import create_model, list_models
 
 
 def _profile(args) -> int:
+    import torch
+
+    from distill.models.cost import profile_model
+    from distill.models.files import model_input_size
+    from distill.models.registry import create_model, list_models
+
     if args.list or not args.name:
         print("\n".join(list_models(aliases=True)))
         return 0

@@ -5,11 +5,12 @@ from __future__ import annotations
 import sys
 
 from distill.cli.run import EX_TEMPFAIL
-from distill.train.engine import Preempted
-from distill.run.sweep import commands, expand, load_grid, point_config, run_sweep
 
 
 def _sweep(args) -> int:
+    from distill.run.sweep import commands, expand, load_grid, point_config, run_sweep
+    from distill.train.engine import Preempted
+
     grid = load_grid(args.grid, base=args.base, overrides=args.overrides)
     if args.print:
         for p in expand(grid):

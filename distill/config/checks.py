@@ -10,6 +10,7 @@ import re
 
 from timm.optim import list_optimizers
 
+from distill.data.ijb import TARGETS as IJB_TARGETS
 from distill.losses.distillation import DISTILL_LOSSES, loss_needs
 from distill.losses.heads import HEADS
 from distill.models.registry import did_you_mean
@@ -37,7 +38,7 @@ def check_semantics(cfg, where) -> None:
         "tracking.wandb": (cfg.tracking.wandb, ("auto", "online", "offline", "disabled")),
     }
     if cfg.data.ijb is not None:
-        choices["data.ijb.target"] = (cfg.data.ijb.target, ("IJBC", "IJBB"))
+        choices["data.ijb.target"] = (cfg.data.ijb.target, IJB_TARGETS)
         if not cfg.data.ijb.root:
             raise ConfigError(f"{where('data.ijb.root')}: key 'data.ijb.root' is empty; give insightface's IJB folder "
                               f"(the one holding loose_crop/ and meta/)")
@@ -51,6 +52,10 @@ def check_semantics(cfg, where) -> None:
         if value not in allowed:
             raise ConfigError(f"{where(key)}: key '{key}' must be one of {', '.join(allowed)}, got {value!r}"
                               f"{did_you_mean(value, allowed)}")
+    try:  # the registered head reads its own values from margin.* (an option it cannot take is an error)
+        HEADS[cfg.margin.margin].config_kwargs(cfg.margin)
+    except ConfigError as err:
+        raise ConfigError(f"{where('margin')}: {err}") from None
     optimizers = _optimizers()
     for key, train in (("train", cfg.train), ("teacher.train", cfg.teacher and cfg.teacher.train)):
         if train is not None and train.optimizer.lower() not in optimizers:

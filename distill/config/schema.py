@@ -107,7 +107,8 @@ class StudentConfig(_ModelArguments):
 
 @dataclass
 class MarginConfig:
-    """Margin head: ArcFace cos(m1*theta + m2) - m3 with s; arcface (m2=m), cosface (m3=m), combined."""
+    """Margin head: ArcFace cos(m1*theta + m2) - m3 with s; arcface (m2=m), cosface (m3=m), combined, softmax,
+    or any head registered with distill.losses.heads.register_head (its entry reads the values it takes)."""
     margin: str = "arcface"
     s: float = 64.0
     m: float = 0.5

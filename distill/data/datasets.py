@@ -98,6 +98,21 @@ class FaceDataset(Dataset):
     source = property(lambda self: type(self).__name__)
 
 
+class PlannedDataset(Dataset):
+    """Items are (index, flip) pairs chosen by the epoch plan (distill/train/epoch_plan.py), so flips never
+    depend on workers: item (index, flip) is `dataset.item(index, flip)`."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, flip = item
+        return self.dataset.item(index, bool(flip))
+
+
 class RecordIODataset(FaceDataset):
     """insightface/im2rec RecordIO as a training set. `path`: folder with train.rec or the .rec file.
     Item i is image key `RecordIO.keys[i]`; the label comes from that image's own IRHeader."""

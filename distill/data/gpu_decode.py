@@ -37,8 +37,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from distill.data.datasets import PlannedDataset
 from distill.data.images import JPEG_SOI, _tv_decode_jpeg, decode_chw
-from distill.train.epoch_plan import PlannedDataset
 from distill.utils.errors import ConfigError, UserNote
 
 if _tv_decode_jpeg is not None:

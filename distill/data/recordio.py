@@ -2,7 +2,7 @@
 
 Only the index lives in memory (two int64 arrays: ~16 bytes a record, ~93 MB for MS1MV2's 5.8M
 images); records are read on demand with `os.pread`, so one object serves any number of DataLoader
-workers: it pickles without its file handle and each process opens its own (FORMATS.md §1).
+workers: it pickles without its file handle and each process opens its own (docs/formats.md §1).
 """
 
 from __future__ import annotations

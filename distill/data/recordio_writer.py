@@ -1,7 +1,7 @@
 """Write insightface-layout RecordIO (`train.rec`, `train.idx`, `property`) framed exactly as MXNet does.
 
 What MXNet's `MXIndexedRecordIO` + `recordio.pack` would write, byte for byte, so that MXNet,
-arcface_torch's `MXFaceDataset` and our own reader all read the result (FORMATS.md §1).
+arcface_torch's `MXFaceDataset` and our own reader all read the result (docs/formats.md §1).
 """
 
 from __future__ import annotations

@@ -313,14 +313,15 @@ def judge_checks(results: dict, int8_margin: float = 0.5) -> list:
 
 def format_checks(results: dict) -> str:
     """One row per set and model: the PyTorch model, then each file (size, accuracy, XNorm, TAR@FAR, cosine)."""
-    from distill.eval.verification import FAR_TARGETS
+    from distill.eval.far import VERIFICATION_FARS, far_key
 
-    header = ["set", "model", "size (MB)", "accuracy (%)", "XNorm"] + [f"TAR@FAR={k} (%)" for k in FAR_TARGETS] \
+    keys = [far_key(far) for far in VERIFICATION_FARS]
+    header = ["set", "model", "size (MB)", "accuracy (%)", "XNorm"] + [f"TAR@FAR={k} (%)" for k in keys] \
         + ["cosine to PyTorch (min / mean)"]
     table = []
     for name, rows in results.items():
         for label, m in rows.items():
-            tars = [m["tar_at_far"][k]["tar"] for k in FAR_TARGETS]
+            tars = [m["tar_at_far"][k]["tar"] for k in keys]
             table.append([name, label, "-" if "size_mb" not in m else f"{m['size_mb']:.2f}",
                           f"{100 * m['acc_mean']:.3f} ± {100 * m['acc_std']:.3f}", f"{m['xnorm']:.4f}"]
                          + ["n/a" if t is None else f"{100 * t:.3f}" for t in tars]

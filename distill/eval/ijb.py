@@ -12,6 +12,10 @@
    keeps only the corners); TAR at a FAR is the TPR of the ROC point whose FPR is nearest the FAR
    (on a tie the higher point), AUC the trapezoidal area under the curve.
 
+Results key their FARs as distill.eval.far.far_key writes them ('1e-6' .. '1e-1'). Format change: earlier
+versions used eval_ijbc.py's column names, str(far) ('1e-06', '0.0001'); distill.eval.far.normalise_results
+reads those as today's keys.
+
 The numbers are eval_ijbc.py's bit for bit given the same image features: pooling runs in float32 in
 its order of additions, scoring in float64 with np.sum, the ROC is sklearn's. Pooling and scoring are
 vectorised (np.unique and np.add.at; pair scores in small chunks): with IJB-C's 469,375 image features,
@@ -33,17 +37,12 @@ from tqdm import tqdm
 from distill.utils.atomic import atomic_open, atomic_write_json
 from distill.data.ijb import AlignedFaces, IJBMeta
 from distill.utils.errors import ConfigError, DataFormatError
+from distill.eval.far import IJB_FARS, far_key
 from distill.eval.verification import EvaluationError
 from distill.utils.device import model_device
 
-FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 FEATURE_CACHE_FORMAT = "facedistill.ijb-features/1"
 _PAIR_CHUNK = 256  # pairs scored at once (measured: 256 beats 1024, 4096 and 16384 on IJB-C-sized data)
-
-
-def far_key(far: float) -> str:
-    """The key of a FAR in results: str(1e-06) = '1e-06', str(0.0001) = '0.0001' (eval_ijbc.py's column names)."""
-    return str(far)
 
 
 # --------------------------------------------------------------------------- embedding
@@ -217,9 +216,11 @@ def roc_auc(fpr, tpr) -> float:
     return float((np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0).sum())
 
 
-def tar_at_far(fpr, tpr, fars=FAR_TARGETS) -> dict:
-    """{far_key(far): TPR} read as eval_ijbc.py reads it: the curve is reversed and the first point whose
-    |fpr - far| is smallest wins, i.e. among equally near points the one with the higher FPR and TPR."""
+def tar_at_fars_roc(fpr, tpr, fars=IJB_FARS) -> dict:
+    """{far_key(far): TPR} for each of `fars`, read off a ROC curve as eval_ijbc.py reads it: the curve is
+    reversed and the first point whose |fpr - far| is smallest wins, i.e. among equally near points the one
+    with the higher FPR and TPR. (Not distill.eval.verification.tar_at_far_pairs, which counts false
+    accepts among pair distances exactly and gives None below 1/far impostors.)"""
     fpr, tpr = np.asarray(fpr)[::-1], np.asarray(tpr)[::-1]
     return {far_key(far): float(tpr[int(np.argmin(np.abs(fpr - far)))]) for far in fars}
 
@@ -235,7 +236,7 @@ def protocol_name(norm_score: bool = True, detector_score: bool = True, flip: bo
 
 def verify(meta: IJBMeta, feats, valid=None, norm_score: bool = True, detector_score: bool = True):
     """Score every template pair from image features (N, D) and read the ROC. Returns (result, scores, fpr, tpr):
-    result = {tar_at_far: {'1e-06': TAR, ...}, auc, images, templates, pairs, genuine_pairs,
+    result = {tar_at_far: {'1e-6': TAR, ...}, auc, images, templates, pairs, genuine_pairs,
     impostor_pairs, missing_images, empty_templates}; scores (P,) float64 in pair-file order."""
     feats = np.asarray(feats)
     n = len(meta.names)
@@ -250,7 +251,7 @@ def verify(meta: IJBMeta, feats, valid=None, norm_score: bool = True, detector_s
     fpr, tpr, _ = roc_curve(meta.labels, scores)
     empty = int((~template_feats.any(axis=1)).sum())
     genuine = int(meta.labels.sum())
-    result = {"tar_at_far": tar_at_far(fpr, tpr), "auc": roc_auc(fpr, tpr), "images": n,
+    result = {"tar_at_far": tar_at_fars_roc(fpr, tpr), "auc": roc_auc(fpr, tpr), "images": n,
               "templates": int(template_ids.size), "pairs": int(len(meta.pairs)), "genuine_pairs": genuine,
               "impostor_pairs": int(len(meta.pairs) - genuine), "missing_images": int(n - valid.sum()),
               "empty_templates": empty}

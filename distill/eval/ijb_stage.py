@@ -1,25 +1,23 @@
 """`data.ijb` in an experiment: every finished stage is also evaluated on IJB-B/IJB-C (distill/eval/ijb.py's protocol).
 
 After a stage has finished (never during training), its model is run once over the IJB images and the
-template-pair ROC is read at FAR 1e-6 .. 1e-1. The numbers go into the stage's result.json under `ijb`
-(with the root and target they came from, so a stage is not evaluated twice and a changed `data.ijb`
-is evaluated again), into its W&B run as `ijb/<target>/tar_at_far_1e-4` etc., and into the summary and
-`distill compare` tables. The IJB meta files are read before any training, so a wrong root fails first.
+template-pair ROC is read at FAR 1e-6 .. 1e-1 (distill.eval.far.IJB_FARS). The numbers go into the stage's
+result.json under `ijb`, with the root and target they came from (so a stage is not evaluated twice and a
+changed `data.ijb` is evaluated again), into its W&B run as `ijb/<target>/tar_at_far_1e-4` etc., and into
+the summary and `distill compare` tables (SUMMARY_IJB_FARS). The IJB meta files are read before any
+training, so a wrong root fails first.
+
+Format change: result.json's `ijb.tar_at_far` is keyed '1e-6' .. '1e-1' (distill.eval.far.far_key); earlier
+versions wrote eval_ijbc.py's '1e-06', '1e-05', '0.0001', '0.001', '0.01', '0.1'. Both are read (the readers
+pass results through distill.eval.far.normalise_results), so an older run directory needs no new evaluation.
 """
 
 from __future__ import annotations
 
 import os
 
-from distill.eval.ijb import FAR_TARGETS, embed_images, far_key, protocol_name, verify
-
-SUMMARY_FARS = (1e-4, 1e-5)  # the columns the tables show (what face-KD papers report); result.json keeps all
-
-
-def short_far(far: float) -> str:
-    """1e-4 -> '1e-4' (W&B keys and table headers; result.json keeps eval_ijbc.py's '0.0001')."""
-    mantissa, exponent = f"{far:.0e}".split("e")
-    return f"{mantissa}e{int(exponent)}"
+from distill.eval.far import IJB_FARS, far_key, normalise_far_keys
+from distill.eval.ijb import embed_images, protocol_name, verify
 
 
 def ijb_key(ijb_cfg) -> dict:
@@ -34,7 +32,7 @@ def read_meta(ijb_cfg):
 
 def evaluate_ijb(model, input_size: int, ijb_cfg, meta=None, workers: int = 2, progress: bool = False,
                  model_name: str | None = None) -> dict:
-    """{"root", "target", "protocol", "tar_at_far": {'1e-06': TAR, ...}, "auc", "images", "templates", "pairs"}."""
+    """{"root", "target", "protocol", "tar_at_far": {'1e-6': TAR, ...}, "auc", "images", "templates", "pairs"}."""
     meta = meta if meta is not None else read_meta(ijb_cfg)
     feats = embed_images(model, meta, input_size, batch_size=ijb_cfg.batch_size, workers=workers,
                          progress=progress, model_name=model_name)
@@ -44,7 +42,8 @@ def evaluate_ijb(model, input_size: int, ijb_cfg, meta=None, workers: int = 2, p
 
 def ijb_scalars(ijb: dict) -> dict:
     """The W&B scalars of a stage's IJB result: ijb/<target>/tar_at_far_1e-4 ..., ijb/<target>/auc."""
-    out = {f"ijb/{ijb['target']}/tar_at_far_{short_far(far)}": ijb["tar_at_far"][far_key(far)] for far in FAR_TARGETS}
+    tars = normalise_far_keys(ijb["tar_at_far"])
+    out = {f"ijb/{ijb['target']}/tar_at_far_{far_key(far)}": tars[far_key(far)] for far in IJB_FARS}
     out[f"ijb/{ijb['target']}/auc"] = ijb["auc"]
     return out
 

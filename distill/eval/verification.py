@@ -1,6 +1,6 @@
 """Face verification as insightface measures it: embed pairs (with flip), 10-fold accuracy, XNorm, TAR@FAR.
 
-The protocol (FORMATS.md §3) is arcface_torch's `eval/verification.py`, reproduced number for number:
+The protocol (docs/formats.md §3) is arcface_torch's `eval/verification.py`, reproduced number for number:
 pair feature = l2normalize(E_orig + E_flip) in float64, squared Euclidean distance, "same" when
 `dist < threshold` for thresholds `np.arange(0, 4, 0.01)`, 10 contiguous folds sized like sklearn's
 KFold, best threshold on the other nine folds (first maximum), accuracy on the held-out fold, mean and
@@ -21,10 +21,10 @@ import torch.nn.functional as F
 
 from distill.utils.errors import DistillError, DataFormatError, UserNote
 from distill.utils.device import model_device
+from distill.eval.far import VERIFICATION_FARS, far_key
 
 THRESHOLDS = np.arange(0, 4, 0.01)  # the exact float64 values insightface compares against
 N_FOLDS = 10
-FAR_TARGETS = {"1e-3": 1e-3, "1e-4": 1e-4}
 
 
 class EvaluationError(DistillError, ValueError):
@@ -71,9 +71,10 @@ def pair_distances(emb_orig, emb_flip, chunk_rows: int = 256) -> np.ndarray:
     return dist
 
 
-def tar_at_far(dist, issame, far: float) -> dict:
-    """TAR at a FAR target over all pairs (no folds): the threshold admitting the most genuine pairs
-    while accepting at most floor(far * negatives) impostor pairs.
+def tar_at_far_pairs(dist, issame, far: float) -> dict:
+    """TAR at a FAR target over all pairs (no folds), from pair distances: the threshold admitting the most
+    genuine pairs while accepting at most floor(far * negatives) impostor pairs (an exact count; not
+    distill.eval.ijb.tar_at_fars_roc, which reads the nearest point of a ROC curve).
 
     With `same = dist < threshold`, that threshold is the (k+1)-th smallest impostor distance, k the
     allowed number of false accepts. Fewer than 1/far impostor pairs cannot measure that FAR at all
@@ -119,8 +120,8 @@ def insightface_val(dist, issame, far_target: float = VAL_FAR, n_folds: int = N_
     `far_target` (interpolated on the 0.001 grid, 0.0 when the FAR never gets there); on the held-out fold,
     VAL (true accept rate) and FAR at that threshold. Returns val_mean, val_std (population), far_mean.
 
-    This is the "VAL@FAR=1e-3" of insightface's logs. It differs from `tar_at_far` (all pairs, no folds,
-    an exact count of false accepts): both are reported, each under its own name."""
+    This is the "VAL@FAR=1e-3" of insightface's logs. It differs from `tar_at_far_pairs` (all pairs, no
+    folds, an exact count of false accepts): both are reported, each under its own name."""
     dist = np.asarray(dist, dtype=np.float64)
     issame = np.asarray(issame, dtype=bool)
     sizes = _fold_sizes(issame.size, n_folds)
@@ -146,8 +147,8 @@ def verification_metrics(emb_orig, emb_flip, issame, n_folds: int = N_FOLDS) -> 
 
     Returns acc_mean, acc_std (population std over folds), threshold (mean of the per-fold best
     thresholds), xnorm (mean L2 norm of every raw embedding, orig and flip), tar_at_far
-    ({'1e-3': {...}, '1e-4': {...}}, see `tar_at_far`), insightface_val (insightface's own 10-fold
-    VAL@FAR=1e-3, see `insightface_val`), plus pairs and folds."""
+    ({far_key(far): {...}} for far in VERIFICATION_FARS: '1e-3', '1e-4'; see `tar_at_far_pairs`),
+    insightface_val (insightface's own 10-fold VAL@FAR=1e-3, see `insightface_val`), plus pairs and folds."""
     emb_orig = np.asarray(emb_orig)
     emb_flip = np.asarray(emb_flip)
     issame = np.asarray(issame, dtype=bool).reshape(-1)
@@ -188,7 +189,7 @@ def verification_metrics(emb_orig, emb_flip, issame, n_folds: int = N_FOLDS) -> 
         "acc_std": float(np.std(accuracy)),
         "threshold": float(np.mean(THRESHOLDS[best])),
         "xnorm": float(norms.mean()),
-        "tar_at_far": {key: tar_at_far(dist, issame, far) for key, far in FAR_TARGETS.items()},
+        "tar_at_far": {far_key(far): tar_at_far_pairs(dist, issame, far) for far in VERIFICATION_FARS},
         "insightface_val": insightface_val(dist, issame, VAL_FAR, n_folds),
         "pairs": int(n),
         "folds": int(n_folds),

@@ -1,295 +1,132 @@
-"""Margin heads (ArcFace, CosFace, combined margin) with class centres sharded across ranks, PartialFC-style.
+"""Margin heads by name: the registry behind `margin.margin` and the built-in heads (arcface, cosface, combined,
+softmax), each a MarginHead (distill/losses/margin_head.py: the margin formula, its numerics and the class
+centres sharded across ranks, PartialFC-style).
 
-A head turns embeddings and labels into the classification loss. With θ the angle between an embedding
-and a class centre, the logit of the target class y is
+The registry. `margin.margin` names an entry of HEADS (arcface, cosface, combined, softmax), and that entry
+builds the head (`head_from_config` -> HeadEntry.build): its factory receives the MarginConfig values it has
+parameters for, by name (s, m, m1, m2, m3, straight_through, sample_rate), or what the entry's own
+`config_kwargs(margin)` returns. No name is special-cased, so a head registered before the config is built
+both passes validation and is the one that trains. A custom head:
 
-    s · (cos(m1·θ_y + m2) − m3)        (ArcFace: m1=1, m2=0.5; CosFace: m3=0.4; m=0: normalised softmax)
+    from distill.losses.heads import MarginHead, register_head
 
-and every other class gets s · cos θ_j; the loss is the cross-entropy of these logits, averaged over
-the global batch (all ranks).
+    @register_head(name="my_cosface")            # margin: {margin: my_cosface, s: 32, m: 0.35}
+    class MyCosFace(MarginHead):
+        def __init__(self, embedding_size, num_classes, s=64.0, m=0.35, **options):
+            super().__init__(embedding_size, num_classes, s=s, m3=m, **options)
 
-Numerics. With m1 = 1 the margin uses cos(θ+m) = cosθ·cos m − sinθ·sin m, sinθ = sqrt(max(1−cos²θ, eps)),
-so acos is never differentiated at ±1 (its derivative is infinite there); other m1 go through
-acos(clamp(cosθ, −1+eps, 1−eps)). Past θ* = (π − m2)/m1 the angle m1·θ + m2 wraps beyond π and
-cos(m1·θ + m2) would rise again, rewarding a worse embedding. There the target logit is
-cosθ − m3 − (1 + cos θ*): it meets the margin curve at θ* (both equal −1 − m3) and keeps falling, so the
-target logit is continuous and monotone in θ. (arcface_torch's ArcFace class uses cosθ − m·sin m there,
-which jumps at θ*; its CombinedMarginLoss has no fallback. The region is θ > 151° for m = 0.5, which a
-target class leaves within the first steps of training.)
+    register_head(my_factory, name="other", config_kwargs=lambda margin: {"scale": margin.s})
 
-Gradients. By default the gradient is the true gradient of the margin logit. `straight_through=True`
-reproduces arcface_torch, which applies the margin without gradient: the forward value is the margin
-logit, the backward pass sees s·cosθ (logit = cosθ + (margin − cosθ).detach()).
-
-Sharding. Rank r of W holds the contiguous classes [start_r, start_r + n_r) (the first C % W ranks hold
-one more); embeddings and labels are all-gathered, and the softmax uses the all-reduced max and sum, so
-every rank returns the loss of one process holding all classes. Each rank's `weight` receives exactly
-the gradient of that loss. The gradient sent back to each rank's embeddings is world_size × ∂loss/∂e,
-as arcface_torch does, because DistributedDataParallel averages the backbone's gradients over ranks:
-the average then equals the gradient of the global loss. So wrap the backbone in DDP, never the head.
-With one process (torch.distributed not initialised) the collectives are identities; it is the same code.
-
-Class sampling (`sample_rate` < 1, training mode only): each rank keeps every class that is a label in
-the global batch and fills up to int(sample_rate · n_r) with random other classes, as PartialFC does.
-The sampled rows are indexed out of `weight`, so only they receive gradient.
+A head is an nn.Module whose forward(embeddings, labels) returns (loss, logs of detached scalar tensors);
+the engine also checkpoints it through full_weight() / load_full_weight(), and AdaDistill reads its
+sharded `weight`: subclassing MarginHead gives all of that. An option the factory cannot take
+(straight_through, sample_rate) set away from its default is a ConfigError, never silently dropped;
+`unregister_head(name)` removes an entry (tests), `register_head(..., replace=True)` replaces one.
 """
 
 from __future__ import annotations
 
 import inspect
-import math
+from dataclasses import dataclass
+from typing import Callable
 
-import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
+from distill.losses.margin_head import MarginHead, shard_range  # noqa: F401  (shard_range: part of this API)
 from distill.utils.errors import ConfigError, UnknownNameError
 
-HEADS: dict = {}
+
+# --------------------------------------------------------------------------- the registry
+
+# MarginConfig's values a factory receives when it has a parameter of that name (see `register_head`)
+CONFIG_FIELDS = ("s", "m", "m1", "m2", "m3", "straight_through", "sample_rate")
+_DEFAULT_OPTIONS = {"straight_through": False, "sample_rate": 1.0}  # MarginConfig's defaults of the options
 
 
-def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
-    """(first class, number of classes) held by `rank`: contiguous blocks, the first C % W one larger."""
-    base, extra = divmod(num_classes, world_size)
-    return rank * base + min(rank, extra), base + int(rank < extra)
+@dataclass(frozen=True)
+class HeadEntry:
+    """A registered head: `factory(embedding_size, num_classes, **kwargs) -> nn.Module` and how an experiment's
+    `margin:` section (MarginConfig) becomes those kwargs (`config_kwargs(margin) -> dict`)."""
+    name: str
+    factory: Callable
+    config_kwargs: Callable
+
+    def build(self, margin, embedding_size: int, num_classes: int) -> nn.Module:
+        """The head `margin` (a MarginConfig) describes, for these sizes."""
+        return create_head(self.name, embedding_size, num_classes, **self.config_kwargs(margin))
+
+    def __call__(self, embedding_size, num_classes, **kwargs) -> nn.Module:
+        return self.factory(embedding_size, num_classes, **kwargs)
 
 
-class _Comm:
-    """The collectives a head uses, over one process group; with one process each is the identity."""
-
-    def __init__(self, group=None):
-        self.group = group
-        initialised = dist.is_available() and dist.is_initialized()
-        self.rank = dist.get_rank(group) if initialised else 0
-        self.world_size = dist.get_world_size(group) if initialised else 1
-
-    def all_reduce_(self, x: torch.Tensor, op) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(x, op=op, group=self.group)
-        return x
-
-    def batch_sizes(self, n: int, device) -> list[int]:
-        """Every rank's batch size: the last batch of an epoch may differ between ranks."""
-        if self.world_size == 1:
-            return [n]
-        mine = torch.tensor([n], device=device)
-        sizes = [torch.zeros_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(sizes, mine, group=self.group)
-        return [int(s) for s in sizes]
-
-    def gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """Concatenate every rank's rows (rank order); all_gather needs equal shapes, so pad to the largest."""
-        if self.world_size == 1:
-            return x
-        padded = x.new_zeros((max(sizes), *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in sizes]
-        dist.all_gather(parts, padded, group=self.group)
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+HEADS: dict[str, HeadEntry] = {}
 
 
-class _GatherEmbeddings(torch.autograd.Function):
-    """All-gather whose backward sums each rank's partial gradient and keeps this rank's rows (× W, see top)."""
-
-    @staticmethod
-    def forward(ctx, x, comm, sizes):
-        ctx.comm, ctx.sizes = comm, sizes
-        return comm.gather_rows(x, sizes)
-
-    @staticmethod
-    def backward(ctx, grad):
-        comm, sizes = ctx.comm, ctx.sizes
-        # each rank's grad covers only its own classes' logits; their sum is the gradient of the loss
-        grad = comm.all_reduce_(grad.contiguous().clone(), dist.ReduceOp.SUM)
-        start = sum(sizes[: comm.rank])
-        return grad[start : start + sizes[comm.rank]] * comm.world_size, None, None
-
-
-class _SumOverShards(torch.autograd.Function):
-    """Sum of per-shard partial values; backward is the identity, since every rank holds the same result."""
-
-    @staticmethod
-    def forward(ctx, x, comm):
-        return comm.all_reduce_(x.clone(), dist.ReduceOp.SUM)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-class MarginHead(nn.Module):
-    """Combined-margin softmax head s·(cos(m1·θ + m2) − m3), class centres sharded over ranks."""
-
-    def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m1: float = 1.0, m2: float = 0.0,
-                 m3: float = 0.0, *, straight_through: bool = False, sample_rate: float = 1.0, process_group=None):
-        super().__init__()
-        self.process_group = process_group
-        comm = _Comm(process_group)
-        if int(embedding_size) < 1 or int(num_classes) < comm.world_size:
-            raise ConfigError(f"margin head: need embedding_size >= 1 and num_classes >= world size "
-                              f"({comm.world_size}), got embedding_size={embedding_size}, num_classes={num_classes}")
-        if not (math.isfinite(s) and s > 0):
-            raise ConfigError(f"margin head: scale s must be a positive number, got s={s}")
-        if not (math.isfinite(m1) and m1 > 0 and 0 <= m2 < math.pi and math.isfinite(m3)):
-            raise ConfigError(f"margin head: need m1 > 0, 0 <= m2 < pi and a finite m3 (the target logit must "
-                              f"fall as θ grows), got m1={m1}, m2={m2}, m3={m3}")
-        if not 0 < sample_rate <= 1:
-            raise ConfigError(f"margin head: sample_rate must be in (0, 1], got {sample_rate}")
-        self.embedding_size, self.num_classes = int(embedding_size), int(num_classes)
-        self.s, self.m1, self.m2, self.m3 = float(s), float(m1), float(m2), float(m3)
-        self.straight_through, self.sample_rate = bool(straight_through), float(sample_rate)
-        self.rank, self.world_size = comm.rank, comm.world_size
-        self.class_start, self.num_local_classes = shard_range(self.num_classes, self.rank, self.world_size)
-        # θ* where m1·θ + m2 reaches π; past it the monotone fallback applies (module docstring)
-        theta_limit = (math.pi - self.m2) / self.m1
-        self._wraps = theta_limit < math.pi
-        self._cos_limit = math.cos(theta_limit)
-        self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local_classes, self.embedding_size)))
-        self.sampled_classes = None  # global ids of the classes the last sampled forward used
-
-    def extra_repr(self) -> str:
-        end = self.class_start + self.num_local_classes
-        return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, s={self.s}, m1={self.m1}, "
-                f"m2={self.m2}, m3={self.m3}, straight_through={self.straight_through}, "
-                f"sample_rate={self.sample_rate}, classes=[{self.class_start}, {end}) on rank "
-                f"{self.rank} of {self.world_size}")
-
-    def _comm(self) -> _Comm:
-        comm = _Comm(self.process_group)
-        if (comm.rank, comm.world_size) != (self.rank, self.world_size):
-            raise ConfigError(f"margin head was built as rank {self.rank} of {self.world_size} but runs as rank "
-                              f"{comm.rank} of {comm.world_size}; build heads after init_process_group")
-        return comm
-
-    def margin_cosine(self, cos: torch.Tensor) -> torch.Tensor:
-        """cos(m1·θ + m2) − m3 for target cosines (no scale), with the monotone fallback past θ*."""
-        if self.m1 == 1.0 and self.m2 == 0.0:
-            out = cos
-        elif self.m1 == 1.0:
-            sin = torch.sqrt(torch.clamp(1.0 - cos * cos, min=torch.finfo(cos.dtype).eps))
-            out = cos * math.cos(self.m2) - sin * math.sin(self.m2)
-        else:
-            eps = torch.finfo(cos.dtype).eps
-            theta = torch.acos(cos.clamp(-1.0 + eps, 1.0 - eps))
-            out = torch.cos(self.m1 * theta + self.m2)
-        if self._wraps:
-            out = torch.where(cos > self._cos_limit, out, cos - 1.0 - self._cos_limit)
-        return out - self.m3
-
-    def apply_margin(self, cosine: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        """Scaled logits from a (batch × local classes) cosine matrix; label -1 = target not on this rank."""
-        on_shard = (local_labels >= 0).unsqueeze(1)
-        index = local_labels.clamp(min=0).unsqueeze(1)
-        target = cosine.gather(1, index)
-        margin = self.margin_cosine(target)
-        if self.straight_through:
-            margin = target + (margin - target).detach()
-        # gather/where/scatter instead of boolean indexing: no host sync on GPU
-        target = torch.where(on_shard, margin, target)
-        return (cosine * self.s).scatter_(1, index, target * self.s)
-
-    def _sample(self, local_labels: torch.Tensor) -> torch.Tensor:
-        """Sorted local ids of this step's classes: every positive, then random others up to the sample size."""
-        n = self.num_local_classes
-        positive = torch.bincount(local_labels + 1, minlength=n + 1)[1:] > 0  # label -1 lands in bin 0
-        score = torch.rand(n, device=local_labels.device).masked_fill_(positive, 2.0)
-        k = max(int(self.sample_rate * n), int(positive.sum()), 1)
-        return score.topk(k).indices.sort().values
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor):
-        """(loss, logs): cross-entropy over all ranks' classes of the global batch; logs hold detached tensors."""
-        if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
-            raise ConfigError(f"margin head expects embeddings of shape (batch, {self.embedding_size}) "
-                              f"(its embedding_size), got {tuple(embeddings.shape)}")
-        labels = labels.reshape(-1).long()
-        if labels.shape[0] != embeddings.shape[0]:
-            raise ConfigError(f"margin head got {embeddings.shape[0]} embeddings but {labels.shape[0]} labels")
-        # a label no shard holds would silently drop out of the softmax, so check (one host sync per step)
-        if labels.numel() and bool(((labels < 0) | (labels >= self.num_classes)).any()):
-            raise ConfigError(f"margin head: labels must lie in [0, {self.num_classes}) (its num_classes), got "
-                              f"min {int(labels.min())}, max {int(labels.max())}")
-        comm = self._comm()
-        sizes = comm.batch_sizes(embeddings.shape[0], embeddings.device)
-        embeddings = _GatherEmbeddings.apply(embeddings, comm, sizes)
-        labels = comm.gather_rows(labels, sizes)
-
-        local = labels - self.class_start
-        local = torch.where((local >= 0) & (local < self.num_local_classes), local, -1)
-        weight = self.weight
-        if self.training and self.sample_rate < 1:
-            index = self._sample(local)
-            self.sampled_classes = index + self.class_start
-            weight = weight[index]
-            local = torch.where(local >= 0, torch.searchsorted(index, local.clamp(min=0)), -1)
-
-        cosine = F.linear(F.normalize(embeddings), F.normalize(weight))
-        # margin and softmax in at least float32 even under autocast: exp(64·cos) overflows float16
-        with torch.autocast(device_type=cosine.device.type, enabled=False):
-            if cosine.dtype in (torch.float16, torch.bfloat16):
-                cosine = cosine.float()
-            cosine = cosine.clamp(-1.0, 1.0)  # rounding can leave |cos| a hair above 1
-            logits = self.apply_margin(cosine, local)
-            return self._cross_entropy(logits, cosine, local, comm)
-
-    def _cross_entropy(self, logits, cosine, local, comm):
-        """Softmax cross-entropy whose max and normaliser are reduced over the ranks' class shards."""
-        on_shard = local >= 0
-        index = local.clamp(min=0).unsqueeze(1)
-        # the max only stabilises exp() and cancels out of the loss, so it carries no gradient
-        maxes = torch.stack([logits.detach().amax(1), cosine.detach().amax(1)], 1)
-        comm.all_reduce_(maxes, dist.ReduceOp.MAX)
-        shifted = logits - maxes[:, :1]
-        zero = shifted.new_zeros(())
-        parts = torch.stack([
-            shifted.exp().sum(1),                                              # this shard's share of Σ exp
-            torch.where(on_shard, shifted.gather(1, index).squeeze(1), zero),  # target logit, on one shard
-            torch.where(on_shard, cosine.detach().gather(1, index).squeeze(1), zero),
-        ], 1)
-        total = _SumOverShards.apply(parts, comm)
-        loss = (total[:, 0].log() - total[:, 1]).mean()
-        target_cos = total[:, 2].detach()
-        logs = {
-            # accuracy over the classes in this step's softmax (all of them unless sampling)
-            "acc": (target_cos >= maxes[:, 1]).float().mean(),
-            "cos_target": target_cos.mean(),
-        }
-        return loss, logs
-
-    @torch.no_grad()
-    def full_weight(self) -> torch.Tensor:
-        """All class centres (num_classes × embedding_size) on every rank, e.g. for one checkpoint file."""
-        comm = self._comm()
-        sizes = [shard_range(self.num_classes, r, self.world_size)[1] for r in range(self.world_size)]
-        return comm.gather_rows(self.weight.detach(), sizes).clone()  # never a view of the live weight
-
-    @torch.no_grad()
-    def load_full_weight(self, weight: torch.Tensor) -> None:
-        """Copy this rank's rows out of a full (num_classes × embedding_size) matrix of class centres."""
-        if tuple(weight.shape) != (self.num_classes, self.embedding_size):
-            raise ConfigError(f"margin head holds {self.num_classes} classes × {self.embedding_size}, "
-                              f"got class centres of shape {tuple(weight.shape)}")
-        self.weight.copy_(weight[self.class_start : self.class_start + self.num_local_classes])
-
-
-def register_head(fn):
-    """Register `fn(embedding_size, num_classes, **kwargs) -> nn.Module` under its function name."""
-    HEADS[fn.__name__] = fn
-    return fn
-
-
-def create_head(name: str, embedding_size: int, num_classes: int, **kwargs) -> nn.Module:
-    """Build a registered head; unknown names and arguments are errors that list what is accepted."""
-    if name not in HEADS:
-        raise UnknownNameError(f"unknown margin head {name!r}; registered heads: {', '.join(sorted(HEADS))}")
-    fn = HEADS[name]
+def _accepted(fn) -> list:
+    """The keyword arguments a factory (function or class) takes besides the two sizes; a factory with
+    **options also takes MarginHead's keyword-only options (straight_through, sample_rate, process_group)."""
     params = inspect.signature(fn).parameters
     accepted = [p for p in params if p not in ("embedding_size", "num_classes")
                 and params[p].kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        # the built-in factories pass **options on to MarginHead's keyword-only options
         accepted += [p.name for p in inspect.signature(MarginHead).parameters.values()
-                     if p.kind is inspect.Parameter.KEYWORD_ONLY]
+                     if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in accepted]
+    return accepted
+
+
+def _by_parameter_name(name: str, fn) -> Callable:
+    """The default `config_kwargs`: each MarginConfig value the factory has a parameter for, by name. An option
+    it cannot take (straight_through, sample_rate) set away from its default is an error, never dropped."""
+    accepted = set(_accepted(fn))
+
+    def config_kwargs(margin) -> dict:
+        for option, default in _DEFAULT_OPTIONS.items():
+            if option not in accepted and getattr(margin, option) != default:
+                raise ConfigError(f"margin head {name!r} does not take margin.{option} (set to "
+                                  f"{getattr(margin, option)!r}); leave it at {default!r} or give the head that option")
+        return {f: getattr(margin, f) for f in CONFIG_FIELDS if f in accepted}
+
+    return config_kwargs
+
+
+def register_head(fn=None, *, name: str | None = None, config_kwargs: Callable | None = None,
+                  replace: bool = False):
+    """Register a head factory under `name` (default: the function's or class's name); a decorator, with or
+    without arguments, or a plain call. Returns `fn` unchanged.
+
+    fn: `fn(embedding_size, num_classes, **kwargs) -> nn.Module`, a function or a class (e.g. a MarginHead
+    subclass). config_kwargs: `config_kwargs(margin) -> dict` of fn's kwargs from a MarginConfig; by default
+    every MarginConfig field (s, m, m1, m2, m3, straight_through, sample_rate) fn has a parameter of that name
+    for. A name already registered is a ValueError unless `replace=True`."""
+
+    def add(fn):
+        key = name or fn.__name__
+        if key in HEADS and not replace:
+            raise ValueError(f"margin head {key!r} is registered twice (pass replace=True to replace it, or "
+                             f"unregister_head({key!r}) first)")
+        HEADS[key] = HeadEntry(key, fn, config_kwargs or _by_parameter_name(key, fn))
+        return fn
+
+    return add if fn is None else add(fn)
+
+
+def head_entry(name: str) -> HeadEntry:
+    """The registered entry `name`; an unknown name is an UnknownNameError listing the registered ones."""
+    if name not in HEADS:
+        raise UnknownNameError(f"unknown margin head {name!r}; registered heads: {', '.join(sorted(HEADS))}")
+    return HEADS[name]
+
+
+def unregister_head(name: str) -> HeadEntry:
+    """Remove a registered head (e.g. a test's); returns its entry."""
+    head_entry(name)
+    return HEADS.pop(name)
+
+
+def create_head(name: str, embedding_size: int, num_classes: int, **kwargs) -> nn.Module:
+    """Build a registered head; unknown names and arguments are errors that list what is accepted."""
+    fn = head_entry(name).factory
+    accepted = _accepted(fn)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ConfigError(f"margin head {name!r} does not take {', '.join(unknown)}; it takes {', '.join(accepted)}")
@@ -321,11 +158,6 @@ def softmax(embedding_size, num_classes, s=64.0, **options):
 
 
 def head_from_config(margin, embedding_size: int, num_classes: int) -> nn.Module:
-    """The head an experiment's `margin:` section (distill.config.schema.MarginConfig) describes."""
-    options = dict(straight_through=margin.straight_through, sample_rate=margin.sample_rate)
-    if margin.margin in ("arcface", "cosface"):
-        return create_head(margin.margin, embedding_size, num_classes, s=margin.s, m=margin.m, **options)
-    if margin.margin == "combined":
-        return create_head("combined", embedding_size, num_classes, s=margin.s, m1=margin.m1, m2=margin.m2,
-                           m3=margin.m3, **options)
-    return create_head("softmax", embedding_size, num_classes, s=margin.s, **options)
+    """The head an experiment's `margin:` section (distill.config.schema.MarginConfig) describes: its
+    registered entry, `margin.margin`, builds itself (HeadEntry.build). An unknown name is an error."""
+    return head_entry(margin.margin).build(margin, embedding_size, num_classes)

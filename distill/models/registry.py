@@ -13,17 +13,18 @@ their defaults and `check_model_kwargs(name, kwargs)` refuses an unknown one wit
 config is checked when it loads, before any file is touched. A registered function with `**kwargs` that
 passes them on to a class says so with `builds=Class`: the class's keyword arguments are then accepted too.
 
-The families register when their modules are imported; `import distill` imports them all
-(distill/__init__.py), like `import timm` does.
+The families register when their modules are imported. The built-in ones (BUILTIN_FAMILIES: the students,
+the IResNets, `timm/<name>`) are imported by `_load_builtin_families()`, which every lookup here (and
+register_model, so a new name is checked against them) calls first: the registry always knows them, and
+`import distill` stays light. The documented import path of this module is `distill.registry`.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import inspect
 from dataclasses import dataclass
-
-from timm.models import register_model as timm_register
 
 from distill.utils.errors import ConfigError, UnknownNameError
 
@@ -56,6 +57,24 @@ class ModelEntry:
 _MODELS: dict = {}     # canonical name (or family prefix) -> ModelEntry
 _ALIASES: dict = {}    # alias -> canonical name
 _FAMILIES: dict = {}   # prefix -> ModelEntry
+
+BUILTIN_FAMILIES = ("distill.students", "teachers.iresnet", "teachers.timm_backbone")
+_builtins = "not loaded"  # -> "loading" (their modules call register_model while imported) -> "loaded"
+
+
+def _load_builtin_families() -> None:
+    """Import the modules of BUILTIN_FAMILIES once (they register their models when imported)."""
+    global _builtins
+    if _builtins != "not loaded":
+        return
+    _builtins = "loading"
+    try:
+        for module in BUILTIN_FAMILIES:
+            importlib.import_module(module)
+    except BaseException:
+        _builtins = "not loaded"
+        raise
+    _builtins = "loaded"
 
 
 def _keyword_params(fn, skip: int = 0) -> tuple[dict, bool]:
@@ -90,6 +109,7 @@ def register_model(fn=None, *, aliases: tuple = (), builds=None, timm: bool = Fa
     timm: also register it with timm, so `timm.create_model(name)` builds it after `import distill`."""
 
     def add(fn):
+        _load_builtin_families()
         name = fn.__name__
         for key in (name, *aliases):
             if key in _MODELS or key in _ALIASES:
@@ -108,6 +128,7 @@ def register_model_family(prefix: str, check=None):
     `check(name)` raises when `name` does not exist in the family."""
 
     def add(fn):
+        _load_builtin_families()
         _FAMILIES[prefix] = _entry(prefix + "<name>", fn, None, family=True, check=check)
         return fn
 
@@ -127,11 +148,14 @@ def _register_with_timm(fn) -> None:
     factory.__name__ = factory.__qualname__ = fn.__name__
     factory.__module__ = fn.__module__
     factory.__doc__ = fn.__doc__
+    from timm.models import register_model as timm_register  # timm only for the models that ask for it
+
     timm_register(factory)
 
 
 def list_models(aliases: bool = False) -> list:
     """Registered model names (and their aliases), then each family as `<prefix><name>`."""
+    _load_builtin_families()
     names = sorted(_MODELS, key=_natural) + (sorted(_ALIASES, key=_natural) if aliases else [])
     return names + [f"{p}<name>" for p in sorted(_FAMILIES)]
 
@@ -144,6 +168,7 @@ def _natural(name: str) -> tuple:
 
 def resolve(name: str) -> tuple[ModelEntry, str | None]:
     """(entry, family member name or None) of a model name; unknown names get a suggestion."""
+    _load_builtin_families()
     if not isinstance(name, str):
         raise ConfigError(f"a model name must be a string, got {name!r}")
     name = _ALIASES.get(name, name)
@@ -161,6 +186,7 @@ def resolve(name: str) -> tuple[ModelEntry, str | None]:
 
 def check_model_name(name: str, key: str) -> None:
     """`resolve` for a config key: an unknown name's message starts with the key."""
+    _load_builtin_families()
     try:
         resolve(name)
     except UnknownNameError as err:
@@ -169,11 +195,13 @@ def check_model_name(name: str, key: str) -> None:
 
 def canonical_name(name: str) -> str:
     """iresnet100 for r100; a family member and a registered name stay as they are."""
+    _load_builtin_families()
     return _ALIASES.get(name, name)
 
 
 def model_defaults(name: str) -> dict:
     """The model's keyword arguments and their defaults (required ones absent)."""
+    _load_builtin_families()
     entry, _ = resolve(name)
     return {k: v for k, v in entry.params.items() if v is not inspect.Parameter.empty}
 
@@ -182,6 +210,7 @@ def check_model_kwargs(name: str, kwargs: dict, section: str = "", other_keys: t
     """Refuse keyword arguments the constructor of `name` does not take, or values of the wrong type
     (judged by the default's type). `section` prefixes key names in messages (e.g. 'student.');
     `other_keys` are the section's own keys, suggested too (a typo of 'init' is not a model argument)."""
+    _load_builtin_families()
     entry, _ = resolve(name)
     for key, value in kwargs.items():
         if key not in entry.params:
@@ -210,6 +239,7 @@ def _same_kind(value, default) -> bool:
 
 def create_model(name: str, **kwargs):
     """A fresh (randomly initialised) model of architecture `name`, built from keyword arguments."""
+    _load_builtin_families()
     entry, member = resolve(name)
     check_model_kwargs(name, kwargs)
     return entry.fn(member, **kwargs) if entry.family else entry.fn(**kwargs)

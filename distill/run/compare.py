@@ -4,9 +4,10 @@ For each run directory (what `distill run` wrote; a `distill sweep` output direc
 points) every stage directory is read:
 a finished stage from summary.json (or its result.json when the summary predates it), an unfinished
 one from the last evaluation in its metrics.jsonl. Output: a markdown table (one row per run and
-stage: accuracy ± std per verification set, TAR@FAR 1e-3 and 1e-4, parameters, GFLOPs, training
-time), or one JSON object, and optionally a PNG: accuracy per stage for every verification set, and
-the training loss curves. No W&B involved.
+stage: accuracy ± std per verification set, TAR@FAR 1e-3 and 1e-4 (distill.eval.far.VERIFICATION_FARS),
+IJB TAR@FAR 1e-4 and 1e-5 when evaluated, parameters, GFLOPs, training time), or one JSON object, and
+optionally a PNG: accuracy per stage for every verification set, and the training loss curves. No W&B
+involved. Files of an earlier version (IJB FAR keys '0.0001', '1e-05') are read in today's spelling.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from distill.utils.errors import ConfigError
 from distill.utils.atomic import atomic_open, ensure_writable
 from distill.utils.layout import TEACHER, RunLayout, is_run_dir, read_json, stage_order
 from distill.run.experiment import plan_stages
-from distill.eval.verification import FAR_TARGETS
+from distill.eval.far import VERIFICATION_FARS, normalise_far_key, normalise_results
 from distill.run.summary import _stage_entry, cost_function, markdown_table, teacher_model
 from distill.train.tracking import read_metrics
 
@@ -46,7 +47,7 @@ def _partial_entry(name: str, rows: list, spec, cost, cfg) -> dict:
             elif parts[2] in ("acc_std", "xnorm"):
                 m[parts[2]] = value
             elif parts[2].startswith("tar_at_far_"):
-                m["tar_at_far"][parts[2][len("tar_at_far_"):]] = {"tar": value}
+                m["tar_at_far"][normalise_far_key(parts[2][len("tar_at_far_"):])] = {"tar": value}
     if spec is not None:
         result = {"stage": name, "arch": spec.arch, "model_kwargs": spec.model_kwargs}
     else:
@@ -68,7 +69,8 @@ def load_run(run_dir: str) -> dict:
     cost = cost_function(cfg)
     summarised = {}
     if os.path.exists(run.summary_json):
-        summarised = {s["stage"]: s for s in read_json(run.summary_json).get("stages", [])}
+        # an earlier version's FAR keys ('0.0001') are read in today's spelling ('1e-4')
+        summarised = {s["stage"]: s for s in normalise_results(read_json(run.summary_json).get("stages", []))}
     specs = {s.name: s for s in plan_stages(cfg, run_dir)}
     planned = set(specs) | ({TEACHER} if cfg.teacher is not None else set())  # not started yet: shown as such
     stages, curves = [], {}
@@ -113,7 +115,7 @@ def comparison_table(runs: list) -> str:
     """One markdown table: a row per run and stage."""
     rows = [{**s, "run": r["label"]} for r in runs for s in r["stages"]]
     after = (("status", lambda s: s["status"]),) if any(s["status"] != "done" for s in rows) else ()
-    return markdown_table({"stages": rows}, fars=tuple(FAR_TARGETS), before=(("run", lambda s: s["run"]),),
+    return markdown_table({"stages": rows}, fars=VERIFICATION_FARS, before=(("run", lambda s: s["run"]),),
                           after=after)
 
 

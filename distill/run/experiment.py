@@ -19,6 +19,7 @@ import dataclasses
 import os
 
 from distill.config.schema import ExperimentConfig, dump_config
+from distill.eval.far import SUMMARY_IJB_FARS, far_key
 from distill.eval.ijb_stage import evaluate_ijb, ijb_scalars, needs_ijb
 from distill.eval.ijb_stage import read_meta as read_ijb_meta
 from distill.eval.verification import evaluate_sets, set_name_of, size_note
@@ -108,8 +109,8 @@ def stage_ijb(cfg: ExperimentConfig, run_dir: str, result: dict, load_model, met
         tracker = stage_tracker(cfg, run_dir, name, result.get("generation", 0), result.get("init_from"))
         tracker.log(ijb_scalars(ijb), int(result.get("steps") or 0))
         tracker.finish(None, None)
-        log(f"{name}: {cfg.data.ijb.target} TAR@FAR=1e-4 {100 * ijb['tar_at_far']['0.0001']:.2f}%, "
-            f"1e-5 {100 * ijb['tar_at_far']['1e-05']:.2f}%, AUC {ijb['auc']:.4f}")
+        tars = ", ".join(f"TAR@FAR={far_key(f)} {100 * ijb['tar_at_far'][far_key(f)]:.2f}%" for f in SUMMARY_IJB_FARS)
+        log(f"{name}: {cfg.data.ijb.target} {tars}, AUC {ijb['auc']:.4f}")
     barrier()
     return from_rank0(result)
 

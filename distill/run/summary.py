@@ -1,4 +1,7 @@
-"""The experiment summary: one row per stage (teacher, baseline, gen<k>) in summary.json and summary.md."""
+"""The experiment summary: one row per stage (teacher, baseline, gen<k>) in summary.json and summary.md.
+
+FARs are keyed as distill.eval.far.far_key writes them ('1e-3'; IJB '1e-4'); a result of an earlier version
+(IJB keys '0.0001', '1e-05') is read through distill.eval.far.normalise_results first."""
 
 from __future__ import annotations
 
@@ -7,14 +10,14 @@ import os
 
 from distill.utils.atomic import atomic_write_json, atomic_write_text
 from distill.utils.layout import TEACHER, RunLayout
-from distill.eval.ijb import far_key
+from distill.eval.far import SUMMARY_IJB_FARS, VERIFICATION_FARS, far_key, normalise_results
 from distill.models.cost import model_cost
-from distill.eval.ijb_stage import SUMMARY_FARS, short_far
 
 METRIC_KEYS = ("acc_mean", "acc_std", "xnorm", "tar_at_far")
 
 
 def _stage_entry(result: dict, cost) -> dict:
+    result = normalise_results(result)  # FAR keys of an earlier version ('0.0001') in today's spelling
     params, gflops = cost(result)
     return {
         "stage": result["stage"], "arch": result.get("arch"), "generation": result.get("generation", 0),
@@ -25,8 +28,8 @@ def _stage_entry(result: dict, cost) -> dict:
     }
 
 
-def _tar(m: dict, far: str) -> str:
-    t = (m.get("tar_at_far") or {}).get(far) or {}
+def _tar(m: dict, far: float) -> str:
+    t = (m.get("tar_at_far") or {}).get(far_key(far)) or {}
     return "n/a" if t.get("tar") is None else f"{100 * t['tar']:.2f}"
 
 
@@ -36,8 +39,9 @@ def _acc(m: dict) -> str:
     return f"{100 * m['acc_mean']:.2f} ± {100 * (m.get('acc_std') or 0):.2f}"
 
 
-def markdown_table(summary: dict, fars: tuple = ("1e-3",), before: tuple = (), after: tuple = ()) -> str:
-    """Stages as rows; per verification set: accuracy ± std (%), TAR@FAR (%) for each of `fars`.
+def markdown_table(summary: dict, fars: tuple = VERIFICATION_FARS[:1], before: tuple = (), after: tuple = ()) -> str:
+    """Stages as rows; per verification set: accuracy ± std (%), TAR@FAR (%) for each of `fars` (floats);
+    per IJB target: TAR (%) at SUMMARY_IJB_FARS.
 
     `before` / `after`: extra columns as (header, function(stage entry) -> str), placed before the stage
     column and after the last one (`distill compare` adds the run and the stage's status)."""
@@ -46,13 +50,13 @@ def markdown_table(summary: dict, fars: tuple = ("1e-3",), before: tuple = (), a
         sets += [k for k in s["metrics"] if k not in sets]
     head = [h for h, _ in before] + ["stage", "arch", "init from", "params (M)", "GFLOPs", "train (s)"]
     for name in sets:
-        head += [f"{name} acc (%)"] + [f"{name} TAR@{far} (%)" for far in fars]
+        head += [f"{name} acc (%)"] + [f"{name} TAR@{far_key(far)} (%)" for far in fars]
     targets = list(dict.fromkeys(s["ijb"]["target"] for s in summary["stages"] if s.get("ijb")))
     for target in targets:  # IJB-B/C template verification, when data.ijb evaluated the stages
-        head += [f"{target} TAR@{short_far(far)} (%)" for far in SUMMARY_FARS]
+        head += [f"{target} TAR@{far_key(far)} (%)" for far in SUMMARY_IJB_FARS]
     head += [h for h, _ in after]
     rows = [head, ["---"] * len(head)]
-    for s in summary["stages"]:
+    for s in normalise_results(summary["stages"]):
         init = os.path.basename(os.path.dirname(s["init_from"])) if s.get("init_from") else "-"
         row = [fn(s) for _, fn in before]
         row += [s["stage"], s.get("arch") or "-", init, "-" if s["params"] is None else f"{s['params'] / 1e6:.2f}",
@@ -66,7 +70,7 @@ def markdown_table(summary: dict, fars: tuple = ("1e-3",), before: tuple = (), a
                 row += [_acc(m)] + [_tar(m, far) for far in fars]
         for target in targets:
             ijb = s.get("ijb") if (s.get("ijb") or {}).get("target") == target else None
-            row += [f"{100 * ijb['tar_at_far'][far_key(far)]:.2f}" if ijb else "-" for far in SUMMARY_FARS]
+            row += [f"{100 * ijb['tar_at_far'][far_key(far)]:.2f}" if ijb else "-" for far in SUMMARY_IJB_FARS]
         row += [fn(s) for _, fn in after]
         rows.append(row)
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)

@@ -21,9 +21,9 @@ and train/epoch (tracking.LogWindow). A resumed run starts a fresh window. Devic
 schedule come from distill/train/setup.py.
 
 run_stage reads top-down: _build (device, seed, model, head, objective, optimizer, scheduler, scaler,
-DDP: one _Stage), _resume (last.pt into it), _train (epochs of _micro_step/_update, then
+DDP: one _Stage), resume_state (last.pt into it), _train (epochs of _micro_step/_update, then
 _after_update: log, evaluate, checkpoint, stop on a signal), _finish (final evaluation, best.pt,
-student.pt, result.json). _checkpoint writes the state to last.pt.
+student.pt, result.json). save_state writes the state to last.pt (distill/train/state.py).
 """
 
 from __future__ import annotations
@@ -39,14 +39,13 @@ from torch import nn
 from tqdm import tqdm
 
 from distill.utils.atomic import atomic_write_json
-from distill.utils.checkpoint import (atomic_torch_save, capture_rng_state, extract_state_dict, load_state_dict_strict,
-                                restore_rng_state, safe_torch_load)
-from distill.config.schema import ExperimentConfig, TrainConfig, to_dict
+from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
+from distill.config.schema import ExperimentConfig, TrainConfig
 from distill.utils.dist import barrier, world_size
 from distill.data.gpu_decode import EncodedPlanned, check_decode, collate_encoded, decode_batch
 from distill.train.epoch_plan import PlannedDataset, plan_epoch, plan_identity_epoch, stage_loader
 from distill.utils.dist import rank as dist_rank
-from distill.utils.errors import CheckpointError, DistillError
+from distill.utils.errors import DistillError
 from distill.eval.verification import evaluate_sets
 from distill.losses.heads import head_from_config
 from distill.utils.layout import StageLayout
@@ -56,11 +55,11 @@ from distill.models.cost import model_cost
 from distill.models.registry import create_model
 from teachers.cache import match_input_size
 from distill.train.tracking import LogWindow, Tracker, val_scalars
+from distill.train.state import resume_state, save_state
 from distill.train.setup import (create_optimizer, create_scheduler, describe_precision, maybe_compile,
                                  preemption_signals, use_channels_last)
 from distill.utils.device import amp_settings, resolve_device
 
-TRAIN_FORMAT = "facedistill.train/1"
 
 
 class Preempted(DistillError):
@@ -199,54 +198,6 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
                   batches_per_epoch=int(steps_per_epoch * tr.accumulate), total_steps=total_steps)
 
 
-# ------------------------------------------------------------------------------------------ resume and checkpoint
-
-def _resume(st: _Stage, log) -> None:
-    """Load last.pt into the freshly built stage: weights, optimizer, scheduler, scaler, counters, RNG."""
-    path, name = st.paths.last, st.spec.name
-    try:
-        ck = safe_torch_load(path, map_location="cpu")
-    except CheckpointError as err:
-        raise CheckpointError(f"{err}. Stage {name} cannot resume from it: delete {path} to start the stage from "
-                              f"its beginning, or rerun with --restart-stage {name} (which keeps the old stage "
-                              f"folder aside)") from None
-    differ = sorted(k for k in st.compat if ck.get("compat", {}).get(k) != st.compat[k])
-    if differ:
-        raise CheckpointError(f"{path}: cannot resume: the config changed in a way that breaks it "
-                              f"({', '.join(differ)} differ from the checkpoint). Use another output "
-                              f"directory, restore the previous settings, or rerun with --restart-stage {name}.")
-    st.model.load_state_dict(ck["model"])
-    st.head.load_full_weight(ck["head_weight"].to(st.device))
-    st.objective.load_training_state(ck.get("objective", {}), source=path)
-    st.optimizer.load_state_dict(ck["optimizer"])
-    if st.rank != 0:  # the file holds rank 0's head momentum; this rank's shard restarts its own
-        st.optimizer.state.pop(st.head.weight, None)
-    st.scheduler.load_state_dict(ck["scheduler"])
-    if ck.get("scaler"):
-        st.scaler.load_state_dict(ck["scaler"])
-    st.step, st.micro, st.train_seconds, st.best = ck["step"], ck["micro"], ck["train_seconds"], ck.get("best")
-    restore_rng_state(ck["rng"])
-    log(f"{st.spec.name}: resuming from {path} at step {st.step}/{st.total_steps}")
-
-
-def _checkpoint(st: _Stage) -> None:
-    """Write last.pt (rank 0); every rank must call it, since gathering the sharded head is a collective."""
-    head_weight = st.head.full_weight().cpu()
-    if st.rank != 0:
-        return
-    spec, bpe = st.spec, st.batches_per_epoch
-    atomic_torch_save({
-        "format": TRAIN_FORMAT, "stage": spec.name, "arch": spec.arch, "model_kwargs": spec.model_kwargs,
-        "model": st.model.state_dict(), "head_weight": head_weight,
-        "objective": st.objective.training_state(),  # the projection and a loss's own state (see distill/losses/distillation.py)
-        "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
-        "scaler": st.scaler.state_dict() if st.scaler.is_enabled() else None, "step": st.step, "micro": st.micro,
-        "epoch": st.micro // bpe, "batch_in_epoch": st.micro % bpe,
-        "train_seconds": st.train_seconds, "best": st.best, "rng": capture_rng_state(),
-        "config": to_dict(st.cfg), "compat": st.compat,
-    }, st.paths.last)
-
-
 # ------------------------------------------------------------------------------------------ logging
 
 def _log_window(st: _Stage, window: LogWindow, tracker: Tracker, bar) -> None:
@@ -374,7 +325,7 @@ def _after_update(st: _Stage, window: LogWindow, val_sets: dict, tracker: Tracke
     if stop["signal"] or st.step % tr.checkpoint_every == 0 or st.step == st.total_steps:
         st.lap()  # the checkpoint's own time counts in the next lap (the last one's, nowhere)
         with window.paused():
-            _checkpoint(st)
+            save_state(st)
         if stop["signal"]:
             raise Preempted(f"{st.spec.name}: {stop['signal']} received; checkpoint written at step "
                             f"{st.step} ({st.paths.last}). Rerun the same command to resume.")
@@ -393,7 +344,7 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
     if how and st.rank == 0:
         log(how)
     if os.path.exists(st.paths.last):
-        _resume(st, log)
+        resume_state(st, log)
     tracker = tracker or Tracker(stage_dir, rank=st.rank)
     tracker.truncate_after(st.step)
     with preemption_signals() as stop, tqdm(total=st.total_steps, initial=st.step, desc=spec.name, unit="step",

@@ -11,19 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-
-class PlannedDataset(torch.utils.data.Dataset):
-    """Items are (index, flip) pairs chosen by the epoch plan, so flips never depend on workers."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, item):
-        index, flip = item
-        return self.dataset.item(index, bool(flip))
+from distill.data.datasets import PlannedDataset  # noqa: F401  (the plan's Dataset lives with the data)
 
 
 def plan_epoch(n: int, batch_size: int, seed: int, epoch: int, flip: bool, rank: int = 0, world: int = 1) -> list:

@@ -49,7 +49,8 @@ from distill.utils.atomic import atomic_write_text
 from distill.config.schema import to_dict
 from distill.utils.dist import rank as dist_rank
 from distill.utils.errors import ConfigError
-from distill.eval.verification import FAR_TARGETS, set_name_of
+from distill.eval.far import VERIFICATION_FARS, far_key, normalise_far_keys
+from distill.eval.verification import VAL_FAR, set_name_of
 from distill.utils.layout import BASELINE, TEACHER, RunLayout, StageLayout, generation_name
 
 MODES = ("auto", "online", "offline", "disabled")
@@ -306,11 +307,11 @@ def val_scalars(metrics: dict) -> dict:
         flat[f"val/{name}/acc"] = m["acc_mean"]
         flat[f"val/{name}/acc_std"] = m["acc_std"]
         flat[f"val/{name}/xnorm"] = m["xnorm"]
-        for far, t in m["tar_at_far"].items():
+        for far, t in normalise_far_keys(m["tar_at_far"]).items():
             if t and t.get("tar") is not None:
                 flat[f"val/{name}/tar_at_far_{far}"] = t["tar"]
         if m.get("insightface_val"):  # insightface's own 10-fold VAL@FAR=1e-3, as in its logs
-            flat[f"val/{name}/insightface_val_at_far_1e-3"] = m["insightface_val"]["val_mean"]
+            flat[f"val/{name}/insightface_val_at_far_{far_key(VAL_FAR)}"] = m["insightface_val"]["val_mean"]
     return flat
 
 
@@ -339,7 +340,8 @@ def stage_tracker(cfg, run_dir: str, stage: str, generation: int, init_from: str
     init = dict(project=cfg.tracking.project, entity=cfg.tracking.entity, group=group, job_type=stage,
                 name=f"{cfg.name}/{stage}", id=run_id, config=config, dir=os.path.abspath(run_dir), mode=mode)
     sets = [set_name_of(p) for p in cfg.data.val]
-    names = [f"val/{s}/acc" for s in sets] + [f"val/{s}/tar_at_far_{far}" for s in sets for far in FAR_TARGETS]
+    names = [f"val/{s}/acc" for s in sets] + [f"val/{s}/tar_at_far_{far_key(far)}"
+                                               for s in sets for far in VERIFICATION_FARS]
     artifact = {"name": _artifact_name(f"student-{group}-{stage}"),
                 "metadata": {"experiment": cfg.name, "stage": stage, "generation": generation,
                              "init_from": init_from, "run_dir": os.path.abspath(run_dir)}}
@@ -364,7 +366,8 @@ def _artifact_name(name: str) -> str:
 
 def _plain_metrics(metrics: dict) -> dict:
     return {name: {"acc": m.get("acc_mean"), "acc_std": m.get("acc_std"),
-                   **{f"tar_at_far_{far}": (t or {}).get("tar") for far, t in (m.get("tar_at_far") or {}).items()}}
+                   **{f"tar_at_far_{far}": (t or {}).get("tar")
+                      for far, t in normalise_far_keys(m.get("tar_at_far") or {}).items()}}
             for name, m in metrics.items()}
 
 

@@ -21,6 +21,7 @@ from collections import defaultdict
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
+from distill.eval.far import VERIFICATION_FARS, far_key  # noqa: E402
 from distill.run.compare import load_runs  # noqa: E402
 
 POINT = re.compile(r"^(?P<grid>[^-]+)-(?P<case>.+)-seed=(?P<seed>\d+)$")
@@ -54,7 +55,7 @@ def collect(sweep_dir: str) -> tuple[dict, str, list]:
                 continue
             set_name = set_name or next(iter(stage["metrics"]))
             metric = stage["metrics"][set_name]
-            tar = (metric.get("tar_at_far") or {}).get("1e-3") or {}
+            tar = (metric.get("tar_at_far") or {}).get(far_key(VERIFICATION_FARS[0])) or {}
             cell = table[(m["case"], stage["stage"])]
             cell["acc"].append(100 * metric["acc_mean"])
             cell["tar"].append(None if tar.get("tar") is None else 100 * tar["tar"])

@@ -1,0 +1,57 @@
+"""A stage's training state in last.pt: written at checkpoints (`save_state`) and read back into a freshly built
+stage (`resume_state`) so that a resumed run continues bit for bit: model, margin head, the objective's own
+state, optimizer, scheduler, scaler, step counters, best score and every RNG state. `st` is the engine's _Stage."""
+
+from __future__ import annotations
+
+from distill.config.schema import to_dict
+from distill.utils.checkpoint import atomic_torch_save, capture_rng_state, restore_rng_state, safe_torch_load
+from distill.utils.errors import CheckpointError
+
+TRAIN_FORMAT = "facedistill.train/1"
+
+
+def resume_state(st, log) -> None:
+    """Load last.pt into the freshly built stage: weights, optimizer, scheduler, scaler, counters, RNG."""
+    path, name = st.paths.last, st.spec.name
+    try:
+        ck = safe_torch_load(path, map_location="cpu")
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}. Stage {name} cannot resume from it: delete {path} to start the stage from "
+                              f"its beginning, or rerun with --restart-stage {name} (which keeps the old stage "
+                              f"folder aside)") from None
+    differ = sorted(k for k in st.compat if ck.get("compat", {}).get(k) != st.compat[k])
+    if differ:
+        raise CheckpointError(f"{path}: cannot resume: the config changed in a way that breaks it "
+                              f"({', '.join(differ)} differ from the checkpoint). Use another output "
+                              f"directory, restore the previous settings, or rerun with --restart-stage {name}.")
+    st.model.load_state_dict(ck["model"])
+    st.head.load_full_weight(ck["head_weight"].to(st.device))
+    st.objective.load_training_state(ck.get("objective", {}), source=path)
+    st.optimizer.load_state_dict(ck["optimizer"])
+    if st.rank != 0:  # the file holds rank 0's head momentum; this rank's shard restarts its own
+        st.optimizer.state.pop(st.head.weight, None)
+    st.scheduler.load_state_dict(ck["scheduler"])
+    if ck.get("scaler"):
+        st.scaler.load_state_dict(ck["scaler"])
+    st.step, st.micro, st.train_seconds, st.best = ck["step"], ck["micro"], ck["train_seconds"], ck.get("best")
+    restore_rng_state(ck["rng"])
+    log(f"{st.spec.name}: resuming from {path} at step {st.step}/{st.total_steps}")
+
+
+def save_state(st) -> None:
+    """Write last.pt (rank 0); every rank must call it, since gathering the sharded head is a collective."""
+    head_weight = st.head.full_weight().cpu()
+    if st.rank != 0:
+        return
+    spec, bpe = st.spec, st.batches_per_epoch
+    atomic_torch_save({
+        "format": TRAIN_FORMAT, "stage": spec.name, "arch": spec.arch, "model_kwargs": spec.model_kwargs,
+        "model": st.model.state_dict(), "head_weight": head_weight,
+        "objective": st.objective.training_state(),  # the projection and a loss's own state (see distill/losses/distillation.py)
+        "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
+        "scaler": st.scaler.state_dict() if st.scaler.is_enabled() else None, "step": st.step, "micro": st.micro,
+        "epoch": st.micro // bpe, "batch_in_epoch": st.micro % bpe,
+        "train_seconds": st.train_seconds, "best": st.best, "rng": capture_rng_state(),
+        "config": to_dict(st.cfg), "compat": st.compat,
+    }, st.paths.last)
