@@ -40,7 +40,9 @@ from distill.utils.layout import RunLayout
 ONNX, CHECKPOINT, TRAINED = "onnx", "checkpoint", "train"
 IDENTITY_KEY = "teacher_identity"
 SOURCE_KEY = "teacher (source)"
-# keys of data.* that say how the data is read, not what is learned from it
+# keys (and key prefixes) that do not change the teacher's weights: the verification sets (evaluated, not
+# trained on), whether its embeddings are cached, where a missing checkpoint would be, ONNX Runtime's providers;
+# a loaded teacher's file is its `(contents)` key. The run's HARMLESS keys (loader, logging) are left out too.
 _NOT_IDENTITY = ("data.val", "teacher.cache", "teacher.checkpoint", "teacher.providers", "teacher.onnx")
 
 

@@ -191,7 +191,10 @@ def commands(grid: Grid, out: str | None = None) -> list:
 
 def _teacher_key(cfg) -> str | None:
     """Points whose trained teacher has one identity (teachers/prepare.py) share it; a loaded one is not shared."""
-    source = teacher_source(cfg)
+    try:
+        source = teacher_source(cfg)
+    except ConfigError:  # neither file nor recipe: the point fails in its own run, the others go on
+        return None
     if source is None or not source.trained_here:
         return None  # no teacher, or one loaded from its file: nothing to share
     return json.dumps(teacher_identity(cfg), sort_keys=True, default=str)
