@@ -210,7 +210,7 @@ def needs_cache(cfg) -> bool:
 
 def prepare_cache(cfg, teacher, dataset, run_dir: str, device, amp_dtype=None, progress: bool = False, log=print):
     """The run's teacher cache (built, resumed or reused; under torchrun every rank embeds its slice), on the
-    run's device and the students' autocast dtype, recording the teacher's identity in its manifest."""
+    run's device and autocast dtype (the caller's: train.amp for the teacher's model), recording the teacher's identity in its manifest."""
     return build_cache(teacher, dataset, RunLayout(run_dir).teacher_cache, num_workers=cfg.data.num_workers,
                        device=device, amp_dtype=amp_dtype, progress=progress, log=log,
                        identity=teacher_identity(cfg, dataset))

@@ -163,7 +163,8 @@ def test_the_log_says_the_online_teacher_runs_under_the_students_autocast(tmp_pa
     lines = []
     cfg = tiny_config(train={"max_steps": 1, "checkpoint_every": 1, "amp": "bf16"}, teacher={"cache": False})
     _train(cfg, tmp_path / "online", log=lines.append)
-    assert any("gen1: on cpu, bfloat16 autocast" in ln and "online teacher under the same bfloat16 autocast" in ln
+    assert any("gen1: on cpu, 1 torch thread" in ln and ", bfloat16 autocast" in ln
+               and "online teacher under bfloat16 autocast (the same as the student)" in ln
                for ln in lines), lines
     quiet = []
     cfg = tiny_config(train={"max_steps": 1, "checkpoint_every": 1})

@@ -55,6 +55,18 @@ def help_values(action: argparse.Action, **refs: str) -> argparse.Action:
     return action
 
 
+def thread_policy(args, workers: int = 0, say: bool = True):
+    """The thread policy for a computing command (distill/utils/threads.py; `--threads` overrides it), said
+    once on stderr unless the command says it itself (`say`). Returns the plan (its `workers`: the loader
+    workers the command may run)."""
+    from distill.utils.threads import apply_threads, plan_threads
+
+    plan = apply_threads(plan_threads(workers, override=getattr(args, "threads", None) or None, key="--threads"))
+    if say:
+        print(f"distill {args.command}: {plan.describe()}", file=sys.stderr)
+    return plan
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distill",

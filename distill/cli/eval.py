@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from distill.cli import thread_policy
 from distill.utils.errors import ConfigError
 
 
@@ -50,7 +51,6 @@ def _set_sources(paths) -> dict:
 
 
 def run_eval(args) -> int:
-    import torch
 
     from distill.eval.verification import evaluate_sets
     from distill.models import files as models
@@ -59,8 +59,7 @@ def run_eval(args) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
     sets = _set_sources(args.bin)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    thread_policy(args)
     model, input_size = models.load_model_for("eval", args.model, arch=args.arch, input_size=args.input_size)
     device = resolve_device(args.device, "--device")
     model.to(device)
@@ -84,6 +83,6 @@ def add_commands(sub) -> None:
     parser.add_argument("--input-size", type=int, help="square input side when the model does not record it")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the thread policy: the cores this process may use)")
     parser.add_argument("--json", action="store_true", help="print one JSON object keyed by set name")
     parser.set_defaults(func=run_eval)

@@ -36,6 +36,9 @@ def require_onnx(what: str) -> None:
 
 def _export(args) -> int:
     require_onnx("export")
+    from distill.cli import thread_policy
+
+    thread_policy(args)  # torch's and ONNX Runtime's threads in the parity and verification checks
     from distill.deploy.export import (INPUT_NAME, NORMALISATION, OUTPUT_NAME, export_model, format_checks,
                                        judge_checks)
 

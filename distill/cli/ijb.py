@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from distill.cli import help_values
+from distill.cli import help_values, thread_policy
 from distill.utils.errors import ConfigError, DataFormatError
 from distill.eval.far import IJB_FARS, far_key
 
@@ -70,14 +70,15 @@ def _model_features(source: str, label: str, meta, args, several: bool):
         print(f"distill ijb: note: leaving out {int((~valid).sum())} missing images (first: {first})", file=sys.stderr)
     device = resolve_device(args.device, "--device")
     model.to(device)
+    plan = thread_policy(args, args.workers, say=False)  # the process and its image readers share the cores
     start = time.perf_counter()
     feats = embed_images(model, meta, input_size, indices=np.flatnonzero(valid), flip=not args.no_flip,
-                         batch_size=args.batch_size, workers=args.workers, device=device,
+                         batch_size=args.batch_size, workers=plan.workers, device=device,
                          progress=not args.json, model_name=source)
     if not args.json:
         seconds = time.perf_counter() - start
         print(f"distill ijb: {source}: embedded {int(valid.sum())} images in {seconds:.1f} s "
-              f"({valid.sum() / max(seconds, 1e-9):.0f} img/s)", file=sys.stderr)
+              f"({valid.sum() / max(seconds, 1e-9):.0f} img/s; {plan.describe()})", file=sys.stderr)
     if cache:
         save_feature_cache(cache, feats, key, np.flatnonzero(~valid))
     return feats, valid
@@ -239,6 +240,9 @@ def add_commands(sub) -> None:
     parser.add_argument("--batch-size", type=int, default=128,
                         help="images per batch (each with its flip; default 128)")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="processes reading, decoding and aligning images (default: CPUs, at most 8)")
+                        help="processes reading, decoding and aligning images (default: CPUs, at most 8; the thread "
+                             "policy keeps one core for the model)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of this process (default: the thread policy)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     parser.set_defaults(func=run_ijb)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
+from distill.cli import thread_policy
 from distill.utils.errors import ConfigError
 
 
 def _profile(args) -> int:
-    import torch
 
     from distill.models.cost import profile_model
     from distill.models.files import model_input_size
@@ -17,8 +17,7 @@ def _profile(args) -> int:
     if args.list or not args.name:
         print("\n".join(list_models(aliases=True)))
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    thread_policy(args)
     if args.input_size is not None and args.input_size < 16:
         raise ConfigError(f"--input-size {args.input_size}: give a square image side of at least 16 pixels (e.g. 112)")
     model = create_model(args.name, **({"input_size": args.input_size} if args.input_size else {}))
@@ -46,5 +45,5 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-timing", action="store_true", help="count only; skip the CPU latency/throughput runs")
     p.add_argument("--seconds", type=float, default=3.0, help="time budget of each timing run (default 3)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads for timing (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for timing (default: the thread policy: the cores this process may use)")
     p.set_defaults(func=_profile)

@@ -146,10 +146,11 @@ class TrainConfig:
     decay_epochs: list = field(default_factory=list)  # for scheduler 'step'
     decay_rate: float = 0.1
     min_lr: float = 0.0
-    amp: str = "auto"              # auto (bf16 on CUDA) | bf16 | fp16 | off
+    amp: str = "auto"              # auto (bf16 on CUDA; on a bf16 CPU for models faster in it: IResNet) | bf16 | fp16 | off
     channels_last: Optional[bool] = None  # NHWC memory format for the student and an online teacher; null: on CUDA
     compile: bool = False          # torch.compile the student and an online teacher (eager, with a warning, where it fails)
     optimizer_impl: str = "auto"   # auto (fused on CUDA where it exists, else torch's default) | fused | foreach | off
+    threads: Optional[int] = None  # torch threads; null: the thread policy (distill/utils/threads.py)
     clip_grad: Optional[float] = None
     accumulate: int = 1            # gradient accumulation steps
     eval_every: int = 0            # steps between verification runs (0: only at the end)
@@ -359,7 +360,7 @@ def config_from_dict(d: dict, source: str = "saved config") -> ExperimentConfig:
 # Keys that may change between reruns of one run directory without invalidating anything trained (how the
 # work is done, not what is learned); a key under one of these prefixes is harmless too.
 HARMLESS = ("generations", "tracking", "data.num_workers", "data.prefetch_factor", "data.decode", "train.log_every",
-            "train.compile", "train.optimizer_impl", "train.channels_last", "device", "data.ijb")
+            "train.compile", "train.optimizer_impl", "train.channels_last", "train.threads", "device", "data.ijb")
 
 
 def is_harmless(key: str) -> bool:

@@ -60,9 +60,15 @@ def check_device(cfg) -> list:
         found = (f"{device} {props.name} ({props.total_memory / 2 ** 30:.0f} GiB), {torch.cuda.device_count()} "
                  f"CUDA device(s), bf16 supported: {bf16}")
     else:
+        from distill.utils.device import cpu_has_bf16
+
         gpu = "no CUDA device" if not torch.cuda.is_available() else f"device: {cfg.device} chosen"
-        found = f"cpu ({torch.get_num_threads()} torch threads; {gpu})"
-    return [Check(OK, "device", f"{found}; training in {precision} (train.amp: {cfg.train.amp})")]
+        found = f"cpu ({gpu}; native bf16: {'yes' if cpu_has_bf16() else 'no'})"
+    from distill.utils.threads import plan_threads
+
+    threads = plan_threads(cfg.data.num_workers, cfg.train.threads).describe()
+    return [Check(OK, "device", f"{found}; training in {precision} (train.amp: {cfg.train.amp}); each stage "
+                                f"plans its threads when it starts, now: {threads}")]
 
 
 def _synthetic_counts(cfg) -> tuple:

@@ -35,6 +35,7 @@ from distill.train.tracking import stage_tracker, val_scalars
 from distill.utils.atomic import atomic_write_json
 from distill.utils.device import amp_settings, resolve_device
 from distill.utils.dist import barrier, from_rank0, is_main, rank0_first
+from distill.utils.threads import apply_threads, plan_threads
 from distill.utils.errors import ConfigError
 from distill.utils.layout import BASELINE, TEACHER, RunLayout, generation_name
 from teachers.prepare import (IDENTITY_KEY, check_recorded_teacher, needs_cache, prepare_cache, prepare_teacher,
@@ -203,9 +204,16 @@ def _before_any_work(cfg: ExperimentConfig, run_dir: str, restart, log):
 
 
 def _cache(cfg: ExperimentConfig, teacher, train_set, run_dir: str, progress: bool, log):
-    """The teacher cache on the run's device, under the students' autocast (train.amp)."""
+    """The teacher cache on the run's device, under train.amp's autocast for the teacher's model (an online
+    teacher runs under the same, so both give the students the same targets: bf16 on CUDA; on a bf16 CPU for an
+    IResNet), with the thread policy's threads and workers."""
     device = resolve_device(cfg.device)
-    return prepare_cache(cfg, teacher, train_set, run_dir, device, amp_settings(cfg.train, device)[0], progress, log)
+    plan = apply_threads(plan_threads(cfg.data.num_workers, cfg.train.threads))
+    if is_main():
+        log(f"teacher cache: {plan.describe()}")
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=plan.workers))
+    amp_dtype = amp_settings(cfg.train, device, teacher)[0]
+    return prepare_cache(cfg, teacher, train_set, run_dir, device, amp_dtype, progress, log)
 
 
 def build_teacher_cache(cfg: ExperimentConfig, run_dir: str, progress: bool = False, log=print):

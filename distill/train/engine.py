@@ -28,6 +28,7 @@ student.pt, result.json). save_state writes the state to last.pt (distill/train/
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -59,6 +60,7 @@ from distill.train.state import resume_state, save_state
 from distill.train.setup import (create_optimizer, create_scheduler, describe_precision, maybe_compile,
                                  preemption_signals, use_channels_last)
 from distill.utils.device import amp_settings, resolve_device
+from distill.utils.threads import ThreadPlan, apply_threads, plan_threads
 
 
 
@@ -115,6 +117,7 @@ class _Stage:
     forward: object                 # what training calls: the model or its DDP wrapper, compiled when asked
     amp_dtype: torch.dtype | None
     teacher: object                 # run online when there is no cache (compiled when asked)
+    teacher_amp_dtype: torch.dtype | None  # its autocast: train.amp for the teacher's model (as the cache's)
     cache: object
     use_teacher: bool
     channels_last: bool             # inputs in NHWC, as the model (train.channels_last)
@@ -125,6 +128,7 @@ class _Stage:
     train_seconds: float = 0.0
     best: dict | None = None        # {"score", "step"} of best.pt
     clock: float = 0.0              # perf_counter() from which train_seconds counts next
+    threads: ThreadPlan | None = None  # torch threads and loader workers (distill/utils/threads.py)
 
     def lap(self) -> None:
         """Add the time since the clock last (re)started to train_seconds, and restart it."""
@@ -181,7 +185,7 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
     trained = [model, head] + ([objective.projection] if objective.projection is not None else [])
     optimizer = create_optimizer(nn.ModuleList(trained), tr, world, device)
     scheduler = create_scheduler(optimizer, tr, total_steps, steps_per_epoch)
-    amp_dtype, need_scaler = amp_settings(tr, device)
+    amp_dtype, need_scaler = amp_settings(tr, device, model)
     scaler = torch.amp.GradScaler(device.type, enabled=need_scaler)
     ddp_model = model
     if world > 1:
@@ -194,6 +198,7 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
                   compat=_compat_key(cfg, spec, train_set, world), model=model, head=head, objective=objective,
                   optimizer=optimizer, scheduler=scheduler, scaler=scaler, forward=maybe_compile(ddp_model, tr, "student"),
                   amp_dtype=amp_dtype, teacher=teacher, cache=cache, use_teacher=use_teacher,
+                  teacher_amp_dtype=amp_settings(tr, device, teacher)[0] if teacher is not None else None,
                   channels_last=use_channels_last(tr, device),
                   batches_per_epoch=int(steps_per_epoch * tr.accumulate), total_steps=total_steps)
 
@@ -229,7 +234,8 @@ def _micro_step(st: _Stage, batch, window: LogWindow, where=None) -> bool:
         if st.cache is not None:
             t_emb = st.cache.lookup(idx, flipped).to(st.device, non_blocking=True)
         else:
-            with torch.autocast(**autocast):  # the student's autocast (the log says so)
+            with torch.autocast(device_type=st.device.type, dtype=st.teacher_amp_dtype,
+                                enabled=st.teacher_amp_dtype is not None):  # as the cache is built (the log says)
                 t_emb = st.teacher(match_input_size(x, st.teacher.input_size)).float()
     with torch.autocast(**autocast):
         emb = st.forward(x)
@@ -295,6 +301,7 @@ def _train(st: _Stage, train_set, val_sets: dict, tracker: Tracker, stop: dict, 
         plan = lambda epoch: plan_epoch(len(train_set), tr.batch_size, st.cfg.seed, epoch, train_set.flip,  # noqa: E731
                                         st.rank, st.world)
     encoded = data.decode == "cuda"  # workers read the encoded images; _micro_step decodes batches on the GPU
+    data = dataclasses.replace(data, num_workers=st.threads.workers)  # capped by the thread policy
     loader = stage_loader(EncodedPlanned(train_set) if encoded else PlannedDataset(train_set), plan,
                           st.batches_per_epoch, st.micro, st.total_steps * tr.accumulate - st.micro, data, st.cfg.seed,
                           pin_memory=st.device.type == "cuda", collate_fn=collate_encoded if encoded else None)
@@ -340,11 +347,13 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
     """Train one stage to the end (or resume it) and return its result (also written to result.json)."""
     os.makedirs(stage_dir, exist_ok=True)
     st = _build(cfg, spec, stage_dir, train_set, teacher, cache)
-    how = describe_precision(spec.name, spec.train, st.device, st.use_teacher and cache is None)
-    if how and st.rank == 0:
-        log(how)
+    st.threads = apply_threads(plan_threads(cfg.data.num_workers, spec.train.threads))
     if os.path.exists(st.paths.last):
-        resume_state(st, log)
+        resume_state(st, log)  # a stage resumes with the thread count it started with (its digits depend on it)
+    how = describe_precision(spec.name, spec.train, st.device, st.teacher if st.use_teacher and cache is None
+                             else None, st.model)
+    if st.rank == 0:
+        log(f"{spec.name}: on {st.device}, {st.threads.describe()}" + (f", {how}" if how else ""))
     tracker = tracker or Tracker(stage_dir, rank=st.rank)
     tracker.truncate_after(st.step)
     with preemption_signals() as stop, tqdm(total=st.total_steps, initial=st.step, desc=spec.name, unit="step",
@@ -361,7 +370,7 @@ def _finish(st: _Stage, val_sets: dict, tracker: Tracker) -> dict:
     spec = st.spec
     result = {"stage": spec.name, "generation": spec.generation, "init_from": spec.init_from, "arch": spec.arch,
               "model_kwargs": spec.model_kwargs, "steps": st.step, "train_seconds": round(st.train_seconds, 3),
-              "metrics": metrics, "best": st.best, **spec.record}
+              "metrics": metrics, "best": st.best, "threads": st.threads.threads, **spec.record}
     if st.rank == 0:
         with torch.random.fork_rng(devices=[]):  # counting builds a fresh model: no random state is used up
             result["params"], result["gflops"] = model_cost(spec.arch, spec.model_kwargs)

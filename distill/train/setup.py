@@ -115,10 +115,12 @@ def maybe_compile(module: nn.Module, train: TrainConfig, what: str):
     return CompiledOrEager(module, what) if train.compile else module
 
 
-def describe_precision(name: str, train: TrainConfig, device: torch.device, online_teacher: bool) -> str | None:
-    """The stage's log line on how it computes: autocast, memory format, compile, and that an online teacher
-    runs under the student's autocast. None when there is nothing beyond float32 eager NCHW with a cache."""
-    amp_dtype, scaler = amp_settings(train, device)
+def describe_precision(name: str, train: TrainConfig, device: torch.device, online_teacher=None,
+                       model=None) -> str | None:
+    """How the stage computes, for its log line: autocast, memory format, compile, and the autocast of an online
+    teacher (`online_teacher`: the teacher run on every batch, or None). None when there is nothing beyond
+    float32 eager NCHW with a cache."""
+    amp_dtype, scaler = amp_settings(train, device, model)
     parts = []
     if amp_dtype is not None:
         parts.append(f"{str(amp_dtype).replace('torch.', '')} autocast" + (" with a GradScaler" if scaler else ""))
@@ -126,10 +128,12 @@ def describe_precision(name: str, train: TrainConfig, device: torch.device, onli
         parts.append("channels_last")
     if train.compile:
         parts.append("torch.compile")
-    if online_teacher:
-        under = f"the same {str(amp_dtype).replace('torch.', '')} autocast" if amp_dtype is not None else "float32"
-        parts.append(f"online teacher under {under} as the student")
-    return f"{name}: on {device}, " + ", ".join(parts) if parts else None
+    if online_teacher is not None:
+        teacher_dtype = amp_settings(train, device, online_teacher)[0]
+        under = f"{str(teacher_dtype).replace('torch.', '')} autocast" if teacher_dtype is not None else "float32"
+        same = " (the same as the student)" if teacher_dtype == amp_dtype else ""
+        parts.append(f"online teacher under {under}{same}")
+    return ", ".join(parts) if parts else None
 
 
 @contextmanager

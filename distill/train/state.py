@@ -4,9 +4,12 @@ state, optimizer, scheduler, scaler, step counters, best score and every RNG sta
 
 from __future__ import annotations
 
+import dataclasses
+
 from distill.config.schema import to_dict
 from distill.utils.checkpoint import atomic_torch_save, capture_rng_state, restore_rng_state, safe_torch_load
 from distill.utils.errors import CheckpointError
+from distill.utils.threads import apply_threads
 
 TRAIN_FORMAT = "facedistill.train/1"
 
@@ -36,6 +39,13 @@ def resume_state(st, log) -> None:
         st.scaler.load_state_dict(ck["scaler"])
     st.step, st.micro, st.train_seconds, st.best = ck["step"], ck["micro"], ck["train_seconds"], ck.get("best")
     restore_rng_state(ck["rng"])
+    started = ck.get("threads")
+    if started and st.threads is not None and started != st.threads.threads:
+        if st.threads.source == "policy":  # the digits depend on the thread count: keep the one it started with
+            st.threads = apply_threads(dataclasses.replace(st.threads, threads=started, source="its last.pt"))
+        else:
+            log(f"{name}: note: started with {started} torch threads, resumes with {st.threads.threads} "
+                f"({st.threads.source}): the rest of the stage will not be bit-identical to an uninterrupted run")
     log(f"{st.spec.name}: resuming from {path} at step {st.step}/{st.total_steps}")
 
 
@@ -53,5 +63,5 @@ def save_state(st) -> None:
         "scaler": st.scaler.state_dict() if st.scaler.is_enabled() else None, "step": st.step, "micro": st.micro,
         "epoch": st.micro // bpe, "batch_in_epoch": st.micro % bpe,
         "train_seconds": st.train_seconds, "best": st.best, "rng": capture_rng_state(),
-        "config": to_dict(st.cfg), "compat": st.compat,
+        "config": to_dict(st.cfg), "compat": st.compat, "threads": st.threads.threads if st.threads else None,
     }, st.paths.last)

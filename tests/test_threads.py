@@ -1,0 +1,155 @@
+"""The thread policy (distill/utils/threads.py): its arithmetic, what it reads (affinity, cgroup quota, busy
+cores, OMP_NUM_THREADS), the stage's log line and record, resume with the count a stage started with, and
+bf16 autocast on a CPU only where it is chosen for."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import distill.train.engine
+import distill.utils.device
+import distill.utils.threads
+from distill.train.engine import StageSpec, run_stage
+from distill.utils.device import amp_settings
+from distill.utils.errors import ConfigError
+from distill.utils.threads import available_cores, busy_cores, cgroup_cpu_limit, plan_threads
+from tiny import TinyFaces, tiny_config
+
+QUIET = {}  # an environment without OMP_NUM_THREADS
+
+
+@pytest.mark.parametrize("cores,workers,busy,threads,kept", [
+    (2, 0, 0.0, 2, 0),   # the quiet 2-core machine: both cores
+    (2, 0, 1.0, 1, 0),   # one other busy process: one thread, never a descheduled one
+    (2, 0, 0.4, 2, 0),   # a little background load rounds away
+    (2, 2, 0.0, 1, 1),   # workers capped at cores - 1: the computing process keeps a core
+    (8, 4, 0.0, 4, 4),
+    (8, 4, 2.6, 1, 4),   # 8 - 4 workers - 3 busy
+    (1, 2, 0.0, 1, 0),   # one core: no workers, one thread
+    (16, 0, 20.0, 1, 0),  # never below one
+])
+def test_the_policys_arithmetic(cores, workers, busy, threads, kept):
+    plan = plan_threads(workers, cores=cores, busy=busy, environ=QUIET)
+    assert (plan.threads, plan.workers, plan.source) == (threads, kept, "policy")
+    assert plan.threads + plan.workers <= max(cores, 2) or plan.threads == 1
+
+
+def test_overrides_win_and_say_so():
+    assert plan_threads(0, override=3, cores=2, busy=1.0, environ=QUIET).describe() == "3 torch threads (set by train.threads)"
+    plan = plan_threads(0, cores=2, busy=0.0, environ={"OMP_NUM_THREADS": "1"})
+    assert (plan.threads, plan.source) == (1, "OMP_NUM_THREADS")
+    assert plan_threads(0, override=2, key="--threads", cores=2, environ={"OMP_NUM_THREADS": "1"}).threads == 2
+    with pytest.raises(ConfigError, match=r"--threads 0: must be at least 1"):
+        plan_threads(0, override=0, key="--threads", environ=QUIET)
+
+
+def test_the_description_names_cores_busy_cores_and_capped_workers():
+    text = plan_threads(2, cores=2, busy=0.0, environ=QUIET).describe()
+    assert text == "1 torch thread (2 cores, 1 loader worker of the 2 asked for)"
+    assert plan_threads(0, cores=2, busy=1.2, environ=QUIET).describe() == \
+        "1 torch thread (2 cores, 1.2 busy with other processes)"
+
+
+def test_cores_are_the_affinity_mask_capped_by_the_cgroup_quota(tmp_path):
+    assert available_cores(affinity={0, 1, 2, 3}, quota=1.5) == 2
+    assert available_cores(affinity={0, 1, 2, 3}, quota=8.0) == 4
+    assert available_cores(affinity={5}, quota=0.2) == 1
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_limit(str(v2)) == 1.5
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_limit(str(v2)) is None
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("300000")
+    (v1 / "cpu.cfs_period_us").write_text("100000")
+    assert cgroup_cpu_limit(str(tmp_path / "v1")) == 3.0
+    (v1 / "cpu.cfs_quota_us").write_text("-1")
+    assert cgroup_cpu_limit(str(tmp_path / "v1")) is None
+
+
+def test_a_busy_process_is_seen():
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert busy_cores(window=0.3) >= 0.5
+    finally:
+        spin.kill()
+        spin.wait()
+
+
+def _spec(cfg):
+    return StageSpec("baseline", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=0.0)
+
+
+def test_the_stage_logs_and_records_its_thread_count(tmp_path):
+    lines = []
+    cfg = tiny_config(train={"max_steps": 2, "threads": 1})
+    result = run_stage(cfg, _spec(cfg), str(tmp_path), TinyFaces(), {}, progress=False, log=lines.append)
+    assert any(ln.startswith("baseline: on cpu, 1 torch thread (set by train.threads)") for ln in lines), lines
+    assert result["threads"] == 1 and json.loads((tmp_path / "result.json").read_text())["threads"] == 1
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["threads"] == 1
+
+
+def test_a_stage_resumes_with_the_thread_count_it_started_with(tmp_path, monkeypatch):
+    """Its digits depend on the count: a policy that would now choose 2 keeps the 1 of last.pt."""
+    cfg = tiny_config(train={"max_steps": 4, "checkpoint_every": 2})
+    spec = _spec(cfg)
+    real = distill.train.engine.save_state
+
+    def stop_after_first(st):
+        real(st)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(distill.train.engine, "save_state", stop_after_first)
+        with pytest.raises(KeyboardInterrupt):
+            run_stage(cfg, spec, str(tmp_path), TinyFaces(), {}, progress=False, log=lambda *_: None)
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["threads"] == 1  # OMP_NUM_THREADS=1 (conftest)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr(distill.utils.threads, "available_cores", lambda: 2)
+    monkeypatch.setattr(distill.utils.threads, "busy_cores", lambda window=0.2: 0.0)
+    lines = []
+    try:
+        result = run_stage(cfg, spec, str(tmp_path), TinyFaces(), {}, progress=False, log=lines.append)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
+    assert any("1 torch thread (set by its last.pt)" in ln for ln in lines), lines
+    assert result["threads"] == 1
+
+
+def test_cpu_bf16_only_for_models_that_ask_on_cpus_that_have_it(monkeypatch):
+    from distill.config.schema import TrainConfig
+    from distill.models.registry import create_model
+
+    teacher = create_model("iresnet18", input_size=16, embedding_size=8)
+    student = create_model("vargfacenet", input_size=16, embedding_size=8, multiplier=0.25, last_channels=32,
+                           units=[1, 1, 1])
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(distill.utils.device, "cpu_has_bf16", lambda: True)
+    assert amp_settings(TrainConfig(), cpu, teacher) == (torch.bfloat16, False)
+    assert amp_settings(TrainConfig(), cpu, student) == (None, False)  # slower in bf16: stays float32
+    assert amp_settings(TrainConfig(), cpu) == (None, False)
+    assert amp_settings(TrainConfig(amp="off"), cpu, teacher) == (None, False)
+    assert amp_settings(TrainConfig(amp="bf16"), cpu, student) == (torch.bfloat16, False)
+    monkeypatch.setattr(distill.utils.device, "cpu_has_bf16", lambda: False)
+    assert amp_settings(TrainConfig(), cpu, teacher) == (None, False)
+
+
+def test_bench_cpu_quick_json():
+    done = subprocess.run([sys.executable, "benchmarks/bench_cpu.py", "--quick", "--json", "--workload",
+                           "student_eval"], capture_output=True, text=True, timeout=300,
+                          cwd=str(distill.utils.threads.__file__).rsplit("/distill/", 1)[0])
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    rates = out["images_per_s"]["student_eval"]
+    for setting in ("old", "new"):
+        assert rates[setting]["quiet"] > 0 and rates[setting]["loaded"] > 0
+    ratios = out["ratios"]["student_eval"]
+    assert ratios["new_quiet_over_old_quiet"] == round(rates["new"]["quiet"] / rates["old"]["quiet"], 3)
