@@ -56,11 +56,21 @@ def match_input_size(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def dataset_fingerprint(dataset) -> str:
-    fp = getattr(dataset, "fingerprint", None)
-    if fp is None:
+    """The training set's fingerprint (what keys the cache and a trained teacher's identity), computed once per
+    dataset object: hashing MS1M's index, or stat-ing every file of an image tree, is not repeated per use."""
+    fp = getattr(dataset, "_facedistill_fingerprint", None)
+    if fp is not None:
+        return fp
+    fingerprint = getattr(dataset, "fingerprint", None)
+    if fingerprint is None:
         raise DataFormatError(f"{type(dataset).__name__} has no fingerprint(); the teacher cache cannot tell "
                               f"whether it is stale (use teacher.cache: false for this dataset)")
-    return fp()
+    fp = fingerprint()
+    try:
+        dataset._facedistill_fingerprint = fp
+    except AttributeError:  # a dataset that takes no attributes: computed again next time
+        pass
+    return fp
 
 
 def cache_key(teacher, dataset, amp_dtype=None) -> dict:

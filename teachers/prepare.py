@@ -29,7 +29,7 @@ import os
 from dataclasses import dataclass
 
 import teachers
-from teachers.cache import build_cache, recorded_identity, record_identity
+from teachers.cache import build_cache, dataset_fingerprint, recorded_identity, record_identity
 from distill.config.schema import flat_dict, is_harmless, to_dict
 from distill.utils.atomic import atomic_write_json
 from distill.utils.checkpoint import atomic_torch_save, safe_torch_load
@@ -112,7 +112,7 @@ def teacher_identity(cfg, dataset=None) -> dict:
     if source.trained_here:
         identity = {k: v for k, v in flat.items() if _identity_key(k)}
         if dataset is not None and callable(getattr(dataset, "fingerprint", None)):
-            identity["data.train (contents)"] = dataset.fingerprint()
+            identity["data.train (contents)"] = dataset_fingerprint(dataset)
     else:
         identity = {k: v for k, v in flat.items() if k.startswith("teacher.") and _identity_key(k)
                     and not k.startswith("teacher.train.")}

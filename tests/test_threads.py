@@ -10,14 +10,13 @@ import time
 import pytest
 import torch
 
-import distill.train.engine
 import distill.utils.device
 import distill.utils.threads
 from distill.train.engine import StageSpec, run_stage
 from distill.utils.device import amp_settings
 from distill.utils.errors import ConfigError
 from distill.utils.threads import available_cores, busy_cores, cgroup_cpu_limit, plan_threads
-from tiny import TinyFaces, tiny_config
+from tiny import TinyFaces, stop_at_first_checkpoint, tiny_config
 
 QUIET = {}  # an environment without OMP_NUM_THREADS
 
@@ -100,16 +99,7 @@ def test_a_stage_resumes_with_the_thread_count_it_started_with(tmp_path, monkeyp
     """Its digits depend on the count: a policy that would now choose 2 keeps the 1 of last.pt."""
     cfg = tiny_config(train={"max_steps": 4, "checkpoint_every": 2})
     spec = _spec(cfg)
-    real = distill.train.engine.save_state
-
-    def stop_after_first(st):
-        real(st)
-        raise KeyboardInterrupt
-
-    with monkeypatch.context() as patch:
-        patch.setattr(distill.train.engine, "save_state", stop_after_first)
-        with pytest.raises(KeyboardInterrupt):
-            run_stage(cfg, spec, str(tmp_path), TinyFaces(), {}, progress=False, log=lambda *_: None)
+    stop_at_first_checkpoint(cfg, spec, tmp_path, monkeypatch)
     assert torch.load(tmp_path / "last.pt", weights_only=True)["threads"] == 1  # OMP_NUM_THREADS=1 (conftest)
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr(distill.utils.threads, "available_cores", lambda: 2)

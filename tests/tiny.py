@@ -53,16 +53,13 @@ def tame(model):
     return model
 
 
-def whole_and_resumed(cfg, spec, teacher, out, monkeypatch) -> tuple:
-    """last.pt of one stage trained straight through (out/whole) and of the same stage stopped right after its
-    first checkpoint, then rerun to resume it (out/resumed): (whole, at the stop, resumed) checkpoints."""
+def stop_at_first_checkpoint(cfg, spec, out, monkeypatch, teacher=None, log=lambda *_: None) -> None:
+    """Run one stage in `out` and stop it (KeyboardInterrupt) right after its first last.pt is written."""
     import pytest
 
     import distill.train.engine
-    from distill.utils.checkpoint import safe_torch_load
     from distill.train.engine import run_stage
 
-    run_stage(cfg, spec, str(out / "whole"), TinyFaces(), {}, teacher=teacher, progress=False)
     real = distill.train.engine.save_state
 
     def stop_after_first(st):
@@ -72,7 +69,17 @@ def whole_and_resumed(cfg, spec, teacher, out, monkeypatch) -> tuple:
     with monkeypatch.context() as patch:
         patch.setattr(distill.train.engine, "save_state", stop_after_first)
         with pytest.raises(KeyboardInterrupt):
-            run_stage(cfg, spec, str(out / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
+            run_stage(cfg, spec, str(out), TinyFaces(), {}, teacher=teacher, progress=False, log=log)
+
+
+def whole_and_resumed(cfg, spec, teacher, out, monkeypatch) -> tuple:
+    """last.pt of one stage trained straight through (out/whole) and of the same stage stopped right after its
+    first checkpoint, then rerun to resume it (out/resumed): (whole, at the stop, resumed) checkpoints."""
+    from distill.utils.checkpoint import safe_torch_load
+    from distill.train.engine import run_stage
+
+    run_stage(cfg, spec, str(out / "whole"), TinyFaces(), {}, teacher=teacher, progress=False)
+    stop_at_first_checkpoint(cfg, spec, out / "resumed", monkeypatch, teacher=teacher, log=print)
     stopped = safe_torch_load(out / "resumed" / "last.pt")
     run_stage(cfg, spec, str(out / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
     return safe_torch_load(out / "whole" / "last.pt"), stopped, safe_torch_load(out / "resumed" / "last.pt")

@@ -260,8 +260,9 @@ def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log, restar
             cache = _cache(cfg, teacher, train_set, run_dir, progress, log)
     for spec in plan_stages(cfg, run_dir):
         stage = run.stage(spec.name)
-        if stage.damaged_note():
-            log(stage.damaged_note())
+        note = stage.damaged_note()
+        if note:
+            log(note)
         if stage.is_done():
             log(f"{spec.name}: finished earlier, skipped")
             results.append(with_ijb(stage.read_result(), _student_loader(stage.student)))
