@@ -2,7 +2,9 @@
 cores, OMP_NUM_THREADS), the stage's log line and record, resume with the count a stage started with, and
 bf16 autocast on a CPU only where it is chosen for."""
 
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,6 +19,8 @@ from distill.utils.device import amp_settings
 from distill.utils.errors import ConfigError
 from distill.utils.threads import available_cores, busy_cores, cgroup_cpu_limit, plan_threads
 from tiny import TinyFaces, stop_at_first_checkpoint, tiny_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 QUIET = {}  # an environment without OMP_NUM_THREADS
 
@@ -132,14 +136,51 @@ def test_cpu_bf16_only_for_models_that_ask_on_cpus_that_have_it(monkeypatch):
     assert amp_settings(TrainConfig(), cpu, teacher) == (None, False)
 
 
-def test_bench_cpu_quick_json():
-    done = subprocess.run([sys.executable, "benchmarks/bench_cpu.py", "--quick", "--json", "--workload",
-                           "student_eval"], capture_output=True, text=True, timeout=300,
-                          cwd=str(distill.utils.threads.__file__).rsplit("/distill/", 1)[0])
-    assert done.returncode == 0, done.stderr[-2000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+def _bench_cpu():
+    spec = importlib.util.spec_from_file_location("bench_cpu", os.path.join(REPO, "benchmarks", "bench_cpu.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("workload", ["student_train", "teacher_train", "student_eval"])
+def test_bench_cpu_child_measures_each_workload(workload, capsys):
+    bench = _bench_cpu()
+    assert bench.main(["--child", json.dumps({"workload": workload, "threads": 1, "steps": 1, "batch": 4,
+                                              "size": 16})]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["img_s"] > 0 and out["threads"] == 1
+
+
+def test_bench_cpu_measures_loaded_beside_a_live_busy_process_and_prints_the_ratios(monkeypatch, capsys):
+    bench = _bench_cpu()
+    spinners = []
+
+    class Busy(bench.Busy):
+        def __enter__(self):
+            spinners.append(super().__enter__().proc)
+            return self
+
+    calls = []
+
+    def measure(setting, workload, steps, batch):  # the child processes are tested above; here, the parent
+        loaded = bool(spinners) and spinners[-1].poll() is None
+        calls.append((setting["threads"], workload, loaded, steps, batch))
+        rate = {"policy": 300.0, 2: 350.0}[setting["threads"]] / (3.0 if loaded else 1.0)
+        return {"img_s": rate, "threads": 1 if setting["threads"] == "policy" else 2}
+
+    monkeypatch.setattr(bench, "Busy", Busy)
+    monkeypatch.setattr(bench, "measure", measure)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert bench.main(["--quick", "--json", "--workload", "student_eval"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sorted(map(repr, (c[:3] for c in calls))) == sorted(map(repr, [
+        (2, "student_eval", False), ("policy", "student_eval", False),
+        (2, "student_eval", True), ("policy", "student_eval", True)]))
+    assert all(c[3:] == (2, 8) for c in calls)  # --quick: 2 steps at batch 8
+    assert all(p.poll() is not None for p in spinners)  # every busy process was stopped
     rates = out["images_per_s"]["student_eval"]
-    for setting in ("old", "new"):
-        assert rates[setting]["quiet"] > 0 and rates[setting]["loaded"] > 0
-    ratios = out["ratios"]["student_eval"]
-    assert ratios["new_quiet_over_old_quiet"] == round(rates["new"]["quiet"] / rates["old"]["quiet"], 3)
+    assert rates["new"] == {"quiet": 300.0, "loaded": 100.0, "threads": 1}
+    assert out["ratios"]["student_eval"] == {"new_loaded_over_best_quiet": round(100 / 350, 3),
+                                             "new_quiet_over_old_quiet": round(300 / 350, 3),
+                                             "old_loaded_over_best_quiet": round(350 / 3 / 350, 3)}
