@@ -56,7 +56,7 @@ def deploy(tmp_path_factory):
     """(student.pt of a tiny VarGFaceNet trained 12 steps at 16x16, image-folder training set of 32 images,
     a 40-pair .bin of new noise draws around the same 8 identities)."""
     tmp = tmp_path_factory.mktemp("deploy")
-    cfg = tiny_config(train={"max_steps": 12, "checkpoint_every": 12})
+    cfg = tiny_config(train={"max_steps": 12, "checkpoint_every": 12, "threads": 1})  # one thread: the same student anywhere
     spec = StageSpec("baseline", "vargfacenet", cfg.student.model_kwargs(SIZE), cfg.train, alpha=0.0, generation=0)
     faces = TinyFaces()
     run_stage(cfg, spec, str(tmp / "stage"), faces, {}, progress=False)
@@ -205,7 +205,9 @@ def test_export_int8_and_check_bin_end_to_end(deploy, tmp_path, capsys):
         assert column in header
     acc = {k: float(r[3]) for k, r in rows.items()}
     assert acc["pytorch"] >= 80.0  # a trained student: the check below means something
-    assert acc["fp32"] == acc["pytorch"] and abs(acc["int8"] - acc["pytorch"]) <= 0.5
+    # INT8 within one pair of the 40 (2.5 points): which single borderline pair the quantisation flips moves
+    # with the library versions (onnxruntime, numpy); a broken calibration costs far more (chance is 50%)
+    assert acc["fp32"] == acc["pytorch"] and abs(acc["int8"] - acc["pytorch"]) <= 2.5
     assert float(rows["fp32"][-3]) >= 0.9999 and 0.95 < float(rows["int8"][-3]) < 1.0
     assert "fewer than the 512 asked" in captured.err and "calibrating on all 32" in captured.err
 
