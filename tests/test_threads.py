@@ -184,3 +184,22 @@ def test_bench_cpu_measures_loaded_beside_a_live_busy_process_and_prints_the_rat
     assert out["ratios"]["student_eval"] == {"new_loaded_over_best_quiet": round(100 / 350, 3),
                                              "new_quiet_over_old_quiet": round(300 / 350, 3),
                                              "old_loaded_over_best_quiet": round(350 / 3 / 350, 3)}
+
+
+def test_own_ticks_count_this_process_its_descendants_and_kernel_threads_but_not_others(tmp_path):
+    """busy_cores subtracts these from the machine's total: a kernel thread flushing the files this run just wrote
+    (it made the quickstart's teacher start on one thread) is no competitor; an unrelated process is."""
+    me = os.getpid()
+
+    def proc(pid, comm, ppid, flags, utime, stime):
+        (tmp_path / str(pid)).mkdir()
+        rest = ["S", ppid, 0, 0, 0, 0, flags] + [0] * 4 + [utime, stime] + [0] * 8
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} ({comm}) " + " ".join(map(str, rest)))
+
+    proc(me, "python (me)", 1, 0, 100, 10)
+    proc(me + 1, "worker", me, 0, 5, 1)                  # a loader worker
+    proc(me + 2, "grandchild", me + 1, 0, 2, 0)         # its child
+    proc(me + 3, "kworker/u8:2-flush", 2, 0x00200000, 7, 30)  # kernel thread
+    proc(me + 4, "other job", 1, 0, 1000, 0)             # a competitor
+    (tmp_path / "self").mkdir()
+    assert distill.utils.threads._own_jiffies(str(tmp_path)) == 110 + 6 + 2 + 37

@@ -61,30 +61,39 @@ def available_cores(affinity=None, quota=None) -> int:
     return cores
 
 
+PF_KTHREAD = 0x00200000  # /proc/<pid>/stat's flags bit of a kernel thread (Linux)
+
+
 def _cpu_jiffies() -> tuple[int, int] | None:
-    """(busy, total) jiffies of all CPUs from /proc/stat, or None where there is no /proc (not Linux)."""
+    """(busy, total) jiffies of all CPUs from /proc/stat, or None where there is no /proc (not Linux). Busy is
+    user + nice + system time: interrupts and steal are nobody's threads."""
     line = _read("/proc/stat")
     if not line:
         return None
     fields = [int(v) for v in line.splitlines()[0].split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return sum(fields[:8]) - idle, sum(fields[:8])
+    return sum(fields[:3]), sum(fields[:8])
 
 
-def _own_jiffies() -> int:
-    """CPU ticks used so far by this process and its descendants (loader workers, W&B's service): its own work."""
-    parents, ticks = {}, {}
-    for entry in os.listdir("/proc"):
+def _own_jiffies(proc: str = "/proc") -> int:
+    """CPU ticks used so far by this process and its descendants (loader workers, W&B's service), and by the
+    kernel's own threads (the writeback of files this process just wrote, say): none of it is a competitor."""
+    parents, ticks, kernel = {}, {}, set()
+    for entry in os.listdir(proc):
         if not entry.isdigit():
             continue
-        stat = _read(f"/proc/{entry}/stat")
+        stat = _read(f"{proc}/{entry}/stat")
         if not stat:
             continue
         fields = stat.rsplit(")", 1)[-1].split()  # after "pid (comm)": state ppid ... utime(12) stime(13)
         parents[int(entry)] = int(fields[1])
         ticks[int(entry)] = int(fields[11]) + int(fields[12])
+        if int(fields[6]) & PF_KTHREAD:
+            kernel.add(int(entry))
     me, own = os.getpid(), 0
     for pid in ticks:
+        if pid in kernel:
+            own += ticks[pid]
+            continue
         p, seen = pid, 0
         while p not in (0, 1, me) and p in parents and seen < 64:
             p, seen = parents[p], seen + 1
@@ -93,8 +102,9 @@ def _own_jiffies() -> int:
 
 
 def busy_cores(window: float = 0.2) -> float:
-    """How many cores other processes kept busy over the last `window` seconds: all CPUs' busy time less that of
-    this process and its descendants (Linux /proc; 0 elsewhere)."""
+    """How many cores other processes kept busy over the last `window` seconds: all CPUs' user and system time
+    less that of this process, its descendants and kernel threads (Linux /proc; 0 elsewhere). Read from
+    /proc/stat's totals, so processes this PID namespace cannot list (other containers on the host) count."""
     import time
 
     first = _cpu_jiffies()
