@@ -15,6 +15,7 @@ goals are about: loaded rate of `new` / quiet rate of the best setting (goal >= 
 `old` (goal >= 1, within noise). All in one run, so the ratios compare like with like on a noisy machine.
 
     python benchmarks/bench_cpu.py [--json] [--quick] [--steps 12] [--setting 'threads=2 OMP_WAIT_POLICY=PASSIVE']
+    python benchmarks/bench_cpu.py --compile [inductor] [--json]   train.compile: compile time against a stage's saving
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ def _child(spec: dict) -> dict:
         model = create_model(cfg.student.arch, **cfg.student.model_kwargs(size))
     x = torch.randn(batch, 3, size, size)
     steps, warmup, times = spec["steps"], 2, []
+    forward = torch.compile(model, backend=spec["compile"]) if spec.get("compile") else model
+    if spec.get("amp") == "auto":  # what a stage with train.amp: auto picks for this model on this CPU
+        from distill.config.schema import TrainConfig
+        from distill.utils.device import amp_settings
+
+        spec["amp"] = "bf16" if amp_settings(TrainConfig(), torch.device("cpu"), model)[0] is not None else None
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.get("amp") == "bf16")
     if spec["workload"] == "student_eval":
         model.eval()
@@ -69,7 +76,7 @@ def _child(spec: dict) -> dict:
             for i in range(warmup + steps):
                 t0 = time.perf_counter()
                 with autocast:
-                    model(x)
+                    forward(x)
                 times.append(time.perf_counter() - t0)
     else:
         head = head_from_config(cfg.margin, model.config["embedding_size"], cfg.data.synthetic.ids)
@@ -79,13 +86,14 @@ def _child(spec: dict) -> dict:
         for i in range(warmup + steps):
             t0 = time.perf_counter()
             with autocast:
-                emb = model(x)
+                emb = forward(x)
             loss, _ = head(emb.float(), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             times.append(time.perf_counter() - t0)
-    return {"img_s": batch / statistics.median(times[warmup:]), "threads": torch.get_num_threads()}
+    return {"img_s": batch / statistics.median(times[warmup:]), "threads": torch.get_num_threads(),
+            "first_step_s": times[0], "amp": spec.get("amp")}
 
 
 # ------------------------------------------------------------------------------------------ parent
@@ -104,12 +112,13 @@ def parse_setting(text: str) -> dict:
     return out
 
 
-def measure(setting: dict, workload: str, steps: int, batch: int) -> dict:
+def measure(setting: dict, workload: str, steps: int, batch: int, compile_backend=None, amp=None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     env.update(setting["env"])
     spec = {"workload": workload, "threads": setting["threads"], "steps": steps,
-            "batch": batch * 2 if workload == "student_eval" else batch}
+            "batch": batch * 2 if workload == "student_eval" else batch, "compile": compile_backend,
+            "amp": amp}
     done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)], env=env,
                           capture_output=True, text=True, timeout=900)
     if done.returncode:
@@ -151,6 +160,28 @@ def run(settings: dict, steps: int, batch: int, workloads=WORKLOADS) -> dict:
     return {"cores": os.cpu_count(), "settings": settings, "images_per_s": rates, "ratios": ratios}
 
 
+def compile_study(steps: int, batch: int, backend: str = "inductor") -> dict:
+    """train.compile on this CPU: for each training workload (quiet, the new thread policy), the compile time
+    (first compiled step less first eager step) against the time a quickstart stage saves at the compiled rate.
+    A stage's images: its epochs times the training set of experiments/quickstart.yaml."""
+    from distill.config.schema import load_config
+
+    cfg = load_config(os.path.join(REPO, "experiments", "quickstart.yaml"))
+    images = cfg.data.synthetic.ids * cfg.data.synthetic.images_per_id
+    stage_images = {"student_train": cfg.train.epochs * images, "teacher_train": cfg.teacher.train.epochs * images}
+    policy, out = {"threads": "policy", "env": {}}, {}
+    for workload, stage in stage_images.items():
+        eager = measure(policy, workload, steps, batch, amp="auto")
+        compiled = measure(policy, workload, steps, batch, compile_backend=backend, amp="auto")
+        compile_s = compiled["first_step_s"] - eager["first_step_s"]
+        saved_s = stage / eager["img_s"] - stage / compiled["img_s"]
+        out[workload] = {"amp": eager["amp"], "eager_img_s": round(eager["img_s"], 1), "compiled_img_s": round(compiled["img_s"], 1),
+                         "compile_s": round(compile_s, 1), "stage_images": stage,
+                         "stage_eager_s": round(stage / eager["img_s"], 1), "stage_saved_s": round(saved_s, 1),
+                         "pays": saved_s > compile_s}
+    return {"backend": backend, "compile": out}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
@@ -160,6 +191,8 @@ def main(argv=None) -> int:
                    help="another setting to measure beside old and new (repeatable)")
     p.add_argument("--workload", action="append", choices=WORKLOADS, default=None,
                    help="measure only these workloads (repeatable; default all)")
+    p.add_argument("--compile", metavar="BACKEND", nargs="?", const="inductor", default=None,
+                   help="instead: train.compile's cost and gain for a quickstart stage (default backend inductor)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -174,6 +207,16 @@ def main(argv=None) -> int:
         settings[text] = parse_setting(text)
         settings[text]["threads"] = settings[text]["threads"] or settings["old"]["threads"]
     steps, batch = (2, 8) if args.quick else (args.steps, 64)
+    if args.compile:
+        study = compile_study(steps, batch, args.compile)
+        if args.json:
+            print(json.dumps(study))
+        for workload, v in study["compile"].items():
+            print(f"{workload}: eager {v['eager_img_s']} img/s, compiled ({study['backend']}) {v['compiled_img_s']} "
+                  f"img/s; compile {v['compile_s']} s against {v['stage_saved_s']} s saved over a quickstart stage "
+                  f"({v['stage_images']} images, {v['stage_eager_s']} s eager): "
+                  + ("pays" if v["pays"] else "does not pay"), file=sys.stderr if args.json else sys.stdout)
+        return 0
     out = run(settings, steps, batch, tuple(args.workload or WORKLOADS))
     if args.json:
         print(json.dumps(out))

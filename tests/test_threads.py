@@ -203,3 +203,26 @@ def test_own_ticks_count_this_process_its_descendants_and_kernel_threads_but_not
     proc(me + 4, "other job", 1, 0, 1000, 0)             # a competitor
     (tmp_path / "self").mkdir()
     assert distill.utils.threads._own_jiffies(str(tmp_path)) == 110 + 6 + 2 + 37
+
+
+def test_bench_cpu_compile_study_weighs_compile_time_against_a_quickstart_stage(monkeypatch, capsys):
+    bench = _bench_cpu()
+
+    def measure(setting, workload, steps, batch, compile_backend=None, amp=None):
+        assert setting["threads"] == "policy" and amp == "auto"
+        if compile_backend:
+            return {"img_s": 200.0, "first_step_s": 31.0, "amp": None}
+        return {"img_s": 100.0, "first_step_s": 1.0, "amp": None}
+
+    monkeypatch.setattr(bench, "measure", measure)
+    assert bench.main(["--compile", "--json", "--steps", "3"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    from distill.config.schema import load_config
+    cfg = load_config(os.path.join(REPO, "experiments", "quickstart.yaml"))
+    images = cfg.data.synthetic.ids * cfg.data.synthetic.images_per_id
+    student = out["compile"]["student_train"]
+    assert out["backend"] == "inductor" and student["compile_s"] == 30.0
+    assert student["stage_images"] == cfg.train.epochs * images
+    assert student["stage_saved_s"] == round(student["stage_images"] / 200.0, 1)  # half the eager time saved
+    assert student["pays"] == (student["stage_saved_s"] > 30.0)
+    assert out["compile"]["teacher_train"]["stage_images"] == cfg.teacher.train.epochs * images
