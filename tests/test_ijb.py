@@ -343,3 +343,34 @@ def test_an_onnx_model_scores_like_the_student_it_was_exported_from(ijb_root, st
     from_onnx = _json(capsys, onnx_path, "--root", ijb_root, "--workers", "0", "--cache", tmp_path / "onnx.npy")
     np.testing.assert_allclose(np.load(tmp_path / "onnx.npy"), np.load(tmp_path / "torch.npy"), rtol=1e-4, atol=1e-5)
     assert from_onnx["mode"] == "N1 D1 F2" and set(from_onnx["tar_at_far"]) == set(FAR_KEYS)
+
+
+# --------------------------------------------------------------------------- benchmarks/bench_ijb.py
+
+
+def test_bench_ijb_json_quick_measures_the_set_it_read(ijb_root, students, capsys):
+    """bench_ijb.py --json (issue 22, item 5) in this process: every image of the set is decoded, run through the
+    model and embedded end to end, and the ratio is the documented one; bad arguments are refused by name."""
+    import importlib.util
+    from conftest import REPO
+    spec = importlib.util.spec_from_file_location("bench_ijb", REPO / "benchmarks" / "bench_ijb.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--student", students[0], "--root", str(ijb_root), "--threads", "1", "--workers", "0",
+                           "--batch-size", "16", "--json"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == len(read_ijb_meta(ijb_root, "IJBC").names)
+    assert result["threads"] == 1 and result["workers"] == 0 and result["input_size"] == 32
+    for what in ("decode", "model", "embed"):
+        assert result[f"{what}_s"] > 0
+        assert result[f"{what}_img_s"] == pytest.approx(result["images"] / result[f"{what}_s"])
+    assert result["ratio"] == pytest.approx(result["embed_s"] / (result["decode_s"] + 2 * result["model_s"]))
+    for argv, key in ((["--threads", "0"], "--threads 0"), (["--workers", "-1"], "--workers -1"),
+                      (["--student", "missing.pt"], "missing.pt")):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+        assert key in capsys.readouterr().err
