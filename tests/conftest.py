@@ -40,15 +40,40 @@ def _wandb_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / ".wandb_config"))
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder `build(folder)` fills once for the whole session, pytest-xdist workers included: the first
+    worker builds it under an exclusive lock (the others wait, then reuse it). Read-only for the tests."""
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the workers' base temporary folders sit side by side in this one
+    folder, done = shared / name, shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            if folder.exists():  # an earlier builder failed half-way
+                import shutil
+                shutil.rmtree(folder)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_finished_run(tmp_path_factory):
     """(experiment file, finished run directory, data directory) of the tiny experiment with one generation
-    (teacher, baseline, gen1; about 10 s), built once per session. Tests that change it work on a copy."""
-    from distill.config.schema import load_config
-    from distill.run.experiment import run_experiment
-    from tiny_experiment import write_experiment
+    (teacher, baseline, gen1; about 10 s), built once per session (built_once). Tests that change it work on a
+    copy."""
 
-    tmp = tmp_path_factory.mktemp("finished")
-    exp = write_experiment(tmp / "x.yaml", tmp / "faces", generations=1, tracking={"wandb": "disabled"})
-    run_experiment(load_config(str(exp)), str(tmp / "run"), progress=False, log=lambda *_: None)
-    return exp, tmp / "run", tmp / "faces"
+    def build(tmp):
+        from distill.config.schema import load_config
+        from distill.run.experiment import run_experiment
+        from tiny_experiment import write_experiment
+
+        exp = write_experiment(tmp / "x.yaml", tmp / "faces", generations=1, tracking={"wandb": "disabled"})
+        run_experiment(load_config(str(exp)), str(tmp / "run"), progress=False, log=lambda *_: None)
+
+    tmp = built_once(tmp_path_factory, "finished", build)
+    return tmp / "x.yaml", tmp / "run", tmp / "faces"

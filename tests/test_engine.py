@@ -38,10 +38,18 @@ def _same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _child_in_this_process(out) -> None:
+    """engine_child.py's stage run to the end in this process (the same code, seeds and one thread as the child):
+    the uninterrupted reference and the resume after an interruption. Only the run that is killed or preempted
+    needs a process of its own, and each process costs seconds of imports (torch, timm)."""
+    import engine_child
+    assert engine_child.main(str(out), 0.0) == 0
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    subprocess.run(CHILD + [str(out), "0"], check=True, timeout=300)
+    _child_in_this_process(out)
     return out
 
 
@@ -80,7 +88,7 @@ def test_kill_then_rerun_equals_uninterrupted_bit_for_bit(tmp_path, uninterrupte
     proc.wait()
     killed_at = safe_torch_load(tmp_path / "last.pt")["step"]
     assert 4 <= killed_at < 12 and not (tmp_path / "student.pt").exists()
-    subprocess.run(CHILD + [str(tmp_path), "0"], check=True, timeout=300)
+    _child_in_this_process(tmp_path)
     assert _same(_final_weights(tmp_path), _final_weights(uninterrupted))
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # the log was rewound to the checkpoint: no duplicated steps
@@ -93,7 +101,7 @@ def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path, uninterrup
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 75 and "SIGTERM received" in out
     assert safe_torch_load(tmp_path / "last.pt")["step"] < 12
-    subprocess.run(CHILD + [str(tmp_path), "0"], check=True, timeout=300)
+    _child_in_this_process(tmp_path)
     assert _same(_final_weights(tmp_path), _final_weights(uninterrupted))
 
 

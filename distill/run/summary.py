@@ -5,7 +5,6 @@ FARs are keyed as distill.eval.far.far_key writes them ('1e-3'; IJB '1e-4'); a r
 
 from __future__ import annotations
 
-import json
 import os
 
 from distill.utils.atomic import atomic_write_json, atomic_write_text
@@ -87,8 +86,7 @@ def teacher_model(cfg) -> tuple:
 
 def cost_function(cfg):
     """`cost(result) -> (params, GFLOPs)` of a stage's model: what its result.json recorded, else computed
-    (memoised per architecture); (None, None) when unknown."""
-    costs = {}
+    (model_cost counts each architecture once per process); (None, None) when unknown."""
 
     def cost(result):
         if result.get("gflops") is not None:
@@ -99,10 +97,7 @@ def cost_function(cfg):
             _, arch, kwargs = teacher_model(cfg)
         else:
             arch, kwargs = result["arch"], result["model_kwargs"]
-        key = json.dumps([arch, kwargs], sort_keys=True)
-        if key not in costs:
-            costs[key] = model_cost(arch, kwargs)
-        return costs[key]
+        return model_cost(arch, kwargs)  # counted once per process and architecture
 
     return cost
 

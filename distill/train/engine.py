@@ -372,8 +372,7 @@ def _finish(st: _Stage, val_sets: dict, tracker: Tracker) -> dict:
               "model_kwargs": spec.model_kwargs, "steps": st.step, "train_seconds": round(st.train_seconds, 3),
               "metrics": metrics, "best": st.best, "threads": st.threads.threads, **spec.record}
     if st.rank == 0:
-        with torch.random.fork_rng(devices=[]):  # counting builds a fresh model: no random state is used up
-            result["params"], result["gflops"] = model_cost(spec.arch, spec.model_kwargs)
+        result["params"], result["gflops"] = model_cost(spec.arch, spec.model_kwargs)  # uses no random state
         save_student(st.paths.student, st.model, spec.arch, spec.model_kwargs, extra={"stage": spec.name, "step": st.step})
         atomic_write_json(st.paths.result, result)
     if st.world > 1:  # the next stage starts from these files on every rank
