@@ -28,10 +28,11 @@ quickstart: install
 	$(VENV)/bin/distill run experiments/quickstart.yaml
 
 ## make test: install with dev extras, then run the whole test suite (TEST_WORKERS pytest-xdist processes, one
-## torch thread each: tests/conftest.py)
+## torch thread each: tests/conftest.py; --dist loadscope keeps a module's tests on one worker, so a module's
+## fixture, often a tiny finished run, is built once instead of once per worker)
 TEST_WORKERS ?= 2
 test: install-dev
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15 tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=15 tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info
