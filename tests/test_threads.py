@@ -17,7 +17,7 @@ import distill.utils.threads
 from distill.train.engine import StageSpec, run_stage
 from distill.utils.device import amp_settings
 from distill.utils.errors import ConfigError
-from distill.utils.threads import available_cores, busy_cores, cgroup_cpu_limit, plan_threads
+from distill.utils.threads import GPU_WORKERS, available_cores, busy_cores, cgroup_cpu_limit, loader_workers, plan_threads
 from tiny import TinyFaces, stop_at_first_checkpoint, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +88,28 @@ def test_a_busy_process_is_seen():
 
 def _spec(cfg):
     return StageSpec("baseline", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=0.0)
+
+
+def test_loader_workers_default_to_none_on_a_cpu_and_some_on_a_gpu():
+    from distill.config.schema import DataConfig
+    assert DataConfig().num_workers is None  # data.num_workers: null unless an experiment sets it
+    assert loader_workers(None, "cpu") == 0 and loader_workers(None, "cuda") == GPU_WORKERS == 2
+    assert loader_workers(3, "cpu") == 3 and loader_workers(0, "cuda") == 0  # a set count is kept
+
+
+@pytest.mark.parametrize("workers, planned", [(None, "2 torch threads (2 cores)"),
+                                               (1, "1 torch thread (2 cores, 1 loader worker)")])
+def test_a_stage_with_the_default_workers_runs_none_on_a_cpu(workers, planned, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the policy decides, on 2 quiet cores
+    monkeypatch.setattr(distill.utils.threads, "available_cores", lambda: 2)
+    monkeypatch.setattr(distill.utils.threads, "busy_cores", lambda *a, **k: 0.0)
+    lines, threads = [], torch.get_num_threads()
+    cfg = tiny_config(data={"num_workers": workers}, train={"max_steps": 2})
+    try:
+        run_stage(cfg, _spec(cfg), str(tmp_path), TinyFaces(), {}, progress=False, log=lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert f"baseline: on cpu, {planned}" in lines, lines
 
 
 def test_the_stage_logs_and_records_its_thread_count(tmp_path):

@@ -52,7 +52,9 @@ class DataConfig:
     train: str = ""                # RecordIO folder / .rec file, or an identity-per-folder image tree
     val: list = field(default_factory=list)  # verification .bin files (LFW, CFP-FP, AgeDB-30 ...)
     input_size: int = 112          # images are resized when their size differs
-    num_workers: int = 2
+    # loader workers; null: 0 on a CPU (a worker takes a core from training: the quickstart's student step was
+    # 1.42x slower with 1 worker than with 0 on 2 cores), 2 on a GPU (distill.utils.threads.loader_workers)
+    num_workers: Optional[int] = None
     prefetch_factor: int = 4       # batches each loader worker keeps ready (workers persist for the whole stage)
     decode: str = "cpu"            # JPEGs decoded by loader workers | cuda: by nvJPEG, batched (data/gpu_decode.py)
     synthetic: Optional[SyntheticConfig] = None

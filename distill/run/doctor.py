@@ -64,9 +64,9 @@ def check_device(cfg) -> list:
 
         gpu = "no CUDA device" if not torch.cuda.is_available() else f"device: {cfg.device} chosen"
         found = f"cpu ({gpu}; native bf16: {'yes' if cpu_has_bf16() else 'no'})"
-    from distill.utils.threads import plan_threads
+    from distill.utils.threads import loader_workers, plan_threads
 
-    threads = plan_threads(cfg.data.num_workers, cfg.train.threads).describe()
+    threads = plan_threads(loader_workers(cfg.data.num_workers, device.type), cfg.train.threads).describe()
     return [Check(OK, "device", f"{found}; training in {precision} (train.amp: {cfg.train.amp}); each stage "
                                 f"plans its threads when it starts, now: {threads}")]
 

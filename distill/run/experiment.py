@@ -35,7 +35,7 @@ from distill.train.tracking import stage_tracker, val_scalars
 from distill.utils.atomic import atomic_write_json
 from distill.utils.device import amp_settings, resolve_device
 from distill.utils.dist import barrier, from_rank0, is_main, rank0_first
-from distill.utils.threads import apply_threads, plan_threads
+from distill.utils.threads import apply_threads, loader_workers, plan_threads
 from distill.utils.errors import ConfigError
 from distill.utils.layout import BASELINE, TEACHER, RunLayout, generation_name
 from teachers.prepare import (IDENTITY_KEY, check_recorded_teacher, needs_cache, prepare_cache, prepare_teacher,
@@ -103,7 +103,8 @@ def stage_ijb(cfg: ExperimentConfig, run_dir: str, result: dict, load_model, met
         model, input_size = load_model()
         log(f"{name}: {cfg.data.ijb.target} template verification ({len(meta.names):,} images, "
             f"{len(meta.pairs):,} pairs)")
-        ijb = evaluate_ijb(model, input_size, cfg.data.ijb, meta, workers=cfg.data.num_workers, progress=progress,
+        ijb = evaluate_ijb(model, input_size, cfg.data.ijb, meta, progress=progress,
+                           workers=loader_workers(cfg.data.num_workers, resolve_device(cfg.device).type),
                            model_name=name)
         result = {**result, "ijb": ijb}
         atomic_write_json(RunLayout(run_dir).stage(name).result, result)
@@ -208,7 +209,7 @@ def _cache(cfg: ExperimentConfig, teacher, train_set, run_dir: str, progress: bo
     teacher runs under the same, so both give the students the same targets: bf16 on CUDA; on a bf16 CPU for an
     IResNet), with the thread policy's threads and workers."""
     device = resolve_device(cfg.device)
-    plan = apply_threads(plan_threads(cfg.data.num_workers, cfg.train.threads))
+    plan = apply_threads(plan_threads(loader_workers(cfg.data.num_workers, device.type), cfg.train.threads))
     if is_main():
         log(f"teacher cache: {plan.describe()}")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=plan.workers))

@@ -60,7 +60,7 @@ from distill.train.state import resume_state, save_state
 from distill.train.setup import (create_optimizer, create_scheduler, describe_precision, maybe_compile,
                                  preemption_signals, use_channels_last)
 from distill.utils.device import amp_settings, resolve_device
-from distill.utils.threads import ThreadPlan, apply_threads, plan_threads
+from distill.utils.threads import ThreadPlan, apply_threads, loader_workers, plan_threads
 
 
 
@@ -347,7 +347,7 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
     """Train one stage to the end (or resume it) and return its result (also written to result.json)."""
     os.makedirs(stage_dir, exist_ok=True)
     st = _build(cfg, spec, stage_dir, train_set, teacher, cache)
-    st.threads = apply_threads(plan_threads(cfg.data.num_workers, spec.train.threads))
+    st.threads = apply_threads(plan_threads(loader_workers(cfg.data.num_workers, st.device.type), spec.train.threads))
     if os.path.exists(st.paths.last):
         resume_state(st, log)  # a stage resumes with the thread count it started with (its digits depend on it)
     how = describe_precision(spec.name, spec.train, st.device, st.teacher if st.use_teacher and cache is None
