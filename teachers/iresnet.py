@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from timm.models import checkpoint_seq
+
+from distill.models.contract import FaceModelContract, check_in_chans, face_pretrained_cfg
 from distill.models.registry import register_model
 
 LAYERS = {
@@ -39,7 +42,7 @@ class IBasicBlock(nn.Module):
         return out + (x if self.downsample is None else self.downsample(x))
 
 
-class IResNet(nn.Module):
+class IResNet(FaceModelContract, nn.Module):
     """arcface_torch IResNet. Input (B, 3, S, S) normalised (x/255-0.5)/0.5 RGB; output (B, embedding_size) raw.
 
     `embedding_size` is arcface_torch's `num_features` (renamed: every model of the registry says
@@ -48,13 +51,19 @@ class IResNet(nn.Module):
     """
 
     cpu_bf16 = True  # dense 3x3 convolutions: faster under bf16 autocast on a bf16 CPU (distill.utils.device)
+    _head_names = ("dropout", "fc", "features")  # timm's contract (distill/models/contract.py): bn2 is the norm
+    _final_norm_name = "bn2"
 
-    def __init__(self, depth: int = 100, embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112):
+    def __init__(self, depth: int = 100, embedding_size: int = 512, dropout: float = 0.0, input_size: int = 112,
+                 num_classes: int = 0, in_chans: int = 3):
         super().__init__()
+        check_in_chans(in_chans, f"iresnet{depth}")
         if depth not in LAYERS:
             raise ValueError(f"IResNet depth must be one of {sorted(LAYERS)}, got {depth}")
         self.depth = depth
         self.config = dict(embedding_size=embedding_size, dropout=dropout, input_size=input_size)
+        if num_classes:
+            self.config["num_classes"] = num_classes
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
         self.prelu = nn.PReLU(64)
@@ -74,6 +83,10 @@ class IResNet(nn.Module):
         self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
         nn.init.constant_(self.features.weight, 1.0)
         self.features.weight.requires_grad = False
+        # feature 0 is the stem (stride 1), then each layer halves the map
+        info = [dict(num_chs=64, reduction=1, module="prelu")]
+        info += [dict(num_chs=c, reduction=2 ** (i + 1), module=f"layer{i + 1}") for i, c in enumerate((64, 128, 256, 512))]
+        self._init_contract(num_classes, 512, embedding_size, info, face_pretrained_cfg(input_size, side, "conv1", num_classes))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0, 0.1)
@@ -81,37 +94,69 @@ class IResNet(nn.Module):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.prelu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prelu(self.bn1(self.conv1(x)))
+
+    def _stages(self) -> list:
+        return [(f"layer{i}", getattr(self, f"layer{i}")) for i in range(1, 5)]
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^conv1|^bn1|^prelu", blocks=r"^layer(\d+)" if coarse else r"^layer(\d+)\.(\d+)")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """layer4's map, (B, 512, S/16, S/16), before bn2 (the final norm, applied by forward_head)."""
+        x = self._stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+                x = checkpoint_seq(layer, x)
+            return x
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """bn2 -> flatten -> dropout -> fc -> BatchNorm: the embedding (`pre_logits`, or without a classifier)."""
         x = self.dropout(torch.flatten(self.bn2(x), 1))
-        return self.features(self.fc(x))
+        x = self.features(self.fc(x))
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 # ------------------------------------------------------------------------------------------ registry
 # arcface_torch's names (r18 .. r200) are aliases.
 
-@register_model(aliases=("r18",))
-def iresnet18(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) -> IResNet:
-    return IResNet(18, embedding_size=embedding_size, input_size=input_size, dropout=dropout)
+@register_model(aliases=("r18",), timm=True)
+def iresnet18(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0,
+               num_classes: int = 0, in_chans: int = 3) -> IResNet:
+    return IResNet(18, embedding_size=embedding_size, input_size=input_size, dropout=dropout,
+                   num_classes=num_classes, in_chans=in_chans)
 
 
-@register_model(aliases=("r34",))
-def iresnet34(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) -> IResNet:
-    return IResNet(34, embedding_size=embedding_size, input_size=input_size, dropout=dropout)
+@register_model(aliases=("r34",), timm=True)
+def iresnet34(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0,
+               num_classes: int = 0, in_chans: int = 3) -> IResNet:
+    return IResNet(34, embedding_size=embedding_size, input_size=input_size, dropout=dropout,
+                   num_classes=num_classes, in_chans=in_chans)
 
 
-@register_model(aliases=("r50",))
-def iresnet50(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) -> IResNet:
-    return IResNet(50, embedding_size=embedding_size, input_size=input_size, dropout=dropout)
+@register_model(aliases=("r50",), timm=True)
+def iresnet50(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0,
+               num_classes: int = 0, in_chans: int = 3) -> IResNet:
+    return IResNet(50, embedding_size=embedding_size, input_size=input_size, dropout=dropout,
+                   num_classes=num_classes, in_chans=in_chans)
 
 
-@register_model(aliases=("r100",))
-def iresnet100(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) -> IResNet:
+@register_model(aliases=("r100",), timm=True)
+def iresnet100(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0,
+               num_classes: int = 0, in_chans: int = 3) -> IResNet:
     """The VarGFaceNet paper's teacher (arcface_torch r100: 65.2M parameters, 24.2 GFLOPs at 112x112)."""
-    return IResNet(100, embedding_size=embedding_size, input_size=input_size, dropout=dropout)
+    return IResNet(100, embedding_size=embedding_size, input_size=input_size, dropout=dropout,
+                   num_classes=num_classes, in_chans=in_chans)
 
 
-@register_model(aliases=("r200",))
-def iresnet200(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) -> IResNet:
-    return IResNet(200, embedding_size=embedding_size, input_size=input_size, dropout=dropout)
+@register_model(aliases=("r200",), timm=True)
+def iresnet200(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0,
+               num_classes: int = 0, in_chans: int = 3) -> IResNet:
+    return IResNet(200, embedding_size=embedding_size, input_size=input_size, dropout=dropout,
+                   num_classes=num_classes, in_chans=in_chans)

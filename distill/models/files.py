@@ -33,10 +33,15 @@ def model_embedding_size(model: nn.Module) -> int:
 
 def save_student(path, model: nn.Module, arch: str, kwargs: dict | None = None, extra: dict | None = None) -> None:
     """Write `student.pt` atomically (distill.utils.checkpoint.atomic_torch_save): weights plus what rebuilds the
-    model (`create_model(arch, **kwargs)`; kwargs default to the model's `.config`), nothing executable."""
-    payload = {"format": STUDENT_FORMAT, "arch": arch,
-               "kwargs": dict(kwargs) if kwargs is not None else dict(model.config),
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    model (`create_model(arch, **kwargs)`; kwargs default to the model's `.config`), nothing executable.
+    A model built with a classifier (timm's `num_classes > 0`) is saved as its embedding model, without it."""
+    kwargs = dict(kwargs) if kwargs is not None else dict(model.config)
+    state = model.state_dict()
+    if getattr(model, "num_classes", 0):
+        kwargs.pop("num_classes", None)
+        state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+    payload = {"format": STUDENT_FORMAT, "arch": arch, "kwargs": kwargs,
+               "state_dict": {k: v.detach().cpu() for k, v in state.items()}}
     if extra:
         payload["extra"] = extra
     atomic_torch_save(payload, path)

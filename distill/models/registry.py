@@ -117,7 +117,8 @@ def register_model(fn=None, *, aliases: tuple = (), builds=None, timm: bool = Fa
         _MODELS[name] = _entry(name, fn, builds)
         _ALIASES.update({a: name for a in aliases})
         if timm:
-            _register_with_timm(fn)
+            for key in (name, *aliases):
+                _register_with_timm(fn, key)
         return fn
 
     return add(fn) if fn is not None else add
@@ -135,22 +136,46 @@ def register_model_family(prefix: str, check=None):
     return add
 
 
-def _register_with_timm(fn) -> None:
-    # keyword arguments timm.create_model passes that a face model has no use for
-    ignored = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "features_only", "num_classes",
-               "in_chans", "global_pool", "drop_rate", "scriptable", "exportable", "no_jit")
+def _register_with_timm(fn, name: str) -> None:
+    """`timm.create_model(name, ...)` builds `fn`'s model through timm's builder (build_model_with_cfg), so it
+    carries its pretrained_cfg and `features_only=True` (out_indices, feature_cls) works; a name timm already
+    has is left to timm."""
+    import timm.models
+    from timm.models import build_model_with_cfg
+
+    if name in timm.models.list_models(name):
+        return
+    ignored = ("cache_dir", "global_pool", "drop_rate", "scriptable", "exportable", "no_jit")
 
     def factory(pretrained: bool = False, **kwargs):
         if pretrained:
-            raise ValueError(f"{fn.__name__}: no pretrained weights are published; load a student.pt instead")
-        return fn(**{k: v for k, v in kwargs.items() if k not in ignored})
+            raise ValueError(f"{name}: no pretrained weights are published; load a student.pt instead")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ignored}
+        model_kwargs = {k: v for k, v in kwargs.items() if k not in ("features_only", "out_indices", "feature_cls",
+                                                                     "pretrained_cfg", "pretrained_cfg_overlay")}
+        if not kwargs.get("features_only"):
+            model = fn(**model_kwargs)
+            model.pretrained_cfg = model.default_cfg = _resolved_cfg(model, kwargs)
+            return model
+        import torch
 
-    factory.__name__ = factory.__qualname__ = fn.__name__
+        with torch.random.fork_rng(devices=[]):  # a probe for the feature layout: the model draws what fn's would
+            probe = fn(**model_kwargs)
+        kwargs.pop("pretrained_cfg", None)
+        return build_model_with_cfg(
+            fn, name, pretrained=False, pretrained_cfg=_resolved_cfg(probe, kwargs), kwargs_filter=("img_size",),
+            feature_cfg=dict(out_indices=tuple(range(len(probe.feature_info))),
+                             flatten_sequential=any("." in f["module"] for f in probe.feature_info)), **kwargs)
+
+    factory.__name__ = factory.__qualname__ = name
     factory.__module__ = fn.__module__
     factory.__doc__ = fn.__doc__
-    from timm.models import register_model as timm_register  # timm only for the models that ask for it
+    timm.models.register_model(factory)
 
-    timm_register(factory)
+
+def _resolved_cfg(model, kwargs) -> dict:
+    """The model's own pretrained_cfg with timm's overlay (`pretrained_cfg_overlay=`) applied."""
+    return {**model.pretrained_cfg, **(kwargs.get("pretrained_cfg_overlay") or {})}
 
 
 def list_models(aliases: bool = False) -> list:
@@ -199,11 +224,16 @@ def canonical_name(name: str) -> str:
     return _ALIASES.get(name, name)
 
 
+# timm's contract arguments (distill/models/contract.py): accepted, never part of an experiment's defaults, so
+# experiment.yaml, a teacher's identity and student.pt's kwargs read as they did before the contract
+CONTRACT_ONLY = ("num_classes", "in_chans")
+
+
 def model_defaults(name: str) -> dict:
-    """The model's keyword arguments and their defaults (required ones absent)."""
+    """The model's keyword arguments and their defaults (required ones absent; timm's contract-only ones too)."""
     _load_builtin_families()
     entry, _ = resolve(name)
-    return {k: v for k, v in entry.params.items() if v is not inspect.Parameter.empty}
+    return {k: v for k, v in entry.params.items() if v is not inspect.Parameter.empty and k not in CONTRACT_ONLY}
 
 
 def check_model_kwargs(name: str, kwargs: dict, section: str = "", other_keys: tuple = ()) -> None:
@@ -212,6 +242,9 @@ def check_model_kwargs(name: str, kwargs: dict, section: str = "", other_keys: t
     `other_keys` are the section's own keys, suggested too (a typo of 'init' is not a model argument)."""
     _load_builtin_families()
     entry, _ = resolve(name)
+    if section and kwargs.get("num_classes"):  # a timm user's classifier; an experiment's is the margin head
+        raise ConfigError(f"key '{section}num_classes': the margin head (margin:) classifies in an experiment; "
+                          f"remove {section}num_classes (it is for timm.create_model users)")
     for key, value in kwargs.items():
         if key not in entry.params:
             hint = (did_you_mean(key, [*entry.params, *other_keys], prefix=section)

@@ -26,6 +26,9 @@ import math
 import torch
 from torch import nn
 
+from timm.models import checkpoint_seq
+
+from distill.models.contract import FaceModelContract, check_in_chans, face_pretrained_cfg
 from distill.models.registry import register_model
 
 BN_EPS = 2e-5
@@ -133,7 +136,7 @@ def _downsampled(size: int, times: int) -> int:
     return size
 
 
-class VarGFaceNet(nn.Module):
+class VarGFaceNet(FaceModelContract, nn.Module):
     """VarGFaceNet student. Input: (B, 3, input_size, input_size) normalised (x/255-0.5)/0.5 RGB.
     Output: (B, embedding_size) raw (not L2-normalised) embeddings.
 
@@ -151,7 +154,11 @@ class VarGFaceNet(nn.Module):
         units: blocks per stage 2, 3, 4 (paper [3, 7, 4]).
         input_size: square input side; the embedding conv kernel is the final map size (112 -> 7).
         dropout: dropout before the FC (0 in the paper's distillation setting).
+        num_classes: a classifier after the embedding (timm's contract: distill/models/contract.py); 0, the
+            default, has none and `forward` gives the embedding.
     """
+
+    _head_names = ("embed", "fc", "features")
 
     def __init__(
         self,
@@ -168,8 +175,11 @@ class VarGFaceNet(nn.Module):
         input_size: int = 112,
         dropout: float = 0.0,
         factor: int = 2,
+        num_classes: int = 0,
+        in_chans: int = 3,
     ):
         super().__init__()
+        check_in_chans(in_chans, "VarGFaceNet")
         if head not in ("vargfacenet", "vargnet"):
             raise ValueError(f"head must be 'vargfacenet' or 'vargnet', got {head!r}")
         if embedding not in ("vargfacenet", "gap"):
@@ -181,6 +191,8 @@ class VarGFaceNet(nn.Module):
             head=head, embedding=embedding, multiplier=multiplier, last_channels=last_channels,
             units=list(units), input_size=input_size, dropout=dropout, factor=factor,
         )
+        if num_classes:
+            self.config["num_classes"] = num_classes
         widths = [int(f * multiplier) for f in (32, 64, 128, 256)]
         se_ratio = se_ratio if se else 0
 
@@ -221,6 +233,12 @@ class VarGFaceNet(nn.Module):
         self.features = nn.BatchNorm1d(embedding_size, eps=BN_EPS, momentum=BN_MOMENTUM)
         nn.init.constant_(self.features.weight, 1.0)
         self.features.weight.requires_grad = False
+        # feature 0 is the head's output (stride 2 with the paper's stride-1 first conv), then each stage's
+        r = 2 * head_stride
+        info = [dict(num_chs=widths[0], reduction=r, module="head.3")]
+        info += [dict(num_chs=widths[i + 1], reduction=r * 2 ** (i + 1), module=f"stages.{i}") for i in range(3)]
+        self._init_contract(num_classes, widths[3], embedding_size, info,
+                            face_pretrained_cfg(input_size, self.feature_size, "head.0", num_classes))
         self._init_weights()
 
     def _init_weights(self):
@@ -233,9 +251,30 @@ class VarGFaceNet(nn.Module):
                 nn.init.normal_(m.weight, 0, 1.0 / math.sqrt(m.in_features))
                 nn.init.zeros_(m.bias)
 
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+    def _stages(self) -> list:
+        return [(f"stages.{i}", stage) for i, stage in enumerate(self.stages)]
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^head", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's map: (B, num_features, S/16, S/16) with the paper's head."""
+        x = self.head(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.stages, x)
+        return self.stages(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Embedding block -> fc -> BatchNorm: the embedding (`pre_logits`, or without a classifier)."""
+        x = self.features(self.fc(self.embed(x)))
+        return x if pre_logits else self.classifier(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.head(x))
-        return self.features(self.fc(self.embed(x)))
+        return self.forward_head(self.forward_features(x))
 
 
 # ------------------------------------------------------------------------------------------ registry
