@@ -7,14 +7,13 @@ fixed at 1). Every BN is eps 1e-5 as in arcface_torch. Module names are the stat
 they are not to be renamed.
 """
 
-from __future__ import annotations
 
 import torch
 from torch import nn
 
 from timm.models import checkpoint_seq
 
-from distill.models.contract import FaceModelContract, check_in_chans, face_pretrained_cfg
+from distill.models.contract import FaceModelContract, check_in_chans, face_pretrained_cfg, fix_gamma
 from distill.models.registry import register_model
 
 LAYERS = {
@@ -81,8 +80,7 @@ class IResNet(FaceModelContract, nn.Module):
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(512 * side * side, embedding_size)
         self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
-        nn.init.constant_(self.features.weight, 1.0)
-        self.features.weight.requires_grad = False
+        fix_gamma(self.features)
         # feature 0 is the stem (stride 1), then each layer halves the map
         info = [dict(num_chs=64, reduction=1, module="prelu")]
         info += [dict(num_chs=c, reduction=2 ** (i + 1), module=f"layer{i + 1}") for i, c in enumerate((64, 128, 256, 512))]
@@ -115,6 +113,8 @@ class IResNet(FaceModelContract, nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """bn2 -> flatten -> dropout -> fc -> BatchNorm: the embedding (`pre_logits`, or without a classifier)."""
+        if self.global_pool == "":  # timm's reset_classifier(0, ''): no pooling, the map itself
+            return x
         x = self.dropout(torch.flatten(self.bn2(x), 1))
         x = self.features(self.fc(x))
         return x if pre_logits else self.classifier(x)
@@ -126,28 +126,28 @@ class IResNet(FaceModelContract, nn.Module):
 # ------------------------------------------------------------------------------------------ registry
 # arcface_torch's names (r18 .. r200) are aliases.
 
-@register_model(aliases=("r18",), timm=True)
+@register_model(aliases=("r18",), timm=dict(first_conv="conv1"))
 def iresnet18(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0,
                num_classes: int = 0, in_chans: int = 3) -> IResNet:
     return IResNet(18, embedding_size=embedding_size, input_size=input_size, dropout=dropout,
                    num_classes=num_classes, in_chans=in_chans)
 
 
-@register_model(aliases=("r34",), timm=True)
+@register_model(aliases=("r34",), timm=dict(first_conv="conv1"))
 def iresnet34(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0,
                num_classes: int = 0, in_chans: int = 3) -> IResNet:
     return IResNet(34, embedding_size=embedding_size, input_size=input_size, dropout=dropout,
                    num_classes=num_classes, in_chans=in_chans)
 
 
-@register_model(aliases=("r50",), timm=True)
+@register_model(aliases=("r50",), timm=dict(first_conv="conv1"))
 def iresnet50(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0,
                num_classes: int = 0, in_chans: int = 3) -> IResNet:
     return IResNet(50, embedding_size=embedding_size, input_size=input_size, dropout=dropout,
                    num_classes=num_classes, in_chans=in_chans)
 
 
-@register_model(aliases=("r100",), timm=True)
+@register_model(aliases=("r100",), timm=dict(first_conv="conv1"))
 def iresnet100(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0,
                num_classes: int = 0, in_chans: int = 3) -> IResNet:
     """The VarGFaceNet paper's teacher (arcface_torch r100: 65.2M parameters, 24.2 GFLOPs at 112x112)."""
@@ -155,7 +155,7 @@ def iresnet100(embedding_size: int = 512, input_size: int = 112, dropout: float 
                    num_classes=num_classes, in_chans=in_chans)
 
 
-@register_model(aliases=("r200",), timm=True)
+@register_model(aliases=("r200",), timm=dict(first_conv="conv1"))
 def iresnet200(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0,
                num_classes: int = 0, in_chans: int = 3) -> IResNet:
     return IResNet(200, embedding_size=embedding_size, input_size=input_size, dropout=dropout,

@@ -164,3 +164,24 @@ def test_an_experiment_refuses_num_classes_for_its_models(tmp_path):
         load_config(str(exp), ["student.num_classes=10"])
     with pytest.raises(ConfigError, match="teacher.num_classes"):
         load_config(str(exp), ["teacher.num_classes=10"])
+
+
+@pytest.mark.parametrize("name", ["vargfacenet", "iresnet18"])
+def test_global_pool_off_gives_the_map_and_every_parameter_trains(name):
+    model = _build(name).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        final = model.forward_features(x)
+        model.reset_classifier(0, "")  # timm's "no pooling": the embedding block is left out
+        assert torch.equal(model(x), final)
+        model.reset_classifier(0, "embedding")
+        assert model(x).shape == (2, 16)
+    with pytest.raises(ValueError, match="global_pool 'avg'"):
+        model.reset_classifier(0, "avg")
+    # the last BatchNorm's fixed scale (MXNet fix_gamma) is a buffer: same key, every parameter gets a gradient
+    assert "features.weight" in model.state_dict() and "features.weight" not in dict(model.named_parameters())
+    assert torch.equal(model.features.weight, torch.ones(16))
+    model.train()(x).square().sum().backward()
+    assert not [n for n, p in model.named_parameters() if p.grad is None]
+    timm_unpooled = timm.create_model(name, embedding_size=16, input_size=32, global_pool="").eval()
+    assert timm_unpooled(x).dim() == 4

@@ -28,6 +28,8 @@ from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
 FACE_MEAN = FACE_STD = (0.5, 0.5, 0.5)  # insightface's normalisation: (x / 255 - 0.5) / 0.5
+# timm's global_pool: the embedding block is a face model's pooling; '' leaves it out (forward gives the map)
+POOLED = "embedding"
 
 
 def face_pretrained_cfg(input_size: int, pool_size: int, first_conv: str, num_classes: int = 0) -> dict:
@@ -36,6 +38,15 @@ def face_pretrained_cfg(input_size: int, pool_size: int, first_conv: str, num_cl
             "std": FACE_STD, "pool_size": (pool_size, pool_size), "interpolation": "bilinear", "crop_pct": 1.0,
             "crop_mode": "center", "first_conv": first_conv, "classifier": "classifier",
             "num_classes": num_classes, "license": "see the facedistill repository"}
+
+
+def fix_gamma(bn: nn.Module) -> None:
+    """MXNet's fix_gamma=True / arcface_torch's frozen last BatchNorm: its scale is 1 and never trained. Held as
+    a buffer, not a parameter without gradient (the state dict key `weight` is the same), so every parameter
+    of the model trains, as timm's tooling and tests expect."""
+    weight = torch.ones_like(bn.weight.detach())
+    del bn.weight
+    bn.register_buffer("weight", weight)
 
 
 def check_in_chans(in_chans: int, name: str) -> None:
@@ -57,6 +68,8 @@ class FaceModelContract:
     def _init_contract(self, num_classes: int, num_features: int, embedding_size: int, feature_info: list,
                        pretrained_cfg: dict) -> None:
         self.num_classes = int(num_classes)
+        self.global_pool = POOLED
+        self.in_chans = 3
         self.num_features = num_features
         self.head_hidden_size = embedding_size
         self.classifier = nn.Linear(embedding_size, num_classes) if num_classes > 0 else nn.Identity()
@@ -72,9 +85,17 @@ class FaceModelContract:
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         """A new (randomly initialised) classifier of `num_classes` after the embedding; 0 removes it.
-        `global_pool` is accepted for timm's signature: the embedding block is the model's pooling."""
+        `global_pool`: the embedding block is the model's pooling; '' leaves it (and fc, BN, classifier) out, so
+        forward gives forward_features' map, as timm's models do; 'embedding' puts it back; None keeps it."""
+        if global_pool is not None:
+            if global_pool not in ("", POOLED):
+                raise ValueError(f"global_pool {global_pool!r}: a face model pools with its embedding block "
+                                 f"({POOLED!r}) or not at all ('')")
+            self.global_pool = global_pool
         self.num_classes = int(num_classes)
-        self.classifier = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        like = next(self.parameters())  # the new classifier on the model's device and dtype, in its mode
+        self.classifier = (nn.Linear(self.head_hidden_size, num_classes, device=like.device, dtype=like.dtype)
+                           if num_classes > 0 else nn.Identity()).train(self.training)
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": self.num_classes}
         self.default_cfg = self.pretrained_cfg
         if hasattr(self, "config"):

@@ -106,7 +106,8 @@ def register_model(fn=None, *, aliases: tuple = (), builds=None, timm: bool = Fa
     """Register `fn(**kwargs) -> nn.Module` under its function name (decorator, with or without arguments).
 
     aliases: other names for it (r100 for iresnet100); builds: the class `fn` passes **kwargs to;
-    timm: also register it with timm, so `timm.create_model(name)` builds it after `import distill`."""
+    timm: also register it with timm, so `timm.create_model(name)` builds it after `import distill` (a dict:
+    entries of its default pretrained_cfg at 112 px, e.g. first_conv; distill/models/contract.py)."""
 
     def add(fn):
         _load_builtin_families()
@@ -118,7 +119,7 @@ def register_model(fn=None, *, aliases: tuple = (), builds=None, timm: bool = Fa
         _ALIASES.update({a: name for a in aliases})
         if timm:
             for key in (name, *aliases):
-                _register_with_timm(fn, key)
+                _register_with_timm(fn, key, timm if isinstance(timm, dict) else {})
         return fn
 
     return add(fn) if fn is not None else add
@@ -136,21 +137,39 @@ def register_model_family(prefix: str, check=None):
     return add
 
 
-def _register_with_timm(fn, name: str) -> None:
+def _register_with_timm(fn, name: str, cfg: dict) -> None:
     """`timm.create_model(name, ...)` builds `fn`'s model through timm's builder (build_model_with_cfg), so it
     carries its pretrained_cfg and `features_only=True` (out_indices, feature_cls) works; a name timm already
     has is left to timm."""
+    import sys
+
     import timm.models
     from timm.models import build_model_with_cfg
 
+    from distill.models.contract import face_pretrained_cfg
+
     if name in timm.models.list_models(name):
         return
-    ignored = ("cache_dir", "global_pool", "drop_rate", "scriptable", "exportable", "no_jit")
+    ignored = ("cache_dir", "global_pool", "drop_rate", "scriptable", "exportable", "no_jit")  # not the model's
+    # timm reads a registered model's default cfg from its module's `default_cfgs` (list_models(pretrained=...),
+    # name_matches_cfg): the face conventions at 112 px; a model built at another size carries its own
+    module = sys.modules[fn.__module__]
+    if not hasattr(module, "default_cfgs"):
+        module.default_cfgs = {}
+    module.default_cfgs[name] = face_pretrained_cfg(112, 7, cfg.get("first_conv", ""))
 
     def factory(pretrained: bool = False, **kwargs):
         if pretrained:
             raise ValueError(f"{name}: no pretrained weights are published; load a student.pt instead")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ignored}
+        place = {k: kwargs.pop(k) for k in ("device", "dtype") if kwargs.get(k) is not None}
+        pool = kwargs.get("global_pool")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ignored and k not in ("device", "dtype")}
+        model = _build_for_timm(kwargs)
+        if pool is not None and not kwargs.get("features_only"):
+            model.reset_classifier(model.num_classes, pool)
+        return model.to(**place) if place else model
+
+    def _build_for_timm(kwargs):
         model_kwargs = {k: v for k, v in kwargs.items() if k not in ("features_only", "out_indices", "feature_cls",
                                                                      "pretrained_cfg", "pretrained_cfg_overlay")}
         if not kwargs.get("features_only"):

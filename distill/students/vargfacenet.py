@@ -19,7 +19,6 @@ define the running-average weight the other way round). Blocks whose shortcut is
 shortcut module, so every parameter is used and DDP needs no `find_unused_parameters`.
 """
 
-from __future__ import annotations
 
 import math
 
@@ -28,7 +27,7 @@ from torch import nn
 
 from timm.models import checkpoint_seq
 
-from distill.models.contract import FaceModelContract, check_in_chans, face_pretrained_cfg
+from distill.models.contract import FaceModelContract, check_in_chans, face_pretrained_cfg, fix_gamma
 from distill.models.registry import register_model
 
 BN_EPS = 2e-5
@@ -231,8 +230,7 @@ class VarGFaceNet(FaceModelContract, nn.Module):
         self.fc = nn.Linear(fc_in, embedding_size)
         # MXNet fix_gamma=True / arcface_torch: the last BN scales nothing, it only centres and whitens.
         self.features = nn.BatchNorm1d(embedding_size, eps=BN_EPS, momentum=BN_MOMENTUM)
-        nn.init.constant_(self.features.weight, 1.0)
-        self.features.weight.requires_grad = False
+        fix_gamma(self.features)
         # feature 0 is the head's output (stride 2 with the paper's stride-1 first conv), then each stage's
         r = 2 * head_stride
         info = [dict(num_chs=widths[0], reduction=r, module="head.3")]
@@ -270,6 +268,8 @@ class VarGFaceNet(FaceModelContract, nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Embedding block -> fc -> BatchNorm: the embedding (`pre_logits`, or without a classifier)."""
+        if self.global_pool == "":  # timm's reset_classifier(0, ''): no pooling, the map itself
+            return x
         x = self.features(self.fc(self.embed(x)))
         return x if pre_logits else self.classifier(x)
 
@@ -279,13 +279,13 @@ class VarGFaceNet(FaceModelContract, nn.Module):
 
 # ------------------------------------------------------------------------------------------ registry
 
-@register_model(builds=VarGFaceNet, timm=True)
+@register_model(builds=VarGFaceNet, timm=dict(first_conv="head.0"))
 def vargfacenet(**kwargs) -> VarGFaceNet:
     """VarGFaceNet as in the paper: S=8, SE, PReLU, stride-1 head, 1024-channel embedding block."""
     return VarGFaceNet(**kwargs)
 
 
-@register_model(builds=VarGFaceNet, timm=True)
+@register_model(builds=VarGFaceNet, timm=dict(first_conv="head.0"))
 def vargfacenet_depthwise(group_size: int = 1, **kwargs) -> VarGFaceNet:
     """The paper's MobileNet-style baseline: VarGFaceNet with depthwise convolutions (S=1)."""
     return VarGFaceNet(group_size=group_size, **kwargs)
