@@ -185,3 +185,18 @@ def test_global_pool_off_gives_the_map_and_every_parameter_trains(name):
     assert not [n for n, p in model.named_parameters() if p.grad is None]
     timm_unpooled = timm.create_model(name, embedding_size=16, input_size=32, global_pool="").eval()
     assert timm_unpooled(x).dim() == 4
+
+
+def test_the_timm_test_runner_keeps_only_the_face_models(tmp_path, capsys):
+    """tools/timm_model_tests.py on a stand-in for timm's tests/test_models.py (--src): the conftest it writes
+    registers the face models before collection and deselects every other model's case."""
+    from tools.timm_model_tests import main
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_models.py").write_text(
+        "import pytest\nimport timm\n\n\n"
+        "@pytest.mark.parametrize('model_name', sorted(set(timm.list_models('*resnet18')) | {'vargfacenet'}))\n"
+        "def test_model_forward(model_name):\n"
+        "    assert model_name in ('vargfacenet', 'iresnet18'), model_name\n")
+    assert main(["--src", str(tmp_path), "--", "-q"]) == 0  # resnet18, seresnet18 ... would fail if kept
+    with pytest.raises(SystemExit, match="no tests/test_models.py"):
+        main(["--src", str(tmp_path / "nowhere")])
