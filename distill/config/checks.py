@@ -83,6 +83,15 @@ def check_semantics(cfg, where) -> None:
     if not cfg.data.train:
         raise ConfigError(f"{where('data.train')}: key 'data.train' is required (RecordIO folder or image tree)")
     _check_images_per_id(cfg, where)
+    if loss_needs(cfg.distill.loss, "needs_features") and cfg.distill.alpha > 0 and cfg.teacher is not None:
+        if cfg.teacher.onnx:
+            raise ConfigError(f"{where('teacher.onnx')}: distill.loss {cfg.distill.loss} needs the teacher's intermediate "
+                              f"feature maps, which an ONNX file does not give: use a torch teacher (teacher.arch + "
+                              f"teacher.checkpoint) or an embedding loss")
+        if cfg.teacher.cache:
+            raise ConfigError(f"{where('teacher.cache')}: distill.loss {cfg.distill.loss} needs the teacher's feature maps "
+                              f"at every step, which the teacher cache (embeddings only) does not hold: set "
+                              f"teacher.cache: false (the teacher then runs online)")
     if loss_needs(cfg.distill.loss, "images_per_id") and cfg.distill.alpha > 0 and cfg.data.images_per_id is None:
         raise ConfigError(f"{where('data.images_per_id')}: distill.loss {cfg.distill.loss} compares pairs of images within "
                           f"a batch and needs repeated identities: set data.images_per_id (e.g. 4: batches of "

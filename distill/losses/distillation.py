@@ -23,63 +23,22 @@ what it needs through class attributes:
                                    head(student, labels), and adds no alpha × term (alpha > 0 turns it on)
     images_per_id = True           needs batches with repeated identities (data.images_per_id)
     same_size = True               compares the student's own space with the teacher's (no distill.project)
-The engine knows none of this: it calls the objective.
+    needs_features = True          called as loss(student_maps, teacher_maps) on intermediate feature maps at
+                                   its `stages` (distill/losses/features.py); the teacher runs online
+The engine knows none of this but the last: it calls the objective, and takes the maps a loss asks for.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.utils.errors import CheckpointError, ConfigError, UnknownNameError
-
-DISTILL_LOSSES: dict = {}
-
-
-def register_loss(fn, name: str | None = None):
-    """Register `fn(student_emb, teacher_emb, *, options...) -> scalar tensor` under its function name, or a
-    loss class (see the module docstring) under `name`."""
-    if fn is None or isinstance(fn, str):  # @register_loss("name") on a class
-        return lambda cls: register_loss(cls, fn)
-    DISTILL_LOSSES[name or fn.__name__] = fn
-    return fn
-
-
-def loss_needs(name: str, what: str) -> bool:
-    """Whether registered loss `name` declares `what` (needs_labels, replaces_classification, images_per_id,
-    same_size)."""
-    return bool(getattr(DISTILL_LOSSES.get(name), what, False))
-
-
-def create_distill_loss(name: str, **kwargs):
-    """The registered loss `name`, with keyword options bound; unknown names or options are errors."""
-    if name not in DISTILL_LOSSES:
-        raise UnknownNameError(f"unknown distillation loss {name!r}; registered losses: "
-                               f"{', '.join(sorted(DISTILL_LOSSES))}")
-    fn = DISTILL_LOSSES[name]
-    if isinstance(fn, type):
-        accepted = [p for p in inspect.signature(fn).parameters if p != "self"]
-        _check_options(name, kwargs, accepted)
-        return fn(**kwargs)
-    if not kwargs:
-        return fn
-    accepted = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    _check_options(name, kwargs, accepted)
-    return functools.partial(fn, **kwargs)
-
-
-def _check_options(name: str, kwargs: dict, accepted: list) -> None:
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        from distill.models.registry import did_you_mean
-        raise ConfigError(f"distillation loss {name!r} does not take {', '.join(unknown)}"
-                          f"{did_you_mean(unknown[0], accepted)}; it takes {', '.join(accepted) or 'no options'}")
-
+from distill.losses import features as _features  # noqa: F401  (registers the feature-map losses)
+from distill.losses.registry import DISTILL_LOSSES, create_distill_loss, loss_needs, register_loss  # noqa: F401
+from distill.utils.errors import CheckpointError, ConfigError
 
 def _prepare(student: torch.Tensor, teacher: torch.Tensor):
     """Check shapes, detach the teacher and bring both to one dtype of at least float32 precision."""
@@ -159,7 +118,9 @@ class DistillationObjective(nn.Module):
     def extra_repr(self) -> str:
         return f"loss={self.loss_name!r}, alpha={self.alpha}"
 
-    def forward(self, student_emb: torch.Tensor, labels: torch.Tensor, teacher_emb: torch.Tensor | None = None):
+    def forward(self, student_emb: torch.Tensor, labels: torch.Tensor, teacher_emb: torch.Tensor | None = None,
+                maps: tuple | None = None):
+        """`maps`: (student maps, teacher maps) at the loss's stages, for a loss that needs_features."""
         kd = self.distill_loss
         distilling = self.alpha > 0 and teacher_emb is not None
         if distilling and getattr(kd, "replaces_classification", False):
@@ -169,7 +130,13 @@ class DistillationObjective(nn.Module):
         logs = {name: value.detach() if torch.is_tensor(value) else value for name, value in head_logs.items()}
         logs["loss_cls"] = loss_cls.detach()
         total = loss_cls
-        if distilling and not getattr(kd, "replaces_classification", False):
+        if distilling and getattr(kd, "needs_features", False):
+            if maps is None:
+                raise ConfigError(f"distill.loss {self.loss_name} needs the student's and the teacher's feature maps")
+            loss_kd = kd(*maps)
+            logs["loss_kd"] = loss_kd.detach()
+            total = loss_cls + self.alpha * loss_kd
+        elif distilling and not getattr(kd, "replaces_classification", False):
             projected = self.projection(student_emb) if self.projection is not None else student_emb
             extra = {"labels": labels} if getattr(kd, "needs_labels", False) else {}
             loss_kd = kd(projected, teacher_emb, **extra)

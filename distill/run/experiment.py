@@ -74,6 +74,8 @@ def embedding_size_problem(cfg: ExperimentConfig, teacher_dim: int) -> str | Non
     student_dim = cfg.student.embedding_size
     if cfg.distill.alpha <= 0 or cfg.generations < 1 or teacher_dim == student_dim:
         return None
+    if loss_needs(cfg.distill.loss, "needs_features"):  # compares feature maps, not embeddings
+        return None
     if loss_needs(cfg.distill.loss, "same_size"):
         return (f"the teacher's embeddings are {teacher_dim}-d, student.embedding_size is {student_dim}: "
                 f"distill.loss {cfg.distill.loss} moves the student's class centres toward the teacher's embeddings, "

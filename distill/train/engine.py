@@ -4,26 +4,26 @@ The loop is deliberately plain: plan the epoch's batches, forward the student, l
 embedding up in the cache (or run the teacher online), add the losses, step. What makes it a
 research tool rather than a script is the guarantees around that loop:
 
-- Exact resume. The order of samples and their flips is a pure function of (seed, epoch) — planned
-  in distill/train/epoch_plan.py, not drawn inside DataLoader workers — so a run resumed from `last.pt` at step k sees exactly
-  the batches an uninterrupted run would. The checkpoint holds model, head, optimizer, scheduler,
-  scaler, step, epoch, position inside the epoch and every RNG state.
-- Safe checkpoints: temporary file, fsync, rename (distill.utils.checkpoint.atomic_torch_save).
-- Preemption: SIGTERM or SIGUSR1 writes last.pt at the next step boundary and stops cleanly.
+- Exact resume. The order of samples and their flips is a pure function of (seed, epoch) (distill/train/
+  epoch_plan.py, not drawn in DataLoader workers): a run resumed from `last.pt` at step k sees exactly the batches
+  an uninterrupted run would. last.pt holds model, head, optimizer, scheduler, scaler, step, epoch, position
+  inside the epoch and every RNG state.
+- Safe checkpoints: temporary file, fsync, rename (atomic_torch_save). Preemption: SIGTERM or SIGUSR1 writes
+  last.pt at the next step boundary and stops cleanly.
 - Divergence: a NaN/Inf loss stops the run naming the step and the term; nothing is saved after it.
 - The teacher never trains: it is a FrozenTeacher, never handed to the optimizer.
 
-A stage directory holds last.pt, best.pt, student.pt, metrics.jsonl and result.json (written last:
-its presence means the stage is finished). Every `log_every` updates metrics.jsonl gets one line: each
-train/<term> is the mean over all micro-batches since the previous line (weighted by batch size),
-train/images_per_s the throughput over them (evaluation and checkpoint time left out), plus train/lr
-and train/epoch (tracking.LogWindow). A resumed run starts a fresh window. Device, precision, lr and
-schedule come from distill/train/setup.py.
+A stage directory holds last.pt, best.pt, student.pt, metrics.jsonl and result.json (written last: its presence
+means the stage is finished). Every `log_every` updates metrics.jsonl gets one line: each train/<term> is the
+mean over all micro-batches since the previous line (weighted by batch size), train/images_per_s the
+throughput over them (evaluation and checkpoint time left out), plus train/lr
+and train/epoch (tracking.LogWindow); a resumed run starts a fresh window. Device, precision, lr, schedule:
+distill/train/setup.py. A feature-map loss gets its maps from hooks (distill/train/feature_taps.py).
 
-run_stage reads top-down: _build (device, seed, model, head, objective, optimizer, scheduler, scaler,
-DDP: one _Stage), resume_state (last.pt into it), _train (epochs of _micro_step/_update, then
-_after_update: log, evaluate, checkpoint, stop on a signal), _finish (final evaluation, best.pt,
-student.pt, result.json). save_state writes the state to last.pt (distill/train/state.py).
+run_stage reads top-down: _build (device, seed, model, head, objective, optimizer, scheduler, scaler, DDP: one
+_Stage), resume_state (last.pt into it), _train (epochs of _micro_step/_update, then _after_update: log,
+evaluate, checkpoint, stop on a signal), _finish (final evaluation, best.pt, student.pt, result.json).
+save_state writes the state to last.pt (distill/train/state.py).
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ from tqdm import tqdm
 from distill.utils.atomic import atomic_write_json
 from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
 from distill.config.schema import ExperimentConfig, TrainConfig
-from distill.utils.dist import barrier, world_size
+from distill.utils.dist import barrier, rank as dist_rank, world_size
 from distill.data.gpu_decode import EncodedPlanned, check_decode, collate_encoded, decode_batch
+from distill.train.feature_taps import taps_for
 from distill.train.epoch_plan import PlannedDataset, plan_epoch, plan_identity_epoch, stage_loader
-from distill.utils.dist import rank as dist_rank
 from distill.utils.errors import DistillError
 from distill.eval.verification import evaluate_sets
 from distill.losses.heads import head_from_config
@@ -129,6 +129,7 @@ class _Stage:
     best: dict | None = None        # {"score", "step"} of best.pt
     clock: float = 0.0              # perf_counter() from which train_seconds counts next
     threads: ThreadPlan | None = None  # torch threads and loader workers (distill/utils/threads.py)
+    taps: object = None             # feature maps for a feature-map loss (distill/train/feature_taps.py)
 
     def lap(self) -> None:
         """Add the time since the clock last (re)started to train_seconds, and restart it."""
@@ -239,7 +240,7 @@ def _micro_step(st: _Stage, batch, window: LogWindow, where=None) -> bool:
                 t_emb = st.teacher(match_input_size(x, st.teacher.input_size)).float()
     with torch.autocast(**autocast):
         emb = st.forward(x)
-    total, logs = st.objective(emb.float(), y, t_emb)
+    total, logs = st.objective(emb.float(), y, t_emb, maps=st.taps.read() if st.taps else None)
     if not torch.isfinite(total):
         bad = [k for k, v in logs.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
         kept = f"last good checkpoint: {st.paths.last}" if os.path.exists(st.paths.last) else "no checkpoint was written yet"
@@ -356,9 +357,9 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
         log(f"{spec.name}: on {st.device}, {st.threads.describe()}" + (f", {how}" if how else ""))
     tracker = tracker or Tracker(stage_dir, rank=st.rank)
     tracker.truncate_after(st.step)
-    with preemption_signals() as stop, tqdm(total=st.total_steps, initial=st.step, desc=spec.name, unit="step",
-                                             disable=not progress or st.rank != 0, dynamic_ncols=True,
-                                             leave=False) as bar:
+    with preemption_signals() as stop, taps_for(st) as st.taps, tqdm(  # taps: hooks off after (teacher reused)
+            total=st.total_steps, initial=st.step, desc=spec.name, unit="step", disable=not progress or st.rank != 0,
+            dynamic_ncols=True, leave=False) as bar:
         _train(st, train_set, val_sets, tracker, stop, bar)
     return _finish(st, val_sets, tracker)
 

@@ -1,0 +1,86 @@
+"""The feature maps a feature-map loss asks for (distill/losses/features.py), taken by forward hooks on the
+modules timm's contract names in `feature_info` (distill/models/contract.py): the student's and the online
+teacher's usual forward passes fill them, so DDP, compile and the embedding path are untouched."""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+
+from distill.utils.errors import ConfigError
+
+
+def _torch_model(model) -> nn.Module:
+    """The module that holds the layers: through torch.compile's wrapper and the frozen teacher's."""
+    model = getattr(model, "_orig_mod", model)
+    inner = getattr(model, "model", None)
+    return inner if isinstance(inner, nn.Module) and getattr(model, "feature_info", None) is None else model
+
+
+def stage_indices(stages, count: int, who: str) -> list:
+    """Feature indices (negative: from the last) of a model with `count` features, checked."""
+    taken = []
+    for s in stages:
+        i = int(s) + count if int(s) < 0 else int(s)
+        if not 0 <= i < count:
+            raise ConfigError(f"stage {s} of {who}: it has {count} feature stages (0..{count - 1}, or -1..-{count} "
+                              f"from the last); choose the loss's stages among them")
+        taken.append(i)
+    return taken
+
+
+class FeatureTaps:
+    """Forward hooks keeping the maps of `stages` on the student and the teacher; `read()` gives (student maps,
+    teacher maps) of the last forward passes and forgets them; `remove()` takes the hooks off (the teacher
+    object serves the next stage too)."""
+
+    def __init__(self, student: nn.Module, teacher, stages):
+        self.maps = {"student": {}, "teacher": {}}
+        self.handles = []
+        self.count = len(tuple(stages))
+        for role, model in (("student", student), ("teacher", _torch_model(teacher))):
+            info = getattr(model, "feature_info", None)
+            if info is None:
+                raise ConfigError(f"the {role} ({type(model).__name__}) has no feature_info: a feature-map loss needs "
+                                  f"models with timm's feature contract (the face models, timm backbones)")
+            info = list(info.info) if hasattr(info, "info") else list(info)
+            for slot, i in enumerate(stage_indices(stages, len(info), f"the {role} ({type(model).__name__})")):
+                module = model.get_submodule(info[i]["module"])
+                self.handles.append(module.register_forward_hook(self._keep(role, slot)))
+
+    def _keep(self, role: str, slot: int):
+        def hook(_module, _inputs, output):
+            self.maps[role][slot] = output
+        return hook
+
+    def read(self) -> tuple:
+        got = tuple([self.maps[role].get(slot) for slot in range(self.count)] for role in ("student", "teacher"))
+        for role in self.maps:
+            self.maps[role] = {}
+        if any(m is None for maps in got for m in maps):
+            raise RuntimeError("a feature map was not produced by the forward pass (a hooked module did not run)")
+        return got
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def taps_for(st):
+    """A context holding the stage's FeatureTaps when its distillation loss needs feature maps (the teacher then
+    runs online), else None; leaving it takes the hooks off."""
+    kd = st.objective.distill_loss
+    if not (st.use_teacher and getattr(kd, "needs_features", False)):
+        return contextlib.nullcontext(None)
+    if st.cache is not None:
+        raise ConfigError(f"distill.loss {st.objective.loss_name} needs the teacher's feature maps, which a teacher "
+                          f"cache does not hold: set teacher.cache: false")
+    return FeatureTaps(st.model, st.teacher, kd.stages)
