@@ -101,3 +101,31 @@ def test_a_feature_loss_with_a_cache_or_an_onnx_teacher_is_refused_when_the_conf
                                f"teacher.onnx={onnx}", "teacher.cache=false"])
     cfg = load_config(str(exp), ["distill.loss=attention_transfer", "teacher.cache=false"])
     assert cfg.distill.loss == "attention_transfer"
+
+
+def test_fitnet_by_hand_and_its_regressor_trains_resumes_and_stays_out_of_student_pt(tmp_path, monkeypatch):
+    from distill.losses.features import FitNet
+    fit = FitNet(stages=(0,))
+    fit.build([1], [2])
+    with torch.no_grad():  # regressor: channel 0 = 2x, channel 1 = -x; BN in eval mode with its initial stats
+        fit.regressors[0][0].weight.copy_(torch.tensor([[[[2.0]]], [[[-1.0]]]]))
+    fit.eval()
+    s = torch.tensor([[[[1.0, 3.0]]]])  # (1, 1, 1, 2)
+    t = torch.tensor([[[[2.0, 5.0]], [[0.0, -3.0]]]])  # regressed: [[2, 6], [-1, -3]] / sqrt(1 + 1e-5)
+    k = 1 / math.sqrt(1 + 1e-5)
+    expected = ((2 * k - 2) ** 2 + (6 * k - 5) ** 2 + (-k - 0) ** 2 + (-3 * k + 3) ** 2) / 4
+    assert fit([s], [t]).item() == pytest.approx(expected, rel=1e-5)
+    # a stage: the regressor is trained with the student, kept in last.pt, never in student.pt; resume is exact
+    cfg = tiny_config(distill={"loss": "fitnet"}, teacher={"cache": False}, train={"max_steps": 6, "checkpoint_every": 2})
+    torch.manual_seed(5)
+    teacher = teachers.build_teacher(cfg.teacher.spec())
+    run_stage(cfg, _spec(cfg), str(tmp_path / "whole"), TinyFaces(), {}, teacher=teacher, progress=False)
+    last = safe_torch_load(tmp_path / "whole" / "last.pt")
+    student = safe_torch_load(tmp_path / "whole" / "student.pt")["state_dict"]
+    assert not [k for k in student if "regressor" in k]
+    assert "distill_loss.regressors.0.0.weight" in last["objective"]  # the regressor is objective state in last.pt
+    assert last["objective"]["distill_loss.regressors.0.1.running_var"].ne(1).any()  # and it ran in training
+    stop_at_first_checkpoint(cfg, _spec(cfg), tmp_path / "resumed", monkeypatch, teacher=teacher)
+    run_stage(cfg, _spec(cfg), str(tmp_path / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
+    b = safe_torch_load(tmp_path / "resumed" / "student.pt")["state_dict"]
+    assert all(torch.equal(student[k], b[k]) for k in student)

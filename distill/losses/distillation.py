@@ -145,6 +145,12 @@ class DistillationObjective(nn.Module):
         logs["loss"] = total.detach()
         return total, logs
 
+    def trained_modules(self) -> list:
+        """What trains beside the student and the head: the projection, and a loss's own trained parameters
+        (FitNet's regressors); none for the other losses, so their optimizer state is as before."""
+        extra = [self.projection, self.distill_loss]
+        return [m for m in extra if isinstance(m, nn.Module) and any(p.requires_grad for p in m.parameters())]
+
     def training_state(self) -> dict:
         """What last.pt keeps of the objective besides the head: the projection and a loss's own state."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}

@@ -16,6 +16,10 @@ torch model (an ONNX file gives no intermediate maps).
                          The paper's reference code averages (a_s − a_t)² over batch × positions and weights it
                          β/2 = 500; this sum over positions is H·W times that mean, so the paper's weight is
                          distill.alpha ≈ 500 / (H·W) per stage (e.g. ~10 for 7×7 maps).
+    fitnet               Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015: mean squared error
+                         between a regressed student map (1×1 conv + BN to the teacher's channels, trained
+                         with the student; resized bilinearly to the teacher's size when they differ) and the
+                         teacher's map at each chosen stage (default the second to last), summed over stages.
 """
 
 from __future__ import annotations
@@ -60,5 +64,40 @@ class AttentionTransfer(nn.Module):
             size = tuple(min(a, b) for a, b in zip(s.shape[-2:], t.shape[-2:]))
             diff = attention_map(s, self.p, size) - attention_map(t.detach(), self.p, size)
             term = diff.pow(2).sum(1).mean()
+            total = term if total is None else total + term
+        return total
+
+
+@register_loss("fitnet")
+class FitNet(nn.Module):
+    """FitNets (Romero et al., ICLR 2015): a regressor (1×1 conv + BatchNorm) maps the student's map at each
+    chosen stage to the teacher's channels, and the loss is the mean squared error to the teacher's map there
+    (the paper's hint loss; a regressed map of another size is resized bilinearly to the teacher's).
+
+    Options: stages (default the second to last: a middle-level hint, as the paper chooses). Needs: the maps of
+    an online torch teacher. The regressors are built for the two models when the stage starts
+    (`build(student_channels, teacher_channels)`), train with the student, are kept in last.pt with the
+    objective and never in student.pt or exports."""
+
+    needs_features = True
+
+    def __init__(self, stages: tuple = (-2,)):
+        super().__init__()
+        self.stages = tuple(int(s) for s in stages)
+        self.regressors = nn.ModuleList()
+
+    def build(self, student_channels: list, teacher_channels: list) -> None:
+        self.regressors = nn.ModuleList(nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
+                                        for cs, ct in zip(student_channels, teacher_channels))
+
+    def forward(self, student_maps: list, teacher_maps: list) -> torch.Tensor:
+        if len(self.regressors) != len(student_maps):
+            raise RuntimeError("fitnet: its regressors were not built for these models (FitNet.build)")
+        total = None
+        for regress, s, t in zip(self.regressors, student_maps, teacher_maps):
+            y = regress(s.float())
+            if y.shape[-2:] != t.shape[-2:]:
+                y = F.interpolate(y, size=tuple(t.shape[-2:]), mode="bilinear", align_corners=False)
+            term = F.mse_loss(y, t.detach().float())
             total = term if total is None else total + term
         return total

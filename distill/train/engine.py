@@ -44,7 +44,7 @@ from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict,
 from distill.config.schema import ExperimentConfig, TrainConfig
 from distill.utils.dist import barrier, rank as dist_rank, world_size
 from distill.data.gpu_decode import EncodedPlanned, check_decode, collate_encoded, decode_batch
-from distill.train.feature_taps import taps_for
+from distill.train.feature_taps import prepare_feature_loss, taps_for
 from distill.train.epoch_plan import PlannedDataset, plan_epoch, plan_identity_epoch, stage_loader
 from distill.utils.errors import DistillError
 from distill.eval.verification import evaluate_sets
@@ -172,6 +172,7 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
         teacher_dim = cache.emb.shape[2] if cache is not None else teacher.embedding_size
         project = (model_embedding_size(model), int(teacher_dim))
     objective = DistillationObjective(head, loss=cfg.distill.loss, alpha=spec.alpha, project=project).to(device)
+    prepare_feature_loss(objective, model, teacher, cache, device)  # FitNet's regressors, before the optimizer
     if teacher is not None and cache is None:
         teacher.to(device)
         if use_channels_last(tr, device):
@@ -183,7 +184,7 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
         raise DistillError(f"data.train: {len(train_set)} images are fewer than one step of "
                            f"{tr.batch_size * world * tr.accumulate}; lower train.batch_size")
     total_steps = tr.max_steps or max(1, math.ceil(tr.epochs * steps_per_epoch))
-    trained = [model, head] + ([objective.projection] if objective.projection is not None else [])
+    trained = [model, head] + objective.trained_modules()
     optimizer = create_optimizer(nn.ModuleList(trained), tr, world, device)
     scheduler = create_scheduler(optimizer, tr, total_steps, steps_per_epoch)
     amp_dtype, need_scaler = amp_settings(tr, device, model)
@@ -259,15 +260,14 @@ def _micro_step(st: _Stage, batch, window: LogWindow, where=None) -> bool:
 
 def _update(st: _Stage) -> None:
     """The optimizer update over the accumulated gradients (clipped if asked), then the schedule."""
-    projection = st.objective.projection
-    if projection is not None and st.world > 1:  # outside DDP's wrapper: average its gradient by hand
-        for p in projection.parameters():
+    extra = [p for m in st.objective.trained_modules() for p in m.parameters()]  # projection, FitNet's regressors
+    if extra and st.world > 1:  # outside DDP's wrapper: average their gradients by hand
+        for p in extra:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad.div_(st.world)
     if st.spec.train.clip_grad:
         st.scaler.unscale_(st.optimizer)
-        extra = list(projection.parameters()) if projection is not None else []
         nn.utils.clip_grad_norm_(list(st.model.parameters()) + list(st.head.parameters()) + extra, st.spec.train.clip_grad)
     st.scaler.step(st.optimizer)
     st.scaler.update()

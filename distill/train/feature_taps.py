@@ -18,6 +18,15 @@ def _torch_model(model) -> nn.Module:
     return inner if isinstance(inner, nn.Module) and getattr(model, "feature_info", None) is None else model
 
 
+def feature_list(model, role: str) -> list:
+    """The model's feature_info as a list of dicts (num_chs, reduction, module); a model without one is refused."""
+    info = getattr(model, "feature_info", None)
+    if info is None:
+        raise ConfigError(f"the {role} ({type(model).__name__}) has no feature_info: a feature-map loss needs "
+                          f"models with timm's feature contract (the face models, timm backbones)")
+    return list(info.info) if hasattr(info, "info") else list(info)
+
+
 def stage_indices(stages, count: int, who: str) -> list:
     """Feature indices (negative: from the last) of a model with `count` features, checked."""
     taken = []
@@ -40,11 +49,7 @@ class FeatureTaps:
         self.handles = []
         self.count = len(tuple(stages))
         for role, model in (("student", student), ("teacher", _torch_model(teacher))):
-            info = getattr(model, "feature_info", None)
-            if info is None:
-                raise ConfigError(f"the {role} ({type(model).__name__}) has no feature_info: a feature-map loss needs "
-                                  f"models with timm's feature contract (the face models, timm backbones)")
-            info = list(info.info) if hasattr(info, "info") else list(info)
+            info = feature_list(model, role)
             for slot, i in enumerate(stage_indices(stages, len(info), f"the {role} ({type(model).__name__})")):
                 module = model.get_submodule(info[i]["module"])
                 self.handles.append(module.register_forward_hook(self._keep(role, slot)))
@@ -84,3 +89,18 @@ def taps_for(st):
         raise ConfigError(f"distill.loss {st.objective.loss_name} needs the teacher's feature maps, which a teacher "
                           f"cache does not hold: set teacher.cache: false")
     return FeatureTaps(st.model, st.teacher, kd.stages)
+
+
+def prepare_feature_loss(objective, model, teacher, cache, device) -> None:
+    """Build what a feature-map loss trains for these two models (FitNet's regressors: channels from both
+    models' feature_info at its stages), on `device`, before the optimizer is made."""
+    kd = objective.distill_loss
+    if not (getattr(kd, "needs_features", False) and callable(getattr(kd, "build", None)) and objective.alpha > 0
+            and teacher is not None and cache is None):
+        return
+    channels = []
+    for role, m in (("student", model), ("teacher", _torch_model(teacher))):
+        info = feature_list(m, role)
+        channels.append([info[i]["num_chs"] for i in stage_indices(kd.stages, len(info), f"the {role}")])
+    kd.build(*channels)
+    kd.to(device)
