@@ -111,52 +111,30 @@ class IResNet(FaceModelContract, nn.Module):
             return x
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """bn2 -> flatten -> dropout -> fc -> BatchNorm: the embedding (`pre_logits`, or without a classifier)."""
-        if self.global_pool == "":  # timm's reset_classifier(0, ''): no pooling, the map itself
-            return x
-        x = self.dropout(torch.flatten(self.bn2(x), 1))
-        x = self.features(self.fc(x))
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """bn2 -> flatten -> dropout -> fc -> BatchNorm: the embedding (forward_head, distill/models/contract.py)."""
+        return self.features(self.fc(self.dropout(torch.flatten(self.bn2(x), 1))))
 
 
 # ------------------------------------------------------------------------------------------ registry
 # arcface_torch's names (r18 .. r200) are aliases.
 
-@register_model(aliases=("r18",), timm=dict(first_conv="conv1"))
-def iresnet18(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0,
-               num_classes: int = 0, in_chans: int = 3) -> IResNet:
-    return IResNet(18, embedding_size=embedding_size, input_size=input_size, dropout=dropout,
-                   num_classes=num_classes, in_chans=in_chans)
+def _register_depth(depth: int, doc: str = "") -> object:
+    """Register `iresnet<depth>` (alias `r<depth>`, with timm too): an IResNet of that depth."""
+
+    def build(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0, num_classes: int = 0,
+              in_chans: int = 3) -> IResNet:
+        return IResNet(depth, embedding_size=embedding_size, input_size=input_size, dropout=dropout,
+                       num_classes=num_classes, in_chans=in_chans)
+
+    build.__name__ = build.__qualname__ = f"iresnet{depth}"
+    build.__doc__ = doc or f"arcface_torch's IResNet-{depth}."
+    return register_model(build, aliases=(f"r{depth}",), timm=dict(first_conv="conv1"))
 
 
-@register_model(aliases=("r34",), timm=dict(first_conv="conv1"))
-def iresnet34(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0,
-               num_classes: int = 0, in_chans: int = 3) -> IResNet:
-    return IResNet(34, embedding_size=embedding_size, input_size=input_size, dropout=dropout,
-                   num_classes=num_classes, in_chans=in_chans)
-
-
-@register_model(aliases=("r50",), timm=dict(first_conv="conv1"))
-def iresnet50(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0,
-               num_classes: int = 0, in_chans: int = 3) -> IResNet:
-    return IResNet(50, embedding_size=embedding_size, input_size=input_size, dropout=dropout,
-                   num_classes=num_classes, in_chans=in_chans)
-
-
-@register_model(aliases=("r100",), timm=dict(first_conv="conv1"))
-def iresnet100(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0,
-               num_classes: int = 0, in_chans: int = 3) -> IResNet:
-    """The VarGFaceNet paper's teacher (arcface_torch r100: 65.2M parameters, 24.2 GFLOPs at 112x112)."""
-    return IResNet(100, embedding_size=embedding_size, input_size=input_size, dropout=dropout,
-                   num_classes=num_classes, in_chans=in_chans)
-
-
-@register_model(aliases=("r200",), timm=dict(first_conv="conv1"))
-def iresnet200(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0,
-               num_classes: int = 0, in_chans: int = 3) -> IResNet:
-    return IResNet(200, embedding_size=embedding_size, input_size=input_size, dropout=dropout,
-                   num_classes=num_classes, in_chans=in_chans)
+iresnet18 = _register_depth(18)
+iresnet34 = _register_depth(34)
+iresnet50 = _register_depth(50)
+iresnet100 = _register_depth(100, "The VarGFaceNet paper's teacher (arcface_torch r100: 65.2M parameters, 24.2 GFLOPs "
+                                  "at 112x112).")
+iresnet200 = _register_depth(200)

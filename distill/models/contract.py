@@ -16,9 +16,10 @@ of this family has:
   `timm.create_model(name, features_only=True)` works with timm's FeatureListNet and `feature_cls='getter'`.
 
 The classifier is `nn.Identity` when `num_classes == 0` (the default), so the state dict keys are unchanged
-(arcface_torch's backbone.pth still loads strictly)."""
+(arcface_torch's backbone.pth still loads strictly).
 
-from __future__ import annotations
+No postponed annotations here: FX copies `forward`'s annotations into its generated code as written, and
+TorchScript cannot read them as strings."""
 
 from typing import List, Optional, Tuple, Union
 
@@ -56,9 +57,10 @@ def check_in_chans(in_chans: int, name: str) -> None:
 
 class FaceModelContract:
     """The shared half of the contract, for a model that defines `_stem(x)` (feature 0), `_stages()` (the
-    stages after the stem in order, each `(module name, module)`), `_final_norm()` (a norm that belongs to the
-    last stage's map, or None; its attribute name in `_final_norm_name`), `_head_names` (the modules of the
-    embedding block), `forward_features`, `forward_head(x, pre_logits)`, and calls `_init_contract`."""
+    stages after the stem in order, each `(module name, module)`), `_final_norm_name` (the attribute of a norm
+    that belongs to the last stage's map, if any), `_head_names` (the modules of the embedding block),
+    `forward_features(x)` (the last map) and `_embed(map)` (embedding block, fc, BN: the embedding), and calls
+    `_init_contract`. `forward` is `forward_head(forward_features(x))`, as before the contract."""
 
     _head_names: tuple = ()
     _final_norm_name: str = ""
@@ -106,6 +108,17 @@ class FaceModelContract:
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The embedding (`_embed`: `pre_logits`, or without a classifier), then the classifier; with timm's
+        reset_classifier(0, '') (no pooling) the map itself."""
+        if self.global_pool == "":
+            return x
+        x = self._embed(x)
+        return x if pre_logits else self.classifier(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
     # ---------------------------------------------------------------------------------------- features
     def _final_norm(self):

@@ -161,9 +161,9 @@ def _register_with_timm(fn, name: str, cfg: dict) -> None:
     def factory(pretrained: bool = False, **kwargs):
         if pretrained:
             raise ValueError(f"{name}: no pretrained weights are published; load a student.pt instead")
-        place = {k: kwargs.pop(k) for k in ("device", "dtype") if kwargs.get(k) is not None}
+        place = {k: v for k, v in ((k, kwargs.pop(k, None)) for k in ("device", "dtype")) if v is not None}
         pool = kwargs.get("global_pool")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ignored and k not in ("device", "dtype")}
+        kwargs = {k: v for k, v in kwargs.items() if k not in ignored}
         model = _build_for_timm(kwargs)
         if pool is not None and not kwargs.get("features_only"):
             model.reset_classifier(model.num_classes, pool)

@@ -266,15 +266,9 @@ class VarGFaceNet(FaceModelContract, nn.Module):
             return checkpoint_seq(self.stages, x)
         return self.stages(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Embedding block -> fc -> BatchNorm: the embedding (`pre_logits`, or without a classifier)."""
-        if self.global_pool == "":  # timm's reset_classifier(0, ''): no pooling, the map itself
-            return x
-        x = self.features(self.fc(self.embed(x)))
-        return x if pre_logits else self.classifier(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedding block -> fc -> BatchNorm: the embedding (forward_head, distill/models/contract.py)."""
+        return self.features(self.fc(self.embed(x)))
 
 
 # ------------------------------------------------------------------------------------------ registry

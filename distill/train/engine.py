@@ -16,9 +16,8 @@ research tool rather than a script is the guarantees around that loop:
 A stage directory holds last.pt, best.pt, student.pt, metrics.jsonl and result.json (written last: its presence
 means the stage is finished). Every `log_every` updates metrics.jsonl gets one line: each train/<term> is the
 mean over all micro-batches since the previous line (weighted by batch size), train/images_per_s the
-throughput over them (evaluation and checkpoint time left out), plus train/lr
-and train/epoch (tracking.LogWindow); a resumed run starts a fresh window. Device, precision, lr, schedule:
-distill/train/setup.py. A feature-map loss gets its maps from hooks (distill/train/feature_taps.py).
+throughput over them (evaluation and checkpoint time left out), plus train/lr and train/epoch
+(tracking.LogWindow); a resumed run starts a fresh window. Device, precision, lr, schedule: distill/train/setup.py. A feature-map loss gets its maps from hooks (distill/train/feature_taps.py).
 
 run_stage reads top-down: _build (device, seed, model, head, objective, optimizer, scheduler, scaler, DDP: one
 _Stage), resume_state (last.pt into it), _train (epochs of _micro_step/_update, then _after_update: log,

@@ -39,6 +39,16 @@ def stage_indices(stages, count: int, who: str) -> list:
     return taken
 
 
+def stage_features(student: nn.Module, teacher, stages) -> list:
+    """[(role, model, [feature_info entry of each stage])] for the student and the teacher's torch model."""
+    out = []
+    for role, model in (("student", student), ("teacher", _torch_model(teacher))):
+        info = feature_list(model, role)
+        out.append((role, model, [info[i] for i in stage_indices(stages, len(info),
+                                                                   f"the {role} ({type(model).__name__})")]))
+    return out
+
+
 class FeatureTaps:
     """Forward hooks keeping the maps of `stages` on the student and the teacher; `read()` gives (student maps,
     teacher maps) of the last forward passes and forgets them; `remove()` takes the hooks off (the teacher
@@ -48,11 +58,9 @@ class FeatureTaps:
         self.maps = {"student": {}, "teacher": {}}
         self.handles = []
         self.count = len(tuple(stages))
-        for role, model in (("student", student), ("teacher", _torch_model(teacher))):
-            info = feature_list(model, role)
-            for slot, i in enumerate(stage_indices(stages, len(info), f"the {role} ({type(model).__name__})")):
-                module = model.get_submodule(info[i]["module"])
-                self.handles.append(module.register_forward_hook(self._keep(role, slot)))
+        for role, model, infos in stage_features(student, teacher, stages):
+            for slot, f in enumerate(infos):
+                self.handles.append(model.get_submodule(f["module"]).register_forward_hook(self._keep(role, slot)))
 
     def _keep(self, role: str, slot: int):
         def hook(_module, _inputs, output):
@@ -98,9 +106,5 @@ def prepare_feature_loss(objective, model, teacher, cache, device) -> None:
     if not (getattr(kd, "needs_features", False) and callable(getattr(kd, "build", None)) and objective.alpha > 0
             and teacher is not None and cache is None):
         return
-    channels = []
-    for role, m in (("student", model), ("teacher", _torch_model(teacher))):
-        info = feature_list(m, role)
-        channels.append([info[i]["num_chs"] for i in stage_indices(kd.stages, len(info), f"the {role}")])
-    kd.build(*channels)
+    kd.build(*([f["num_chs"] for f in infos] for _, _, infos in stage_features(model, teacher, kd.stages)))
     kd.to(device)
