@@ -205,7 +205,7 @@ def prepare_teacher(cfg, run_dir: str, dataset, train_stage=None, log=print):
 
 def needs_cache(cfg) -> bool:
     """Whether the experiment distils from cached teacher embeddings (teacher.cache, some distillation)."""
-    return cfg.teacher is not None and cfg.teacher.cache and cfg.distill.alpha > 0 and cfg.generations > 0
+    return cfg.teacher is not None and cfg.teacher.cache and cfg.distill.weight > 0 and cfg.generations > 0
 
 
 def prepare_cache(cfg, teacher, dataset, run_dir: str, device, amp_dtype=None, progress: bool = False, log=print):

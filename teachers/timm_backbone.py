@@ -31,6 +31,15 @@ class TimmBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(self.fc(self.backbone(x)))
 
+    @property
+    def feature_info(self) -> list | None:
+        """The backbone's feature stages (timm's feature_info), their modules named from this model (for the
+        feature-map losses' hooks); None when the backbone has none."""
+        info = getattr(self.backbone, "feature_info", None)
+        if info is None:
+            return None
+        return [{**f, "module": f"backbone.{f['module']}"} for f in (info.info if hasattr(info, "info") else info)]
+
 
 def _check_timm_name(name: str) -> None:
     check_name(name, timm.list_models(), "timm model")

@@ -12,8 +12,10 @@ from timm.optim import list_optimizers
 
 from distill.data.ijb import TARGETS as IJB_TARGETS
 from distill.losses.distillation import DISTILL_LOSSES, loss_needs
+from distill.losses.registry import check_loss_options, loss_options
+from distill.losses.terms import config_terms
 from distill.losses.heads import HEADS
-from distill.models.registry import did_you_mean
+from distill.models.registry import did_you_mean, feature_count
 from distill.utils.errors import ConfigError
 
 
@@ -30,7 +32,6 @@ def check_semantics(cfg, where) -> None:
     """Every name checked against its registry before any work, so a typo fails in the first second."""
     choices = {
         "margin.margin": (cfg.margin.margin, list(HEADS)),
-        "distill.loss": (cfg.distill.loss, list(DISTILL_LOSSES)),
         "distill.project": (cfg.distill.project, ("none", "linear")),
         "train.amp": (cfg.train.amp, ("auto", "bf16", "fp16", "off")),
         "train.optimizer_impl": (cfg.train.optimizer_impl, ("auto", "fused", "foreach", "off")),
@@ -75,27 +76,13 @@ def check_semantics(cfg, where) -> None:
             raise ConfigError(f"{where(key)}: key '{key}' must be positive, got {value!r}")
     if cfg.generations < 0:
         raise ConfigError(f"{where('generations')}: key 'generations' must be >= 0, got {cfg.generations}")
-    if cfg.distill.alpha < 0:
-        raise ConfigError(f"{where('distill.alpha')}: key 'distill.alpha' must be >= 0, got {cfg.distill.alpha}")
     if not cfg.name or os.sep in cfg.name or "/" in cfg.name or ".." in cfg.name or cfg.name == ".":
         raise ConfigError(f"{where('name')}: key 'name' names the run directory runs/<name>; it must not be empty or "
                           f"contain '/' or '..', got {cfg.name!r} (use --out to choose another folder)")
     if not cfg.data.train:
         raise ConfigError(f"{where('data.train')}: key 'data.train' is required (RecordIO folder or image tree)")
     _check_images_per_id(cfg, where)
-    if loss_needs(cfg.distill.loss, "needs_features") and cfg.distill.alpha > 0 and cfg.teacher is not None:
-        if cfg.teacher.onnx:
-            raise ConfigError(f"{where('teacher.onnx')}: distill.loss {cfg.distill.loss} needs the teacher's intermediate "
-                              f"feature maps, which an ONNX file does not give: use a torch teacher (teacher.arch + "
-                              f"teacher.checkpoint) or an embedding loss")
-        if cfg.teacher.cache:
-            raise ConfigError(f"{where('teacher.cache')}: distill.loss {cfg.distill.loss} needs the teacher's feature maps "
-                              f"at every step, which the teacher cache (embeddings only) does not hold: set "
-                              f"teacher.cache: false (the teacher then runs online)")
-    if loss_needs(cfg.distill.loss, "images_per_id") and cfg.distill.alpha > 0 and cfg.data.images_per_id is None:
-        raise ConfigError(f"{where('data.images_per_id')}: distill.loss {cfg.distill.loss} compares pairs of images within "
-                          f"a batch and needs repeated identities: set data.images_per_id (e.g. 4: batches of "
-                          f"batch_size/4 identities with 4 images each)")
+    _check_terms(cfg, where)
 
 
 def _check_images_per_id(cfg, where) -> None:
@@ -118,3 +105,58 @@ def _check_images_per_id(cfg, where) -> None:
         raise ConfigError(f"{where('data.images_per_id')}: key 'data.images_per_id' ({k}) must divide "
                           f"{key}.batch_size ({size}): each batch holds batch_size / images_per_id identities of "
                           f"images_per_id images; set {hint}, or a {key}.batch_size that is a multiple of {k}")
+
+
+def _check_terms(cfg, where) -> None:
+    """Every distillation term (distill.terms, or the one of distill.loss + distill.alpha): its loss registered, its
+    options those the loss takes, and what it needs present (feature maps: a torch teacher run online, at stages
+    both models have; repeated identities: data.images_per_id); at most one term owns the classification."""
+    short = cfg.distill.terms is None
+    if short and cfg.distill.alpha < 0:
+        raise ConfigError(f"{where('distill.alpha')}: key 'distill.alpha' must be >= 0, got {cfg.distill.alpha}")
+    owners = []
+    for i, term in enumerate(config_terms(cfg.distill)):
+        key = "distill.loss" if short else f"distill.terms[{i}]"
+        src = where("distill.loss" if short else "distill.terms")
+        loss_key = key if short else key + ".loss"
+        if term.loss not in DISTILL_LOSSES:
+            raise ConfigError(f"{src}: key '{loss_key}' must be one of {', '.join(DISTILL_LOSSES)}, got {term.loss!r}"
+                              f"{did_you_mean(term.loss, list(DISTILL_LOSSES))}")
+        try:
+            check_loss_options(term.loss, term.options, key)
+        except ConfigError as err:
+            raise ConfigError(f"{src}: {err}") from None
+        if term.alpha <= 0:
+            continue
+        label = f"distill.loss {term.loss}" if short else f"{key} ({term.loss})"
+        if loss_needs(term.loss, "replaces_classification"):
+            owners.append(key)
+        if loss_needs(term.loss, "needs_features") and cfg.teacher is not None:
+            _check_feature_term(cfg, term, label, where)
+        if loss_needs(term.loss, "images_per_id") and cfg.data.images_per_id is None:
+            raise ConfigError(f"{where('data.images_per_id')}: {label} compares pairs of images within a batch and "
+                              f"needs repeated identities: set data.images_per_id (e.g. 4: batches of batch_size/4 "
+                              f"identities with 4 images each)")
+    if len(owners) > 1:
+        raise ConfigError(f"{where('distill.terms')}: {' and '.join(owners)} both replace the classification loss "
+                          f"(each moves the class centres its own way); keep one of them")
+
+
+def _check_feature_term(cfg, term, label: str, where) -> None:
+    if cfg.teacher.onnx:
+        raise ConfigError(f"{where('teacher.onnx')}: {label} needs the teacher's intermediate feature maps, which an "
+                          f"ONNX file does not give: use a torch teacher (teacher.arch + teacher.checkpoint) or an "
+                          f"embedding loss")
+    if cfg.teacher.cache:
+        raise ConfigError(f"{where('teacher.cache')}: {label} needs the teacher's feature maps at every step, which "
+                          f"the teacher cache (embeddings only) does not hold: set teacher.cache: false (the teacher "
+                          f"then runs online)")
+    stages = term.options.get("stages", loss_options(term.loss).get("stages", ()))
+    for role, arch, kwargs in (("student", cfg.student.arch, cfg.student.model_kwargs(cfg.data.input_size)),
+                               ("teacher", cfg.teacher.arch, dict(cfg.teacher.model))):
+        count = feature_count(arch, kwargs)
+        bad = [s for s in stages if count is not None and not -count <= int(s) < count]
+        if bad:
+            raise ConfigError(f"{where('distill.loss' if cfg.distill.terms is None else 'distill.terms')}: {label}: "
+                              f"stage {bad[0]} of the {role} ({arch}): it has {count} feature stages (0..{count - 1}, "
+                              f"or -1..-{count} from the last); choose the loss's stages among them")

@@ -82,7 +82,9 @@ def merge_experiment(base: dict, over: dict, own_keys: dict) -> dict:
     """`_merge`, except that a section's model arguments belong to its model: a child file or override that
     names another `arch` (or an `onnx` file) for a section of `own_keys` (student, teacher) starts that
     model's arguments afresh (e.g. `teacher.arch=iresnet18` over a VarGFaceNet teacher drops its
-    multiplier); the section's own keys (`own_keys[section]`: checkpoint, cache, train, init, ...) are kept."""
+    multiplier); the section's own keys (`own_keys[section]`: checkpoint, cache, train, init, ...) are kept.
+    Likewise `distill.terms` replaces the `distill.loss` + `distill.alpha` of the files below it (the other way
+    round is an error the config names: the terms are not dropped silently)."""
     base = dict(base)
     for name, own in own_keys.items():
         old, new = base.get(name), over.get(name)
@@ -90,6 +92,9 @@ def merge_experiment(base: dict, over: dict, own_keys: dict) -> dict:
             continue
         if any(k in new and new[k] != old.get(k) for k in ("arch", "onnx")):
             base[name] = {k: v for k, v in old.items() if k in own}
+    old, new = base.get("distill"), over.get("distill")
+    if isinstance(old, dict) and isinstance(new, dict) and new.get("terms") is not None:
+        base["distill"] = {k: v for k, v in old.items() if k not in ("loss", "alpha")}  # terms replace the short form
     return _merge(base, over)
 
 

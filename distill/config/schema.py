@@ -25,6 +25,7 @@ from distill.utils.atomic import atomic_open
 from distill.config.files import key_paths, load_with_bases, merge_experiment, parse_overrides, read_yaml_mapping
 from distill.utils.errors import ConfigDeprecationWarning, ConfigError, DistillError
 from distill.config.checks import check_semantics
+from distill.losses.terms import parse_terms
 from distill.models.registry import check_model_kwargs, check_model_name, did_you_mean, model_defaults
 
 
@@ -123,11 +124,31 @@ class MarginConfig:
 
 @dataclass
 class DistillConfig:
-    loss: str = "equivalent_angular"
-    alpha: float = 7.0             # total = classification + alpha * distillation (paper: 7)
+    """What the students distil with: the one-term short form `loss` + `alpha`, or `terms`, a list of
+    {loss, alpha, name?, options...} (distill/losses/terms.py); not both."""
+    loss: Optional[str] = None     # the short form's loss (default equivalent_angular)
+    alpha: Optional[float] = None  # total = classification + alpha * distillation (default 7, the paper's)
     # none (the paper: student and teacher embeddings of one size) | linear: a learned student->teacher
     # projection used only inside the distillation loss (trained with the student, kept in last.pt only)
     project: str = "none"
+    terms: Optional[list] = None   # [{loss: equivalent_angular, alpha: 7}, {loss: fitnet, alpha: 1, stages: [-2]}]
+
+    def __post_init__(self):
+        if self.terms is None:
+            self.loss = "equivalent_angular" if self.loss is None else self.loss
+            self.alpha = 7.0 if self.alpha is None else self.alpha
+            return
+        given = [k for k in ("loss", "alpha") if getattr(self, k) is not None]
+        if given:
+            raise ConfigError(f"key 'distill.terms' and {' and '.join('distill.' + k for k in given)} are both set: "
+                              f"the terms replace the one-term form. Remove {', '.join('distill.' + k for k in given)} "
+                              f"(or set them to null), or set distill.terms: null")
+        parse_terms(self.terms)  # the structure; the losses' options are checked with the other names
+
+    @property
+    def weight(self) -> float:
+        """How much the students distil: the short form's alpha, or the terms' summed alphas (0: not at all)."""
+        return float(self.alpha) if self.terms is None else sum(t.alpha for t in parse_terms(self.terms))
 
 
 @dataclass
@@ -356,7 +377,6 @@ def config_from_dict(d: dict, source: str = "saved config") -> ExperimentConfig:
     """Rebuild a config saved in a checkpoint or run directory (already validated once; an earlier
     spelling is upgraded without a note: the user did not write it)."""
     return build_config(d, source=source, quiet=True)
-
 
 
 # Keys that may change between reruns of one run directory without invalidating anything trained (how the

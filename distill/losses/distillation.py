@@ -38,6 +38,7 @@ from torch import nn
 
 from distill.losses import features as _features  # noqa: F401  (registers the feature-map losses)
 from distill.losses.registry import DISTILL_LOSSES, create_distill_loss, loss_needs, register_loss  # noqa: F401
+from distill.losses.terms import LossTerm
 from distill.utils.errors import CheckpointError, ConfigError
 
 def _prepare(student: torch.Tensor, teacher: torch.Tensor):
@@ -92,74 +93,107 @@ def l2(student_emb, teacher_emb):
 
 
 class DistillationObjective(nn.Module):
-    """total = classification (the margin head's loss) + alpha × distillation loss, every term by name.
+    """total = classification (the margin head's loss) + Σ alpha_i × term_i, every term by name.
 
-    forward(student_emb, labels, teacher_emb=None) returns (total, logs) with logs holding detached
-    tensors: 'loss' (total), 'loss_cls', 'loss_kd' (the distillation loss before alpha) and the head's
-    logs. With alpha = 0 or no teacher embeddings it is plain training: the distillation loss is not
-    computed and 'loss_kd' is absent from the logs (so a baseline run shows no distillation curve
-    rather than a flat zero). Under DDP, loss_cls is the global batch's loss (the head gathers all
-    ranks) while loss_kd is this rank's; DDP's gradient averaging makes both gradients global means.
+    The terms (distill/losses/terms.py) are `terms`, or the one term `loss` with `alpha` and `loss_options`
+    (the short form, distill.loss + distill.alpha). forward(student_emb, labels, teacher_emb=None, maps=None)
+    returns (total, logs) with logs holding detached tensors: 'loss' (total), 'loss_cls', each term before its
+    alpha ('loss_kd' in the short form, 'loss_kd/<name>' for distill.terms) and the head's logs. With every
+    alpha 0 or no teacher embeddings it is plain training: no term is computed and none is in the logs (so a
+    baseline run shows no distillation curve rather than a flat zero); a term at alpha 0 is left out.
+    Under DDP, loss_cls is the global batch's loss (the head gathers all ranks) while the terms are this
+    rank's; DDP's gradient averaging makes both gradients global means. The first term's loss is the module
+    `distill_loss` (its state: `distill_loss.*` in last.pt, as in earlier versions), the k-th `distill_loss_<k>`.
     """
 
     def __init__(self, head: nn.Module, loss: str = "equivalent_angular", alpha: float = 7.0,
-                 project: tuple | None = None, **loss_options):
+                 project: tuple | None = None, terms: list | None = None, **loss_options):
         super().__init__()
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
-            raise ConfigError(f"distillation alpha must be a finite number >= 0, got {alpha!r}")
+        self.short_form = terms is None
+        terms = [LossTerm(loss, loss, alpha, loss_options)] if terms is None else list(terms)
+        for term in terms:
+            if not (isinstance(term.alpha, (int, float)) and math.isfinite(term.alpha) and term.alpha >= 0):
+                raise ConfigError(f"distillation alpha must be a finite number >= 0, got {term.alpha!r} ({term.name})")
+        if sum(loss_needs(t.loss, "replaces_classification") for t in terms if t.alpha > 0) > 1:
+            raise ConfigError("two distillation terms replace the classification loss; keep one of them")
         self.head = head
-        self.loss_name = loss
-        self.distill_loss = create_distill_loss(loss, **loss_options)
-        self.alpha = float(alpha)
+        self.terms = terms
+        self.loss_name = " + ".join(t.loss for t in terms) if terms else "none"
+        self.losses = []  # (term, loss) in order; the modules among them are registered below
+        for k, term in enumerate(terms):
+            fn = create_distill_loss(term.loss, **term.options)
+            if isinstance(fn, nn.Module):
+                self.add_module("distill_loss" if k == 0 else f"distill_loss_{k}", fn)
+            self.losses.append((term, fn))
+        self.distill_loss = self.losses[0][1] if self.losses else None
+        self.alpha = float(sum(t.alpha for t in terms))  # > 0: some term distils
         # distill.project: linear: (student dim, teacher dim) -> a learned map of the student's embedding to the
         # teacher's size, used only inside the distillation loss (the classifier and the saved student never see it)
         self.projection = nn.Linear(project[0], project[1], bias=False) if project else None
 
     def extra_repr(self) -> str:
-        return f"loss={self.loss_name!r}, alpha={self.alpha}"
+        return ", ".join(f"{t.name}: {t.loss} x {t.alpha:g}" for t in self.terms) or "no distillation"
+
+    def log_name(self, term) -> str:
+        return "loss_kd" if self.short_form else f"loss_kd/{term.name}"
+
+    def feature_terms(self) -> list:
+        """(term, loss) of the active terms on feature maps."""
+        return [(t, fn) for t, fn in self.losses if t.alpha > 0 and getattr(fn, "needs_features", False)]
 
     def forward(self, student_emb: torch.Tensor, labels: torch.Tensor, teacher_emb: torch.Tensor | None = None,
-                maps: tuple | None = None):
-        """`maps`: (student maps, teacher maps) at the loss's stages, for a loss that needs_features."""
-        kd = self.distill_loss
-        distilling = self.alpha > 0 and teacher_emb is not None
-        if distilling and getattr(kd, "replaces_classification", False):
-            loss_cls, head_logs = kd.classify(self.head, student_emb, labels, teacher_emb)
+                maps: dict | tuple | None = None):
+        """`maps`: {term name: (student maps, teacher maps)} at each feature term's stages (a (student, teacher)
+        pair when only one term needs maps)."""
+        active = [(t, fn) for t, fn in self.losses if t.alpha > 0] if teacher_emb is not None else []
+        owner = next((fn for _, fn in active if getattr(fn, "replaces_classification", False)), None)
+        if owner is not None:
+            loss_cls, head_logs = owner.classify(self.head, student_emb, labels, teacher_emb)
         else:
             loss_cls, head_logs = self.head(student_emb, labels)
         logs = {name: value.detach() if torch.is_tensor(value) else value for name, value in head_logs.items()}
         logs["loss_cls"] = loss_cls.detach()
         total = loss_cls
-        if distilling and getattr(kd, "needs_features", False):
-            if maps is None:
-                raise ConfigError(f"distill.loss {self.loss_name} needs the student's and the teacher's feature maps")
-            loss_kd = kd(*maps)
-            logs["loss_kd"] = loss_kd.detach()
-            total = loss_cls + self.alpha * loss_kd
-        elif distilling and not getattr(kd, "replaces_classification", False):
-            projected = self.projection(student_emb) if self.projection is not None else student_emb
-            extra = {"labels": labels} if getattr(kd, "needs_labels", False) else {}
-            loss_kd = kd(projected, teacher_emb, **extra)
-            logs["loss_kd"] = loss_kd.detach()
-            total = loss_cls + self.alpha * loss_kd
+        projected = None
+        for term, kd in active:
+            if getattr(kd, "replaces_classification", False):
+                continue
+            if getattr(kd, "needs_features", False):
+                value = kd(*self._maps_of(term, maps))
+            else:
+                if projected is None:
+                    projected = self.projection(student_emb) if self.projection is not None else student_emb
+                extra = {"labels": labels} if getattr(kd, "needs_labels", False) else {}
+                value = kd(projected, teacher_emb, **extra)
+            logs[self.log_name(term)] = value.detach()
+            total = total + term.alpha * value
         logs["loss"] = total.detach()
         return total, logs
 
+    def _maps_of(self, term, maps) -> tuple:
+        if isinstance(maps, dict) and term.name in maps:
+            return maps[term.name]
+        if isinstance(maps, tuple) and len(maps) == 2 and len(self.feature_terms()) == 1:
+            return maps
+        raise ConfigError(f"distillation term {term.name} ({term.loss}) needs the student's and the teacher's "
+                          f"feature maps")
+
     def trained_modules(self) -> list:
-        """What trains beside the student and the head: the projection, and a loss's own trained parameters
+        """What trains beside the student and the head: the projection, and the losses' own trained parameters
         (FitNet's regressors); none for the other losses, so their optimizer state is as before."""
-        extra = [self.projection, self.distill_loss]
+        extra = [self.projection] + [fn for _, fn in self.losses]
         return [m for m in extra if isinstance(m, nn.Module) and any(p.requires_grad for p in m.parameters())]
 
     def training_state(self) -> dict:
-        """What last.pt keeps of the objective besides the head: the projection and a loss's own state."""
+        """What last.pt keeps of the objective besides the head: the projection and the losses' own state."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("head.")}
 
     def load_training_state(self, state: dict, source: str = "the checkpoint") -> None:
         expected = self.training_state()
         if set(state) != set(expected):
             raise CheckpointError(f"{source}: the objective's state holds {sorted(state) or 'nothing'}, this stage "
-                                  f"needs {sorted(expected) or 'nothing'} (distill.loss or distill.project changed?)")
+                                  f"needs {sorted(expected) or 'nothing'} (distill.loss, distill.terms or "
+                                  f"distill.project changed?)")
         self.load_state_dict({**{k: v for k, v in self.state_dict().items() if k.startswith("head.")}, **state})
 
 

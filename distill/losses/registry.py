@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 
 from distill.utils.errors import ConfigError, UnknownNameError
 
@@ -26,26 +27,72 @@ def loss_needs(name: str, what: str) -> bool:
     return bool(getattr(DISTILL_LOSSES.get(name), what, False))
 
 
+def loss_options(name: str) -> dict:
+    """{option: default} of registered loss `name`: a class's constructor arguments, a function's keyword-only ones."""
+    fn = DISTILL_LOSSES[name]
+    if isinstance(fn, type):
+        params = [p for p in inspect.signature(fn).parameters.values() if p.name != "self"]
+    else:
+        params = [p for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    return {p.name: p.default for p in params}
+
+
 def create_distill_loss(name: str, **kwargs):
     """The registered loss `name`, with keyword options bound; unknown names or options are errors."""
     if name not in DISTILL_LOSSES:
         raise UnknownNameError(f"unknown distillation loss {name!r}; registered losses: "
                                f"{', '.join(sorted(DISTILL_LOSSES))}")
     fn = DISTILL_LOSSES[name]
+    _check_options(name, kwargs, list(loss_options(name)))
     if isinstance(fn, type):
-        accepted = [p for p in inspect.signature(fn).parameters if p != "self"]
-        _check_options(name, kwargs, accepted)
         return fn(**kwargs)
-    if not kwargs:
-        return fn
-    accepted = [p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
-    _check_options(name, kwargs, accepted)
-    return functools.partial(fn, **kwargs)
+    return functools.partial(fn, **kwargs) if kwargs else fn
 
 
-def _check_options(name: str, kwargs: dict, accepted: list) -> None:
+def _check_options(name: str, kwargs: dict, accepted: list, key: str | None = None) -> None:
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         from distill.models.registry import did_you_mean
-        raise ConfigError(f"distillation loss {name!r} does not take {', '.join(unknown)}"
+        where = f"key '{key}.{unknown[0]}': " if key else ""
+        raise ConfigError(f"{where}distillation loss {name!r} does not take {', '.join(unknown)}"
                           f"{did_you_mean(unknown[0], accepted)}; it takes {', '.join(accepted) or 'no options'}")
+
+
+def _type_problem(value, default) -> str | None:
+    """What is wrong with `value` for an option whose default is `default` (its type is the option's), or None."""
+    number = (int, float)
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if isinstance(default, float):
+        ok = isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "a finite number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "a string"
+    if isinstance(default, (tuple, list)):
+        if not isinstance(value, (list, tuple)):
+            return "a list" + (f" such as {list(default)}" if default else "")
+        if default and all(isinstance(d, int) and not isinstance(d, bool) for d in default):
+            bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int)]
+            return f"a list of integers (not {bad[0]!r})" if bad else None
+        if default and all(isinstance(d, number) for d in default):
+            bad = [v for v in value if isinstance(v, bool) or not isinstance(v, number)]
+            return f"a list of numbers (not {bad[0]!r})" if bad else None
+    return None
+
+
+def check_loss_options(name: str, options: dict, key: str) -> None:
+    """A term's options checked against loss `name` before any work: unknown ones (with a did-you-mean), values of
+    another type than the option's default, and what the loss itself refuses, each naming `key`.<option>."""
+    defaults = loss_options(name)
+    _check_options(name, options, list(defaults), key)
+    for option, value in options.items():
+        problem = _type_problem(value, defaults[option])
+        if problem:
+            raise ConfigError(f"key '{key}.{option}': distillation loss {name!r} takes {problem} for {option} "
+                              f"(default {defaults[option]!r}), got {value!r}")
+    try:
+        create_distill_loss(name, **options)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"key '{key}': distillation loss {name!r} refuses these options: {err}") from None

@@ -295,3 +295,22 @@ def create_model(name: str, **kwargs):
     entry, member = resolve(name)
     check_model_kwargs(name, kwargs)
     return entry.fn(member, **kwargs) if entry.family else entry.fn(**kwargs)
+
+
+_FEATURE_COUNTS: dict = {}
+
+
+def feature_count(name: str, kwargs: dict) -> int | None:
+    """How many feature stages (timm's feature_info) model `name` with `kwargs` has, built on the meta device (no
+    memory, no random state; counted once per process); None when the model has no feature_info or cannot be built
+    so (the stage start checks it again on the real model)."""
+    key = (name, repr(sorted(kwargs.items())))
+    if key not in _FEATURE_COUNTS:
+        import torch
+        try:
+            with torch.device("meta"):
+                info = getattr(create_model(name, **kwargs), "feature_info", None)
+        except Exception:  # noqa: BLE001 - a model meta tensors cannot build is checked at stage start instead
+            info = None
+        _FEATURE_COUNTS[key] = None if info is None else len(info.info if hasattr(info, "info") else info)
+    return _FEATURE_COUNTS[key]

@@ -24,6 +24,7 @@ from distill.eval.ijb_stage import evaluate_ijb, ijb_scalars, needs_ijb
 from distill.eval.ijb_stage import read_meta as read_ijb_meta
 from distill.eval.verification import evaluate_sets, set_name_of, size_note
 from distill.losses.distillation import loss_needs
+from distill.losses.terms import config_terms, describe_terms, stage_terms
 from distill.models.cost import model_cost
 from distill.models.files import load_student, model_input_size
 from distill.run.disk import DiskSpaceError, check_disk
@@ -72,13 +73,15 @@ def open_data(cfg: ExperimentConfig, log=print):
 def embedding_size_problem(cfg: ExperimentConfig, teacher_dim: int) -> str | None:
     """Why the student's embeddings cannot be distilled against a teacher of `teacher_dim`, or None."""
     student_dim = cfg.student.embedding_size
-    if cfg.distill.alpha <= 0 or cfg.generations < 1 or teacher_dim == student_dim:
+    if cfg.distill.weight <= 0 or cfg.generations < 1 or teacher_dim == student_dim:
         return None
-    if loss_needs(cfg.distill.loss, "needs_features"):  # compares feature maps, not embeddings
+    terms = [t for t in config_terms(cfg.distill) if t.alpha > 0]
+    if all(loss_needs(t.loss, "needs_features") for t in terms):  # compare feature maps, not embeddings
         return None
-    if loss_needs(cfg.distill.loss, "same_size"):
+    same = next((t for t in terms if loss_needs(t.loss, "same_size")), None)
+    if same is not None:
         return (f"the teacher's embeddings are {teacher_dim}-d, student.embedding_size is {student_dim}: "
-                f"distill.loss {cfg.distill.loss} moves the student's class centres toward the teacher's embeddings, "
+                f"distill.loss {same.loss} moves the student's class centres toward the teacher's embeddings, "
                 f"so both must have one size (distill.project cannot map the teacher into the student's space); "
                 f"set student.embedding_size: {teacher_dim} or use another distill.loss")
     if cfg.distill.project != "none":
@@ -154,7 +157,7 @@ def _teacher_result(cfg, run_dir, teacher, val, train_set) -> dict:
 # ------------------------------------------------------------------------------------------- run
 
 def plan_stages(cfg: ExperimentConfig, run_dir: str) -> list:
-    alpha = cfg.distill.alpha if cfg.teacher is not None else 0.0
+    alpha = cfg.distill.weight if cfg.teacher is not None else 0.0
     run = RunLayout(run_dir)
     stages = []
     if cfg.baseline:
@@ -271,7 +274,8 @@ def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log, restar
             results.append(with_ijb(stage.read_result(), _student_loader(stage.student)))
             continue
         log(f"{spec.name}: training {spec.arch}" + (f" from {spec.init_from}" if spec.init_from else " from scratch")
-            + (f", distilling with {cfg.distill.loss} (alpha {spec.alpha:g})" if spec.alpha else ", no distillation"))
+            + (f", distilling with {describe_terms(stage_terms(cfg.distill, spec.alpha))}" if spec.alpha
+               else ", no distillation"))
         tracker = stage_tracker(cfg, run_dir, spec.name, spec.generation, spec.init_from)
         results.append(with_ijb(run_stage(cfg, spec, stage.dir, train_set, val, teacher=teacher, cache=cache,
                                           progress=progress, log=log, tracker=tracker),

@@ -43,7 +43,9 @@ from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict,
 from distill.config.schema import ExperimentConfig, TrainConfig
 from distill.utils.dist import barrier, rank as dist_rank, world_size
 from distill.data.gpu_decode import EncodedPlanned, check_decode, collate_encoded, decode_batch
-from distill.train.feature_taps import prepare_feature_loss, taps_for
+from distill.train.feature_taps import taps_for
+from distill.train.objective import stage_objective
+from distill.losses.terms import describe_terms
 from distill.train.epoch_plan import PlannedDataset, plan_epoch, plan_identity_epoch, stage_loader
 from distill.utils.errors import DistillError
 from distill.eval.verification import evaluate_sets
@@ -78,7 +80,7 @@ class StageSpec:
     arch: str                       # model registry name (vargfacenet, iresnet18, ...)
     model_kwargs: dict              # constructor arguments (input_size included)
     train: TrainConfig
-    alpha: float = 0.0              # 0: no distillation
+    alpha: float = 0.0              # 0: no distillation; distill.alpha, or the summed alphas of distill.terms
     generation: int = 0
     init_from: str | None = None    # student.pt whose weights initialise the model (recursion)
     head_from: str | None = None    # last.pt whose margin head initialises this head
@@ -92,6 +94,7 @@ def _compat_key(cfg: ExperimentConfig, spec: StageSpec, dataset, world: int) -> 
             "num_classes": dataset.num_classes, "margin": asdict(cfg.margin), "batch_size": spec.train.batch_size,
             "accumulate": spec.train.accumulate, "world_size": world, "alpha": spec.alpha,
             "distill_loss": cfg.distill.loss, "seed": cfg.seed,
+            **({"distill_terms": cfg.distill.terms} if cfg.distill.terms is not None else {}),
             **({"distill_project": cfg.distill.project} if cfg.distill.project != "none" else {})}
 
 
@@ -166,12 +169,7 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
     torch.manual_seed(cfg.seed + 7919 * spec.generation)
     tr = spec.train
     model, head = _model_and_head(cfg, spec, train_set.num_classes, device)
-    project = None
-    if cfg.distill.project == "linear" and spec.alpha > 0 and (teacher is not None or cache is not None):
-        teacher_dim = cache.emb.shape[2] if cache is not None else teacher.embedding_size
-        project = (model_embedding_size(model), int(teacher_dim))
-    objective = DistillationObjective(head, loss=cfg.distill.loss, alpha=spec.alpha, project=project).to(device)
-    prepare_feature_loss(objective, model, teacher, cache, device)  # FitNet's regressors, before the optimizer
+    objective = stage_objective(cfg, spec, head, model, teacher, cache, device)  # (FitNet's regressors: before the optimizer)
     if teacher is not None and cache is None:
         teacher.to(device)
         if use_channels_last(tr, device):
@@ -213,7 +211,7 @@ def _log_window(st: _Stage, window: LogWindow, tracker: Tracker, bar) -> None:
     scalars["train/images_per_s"] = rate
     scalars["train/epoch"] = st.micro / st.batches_per_epoch
     tracker.log(scalars, st.step)
-    bar.set_postfix({k.split("/")[1]: f"{v:.3g}" for k, v in scalars.items() if k != "train/epoch"})
+    bar.set_postfix({k.split("/", 1)[1]: f"{v:.3g}" for k, v in scalars.items() if k != "train/epoch"})
 
 
 # ------------------------------------------------------------------------------------------ one step
@@ -370,7 +368,8 @@ def _finish(st: _Stage, val_sets: dict, tracker: Tracker) -> dict:
     spec = st.spec
     result = {"stage": spec.name, "generation": spec.generation, "init_from": spec.init_from, "arch": spec.arch,
               "model_kwargs": spec.model_kwargs, "steps": st.step, "train_seconds": round(st.train_seconds, 3),
-              "metrics": metrics, "best": st.best, "threads": st.threads.threads, **spec.record}
+              "metrics": metrics, "best": st.best, "threads": st.threads.threads,
+              "distill": describe_terms(st.objective.terms), **spec.record}
     if st.rank == 0:
         result["params"], result["gflops"] = model_cost(spec.arch, spec.model_kwargs)  # uses no random state
         save_student(st.paths.student, st.model, spec.arch, spec.model_kwargs, extra={"stage": spec.name, "step": st.step})

@@ -87,24 +87,50 @@ class FeatureTaps:
         self.handles = []
 
 
+class TermTaps:
+    """The FeatureTaps of each feature term of a stage: `read()` gives {term name: (student maps, teacher maps)}."""
+
+    def __init__(self, student: nn.Module, teacher, feature_terms):
+        self.taps = {}
+        try:
+            for term, kd in feature_terms:
+                self.taps[term.name] = FeatureTaps(student, teacher, kd.stages)
+        except BaseException:
+            self.remove()
+            raise
+
+    def read(self) -> dict:
+        return {name: taps.read() for name, taps in self.taps.items()}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.remove()
+
+    def remove(self) -> None:
+        for taps in self.taps.values():
+            taps.remove()
+
+
 def taps_for(st):
-    """A context holding the stage's FeatureTaps when its distillation loss needs feature maps (the teacher then
-    runs online), else None; leaving it takes the hooks off."""
-    kd = st.objective.distill_loss
-    if not (st.use_teacher and getattr(kd, "needs_features", False)):
+    """A context holding the stage's TermTaps when a distillation term needs feature maps (the teacher then runs
+    online), else None; leaving it takes the hooks off."""
+    terms = st.objective.feature_terms()
+    if not (st.use_teacher and terms):
         return contextlib.nullcontext(None)
     if st.cache is not None:
-        raise ConfigError(f"distill.loss {st.objective.loss_name} needs the teacher's feature maps, which a teacher "
-                          f"cache does not hold: set teacher.cache: false")
-    return FeatureTaps(st.model, st.teacher, kd.stages)
+        raise ConfigError(f"distillation term {terms[0][0].name} ({terms[0][0].loss}) needs the teacher's feature "
+                          f"maps, which a teacher cache does not hold: set teacher.cache: false")
+    return TermTaps(st.model, st.teacher, terms)
 
 
 def prepare_feature_loss(objective, model, teacher, cache, device) -> None:
-    """Build what a feature-map loss trains for these two models (FitNet's regressors: channels from both
-    models' feature_info at its stages), on `device`, before the optimizer is made."""
-    kd = objective.distill_loss
-    if not (getattr(kd, "needs_features", False) and callable(getattr(kd, "build", None)) and objective.alpha > 0
-            and teacher is not None and cache is None):
+    """Build what the feature terms train for these two models (FitNet's regressors: channels from both models'
+    feature_info at its stages), on `device`, before the optimizer is made."""
+    if teacher is None or cache is not None:
         return
-    kd.build(*([f["num_chs"] for f in infos] for _, _, infos in stage_features(model, teacher, kd.stages)))
-    kd.to(device)
+    for _, kd in objective.feature_terms():
+        if callable(getattr(kd, "build", None)):
+            kd.build(*([f["num_chs"] for f in infos] for _, _, infos in stage_features(model, teacher, kd.stages)))
+            kd.to(device)

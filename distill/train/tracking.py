@@ -289,7 +289,7 @@ def _last_stage(cfg) -> str:
 def _input_artifacts(cfg, run_dir: str, generation: int, init_from: str | None) -> list:
     """Artifacts this stage starts from: its init_from's stage, and the teacher trained here when it distils."""
     dirs = [os.path.dirname(os.path.abspath(init_from))] if init_from else []
-    if generation > 0 and cfg.teacher is not None and cfg.distill.alpha > 0:
+    if generation > 0 and cfg.teacher is not None and cfg.distill.weight > 0:
         dirs.append(RunLayout(run_dir).teacher.dir)
     names = []
     for d in dirs:
