@@ -52,7 +52,7 @@ def test_compare_table_has_one_row_per_run_and_stage(runs, capsys):
     rows = table_rows(capsys.readouterr().out)
     head = rows[0]
     assert head[:7] == ["run", "stage", "arch", "init from", "params (M)", "GFLOPs", "train (s)"]
-    assert head[7:] == ["synth_val acc (%)", "synth_val TAR@1e-3 (%)", "synth_val TAR@1e-4 (%)"]
+    assert head[7:] == ["synth_val acc (%)", "synth_val TAR@1e-3 (%)", "synth_val TAR@1e-4 (%)", "distillation"]
     assert [(r[0], r[1]) for r in rows[1:]] == [("tiny-a", "teacher"), ("tiny-a", "baseline"), ("tiny-a", "gen1"),
                                                ("tiny-b", "gen1"), ("tiny-b", "gen2")]
     for row in rows[1:]:
@@ -64,6 +64,8 @@ def test_compare_table_has_one_row_per_run_and_stage(runs, capsys):
         assert row[2] == summary["arch"] == ("iresnet18" if row[1] == "teacher" else "vargfacenet")
         assert row[8] == row[9] == "n/a"  # 20 impostor pairs cannot measure FAR 1e-3
     assert rows[5][3] == "gen1"  # tiny-b's gen2 starts from its gen1
+    # each stage's terms: tiny-a's gen1 distils with the short form's one term; tiny-b has no teacher
+    assert [r[10] for r in rows[1:]] == ["-", "none", "equivalent_angular (alpha 7)", "none", "none"]
 
 
 def test_compare_json_is_one_object_with_every_stage(runs, capsys):

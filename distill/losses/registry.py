@@ -90,8 +90,9 @@ def check_loss_options(name: str, options: dict, key: str) -> None:
     for option, value in options.items():
         problem = _type_problem(value, defaults[option])
         if problem:
+            default = list(defaults[option]) if isinstance(defaults[option], tuple) else defaults[option]
             raise ConfigError(f"key '{key}.{option}': distillation loss {name!r} takes {problem} for {option} "
-                              f"(default {defaults[option]!r}), got {value!r}")
+                              f"(default {default!r}), got {value!r}")
     try:
         create_distill_loss(name, **options)
     except (ValueError, TypeError) as err:

@@ -19,6 +19,7 @@ from distill.utils.errors import ConfigError
 from distill.utils.atomic import atomic_open, ensure_writable
 from distill.utils.layout import TEACHER, RunLayout, is_run_dir, read_json, stage_order
 from distill.run.experiment import plan_stages
+from distill.losses.terms import describe_terms, stage_terms
 from distill.eval.far import VERIFICATION_FARS, normalise_far_key, normalise_results
 from distill.run.summary import _stage_entry, cost_function, markdown_table, teacher_model
 from distill.train.tracking import read_metrics
@@ -59,6 +60,7 @@ def _partial_entry(name: str, rows: list, spec, cost, cfg) -> dict:
     steps = [r["step"] for r in rows if "step" in r]
     return {"stage": name, "arch": result.get("arch"), "generation": spec.generation if spec else 0, "init_from": spec.init_from if spec else None,
             "params": params, "gflops": gflops, "train_seconds": None, "metrics": metrics,
+            "distill": describe_terms(stage_terms(cfg.distill, spec.alpha)) if spec is not None else None,
             "status": f"unfinished (step {max(steps)})" if steps else "not started"}
 
 

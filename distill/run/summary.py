@@ -21,7 +21,7 @@ def _stage_entry(result: dict, cost) -> dict:
     return {
         "stage": result["stage"], "arch": result.get("arch"), "generation": result.get("generation", 0),
         "init_from": result.get("init_from"), "params": params, "gflops": gflops,
-        "train_seconds": result.get("train_seconds", 0.0),
+        "train_seconds": result.get("train_seconds", 0.0), "distill": result.get("distill"),
         "metrics": {name: {k: m.get(k) for k in METRIC_KEYS} for name, m in (result.get("metrics") or {}).items()},
         **({"ijb": {k: result["ijb"][k] for k in ("target", "tar_at_far", "auc")}} if result.get("ijb") else {}),
     }
@@ -40,7 +40,8 @@ def _acc(m: dict) -> str:
 
 def markdown_table(summary: dict, fars: tuple = VERIFICATION_FARS[:1], before: tuple = (), after: tuple = ()) -> str:
     """Stages as rows; per verification set: accuracy ± std (%), TAR@FAR (%) for each of `fars` (floats);
-    per IJB target: TAR (%) at SUMMARY_IJB_FARS.
+    per IJB target: TAR (%) at SUMMARY_IJB_FARS; then the stage's distillation terms (result.json's `distill`:
+    'none' for a stage that does not distil, '-' for the teacher and for results of earlier versions).
 
     `before` / `after`: extra columns as (header, function(stage entry) -> str), placed before the stage
     column and after the last one (`distill compare` adds the run and the stage's status)."""
@@ -53,7 +54,7 @@ def markdown_table(summary: dict, fars: tuple = VERIFICATION_FARS[:1], before: t
     targets = list(dict.fromkeys(s["ijb"]["target"] for s in summary["stages"] if s.get("ijb")))
     for target in targets:  # IJB-B/C template verification, when data.ijb evaluated the stages
         head += [f"{target} TAR@{far_key(far)} (%)" for far in SUMMARY_IJB_FARS]
-    head += [h for h, _ in after]
+    head += ["distillation"] + [h for h, _ in after]
     rows = [head, ["---"] * len(head)]
     for s in normalise_results(summary["stages"]):
         init = os.path.basename(os.path.dirname(s["init_from"])) if s.get("init_from") else "-"
@@ -70,7 +71,7 @@ def markdown_table(summary: dict, fars: tuple = VERIFICATION_FARS[:1], before: t
         for target in targets:
             ijb = s.get("ijb") if (s.get("ijb") or {}).get("target") == target else None
             row += [f"{100 * ijb['tar_at_far'][far_key(far)]:.2f}" if ijb else "-" for far in SUMMARY_IJB_FARS]
-        row += [fn(s) for _, fn in after]
+        row += ["-" if s["stage"] == TEACHER else s.get("distill") or "-"] + [fn(s) for _, fn in after]
         rows.append(row)
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
