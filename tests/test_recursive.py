@@ -44,7 +44,9 @@ def test_summary_shape_and_values_match_each_stage(finished):
     assert on_disk["experiment"] == "tiny"
     assert [s["stage"] for s in on_disk["stages"]] == ["teacher", "baseline", "gen1", "gen2"]
     for s in on_disk["stages"]:
-        assert set(s) == {"stage", "arch", "generation", "init_from", "params", "gflops", "train_seconds", "metrics"}
+        assert set(s) == {"stage", "arch", "generation", "init_from", "params", "gflops", "train_seconds", "metrics",
+                          "distill"}
+        assert s["distill"] == {"teacher": "none", "baseline": "none"}.get(s["stage"], "equivalent_angular (alpha 7)")
         assert s["arch"] == ("iresnet18" if s["stage"] == "teacher" else "vargfacenet")
         stage_result = json.loads((tmp / "run" / s["stage"] / "result.json").read_text())
         m, r = s["metrics"]["synth_val"], stage_result["metrics"]["synth_val"]
