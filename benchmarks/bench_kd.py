@@ -5,6 +5,9 @@ settings, in one process, so only the teacher path differs:
   (a) plain    alpha 0, no teacher
   (b) cached   alpha 7, teacher embeddings read from a memory-mapped float16 cache
   (c) online   alpha 7, a frozen IResNet-100 run on every batch at the same input size
+  (d) online + attention_transfer, (e) online + fitnet: distill.terms [equivalent_angular ×7, the feature
+      loss ×1 at its default stages], the maps taken by hooks (distill/train/feature_taps.py); printed as the
+      time per student image against (b), the cached embedding-only run (a feature loss needs the online teacher)
 Target: (b) costs at most 5% more time per image than (a). Throughput is the median of the per-step
 images/s the engine logs, skipping the first steps (warm-up).
 
@@ -14,6 +17,7 @@ images/s the engine logs, skipping the first steps (warm-up).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -35,8 +39,8 @@ from distill.train.tracking import read_metrics  # noqa: E402
 WARMUP = 2
 
 
-def _config(args):
-    return build_config({
+def _config(args, distill: dict | None = None):
+    return build_config({**({"distill": distill} if distill else {}),
         "name": "bench_kd", "device": args.device,
         "data": {"train": "stand-in", "input_size": args.input_size, "num_workers": 0},
         "student": {"embedding_size": 512},
@@ -63,9 +67,11 @@ def untrained_teacher(arch: str, size: int, dim: int = 512):
     return model
 
 
-def kd_rates(cfg, data, tmp: str, teacher, warmup: int = WARMUP) -> dict:
+def kd_rates(cfg, data, tmp: str, teacher, warmup: int = WARMUP, feature_losses: tuple = ()) -> dict:
     """Images/s of (a) plain training, (b) a cached teacher, (c) `teacher` run online, through the engine on the
-    same data and settings (cfg.student's embedding size), and the time ratios of (b) and (c) against (a)."""
+    same data and settings (cfg.student's embedding size), and the time ratios of (b) and (c) against (a); for
+    each of `feature_losses`, the online teacher with that feature term beside the paper's loss, and its time
+    per image against (b)."""
     plain = throughput(cfg, data, os.path.join(tmp, "plain"), 0.0, warmup=warmup)
     # The cache's contents do not change its read cost: fill it with a cheap frozen stand-in teacher.
     torch.manual_seed(0)
@@ -75,8 +81,14 @@ def kd_rates(cfg, data, tmp: str, teacher, warmup: int = WARMUP) -> dict:
     cache = build_cache(cheap, data, os.path.join(tmp, "cache"), progress=False, log=lambda *_: None)
     cached = throughput(cfg, data, os.path.join(tmp, "cached"), 7.0, cache=cache, warmup=warmup)
     online = throughput(cfg, data, os.path.join(tmp, "online"), 7.0, teacher=teacher, warmup=warmup)
-    return {"plain_img_s": plain, "cached_img_s": cached, "online_img_s": online,
-            "cached_time_ratio": plain / cached, "online_time_ratio": plain / online}
+    rates = {"plain_img_s": plain, "cached_img_s": cached, "online_img_s": online,
+             "cached_time_ratio": plain / cached, "online_time_ratio": plain / online}
+    for loss in feature_losses:  # the two-term objective of distill.terms, the teacher online
+        terms = {"terms": [{"loss": "equivalent_angular", "alpha": 7}, {"loss": loss, "alpha": 1}]}
+        fcfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, loss=None, alpha=None, **terms))
+        rate = throughput(fcfg, data, os.path.join(tmp, loss), fcfg.distill.weight, teacher=teacher, warmup=warmup)
+        rates[f"{loss}_img_s"], rates[f"{loss}_vs_cached_time_ratio"] = rate, cached / rate
+    return rates
 
 
 def main(argv=None) -> int:
@@ -86,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6, help="timed steps per mode (after 2 warm-up steps)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--feature-losses", default="attention_transfer,fitnet",
+                   help="feature losses measured with the online teacher (comma-separated; empty: none)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -94,7 +108,8 @@ def main(argv=None) -> int:
     data = StandInFaces(classes=max(2, n // 4), per_class=4, size=args.input_size)
 
     with tempfile.TemporaryDirectory() as tmp:  # the engine puts the online teacher in channels_last on CUDA
-        rates = kd_rates(cfg, data, tmp, untrained_teacher("iresnet100", args.input_size))
+        features = tuple(f for f in args.feature_losses.split(",") if f)
+        rates = kd_rates(cfg, data, tmp, untrained_teacher("iresnet100", args.input_size), feature_losses=features)
     plain, cached, online = rates["plain_img_s"], rates["cached_img_s"], rates["online_img_s"]
     result = {**rates, "input_size": args.input_size, "batch_size": args.batch_size, "device": args.device,
               "threads": torch.get_num_threads()}
@@ -105,6 +120,9 @@ def main(argv=None) -> int:
         print(f"  (a) plain training        {plain:9.1f} img/s")
         print(f"  (b) cached teacher        {cached:9.1f} img/s   time/image vs (a): {plain / cached:.3f}x (target <= 1.05)")
         print(f"  (c) online IResNet-100    {online:9.1f} img/s   time/image vs (a): {plain / online:.3f}x")
+        for mark, loss in zip("defgh", features):
+            rate = rates[f"{loss}_img_s"]
+            print(f"  ({mark}) online + {loss:<19}{rate:6.1f} img/s   time/image vs (b): {cached / rate:.3f}x")
     return 0
 
 

@@ -129,3 +129,16 @@ def test_fitnet_by_hand_and_its_regressor_trains_resumes_and_stays_out_of_studen
     run_stage(cfg, _spec(cfg), str(tmp_path / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
     b = safe_torch_load(tmp_path / "resumed" / "student.pt")["state_dict"]
     assert all(torch.equal(student[k], b[k]) for k in student)
+
+
+def test_a_timm_backbone_teacher_gives_its_feature_maps_to_the_hooks():
+    student = create_model("vargfacenet", input_size=32, embedding_size=16, multiplier=0.25, last_channels=32,
+                           units=[1, 1, 1]).eval()
+    teacher = teachers.build_teacher({"arch": "timm/resnet18", "input_size": 32, "embedding_size": 16})
+    info = teacher.model.feature_info
+    assert [f["module"] for f in info][-1] == "backbone.layer4" and info[-1]["num_chs"] == 512
+    x = torch.randn(2, 3, 32, 32)
+    with FeatureTaps(student, teacher, (-1,)) as taps, torch.no_grad():
+        student(x), teacher(x)
+        _, (t_map,) = taps.read()
+    assert t_map.shape == (2, 512, 1, 1)  # resnet18's last stage at 32 px (reduction 32)
