@@ -43,7 +43,8 @@ SOURCE_KEY = "teacher (source)"
 # keys (and key prefixes) that do not change the teacher's weights: the verification sets (evaluated, not
 # trained on), whether its embeddings are cached, where a missing checkpoint would be, ONNX Runtime's providers;
 # a loaded teacher's file is its `(contents)` key. The run's HARMLESS keys (loader, logging) are left out too.
-_NOT_IDENTITY = ("data.val", "teacher.cache", "teacher.checkpoint", "teacher.providers", "teacher.onnx")
+_NOT_IDENTITY = ("data.val", "teacher.cache", "teacher.checkpoint", "teacher.providers", "teacher.onnx",
+                 "teacher.head")  # its class centres: the students' business (experiment.yaml records them)
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,16 @@ def _check_terms(cfg, where) -> None:
             owners.append(key)
         if loss_needs(term.loss, "needs_features") and cfg.teacher is not None:
             _check_feature_term(cfg, term, label, where)
+        least = getattr(DISTILL_LOSSES[term.loss], "min_batch", 1)
+        if cfg.train.batch_size < least:
+            raise ConfigError(f"{where('train.batch_size')}: {label} relates the images of a batch and needs at least "
+                              f"{least} per batch, train.batch_size is {cfg.train.batch_size}: raise it")
+        if loss_needs(term.loss, "needs_centres") and cfg.teacher is not None and not cfg.teacher.head and (
+                cfg.teacher.onnx or cfg.teacher.train is None):
+            raise ConfigError(f"{where('teacher')}: {label} needs the teacher's class centres (its margin-head "
+                              f"weights), which a loaded {'ONNX ' if cfg.teacher.onnx else ''}teacher does not carry: "
+                              f"set teacher.head: FILE (see docs: a state dict, last.pt or arcface_torch's "
+                              f"checkpoint_gpu_*.pt), or let the run train the teacher (teacher.train)")
         if loss_needs(term.loss, "images_per_id") and cfg.data.images_per_id is None:
             raise ConfigError(f"{where('data.images_per_id')}: {label} compares pairs of images within a batch and "
                               f"needs repeated identities: set data.images_per_id (e.g. 4: batches of batch_size/4 "

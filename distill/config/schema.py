@@ -124,8 +124,7 @@ class MarginConfig:
 
 @dataclass
 class DistillConfig:
-    """What the students distil with: the one-term short form `loss` + `alpha`, or `terms`, a list of
-    {loss, alpha, name?, options...} (distill/losses/terms.py); not both."""
+    """What students distil with: the short form `loss` + `alpha`, or `terms` (distill/losses/terms.py); not both."""
     loss: Optional[str] = None     # the short form's loss (default equivalent_angular)
     alpha: Optional[float] = None  # total = classification + alpha * distillation (default 7, the paper's)
     # none (the paper: student and teacher embeddings of one size) | linear: a learned student->teacher
@@ -191,6 +190,7 @@ class TeacherConfig(_ModelArguments):
     checkpoint: Optional[str] = None  # weights of arch (arcface_torch backbone.pth, a state dict)
     providers: Optional[list] = None  # onnx: ONNX Runtime execution providers (default: CUDA if present, CPU)
     cache: bool = True             # embeddings computed once (original + flip); false: online teacher
+    head: Optional[str] = None     # its class centres (a file or a glob of rank files) for kd, margin_distillation, ...
     train: Optional[TrainConfig] = None  # recipe to train the teacher as stage 0 when checkpoint is missing
     model: dict = _spread()
 

@@ -25,6 +25,10 @@ what it needs through class attributes:
     same_size = True               compares the student's own space with the teacher's (no distill.project)
     needs_features = True          called as loss(student_maps, teacher_maps) on intermediate feature maps at
                                    its `stages` (distill/losses/features.py); the teacher runs online
+    needs_centres = True           gets the teacher's class centres at stage start (`set_centres(full, head)`,
+                                   distill/losses/centres.py: teacher.head, or the head of a teacher trained here)
+    any_size = True                relates the batch's embeddings to each other: sizes may differ (relational.py)
+    min_batch = k                  needs batches of at least k images
 The engine knows none of this but the last: it calls the objective, and takes the maps a loss asks for.
 """
 
@@ -36,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import features as _features  # noqa: F401  (registers the feature-map losses)
+from distill.losses import centres as _centres, features as _features, relational as _relational  # noqa: F401 (register)
 from distill.losses.registry import DISTILL_LOSSES, create_distill_loss, loss_needs, register_loss  # noqa: F401
 from distill.losses.terms import LossTerm
 from distill.utils.errors import CheckpointError, ConfigError
@@ -136,6 +140,10 @@ class DistillationObjective(nn.Module):
 
     def log_name(self, term) -> str:
         return "loss_kd" if self.short_form else f"loss_kd/{term.name}"
+
+    def centre_terms(self) -> list:
+        """(term, loss) of the active terms that need the teacher's class centres (distill/losses/centres.py)."""
+        return [(t, fn) for t, fn in self.losses if t.alpha > 0 and getattr(fn, "needs_centres", False)]
 
     def feature_terms(self) -> list:
         """(term, loss) of the active terms on feature maps."""

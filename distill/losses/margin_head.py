@@ -159,8 +159,20 @@ class MarginHead(nn.Module):
                               f"{comm.rank} of {comm.world_size}; build heads after init_process_group")
         return comm
 
-    def margin_cosine(self, cos: torch.Tensor) -> torch.Tensor:
-        """cos(m1·θ + m2) − m3 for target cosines (no scale), with the monotone fallback past θ*."""
+    def margin_cosine(self, cos: torch.Tensor, m2: torch.Tensor | None = None) -> torch.Tensor:
+        """cos(m1·θ + m2) − m3 for target cosines (no scale), with the monotone fallback past θ*. `m2`: a margin
+        per target (same shape as `cos`) instead of the head's (MarginDistillation)."""
+        if m2 is not None:
+            limit = torch.cos((math.pi - m2) / self.m1)
+            if self.m1 == 1.0:
+                sin = torch.sqrt(torch.clamp(1.0 - cos * cos, min=torch.finfo(cos.dtype).eps))
+                out = cos * torch.cos(m2) - sin * torch.sin(m2)
+            else:
+                eps = torch.finfo(cos.dtype).eps
+                out = torch.cos(self.m1 * torch.acos(cos.clamp(-1.0 + eps, 1.0 - eps)) + m2)
+            wraps = (math.pi - m2) / self.m1 < math.pi
+            out = torch.where(wraps & (cos <= limit), cos - 1.0 - limit, out)
+            return out - self.m3
         if self.m1 == 1.0 and self.m2 == 0.0:
             out = cos
         elif self.m1 == 1.0:
@@ -174,12 +186,13 @@ class MarginHead(nn.Module):
             out = torch.where(cos > self._cos_limit, out, cos - 1.0 - self._cos_limit)
         return out - self.m3
 
-    def apply_margin(self, cosine: torch.Tensor, local_labels: torch.Tensor) -> torch.Tensor:
-        """Scaled logits from a (batch × local classes) cosine matrix; label -1 = target not on this rank."""
+    def apply_margin(self, cosine: torch.Tensor, local_labels: torch.Tensor, margins=None) -> torch.Tensor:
+        """Scaled logits from a (batch × local classes) cosine matrix; label -1 = target not on this rank;
+        `margins`: one m2 per row instead of the head's."""
         on_shard = (local_labels >= 0).unsqueeze(1)
         index = local_labels.clamp(min=0).unsqueeze(1)
         target = cosine.gather(1, index)
-        margin = self.margin_cosine(target)
+        margin = self.margin_cosine(target, None if margins is None else margins.reshape(-1, 1).to(target.dtype))
         if self.straight_through:
             margin = target + (margin - target).detach()
         # gather/where/scatter instead of boolean indexing: no host sync on GPU
@@ -194,8 +207,9 @@ class MarginHead(nn.Module):
         k = max(int(self.sample_rate * n), int(positive.sum()), 1)
         return score.topk(k).indices.sort().values
 
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor):
-        """(loss, logs): cross-entropy over all ranks' classes of the global batch; logs hold detached tensors."""
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor | None = None):
+        """(loss, logs): cross-entropy over all ranks' classes of the global batch; logs hold detached tensors.
+        `margins`: an m2 per sample of the global batch (all ranks' rows, rank order) instead of the head's."""
         if embeddings.dim() != 2 or embeddings.shape[1] != self.embedding_size:
             raise ConfigError(f"margin head expects embeddings of shape (batch, {self.embedding_size}) "
                               f"(its embedding_size), got {tuple(embeddings.shape)}")
@@ -226,7 +240,7 @@ class MarginHead(nn.Module):
             if cosine.dtype in (torch.float16, torch.bfloat16):
                 cosine = cosine.float()
             cosine = cosine.clamp(-1.0, 1.0)  # rounding can leave |cos| a hair above 1
-            logits = self.apply_margin(cosine, local)
+            logits = self.apply_margin(cosine, local, margins)
             return self._cross_entropy(logits, cosine, local, comm)
 
     def _cross_entropy(self, logits, cosine, local, comm):

@@ -23,6 +23,7 @@ from distill.eval.far import SUMMARY_IJB_FARS, far_key
 from distill.eval.ijb_stage import evaluate_ijb, ijb_scalars, needs_ijb
 from distill.eval.ijb_stage import read_meta as read_ijb_meta
 from distill.eval.verification import evaluate_sets, set_name_of, size_note
+from distill.losses.centres import load_centres
 from distill.losses.distillation import loss_needs
 from distill.losses.terms import config_terms, describe_terms, stage_terms
 from distill.models.cost import model_cost
@@ -40,7 +41,7 @@ from distill.utils.threads import apply_threads, loader_workers, plan_threads
 from distill.utils.errors import ConfigError
 from distill.utils.layout import BASELINE, TEACHER, RunLayout, generation_name
 from teachers.prepare import (IDENTITY_KEY, check_recorded_teacher, needs_cache, prepare_cache, prepare_teacher,
-                              teacher_identity)
+                              teacher_identity, teacher_source)
 
 # --------------------------------------------------------------------------------------- pieces
 
@@ -76,7 +77,7 @@ def embedding_size_problem(cfg: ExperimentConfig, teacher_dim: int) -> str | Non
     if cfg.distill.weight <= 0 or cfg.generations < 1 or teacher_dim == student_dim:
         return None
     terms = [t for t in config_terms(cfg.distill) if t.alpha > 0]
-    if all(loss_needs(t.loss, "needs_features") for t in terms):  # compare feature maps, not embeddings
+    if all(loss_needs(t.loss, "needs_features") or loss_needs(t.loss, "any_size") for t in terms):  # maps, relations
         return None
     same = next((t for t in terms if loss_needs(t.loss, "same_size")), None)
     if same is not None:
@@ -156,6 +157,21 @@ def _teacher_result(cfg, run_dir, teacher, val, train_set) -> dict:
 
 # ------------------------------------------------------------------------------------------- run
 
+def centres_source(cfg: ExperimentConfig, run_dir: str) -> str | None:
+    """Where the students' terms take the teacher's class centres from (teacher.head, else the last.pt of the teacher
+    trained here), or None when no term needs them; a loaded teacher without teacher.head is a ConfigError."""
+    if cfg.teacher is None or cfg.generations < 1 or not any(
+            t.alpha > 0 and loss_needs(t.loss, "needs_centres") for t in config_terms(cfg.distill)):
+        return None
+    if cfg.teacher.head:
+        return cfg.teacher.head
+    if not teacher_source(cfg).trained_here:
+        raise ConfigError(f"teacher.head is not set: {describe_terms(config_terms(cfg.distill))} needs the class "
+                          f"centres of the loaded teacher {cfg.teacher.checkpoint or cfg.teacher.onnx}; give its "
+                          f"margin-head weights (teacher.head: FILE)")
+    return RunLayout(run_dir).teacher.last
+
+
 def plan_stages(cfg: ExperimentConfig, run_dir: str) -> list:
     alpha = cfg.distill.weight if cfg.teacher is not None else 0.0
     run = RunLayout(run_dir)
@@ -165,7 +181,8 @@ def plan_stages(cfg: ExperimentConfig, run_dir: str) -> list:
     for k in range(1, cfg.generations + 1):
         init = cfg.student.init if k == 1 else run.generation(k - 1).student
         head = run.generation(k - 1).last if (k > 1 and cfg.init_head_from_previous) else None
-        stages.append(student_spec(cfg, generation_name(k), k, alpha, init, head))
+        stages.append(dataclasses.replace(student_spec(cfg, generation_name(k), k, alpha, init, head),
+                                          centres=centres_source(cfg, run_dir)))
     return stages
 
 
@@ -203,6 +220,9 @@ def _before_any_work(cfg: ExperimentConfig, run_dir: str, restart, log):
     if problem:
         raise DiskSpaceError(problem)
     check_recorded_teacher(cfg, run_dir, train_set, log=log, record=is_main())
+    source = centres_source(cfg, run_dir)
+    if source and cfg.teacher.head:  # the file's shape against this training set, before any work
+        load_centres(source, train_set.num_classes, cfg.teacher.embedding_size)
     ijb_meta = read_ijb_meta(cfg.data.ijb) if cfg.data.ijb is not None else None  # a wrong root fails here, first
     if is_main():
         dump_config(cfg, RunLayout(run_dir).experiment)

@@ -84,6 +84,7 @@ class StageSpec:
     generation: int = 0
     init_from: str | None = None    # student.pt whose weights initialise the model (recursion)
     head_from: str | None = None    # last.pt whose margin head initialises this head
+    centres: str | None = None      # the teacher's class centres for a term that needs them (teacher.head, ...)
     record: dict = field(default_factory=dict)  # extra keys of result.json (the teacher stage: its identity)
 
 

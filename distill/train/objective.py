@@ -4,10 +4,12 @@ what a feature term trains (FitNet's regressors, distill/train/feature_taps.py),
 
 from __future__ import annotations
 
+from distill.losses.centres import load_centres
 from distill.losses.distillation import DistillationObjective
 from distill.losses.terms import stage_terms
 from distill.models.files import model_embedding_size
 from distill.train.feature_taps import prepare_feature_loss
+from distill.utils.errors import ConfigError
 
 
 def stage_objective(cfg, spec, head, model, teacher, cache, device) -> DistillationObjective:
@@ -23,4 +25,19 @@ def stage_objective(cfg, spec, head, model, teacher, cache, device) -> Distillat
         objective = DistillationObjective(head, terms=stage_terms(cfg.distill, spec.alpha), project=project)
     objective.to(device)
     prepare_feature_loss(objective, model, teacher, cache, device)
+    prepare_centres(objective, head, spec)
     return objective
+
+
+def prepare_centres(objective, head, spec) -> None:
+    """Give the terms that need them the teacher's class centres (StageSpec.centres: teacher.head, or the last.pt
+    of the teacher trained here), before the optimizer is made (ProxylessKD freezes the head it inherits)."""
+    terms = objective.centre_terms()
+    if not terms:
+        return
+    if not spec.centres:
+        raise ConfigError(f"distillation term {terms[0][0].name} ({terms[0][0].loss}) needs the teacher's class centres: "
+                          f"set teacher.head (the teacher's margin-head weights), or let the run train the teacher")
+    full = load_centres(spec.centres, head.num_classes)
+    for _, fn in terms:
+        fn.set_centres(full, head)

@@ -1,0 +1,205 @@
+"""Distillation through the teacher's class centres (issue 24): its margin-softmax weights, one row per identity.
+
+Where the centres come from (`load_centres`; distill/train/objective.py gives them to the losses at stage start):
+a teacher trained by the run (stage 0) keeps its head in `teacher/last.pt`; a loaded teacher takes
+`teacher.head: FILE`. Accepted files, each read with torch.load(weights_only=True) (a file holding code is
+refused as every checkpoint is):
+  - a tensor (classes, embedding);
+  - a state dict holding one such matrix under `weight` (a margin head's, e.g. torch.save(head.state_dict()));
+  - facedistill's last.pt (`head_weight`: every class, gathered from the ranks' shards);
+  - arcface_torch's checkpoint_gpu_<rank>.pt (`state_dict_softmax_fc.weight`: that rank's classes).
+A glob (`teacher.head: runs/r100/checkpoint_gpu_*.pt`) names the ranks' files of a partial-FC run: they are
+concatenated in rank order (the number in the name), as arcface_torch splits its classes contiguously. The rows
+must number data.train's identities (both counts are named otherwise).
+
+A loss that needs them declares `needs_centres = True` and `set_centres(full, head)`; under torchrun each rank
+keeps the rows of the classes its margin head holds (MarginHead.class_start / num_local_classes).
+
+    kd                   Hinton et al., "Distilling the Knowledge in a Neural Network", 2015, on margin-softmax
+                         logits: z = scale · cos(e, W_t) over the teacher's centres for the student's embedding
+                         (projected with distill.project when the sizes differ) and for the teacher's, no margin
+                         on either; loss = τ² · KL(softmax(z_t / τ) ‖ softmax(z_s / τ)), mean over the global batch.
+                         Options: temperature τ (4, the value MarginDistillation's code uses for its KD
+                         baseline), scale (64, ArcFace's s). Sharded: the softmax's max and normaliser are
+                         reduced over the ranks' centre shards, as the margin head's are.
+    margin_distillation  Svitov & Alyamkin, "MarginDistillation: distillation for margin-based softmax", 2020:
+                         the student's class centres start as the teacher's (trained with the student), and the
+                         ArcFace margin of each sample is m_i = m_min + (m_max − m_min) · c_i / max_batch c, with
+                         c_i = cos(t_i, W_{y_i}) the teacher embedding's cosine to the sample's (current) centre,
+                         the maximum over the global batch, as the authors' released code computes it (per sample,
+                         m_max 0.5, m_min 0.2, s from margin.s). Replaces the head's margin term (its m2); margin.m1
+                         and m3 stay as configured (the paper: ArcFace, m1 = 1, m3 = 0).
+    proxyless_kd         Shi et al., "ProxylessKD: Direct Knowledge Distillation with Inherited Classifier for
+                         Face Recognition", 2020: the student's head is the teacher's classifier, frozen; the
+                         student trains with the usual margin loss against those centres, so its embeddings land
+                         in the teacher's space. Replaces the classification term (no alpha × term is added).
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from distill.losses.margin_head import _Comm, _GatherEmbeddings, _SumOverShards
+from distill.losses.registry import register_loss
+from distill.utils.errors import ConfigError
+
+_FILE_KINDS = "a (classes, embedding) tensor, a state dict with `weight`, facedistill's last.pt (head_weight) or " \
+              "arcface_torch's checkpoint_gpu_<rank>.pt (state_dict_softmax_fc)"
+
+
+def _rank_order(path: str) -> tuple:
+    numbers = re.findall(r"\d+", os.path.basename(path))
+    return (int(numbers[-1]) if numbers else -1, path)
+
+
+def _matrix(obj, path: str) -> torch.Tensor:
+    if isinstance(obj, dict):
+        for key in ("head_weight", "state_dict_softmax_fc", "weight"):
+            if key in obj:
+                return _matrix(obj[key], f"{path} [{key}]")
+        raise ConfigError(f"{path}: holds no class centres (keys {', '.join(map(str, list(obj)[:8])) or 'none'}); "
+                          f"teacher.head takes {_FILE_KINDS}")
+    if not torch.is_tensor(obj) or obj.dim() != 2:
+        shape = tuple(obj.shape) if torch.is_tensor(obj) else type(obj).__name__
+        raise ConfigError(f"{path}: the class centres must be a (classes, embedding) matrix, got {shape}; "
+                          f"teacher.head takes {_FILE_KINDS}")
+    return obj
+
+
+def load_centres(source: str, num_classes: int, embedding_size: int | None = None) -> torch.Tensor:
+    """The teacher's centres (num_classes, embedding) in float32 from `source` (a file or a glob of the ranks'
+    files; see the module docstring), checked against data.train's identity count and the embedding size."""
+    from distill.utils.checkpoint import safe_torch_load  # (utils.checkpoint imports the model files lazily too)
+
+    paths = sorted(glob.glob(source), key=_rank_order) if glob.has_magic(source) else [source]
+    if not paths or not all(os.path.isfile(p) for p in paths):
+        missing = source if not paths else next(p for p in paths if not os.path.isfile(p))
+        raise ConfigError(f"teacher.head: {missing} does not exist; give the teacher's class centres ({_FILE_KINDS})")
+    parts = [_matrix(safe_torch_load(p), p) for p in paths]
+    if len({p.shape[1] for p in parts}) > 1:
+        raise ConfigError(f"teacher.head: the files {source} hold centres of different sizes "
+                          f"{sorted({p.shape[1] for p in parts})}; give the files of one partial-FC run")
+    centres = torch.cat([p.detach().float().cpu() for p in parts])
+    if centres.shape[0] != num_classes:
+        raise ConfigError(f"teacher.head: {source} holds centres of {centres.shape[0]} identities, data.train has "
+                          f"{num_classes}: the centres must come from a teacher trained on this training set (its "
+                          f"identities in the same order)")
+    if embedding_size is not None and centres.shape[1] != embedding_size:
+        raise ConfigError(f"teacher.head: {source} holds {centres.shape[1]}-d centres, the teacher's embeddings are "
+                          f"{embedding_size}-d; give the head of this teacher")
+    if not torch.isfinite(centres).all():
+        raise ConfigError(f"teacher.head: {source} holds non-finite centres (NaN or Inf); give a healthy checkpoint")
+    return centres
+
+
+def _global_log_softmax(z: torch.Tensor, comm: _Comm) -> torch.Tensor:
+    """log softmax over the classes of every rank's shard (this rank's columns of the result)."""
+    peak = z.detach().amax(1, keepdim=True)
+    comm.all_reduce_(peak, dist.ReduceOp.MAX)
+    total = _SumOverShards.apply((z - peak).exp().sum(1, keepdim=True), comm)
+    return z - peak - total.log()
+
+
+class _CentresLoss(nn.Module):
+    """Keeps this rank's rows of the teacher's centres (a buffer outside the state dict: reloaded every stage)."""
+
+    needs_centres = True
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("centres", torch.zeros(0, 0), persistent=False)
+        self.process_group = None
+
+    def set_centres(self, full: torch.Tensor, head) -> None:
+        start, n = head.class_start, head.num_local_classes
+        self.centres = full[start:start + n].to(head.weight.device, head.weight.dtype).clone()
+        self.process_group = head.process_group
+
+
+@register_loss("kd")
+class MarginKD(_CentresLoss):
+    """KD on margin-softmax logits over the teacher's centres (Hinton et al. 2015); see the module docstring.
+    Options: temperature (4), scale (64). Needs: teacher centres (teacher.head or a teacher trained here) and
+    teacher embeddings (the cache serves). Tested: tests/test_centre_losses.py (hand-computed, two gloo ranks)."""
+
+    def __init__(self, temperature: float = 4.0, scale: float = 64.0):
+        super().__init__()
+        if not (math.isfinite(temperature) and temperature > 0 and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"kd: temperature and scale must be positive numbers, got {temperature!r}, {scale!r}")
+        self.temperature, self.scale = float(temperature), float(scale)
+
+    def forward(self, student_emb, teacher_emb):
+        if self.centres.numel() == 0:
+            raise ConfigError("distillation loss kd needs the teacher's class centres (teacher.head)")
+        comm = _Comm(self.process_group)
+        sizes = comm.batch_sizes(student_emb.shape[0], student_emb.device)
+        s = _GatherEmbeddings.apply(F.normalize(student_emb.float(), dim=1), comm, sizes)
+        t = comm.gather_rows(F.normalize(teacher_emb.detach().float(), dim=1), sizes)
+        w = F.normalize(self.centres.float(), dim=1)
+        k = self.scale / self.temperature
+        log_ps = _global_log_softmax(k * s @ w.t(), comm)
+        with torch.no_grad():
+            log_pt = _global_log_softmax(k * t @ w.t(), comm)
+        partial = (log_pt.exp() * (log_pt - log_ps)).sum(1)
+        return _SumOverShards.apply(partial, comm).mean() * self.temperature ** 2
+
+
+@register_loss("margin_distillation")
+class MarginDistillation(_CentresLoss):
+    """MarginDistillation (Svitov & Alyamkin 2020); see the module docstring. Options: m_max (0.5), m_min (0.2).
+    Needs: teacher centres and embeddings of the student's size. Tested: tests/test_centre_losses.py."""
+
+    replaces_classification = True
+    same_size = True
+
+    def __init__(self, m_max: float = 0.5, m_min: float = 0.2):
+        super().__init__()
+        if not (0 <= m_min <= m_max < math.pi):
+            raise ValueError(f"margin_distillation: need 0 <= m_min <= m_max < pi, got m_min={m_min!r}, m_max={m_max!r}")
+        self.m_max, self.m_min = float(m_max), float(m_min)
+
+    def set_centres(self, full, head) -> None:
+        head.load_full_weight(full.to(head.weight.dtype))  # the student's centres start as the teacher's
+
+    @torch.no_grad()
+    def margins(self, head, labels, teacher_emb) -> torch.Tensor:
+        """m_i of every sample of the global batch (every rank computes the same)."""
+        comm = head._comm()
+        sizes = comm.batch_sizes(labels.shape[0], labels.device)
+        t = comm.gather_rows(F.normalize(teacher_emb.detach().float(), dim=1), sizes)
+        local = comm.gather_rows(labels.reshape(-1).long(), sizes) - head.class_start
+        mine = (local >= 0) & (local < head.num_local_classes)
+        w = F.normalize(head.weight[local.clamp(0, head.num_local_classes - 1)].float(), dim=1)
+        cos = torch.where(mine, (t * w).sum(1), torch.zeros_like(t[:, 0]))
+        comm.all_reduce_(cos, dist.ReduceOp.SUM)  # each sample's centre lives on one rank
+        peak = cos.max().clamp_min(1e-6)
+        return self.m_min + (self.m_max - self.m_min) * cos / peak
+
+    def classify(self, head, student_emb, labels, teacher_emb):
+        m = self.margins(head, labels, teacher_emb)
+        loss, logs = head(student_emb, labels, margins=m)
+        return loss, {**logs, "md_margin": m.mean()}
+
+
+@register_loss("proxyless_kd")
+class ProxylessKD(_CentresLoss):
+    """ProxylessKD (Shi et al. 2020); see the module docstring. No options. Needs: teacher centres, embeddings of
+    the student's size. Tested: tests/test_centre_losses.py."""
+
+    replaces_classification = True
+    same_size = True
+
+    def set_centres(self, full, head) -> None:
+        head.load_full_weight(full.to(head.weight.dtype))
+        head.weight.requires_grad_(False)  # the inherited classifier stays the teacher's
+
+    def classify(self, head, student_emb, labels, teacher_emb):
+        return head(student_emb, labels)

@@ -1,0 +1,131 @@
+"""Relational distillation losses on the batch's embeddings (issue 24): the student matches how the teacher places
+the images of a batch relative to each other, not each embedding itself. Each works with the cached teacher
+(embeddings only), needs a batch of at least two images (RKD's angle term: three) and no repeated identities;
+student and teacher embeddings may differ in size (relations have none), so no distill.project is needed.
+
+    rkd   Park et al., "Relational Knowledge Distillation", CVPR 2019.
+          Distance-wise: ψ_D(i, j) = |e_i − e_j| / μ with μ the mean distance over the batch's pairs i ≠ j, for
+          student and teacher; Huber (smooth L1, δ = 1) between them, averaged over the ordered pairs i ≠ j.
+          Angle-wise: ψ_A(i, j, k) = cos ∠(e_i − e_j, e_k − e_j), Huber averaged over the triplets with i ≠ j,
+          k ≠ j. loss = distance_weight (25, the paper's) × distance + angle_weight (50) × angle, on the raw
+          embeddings as the paper does (the mean normalisation makes the distances scale-free). The paper's
+          reference code averages over the whole b × b (b³) tensor including the degenerate entries; the
+          average here leaves those (zero on both sides) out.
+    cc    Peng et al., "Correlation Congruence for Knowledge Distillation", ICCV 2019. On L2-normalised
+          embeddings, the Gaussian RBF kernel k(x, y) = exp(−γ|x − y|²) = exp(−2γ) exp(2γ x·y) is replaced by its
+          Taylor expansion of order P: k(x, y) ≈ Σ_{p=0..P} exp(−2γ) (2γ)^p / p! (x·y)^p. C is the batch's
+          b × b matrix of k over every pair; loss = |C_s − C_t|²_F / b². Options gamma (0.4) and order (2), the
+          values of the paper's released configuration.
+    sp    Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019. G = E·Eᵀ (b × b), each row
+          L2-normalised; loss = |G̃_s − G̃_t|²_F / b². The paper applies it to flattened feature maps; here to
+          the embeddings (the face-KD tables' usage).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distill.losses.registry import register_loss
+from distill.utils.errors import ConfigError
+
+
+def _pair(student, teacher, name: str, least: int = 2):
+    if student.dim() != 2 or teacher.dim() != 2 or student.shape[0] != teacher.shape[0]:
+        raise ConfigError(f"distillation loss {name} needs student and teacher embeddings of one batch (batch, dim), "
+                          f"got student {tuple(student.shape)} and teacher {tuple(teacher.shape)}")
+    if student.shape[0] < least:
+        raise ConfigError(f"distillation loss {name} relates the images of a batch and needs at least {least}, got "
+                          f"{student.shape[0]}: raise train.batch_size (a last short batch is never drawn)")
+    dtype = torch.promote_types(student.dtype, torch.float32)  # float16/bfloat16 in float32; float64 stays
+    return student.to(dtype), teacher.detach().to(dtype)
+
+
+def pair_distances(e: torch.Tensor) -> torch.Tensor:
+    """Distances |e_i − e_j| of the ordered pairs i ≠ j, divided by their mean (ψ_D of RKD)."""
+    d = torch.cdist(e, e)
+    off = ~torch.eye(len(e), dtype=torch.bool, device=e.device)
+    d = d[off]
+    return d / d.mean().clamp_min(1e-12)
+
+
+def triplet_angles(e: torch.Tensor) -> torch.Tensor:
+    """cos ∠(e_i − e_j, e_k − e_j) for the triplets with i ≠ j and k ≠ j (ψ_A of RKD)."""
+    n = len(e)
+    v = F.normalize(e[None, :, :] - e[:, None, :], dim=2)  # v[j, i] = unit(e_i − e_j)
+    cos = torch.bmm(v, v.transpose(1, 2))                   # cos[j, i, k]
+    eye = torch.eye(n, dtype=torch.bool, device=e.device)
+    keep = ~(eye[:, :, None] | eye[:, None, :])              # i ≠ j and k ≠ j
+    return cos[keep]
+
+
+@register_loss("rkd")
+class RKD(nn.Module):
+    """RKD (Park et al., CVPR 2019), distance- and angle-wise; see the module docstring. Options: distance_weight
+    (25), angle_weight (50). Needs: teacher embeddings (the cache serves), batches of >= 3 images for the angle
+    term (2 with angle_weight 0). Tested: tests/test_relational.py (hand-computed)."""
+
+    any_size = True   # relations compare across embedding sizes
+    min_batch = 3     # the angle term's triplets
+
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0):
+        super().__init__()
+        if distance_weight < 0 or angle_weight < 0 or not math.isfinite(distance_weight + angle_weight):
+            raise ValueError(f"rkd: distance_weight and angle_weight must be finite and >= 0, got "
+                             f"{distance_weight!r}, {angle_weight!r}")
+        self.distance_weight, self.angle_weight = float(distance_weight), float(angle_weight)
+
+    def forward(self, student_emb, teacher_emb):
+        s, t = _pair(student_emb, teacher_emb, "rkd", 3 if self.angle_weight else 2)
+        loss = s.new_zeros(())
+        if self.distance_weight:
+            loss = loss + self.distance_weight * F.smooth_l1_loss(pair_distances(s), pair_distances(t))
+        if self.angle_weight:
+            loss = loss + self.angle_weight * F.smooth_l1_loss(triplet_angles(s), triplet_angles(t))
+        return loss
+
+
+def rbf_correlation(e: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
+    """The b × b Taylor-expanded Gaussian-RBF correlation of L2-normalised embeddings (CC's C)."""
+    x = F.normalize(e, dim=1)
+    dot = x @ x.t()
+    terms = [(2 * gamma) ** p / math.factorial(p) * dot.pow(p) for p in range(order + 1)]
+    return math.exp(-2 * gamma) * torch.stack(terms).sum(0)
+
+
+@register_loss("cc")
+class CorrelationCongruence(nn.Module):
+    """Correlation congruence (Peng et al., ICCV 2019); see the module docstring. Options: gamma (0.4), order (2).
+    Needs: teacher embeddings (the cache serves), batches of >= 2 images. Tested: tests/test_relational.py."""
+
+    any_size = True
+    min_batch = 2
+
+    def __init__(self, gamma: float = 0.4, order: int = 2):
+        super().__init__()
+        if not (math.isfinite(gamma) and gamma > 0) or order < 0:
+            raise ValueError(f"cc: gamma must be a positive number and order >= 0, got {gamma!r}, {order!r}")
+        self.gamma, self.order = float(gamma), int(order)
+
+    def forward(self, student_emb, teacher_emb):
+        s, t = _pair(student_emb, teacher_emb, "cc")
+        diff = rbf_correlation(s, self.gamma, self.order) - rbf_correlation(t, self.gamma, self.order)
+        return diff.pow(2).sum() / len(s) ** 2
+
+
+@register_loss("sp")
+class SimilarityPreserving(nn.Module):
+    """Similarity-preserving KD (Tung & Mori, ICCV 2019): |G̃_s − G̃_t|²_F / b² with G̃ the row-normalised Gram
+    matrix of the batch's embeddings. No options. Needs: teacher embeddings (the cache serves), batches of >= 2
+    images. Tested: tests/test_relational.py (hand-computed)."""
+
+    any_size = True
+    min_batch = 2
+
+    def forward(self, student_emb, teacher_emb):
+        s, t = _pair(student_emb, teacher_emb, "sp")
+        gs, gt = F.normalize(s @ s.t(), dim=1), F.normalize(t @ t.t(), dim=1)
+        return (gs - gt).pow(2).sum() / len(s) ** 2
