@@ -140,16 +140,22 @@ class MarginKD(_CentresLoss):
         if self.centres.numel() == 0:
             raise ConfigError("distillation loss kd needs the teacher's class centres (teacher.head)")
         comm = _Comm(self.process_group)
+        dtype = torch.promote_types(student_emb.dtype, torch.float32)  # half precision in float32
         sizes = comm.batch_sizes(student_emb.shape[0], student_emb.device)
-        s = _GatherEmbeddings.apply(F.normalize(student_emb.float(), dim=1), comm, sizes)
-        t = comm.gather_rows(F.normalize(teacher_emb.detach().float(), dim=1), sizes)
-        w = F.normalize(self.centres.float(), dim=1)
+        s = _GatherEmbeddings.apply(F.normalize(student_emb.to(dtype), dim=1), comm, sizes)
+        t = comm.gather_rows(F.normalize(teacher_emb.detach().to(dtype), dim=1), sizes)
+        w = F.normalize(self.centres.to(dtype), dim=1)
         k = self.scale / self.temperature
-        log_ps = _global_log_softmax(k * s @ w.t(), comm)
         with torch.no_grad():
             log_pt = _global_log_softmax(k * t @ w.t(), comm)
-        partial = (log_pt.exp() * (log_pt - log_ps)).sum(1)
-        return _SumOverShards.apply(partial, comm).mean() * self.temperature ** 2
+        # KL = Σ_j p_t,j (log p_t,j − (z_s,j − peak)) + log Σ_j exp(z_s,j − peak), since Σ_j p_t,j = 1: the shards'
+        # partial sums plus the normaliser every rank holds whole (so its gradient is the global one on each rank)
+        z = k * s @ w.t()
+        peak = z.detach().amax(1, keepdim=True)
+        comm.all_reduce_(peak, dist.ReduceOp.MAX)
+        normaliser = _SumOverShards.apply((z - peak).exp().sum(1), comm)
+        partial = (log_pt.exp() * (log_pt - (z - peak))).sum(1)
+        return (_SumOverShards.apply(partial, comm) + normaliser.log()).mean() * self.temperature ** 2
 
 
 @register_loss("margin_distillation")
@@ -174,10 +180,11 @@ class MarginDistillation(_CentresLoss):
         """m_i of every sample of the global batch (every rank computes the same)."""
         comm = head._comm()
         sizes = comm.batch_sizes(labels.shape[0], labels.device)
-        t = comm.gather_rows(F.normalize(teacher_emb.detach().float(), dim=1), sizes)
+        dtype = torch.promote_types(teacher_emb.dtype, torch.float32)
+        t = comm.gather_rows(F.normalize(teacher_emb.detach().to(dtype), dim=1), sizes)
         local = comm.gather_rows(labels.reshape(-1).long(), sizes) - head.class_start
         mine = (local >= 0) & (local < head.num_local_classes)
-        w = F.normalize(head.weight[local.clamp(0, head.num_local_classes - 1)].float(), dim=1)
+        w = F.normalize(head.weight[local.clamp(0, head.num_local_classes - 1)].to(dtype), dim=1)
         cos = torch.where(mine, (t * w).sum(1), torch.zeros_like(t[:, 0]))
         comm.all_reduce_(cos, dist.ReduceOp.SUM)  # each sample's centre lives on one rank
         peak = cos.max().clamp_min(1e-6)
