@@ -31,6 +31,29 @@ def test_the_shipped_study_expands_to_its_documented_arms():
     assert "data.images_per_id=4" in ekd.overrides and "distill.alpha=1.0" in ekd.overrides
 
 
+FACE_KD_ROWS = ("scratch", "scratch-pk4", "equivalent_angular", "shrinkteanet", "kd", "fitnet", "rkd",
+                "margin_distillation", "ekd", "adadistill", "attention_transfer", "cc", "sp", "proxyless_kd")
+
+
+def test_the_face_kd_table_lists_every_row_with_one_teacher(capsys):
+    path = str(REPO / "experiments" / "studies" / "face_kd_table.yaml")
+    points = expand(load_grid(path))
+    assert [p.name for p in points] == [f"face_kd_table-{row}-seed=0" for row in FACE_KD_ROWS]
+    assert main(["sweep", path, "--print"]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == len(FACE_KD_ROWS) and all(c.startswith("distill run ") for c in commands)
+    teachers = {o for p in points for o in p.overrides if o.startswith(("teacher.checkpoint=", "teacher.head="))}
+    assert teachers == {"teacher.checkpoint=runs/study/teacher-r18/teacher/backbone.pth",
+                        "teacher.head=runs/study/teacher-r18/teacher/last.pt"}  # one frozen teacher for every row
+    from distill.config.schema import load_config
+    for point in points:  # every row is a valid experiment (a feature loss with the cache would be refused here)
+        cfg = load_config(str(REPO / "experiments" / "quickstart.yaml"), point.overrides)
+        assert cfg.generations == (0 if point.name.startswith("face_kd_table-scratch") else 1)
+    for row, loss in (("fitnet", "fitnet"), ("attention_transfer", "attention_transfer")):
+        point = next(p for p in points if p.name == f"face_kd_table-{row}-seed=0")
+        assert f"distill.loss={loss}" in point.overrides and "teacher.cache=false" in point.overrides
+
+
 def test_the_miniature_study_runs_compares_and_reports(tiny_finished_run, tmp_path, capsys):
     exp, run, _ = tiny_finished_run
     backbone = str(run / "teacher" / "backbone.pth")
