@@ -220,3 +220,15 @@ def test_a_run_distils_kd_from_the_head_of_the_teacher_it_trained(tmp_path):
     assert gen1["distill"] == "equivalent_angular (alpha 7) + kd (alpha 1)"
     rows = (tmp_path / "run" / "gen1" / "metrics.jsonl").read_text()
     assert '"train/loss_kd/kd"' in rows
+
+
+def test_doctor_reads_teacher_head(tmp_path, capsys):
+    from distill.cli import main
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces")
+    torch.save({"weight": torch.randn(12, 16)}, tmp_path / "small.pt")  # 16-d: not this 32-d teacher's
+    assert main(["doctor", str(exp), "--out", str(tmp_path / "run"), "distill.loss=kd",
+                 f"teacher.head={tmp_path / 'small.pt'}"]) == 1
+    out = capsys.readouterr().out
+    assert "teacher.head" in out and "holds 16-d centres, the teacher's embeddings are 32-d" in out
+    assert main(["doctor", str(exp), "--out", str(tmp_path / "run"), "distill.loss=kd"]) == 0
+    assert "the class centres of the teacher trained here" in capsys.readouterr().out

@@ -74,9 +74,10 @@ def _matrix(obj, path: str) -> torch.Tensor:
     return obj
 
 
-def load_centres(source: str, num_classes: int, embedding_size: int | None = None) -> torch.Tensor:
+def load_centres(source: str, num_classes: int | None, embedding_size: int | None = None) -> torch.Tensor:
     """The teacher's centres (num_classes, embedding) in float32 from `source` (a file or a glob of the ranks'
-    files; see the module docstring), checked against data.train's identity count and the embedding size."""
+    files; see the module docstring), checked against data.train's identity count and the embedding size (each
+    when given)."""
     from distill.utils.checkpoint import safe_torch_load  # (utils.checkpoint imports the model files lazily too)
 
     paths = sorted(glob.glob(source), key=_rank_order) if glob.has_magic(source) else [source]
@@ -88,7 +89,7 @@ def load_centres(source: str, num_classes: int, embedding_size: int | None = Non
         raise ConfigError(f"teacher.head: the files {source} hold centres of different sizes "
                           f"{sorted({p.shape[1] for p in parts})}; give the files of one partial-FC run")
     centres = torch.cat([p.detach().float().cpu() for p in parts])
-    if centres.shape[0] != num_classes:
+    if num_classes is not None and centres.shape[0] != num_classes:
         raise ConfigError(f"teacher.head: {source} holds centres of {centres.shape[0]} identities, data.train has "
                           f"{num_classes}: the centres must come from a teacher trained on this training set (its "
                           f"identities in the same order)")

@@ -189,12 +189,32 @@ def check_teacher(cfg, run_dir: str) -> list:
     problem = embedding_size_problem(cfg, teacher.embedding_size)
     if problem:
         checks.append(Check(FAIL, "teacher", problem))
+    checks += _check_centres(cfg, run_dir, teacher.embedding_size)
     notes = []
     try:  # a teacher stage or cache of another teacher: refused by distill run before any work
         check_recorded_teacher(cfg, run_dir, log=notes.append, record=False)
     except DistillError as err:
         checks.append(Check(FAIL, "teacher", str(err)))
     return checks + [Check(NOTE, "teacher", n.removeprefix("teacher: note: ")) for n in notes]
+
+
+def _check_centres(cfg, run_dir: str, embedding_size: int) -> list:
+    """teacher.head for the terms that need the teacher's class centres: present, readable, of the teacher's size
+    (its identity count against data.train is checked by `distill run` once the data is open)."""
+    from distill.losses.centres import load_centres
+    from distill.run.experiment import centres_source
+
+    try:
+        source = centres_source(cfg, run_dir)
+        if source is None:
+            return []
+        if not cfg.teacher.head:
+            return [Check(OK, "teacher.head", f"the class centres of the teacher trained here ({source})")]
+        centres = load_centres(source, None, embedding_size)
+    except (DistillError, OSError) as err:
+        return [Check(FAIL, "teacher.head", str(err))]
+    return [Check(OK, "teacher.head", f"{source}: class centres of {centres.shape[0]:,} identities, "
+                                      f"{centres.shape[1]}-d")]
 
 
 def check_disk(cfg, run_dir: str, counts) -> list:
