@@ -11,7 +11,6 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from distill.config.schema import load_config
 from distill.losses.centres import load_centres

@@ -66,9 +66,10 @@ def check_semantics(cfg, where) -> None:
         if train is not None and train.scheduler not in SCHEDULERS:
             raise ConfigError(f"{where(key + '.scheduler')}: key '{key}.scheduler' must be one of "
                               f"{', '.join(SCHEDULERS)}, got {train.scheduler!r}{did_you_mean(train.scheduler, SCHEDULERS)}")
-    positive = {"train.batch_size": cfg.train.batch_size, "train.lr": cfg.train.lr,
-                "train.accumulate": cfg.train.accumulate, "data.input_size": cfg.data.input_size,
-                "student.embedding_size": cfg.student.embedding_size}
+    for key, train in (("train", cfg.train), ("teacher.train", cfg.teacher and cfg.teacher.train)):
+        if train is not None:
+            check_training(key, train, where)
+    positive = {"data.input_size": cfg.data.input_size, "student.embedding_size": cfg.student.embedding_size}
     if cfg.teacher is not None and cfg.teacher.embedding_size is not None:
         positive["teacher.embedding_size"] = cfg.teacher.embedding_size
     for key, value in positive.items():
@@ -83,6 +84,37 @@ def check_semantics(cfg, where) -> None:
         raise ConfigError(f"{where('data.train')}: key 'data.train' is required (RecordIO folder or image tree)")
     _check_images_per_id(cfg, where)
     _check_terms(cfg, where)
+
+
+def check_training(key: str, train, where) -> None:
+    """The numbers of one training recipe (`train`, `teacher.train`: the same rules for both), before any work: what
+    the engine, the optimizer or the schedule would otherwise refuse after minutes, or take silently (a stage of
+    0 epochs recorded as finished)."""
+    def bad(name: str, rule: str) -> None:
+        value = getattr(train, name)
+        raise ConfigError(f"{where(f'{key}.{name}')}: key '{key}.{name}' must be {rule}, got {value!r}")
+
+    for name in ("batch_size", "lr", "lr_batch_size", "accumulate", "log_every", "checkpoint_every", "poly_power",
+                 "decay_rate"):
+        if getattr(train, name) <= 0:
+            bad(name, "positive")
+    for name in ("weight_decay", "min_lr", "warmup_epochs", "eval_every"):
+        if getattr(train, name) < 0:
+            bad(name, ">= 0")
+    if not 0 <= train.momentum < 1:
+        bad("momentum", "in [0, 1) (SGD's momentum; 0.9 is usual)")
+    if train.max_steps is not None and train.max_steps < 1:
+        bad("max_steps", "at least 1 (or null: train.epochs decides)")
+    if train.epochs <= 0:
+        bad("epochs", "positive (a stage of no epochs would be recorded as finished untrained)")
+    if train.max_steps is None and train.warmup_epochs >= train.epochs:
+        bad("warmup_epochs", f"less than {key}.epochs ({train.epochs:g}): the warm-up would take the whole stage")
+    if train.clip_grad is not None and train.clip_grad <= 0:
+        bad("clip_grad", "positive (the largest gradient norm), or null")
+    if train.threads is not None and train.threads < 1:
+        bad("threads", "at least 1, or null (the thread policy)")
+    if any(not isinstance(e, (int, float)) or isinstance(e, bool) or e < 0 for e in train.decay_epochs):
+        bad("decay_epochs", "a list of epochs >= 0 (for scheduler: step)")
 
 
 def _check_images_per_id(cfg, where) -> None:
@@ -147,6 +179,12 @@ def _check_terms(cfg, where) -> None:
             raise ConfigError(f"{where('data.images_per_id')}: {label} compares pairs of images within a batch and "
                               f"needs repeated identities: set data.images_per_id (e.g. 4: batches of batch_size/4 "
                               f"identities with 4 images each)")
+        k = cfg.data.images_per_id
+        if loss_needs(term.loss, "images_per_id") and k and cfg.train.batch_size // k < 2:
+            raise ConfigError(f"{where('data.images_per_id')}: {label} compares each identity with others in the batch, "
+                              f"but train.batch_size {cfg.train.batch_size} / data.images_per_id {k} gives one identity "
+                              f"per batch: set data.images_per_id to at most {cfg.train.batch_size // 2}, or raise "
+                              f"train.batch_size")
     if len(owners) > 1:
         raise ConfigError(f"{where('distill.terms')}: {' and '.join(owners)} both replace the classification loss "
                           f"(each moves the class centres its own way); keep one of them")

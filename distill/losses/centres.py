@@ -14,6 +14,8 @@ must number data.train's identities (both counts are named otherwise).
 
 A loss that needs them declares `needs_centres = True` and `set_centres(full, head)`; under torchrun each rank
 keeps the rows of the classes its margin head holds (MarginHead.class_start / num_local_classes).
+margin_distillation and proxyless_kd set the head's centres at every stage start, so they win over
+`init_head_from_previous` (a resumed stage then loads its own head from last.pt, as always).
 
     kd                   Hinton et al., "Distilling the Knowledge in a Neural Network", 2015, on margin-softmax
                          logits: z = scale · cos(e, W_t) over the teacher's centres for the student's embedding

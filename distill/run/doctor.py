@@ -67,8 +67,14 @@ def check_device(cfg) -> list:
     from distill.utils.threads import loader_workers, plan_threads
 
     threads = plan_threads(loader_workers(cfg.data.num_workers, device.type), cfg.train.threads).describe()
-    return [Check(OK, "device", f"{found}; training in {precision} (train.amp: {cfg.train.amp}); each stage "
-                                f"plans its threads when it starts, now: {threads}")]
+    checks = [Check(OK, "device", f"{found}; training in {precision} (train.amp: {cfg.train.amp}); each stage "
+                                  f"plans its threads when it starts, now: {threads}")]
+    from distill.data.gpu_decode import check_decode
+    try:  # data.decode: cuda on a machine without a GPU (the training set's part is checked by distill run)
+        check_decode(cfg.data.decode, device)
+    except DistillError as err:
+        checks.append(Check(FAIL, "data.decode", str(err)))
+    return checks
 
 
 def _synthetic_counts(cfg) -> tuple:

@@ -22,6 +22,8 @@ from distill.config.schema import ExperimentConfig, dump_config
 from distill.eval.far import SUMMARY_IJB_FARS, far_key
 from distill.eval.ijb_stage import evaluate_ijb, ijb_scalars, needs_ijb
 from distill.eval.ijb_stage import read_meta as read_ijb_meta
+from distill.data.gpu_decode import check_decode
+from distill.data.ijb import missing_images
 from distill.eval.verification import evaluate_sets, set_name_of, size_note
 from distill.losses.centres import load_centres
 from distill.losses.distillation import loss_needs
@@ -38,7 +40,7 @@ from distill.utils.atomic import atomic_write_json
 from distill.utils.device import amp_settings, resolve_device
 from distill.utils.dist import barrier, from_rank0, is_main, rank0_first
 from distill.utils.threads import apply_threads, loader_workers, plan_threads
-from distill.utils.errors import ConfigError
+from distill.utils.errors import ConfigError, DataFormatError
 from distill.utils.layout import BASELINE, TEACHER, RunLayout, generation_name
 from teachers.prepare import (IDENTITY_KEY, check_recorded_teacher, needs_cache, prepare_cache, prepare_teacher,
                               teacher_identity, teacher_source)
@@ -220,10 +222,20 @@ def _before_any_work(cfg: ExperimentConfig, run_dir: str, restart, log):
     if problem:
         raise DiskSpaceError(problem)
     check_recorded_teacher(cfg, run_dir, train_set, log=log, record=is_main())
+    check_decode(cfg.data.decode, resolve_device(cfg.device), train_set)  # data.decode: cuda on a CPU-only machine
+    if cfg.teacher is not None and cfg.teacher.embedding_size is not None:  # before a teacher trains (ONNX: later)
+        check_embedding_sizes(cfg, cfg.teacher.embedding_size)
     source = centres_source(cfg, run_dir)
     if source and cfg.teacher.head:  # the file's shape against this training set, before any work
         load_centres(source, train_set.num_classes, cfg.teacher.embedding_size)
     ijb_meta = read_ijb_meta(cfg.data.ijb) if cfg.data.ijb is not None else None  # a wrong root fails here, first
+    if ijb_meta is not None:  # every listed image is there, before the first stage (evaluated after each)
+        missing = missing_images(ijb_meta)
+        if missing.any():
+            raise DataFormatError(f"data.ijb: {int(missing.sum()):,} of the {len(ijb_meta.names):,} images "
+                                  f"{cfg.data.ijb.target} lists are missing under {ijb_meta.image_dir} (first: "
+                                  f"{ijb_meta.names[int(missing.argmax())]}); restore them (insightface's IJB "
+                                  f"release: loose_crop/) or remove data.ijb")
     if is_main():
         dump_config(cfg, RunLayout(run_dir).experiment)
     return train_set, val, ijb_meta

@@ -1,0 +1,82 @@
+"""Issue 25 (reliability, round three): mistakes the config already shows are refused before any work, by
+`distill run` and `distill doctor` alike, each as one line naming the key (exit 2 / a FAIL line), nothing trained,
+no experiment.yaml left behind; the corrected command then succeeds in the same --out.
+
+The table grows with the issue's other items (outputs, files read, paths, benchmark scripts)."""
+
+import pytest
+import yaml
+
+from distill.cli import main
+from tiny_experiment import tiny_experiment, write_experiment
+
+# (overrides, the key the message names, what it says)
+LATE_CAUGHT = [
+    (["teacher.train.batch_size=0"], "teacher.train.batch_size", "must be positive"),
+    (["teacher.train.batch_size=-8"], "teacher.train.batch_size", "must be positive"),
+    (["teacher.train.lr=-0.1"], "teacher.train.lr", "must be positive"),
+    (["train.epochs=-1"], "train.epochs", "must be positive"),
+    (["train.epochs=0"], "train.epochs", "recorded as finished untrained"),
+    (["teacher.train.epochs=-2"], "teacher.train.epochs", "must be positive"),
+    (["train.momentum=1.5"], "train.momentum", "in [0, 1)"),
+    (["teacher.train.weight_decay=-1"], "teacher.train.weight_decay", ">= 0"),
+    (["train.warmup_epochs=5", "train.epochs=2", "train.max_steps=null"], "train.warmup_epochs", "less than train.epochs"),
+    (["train.max_steps=0"], "train.max_steps", "at least 1"),
+    (["train.clip_grad=0"], "train.clip_grad", "positive"),
+    (["teacher.train.lr_batch_size=0"], "teacher.train.lr_batch_size", "must be positive"),
+    (["train.log_every=0"], "train.log_every", "must be positive"),
+    (["train.threads=0"], "train.threads", "at least 1"),
+    (["train.decay_epochs=[-1]"], "train.decay_epochs", "a list of epochs >= 0"),
+    (["distill.loss=ekd", "data.images_per_id=24"], "data.images_per_id", "gives one identity per batch"),
+    (["teacher.embedding_size=64"], "teacher's embeddings are 64-d", "distill.project: linear"),
+    (["data.decode=cuda"], "data.decode", "set data.decode: cpu"),
+]
+
+
+@pytest.mark.parametrize("overrides, key, says", LATE_CAUGHT, ids=[" ".join(c[0]) for c in LATE_CAUGHT])
+def test_a_mistake_the_config_shows_stops_run_and_doctor_before_any_work(tmp_path, capsys, overrides, key, says):
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
+    out = tmp_path / "run"
+    assert main(["run", str(exp), "--out", str(out), "--no-progress", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert key in err and says in err and "Traceback" not in err
+    assert not (out / "experiment.yaml").exists() and not (out / "teacher").exists()  # nothing trained or recorded
+    code = main(["doctor", str(exp), "--out", str(out), *overrides])
+    report = capsys.readouterr()
+    assert code in (1, 2) and key in report.out + report.err and "ready:" not in report.out
+    assert "Traceback" not in report.out + report.err
+
+
+def test_ijb_images_missing_stop_the_run_before_the_teacher_trains(tmp_path, capsys):
+    root = tmp_path / "ijb"
+    assert main(["data", "synth-ijb", str(root), "--templates", "4"]) == 0
+    capsys.readouterr()
+    victim = sorted((root / "loose_crop").iterdir())[0]
+    victim.unlink()
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"},
+                           data={"ijb": {"root": str(root), "target": "IJBC"}})
+    out = tmp_path / "run"
+    assert main(["run", str(exp), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "data.ijb" in err and victim.name in err and "are missing" in err
+    assert not (out / "teacher").exists() and not (out / "experiment.yaml").exists()
+
+
+def test_after_a_refused_run_the_corrected_command_succeeds_in_the_same_out(tmp_path, capsys):
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"}, generations=0,
+                           baseline=False)
+    out = tmp_path / "run"
+    assert main(["run", str(exp), "--out", str(out), "--no-progress", "teacher.train.lr=-0.1"]) == 2
+    assert main(["run", str(exp), "--out", str(out), "--no-progress"]) == 0
+    assert (out / "teacher" / "result.json").exists()
+
+
+def test_a_sweep_whose_second_point_has_a_bad_teacher_lr_is_refused_before_the_first_trains(tmp_path, capsys):
+    base = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"base": "x.yaml", "name": "g", "grid": {"teacher.train.lr": [0.1, -0.1]}}))
+    assert main(["sweep", str(grid), "--out", str(tmp_path / "sweep"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "teacher.train.lr" in err and "must be positive" in err and "Traceback" not in err
+    assert not (tmp_path / "sweep").exists() or not any((tmp_path / "sweep").rglob("result.json"))
+    assert tiny_experiment(tmp_path)["teacher"]["train"]["lr"] == 0.1 and base.exists()
