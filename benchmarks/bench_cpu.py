@@ -31,6 +31,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.join(HERE, "..")
 sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)  # bench_args
+from bench_args import count, run as run_command  # noqa: E402
 
 WORKLOADS = ("student_train", "teacher_train", "student_eval")
 CONDITIONS = ("quiet", "loaded")
@@ -186,7 +188,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     p.add_argument("--quick", action="store_true", help="a few steps at batch 8 (the test suite: seconds)")
-    p.add_argument("--steps", type=int, default=12, help="timed steps per figure after 2 warm-up steps")
+    p.add_argument("--steps", type=count(1), default=12, help="timed steps per figure after 2 warm-up steps")
     p.add_argument("--setting", action="append", default=[], metavar="'threads=N VAR=VALUE ...'",
                    help="another setting to measure beside old and new (repeatable)")
     p.add_argument("--workload", action="append", choices=WORKLOADS, default=None,
@@ -230,4 +232,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main, "bench_cpu"))

@@ -43,6 +43,7 @@ import io
 import json
 import math
 import sys
+
 import tempfile
 import time
 
@@ -56,6 +57,9 @@ from distill.data.gpu_decode import EncodedPlanned, collate_encoded, decode_batc
 from distill.data.images import decode_chw, to_input_tensor
 from distill.data.synthetic import ensure_synthetic
 from distill.train.epoch_plan import PlannedDataset, plan_epoch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_args
+from bench_args import count, counts as count_list, run  # noqa: E402
 
 
 def dataset_rate(ds, n: int) -> float:
@@ -150,20 +154,20 @@ def cuda_absent_reason() -> str | None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("path", nargs="?", help="folder with train.rec or a .rec file (default: generate one)")
-    parser.add_argument("--images", type=int, default=2000, help="images to time (default 2000)")
-    parser.add_argument("--size", type=int, default=112, help="image size of the generated set (default 112)")
-    parser.add_argument("--input-size", type=int, default=None,
+    parser.add_argument("--images", type=count(1), default=2000, help="images to time (default 2000)")
+    parser.add_argument("--size", type=count(16), default=112, help="image size of the generated set (default 112)")
+    parser.add_argument("--input-size", type=count(16), default=None,
                         help="data.input_size: images of another stored size are resized (default: stored size)")
-    parser.add_argument("--workers", default="1,2", help="DataLoader worker counts to time (default 1,2; 1 is "
+    parser.add_argument("--workers", type=count_list(0), default="1,2", help="DataLoader worker counts to time (default 1,2; 1 is "
                                                          "always timed, it is the per-worker baseline)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--prefetch", type=int, default=4,
+    parser.add_argument("--batch-size", type=count(1), default=64, help="images per batch (default 64)")
+    parser.add_argument("--prefetch", type=count(1), default=4,
                         help="batches each worker keeps ready (data.prefetch_factor)")
     parser.add_argument("--target-rate", type=float, default=3000.0,
                         help="images/s the GPU trains at, for the 'cores needed' line (default 3000)")
     parser.add_argument("--decode", choices=("cpu", "cuda"), default="cpu",
                         help="cuda: also time data.decode: cuda (encoded bytes from the workers, nvJPEG on the GPU)")
-    parser.add_argument("--rounds", type=int, default=3, help="best of this many rounds of every figure")
+    parser.add_argument("--rounds", type=count(1), default=3, help="best of this many rounds of every figure")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -175,7 +179,7 @@ def main(argv=None) -> int:
                   f"(the CPU path) or on a machine with a CUDA GPU", file=sys.stderr)
             return 2
         device = torch.device("cuda", torch.cuda.current_device())
-    counts = sorted({1, *(int(w) for w in args.workers.split(","))})
+    counts = sorted({1, *args.workers})
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.path
@@ -273,4 +277,4 @@ def print_scaling(title: str, rates: dict, args) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run(main, "bench_data"))

@@ -15,11 +15,14 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_args
+from bench_args import count, run  # noqa: E402
 from distill.eval.verification import THRESHOLDS, _fold_sizes, pair_distances, verification_metrics
 
 
@@ -70,10 +73,10 @@ def best_time(fn, repeat):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=6000)
-    parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--repeat", type=int, default=20, help="runs of the vectorised version (best kept)")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--pairs", type=count(20), default=6000, help="verification pairs (default 6000, as LFW)")
+    parser.add_argument("--dim", type=count(1), default=512, help="embedding size (default 512)")
+    parser.add_argument("--repeat", type=count(1), default=20, help="runs of the vectorised version (best kept)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -99,4 +102,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(run(main, "bench_eval"))

@@ -22,12 +22,15 @@ import argparse
 import json
 import os
 import sys
+
 import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_args
+from bench_args import count, run  # noqa: E402
 
 from distill.config.files import read_yaml_mapping  # noqa: E402
 from distill.data.ijb import AlignedFaces, read_ijb_meta  # noqa: E402
@@ -84,13 +87,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--student", help="a student.pt (default: the quickstart's student, random weights)")
     parser.add_argument("--root", help="a synthetic (or real) IJB root to read instead of writing one")
-    parser.add_argument("--templates", type=int, default=300, help="templates of the synthetic set (300: ~1,000 images)")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--templates", type=count(2), default=300, help="templates of the synthetic set (300: ~1,000 images)")
+    parser.add_argument("--workers", type=count(0), default=min(8, os.cpu_count() or 1),
                         help="loader workers asked for, as distill ijb --workers (the thread policy caps them)")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the thread policy)")
+    parser.add_argument("--batch-size", type=count(1), default=128, help="images per batch (default 128)")
+    parser.add_argument("--threads", type=count(1), default=None, help="torch threads (default: the thread policy)")
     parser.add_argument("--quick", action="store_true", help="a 20-template set (for the test suite)")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = parser.parse_args(argv)
     for key, value, low in (("--templates", args.templates, 2), ("--workers", args.workers, 0),
                             ("--batch-size", args.batch_size, 1), ("--threads", args.threads, 1)):
@@ -125,4 +128,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, "bench_ijb"))

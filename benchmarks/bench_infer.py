@@ -23,6 +23,7 @@ import os
 import platform
 import statistics
 import sys
+
 import tempfile
 import time
 import warnings
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_args
+from bench_args import count, run  # noqa: E402
 
 from distill.data.standin import StandInFaces  # noqa: E402
 from distill.deploy.export import INPUT_NAME, export_onnx  # noqa: E402
@@ -125,12 +128,12 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default="vargfacenet", help="registry name of the student (random weights; default vargfacenet)")
     p.add_argument("--student", default=None, help="a student.pt to benchmark instead of --model")
     p.add_argument("--teacher", action="store_true", help="also benchmark the IResNet-100 teacher, for contrast")
-    p.add_argument("--input-size", type=int, default=112)
-    p.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime intra-op threads (default 1)")
-    p.add_argument("--iters", type=int, default=50, help="batch-1 runs timed (default 50)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--batch-iters", type=int, default=5, help="batch runs timed (default 5)")
-    p.add_argument("--calib-images", type=int, default=64, help="stand-in faces calibrating the INT8 file")
+    p.add_argument("--input-size", type=count(16), default=112, help="image side for --model (default 112)")
+    p.add_argument("--threads", type=count(1), default=1, help="torch and ONNX Runtime intra-op threads (default 1)")
+    p.add_argument("--iters", type=count(1), default=50, help="batch-1 runs timed (default 50)")
+    p.add_argument("--batch-size", type=count(1), default=32, help="images per batch of the batch runs (default 32)")
+    p.add_argument("--batch-iters", type=count(1), default=5, help="batch runs timed (default 5)")
+    p.add_argument("--calib-images", type=count(1), default=64, help="stand-in faces calibrating the INT8 file")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args(argv)
     import onnxruntime as ort
@@ -149,4 +152,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main, "bench_infer"))

@@ -22,12 +22,15 @@ import json
 import os
 import statistics
 import sys
+
 import tempfile
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_args
+from bench_args import count, run  # noqa: E402
 
 import teachers  # noqa: E402
 from distill.config.schema import build_config  # noqa: E402
@@ -93,14 +96,14 @@ def kd_rates(cfg, data, tmp: str, teacher, warmup: int = WARMUP, feature_losses:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--input-size", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=6, help="timed steps per mode (after 2 warm-up steps)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--input-size", type=count(16), default=64, help="image side (default 64)")
+    p.add_argument("--batch-size", type=count(1), default=16, help="images per step (default 16)")
+    p.add_argument("--steps", type=count(1), default=6, help="timed steps per mode (after 2 warm-up steps)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to train (default cpu)")
+    p.add_argument("--threads", type=count(1), default=2, help="torch threads (default 2)")
     p.add_argument("--feature-losses", default="attention_transfer,fitnet",
                    help="feature losses measured with the online teacher (comma-separated; empty: none)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = _config(args)
@@ -127,4 +130,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, "bench_kd"))

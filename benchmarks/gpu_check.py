@@ -36,6 +36,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)  # bench_kd, whose measurement the training figures reuse
 
+from bench_args import count, run  # noqa: E402
+
 import torch  # noqa: E402
 
 # full: the sizes the issue asks for; tiny: the same code in seconds on a CPU (an IResNet-18 stands in for the
@@ -202,12 +204,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     p.add_argument("--tiny", action="store_true", help="tiny sizes: the same code in seconds (CPU tests)")
-    p.add_argument("--workers", type=int, default=None, help="loader workers of the training runs (default 8, tiny 0)")
+    p.add_argument("--workers", type=count(0), default=None, help="loader workers of the training runs (default 8, tiny 0)")
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: train,teacher,loader,run")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of train_compiled_img_s (the tests use eager: no code generation)")
     p.add_argument("--keep", default=None, help="keep the check's files in this folder (default: a temporary one)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=count(1), default=None,
                    help="CPU threads of torch with --device cpu (default: up to 4; the tests use 1 beside other work)")
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
@@ -253,4 +255,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, "gpu_check"))

@@ -80,3 +80,35 @@ def test_a_sweep_whose_second_point_has_a_bad_teacher_lr_is_refused_before_the_f
     assert "teacher.train.lr" in err and "must be positive" in err and "Traceback" not in err
     assert not (tmp_path / "sweep").exists() or not any((tmp_path / "sweep").rglob("result.json"))
     assert tiny_experiment(tmp_path)["teacher"]["train"]["lr"] == 0.1 and base.exists()
+
+
+BENCH_MISTAKES = [
+    ("bench_kd", ["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    ("bench_kd", ["--input-size", "8"], "argument --input-size: must be at least 16"),
+    ("bench_data", ["--workers", "-1"], "argument --workers: must be at least 0, got -1"),
+    ("bench_infer", ["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    ("bench_infer", ["--student", "missing.pt"], "missing.pt"),
+    ("bench_eval", ["--pairs", "x"], "argument --pairs: expected a whole number, got 'x'"),
+    ("bench_ijb", ["--workers", "-2"], "argument --workers: must be at least 0, got -2"),
+    ("bench_cpu", ["--steps", "0"], "argument --steps: must be at least 1, got 0"),
+    ("gpu_check", ["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+]
+
+
+@pytest.mark.parametrize("script, argv, says", BENCH_MISTAKES, ids=[f"{s} {' '.join(a)}" for s, a, _ in BENCH_MISTAKES])
+def test_the_benchmark_scripts_fail_like_commands(script, argv, says, capsys, tmp_path, monkeypatch):
+    import importlib.util
+
+    from conftest import REPO
+    monkeypatch.chdir(tmp_path)  # nothing they might write lands in the repository
+    spec = importlib.util.spec_from_file_location(script, REPO / "benchmarks" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        runner = getattr(module, "run_command", None) or module.run  # (bench_cpu has a run() of its own)
+        code = runner(lambda: module.main(argv), script)
+    except SystemExit as stop:  # argparse's refusal: one usage line and the error, exit 2
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
