@@ -112,3 +112,67 @@ def test_the_benchmark_scripts_fail_like_commands(script, argv, says, capsys, tm
     err = capsys.readouterr().err
     assert code == 2 and says in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def ijb_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ijb") / "set"
+    assert main(["data", "synth-ijb", str(root), "--templates", "4"]) == 0
+    return root
+
+
+def _ijb(root, *more):
+    return ["ijb", "vargfacenet", "--root", str(root), "--input-size", "16", "--workers", "0", "--threads", "1",
+            *more]
+
+
+@pytest.mark.parametrize("option, target, says", [
+    ("--plot", "missing-folder/roc.png", "the folder"),
+    ("--scores", ".", "is a folder; give a file name"),
+    ("--cache", "missing-folder/c.npy", "does not exist"),
+])
+def test_ijb_outputs_are_checked_before_any_image_is_embedded(ijb_root, tmp_path, monkeypatch, capsys, option,
+                                                              target, says):
+    import distill.cli.ijb as ijb_cli
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ijb_cli, "_model_features", lambda *a, **k: pytest.fail("embedded before the check"))
+    assert main(_ijb(ijb_root, option, target)) == 2
+    err = capsys.readouterr().err
+    assert option in err and says in err and "Traceback" not in err
+
+
+def test_a_truncated_ijb_feature_cache_is_refused_naming_it(ijb_root, tmp_path, capsys):
+    cache = tmp_path / "c.npy"
+    assert main(_ijb(ijb_root, "--cache", str(cache))) == 0
+    cache.write_bytes(cache.read_bytes()[:100])  # truncated
+    capsys.readouterr()
+    assert main(_ijb(ijb_root, "--cache", str(cache))) == 2
+    err = capsys.readouterr().err
+    assert f"--cache {cache}: damaged" in err and "delete it" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["export", "vargfacenet", "missing.onnx", "--int8-margin", "-1"], "--int8-margin -1.0: must be a number"),
+    (["export", "vargfacenet", "out.onnx", "--input-size", "8"], "--input-size 8: must be at least 16"),
+    (["compare", "nowhere", "--int8-margin", "-2"], "--int8-margin -2.0: must be a number"),
+])
+def test_option_ranges_agree_across_commands(tmp_path, monkeypatch, capsys, argv, says):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_synth_ijb_into_a_file_and_deep_or_long_keys_are_one_line(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["data", "synth-ijb", str(afile)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
+    for override, says in ((".".join(["a"] * 2000) + "=1", "levels deep"),
+                           ("data.train=" + "n" * 300, "a path longer than the OS allows")):
+        assert main(["run", str(exp), "--out", str(tmp_path / "run"), override]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()

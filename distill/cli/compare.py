@@ -7,7 +7,7 @@ import json
 import sys
 
 from distill.utils.errors import ConfigError
-from distill.cli.export import add_calib_images_option, add_calibration_option, require_onnx
+from distill.cli.export import add_calib_images_option, add_calibration_option, check_int8_margin, require_onnx
 
 
 def _log(message: str) -> None:
@@ -17,6 +17,7 @@ def _log(message: str) -> None:
 def _compare(args) -> int:
     from distill.run.compare import comparison_json, comparison_table, load_runs, plot_comparison, unfinished_runs
 
+    check_int8_margin(args.int8_margin)
     runs = load_runs(args.run_dirs)
     plans = None
     if args.export is not None:

@@ -64,6 +64,9 @@ def _cmd_synth_ijb(args) -> int:
 
     if args.target not in TARGETS:
         raise ConfigError(f"--target {args.target}: one of {', '.join(TARGETS)}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError(f"{args.out}: is a file; `distill data synth-ijb` writes a folder (loose_crop/, meta/): give "
+                          f"a folder name")
     params = synth_ijb_params(args.templates, args.seed, args.target)
     stored = read_synth_ijb_manifest(args.out)
     if stored is not None and stored.get("params") == params and not args.force:

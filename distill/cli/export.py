@@ -34,7 +34,16 @@ def require_onnx(what: str) -> None:
         raise ConfigError(f"{what} needs onnx and onnxruntime ({err}); pip install 'facedistill[onnx]'") from None
 
 
+def check_int8_margin(margin) -> None:
+    """--int8-margin: accuracy points INT8 may lose against PyTorch before it is a failure; a number >= 0."""
+    if margin is not None and not (margin >= 0 and margin != float("inf")):
+        raise ConfigError(f"--int8-margin {margin}: must be a number of accuracy points >= 0 (default 0.5)")
+
+
 def _export(args) -> int:
+    if args.input_size is not None and args.input_size < 16:
+        raise ConfigError(f"--input-size {args.input_size}: must be at least 16 (as for profile, ijb and pack)")
+    check_int8_margin(args.int8_margin)
     require_onnx("export")
     from distill.cli import thread_policy
 

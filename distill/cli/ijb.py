@@ -140,6 +140,7 @@ def _plot(path: str, curves: dict, target: str) -> None:
 
 def _check_args(args) -> None:
     from distill.data.ijb import TARGETS
+    from distill.utils.atomic import check_output_file
     from distill.utils.device import resolve_device
 
     if args.target not in TARGETS:
@@ -159,6 +160,9 @@ def _check_args(args) -> None:
     if args.cache and not args.model:
         raise ConfigError("--cache stores the features a MODEL computes; with --features only there is "
                           "nothing to cache")
+    for option, path in (("--plot", args.plot), ("--scores", args.scores), ("--cache", args.cache)):
+        if path:  # written after every image is embedded (hours at IJB-C scale): checked first
+            check_output_file(path, option)
     if args.model:
         resolve_device(args.device, "--device")  # a GPU that is not there stops the run before any work
 

@@ -82,8 +82,26 @@ def check_semantics(cfg, where) -> None:
                           f"contain '/' or '..', got {cfg.name!r} (use --out to choose another folder)")
     if not cfg.data.train:
         raise ConfigError(f"{where('data.train')}: key 'data.train' is required (RecordIO folder or image tree)")
+    _check_path_lengths(cfg, where)
     _check_images_per_id(cfg, where)
     _check_terms(cfg, where)
+
+
+def _check_path_lengths(cfg, where) -> None:
+    """Paths the OS cannot even look up (a name over 255 bytes, a path over 4,095): one line here, not an OSError
+    from deep inside the first open."""
+    paths = {"data.train": cfg.data.train, "student.init": cfg.student.init}
+    paths.update({f"data.val[{i}]": p for i, p in enumerate(cfg.data.val)})
+    if cfg.teacher is not None:
+        paths.update({f"teacher.{k}": getattr(cfg.teacher, k) for k in ("checkpoint", "onnx", "head")})
+    for key, path in paths.items():
+        if not isinstance(path, str):
+            continue
+        longest = max((len(part.encode()) for part in path.split(os.sep)), default=0)
+        if longest > 255 or len(path.encode()) > 4095:
+            raise ConfigError(f"{where(key.split('[')[0])}: key '{key}' is a path longer than the OS allows "
+                              f"({len(path.encode()):,} bytes, a name of {longest:,}; at most 255 per name and "
+                              f"4,095 in all): {path[:60]}...")
 
 
 def check_training(key: str, train, where) -> None:

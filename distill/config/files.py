@@ -128,6 +128,9 @@ def key_paths(d: dict, prefix: str = "") -> list:
     return out
 
 
+MAX_KEY_DEPTH = 8  # the deepest key is 3 levels (data.synthetic.ids); deeper is a typo or an attack on the parser
+
+
 def parse_overrides(args: list) -> dict:
     """`a.b=1` / `--a.b=1` (values parsed as YAML scalars) -> nested dict."""
     out: dict = {}
@@ -136,6 +139,9 @@ def parse_overrides(args: list) -> dict:
         if "=" not in text:
             raise ConfigError(f"override {arg!r}: expected key.sub=value (or --key.sub=value)")
         key, raw = text.split("=", 1)
+        if key.count(".") >= MAX_KEY_DEPTH:
+            raise ConfigError(f"override {arg[:80]!r}{'...' if len(arg) > 80 else ''}: key {key.count('.') + 1} levels "
+                              f"deep; experiment keys have at most {MAX_KEY_DEPTH} (e.g. teacher.train.lr)")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:

@@ -308,8 +308,12 @@ def load_feature_cache(path, key: dict):
         changed = ", ".join(differ)
         raise ConfigError(f"--cache {path}: holds features of another setting ({changed} differ: {shown}); "
                           f"give another --cache path, or delete {path} and {sidecar} to embed again")
-    feats = np.load(path, allow_pickle=False)
-    if feats.shape[0] != key["images"]:
+    try:
+        feats = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:  # truncated or not a .npy: never half-used
+        raise DataFormatError(f"--cache {path}: damaged ({str(err).splitlines()[0][:160]}); delete it and "
+                              f"{_sidecar(path)} to embed again, or give another --cache path") from None
+    if feats.ndim != 2 or feats.shape[0] != key["images"]:
         raise ConfigError(f"--cache {path}: {feats.shape[0]} rows for {key['images']} images; delete it to embed again")
     return feats, np.asarray(stored.get("missing", []), dtype=np.int64)
 

@@ -78,3 +78,23 @@ def ensure_writable(folder, what: str) -> None:
         os.remove(probe)
     except OSError as err:
         raise unwritable(folder, err, what) from None
+
+
+def check_output_file(path, option: str) -> None:
+    """Before the long work that ends in writing `path` (a file named by `option`): it is not a folder, its folder
+    exists and takes a file. A WriteError names the option and what to do."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise WriteError(f"{option} {path}: is a folder; give a file name (e.g. {os.path.join(path, 'out')}"
+                         f"{os.path.splitext(path)[1] or ''})")
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        raise WriteError(f"{option} {path}: the folder {folder} does not exist; create it or give a path in an "
+                         f"existing folder (checked before any work)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise WriteError(f"{option} {path}: cannot write in {folder} ({getattr(err, 'strerror', None) or err}); "
+                         f"give a folder you can write to") from None
