@@ -176,3 +176,17 @@ def test_synth_ijb_into_a_file_and_deep_or_long_keys_are_one_line(tmp_path, caps
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_images_per_id_beyond_every_identity_gets_a_note(tmp_path):
+    from distill.config.schema import load_config
+    from distill.run.experiment import _note_identity_groups
+    from tiny import TinyFaces
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
+    notes = []
+    cfg = load_config(str(exp), ["data.images_per_id=24"])  # TinyFaces: 16 images of each identity
+    _note_identity_groups(cfg, TinyFaces(), notes.append)
+    assert len(notes) == 1 and "no identity of" in notes[0] and "more than 16 images" in notes[0]
+    notes.clear()
+    _note_identity_groups(load_config(str(exp), ["data.images_per_id=4"]), TinyFaces(), notes.append)
+    assert notes == []

@@ -164,11 +164,12 @@ def _pct(value) -> str:
 
 def export_table(summaries: list) -> str:
     """Markdown: a row per run and stage: file, size (MB), mean accuracy (%) over the val sets of torch, the
-    FP32 file and (with --int8) the INT8 file, and what INT8 loses against torch in points."""
+    FP32 file and (with --int8) the INT8 file, and INT8 − torch in points (negative: INT8 loses; the README's
+    sign; export_summary.json's int8_loss_points is torch − INT8)."""
     int8 = any(s["int8"] for s in summaries)
     head = ["run", "stage", "file", "size (MB)", "torch acc (%)", "fp32 acc (%)"]
     if int8:
-        head += ["int8 file", "int8 size (MB)", "int8 acc (%)", "int8 loss (points)"]
+        head += ["int8 file", "int8 size (MB)", "int8 acc (%)", "int8 − torch (points)"]
     head.append("status")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for s in summaries:
@@ -182,7 +183,7 @@ def export_table(summaries: list) -> str:
                 loss = st.get("int8_loss_points")
                 cells += ["-" if q is None else os.path.join(s["run"], q["path"]),
                           "-" if q is None else f"{q['size_mb']:.2f}", _pct((q or {}).get("acc_mean")),
-                          "-" if loss is None else f"{loss:.2f}"]
+                          "-" if loss is None else f"{-loss:+.2f}"]  # the README's sign: negative = INT8 loses
             cells.append(st["status"].replace("|", "/").splitlines()[0] if st["status"] else "")
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

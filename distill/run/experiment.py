@@ -222,6 +222,7 @@ def _before_any_work(cfg: ExperimentConfig, run_dir: str, restart, log):
     if problem:
         raise DiskSpaceError(problem)
     check_recorded_teacher(cfg, run_dir, train_set, log=log, record=is_main())
+    _note_identity_groups(cfg, train_set, log)
     check_decode(cfg.data.decode, resolve_device(cfg.device), train_set)  # data.decode: cuda on a CPU-only machine
     if cfg.teacher is not None and cfg.teacher.embedding_size is not None:  # before a teacher trains (ONNX: later)
         check_embedding_sizes(cfg, cfg.teacher.embedding_size)
@@ -239,6 +240,20 @@ def _before_any_work(cfg: ExperimentConfig, run_dir: str, restart, log):
     if is_main():
         dump_config(cfg, RunLayout(run_dir).experiment)
     return train_set, val, ijb_meta
+
+
+def _note_identity_groups(cfg: ExperimentConfig, train_set, log) -> None:
+    """One note when data.images_per_id (K) is more than any identity has: no batch group then holds K images of
+    one identity (each is a run of several identities' leftovers, distill/train/epoch_plan.py)."""
+    k = cfg.data.images_per_id
+    if not k or not is_main():
+        return
+    import numpy as np
+
+    most = int(np.bincount(np.unique(np.asarray(train_set.labels()), return_inverse=True)[1].reshape(-1)).max())
+    if most < k:
+        log(f"note: data.images_per_id is {k}, but no identity of {cfg.data.train} has more than {most} images: no "
+            f"batch group holds {k} images of one identity (groups mix identities); set data.images_per_id <= {most}")
 
 
 def _cache(cfg: ExperimentConfig, teacher, train_set, run_dir: str, progress: bool, log):
