@@ -190,3 +190,19 @@ def test_images_per_id_beyond_every_identity_gets_a_note(tmp_path):
     notes.clear()
     _note_identity_groups(load_config(str(exp), ["data.images_per_id=4"]), TinyFaces(), notes.append)
     assert notes == []
+
+
+def test_an_empty_ijb_pair_file_is_one_clear_error_without_a_numpy_warning(ijb_root, tmp_path, capsys):
+    import shutil
+    import warnings
+
+    from distill.data.ijb import read_ijb_meta
+    from distill.utils.errors import DataFormatError
+    root = tmp_path / "ijb"
+    shutil.copytree(ijb_root, root)
+    pairs = next((root / "meta").glob("*_template_pair_label.txt"))
+    pairs.write_text("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        with pytest.raises(DataFormatError, match="no template pairs listed"):
+            read_ijb_meta(str(root), "IJBC")

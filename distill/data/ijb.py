@@ -13,6 +13,7 @@ line); `AlignedFaces` is the Dataset a DataLoader's workers use to decode and al
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,7 +157,9 @@ def _nonblank_line(path: str, row: int) -> int:
 def _read_pairs(path: str):
     _require_file(path, "the template pair file")
     try:  # numpy's C reader: 15.7M lines in a few seconds; errors are located line by line below
-        table = np.loadtxt(path, dtype=np.int64, ndmin=2, comments=None)
+        with warnings.catch_warnings():  # an empty file: the clear error below, not numpy's "Empty input file"
+            warnings.simplefilter("ignore", UserWarning)
+            table = np.loadtxt(path, dtype=np.int64, ndmin=2, comments=None)
     except (ValueError, UnicodeDecodeError):
         expected = "two template ids and a label (integers)"
         with open(path, encoding="utf-8", errors="replace") as f:
