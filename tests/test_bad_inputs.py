@@ -206,3 +206,36 @@ def test_an_empty_ijb_pair_file_is_one_clear_error_without_a_numpy_warning(ijb_r
         warnings.simplefilter("error")  # any warning fails the test
         with pytest.raises(DataFormatError, match="no template pairs listed"):
             read_ijb_meta(str(root), "IJBC")
+
+
+def test_landmark_files_refuse_duplicates_and_absurd_coordinates_naming_the_lines(ijb_root, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from distill.data.align import LandmarkError, estimate_similarity
+    from distill.data.ijb import read_ijb_meta
+    from distill.data.pack import read_landmark_file
+    from distill.utils.errors import DataFormatError
+    good = "a/1.jpg 38 51 73 51 56 71 41 92 70 92"
+    path = tmp_path / "marks.txt"
+    path.write_text(f"{good}\nb/2.jpg 38 51 73 51 56 71 41 92 70 92\n{good.replace('38', '39')}\n")
+    with pytest.raises(DataFormatError, match=r"lines 1 and 3 give different landmarks for a/1.jpg"):
+        read_landmark_file(str(path), tmp_path)
+    path.write_text(f"{good}\n{good}\n")  # the same line twice: harmless, accepted
+    assert len(read_landmark_file(str(path), tmp_path)) == 1
+    path.write_text("a/1.jpg 1e30 51 73 51 56 71 41 92 70 92\n")
+    with pytest.raises(DataFormatError, match=r"line 1: landmark coordinates of a/1.jpg are not pixel positions"):
+        read_landmark_file(str(path), tmp_path)
+    with pytest.raises(LandmarkError, match="far outside any image"):  # not "all 5 reference points coincide"
+        estimate_similarity(np.array([[1e30, 51], [73, 51], [56, 71], [41, 92], [70, 92]]),
+                             np.array([[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]]))
+    root = tmp_path / "ijb"
+    shutil.copytree(ijb_root, root)
+    marks = next((root / "meta").glob("*_name_5pts_score.txt"))
+    lines = marks.read_text().splitlines()
+    tokens = lines[2].split()
+    lines[2] = " ".join([tokens[0], "1e30", *tokens[2:]])
+    marks.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataFormatError, match=rf"{marks.name}:3: image {tokens[0]} has coordinates far outside"):
+        read_ijb_meta(str(root), "IJBC")

@@ -53,6 +53,9 @@ def estimate_similarity(src, dst) -> np.ndarray:
                             f"{dst.shape}: expected two (N, 2) arrays of (x, y) points, N >= 2")
     if not (np.isfinite(src).all() and np.isfinite(dst).all()):
         raise LandmarkError(f"landmarks contain NaN or Inf: {src.tolist()}")
+    if np.abs(src).max() > 1e6:  # no image is a million pixels wide: damage, not a face
+        raise LandmarkError(f"landmark coordinates of {np.abs(src).max():.3g} are far outside any image: "
+                            f"{src.tolist()}")
     n = len(src)
     src_mean, dst_mean = src.mean(axis=0), dst.mean(axis=0)
     src_c, dst_c = src - src_mean, dst - dst_mean

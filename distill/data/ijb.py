@@ -110,10 +110,12 @@ def _read_landmarks(path: str):
     landmarks, scores = values[:, :10].reshape(-1, 5, 2), values[:, 10]
     centred = landmarks.astype(np.float64) - landmarks.mean(axis=1, keepdims=True)
     spread = (centred ** 2).sum(axis=(1, 2))
-    bad = ~np.isfinite(values).all(axis=1) | (spread <= 1e-12)
+    absurd = np.abs(np.nan_to_num(landmarks.reshape(len(names), -1), nan=0.0, posinf=0.0, neginf=0.0)).max(1) > 1e6
+    bad = ~np.isfinite(values).all(axis=1) | (spread <= 1e-12) | absurd
     if bad.any():
         i = int(np.argmax(bad))
-        what = "NaN or Inf" if not np.isfinite(values[i]).all() else "5 landmarks at one point"
+        what = ("NaN or Inf" if not np.isfinite(values[i]).all() else
+                "coordinates far outside any image (beyond 1e6 pixels)" if absurd[i] else "5 landmarks at one point")
         raise DataFormatError(f"{path}:{linenos[i]}: image {names[i]} has {what} "
                               f"({values[i].tolist()}); no face can be aligned from it")
     return names, landmarks, scores

@@ -13,11 +13,14 @@ from distill.data.recordio_writer import write_insightface_rec
 from distill.utils.errors import DataFormatError
 
 
+MAX_COORDINATE = 1e6  # pixels: no photo is a million pixels wide; beyond it a coordinate is damage, not a face
+
+
 def read_landmark_file(path, src) -> dict:
     """{image path under src: 5 x 2 landmarks} from a text file of lines `relative/path x1 y1 ... x5 y5 [score]`
     (insightface's 5-point layout: left eye, right eye, nose, left and right mouth corner; a trailing
     detector score, as in IJB's *_name_5pts_score.txt, is ignored). Errors name the file and line."""
-    found = {}
+    found, first_line = {}, {}
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
@@ -34,7 +37,15 @@ def read_landmark_file(path, src) -> dict:
             points = np.array([float(v) for v in tokens[1:11]], dtype=np.float64).reshape(5, 2)
         except ValueError:
             raise DataFormatError(f"{path}: line {lineno}: landmark values must be numbers: {line.strip()[:120]}") from None
-        found[os.path.normpath(os.path.join(os.fspath(src), tokens[0]))] = points
+        if not np.isfinite(points).all() or np.abs(points).max() > MAX_COORDINATE:
+            raise DataFormatError(f"{path}: line {lineno}: landmark coordinates of {tokens[0]} are not pixel positions "
+                                  f"({np.abs(points).max():.3g}; at most {MAX_COORDINATE:.0e}): the file is damaged")
+        key = os.path.normpath(os.path.join(os.fspath(src), tokens[0]))
+        if key in found and not np.array_equal(found[key], points):
+            raise DataFormatError(f"{path}: lines {first_line[key]} and {lineno} give different landmarks for "
+                                  f"{tokens[0]}; keep one of them")
+        found[key] = points
+        first_line.setdefault(key, lineno)
     if not found:
         raise DataFormatError(f"{path}: no landmark lines (expected `relative/path x1 y1 ... x5 y5` per image)")
     return found
