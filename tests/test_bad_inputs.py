@@ -239,3 +239,21 @@ def test_landmark_files_refuse_duplicates_and_absurd_coordinates_naming_the_line
     marks.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataFormatError, match=rf"{marks.name}:3: image {tokens[0]} has coordinates far outside"):
         read_ijb_meta(str(root), "IJBC")
+
+
+def test_an_export_killed_mid_way_leaves_nothing_the_next_export_does_not_remove(tmp_path, monkeypatch):
+    import distill.models.files
+    from distill.deploy.export import export_model
+    from distill.utils.errors import DistillError, UserNote
+    out = tmp_path / "student.onnx"
+    leftovers = [tmp_path / "student.onnx.tmp", tmp_path / "student.int8.onnx.tmp.pre.onnx"]
+    for path in leftovers:  # what kill -9 during `export --int8` leaves
+        path.write_bytes(b"x" * 1000)
+
+    def stop(*_, **__):
+        raise DistillError("stop here")
+    monkeypatch.setattr(distill.models.files, "load_model", stop)
+    with pytest.warns(UserNote, match="a partial file an interrupted export left behind"):
+        with pytest.raises(DistillError, match="stop here"):
+            export_model("student.pt", out, int8=True, calibrate=str(tmp_path))
+    assert not any(p.exists() for p in leftovers)

@@ -147,6 +147,25 @@ def _move_into_place(tmp: str, out: str) -> None:
         raise unwritable(out, err, "the exported model") from None
 
 
+def remove_leftovers(paths) -> list:
+    """Delete the partial files an export killed mid-way (kill -9: no `finally` ran) left beside `paths`: the
+    temporary model (PATH.tmp) and the INT8 step's pre-processed copy (PATH.tmp.pre.onnx, tens of MB). Each
+    removal is one UserNote. Returns the removed paths."""
+    import warnings
+
+    from distill.utils.errors import UserNote
+
+    removed = []
+    for path in paths:
+        for leftover in (f"{path}.tmp", f"{path}.tmp.pre.onnx"):
+            if os.path.isfile(leftover):
+                os.remove(leftover)
+                removed.append(leftover)
+                warnings.warn(f"removed {leftover}, a partial file an interrupted export left behind", UserNote,
+                              stacklevel=2)
+    return removed
+
+
 def export_model(source: str, out, arch: str | None = None, input_size: int | None = None, opset: int = 17,
                  batch: int | None = None, int8: bool = False, calibrate=None, calib_images: int | None = None,
                  check_bins=(), int8_calibration: str | None = None, source_name: str | None = None) -> dict:
@@ -171,6 +190,7 @@ def export_model(source: str, out, arch: str | None = None, input_size: int | No
         check_calibration(int8, None, calib_images)
     calib_images = DEFAULT_CALIB_IMAGES if calib_images is None else calib_images
     _check_paths(out, int8, calibrate, check_bins)
+    remove_leftovers([out] + ([int8_path(out)] if int8 else []))
     model, size = load_model(source, arch=arch, input_size=input_size)
     size = input_size or size or 112
     tmp = f"{out}.tmp"
