@@ -257,3 +257,25 @@ def test_an_export_killed_mid_way_leaves_nothing_the_next_export_does_not_remove
         with pytest.raises(DistillError, match="stop here"):
             export_model("student.pt", out, int8=True, calibrate=str(tmp_path))
     assert not any(p.exists() for p in leftovers)
+
+
+def test_compare_export_of_another_run_with_the_same_name_is_written_beside_never_over(tiny_finished_run, tmp_path):
+    import json
+    import shutil
+
+    from distill.deploy.run_export import plan_export
+    from distill.utils.errors import UserNote
+    _, run, _ = tiny_finished_run
+    other = tmp_path / "other-run"
+    shutil.copytree(run, other, ignore=shutil.ignore_patterns("*.pt", "*.pth", "*.npy"))
+    out = tmp_path / "dep"
+    experiment = json.loads((run / "summary.json").read_text())["experiment"]
+    first = plan_export([{"run_dir": str(run), "experiment": experiment}], str(out))
+    assert first[0]["name"] == experiment
+    (out / experiment / "export_summary.json").write_text(json.dumps({"run_dir": str(run)}))  # what export wrote
+    again = plan_export([{"run_dir": str(run), "experiment": experiment}], str(out))
+    assert again[0]["name"] == experiment  # the same run: its own folder, refreshed
+    with pytest.warns(UserNote, match=rf"holds the export of {run}"):
+        beside = plan_export([{"run_dir": str(other), "experiment": experiment}], str(out))
+    assert beside[0]["name"] == f"{experiment}-2" and json.loads(
+        (out / experiment / "export_summary.json").read_text())["run_dir"] == str(run)

@@ -4,6 +4,7 @@ and a table of sizes and accuracies (torch, FP32 file, INT8 file)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from distill.run.compare import load_run_config
@@ -67,6 +68,31 @@ def _as_student(checkpoint: str, arch: str, kwargs: dict, path: str) -> str:
     return path
 
 
+def _export_owner(folder: str):
+    """The run directory whose export a folder holds (its export_summary.json), or None."""
+    try:
+        with open(os.path.join(folder, EXPORT_SUMMARY), encoding="utf-8") as f:
+            return json.load(f).get("run_dir")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _free_name(out_dir: str, name: str, run_dir: str, taken: set) -> str:
+    """`name`, or `name-2`, `name-3`, ... when out_dir/name holds the export of another run (an earlier
+    `compare --export` of a run with the same experiment name): never overwritten, written beside it, one note."""
+    base, i = name, 1
+    while name in taken or (_export_owner(os.path.join(out_dir, name)) not in (None, os.fspath(run_dir))):
+        i += 1
+        name = f"{base}-{i}"
+    if name != base and base not in taken:
+        import warnings
+
+        from distill.utils.errors import UserNote
+        warnings.warn(f"{os.path.join(out_dir, base)} holds the export of {_export_owner(os.path.join(out_dir, base))}; "
+                      f"{run_dir} is exported beside it, to {os.path.join(out_dir, name)}", UserNote, stacklevel=3)
+    return name
+
+
 def _mean_acc(rows: dict, label: str):
     values = [r[label]["acc_mean"] for r in rows.values() if label in r and r[label].get("acc_mean") is not None]
     return sum(values) / len(values) if values else None
@@ -79,8 +105,10 @@ def plan_export(runs: list, out_dir: str, int8: bool = False, calibrate=None, ca
     from distill.deploy.quantize import check_calibration
 
     check_calibration(int8, calibrate, calib_images, what="files")
-    plans = []
+    plans, taken = [], set()
     for run, name in zip(runs, export_names(runs)):
+        name = _free_name(out_dir, name, run["run_dir"], taken)
+        taken.add(name)
         cfg = load_run_config(run["run_dir"])
         calib = calibrate
         if int8 and calib is None:
