@@ -279,3 +279,13 @@ def test_compare_export_of_another_run_with_the_same_name_is_written_beside_neve
         beside = plan_export([{"run_dir": str(other), "experiment": experiment}], str(out))
     assert beside[0]["name"] == f"{experiment}-2" and json.loads(
         (out / experiment / "export_summary.json").read_text())["run_dir"] == str(run)
+
+
+def test_a_case_key_the_grid_also_sweeps_is_refused(tmp_path, capsys):
+    write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"base": "x.yaml", "grid": {
+        "case": [{"name": "fast", "train.lr": 0.5}, {"name": "slow"}], "train.lr": [0.1, 0.2]}}))
+    assert main(["sweep", str(grid), "--print"]) == 2
+    err = capsys.readouterr().err
+    assert "grid.case 'fast' sets train.lr, which grid also sweeps" in err and "Traceback" not in err

@@ -122,6 +122,11 @@ def load_grid(path: str, base: str | None = None, overrides: list | None = None)
         if not isinstance(case, dict) or not isinstance(case.get("name"), str) or _safe(case["name"]) != case["name"]:
             raise ConfigError(f"{path}: grid.{CASE}[{i}] must be a mapping with a name (letters, digits, . _ = + -) "
                               f"and the overrides of that case, got {case!r}")
+    for case in grid.get(CASE, []):  # a grid key would silently win over the case's own value of it
+        clash = sorted(set(_flat({k: v for k, v in case.items() if k != "name"})) & (set(grid) - {CASE}))
+        if clash:
+            raise ConfigError(f"{path}: grid.{CASE} {case['name']!r} sets {', '.join(clash)}, which grid also sweeps "
+                              f"(the grid's value would win); keep it in one place")
     case_names = [c["name"] for c in grid.get(CASE, [])]
     if len(set(case_names)) != len(case_names):
         raise ConfigError(f"{path}: grid.{CASE}: two cases are named "
