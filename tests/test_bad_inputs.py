@@ -289,3 +289,22 @@ def test_a_case_key_the_grid_also_sweeps_is_refused(tmp_path, capsys):
     assert main(["sweep", str(grid), "--print"]) == 2
     err = capsys.readouterr().err
     assert "grid.case 'fast' sets train.lr, which grid also sweeps" in err and "Traceback" not in err
+
+
+def test_earlier_rounds_code_in_yaml_or_checkpoints_is_refused_before_any_work(tmp_path, capsys):
+    import os
+
+    import torch
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text(exp.read_text() + "\nhook: !!python/object/apply:os.system [\"echo owned\"]\n")
+    assert main(["run", str(tagged), "--out", str(tmp_path / "a"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(tagged) in err and "Traceback" not in err and "owned" not in err
+    evil = tmp_path / "evil.pth"
+    torch.save({"weight": torch.zeros(1), "hook": os.system}, evil)
+    assert main(["run", str(exp), "--out", str(tmp_path / "b"), "--no-progress", f"teacher.checkpoint={evil}",
+                 "teacher.train=null"]) == 2
+    err = capsys.readouterr().err
+    assert "evil.pth" in err and "refused to load" in err and "Traceback" not in err
+    assert not (tmp_path / "b" / "baseline").exists()
