@@ -200,8 +200,6 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
         return 0
-    if args.steps < 1:
-        p.error(f"--steps {args.steps}: must be at least 1")
     import torch  # noqa: F401  (the parent's default thread count is the `old` setting's)
 
     settings = {"old": {"threads": torch.get_num_threads(), "env": {}}, "new": {"threads": "policy", "env": {}}}

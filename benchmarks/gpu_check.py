@@ -212,8 +212,6 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=count(1), default=None,
                    help="CPU threads of torch with --device cpu (default: up to 4; the tests use 1 beside other work)")
     args = p.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        p.error(f"--threads {args.threads}: must be at least 1")
     s = SIZES["tiny" if args.tiny else "full"]
     import distill.train.setup
     distill.train.setup.COMPILE_BACKEND = args.compile_backend

@@ -369,7 +369,8 @@ def test_bench_ijb_json_quick_measures_the_set_it_read(ijb_root, students, capsy
         assert result[f"{what}_s"] > 0
         assert result[f"{what}_img_s"] == pytest.approx(result["images"] / result[f"{what}_s"])
     assert result["ratio"] == pytest.approx(result["embed_s"] / (result["decode_s"] + 2 * result["model_s"]))
-    for argv, key in ((["--threads", "0"], "--threads 0"), (["--workers", "-1"], "--workers -1"),
+    for argv, key in ((["--threads", "0"], "--threads: must be at least 1, got 0"),
+                      (["--workers", "-1"], "--workers: must be at least 0, got -1"),
                       (["--student", "missing.pt"], "missing.pt")):
         with pytest.raises(SystemExit):
             bench.main(argv)

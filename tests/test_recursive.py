@@ -66,7 +66,7 @@ def test_generation_two_starts_from_generation_one_with_a_fresh_head(finished):
     gen1 = safe_torch_load(tmp / "run" / "gen1" / "student.pt")["state_dict"]
     from distill.train.engine import run_stage
     from distill.run.experiment import open_data, plan_stages
-    cfg = load_config(str(path), ["train.max_steps=0"])
+    cfg = load_config(str(path), ["train.max_steps=1"])
     spec = plan_stages(cfg, str(tmp / "run"))[2]
     assert spec.name == "gen2" and spec.head_from is None and spec.init_from.endswith("gen1/student.pt")
     # Build gen2's initial state exactly as the engine does: zero steps, weights must equal gen1's final ones.

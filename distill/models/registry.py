@@ -304,6 +304,8 @@ def feature_count(name: str, kwargs: dict) -> int | None:
     """How many feature stages (timm's feature_info) model `name` with `kwargs` has, built on the meta device (no
     memory, no random state; counted once per process); None when the model has no feature_info or cannot be built
     so (the stage start checks it again on the real model)."""
+    if kwargs.get("pretrained"):  # the count does not depend on the weights: never download them for it
+        kwargs = {**kwargs, "pretrained": False}
     key = (name, repr(sorted(kwargs.items())))
     if key not in _FEATURE_COUNTS:
         import torch
