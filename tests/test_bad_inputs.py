@@ -308,3 +308,13 @@ def test_earlier_rounds_code_in_yaml_or_checkpoints_is_refused_before_any_work(t
     err = capsys.readouterr().err
     assert "evil.pth" in err and "refused to load" in err and "Traceback" not in err
     assert not (tmp_path / "b" / "baseline").exists()
+
+
+def test_a_sweep_runs_the_preflight_checks_of_every_point_before_the_first_trains(tmp_path, capsys):
+    write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump({"base": "x.yaml", "name": "g", "grid": {"data.decode": ["cpu", "cuda"]}}))
+    assert main(["sweep", str(grid), "--out", str(tmp_path / "sweep"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "point g-data.decode=cuda:" in err and "set data.decode: cpu" in err
+    assert not (tmp_path / "sweep").exists() or not any((tmp_path / "sweep").rglob("result.json"))

@@ -67,14 +67,8 @@ def check_device(cfg) -> list:
     from distill.utils.threads import loader_workers, plan_threads
 
     threads = plan_threads(loader_workers(cfg.data.num_workers, device.type), cfg.train.threads).describe()
-    checks = [Check(OK, "device", f"{found}; training in {precision} (train.amp: {cfg.train.amp}); each stage "
-                                  f"plans its threads when it starts, now: {threads}")]
-    from distill.data.gpu_decode import check_decode
-    try:  # data.decode: cuda on a machine without a GPU (the training set's part is checked by distill run)
-        check_decode(cfg.data.decode, device)
-    except DistillError as err:
-        checks.append(Check(FAIL, "data.decode", str(err)))
-    return checks
+    return [Check(OK, "device", f"{found}; training in {precision} (train.amp: {cfg.train.amp}); each stage "
+                                f"plans its threads when it starts, now: {threads}")]
 
 
 def _synthetic_counts(cfg) -> tuple:
@@ -170,7 +164,7 @@ def check_ijb(cfg) -> list:
 
 def check_teacher(cfg, run_dir: str) -> list:
     import teachers
-    from distill.run.experiment import embedding_size_problem
+    from distill.run.preflight import embedding_size_problem
     from distill.utils.layout import RunLayout
     from teachers.prepare import check_recorded_teacher, teacher_source, teacher_spec
 
@@ -205,10 +199,9 @@ def check_teacher(cfg, run_dir: str) -> list:
 
 
 def _check_centres(cfg, run_dir: str, embedding_size: int) -> list:
-    """teacher.head for the terms that need the teacher's class centres: present, readable, of the teacher's size
-    (its identity count against data.train is checked by `distill run` once the data is open)."""
+    """What the terms that need the teacher's class centres will use (a problem with them is preflight's FAIL)."""
     from distill.losses.centres import load_centres
-    from distill.run.experiment import centres_source
+    from distill.run.preflight import centres_source
 
     try:
         source = centres_source(cfg, run_dir)
@@ -217,8 +210,8 @@ def _check_centres(cfg, run_dir: str, embedding_size: int) -> list:
         if not cfg.teacher.head:
             return [Check(OK, "teacher.head", f"the class centres of the teacher trained here ({source})")]
         centres = load_centres(source, None, embedding_size)
-    except (DistillError, OSError) as err:
-        return [Check(FAIL, "teacher.head", str(err))]
+    except (DistillError, OSError):
+        return []  # reported by the preflight checks (diagnose)
     return [Check(OK, "teacher.head", f"{source}: class centres of {centres.shape[0]:,} identities, "
                                       f"{centres.shape[1]}-d")]
 
@@ -284,6 +277,9 @@ def diagnose(cfg, run_dir: str) -> list:
     train_checks, counts = check_train(cfg)
     checks += train_checks + check_val(cfg) + check_ijb(cfg) + check_teacher(cfg, run_dir) \
         + check_disk(cfg, run_dir, counts)
+    from distill.run.preflight import preflight_problems
+    failed = {c.detail for c in checks if c.status == FAIL}  # the checks `distill run` makes before any work
+    checks += [Check(FAIL, key, str(err)) for key, err in preflight_problems(cfg, run_dir) if str(err) not in failed]
     return checks + check_wandb(cfg) + check_run_dir(cfg, run_dir)
 
 

@@ -22,16 +22,13 @@ from distill.config.schema import ExperimentConfig, dump_config
 from distill.eval.far import SUMMARY_IJB_FARS, far_key
 from distill.eval.ijb_stage import evaluate_ijb, ijb_scalars, needs_ijb
 from distill.eval.ijb_stage import read_meta as read_ijb_meta
-from distill.data.gpu_decode import check_decode
-from distill.data.ijb import missing_images
 from distill.eval.verification import evaluate_sets, set_name_of, size_note
-from distill.losses.centres import load_centres
-from distill.losses.distillation import loss_needs
-from distill.losses.terms import config_terms, describe_terms, stage_terms
+from distill.losses.terms import describe_terms, stage_terms
 from distill.models.cost import model_cost
 from distill.models.files import load_student, model_input_size
 from distill.run.disk import DiskSpaceError, check_disk
 from distill.run.lock import run_directory_lock
+from distill.run.preflight import centres_source, check_embedding_sizes, embedding_size_problem, preflight  # noqa: F401
 from distill.run.rundir import check_run_dir, default_run_dir, restart_stages
 from distill.run.summary import teacher_model, write_summary
 from distill.train.engine import StageSpec, run_stage
@@ -40,10 +37,10 @@ from distill.utils.atomic import atomic_write_json
 from distill.utils.device import amp_settings, resolve_device
 from distill.utils.dist import barrier, from_rank0, is_main, rank0_first
 from distill.utils.threads import apply_threads, loader_workers, plan_threads
-from distill.utils.errors import ConfigError, DataFormatError
+from distill.utils.errors import ConfigError
 from distill.utils.layout import BASELINE, TEACHER, RunLayout, generation_name
 from teachers.prepare import (IDENTITY_KEY, check_recorded_teacher, needs_cache, prepare_cache, prepare_teacher,
-                              teacher_identity, teacher_source)
+                              teacher_identity)
 
 # --------------------------------------------------------------------------------------- pieces
 
@@ -71,33 +68,6 @@ def open_data(cfg: ExperimentConfig, log=print):
         for name, (images, _) in val.items():
             size_note(f"verification set {name}", images, cfg.data.input_size)
     return train_set, val
-
-
-def embedding_size_problem(cfg: ExperimentConfig, teacher_dim: int) -> str | None:
-    """Why the student's embeddings cannot be distilled against a teacher of `teacher_dim`, or None."""
-    student_dim = cfg.student.embedding_size
-    if cfg.distill.weight <= 0 or cfg.generations < 1 or teacher_dim == student_dim:
-        return None
-    terms = [t for t in config_terms(cfg.distill) if t.alpha > 0]
-    if all(loss_needs(t.loss, "needs_features") or loss_needs(t.loss, "any_size") for t in terms):  # maps, relations
-        return None
-    same = next((t for t in terms if loss_needs(t.loss, "same_size")), None)
-    if same is not None:
-        return (f"the teacher's embeddings are {teacher_dim}-d, student.embedding_size is {student_dim}: "
-                f"distill.loss {same.loss} moves the student's class centres toward the teacher's embeddings, "
-                f"so both must have one size (distill.project cannot map the teacher into the student's space); "
-                f"set student.embedding_size: {teacher_dim} or use another distill.loss")
-    if cfg.distill.project != "none":
-        return None
-    return (f"the teacher's embeddings are {teacher_dim}-d, student.embedding_size is {student_dim}: the distillation "
-            f"losses compare embeddings of one size. Set distill.project: linear (a learned {student_dim} -> "
-            f"{teacher_dim} projection used only inside the distillation loss), or student.embedding_size: {teacher_dim}")
-
-
-def check_embedding_sizes(cfg: ExperimentConfig, teacher_dim: int) -> None:
-    problem = embedding_size_problem(cfg, teacher_dim)
-    if problem:
-        raise ConfigError(problem)
 
 
 def stage_ijb(cfg: ExperimentConfig, run_dir: str, result: dict, load_model, meta, progress: bool = False,
@@ -159,21 +129,6 @@ def _teacher_result(cfg, run_dir, teacher, val, train_set) -> dict:
 
 # ------------------------------------------------------------------------------------------- run
 
-def centres_source(cfg: ExperimentConfig, run_dir: str) -> str | None:
-    """Where the students' terms take the teacher's class centres from (teacher.head, else the last.pt of the teacher
-    trained here), or None when no term needs them; a loaded teacher without teacher.head is a ConfigError."""
-    if cfg.teacher is None or cfg.generations < 1 or not any(
-            t.alpha > 0 and loss_needs(t.loss, "needs_centres") for t in config_terms(cfg.distill)):
-        return None
-    if cfg.teacher.head:
-        return cfg.teacher.head
-    if not teacher_source(cfg).trained_here:
-        raise ConfigError(f"teacher.head is not set: {describe_terms(config_terms(cfg.distill))} needs the class "
-                          f"centres of the loaded teacher {cfg.teacher.checkpoint or cfg.teacher.onnx}; give its "
-                          f"margin-head weights (teacher.head: FILE)")
-    return RunLayout(run_dir).teacher.last
-
-
 def plan_stages(cfg: ExperimentConfig, run_dir: str) -> list:
     alpha = cfg.distill.weight if cfg.teacher is not None else 0.0
     run = RunLayout(run_dir)
@@ -223,20 +178,8 @@ def _before_any_work(cfg: ExperimentConfig, run_dir: str, restart, log):
         raise DiskSpaceError(problem)
     check_recorded_teacher(cfg, run_dir, train_set, log=log, record=is_main())
     _note_identity_groups(cfg, train_set, log)
-    check_decode(cfg.data.decode, resolve_device(cfg.device), train_set)  # data.decode: cuda on a CPU-only machine
-    if cfg.teacher is not None and cfg.teacher.embedding_size is not None:  # before a teacher trains (ONNX: later)
-        check_embedding_sizes(cfg, cfg.teacher.embedding_size)
-    source = centres_source(cfg, run_dir)
-    if source and cfg.teacher.head:  # the file's shape against this training set, before any work
-        load_centres(source, train_set.num_classes, cfg.teacher.embedding_size)
     ijb_meta = read_ijb_meta(cfg.data.ijb) if cfg.data.ijb is not None else None  # a wrong root fails here, first
-    if ijb_meta is not None:  # every listed image is there, before the first stage (evaluated after each)
-        missing = missing_images(ijb_meta)
-        if missing.any():
-            raise DataFormatError(f"data.ijb: {int(missing.sum()):,} of the {len(ijb_meta.names):,} images "
-                                  f"{cfg.data.ijb.target} lists are missing under {ijb_meta.image_dir} (first: "
-                                  f"{ijb_meta.names[int(missing.argmax())]}); restore them (insightface's IJB "
-                                  f"release: loose_crop/) or remove data.ijb")
+    preflight(cfg, run_dir, train_set, ijb_meta)  # decode, embedding sizes, teacher.head, IJB images
     if is_main():
         dump_config(cfg, RunLayout(run_dir).experiment)
     return train_set, val, ijb_meta

@@ -48,6 +48,7 @@ from distill.train.engine import Preempted
 from distill.utils.errors import ConfigError, DistillError
 from distill.utils.layout import RunLayout, StageLayout, comparison_files, is_run_dir
 from distill.run.experiment import run_experiment
+from distill.run.preflight import preflight_problems
 from distill.models.registry import create_model
 from distill.train.tracking import close_open_runs
 from teachers.prepare import teacher_identity, teacher_source
@@ -223,6 +224,10 @@ def run_sweep(grid: Grid, out: str | None = None, progress: bool = True, log=pri
     out = out or default_out(grid)
     points = expand(grid)
     configs = [point_config(grid, p) for p in points]  # every point is checked before any work
+    for point, cfg in zip(points, configs):  # and what distill run checks before its work, for every point
+        problems = preflight_problems(cfg, os.path.join(out, point.name))
+        if problems:
+            raise ConfigError(f"point {point.name}: {problems[0][1]}")
     log(f"sweep {grid.name}: {len(points)} points from {grid.base} into {out}")
     teachers, failed = {}, []
     for i, (point, cfg) in enumerate(zip(points, configs), 1):
