@@ -318,3 +318,23 @@ def test_a_sweep_runs_the_preflight_checks_of_every_point_before_the_first_train
     err = capsys.readouterr().err
     assert "point g-data.decode=cuda:" in err and "set data.decode: cpu" in err
     assert not (tmp_path / "sweep").exists() or not any((tmp_path / "sweep").rglob("result.json"))
+
+
+@pytest.mark.parametrize("command", ["run", "run --dry-run", "cache build"])
+def test_an_out_that_is_a_file_is_refused_before_anything_is_written(tmp_path, capsys, command):
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    words = command.split()
+    assert main([*words, str(exp), "--out", str(afile)] + (["--no-progress"] if words[0] == "run" else [])) == 2
+    err = capsys.readouterr().err
+    assert "is a file, not a folder" in err and "Traceback" not in err
+    assert afile.read_text() == "mine"
+
+
+def test_compare_export_into_a_file_is_refused(tiny_finished_run, tmp_path, capsys):
+    _, run, _ = tiny_finished_run
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert main(["compare", str(run), "--export", str(afile)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and afile.read_text() == "mine"

@@ -18,7 +18,7 @@ def _run(args) -> int:
     cfg = load_config(args.experiment, args.overrides)
     init_distributed()
     if args.dry_run:
-        dry_run(cfg)
+        dry_run(cfg, run_dir=args.out or default_run_dir(cfg))
         return 0
     try:
         run_experiment(cfg, args.out or default_run_dir(cfg), progress=not args.no_progress and sys.stderr.isatty(),

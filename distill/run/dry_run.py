@@ -14,6 +14,7 @@ from distill.config.schema import ExperimentConfig, config_from_dict, to_dict
 from distill.data.standin import StandInFaces, standin_pairs
 from distill.eval.ijb_stage import read_meta as read_ijb_meta
 from distill.run.experiment import teacher_trainer, check_embedding_sizes, plan_stages
+from distill.run.preflight import preflight
 from distill.train.engine import run_stage
 from distill.utils.errors import ConfigError
 from teachers.prepare import prepare_teacher, teacher_source
@@ -23,8 +24,13 @@ def quiet(*_):
     pass
 
 
-def dry_run(cfg: ExperimentConfig, log=print) -> None:
-    """Validate files and shapes, then two steps of every stage on random stand-in data (nothing kept)."""
+def dry_run(cfg: ExperimentConfig, log=print, run_dir: str | None = None) -> None:
+    """Validate files and shapes, then two steps of every stage on random stand-in data (nothing kept). With
+    `run_dir` (the run's --out), also what `distill run` checks before its work there (distill/run/preflight.py)."""
+    if run_dir is not None:
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise ConfigError(f"--out {run_dir}: is a file, not a folder; give the run directory (new or existing)")
+        preflight(cfg, run_dir)
     synthetic_dir = os.path.abspath(cfg.data.train) + os.sep if cfg.data.synthetic is not None else None
     for path in cfg.data.val:  # sets the synthetic generator will write are not there before the first run
         if not os.path.exists(path) and not (synthetic_dir and os.path.abspath(path).startswith(synthetic_dir)):

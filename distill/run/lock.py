@@ -37,12 +37,12 @@ def _holder(path: str) -> dict:
 def _acquire(directory: str):
     """The open, locked file descriptor of `directory`'s lock; RunDirectoryLocked when another process has it."""
     path = RunLayout(directory).lock
+    ensure_writable(directory, "the run directory")  # (a file where the folder should be: named as such)
     try:
         os.makedirs(directory, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as err:
         raise unwritable(directory, err, "the run directory") from None
-    ensure_writable(directory, "the run directory")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -71,6 +71,8 @@ def unwritable(path, err: OSError, what: str) -> WriteError:
 def ensure_writable(folder, what: str) -> None:
     """Create `folder` if needed and prove a file can be written in it, before any work goes into it."""
     folder = os.fspath(folder) or "."
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise WriteError(f"{folder}: is a file, not a folder; give a folder (new or existing) for {what}")
     try:
         os.makedirs(folder, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
