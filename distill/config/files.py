@@ -66,7 +66,7 @@ def read_yaml_mapping(path: str, what: str = "experiment file", fix: str | None 
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a {what} must be a mapping of keys, got {type(data).__name__}"
+        raise ConfigError(f"{path}: the {what} must be a mapping of keys, got {type(data).__name__}"
                           + (f"; {fix}" if fix else ""))
     return data
 

@@ -279,7 +279,10 @@ def diagnose(cfg, run_dir: str) -> list:
         + check_disk(cfg, run_dir, counts)
     from distill.run.preflight import preflight_problems
     failed = {c.detail for c in checks if c.status == FAIL}  # the checks `distill run` makes before any work
-    checks += [Check(FAIL, key, str(err)) for key, err in preflight_problems(cfg, run_dir) if str(err) not in failed]
+    for key, err in preflight_problems(cfg, run_dir):
+        if str(err) not in failed:
+            failed.add(str(err))
+            checks.append(Check(FAIL, key, str(err)))
     return checks + check_wandb(cfg) + check_run_dir(cfg, run_dir)
 
 

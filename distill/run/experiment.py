@@ -40,7 +40,7 @@ from distill.utils.threads import apply_threads, loader_workers, plan_threads
 from distill.utils.errors import ConfigError
 from distill.utils.layout import BASELINE, TEACHER, RunLayout, generation_name
 from teachers.prepare import (IDENTITY_KEY, check_recorded_teacher, needs_cache, prepare_cache, prepare_teacher,
-                              teacher_identity)
+                              teacher_identity, teacher_source)
 
 # --------------------------------------------------------------------------------------- pieces
 
@@ -155,12 +155,20 @@ def teacher_trainer(cfg: ExperimentConfig, run_dir: str, train_set, val, progres
     return train
 
 
+def _before_the_lock(cfg: ExperimentConfig) -> None:
+    """What the config and the machine alone refuse, before the run directory is created or locked: a GPU that is
+    not there, a teacher checkpoint that is not there (and no recipe to train one)."""
+    resolve_device(cfg.device)
+    if cfg.teacher is not None:
+        teacher_source(cfg)
+
+
 def _before_any_work(cfg: ExperimentConfig, run_dir: str, restart, log):
     """What `distill run` and `distill cache build` check and prepare before any training: the run directory
     holds this experiment (and its teacher), the device exists, the data opens, the disk has room, the IJB
     meta files read; then experiment.yaml is written. Returns (training set, verification sets, IJB meta)."""
     check_run_dir(cfg, run_dir, restart)
-    resolve_device(cfg.device)  # a GPU that is not there stops the run before any work
+    _before_the_lock(cfg)
     if restart:  # rank 0 moves the folders; the other ranks wait for it
         rank0_first(lambda: restart_stages(cfg, run_dir, restart, log) if is_main() else None)
     os.makedirs(run_dir, exist_ok=True)
@@ -217,6 +225,7 @@ def build_teacher_cache(cfg: ExperimentConfig, run_dir: str, progress: bool = Fa
     every check `distill run` makes and its experiment.yaml, holding the run directory's lock."""
     if not is_main():
         log = lambda *_: None  # noqa: E731
+    _before_the_lock(cfg)
     with run_directory_lock(run_dir):
         train_set, val, _ = _before_any_work(cfg, run_dir, (), log)
         teacher = prepare_teacher(cfg, run_dir, train_set, teacher_trainer(cfg, run_dir, train_set, val, progress,
@@ -230,6 +239,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | None = None, progress: 
     """Every stage of the experiment in `run_dir`, holding the directory's lock (one writer at a time).
     `restart`: stage names to train again from their beginning (restart_stages)."""
     run_dir = run_dir or default_run_dir(cfg)
+    _before_the_lock(cfg)
     with run_directory_lock(run_dir):
         return _run_locked(cfg, run_dir, progress, log, restart)
 

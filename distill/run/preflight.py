@@ -3,6 +3,7 @@
 as a FAIL line, and `distill sweep` runs them for every point before the first one trains, so doctor's "ready"
 and a sweep's start mean the run will not stop on any of these later:
 
+    teacher.checkpoint  the teacher's file is there (or a teacher.train recipe trains one)
     device        the GPU `device` names is there
     data.decode   cuda decoding on a machine (and a training set) that can do it
     teacher       the teacher's embedding size against the student's and the loss (before a teacher trains)
@@ -105,6 +106,8 @@ def preflight_problems(cfg, run_dir: str, train_set=None, ijb_meta=None) -> list
         except DistillError as err:
             problems.append((key, err))
 
+    if cfg.teacher is not None:  # a checkpoint that is not there, without a recipe to train one instead
+        attempt("teacher.checkpoint", lambda: teacher_source(cfg))
     attempt("device", lambda: resolve_device(cfg.device))
     if not problems:
         attempt("data.decode", lambda: check_decode(cfg.data.decode, resolve_device(cfg.device), train_set))
