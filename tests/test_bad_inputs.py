@@ -407,6 +407,8 @@ PROBE = [
     (["compare", "{dir}/nowhere"], "no such run directory"),
     (["data", "inspect", "{dir}/nowhere"], "not a dataset"),
     (["data", "reindex", "{dir}/nowhere"], "RecordIO file not found"),
+    (["data", "pack", "{dir}", "{dir}/x.yaml"], "is a file; `distill data pack` writes a folder"),
+    (["export", "vargfacenet", "{dir}/d.onnx"], "is a folder; give the .onnx file to write"),
 ]
 
 
@@ -417,6 +419,7 @@ def test_the_probe_every_bad_invocation_is_one_clear_line(tmp_path, monkeypatch,
     (tmp_path / "dup.yaml").write_text("name: a\nname: b\n")
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    (tmp_path / "d.onnx").mkdir()  # a folder where a file is meant
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     assert main([a.replace("{exp}", str(exp)).replace("{dir}", str(tmp_path)) for a in argv]) == 2
     err = capsys.readouterr().err

@@ -13,6 +13,9 @@ def _cmd_pack(args) -> int:
     from distill.data.pack import pack_image_tree
 
     out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise DataFormatError(f"{out}: is a file; `distill data pack` writes a folder (train.rec, train.idx, "
+                              f"property): give a folder name")
     if os.path.exists(os.path.join(out, "train.rec")) and not args.force:
         raise DataFormatError(f"{out}: already holds train.rec; pass --force to overwrite it")
     if args.size < 16:

@@ -127,6 +127,8 @@ def _check_paths(out: str, int8: bool, calibrate, check_bins) -> str:
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         raise ConfigError(f"{out}: the directory {out_dir} does not exist")
+    if os.path.isdir(out):
+        raise ConfigError(f"{out}: is a folder; give the .onnx file to write (e.g. {os.path.join(out, 'student.onnx')})")
     if int8 and calibrate is None:
         raise ConfigError("--int8: static quantization needs calibration images; add --calibrate DATA (a training "
                           "set: a RecordIO folder or .rec file, or an image-folder tree)")
