@@ -209,9 +209,12 @@ def needs_cache(cfg) -> bool:
     return cfg.teacher is not None and cfg.teacher.cache and cfg.distill.weight > 0 and cfg.generations > 0
 
 
-def prepare_cache(cfg, teacher, dataset, run_dir: str, device, amp_dtype=None, progress: bool = False, log=print):
+def prepare_cache(cfg, teacher, dataset, run_dir: str, device, amp_dtype=None, progress: bool = False, log=print,
+                  directory: str | None = None):
     """The run's teacher cache (built, resumed or reused; under torchrun every rank embeds its slice), on the
-    run's device and autocast dtype (the caller's: train.amp for the teacher's model), recording the teacher's identity in its manifest."""
-    return build_cache(teacher, dataset, RunLayout(run_dir).teacher_cache, num_workers=cfg.data.num_workers,
+    run's device and autocast dtype (the caller's: train.amp for the teacher's model), recording the teacher's identity in its manifest.
+    `directory`: the cache of another teacher than the experiment's (a previous generation's student, under
+    recursive.teacher: previous), in that folder; its manifest's key (the teacher's weights) is its identity."""
+    return build_cache(teacher, dataset, directory or RunLayout(run_dir).teacher_cache, num_workers=cfg.data.num_workers,
                        device=device, amp_dtype=amp_dtype, progress=progress, log=log,
-                       identity=teacher_identity(cfg, dataset))
+                       identity=None if directory else teacher_identity(cfg, dataset))

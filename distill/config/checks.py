@@ -37,6 +37,7 @@ def check_semantics(cfg, where) -> None:
         "train.optimizer_impl": (cfg.train.optimizer_impl, ("auto", "fused", "foreach", "off")),
         "data.decode": (cfg.data.decode, ("cpu", "cuda")),
         "tracking.wandb": (cfg.tracking.wandb, ("auto", "online", "offline", "disabled")),
+        "recursive.teacher": (cfg.recursive.teacher, ("fixed", "previous")),
     }
     if cfg.data.ijb is not None:
         choices["data.ijb.target"] = (cfg.data.ijb.target, IJB_TARGETS)
@@ -85,6 +86,10 @@ def check_semantics(cfg, where) -> None:
     _check_path_lengths(cfg, where)
     _check_images_per_id(cfg, where)
     _check_terms(cfg, where)
+    if cfg.recursive.teacher == "previous" and cfg.teacher is None and cfg.generations > 1:
+        raise ConfigError(f"{where('recursive.teacher')}: key 'recursive.teacher' is previous (generation k learns "
+                          f"from generation k-1), but there is no teacher for generation 1: set teacher, or "
+                          f"recursive.teacher: fixed")
 
 
 def _check_path_lengths(cfg, where) -> None:

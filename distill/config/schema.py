@@ -26,6 +26,7 @@ from distill.config.files import key_paths, load_with_bases, merge_experiment, p
 from distill.utils.errors import ConfigDeprecationWarning, ConfigError, DistillError
 from distill.config.checks import check_semantics
 from distill.losses.terms import parse_terms
+from distill.config.keys import HARMLESS, flat_dict, is_harmless  # noqa: F401  (re-exported)
 from distill.models.registry import check_model_kwargs, check_model_name, did_you_mean, model_defaults
 
 
@@ -226,6 +227,14 @@ class TrackingConfig:
 
 
 @dataclass
+class RecursiveConfig:
+    """How generations chain: each starts from the previous student; `teacher` says whom it distils from: fixed
+    (the experiment's teacher for every generation, the paper) or previous (born-again networks, Furlanello et
+    al., ICML 2018: generation k's teacher is generation k-1's student; generation 1's is the teacher)."""
+    teacher: str = "fixed"
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     seed: int = 0
@@ -240,6 +249,7 @@ class ExperimentConfig:
     baseline: bool = True          # also train the student without distillation, same budget
     generations: int = 2
     init_head_from_previous: bool = False
+    recursive: RecursiveConfig = field(default_factory=RecursiveConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -377,24 +387,3 @@ def config_from_dict(d: dict, source: str = "saved config") -> ExperimentConfig:
     """Rebuild a config saved in a checkpoint or run directory (already validated once; an earlier
     spelling is upgraded without a note: the user did not write it)."""
     return build_config(d, source=source, quiet=True)
-
-
-# Keys that may change between reruns of one run directory without invalidating anything trained (how the
-# work is done, not what is learned); a key under one of these prefixes is harmless too.
-HARMLESS = ("generations", "tracking", "data.num_workers", "data.prefetch_factor", "data.decode", "train.log_every",
-            "train.compile", "train.optimizer_impl", "train.channels_last", "train.threads", "device", "data.ijb")
-
-
-def is_harmless(key: str) -> bool:
-    return any(key == h or key.startswith(h + ".") for h in HARMLESS)
-
-
-def flat_dict(d: dict, prefix: str = "") -> dict:
-    """{'train.lr': 0.1, ...}: a nested config dict keyed by dotted paths (empty sections kept as values)."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(flat_dict(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

@@ -61,6 +61,8 @@ def _partial_entry(name: str, rows: list, spec, cost, cfg) -> dict:
     return {"stage": name, "arch": result.get("arch"), "generation": spec.generation if spec else 0, "init_from": spec.init_from if spec else None,
             "params": params, "gflops": gflops, "train_seconds": None, "metrics": metrics,
             "distill": describe_terms(stage_terms(cfg.distill, spec.alpha)) if spec is not None else None,
+            **({"teacher_stage": spec.record["teacher_stage"]} if spec is not None and spec.record.get("teacher_stage")
+               else {}),
             "status": f"unfinished (step {max(steps)})" if steps else "not started"}
 
 

@@ -138,9 +138,25 @@ def plan_stages(cfg: ExperimentConfig, run_dir: str) -> list:
     for k in range(1, cfg.generations + 1):
         init = cfg.student.init if k == 1 else run.generation(k - 1).student
         head = run.generation(k - 1).last if (k > 1 and cfg.init_head_from_previous) else None
-        stages.append(dataclasses.replace(student_spec(cfg, generation_name(k), k, alpha, init, head),
-                                          centres=centres_source(cfg, run_dir)))
+        previous = cfg.recursive.teacher == "previous" and k > 1 and alpha > 0
+        centres = centres_source(cfg, run_dir)
+        stages.append(dataclasses.replace(
+            student_spec(cfg, generation_name(k), k, alpha, init, head),
+            centres=run.generation(k - 1).last if previous and centres else centres,
+            record={TEACHER_STAGE: generation_name(k - 1)} if previous else {}))
     return stages
+
+
+TEACHER_STAGE = "teacher_stage"  # result.json: the stage whose student taught this one (recursive.teacher: previous)
+
+
+def previous_student(cfg: ExperimentConfig, run_dir: str, spec: StageSpec):
+    """The frozen teacher of a generation under recursive.teacher: previous: the student.pt of its teacher stage."""
+    import teachers
+
+    path = RunLayout(run_dir).stage(spec.record[TEACHER_STAGE]).student
+    return teachers.build_teacher({"arch": cfg.student.arch, "checkpoint": path,
+                                   **cfg.student.model_kwargs(cfg.data.input_size)})
 
 
 def teacher_trainer(cfg: ExperimentConfig, run_dir: str, train_set, val, progress: bool, log):
@@ -207,7 +223,7 @@ def _note_identity_groups(cfg: ExperimentConfig, train_set, log) -> None:
             f"batch group holds {k} images of one identity (groups mix identities); set data.images_per_id <= {most}")
 
 
-def _cache(cfg: ExperimentConfig, teacher, train_set, run_dir: str, progress: bool, log):
+def _cache(cfg: ExperimentConfig, teacher, train_set, run_dir: str, progress: bool, log, directory=None):
     """The teacher cache on the run's device, under train.amp's autocast for the teacher's model (an online
     teacher runs under the same, so both give the students the same targets: bf16 on CUDA; on a bf16 CPU for an
     IResNet), with the thread policy's threads and workers."""
@@ -217,7 +233,7 @@ def _cache(cfg: ExperimentConfig, teacher, train_set, run_dir: str, progress: bo
         log(f"teacher cache: {plan.describe()}")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=plan.workers))
     amp_dtype = amp_settings(cfg.train, device, teacher)[0]
-    return prepare_cache(cfg, teacher, train_set, run_dir, device, amp_dtype, progress, log)
+    return prepare_cache(cfg, teacher, train_set, run_dir, device, amp_dtype, progress, log, directory=directory)
 
 
 def build_teacher_cache(cfg: ExperimentConfig, run_dir: str, progress: bool = False, log=print):
@@ -277,8 +293,13 @@ def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log, restar
             + (f", distilling with {describe_terms(stage_terms(cfg.distill, spec.alpha))}" if spec.alpha
                else ", no distillation"))
         tracker = stage_tracker(cfg, run_dir, spec.name, spec.generation, spec.init_from)
-        results.append(with_ijb(run_stage(cfg, spec, stage.dir, train_set, val, teacher=teacher, cache=cache,
-                                          progress=progress, log=log, tracker=tracker),
+        stage_teacher, stage_cache = teacher, cache
+        if spec.record.get(TEACHER_STAGE):  # recursive.teacher: previous: the previous generation's student
+            stage_teacher = previous_student(cfg, run_dir, spec)
+            stage_cache = _cache(cfg, stage_teacher, train_set, run_dir, progress, log, run.stage(
+                spec.record[TEACHER_STAGE]).teacher_cache_as_teacher) if cache is not None else None
+        results.append(with_ijb(run_stage(cfg, spec, stage.dir, train_set, val, teacher=stage_teacher,
+                                          cache=stage_cache, progress=progress, log=log, tracker=tracker),
                                 _student_loader(stage.student)))
     if not is_main():
         return {"experiment": cfg.name, "stages": []}

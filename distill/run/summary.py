@@ -24,6 +24,7 @@ def _stage_entry(result: dict, cost) -> dict:
         "train_seconds": result.get("train_seconds", 0.0), "distill": result.get("distill"),
         "metrics": {name: {k: m.get(k) for k in METRIC_KEYS} for name, m in (result.get("metrics") or {}).items()},
         **({"ijb": {k: result["ijb"][k] for k in ("target", "tar_at_far", "auc")}} if result.get("ijb") else {}),
+        **({"teacher_stage": result["teacher_stage"]} if result.get("teacher_stage") else {}),  # born-again
     }
 
 
@@ -71,7 +72,8 @@ def markdown_table(summary: dict, fars: tuple = VERIFICATION_FARS[:1], before: t
         for target in targets:
             ijb = s.get("ijb") if (s.get("ijb") or {}).get("target") == target else None
             row += [f"{100 * ijb['tar_at_far'][far_key(far)]:.2f}" if ijb else "-" for far in SUMMARY_IJB_FARS]
-        row += ["-" if s["stage"] == TEACHER else s.get("distill") or "-"] + [fn(s) for _, fn in after]
+        taught = f" from {s['teacher_stage']}" if s.get("teacher_stage") else ""  # recursive.teacher: previous
+        row += ["-" if s["stage"] == TEACHER else (s.get("distill") or "-") + taught] + [fn(s) for _, fn in after]
         rows.append(row)
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 

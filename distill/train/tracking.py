@@ -289,7 +289,8 @@ def _last_stage(cfg) -> str:
 def _input_artifacts(cfg, run_dir: str, generation: int, init_from: str | None) -> list:
     """Artifacts this stage starts from: its init_from's stage, and the teacher trained here when it distils."""
     dirs = [os.path.dirname(os.path.abspath(init_from))] if init_from else []
-    if generation > 0 and cfg.teacher is not None and cfg.distill.weight > 0:
+    born_again = cfg.recursive.teacher == "previous" and generation > 1  # its teacher is init_from's stage
+    if generation > 0 and cfg.teacher is not None and cfg.distill.weight > 0 and not born_again:
         dirs.append(RunLayout(run_dir).teacher.dir)
     names = []
     for d in dirs:

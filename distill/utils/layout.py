@@ -13,6 +13,7 @@
         metrics.jsonl                  the local metrics log
         result.json                    written last: its presence means the stage is finished
         wandb_run_id.txt, wandb_artifact.txt
+        as_teacher_cache/              gen<k> under recursive.teacher: previous: its embeddings, gen<k+1>'s cache
     <sweep out>/<point>/ ...           one run directory per point; comparison.md/.json beside them
 
 Nothing else in the toolkit spells these names.
@@ -71,6 +72,8 @@ class StageLayout:
     result = property(lambda self: self._path("result.json"))
     wandb_run_id = property(lambda self: self._path("wandb_run_id.txt"))
     wandb_artifact = property(lambda self: self._path("wandb_artifact.txt"))
+    # this stage's student as the next generation's teacher (recursive.teacher: previous): its embeddings
+    teacher_cache_as_teacher = property(lambda self: self._path("as_teacher_cache"))
 
     def is_done(self) -> bool:
         """A stage is finished once its result.json exists (written last, atomically) and reads as a JSON object;
