@@ -92,3 +92,13 @@ def test_the_miniature_study_runs_compares_and_reports(tiny_finished_run, tmp_pa
     table, set_name, seeds = results.collect(str(out))
     assert seeds == [0, 1] and set_name == "synth_val"
     assert len(table[("r18-ekd", "gen1")]["acc"]) == 2
+    assert results.missing(table, seeds, str(path)) == []
+    # a seed or an arm missing: the report refuses to average what is there
+    (out / "mini-r18-ekd-seed=1" / "gen1" / "result.json").unlink()
+    assert results.main([str(out), "--out", str(doc), "--no-plot", "--grid", str(path)]) == 2
+    assert "the study is incomplete (r18-ekd / gen1: seed 1)" in capsys.readouterr().err
+    table, _, seeds = results.collect(str(out))
+    grid2 = tmp_path / "more.yaml"
+    grid2.write_text(yaml.safe_dump({**grid, "grid": {**grid["grid"], "case": grid["grid"]["case"] + [
+        {"name": "r18-cosine", "generations": 1, "distill.loss": "cosine", **teacher}]}}, sort_keys=False))
+    assert "r18-cosine: no finished stage (point mini-r18-cosine-seed=0)" in results.missing(table, seeds, str(grid2))

@@ -63,6 +63,24 @@ def collect(sweep_dir: str) -> tuple[dict, str, list]:
     return dict(table), set_name or "val", sorted(seeds)
 
 
+def missing(table: dict, seeds: list, grid: str | None = None) -> list:
+    """What the study lacks: (case, stage) cells without every seed (an unfinished or failed point), and with
+    `grid` (the study's grid file) every point it plans that has not finished. The report refuses to average
+    what is there instead."""
+    gaps = [f"{case} / {stage}: seed{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))}"
+            for (case, stage), cell in sorted(table.items())
+            if (lost := sorted(set(seeds) - set(cell["seeds"])))]
+    if grid:
+        from distill.run.sweep import expand, load_grid
+
+        cases_seen = {case for case, _ in table}
+        for point in expand(load_grid(grid)):
+            m = POINT.match(point.name)
+            if m and m["case"] not in cases_seen:
+                gaps.append(f"{m['case']}: no finished stage (point {point.name})")
+    return gaps
+
+
 def _fmt(values: list) -> str:
     mean, sd, n = _stats(values)
     return "-" if mean is None else f"{mean:.2f} ± {sd:.2f}"
@@ -249,13 +267,21 @@ def draw(table: dict, path: str) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("sweep_dir", help="the study's sweep output (runs/recursive_kd)")
-    p.add_argument("--out", default="docs/results.md")
-    p.add_argument("--command", default="experiments/studies/run_recursive_kd.sh")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--out", default="docs/results.md", help="the report (default docs/results.md)")
+    p.add_argument("--command", default="experiments/studies/run_recursive_kd.sh",
+                   help="the command the report names as the one that rebuilds it")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    p.add_argument("--grid", help="the study's grid file: every point it plans must have finished")
     args = p.parse_args(argv)
     table, set_name, seeds = collect(args.sweep_dir)
     if not table:
         print(f"{args.sweep_dir}: no finished points of the study", file=sys.stderr)
+        return 2
+    gaps = missing(table, seeds, args.grid)
+    if gaps:
+        shown = "; ".join(gaps[:6]) + (f"; and {len(gaps) - 6} more" if len(gaps) > 6 else "")
+        print(f"{args.sweep_dir}: the study is incomplete ({shown}); rerun the study's command (finished points are "
+              f"skipped) rather than report means over what is there", file=sys.stderr)
         return 2
     plot = None if args.no_plot else os.path.splitext(args.out)[0] + ".png"
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

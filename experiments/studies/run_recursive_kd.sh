@@ -16,4 +16,4 @@ export WANDB_MODE=${WANDB_MODE:-disabled}
 "$DISTILL" run experiments/quickstart_born_again.yaml generations=0 baseline=false teacher.train.epochs=10 \
   --out runs/study/teacher-bornagain --no-progress
 "$DISTILL" sweep experiments/studies/recursive_kd.yaml "$@"
-"$PYTHON" experiments/studies/results.py runs/recursive_kd --out docs/results.md
+"$PYTHON" experiments/studies/results.py runs/recursive_kd --out docs/results.md --grid experiments/studies/recursive_kd.yaml
