@@ -15,8 +15,10 @@ data at the configured model sizes, in a temporary directory that is removed aft
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
 
 from distill.config.schema import ExperimentConfig, dump_config
 from distill.eval.far import SUMMARY_IJB_FARS, far_key
@@ -37,7 +39,7 @@ from distill.utils.atomic import atomic_write_json
 from distill.utils.device import amp_settings, resolve_device
 from distill.utils.dist import barrier, from_rank0, is_main, rank0_first
 from distill.utils.threads import apply_threads, loader_workers, plan_threads
-from distill.utils.errors import ConfigError
+from distill.utils.errors import ConfigError, DistillError
 from distill.utils.layout import BASELINE, TEACHER, RunLayout, generation_name
 from teachers.prepare import (IDENTITY_KEY, check_recorded_teacher, needs_cache, prepare_cache, prepare_teacher,
                               teacher_identity, teacher_source)
@@ -242,7 +244,7 @@ def build_teacher_cache(cfg: ExperimentConfig, run_dir: str, progress: bool = Fa
     if not is_main():
         log = lambda *_: None  # noqa: E731
     _before_the_lock(cfg)
-    with run_directory_lock(run_dir):
+    with _left_as_found(run_dir), run_directory_lock(run_dir):
         train_set, val, _ = _before_any_work(cfg, run_dir, (), log)
         teacher = prepare_teacher(cfg, run_dir, train_set, teacher_trainer(cfg, run_dir, train_set, val, progress,
                                                                             log), log=log)
@@ -256,8 +258,22 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | None = None, progress: 
     `restart`: stage names to train again from their beginning (restart_stages)."""
     run_dir = run_dir or default_run_dir(cfg)
     _before_the_lock(cfg)
-    with run_directory_lock(run_dir):
+    with _left_as_found(run_dir), run_directory_lock(run_dir):
         return _run_locked(cfg, run_dir, progress, log, restart)
+
+
+@contextlib.contextmanager
+def _left_as_found(run_dir: str):
+    """A run refused before it wrote anything leaves no run directory behind: a folder this call created that holds
+    only its lock file when a DistillError ends the run is removed again (on rank 0)."""
+    new = not os.path.exists(run_dir)
+    try:
+        yield
+    except DistillError:
+        left = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+        if new and is_main() and set(left) <= {".lock"}:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log, restart=()) -> dict:
