@@ -55,9 +55,9 @@ def test_a_registered_head_is_built_from_the_margin_section_and_trains(registere
     spec = StageSpec("baseline", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=0.0)
     run_stage(cfg, spec, str(tmp_path), TinyFaces(), {}, progress=False, log=lambda *_: None)
 
-    # the config check built a 2 x 2 one (its values refused at load, not at stage start); the engine built this
+    # the config check built a tiny one (its values refused at load, not at stage start); the engine built this
     # head, not the softmax fallback
-    assert [h.num_classes for h in registered.built] == [2, 8]
+    assert [h.num_classes for h in registered.built] == [4096, 8]
     head = registered.built[1]
     assert (head.s, head.m3) == (16.0, 0.35) and head.num_classes == 8 and head.embedding_size == 32
     assert len(head.calls) == 4  # one forward per step (batch 16, no accumulation)

@@ -55,7 +55,8 @@ def check_semantics(cfg, where) -> None:
             raise ConfigError(f"{where(key)}: key '{key}' must be one of {', '.join(allowed)}, got {value!r}"
                               f"{did_you_mean(value, allowed)}")
     try:  # the registered head reads its own values from margin.* (an option it cannot take is an error), and
-        HEADS[cfg.margin.margin].build(cfg.margin, 2, 2)  # a tiny one refuses its values now, not at stage start
+        # a tiny one refuses its values now, not at stage start (classes enough for any torchrun world size)
+        HEADS[cfg.margin.margin].build(cfg.margin, 2, 4096)
     except ConfigError as err:
         raise ConfigError(f"{where('margin')}: {err}") from None
     optimizers = _optimizers()
