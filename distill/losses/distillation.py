@@ -122,18 +122,30 @@ class DistillationObjective(nn.Module):
             raise ConfigError("two distillation terms replace the classification loss; keep one of them")
         self.head = head
         self.terms = terms
-        self.loss_name = " + ".join(t.loss for t in terms) if terms else "none"
-        self.losses = []  # (term, loss) in order; the modules among them are registered below
+        self.distill_loss = None  # (no terms); each term's loss is its slot's attribute (a module is registered)
         for k, term in enumerate(terms):
-            fn = create_distill_loss(term.loss, **term.options)
-            if isinstance(fn, nn.Module):
-                self.add_module("distill_loss" if k == 0 else f"distill_loss_{k}", fn)
-            self.losses.append((term, fn))
-        self.distill_loss = self.losses[0][1] if self.losses else None
-        self.alpha = float(sum(t.alpha for t in terms))  # > 0: some term distils
+            setattr(self, self._slot(k), create_distill_loss(term.loss, **term.options))
         # distill.project: linear: (student dim, teacher dim) -> a learned map of the student's embedding to the
         # teacher's size, used only inside the distillation loss (the classifier and the saved student never see it)
         self.projection = nn.Linear(project[0], project[1], bias=False) if project else None
+
+    @staticmethod
+    def _slot(k: int) -> str:
+        return "distill_loss" if k == 0 else f"distill_loss_{k}"
+
+    @property
+    def losses(self) -> list:
+        """(term, loss) in order, read from the slots (so a loss put in a slot is the one that runs)."""
+        return [(t, getattr(self, self._slot(k))) for k, t in enumerate(self.terms)]
+
+    @property
+    def alpha(self) -> float:
+        """The terms' summed weights: > 0 when some term distils."""
+        return float(sum(t.alpha for t in self.terms))
+
+    @property
+    def loss_name(self) -> str:
+        return " + ".join(t.loss for t in self.terms) or "none"
 
     def extra_repr(self) -> str:
         return ", ".join(f"{t.name}: {t.loss} x {t.alpha:g}" for t in self.terms) or "no distillation"
