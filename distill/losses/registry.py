@@ -7,6 +7,7 @@ import functools
 import inspect
 import math
 
+from distill.models.registry import did_you_mean, same_kind
 from distill.utils.errors import ConfigError, UnknownNameError
 
 DISTILL_LOSSES: dict = {}
@@ -52,33 +53,35 @@ def create_distill_loss(name: str, **kwargs):
 def _check_options(name: str, kwargs: dict, accepted: list, key: str | None = None) -> None:
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        from distill.models.registry import did_you_mean
         where = f"key '{key}.{unknown[0]}': " if key else ""
         raise ConfigError(f"{where}distillation loss {name!r} does not take {', '.join(unknown)}"
                           f"{did_you_mean(unknown[0], accepted)}; it takes {', '.join(accepted) or 'no options'}")
 
 
+def _kind(default) -> str | None:
+    """How an option whose default is `default` is described ('an integer', ...); None: any value."""
+    for kind, words in ((bool, "true or false"), (int, "an integer"), (float, "a finite number"), (str, "a string")):
+        if isinstance(default, kind):
+            return words
+    if isinstance(default, (list, tuple)):
+        return "a list" + (f" such as {list(default)}" if default else "")
+    return None
+
+
 def _type_problem(value, default) -> str | None:
-    """What is wrong with `value` for an option whose default is `default` (its type is the option's), or None."""
-    number = (int, float)
-    if isinstance(default, bool):
-        return None if isinstance(value, bool) else "true or false"
-    if isinstance(default, int):
-        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
-    if isinstance(default, float):
-        ok = isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value)
-        return None if ok else "a finite number"
-    if isinstance(default, str):
-        return None if isinstance(value, str) else "a string"
-    if isinstance(default, (tuple, list)):
-        if not isinstance(value, (list, tuple)):
-            return "a list" + (f" such as {list(default)}" if default else "")
-        if default and all(isinstance(d, int) and not isinstance(d, bool) for d in default):
-            bad = [v for v in value if isinstance(v, bool) or not isinstance(v, int)]
-            return f"a list of integers (not {bad[0]!r})" if bad else None
-        if default and all(isinstance(d, number) for d in default):
-            bad = [v for v in value if isinstance(v, bool) or not isinstance(v, number)]
-            return f"a list of numbers (not {bad[0]!r})" if bad else None
+    """What is wrong with `value` for an option whose default is `default` (its type is the option's, by the model
+    registry's rule: distill.models.registry.same_kind), or None."""
+    kind = _kind(default)
+    if kind is None:
+        return None
+    if value is None or not same_kind(value, default) or (isinstance(default, float) and not math.isfinite(value)):
+        return kind
+    numeric = [d for d in default if isinstance(d, (int, float)) and not isinstance(d, bool)] \
+        if isinstance(default, (list, tuple)) else []
+    if numeric and len(numeric) == len(default):  # a list of numbers: each element of the defaults' kind
+        like, words = (0, "integers") if all(isinstance(d, int) for d in default) else (0.0, "numbers")
+        bad = [v for v in value if v is None or not same_kind(v, like)]
+        return f"a list of {words} (not {bad[0]!r})" if bad else None
     return None
 
 

@@ -82,9 +82,9 @@ def stage_terms(distill, alpha: float) -> list:
     """The terms of a stage whose StageSpec.alpha is `alpha`: in the short form `alpha` is the term's weight (the
     stage's); with `distill.terms` each term keeps its own, and a stage at `alpha` 0 (the baseline, no teacher)
     has them all at 0 (built, not computed: the objective's state has one layout in every stage)."""
+    terms = config_terms(distill)
     if distill.terms is None:
-        return [LossTerm(name=distill.loss, loss=distill.loss, alpha=float(alpha))]
-    terms = parse_terms(distill.terms)
+        return [replace(terms[0], alpha=float(alpha))]
     return terms if alpha > 0 else [replace(t, alpha=0.0) for t in terms]
 
 

@@ -270,12 +270,13 @@ def check_model_kwargs(name: str, kwargs: dict, section: str = "", other_keys: t
                     or f"; {name} takes {', '.join(entry.params)}")
             raise ConfigError(f"unknown key '{section}{key}': {name} has no argument {key!r}{hint}")
         default = entry.params[key]
-        if not _same_kind(value, default):
+        if not same_kind(value, default):
             kind = "list" if isinstance(default, (list, tuple)) else type(default).__name__
             raise ConfigError(f"key '{section}{key}' must be {kind}, got {value!r} ({type(value).__name__})")
 
 
-def _same_kind(value, default) -> bool:
+def same_kind(value, default) -> bool:
+    """Whether `value` is of the kind of `default` (a model argument's or a loss option's; None: any)."""
     if default is inspect.Parameter.empty or default is None or value is None:
         return True
     if isinstance(default, bool):
