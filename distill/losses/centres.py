@@ -103,12 +103,14 @@ def load_centres(source: str, num_classes: int | None, embedding_size: int | Non
     return centres
 
 
-def _global_log_softmax(z: torch.Tensor, comm: _Comm) -> torch.Tensor:
-    """log softmax over the classes of every rank's shard (this rank's columns of the result)."""
+def _shifted_and_log_normaliser(z: torch.Tensor, comm: _Comm) -> tuple:
+    """(z − peak, log Σ_j exp(z_j − peak)) over the classes of every rank's shard: the peak (no gradient) and the
+    normaliser are reduced over the ranks, so each rank holds the normaliser whole; z − peak − the second is the
+    log softmax (this rank's columns)."""
     peak = z.detach().amax(1, keepdim=True)
     comm.all_reduce_(peak, dist.ReduceOp.MAX)
-    total = _SumOverShards.apply((z - peak).exp().sum(1, keepdim=True), comm)
-    return z - peak - total.log()
+    shifted = z - peak
+    return shifted, _SumOverShards.apply(shifted.exp().sum(1, keepdim=True), comm).log()
 
 
 class _CentresLoss(nn.Module):
@@ -150,15 +152,13 @@ class MarginKD(_CentresLoss):
         w = F.normalize(self.centres.to(dtype), dim=1)
         k = self.scale / self.temperature
         with torch.no_grad():
-            log_pt = _global_log_softmax(k * t @ w.t(), comm)
+            shifted_t, log_norm_t = _shifted_and_log_normaliser(k * t @ w.t(), comm)
+            log_pt = shifted_t - log_norm_t
         # KL = Σ_j p_t,j (log p_t,j − (z_s,j − peak)) + log Σ_j exp(z_s,j − peak), since Σ_j p_t,j = 1: the shards'
         # partial sums plus the normaliser every rank holds whole (so its gradient is the global one on each rank)
-        z = k * s @ w.t()
-        peak = z.detach().amax(1, keepdim=True)
-        comm.all_reduce_(peak, dist.ReduceOp.MAX)
-        normaliser = _SumOverShards.apply((z - peak).exp().sum(1), comm)
-        partial = (log_pt.exp() * (log_pt - (z - peak))).sum(1)
-        return (_SumOverShards.apply(partial, comm) + normaliser.log()).mean() * self.temperature ** 2
+        shifted_s, log_norm_s = _shifted_and_log_normaliser(k * s @ w.t(), comm)
+        partial = (log_pt.exp() * (log_pt - shifted_s)).sum(1)
+        return (_SumOverShards.apply(partial, comm) + log_norm_s.squeeze(1)).mean() * self.temperature ** 2
 
 
 @register_loss("margin_distillation")
