@@ -183,7 +183,7 @@ def check_teacher(cfg, run_dir: str) -> list:
             how = f"trained here as stage 0 ({t.train.epochs:g} epoch{'' if t.train.epochs == 1 else 's'}) before the students"
         teacher = teachers.build_teacher(spec)
     except (DistillError, OSError) as err:
-        return [Check(FAIL, "teacher", str(err))]
+        return [Check(FAIL, "teacher", str(err))] + _check_centres(cfg, run_dir, t.embedding_size)
     name = t.arch or os.path.basename(t.onnx)
     checks = [Check(OK, "teacher", f"{name}, {teacher.embedding_size}-d embeddings at {teacher.input_size}px, {how}")]
     problem = embedding_size_problem(cfg, teacher.embedding_size)
@@ -199,7 +199,8 @@ def check_teacher(cfg, run_dir: str) -> list:
 
 
 def _check_centres(cfg, run_dir: str, embedding_size: int) -> list:
-    """What the terms that need the teacher's class centres will use (a problem with them is preflight's FAIL)."""
+    """teacher.head for the terms that need the teacher's class centres: what they will use, or why not (the
+    preflight check of the same, which `distill run` makes, is left out of diagnose: the file is read once)."""
     from distill.losses.centres import load_centres
     from distill.run.preflight import centres_source
 
@@ -210,8 +211,8 @@ def _check_centres(cfg, run_dir: str, embedding_size: int) -> list:
         if not cfg.teacher.head:
             return [Check(OK, "teacher.head", f"the class centres of the teacher trained here ({source})")]
         centres = load_centres(source, None, embedding_size)
-    except (DistillError, OSError):
-        return []  # reported by the preflight checks (diagnose)
+    except (DistillError, OSError) as err:
+        return [Check(FAIL, "teacher.head", str(err))]
     return [Check(OK, "teacher.head", f"{source}: class centres of {centres.shape[0]:,} identities, "
                                       f"{centres.shape[1]}-d")]
 
@@ -279,7 +280,8 @@ def diagnose(cfg, run_dir: str) -> list:
         + check_disk(cfg, run_dir, counts)
     from distill.run.preflight import preflight_problems
     failed = {c.detail for c in checks if c.status == FAIL}  # the checks `distill run` makes before any work
-    for key, err in preflight_problems(cfg, run_dir):
+    # (teacher.head and the IJB images: check_teacher and check_ijb read those files already)
+    for key, err in preflight_problems(cfg, run_dir, skip=("teacher.head", "data.ijb")):
         if str(err) not in failed:
             failed.add(str(err))
             checks.append(Check(FAIL, key, str(err)))

@@ -182,11 +182,11 @@ def _before_the_lock(cfg: ExperimentConfig) -> None:
 
 
 def _before_any_work(cfg: ExperimentConfig, run_dir: str, restart, log):
-    """What `distill run` and `distill cache build` check and prepare before any training: the run directory
-    holds this experiment (and its teacher), the device exists, the data opens, the disk has room, the IJB
-    meta files read; then experiment.yaml is written. Returns (training set, verification sets, IJB meta)."""
+    """What `distill run` and `distill cache build` check and prepare before any training, after _before_the_lock
+    (device, teacher file): the run directory holds this experiment (and its teacher), the data opens, the disk
+    has room, the IJB meta files read, the preflight checks pass; then experiment.yaml is written. Returns
+    (training set, verification sets, IJB meta)."""
     check_run_dir(cfg, run_dir, restart)
-    _before_the_lock(cfg)
     if restart:  # rank 0 moves the folders; the other ranks wait for it
         rank0_first(lambda: restart_stages(cfg, run_dir, restart, log) if is_main() else None)
     os.makedirs(run_dir, exist_ok=True)

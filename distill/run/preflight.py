@@ -93,14 +93,16 @@ def _centres(cfg, run_dir: str, train_set) -> None:
         load_centres(source, train_set.num_classes if train_set is not None else None, cfg.teacher.embedding_size)
 
 
-def preflight_problems(cfg, run_dir: str, train_set=None, ijb_meta=None) -> list:
-    """[(key, DistillError)] of every check above that fails, in that order."""
+def preflight_problems(cfg, run_dir: str, train_set=None, ijb_meta=None, skip=()) -> list:
+    """[(key, DistillError)] of every check above that fails, in that order; `skip`: keys a caller checks itself."""
     from distill.data.gpu_decode import check_decode
     from distill.utils.device import resolve_device
 
     problems = []
 
     def attempt(key, check) -> None:
+        if key in skip:
+            return
         try:
             check()
         except DistillError as err:
