@@ -44,7 +44,8 @@ SOURCE_KEY = "teacher (source)"
 # trained on), whether its embeddings are cached, where a missing checkpoint would be, ONNX Runtime's providers;
 # a loaded teacher's file is its `(contents)` key. The run's HARMLESS keys (loader, logging) are left out too.
 _NOT_IDENTITY = ("data.val", "teacher.cache", "teacher.checkpoint", "teacher.providers", "teacher.onnx",
-                 "teacher.head")  # its class centres: the students' business (experiment.yaml records them)
+                 "teacher.head",  # its class centres: the students' business (experiment.yaml records them)
+                 "teacher.shared_cache")  # where its cache lives: the rows are keyed by the weights (shared_teacher.py)
 
 
 @dataclass(frozen=True)

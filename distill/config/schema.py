@@ -192,6 +192,7 @@ class TeacherConfig(_ModelArguments):
     providers: Optional[list] = None  # onnx: ONNX Runtime execution providers (default: CUDA if present, CPU)
     cache: bool = True             # embeddings computed once (original + flip); false: online teacher
     head: Optional[str] = None     # its class centres (a file or a glob of rank files) for kd, margin_distillation, ...
+    shared_cache: Optional[str] = None  # a folder many runs share: this teacher's cache and metrics, made once
     train: Optional[TrainConfig] = None  # recipe to train the teacher as stage 0 when checkpoint is missing
     model: dict = _spread()
 
@@ -202,8 +203,8 @@ class TeacherConfig(_ModelArguments):
         if self.onnx is not None:
             given = sorted(self.model) + [k for k in ("train", "checkpoint") if getattr(self, k) is not None]
             if given:
-                raise ConfigError(f"key 'teacher.{given[0]}': an ONNX teacher is its file: it takes onnx, providers "
-                                  f"and cache (its sizes are read from the file)")
+                raise ConfigError(f"key 'teacher.{given[0]}': an ONNX teacher is its file: it takes onnx, providers, "
+                                  f"cache and shared_cache (its sizes are read from the file)")
             return
         check_model_name(self.arch, "teacher.arch")
         self.model = _model_kwargs(self.arch, self.model, "teacher.", tuple(f.name for f in dataclasses.fields(self)))

@@ -31,6 +31,7 @@ from distill.models.files import load_student, model_input_size
 from distill.run.disk import DiskSpaceError, check_disk
 from distill.run.lock import run_directory_lock
 from distill.run.preflight import centres_source, check_embedding_sizes, embedding_size_problem, preflight  # noqa: F401
+from distill.run.shared_teacher import cached_metrics, held, keep_metrics, shared_folder
 from distill.run.rundir import check_run_dir, default_run_dir, restart_stages
 from distill.run.summary import teacher_model, write_summary
 from distill.train.engine import StageSpec, run_stage
@@ -41,8 +42,9 @@ from distill.utils.dist import barrier, from_rank0, is_main, rank0_first
 from distill.utils.threads import apply_threads, loader_workers, plan_threads
 from distill.utils.errors import ConfigError, DistillError
 from distill.utils.layout import BASELINE, TEACHER, RunLayout, generation_name
-from teachers.prepare import (IDENTITY_KEY, check_recorded_teacher, needs_cache, prepare_cache, prepare_teacher,
-                              teacher_identity, teacher_source)
+from teachers.cache_key import cache_key
+from teachers.prepare import (IDENTITY_KEY, check_recorded_teacher, file_sha256, needs_cache, prepare_cache,
+                              prepare_teacher, teacher_identity, teacher_source)
 
 # --------------------------------------------------------------------------------------- pieces
 
@@ -116,7 +118,13 @@ def _teacher_result(cfg, run_dir, teacher, val, train_set) -> dict:
     if stage.is_done():
         return stage.read_result()
     os.makedirs(stage.dir, exist_ok=True)
-    metrics = evaluate_sets(teacher, val, teacher.input_size, progress=False, model_name=TEACHER) if val else {}
+    folder, files = _shared(cfg, teacher, train_set), {set_name_of(p): file_sha256(p) for p in cfg.data.val}
+    metrics = cached_metrics(folder, files) if folder else None  # teacher.shared_cache: evaluated by an earlier run
+    if metrics is None:
+        metrics = evaluate_sets(teacher, val, teacher.input_size, progress=False, model_name=TEACHER) if val else {}
+        if folder:
+            with held(folder):
+                keep_metrics(folder, files, metrics)
     label, arch, kwargs = teacher_model(cfg)
     params, gflops = model_cost(arch, kwargs) if arch else (None, None)
     result = {"stage": TEACHER, "generation": 0, "init_from": cfg.teacher.checkpoint or cfg.teacher.onnx,
@@ -235,7 +243,21 @@ def _cache(cfg: ExperimentConfig, teacher, train_set, run_dir: str, progress: bo
         log(f"teacher cache: {plan.describe()}")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=plan.workers))
     amp_dtype = amp_settings(cfg.train, device, teacher)[0]
-    return prepare_cache(cfg, teacher, train_set, run_dir, device, amp_dtype, progress, log, directory=directory)
+    folder = _shared(cfg, teacher, train_set) if directory is None else None
+    if folder is None:
+        return prepare_cache(cfg, teacher, train_set, run_dir, device, amp_dtype, progress, log, directory=directory)
+    if is_main():
+        log(f"teacher cache: shared, in {folder}")
+    with held(folder) if is_main() else contextlib.nullcontext():  # rank 0 for a torchrun job (build_cache syncs)
+        return prepare_cache(cfg, teacher, train_set, run_dir, device, amp_dtype, progress, log, directory=folder)
+
+
+def _shared(cfg: ExperimentConfig, teacher, train_set) -> str | None:
+    """teacher.shared_cache's subfolder for this teacher, data and autocast (distill/run/shared_teacher.py)."""
+    if cfg.teacher is None or not cfg.teacher.shared_cache:
+        return None
+    amp_dtype = amp_settings(cfg.train, resolve_device(cfg.device), teacher)[0]
+    return shared_folder(cfg.teacher.shared_cache, cache_key(teacher, train_set, amp_dtype))
 
 
 def build_teacher_cache(cfg: ExperimentConfig, run_dir: str, progress: bool = False, log=print):

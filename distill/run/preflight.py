@@ -9,6 +9,7 @@ and a sweep's start mean the run will not stop on any of these later:
     teacher       the teacher's embedding size against the student's and the loss (before a teacher trains)
     teacher.head  the class centres the terms need: present, readable, of the teacher's size and (with the
                   training set) of its identity count
+    teacher.shared_cache  the folder is one (not a file) and writable
     data.ijb      every image the IJB set lists is there (evaluated after each stage)
 
 Each needs only the config, the files it names and the machine; `train_set`, when given, adds what only the
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from distill.losses.distillation import loss_needs
 from distill.losses.terms import config_terms, describe_terms
+from distill.utils.atomic import ensure_writable
 from distill.utils.errors import ConfigError, DataFormatError, DistillError
 from distill.utils.layout import RunLayout
 from teachers.prepare import teacher_source
@@ -116,6 +118,8 @@ def preflight_problems(cfg, run_dir: str, train_set=None, ijb_meta=None, skip=()
     if cfg.teacher is not None and cfg.teacher.embedding_size is not None:  # (ONNX: its file tells, at load)
         attempt("teacher", lambda: check_embedding_sizes(cfg, cfg.teacher.embedding_size))
     attempt("teacher.head", lambda: _centres(cfg, run_dir, train_set))
+    if cfg.teacher is not None and cfg.teacher.shared_cache:
+        attempt("teacher.shared_cache", lambda: ensure_writable(cfg.teacher.shared_cache, "teacher.shared_cache"))
     attempt("data.ijb", lambda: _ijb_images(cfg, ijb_meta))
     return problems
 
