@@ -1,104 +1,127 @@
-"""The recursive-distillation study in miniature (2 seeds, 1 generation, tiny data): its grid (named cases),
-distill compare over it, and docs/results.md's rows and conclusions (experiments/studies/results.py)."""
+"""The study (experiments/studies/study.py, report.py) in miniature: every study file run with 2 seeds on tiny data,
+then docs/results.md's sections; the report refuses a study with a missing seed or arm; the budget rule."""
 
 import importlib.util
+import json
 import re
+import sys
 from pathlib import Path
 
-import yaml
+import pytest
 
-from distill.cli import main
-from distill.run.sweep import expand, load_grid
+from distill.run.sweep import CASE, expand, load_grid
+from tiny_experiment import write_experiment
 
 REPO = Path(__file__).resolve().parents[1]
+STUDIES = REPO / "experiments" / "studies"
 
 
-def _results_module():
-    spec = importlib.util.spec_from_file_location("study_results", REPO / "experiments" / "studies" / "results.py")
+def _module(name):
+    sys.path.insert(0, str(STUDIES))
+    spec = importlib.util.spec_from_file_location(f"study_{name}", STUDIES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_the_shipped_study_expands_to_its_documented_arms():
-    grid = load_grid(str(REPO / "experiments" / "studies" / "recursive_kd.yaml"))
-    names = [p.name for p in expand(grid)]
-    assert len(names) == 14 * 3
-    for arm in ("scratch-e2", "scratch-e4", "scratch-e6", "scratch-e2-pk4", "r18-equivalent_angular", "r18-ekd",
-                "bornagain-adadistill"):
-        assert all(f"recursive_kd-{arm}-seed={s}" in names for s in (0, 1, 2))
-    ekd = next(p for p in expand(grid) if p.name == "recursive_kd-r18-ekd-seed=0")
-    assert "data.images_per_id=4" in ekd.overrides and "distill.alpha=1.0" in ekd.overrides
+TABLE_ROWS = ("scratch", "scratch-pk4", "scratch-pk2", "equivalent_angular", "shrinkteanet", "kd", "fitnet", "rkd",
+              "margin_distillation", "ekd", "ekd-k2", "adadistill", "attention_transfer", "cc", "sp", "proxyless_kd")
 
 
-FACE_KD_ROWS = ("scratch", "scratch-pk4", "equivalent_angular", "shrinkteanet", "kd", "fitnet", "rkd",
-                "margin_distillation", "ekd", "adadistill", "attention_transfer", "cc", "sp", "proxyless_kd")
+def test_the_study_files_plan_every_arm_with_three_seeds_and_one_teacher():
+    grids = {f: load_grid(str(STUDIES / f"{f}.yaml")) for f in
+             ("budget_curve", "face_kd_table", "recursive_kd", "recursion_long", "pk_batches")}
+    assert [c["name"] for c in grids["face_kd_table"].grid[CASE]] == list(TABLE_ROWS)
+    assert [c["name"] for c in grids["recursive_kd"].grid[CASE]] == ["equivalent_angular-chain",
+                                                                     "equivalent_angular-bornagain"]
+    for name, grid in grids.items():
+        assert grid.grid["seed"] == [0, 1, 2], name
+        assert all("train.epochs" not in c for c in grid.grid[CASE]) or name == "budget_curve"  # study.py sets E
+        loads = {grid.fixed.get("teacher.checkpoint")} - {None}
+        assert loads <= {"runs/study/teacher/teacher/backbone.pth"}, name  # one frozen teacher everywhere
+    born = next(p for p in expand(grids["recursive_kd"]) if "bornagain" in p.name)
+    assert "recursive.teacher=previous" in born.overrides
 
 
-def test_the_face_kd_table_lists_every_row_with_one_teacher(capsys):
-    path = str(REPO / "experiments" / "studies" / "face_kd_table.yaml")
-    points = expand(load_grid(path))
-    assert [p.name for p in points] == [f"face_kd_table-{row}-seed=0" for row in FACE_KD_ROWS]
-    assert main(["sweep", path, "--print"]) == 0
-    commands = capsys.readouterr().out.splitlines()
-    assert len(commands) == len(FACE_KD_ROWS) and all(c.startswith("distill run ") for c in commands)
-    teachers = {o for p in points for o in p.overrides if o.startswith(("teacher.checkpoint=", "teacher.head="))}
-    assert teachers == {"teacher.checkpoint=runs/study/teacher-r18/teacher/backbone.pth",
-                        "teacher.head=runs/study/teacher-r18/teacher/last.pt"}  # one frozen teacher for every row
-    from distill.config.schema import load_config
-    for point in points:  # every row is a valid experiment (a feature loss with the cache would be refused here)
-        cfg = load_config(str(REPO / "experiments" / "quickstart.yaml"), point.overrides)
-        assert cfg.generations == (0 if point.name.startswith("face_kd_table-scratch") else 1)
-    for row, loss in (("fitnet", "fitnet"), ("attention_transfer", "attention_transfer")):
-        point = next(p for p in points if p.name == f"face_kd_table-{row}-seed=0")
-        assert f"distill.loss={loss}" in point.overrides and "teacher.cache=false" in point.overrides
+@pytest.fixture(scope="module")
+def miniature(tmp_path_factory):
+    """The whole study, 2 seeds, 2 steps a stage, on a tiny synthetic set (144 images of 16 people)."""
+    tmp = tmp_path_factory.mktemp("study")
+    exp = write_experiment(
+        tmp / "tiny.yaml", tmp / "faces", generations=0, tracking={"wandb": "disabled"},
+        data={"synthetic": {"ids": 16, "images_per_id": 9, "size": 32, "pairs": 40, "seed": 0, "holdout_ids": 8}},
+        teacher={"arch": "iresnet18", "input_size": 32, "embedding_size": 32,
+                 "train": {"batch_size": 32, "lr": 0.1, "lr_batch_size": 32, "max_steps": 6, "log_every": 2}},
+        train={"batch_size": 32, "lr": 0.1, "lr_batch_size": 32, "max_steps": 2, "log_every": 1, "eval_every": 0,
+               "checkpoint_every": 2})
+    study = _module("study")
+    doc = tmp / "docs" / "results.md"
+    code = study.main(["--runs", str(tmp / "runs"), "--out", str(doc), "--base", str(exp), "--seeds", "0,1",
+                       "--ijb-templates", "6", "train.max_steps=2"])
+    return tmp, doc, code
 
 
-def test_the_miniature_study_runs_compares_and_reports(tiny_finished_run, tmp_path, capsys):
-    exp, run, _ = tiny_finished_run
-    backbone = str(run / "teacher" / "backbone.pth")
-    teacher = {"teacher.checkpoint": backbone}
-    grid = {
-        "base": str(exp), "name": "mini",
-        "fixed": {"baseline": False, "tracking.wandb": "disabled", "train.max_steps": 2, "train.eval_every": 0},
-        "grid": {"case": [
-            {"name": "scratch-e1", "generations": 0, "baseline": True, "teacher": None},
-            {"name": "r18-equivalent_angular", "generations": 1, **teacher},
-            {"name": "r18-ekd", "generations": 1, "distill.loss": "ekd", "distill.alpha": 1.0,
-             "data.images_per_id": 4, **teacher},
-        ], "seed": [0, 1]},
-    }
-    path = tmp_path / "mini.yaml"
-    path.write_text(yaml.safe_dump(grid, sort_keys=False))
-    out = tmp_path / "runs"
-    assert main(["sweep", str(path), "--out", str(out), "--no-progress"]) == 0
-    capsys.readouterr()
-    assert main(["compare", str(out)]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| mini-")]
-    assert len(rows) == 2 * (1 + 2 * 2)  # scratch: baseline; each KD arm: teacher + gen1; two seeds
-
-    results = _results_module()
-    doc = tmp_path / "results.md"
-    assert results.main([str(out), "--out", str(doc), "--no-plot"]) == 0
+def test_the_miniature_study_runs_every_file_and_reports(miniature):
+    tmp, doc, code = miniature
+    assert code == 0
     text = doc.read_text()
-    for row in (r"\| scratch \(no teacher\) \| baseline \| 1 \| [\d.]+ ± [\d.]+ \| .* \| 2 \|",
-                r"\| r18 teacher \| teacher \| - \| ",
-                r"\| r18 / equivalent_angular \| gen1 \| 1 \| [\d.]+ ± [\d.]+ \| .* \| 2 \|",
-                r"\| r18 / ekd \| gen1 \| 1 \| "):
-        assert re.search(row, text), row
-    assert "**r18 teacher against scratch at equal budget**" in text
-    assert "**Which loss wins at generation 1 (r18)?**" in text
-    assert "| generation 2 | 99.83 / 98.27 / 98.05 |" in text  # the paper's figures, labelled apart
-    table, set_name, seeds = results.collect(str(out))
-    assert seeds == [0, 1] and set_name == "synth_val"
-    assert len(table[("r18-ekd", "gen1")]["acc"]) == 2
-    assert results.missing(table, seeds, str(path)) == []
-    # a seed or an arm missing: the report refuses to average what is there
-    (out / "mini-r18-ekd-seed=1" / "gen1" / "result.json").unlink()
-    assert results.main([str(out), "--out", str(doc), "--no-plot", "--grid", str(path)]) == 2
-    assert "the study is incomplete (r18-ekd / gen1: seed 1)" in capsys.readouterr().err
-    table, _, seeds = results.collect(str(out))
-    grid2 = tmp_path / "more.yaml"
-    grid2.write_text(yaml.safe_dump({**grid, "grid": {**grid["grid"], "case": grid["grid"]["case"] + [
-        {"name": "r18-cosine", "generations": 1, "distill.loss": "cosine", **teacher}]}}, sort_keys=False))
-    assert "r18-cosine: no finished stage (point mini-r18-cosine-seed=0)" in results.missing(table, seeds, str(grid2))
+    for section in ("## 1. How long a stage trains", "## 2. Recursion against one long distillation",
+                    "## 3. The face-KD table", "## 4. Why P x K batches hurt", "## 5. What it cost"):
+        assert section in text
+    assert re.search(r"\*\*Budget: E = \d+ epochs per stage\*\*", text)
+    for row in TABLE_ROWS:  # every row, 2 seeds, IJB TAR@1e-4 measured
+        assert re.search(rf"^\| {re.escape(row)} \| [\d.]+ ± [\d.]+ \| .* \| [\d.]+ ± [\d.]+ \|", text, re.M), row
+    assert "| 90.48 |" in text  # EKD's published row beside ours
+    for arm in ("generation 3 (from generation 2)", "one schedule", "born-again generation 2 (teacher: generation 1)"):
+        assert arm in text
+    assert "**Answer:**" in text and "**In plain words.**" in text
+    for plot in ("curve", "recursion", "table"):
+        assert (tmp / "docs" / f"results_{plot}.png").stat().st_size > 1000
+    recal = json.loads((tmp / "runs" / "pk" / "recalibration.json").read_text())
+    assert sorted(recal) == ["pk-pk4-seed=0", "pk-pk4-seed=1"]
+    assert set(recal["pk-pk4-seed=0"]) == {"as trained", "re-estimated on shuffled batches",
+                                           "re-estimated on P×K batches"}
+    timing = json.loads((tmp / "runs" / "study" / "timing-all.json").read_text())
+    assert {"teacher", "budget curve", "face-KD table", "generations", "one schedule of 3E", "P×K diagnosis",
+            "best loss: generations"} <= set(timing)
+    # the born-again arm's generation 2 learnt from generation 1's student, the chain's from the teacher
+    run = tmp / "runs" / "recursive"
+    assert (run / "recursive-equivalent_angular-bornagain-seed=0" / "gen1" / "as_teacher_cache").is_dir()
+    assert not (run / "recursive-equivalent_angular-chain-seed=0" / "gen1" / "as_teacher_cache").exists()
+    # the table's best row was recursed too, and its long controls ran
+    best = timing["best_loss"]
+    assert (run / f"recursive-{best}-chain-seed=1" / "gen3" / "result.json").exists()
+    assert (tmp / "runs" / "long-x3" / f"long-{best}-seed=1" / "gen1" / "result.json").exists()
+
+
+def test_the_report_refuses_a_study_with_a_seed_or_an_arm_missing(miniature, tmp_path, capsys):
+    import shutil
+
+    tmp, _, _ = miniature
+    runs = tmp_path / "runs"
+    shutil.copytree(tmp / "runs", runs)
+    report = _module("report")
+    (runs / "long-x2" / "long-scratch-seed=1" / "baseline" / "result.json").unlink()
+    assert report.main([str(runs), "--out", str(tmp_path / "r.md"), "--no-plot"]) == 2
+    assert "the study is incomplete (long-x2/scratch baseline: seed 1)" in capsys.readouterr().err
+    shutil.rmtree(runs / "pk" / "pk-pk8-seed=0")
+    shutil.rmtree(runs / "pk" / "pk-pk8-seed=1")
+    assert report.main([str(runs), "--out", str(tmp_path / "r.md"), "--no-plot"]) == 2
+    assert "pk/pk8: no finished stage" in capsys.readouterr().err
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_the_budget_is_where_more_epochs_stop_helping_beyond_seed_noise():
+    report = _module("report")
+
+    def curve(points):
+        return {f"scratch-e{e}": {"baseline": {"acc": dict(enumerate(accs)), "tar": {}, "ijb": {}, "seconds": {}}}
+                for e, accs in points.items()}
+
+    rising = curve({2: [60, 61, 62], 4: [70, 71, 72], 8: [80, 81, 79], 16: [80.5, 81.5, 80]})
+    assert report.budget(rising)["epochs"] == 8  # 8 -> 16 is within noise
+    assert report.budget(curve({2: [60, 61, 62], 4: [70, 71, 72]}))["epochs"] == 4  # still rising: the largest
+    assert "largest budget" in report.budget(curve({2: [60, 61, 62], 4: [70, 71, 72]}))["why"]
+    assert report.budget(curve({2: [60, 70, 50], 4: [70, 71, 72]}))["epochs"] == 2  # noise hides the gain
+    # an early step within noise does not stop the search when a later budget is clearly better
+    assert report.budget(curve({2: [55, 62, 58], 4: [58, 70, 65], 8: [80, 84, 83]}))["epochs"] == 8

@@ -75,19 +75,28 @@ def open_data(cfg: ExperimentConfig, log=print):
 
 
 def stage_ijb(cfg: ExperimentConfig, run_dir: str, result: dict, load_model, meta, progress: bool = False,
-              log=print) -> dict:
+              log=print, shared: str | None = None) -> dict:
     """A finished stage evaluated once on `data.ijb` (rank 0; the others wait): the numbers go into its
-    result.json (`ijb`) and its W&B run (`ijb/<target>/...`). `load_model() -> (model, input_size)`."""
+    result.json (`ijb`) and its W&B run (`ijb/<target>/...`). `load_model() -> (model, input_size)`.
+    `shared`: the teacher's teacher.shared_cache folder, where an earlier run may have kept its IJB result."""
     if not needs_ijb(result, cfg.data.ijb):
         return result
     name = result["stage"]
     if is_main():
-        model, input_size = load_model()
-        log(f"{name}: {cfg.data.ijb.target} template verification ({len(meta.names):,} images, "
-            f"{len(meta.pairs):,} pairs)")
-        ijb = evaluate_ijb(model, input_size, cfg.data.ijb, meta, progress=progress,
-                           workers=loader_workers(cfg.data.num_workers, resolve_device(cfg.device).type),
-                           model_name=name)
+        from distill.data.ijb import META_FILES, meta_path
+        files = {"ijb": "ijb " + " ".join(file_sha256(meta_path(cfg.data.ijb.root, cfg.data.ijb.target, kind))
+                                          for kind in META_FILES)} if shared else {}
+        ijb = (cached_metrics(shared, files) or {}).get("ijb") if shared else None
+        if ijb is None:
+            model, input_size = load_model()
+            log(f"{name}: {cfg.data.ijb.target} template verification ({len(meta.names):,} images, "
+                f"{len(meta.pairs):,} pairs)")
+            ijb = evaluate_ijb(model, input_size, cfg.data.ijb, meta, progress=progress,
+                               workers=loader_workers(cfg.data.num_workers, resolve_device(cfg.device).type),
+                               model_name=name)
+            if shared:
+                with held(shared):
+                    keep_metrics(shared, files, {"ijb": ijb})
         result = {**result, "ijb": ijb}
         atomic_write_json(RunLayout(run_dir).stage(name).result, result)
         tracker = stage_tracker(cfg, run_dir, name, result.get("generation", 0), result.get("init_from"))
@@ -304,10 +313,10 @@ def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log, restar
         log = lambda *_: None  # noqa: E731
     train_set, val, ijb_meta = _before_any_work(cfg, run_dir, restart, log)
 
-    def with_ijb(result, load_model):
+    def with_ijb(result, load_model, shared=None):
         if ijb_meta is None:
             return result
-        return stage_ijb(cfg, run_dir, result, load_model, ijb_meta, progress, log)
+        return stage_ijb(cfg, run_dir, result, load_model, ijb_meta, progress, log, shared)
 
     results, teacher, cache = [], None, None
     if cfg.teacher is not None:
@@ -315,7 +324,7 @@ def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log, restar
                                                                             log), log=log)
         check_embedding_sizes(cfg, teacher.embedding_size)  # before the cache and any student
         results.append(with_ijb(rank0_first(lambda: _teacher_result(cfg, run_dir, teacher, val, train_set)),
-                                lambda: (teacher, teacher.input_size)))
+                                lambda: (teacher, teacher.input_size), _shared(cfg, teacher, train_set)))
         if needs_cache(cfg):
             cache = _cache(cfg, teacher, train_set, run_dir, progress, log)
     for spec in plan_stages(cfg, run_dir):

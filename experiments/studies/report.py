@@ -1,0 +1,490 @@
+"""docs/results.md and its plots from the study's run directories (experiments/studies/study.py writes them).
+
+    python experiments/studies/report.py runs --out docs/results.md
+
+Reads <runs>/curve, face_kd_table, recursive, long-x2, long-x3 and pk (each a sweep's points,
+`<grid>-<case>-seed=<s>`), pk/recalibration.json and study/timing.json. Every number is a mean ± sample standard
+deviation over seeds; a difference is called beyond seed noise when it exceeds twice its standard error
+(sqrt(sd_a²/n_a + sd_b²/n_b)), within noise otherwise. A point that has not finished (a seed, a stage or a whole arm
+the study files plan) stops the report with exit 2 rather than averaging what is there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+
+from distill.eval.far import far_key  # noqa: E402
+from distill.run.compare import load_runs  # noqa: E402
+
+POINT = re.compile(r"^(?P<grid>[^-]+)-(?P<case>.+)-seed=(?P<seed>\d+)$")
+SWEEPS = {"curve": "budget_curve", "face_kd_table": "face_kd_table", "recursive": "recursive_kd",
+          "long-x2": "recursion_long", "long-x3": "recursion_long", "pk": "pk_batches"}
+EKD = {"scratch": 89.13, "fitnet": 87.76, "kd": 88.37, "rkd": 89.65, "shrinkteanet": 87.80,
+       "margin_distillation": 85.71, "ekd": 90.48}  # EKD (CVPR 2022) Table 3, IJB-C TAR@FAR=1e-4 (%), IR-50 -> MFN
+PAPER = [  # LFW / CFP-FP / AgeDB-30 (%), the VarGFaceNet authors' figures (ms1m-retinaface-t1, 112 px; README)
+    ("ResNet-100 teacher", "99.75 / 98.53 / 98.17"), ("VarGFaceNet from scratch", "99.68 / 98.09 / 98.10"),
+    ("generation 1", "99.78 / 98.40 / 98.07"), ("generation 2", "99.83 / 98.27 / 98.05")]
+
+
+def read_json(path: str):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------ numbers
+
+def collect(sweep_dir: str) -> dict:
+    """{case: {stage: {"acc" | "tar" | "ijb" | "seconds": {seed: value}}}} of the finished stages of a sweep; acc and
+    TAR@FAR=1e-3 of the first verification set, TAR@FAR=1e-4 of the IJB set, in %."""
+    table: dict = {}
+    if not os.path.isdir(sweep_dir):
+        return table
+    for run in load_runs([sweep_dir]):
+        m = POINT.match(run["experiment"])
+        if not m:
+            continue
+        for stage in run["stages"]:
+            if stage["status"] != "done" or not stage.get("metrics"):
+                continue
+            metric = next(iter(stage["metrics"].values()))
+            cell = table.setdefault(m["case"], {}).setdefault(stage["stage"], {"acc": {}, "tar": {}, "ijb": {},
+                                                                               "seconds": {}})
+            seed = int(m["seed"])
+            cell["acc"][seed] = 100 * metric["acc_mean"]
+            tar = (metric.get("tar_at_far") or {}).get(far_key(1e-3)) or {}
+            cell["tar"][seed] = None if tar.get("tar") is None else 100 * tar["tar"]
+            ijb = ((stage.get("ijb") or {}).get("tar_at_far") or {}).get(far_key(1e-4))
+            cell["ijb"][seed] = None if ijb is None else 100 * ijb
+            cell["seconds"][seed] = stage.get("train_seconds")
+    return table
+
+
+def stats(values) -> tuple:
+    values = [v for v in (values.values() if isinstance(values, dict) else values) if v is not None]
+    if not values:
+        return None, None, 0
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, sd, len(values)
+
+
+def compare(a, b) -> tuple:
+    """(mean a - mean b, its standard error, verdict)."""
+    (ma, sa, na), (mb, sb, nb) = stats(a), stats(b)
+    if ma is None or mb is None:
+        return None, None, "not measured"
+    se = math.sqrt(sa ** 2 / na + sb ** 2 / nb)
+    if na < 2 or nb < 2:
+        return ma - mb, se, "one seed only: no spread"
+    return ma - mb, se, ("beyond seed noise" if abs(ma - mb) > 2 * se else "within seed noise")
+
+
+def fmt(values) -> str:
+    mean, sd, _ = stats(values)
+    return "-" if mean is None else f"{mean:.2f} ± {sd:.2f}"
+
+
+def diff_text(a, b) -> str:
+    d, se, verdict = compare(a, b)
+    return "not measured" if d is None else f"{d:+.2f} ± {se:.2f} ({verdict})"
+
+
+def only_stage(table: dict, case: str) -> dict:
+    """The one student stage of a single-stage arm (baseline or gen1)."""
+    stages = {k: v for k, v in table.get(case, {}).items() if k != "teacher"}
+    return next(iter(stages.values())) if stages else {"acc": {}, "tar": {}, "ijb": {}, "seconds": {}}
+
+
+def budget(curve: dict) -> dict:
+    """The per-stage budget: the smallest E of the curve that no longer budget on the grid beats beyond seed noise
+    (more epochs stop helping); the largest when even the last step still helps."""
+    points = sorted((int(c[len("scratch-e"):]), only_stage(curve, c)["acc"]) for c in curve
+                    if re.fullmatch(r"scratch-e\d+", c))
+    if not points:
+        raise SystemExit("report: the budget curve has no finished point (runs/curve)")
+    for i, (e, acc) in enumerate(points[:-1]):
+        later = [(e2, compare(acc2, acc)) for e2, acc2 in points[i + 1:]]
+        if all(not (verdict == "beyond seed noise" and d > 0) for _, (d, _se, verdict) in later):
+            e2, (d, se, _) = later[0]
+            return {"epochs": e, "why": f"no longer budget beats it beyond seed noise; {e} -> {e2} epochs: "
+                                        f"{d:+.2f} ± {se:.2f}", "points": points}
+    return {"epochs": points[-1][0], "why": f"still improving beyond seed noise at {points[-1][0]} epochs, the "
+                                            f"largest budget on the grid", "points": points}
+
+
+def best_row(table: dict) -> str:
+    """The distillation row of the face-KD table with the highest mean accuracy."""
+    rows = [(stats(table[c]["gen1"]["acc"])[0], c) for c in table if "gen1" in table[c]]
+    if not rows:
+        raise SystemExit("report: the face-KD table has no finished distillation row (runs/face_kd_table)")
+    return max(rows)[1]
+
+
+def missing(sweeps: dict, seeds: list, planned: dict | None = None) -> list:
+    """What the study lacks: every (sweep, case, stage) without every seed, and with `planned` ({sweep: [case]}) every
+    planned case with no finished stage at all."""
+    gaps = []
+    for sweep, table in sweeps.items():
+        for case in (planned or {}).get(sweep, []):
+            if case not in table:
+                gaps.append(f"{sweep}/{case}: no finished stage")
+        for case, stages in sorted(table.items()):
+            for stage, cell in sorted(stages.items()):
+                lost = sorted(set(seeds) - set(cell["acc"]))
+                if lost:
+                    gaps.append(f"{sweep}/{case} {stage}: seed{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))}")
+    return gaps
+
+
+def planned_cases(best: str | None) -> dict:
+    """{sweep: [case names]} the study files plan (with the best row's arms study.py adds)."""
+    from distill.run.sweep import CASE, load_grid
+
+    out = {}
+    for sweep, name in SWEEPS.items():
+        cases = [c["name"] for c in load_grid(os.path.join(HERE, f"{name}.yaml")).grid[CASE]]
+        if best and sweep == "recursive":
+            cases.append(f"{best}-chain")
+        if best and sweep.startswith("long-"):
+            cases.append(best)
+        out[sweep] = cases
+    return out
+
+
+# ------------------------------------------------------------------------------------------ report
+
+def _row(*cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _teacher(sweeps: dict) -> dict:
+    for table in sweeps.values():
+        for stages in table.values():
+            if "teacher" in stages:
+                return stages["teacher"]
+    return {"acc": {}, "tar": {}, "ijb": {}}
+
+
+def curve_section(curve: dict, choice: dict, plot: str | None) -> list:
+    lines = ["## 1. How long a stage trains: the budget curve", "",
+             "Scratch students (no teacher), each budget its own schedule (warmup, cosine decay), 3 seeds "
+             "(experiments/studies/budget_curve.yaml).", "",
+             _row("epochs", "accuracy (%)", "TAR@1e-3 (%)", "next budget minus this one (points)"),
+             _row("---", "---", "---", "---")]
+    points = choice["points"]
+    for i, (e, acc) in enumerate(points):
+        cell = only_stage(curve, f"scratch-e{e}")
+        step = diff_text(points[i + 1][1], acc) if i + 1 < len(points) else "-"
+        lines.append(_row(e, fmt(acc), fmt(cell["tar"]), step))
+    lines += ["", f"**Budget: E = {choice['epochs']} epochs per stage** ({choice['why']}). Every stage of every arm "
+              "below trains E epochs; one schedule of 2E or 3E epochs is the control of generation 2 or 3."]
+    if plot:
+        lines += ["", f"![budget curve]({plot})"]
+    return lines + [""]
+
+
+def recursion_arms(sweeps: dict, e: int, best: str) -> list:
+    """[(label, loss, total epochs, cell)] of the recursion and its controls."""
+    rec, x2, x3 = sweeps["recursive"], sweeps["long-x2"], sweeps["long-x3"]
+    arms = [("scratch", "-", e, only_stage(sweeps["curve"], f"scratch-e{e}")),
+            ("scratch", "-", 2 * e, only_stage(x2, "scratch")), ("scratch", "-", 3 * e, only_stage(x3, "scratch"))]
+    for loss in dict.fromkeys(["equivalent_angular", best]):
+        for g in (1, 2, 3):
+            arms.append((f"generation {g} (from generation {g - 1})" if g > 1 else "generation 1", loss, g * e,
+                         rec.get(f"{loss}-chain", {}).get(f"gen{g}", {"acc": {}, "tar": {}})))
+        arms += [("one schedule", loss, 2 * e, only_stage(x2, loss)), ("one schedule", loss, 3 * e, only_stage(x3, loss))]
+    for g in (1, 2, 3):
+        arms.append((f"born-again generation {g}" + (f" (teacher: generation {g - 1})" if g > 1 else ""),
+                     "equivalent_angular", g * e,
+                     rec.get("equivalent_angular-bornagain", {}).get(f"gen{g}", {"acc": {}, "tar": {}})))
+    return arms
+
+
+def recursion_section(sweeps: dict, e: int, best: str, plot: str | None) -> tuple:
+    rec, x2, x3 = sweeps["recursive"], sweeps["long-x2"], sweeps["long-x3"]
+    lines = ["## 2. Recursion against one long distillation, at convergence", "",
+             f"Every generation trains E = {e} epochs from the previous student with a fresh optimizer and schedule "
+             "against the same frozen IResNet-18 teacher; the controls train one schedule as long as two or three "
+             "generations (experiments/studies/recursive_kd.yaml, recursion_long.yaml). The paper's loss "
+             f"(equivalent_angular, alpha 7) and the face-KD table's best row ({best}).", "",
+             _row("arm", "loss", "total epochs", "accuracy (%)", "TAR@1e-3 (%)"), _row("---", "---", "---", "---", "---")]
+    teacher = _teacher(sweeps)
+    lines.append(_row("teacher (IResNet-18, frozen)", "-", "-", fmt(teacher["acc"]), fmt(teacher["tar"])))
+    for label, loss, total, cell in recursion_arms(sweeps, e, best):
+        lines.append(_row(label, loss, total, fmt(cell["acc"]), fmt(cell["tar"])))
+    if plot:
+        lines += ["", f"![accuracy per generation with the controls]({plot})"]
+    lines += ["", "What it says (accuracy points, difference ± standard error):", ""]
+    verdicts = {}
+    for loss in dict.fromkeys(["equivalent_angular", best]):
+        chain = rec.get(f"{loss}-chain", {})
+        for g, longer in ((2, x2), (3, x3)):
+            d, se, verdict = compare(chain.get(f"gen{g}", {}).get("acc", {}), only_stage(longer, loss)["acc"])
+            verdicts[(loss, g)] = (d, verdict)
+            lines.append(f"- **{loss}, generation {g} against one schedule of {g}E epochs** (the same epochs, the same "
+                         f"teacher): {diff_text(chain.get(f'gen{g}', {}).get('acc', {}), only_stage(longer, loss)['acc'])}.")
+        steps = [f"gen{g} vs gen{g - 1} {diff_text(chain.get(f'gen{g}', {}).get('acc', {}), chain.get(f'gen{g - 1}', {}).get('acc', {}))}"
+                 for g in (2, 3)]
+        lines.append(f"- **{loss}, each generation against the one before** (it has also trained E epochs more): "
+                     + "; ".join(steps) + ".")
+        scratch = [f"{g}E {diff_text(chain.get(f'gen{g}', {}).get('acc', {}), arm[3]['acc'])}"
+                   for g, arm in zip((1, 2, 3), recursion_arms(sweeps, e, best)[:3])]
+        lines.append(f"- **{loss}, generation k against scratch trained as long**: " + "; ".join(scratch) + ".")
+    ba, fixed = rec.get("equivalent_angular-bornagain", {}), rec.get("equivalent_angular-chain", {})
+    lines.append("- **Born-again chain against the fixed teacher** (equivalent_angular; generation 1 is the same "
+                 "recipe in both): " + "; ".join(
+                     f"gen{g} {diff_text(ba.get(f'gen{g}', {}).get('acc', {}), fixed.get(f'gen{g}', {}).get('acc', {}))}"
+                     for g in (2, 3)) + ".")
+    wins = [k for k, (d, v) in verdicts.items() if v == "beyond seed noise" and d is not None and d > 0]
+    losses = [k for k, (d, v) in verdicts.items() if v == "beyond seed noise" and d is not None and d < 0]
+    if wins and not losses:
+        answer = ("Recursion beats one long distillation beyond seed noise in " + ", ".join(
+            f"{loss} generation {g}" for loss, g in wins) + "; elsewhere the two are within seed noise.")
+    elif losses and not wins:
+        answer = ("One long distillation beats recursion beyond seed noise in " + ", ".join(
+            f"{loss} generation {g}" for loss, g in losses) + "; elsewhere the two are within seed noise.")
+    elif wins:
+        answer = "Mixed: recursion wins in some arms and loses in others, beyond seed noise (above)."
+    else:
+        answer = ("**Recursion does not beat one long distillation here**: at equal epochs every generation is within "
+                  "seed noise of one schedule as long, so what the later generations gain is the extra training, not "
+                  "the restart.")
+    lines += ["", f"**Answer:** {answer}", ""]
+    return lines, answer
+
+
+def table_section(table: dict, plot: str | None) -> list:
+    lines = ["## 3. The face-KD table (EKD's Table 3 and more), 3 seeds", "",
+             "One stage of E epochs per row, one frozen teacher (experiments/studies/face_kd_table.yaml). Accuracy and "
+             "TAR@FAR=1e-3 on the verification pairs; TAR@FAR=1e-4 on the synthetic IJB-C set (templates of people "
+             "disjoint from training). Differences are to `scratch` (P x K rows: to the scratch row with the same "
+             "batches). EKD's published IJB-C TAR@FAR=1e-4 (IR-50 -> MobileFaceNet, MS1MV2) is another scale: read "
+             "it beside ours, not as the same experiment.", "",
+             _row("row", "accuracy (%)", "TAR@1e-3 (%)", "IJB-C TAR@1e-4 (%)", "accuracy - baseline", "TAR@1e-4 - baseline",
+                  "EKD's paper (TAR@1e-4, %)"), _row(*["---"] * 7)]
+    teacher = _teacher({"t": table})
+    lines.append(_row("teacher", fmt(teacher["acc"]), fmt(teacher["tar"]), fmt(teacher["ijb"]), "", "", ""))
+    for case in table:
+        cell = only_stage(table, case)
+        control = "scratch"  # P x K rows (ekd, ekd-k2) against scratch on the same batches
+        if case.startswith("ekd"):
+            control = "scratch-pk2" if case.endswith("-k2") else "scratch-pk4"
+        base = only_stage(table, control)
+        same = case == control
+        lines.append(_row(case, fmt(cell["acc"]), fmt(cell["tar"]), fmt(cell["ijb"]),
+                          "-" if same else diff_text(cell["acc"], base["acc"]) + ("" if control == "scratch" else f" vs {control}"),
+                          "-" if same else diff_text(cell["ijb"], base["ijb"]),
+                          f"{EKD[case]:.2f}" if case in EKD else "-"))
+    if plot:
+        lines += ["", f"![the table with error bars]({plot})"]
+    ranked = sorted(((stats(table[c]["gen1"]["acc"])[0], c) for c in table if "gen1" in table[c]), reverse=True)
+    if len(ranked) >= 2:
+        lines += ["", f"Best row by accuracy: **{ranked[0][1]}** ({ranked[0][0]:.2f}), then {ranked[1][1]} "
+                  f"({ranked[1][0]:.2f}): {diff_text(table[ranked[0][1]]['gen1']['acc'], table[ranked[1][1]]['gen1']['acc'])}."]
+    return lines + [""]
+
+
+def pk_section(pk: dict, curve: dict, e: int, recal: dict) -> list:
+    shuffled = only_stage(curve, f"scratch-e{e}")
+    arm = lambda name: only_stage(pk, name)["acc"]  # noqa: E731
+    lines = ["## 4. Why P x K batches hurt", "",
+             f"Scratch students, E = {e} epochs, 3 seeds (experiments/studies/pk_batches.yaml); K images of each of "
+             "P identities per batch.", "",
+             _row("arm", "K", "batch (update)", "identities in a BatchNorm batch", "identities per update",
+                  "accuracy (%)", "minus shuffled 64"), _row(*["---"] * 7),
+             _row("shuffled", "-", "64", "~60", "~60", fmt(shuffled["acc"]), "-")]
+    rows = [("pk2", 2, "64", 32, 32), ("pk4", 4, "64", 16, 16), ("pk8", 8, "64", 8, 8),
+            ("pk4-acc2", 4, "2 x 64", 16, 32), ("pk4-b128", 4, "128", 32, 32),
+            ("shuffled-acc2", "-", "2 x 64", "~60", "~110"), ("shuffled-b128", "-", "128", "~110", "~110")]
+    for name, k, b, bn, step in rows:
+        lines.append(_row(name, k, b, bn, step, fmt(arm(name)), diff_text(arm(name), shuffled["acc"])))
+    checks = [
+        ("K at a fixed batch of 64 (pk2 - pk4)", arm("pk2"), arm("pk4")),
+        ("twice the identities per update, BatchNorm unchanged (pk4-acc2 - pk4)", arm("pk4-acc2"), arm("pk4")),
+        ("BatchNorm over 32 identities instead of 16, the same updates (pk4-b128 - pk4-acc2)", arm("pk4-b128"),
+         arm("pk4-acc2")),
+        ("K = 4 against shuffled at 2 x 64 (pk4-acc2 - shuffled-acc2)", arm("pk4-acc2"), arm("shuffled-acc2")),
+        ("K = 4 against shuffled at 128 (pk4-b128 - shuffled-b128)", arm("pk4-b128"), arm("shuffled-b128")),
+        ("K = 2 and P = 32 against K = 4 and P = 32 (pk2 - pk4-b128)", arm("pk2"), arm("pk4-b128")),
+    ]
+    lines += ["", "What each comparison moves, and what it does (accuracy points):", ""]
+    lines += [f"- {what}: {diff_text(a, b)}." for what, a, b in checks]
+    if recal:
+        names = list(next(iter(recal.values())))
+        vals = {n: [100 * next(iter(r[n].values())) for r in recal.values()] for n in names}
+        lines.append("- BatchNorm statistics re-estimated after training (the pk4 students; a cumulative average over "
+                     "25 batches, no gradient): " + "; ".join(f"{n} {fmt(v)}" for n, v in vals.items())
+                     + f"; re-estimated on shuffled minus as trained {diff_text(vals[names[1]], vals[names[0]])}.")
+    return lines + [""]
+
+
+def read_timing(runs: str) -> dict:
+    """{stream: {phase: seconds}} of study.py's timing-<stream>.json files, and "best_loss"."""
+    out = {}
+    for stream in ("prepare", "1", "2", "all"):
+        data = read_json(os.path.join(runs, "study", f"timing-{stream}.json"))
+        if data:
+            out[stream] = data
+    out["best_loss"] = next((d["best_loss"] for d in out.values() if isinstance(d, dict) and "best_loss" in d), None)
+    return out
+
+
+def time_section(timing: dict) -> list:
+    streams = {k: {p: v for p, v in d.items() if isinstance(v, (int, float))} for k, d in timing.items()
+               if isinstance(d, dict)}
+    side = [sum(streams.get(s, {}).values()) for s in ("1", "2")]
+    wall = sum(streams.get("prepare", {}).values()) + max(side) + sum(streams.get("all", {}).values())
+    lines = ["## 5. What it cost", "",
+             f"Measured on this project's 2-core CPU, `experiments/studies/run_study.sh` (the teacher, IJB set and curve "
+             f"first, then streams 1 and 2 side by side, one torch thread each): **{wall / 60:.1f} minutes of wall "
+             f"time**. Phases, in minutes (a rerun skips finished points, so only a phase that trained counts):", "",
+             _row("stream", "phase", "minutes"), _row("---", "---", "---")]
+    for stream, phases in streams.items():
+        lines += [_row(stream, phase, f"{v / 60:.1f}") for phase, v in phases.items()]
+    return lines + [""]
+
+
+# ------------------------------------------------------------------------------------------ plots
+
+def _figure(width: float = 7, height: float = 4.5):
+    from matplotlib.figure import Figure  # no pyplot: no global backend, works headless
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return fig, fig.subplots()
+
+
+def plot_curve(choice: dict, path: str) -> None:
+    fig, ax = _figure()
+    xs = [e for e, _ in choice["points"]]
+    ms = [stats(a) for _, a in choice["points"]]
+    ax.errorbar(xs, [m for m, _, _ in ms], yerr=[s for _, s, _ in ms], marker="o", capsize=3, color="black")
+    ax.axvline(choice["epochs"], linestyle=":", color="grey", label=f"budget E = {choice['epochs']}")
+    ax.set(xlabel="epochs (one schedule)", ylabel="accuracy (%)", title="scratch student: accuracy against budget")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(path, format="png")
+
+
+def plot_recursion(sweeps: dict, e: int, best: str, path: str) -> None:
+    fig, ax = _figure(8, 5)
+    groups: dict = {}
+    for label, loss, total, cell in recursion_arms(sweeps, e, best):
+        kind = ("scratch" if label == "scratch" else f"{loss}: one schedule" if label == "one schedule" else
+                f"{loss}: born-again chain" if label.startswith("born-again") else f"{loss}: generations")
+        if loss == "equivalent_angular" and kind.endswith("one schedule"):
+            groups.setdefault(f"{loss}: generations", [])  # keep the chain first in the legend
+        groups.setdefault(kind, []).append((total, stats(cell["acc"])))
+    for kind, pts in groups.items():
+        pts = [(x, m, s) for x, (m, s, _) in pts if m is not None]
+        if pts:
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
+                        linestyle="--" if "schedule" in kind or kind == "scratch" else "-", label=kind)
+    ax.set(xlabel="total epochs (generation k: k x E)", ylabel="accuracy (%)",
+           title="recursion against one schedule as long (mean ± sd over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.savefig(path, format="png")
+
+
+def plot_table(table: dict, path: str) -> None:
+    fig, axes = _figure(11, 4.5)
+    fig.clear()
+    axes = fig.subplots(1, 2)
+    cases = list(table)
+    for ax, key, title in zip(axes, ("acc", "ijb"), ("verification accuracy (%)", "IJB-C TAR@FAR=1e-4 (%)")):
+        ms = [stats(only_stage(table, c)[key]) for c in cases]
+        ax.barh(range(len(cases)), [m or 0 for m, _, _ in ms], xerr=[s or 0 for _, s, _ in ms], capsize=3,
+                color=["grey" if c.startswith("scratch") else "tab:blue" for c in cases])
+        ax.set_yticks(range(len(cases)), cases, fontsize="small")
+        ax.invert_yaxis()
+        ax.set(title=title)
+        ax.grid(alpha=0.3, axis="x")
+        vals = [m for m, _, _ in ms if m is not None]
+        if vals and key == "acc":
+            ax.set_xlim(max(0, min(vals) - 10), min(100, max(vals) + 5))
+    fig.savefig(path, format="png")
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def render(sweeps: dict, recal: dict, timing: dict, seeds: list, plots: dict) -> str:
+    choice = budget(sweeps["curve"])
+    e = choice["epochs"]
+    best = timing.get("best_loss") or best_row(sweeps["face_kd_table"])
+    rec_lines, answer = recursion_section(sweeps, e, best, plots.get("recursion"))
+    teacher = _teacher(sweeps)
+    lines = ["# The study: recursion, the face-KD baselines and P x K batches, on synthetic faces", "",
+             "Written by `python experiments/studies/report.py runs --out docs/results.md` from the study's runs; the "
+             "whole study (every arm, every seed) is `experiments/studies/run_study.sh`.", "",
+             "Setting (experiments/studies/study.yaml): synthetic faces, 100 training identities x 16 images at 32x32; "
+             "verification on 2,400 pairs of 150 unseen people (insightface's 10-fold protocol); a synthetic IJB-C "
+             "set of other people. Student: VarGFaceNet (0.49M parameters; the quickstart's). Teacher: IResNet-18 "
+             f"(11.4M parameters), trained once, frozen, loaded by every arm: {fmt(teacher['acc'])} % accuracy. Seeds "
+             f"{', '.join(map(str, seeds))}: every figure is a mean ± sample standard deviation over them; "
+             "'beyond seed noise' means a difference larger than twice its standard error.", "",
+             "**In plain words.** " + answer, ""]
+    lines += curve_section(sweeps["curve"], choice, plots.get("curve"))
+    lines += rec_lines
+    lines += table_section(sweeps["face_kd_table"], plots.get("table"))
+    lines += pk_section(sweeps["pk"], sweeps["curve"], e, recal)
+    lines += time_section(timing)
+    lines += ["## At another scale", "",
+              "32x32 synthetic faces, a 0.49M-parameter student and minutes of training show whether the toolkit's "
+              "mechanisms produce the effects and how large seed noise is here, not what happens on MS1M at 112x112. "
+              "The VarGFaceNet paper's own figures (ms1m-retinaface-t1, 112 px, IResNet-100 teacher), for the "
+              "direction only:", "", _row("paper (VarGFaceNet, arXiv 1910.04985)", "LFW / CFP-FP / AgeDB-30 (%)"),
+              _row("---", "---")] + [_row(name, numbers) for name, numbers in PAPER]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", help="the folder study.py wrote its sweeps into (runs)")
+    p.add_argument("--out", default="docs/results.md", help="the report (default docs/results.md); PNGs beside it")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    args = p.parse_args(argv)
+    sweeps = {name: collect(os.path.join(args.runs, name)) for name in SWEEPS}
+    timing = read_timing(args.runs)
+    recal = read_json(os.path.join(args.runs, "pk", "recalibration.json")) or {}
+    seeds = sorted({s for t in sweeps.values() for c in t.values() for cell in c.values() for s in cell["acc"]})
+    if not sweeps["face_kd_table"] or not sweeps["curve"]:
+        print(f"{args.runs}: no finished points of the study (run experiments/studies/run_study.sh)", file=sys.stderr)
+        return 2
+    gaps = missing(sweeps, seeds, planned_cases(timing.get("best_loss") or best_row(sweeps["face_kd_table"])))
+    pk4 = sorted(n for n in os.listdir(os.path.join(args.runs, "pk")) if "-pk4-seed=" in n) \
+        if os.path.isdir(os.path.join(args.runs, "pk")) else []
+    gaps += [f"pk/recalibration.json: {n}" for n in pk4 if n not in recal]
+    if gaps:
+        shown = "; ".join(gaps[:6]) + (f"; and {len(gaps) - 6} more" if len(gaps) > 6 else "")
+        print(f"{args.runs}: the study is incomplete ({shown}); rerun experiments/studies/run_study.sh (finished "
+              f"points are skipped) rather than report means over what is there", file=sys.stderr)
+        return 2
+    base = os.path.splitext(args.out)[0]
+    plots = {} if args.no_plot else {k: f"{base}_{k}.png" for k in ("curve", "recursion", "table")}
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if plots:
+        choice = budget(sweeps["curve"])
+        best = timing.get("best_loss") or best_row(sweeps["face_kd_table"])
+        plot_curve(choice, plots["curve"])
+        plot_recursion(sweeps, choice["epochs"], best, plots["recursion"])
+        plot_table(sweeps["face_kd_table"], plots["table"])
+    names = {k: os.path.basename(v) for k, v in plots.items()}
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(render(sweeps, recal, timing, seeds, names))
+    print(f"wrote {args.out}" + (f" and {', '.join(plots.values())}" if plots else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

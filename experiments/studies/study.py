@@ -1,0 +1,213 @@
+"""The whole study in one command: teacher, budget curve, face-KD table, recursion and its controls, P×K diagnosis,
+then docs/results.md (experiments/studies/report.py). What run_study.sh runs:
+
+    python experiments/studies/study.py                 (about 80 minutes on 2 CPU cores; a rerun skips what is done)
+
+1. the teacher (IResNet-18 on study.yaml's data), trained once; every arm loads it by checkpoint, shares its cache
+   and metrics (teacher.shared_cache), and takes its margin head as class centres (teacher.head);
+2. a synthetic IJB-C set (`distill data synth-ijb`: people disjoint from training) for TAR@FAR=1e-4;
+3. the budget curve (budget_curve.yaml): scratch students trained 2 .. 24 epochs; the budget E is where more
+   epochs stop helping beyond seed noise (report.budget);
+4. the face-KD table (face_kd_table.yaml), every row one stage of E epochs, verification and IJB;
+5. the recursion (recursive_kd.yaml: generations 1-3 with the paper's loss, the born-again chain) and the same
+   chain with the table's best loss, each stage E epochs;
+6. the controls at 2E and 3E in one schedule (recursion_long.yaml): one distilled generation and scratch;
+7. the P×K diagnosis (pk_batches.yaml), and the BatchNorm re-estimation of its P×K students (recalibration.json);
+8. the report. Seconds per phase go to <runs>/study/timing.json and into the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, REPO)
+sys.path.insert(0, HERE)
+
+import report  # noqa: E402  (experiments/studies/report.py)
+from distill.config.schema import load_config  # noqa: E402
+from distill.run.experiment import run_experiment  # noqa: E402
+from distill.run.sweep import CASE, load_grid, run_sweep  # noqa: E402
+from distill.utils.atomic import atomic_write_json  # noqa: E402
+
+FILES = {name: os.path.join(HERE, f"{name}.yaml") for name in
+         ("study", "budget_curve", "face_kd_table", "recursive_kd", "recursion_long", "pk_batches")}
+
+
+class Study:
+    def __init__(self, runs: str, base: str | None, seeds: list, more: list, ijb_templates: int, stream: str = "all",
+                 log=print):
+        self.runs, self.base, self.seeds, self.more, self.log = runs, base, seeds, more, log
+        self.ijb_templates = ijb_templates
+        self.teacher_dir = os.path.join(runs, "study", "teacher")
+        self.timing_path = os.path.join(runs, "study", f"timing-{stream}.json")
+        self.timing = report.read_json(self.timing_path) or {}
+        self.ijb = os.path.join(runs, "study", "synth_ijb")
+
+    def phase(self, name: str, work):
+        t0 = time.perf_counter()
+        out = work()
+        seconds = time.perf_counter() - t0
+        if seconds > 1 or name not in self.timing:  # a phase skipped on a rerun keeps its measured time
+            self.timing[name] = round(seconds, 1)
+            atomic_write_json(self.timing_path, self.timing)
+        self.log(f"study: {name} took {seconds:.0f} s")
+        return out
+
+    def teacher_overrides(self) -> list:
+        stage = os.path.join(self.teacher_dir, "teacher")
+        return [f"teacher.checkpoint={os.path.join(stage, 'backbone.pth')}",
+                f"teacher.head={os.path.join(stage, 'last.pt')}",
+                f"teacher.shared_cache={os.path.join(self.runs, 'study', 'shared_cache')}"]
+
+    def grid(self, name: str, overrides: list, extra_cases=(), teacher: bool = True):
+        overrides = (self.teacher_overrides() if teacher else []) + overrides + self.more
+        grid = load_grid(FILES[name], base=self.base, overrides=overrides)
+        grid.grid["seed"] = list(self.seeds)
+        grid.grid[CASE] = list(grid.grid[CASE]) + list(extra_cases)
+        return grid
+
+    def sweep(self, name: str, out: str, overrides: list, extra_cases=(), teacher: bool = True,
+              only: bool = False) -> None:
+        """One study file's points (teacher: whether they load the study's teacher; scratch-only files do not;
+        only: the extra cases alone, not the file's own)."""
+        grid = self.grid(name, overrides, extra_cases, teacher)
+        if only:
+            grid.grid[CASE] = list(extra_cases)
+        result = run_sweep(grid, out=os.path.join(self.runs, out), progress=False,
+                           log=self.log)
+        if result["failed"]:
+            raise SystemExit(f"study: {name}: {len(result['failed'])} point(s) failed ({', '.join(result['failed'])}); "
+                             f"see the log above, fix, and rerun (finished points are skipped)")
+
+    def train_teacher(self) -> None:
+        base = self.base or FILES["study"]
+        cfg = load_config(base, ["generations=0", "baseline=false", *self.more])
+        run_experiment(cfg, self.teacher_dir, progress=False, log=self.log)
+
+    def synth_ijb(self) -> None:
+        from distill.data.synth_ijb import read_manifest, write_synthetic_ijb
+        if read_manifest(self.ijb) is None:
+            write_synthetic_ijb(self.ijb, templates=self.ijb_templates, seed=0, target="IJBC")
+
+    def prepare(self) -> int:
+        """What both streams need: the teacher, the IJB set and the budget curve (whose budget they train)."""
+        self.phase("teacher", self.train_teacher)
+        self.phase("synthetic IJB-C", self.synth_ijb)
+        self.phase("budget curve", lambda: self.sweep("budget_curve", "curve", [], teacher=False))
+        choice = report.budget(report.collect(os.path.join(self.runs, "curve")))
+        self.log(f"study: the per-stage budget is {choice['epochs']} epochs ({choice['why']})")
+        return choice["epochs"]
+
+    def at(self, m: int) -> list:
+        epochs = report.budget(report.collect(os.path.join(self.runs, "curve")))["epochs"]
+        return [f"train.epochs={m * epochs}", f"data.ijb.root={self.ijb}"]
+
+    def table_and_best(self) -> None:
+        """Stream 1: the face-KD table, then the recursion and its long controls with the table's best loss."""
+        self.phase("face-KD table", lambda: self.sweep("face_kd_table", "face_kd_table", self.at(1)))
+        best = report.best_row(report.collect(os.path.join(self.runs, "face_kd_table")))
+        table = load_grid(FILES["face_kd_table"])
+        case = {k: v for k, v in next(c for c in table.grid[CASE] if c["name"] == best).items() if k != "name"}
+        self.log(f"study: the table's best loss is {best}; the recursion runs it beside the paper's")
+        self.timing["best_loss"] = best
+        self.phase("best loss: generations", lambda: self.sweep(
+            "recursive_kd", "recursive", self.at(1), [{**case, "name": f"{best}-chain", "generations": 3}], only=True))
+        for m in (2, 3):
+            self.phase(f"best loss: one schedule of {m}E", lambda m=m: self.sweep(
+                "recursion_long", f"long-x{m}", self.at(m), [{**case, "name": best, "generations": 1}], only=True))
+
+    def recursion_and_pk(self) -> None:
+        """Stream 2: the paper's loss through the generations and its controls, then the P×K diagnosis."""
+        self.phase("generations", lambda: self.sweep("recursive_kd", "recursive", self.at(1)))
+        for m in (2, 3):
+            self.phase(f"one schedule of {m}E", lambda m=m: self.sweep("recursion_long", f"long-x{m}", self.at(m)))
+        self.phase("P×K diagnosis", lambda: self.sweep("pk_batches", "pk", self.at(1)[:1], teacher=False))
+        self.phase("BatchNorm re-estimation", lambda: recalibrate_all(os.path.join(self.runs, "pk")))
+
+    def report(self) -> int:
+        return report.main([self.runs, "--out", self.out_doc, *(["--no-plot"] if self.no_plot else [])])
+
+
+STREAMS = {"prepare": ["prepare"], "1": ["table_and_best"], "2": ["recursion_and_pk"], "report": ["report"],
+           "all": ["prepare", "table_and_best", "recursion_and_pk", "report"]}
+
+
+def recalibrate(student: str, data, val: dict, batches: int, seed: int, k: int) -> dict:
+    """A P×K-trained student's accuracy as trained, and after its BatchNorm running statistics are estimated
+    again (cumulative average, no gradient) over `batches` shuffled batches and over as many P×K batches: if the
+    shuffled estimate recovers the accuracy, P×K batches hurt through the statistics evaluation uses."""
+    import torch
+
+    from distill.eval.verification import evaluate_sets
+    from distill.models.files import load_student, model_input_size
+    from distill.train.epoch_plan import plan_epoch, plan_identity_epoch
+
+    model, _ = load_student(student)
+    size = model_input_size(model)
+    out = {"as trained": evaluate_sets(model.eval(), val, size, progress=False)}
+    plans = {"shuffled": plan_epoch(len(data), 64, seed, 0, True)[:batches],
+             "P×K": plan_identity_epoch(data.labels(), 64, k, seed, 0, True)[:batches]}
+    for name, plan in plans.items():
+        model, _ = load_student(student)
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over the batches
+            m.train()
+        with torch.no_grad():
+            for batch in plan:
+                model(torch.stack([data.item(i, f)[0] for i, f in batch]))
+        out[f"re-estimated on {name} batches"] = evaluate_sets(model.eval(), val, size, progress=False)
+    return {name: {s: m["acc_mean"] for s, m in metrics.items()} for name, metrics in out.items()}
+
+
+def recalibrate_all(pk_dir: str, batches: int = 25) -> None:
+    """recalibration.json beside the P×K points: every pk4 point's student, re-estimated (recalibrate)."""
+    from distill.data import load_verification_bin, open_training_set
+    from distill.eval.verification import set_name_of
+    from distill.run.compare import load_run_config
+
+    path = os.path.join(pk_dir, "recalibration.json")
+    done = report.read_json(path) or {}
+    for point in sorted(os.listdir(pk_dir)):
+        student = os.path.join(pk_dir, point, "baseline", "student.pt")
+        if "-pk4-seed=" not in point or point in done or not os.path.exists(student):
+            continue
+        cfg = load_run_config(os.path.join(pk_dir, point))
+        data = open_training_set(cfg.data.train, flip=True, input_size=cfg.data.input_size)
+        val = {set_name_of(p): load_verification_bin(p) for p in cfg.data.val}
+        done[point] = recalibrate(student, data, val, batches, cfg.seed, cfg.data.images_per_id)
+        atomic_write_json(path, done)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", default="runs", help="where every sweep writes its points (default runs)")
+    p.add_argument("--out", default="docs/results.md", help="the report (default docs/results.md; plots beside it)")
+    p.add_argument("--base", help="another experiment file for every arm instead of study.yaml (the tests' tiny one)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--ijb-templates", type=int, default=600, help="synthetic IJB-C templates, two per person (600)")
+    p.add_argument("--no-plot", action="store_true", help="write no PNGs")
+    p.add_argument("--stream", choices=sorted(STREAMS), default="all",
+                   help="a part of the study (run_study.sh runs prepare, then streams 1 and 2 side by side, then "
+                        "report); default all, one after the other")
+    p.add_argument("overrides", nargs="*", help="key=value for every run (e.g. train.max_steps=2 in a smoke test)")
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    study = Study(args.runs, args.base, seeds, args.overrides, args.ijb_templates, args.stream)
+    study.out_doc, study.no_plot = args.out, args.no_plot
+    code = 0
+    for part in STREAMS[args.stream]:
+        code = getattr(study, part)() if part == "report" else (getattr(study, part)() and 0)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
