@@ -80,3 +80,23 @@ def test_a_shared_cache_that_is_a_file_is_refused_before_any_work(trained, tmp_p
     with pytest.raises(DistillError, match=r"shared.*is a file, not a folder"):
         _run(exp, tmp_path / "a", checkpoint, tmp_path / "shared")
     assert not (tmp_path / "a").exists()
+
+
+def test_the_teachers_ijb_result_is_shared_too(trained, tmp_path, monkeypatch):
+    from distill.data.synth_ijb import write_synthetic_ijb
+
+    tmp, exp, checkpoint = trained
+    write_synthetic_ijb(tmp_path / "ijb", templates=6)
+    shared, ijb = tmp_path / "shared", f"data.ijb.root={tmp_path / 'ijb'}"
+    first = _run(exp, tmp_path / "a", checkpoint, shared, ijb)
+    real = distill.run.experiment.evaluate_ijb
+
+    def students_only(model, *args, model_name=None, **kw):
+        assert model_name != "teacher", "the teacher was evaluated on IJB again"
+        return real(model, *args, model_name=model_name, **kw)
+
+    monkeypatch.setattr(distill.run.experiment, "evaluate_ijb", students_only)
+    second = _run(exp, tmp_path / "b", checkpoint, shared, ijb, "seed=1")
+    got = [{s["stage"]: s for s in r["stages"]} for r in (first, second)]
+    assert got[0]["teacher"]["ijb"]["tar_at_far"] == got[1]["teacher"]["ijb"]["tar_at_far"]
+    assert "ijb" in got[1]["gen1"]  # the student was evaluated

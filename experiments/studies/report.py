@@ -176,9 +176,9 @@ def _teacher(sweeps: dict) -> dict:
     return {"acc": {}, "tar": {}, "ijb": {}}
 
 
-def curve_section(curve: dict, choice: dict, plot: str | None) -> list:
+def curve_section(curve: dict, choice: dict, plot: str | None, n: int) -> list:
     lines = ["## 1. How long a stage trains: the budget curve", "",
-             "Scratch students (no teacher), each budget its own schedule (warmup, cosine decay), 3 seeds "
+             f"Scratch students (no teacher), each budget its own schedule (warmup, cosine decay), {n} seeds "
              "(experiments/studies/budget_curve.yaml).", "",
              _row("epochs", "accuracy (%)", "TAR@1e-3 (%)", "next budget minus this one (points)"),
              _row("---", "---", "---", "---")]
@@ -264,8 +264,14 @@ def recursion_section(sweeps: dict, e: int, best: str, plot: str | None) -> tupl
     return lines, answer
 
 
-def table_section(table: dict, plot: str | None) -> list:
-    lines = ["## 3. The face-KD table (EKD's Table 3 and more), 3 seeds", "",
+def table_order(table: dict) -> list:
+    """The table's rows in the grid file's order (rows it does not plan after them)."""
+    planned = planned_cases(None)["face_kd_table"]
+    return [c for c in planned if c in table] + sorted(c for c in table if c not in planned)
+
+
+def table_section(table: dict, plot: str | None, n: int) -> list:
+    lines = [f"## 3. The face-KD table (EKD's Table 3 and more), {n} seeds", "",
              "One stage of E epochs per row, one frozen teacher (experiments/studies/face_kd_table.yaml). Accuracy and "
              "TAR@FAR=1e-3 on the verification pairs; TAR@FAR=1e-4 on the synthetic IJB-C set (templates of people "
              "disjoint from training). Differences are to `scratch` (P x K rows: to the scratch row with the same "
@@ -275,7 +281,7 @@ def table_section(table: dict, plot: str | None) -> list:
                   "EKD's paper (TAR@1e-4, %)"), _row(*["---"] * 7)]
     teacher = _teacher({"t": table})
     lines.append(_row("teacher", fmt(teacher["acc"]), fmt(teacher["tar"]), fmt(teacher["ijb"]), "", "", ""))
-    for case in table:
+    for case in table_order(table):
         cell = only_stage(table, case)
         control = "scratch"  # P x K rows (ekd, ekd-k2) against scratch on the same batches
         if case.startswith("ekd"):
@@ -295,11 +301,11 @@ def table_section(table: dict, plot: str | None) -> list:
     return lines + [""]
 
 
-def pk_section(pk: dict, curve: dict, e: int, recal: dict) -> list:
+def pk_section(pk: dict, curve: dict, e: int, recal: dict, n: int) -> list:
     shuffled = only_stage(curve, f"scratch-e{e}")
     arm = lambda name: only_stage(pk, name)["acc"]  # noqa: E731
     lines = ["## 4. Why P x K batches hurt", "",
-             f"Scratch students, E = {e} epochs, 3 seeds (experiments/studies/pk_batches.yaml); K images of each of "
+             f"Scratch students, E = {e} epochs, {n} seeds (experiments/studies/pk_batches.yaml); K images of each of "
              "P identities per batch.", "",
              _row("arm", "K", "batch (update)", "identities in a BatchNorm batch", "identities per update",
                   "accuracy (%)", "minus shuffled 64"), _row(*["---"] * 7),
@@ -401,7 +407,7 @@ def plot_table(table: dict, path: str) -> None:
     fig, axes = _figure(11, 4.5)
     fig.clear()
     axes = fig.subplots(1, 2)
-    cases = list(table)
+    cases = table_order(table)
     for ax, key, title in zip(axes, ("acc", "ijb"), ("verification accuracy (%)", "IJB-C TAR@FAR=1e-4 (%)")):
         ms = [stats(only_stage(table, c)[key]) for c in cases]
         ax.barh(range(len(cases)), [m or 0 for m, _, _ in ms], xerr=[s or 0 for _, s, _ in ms], capsize=3,
@@ -418,6 +424,37 @@ def plot_table(table: dict, path: str) -> None:
 
 # ------------------------------------------------------------------------------------------ main
 
+def _verdict(a, b, better: str, worse: str, same: str) -> str:
+    d, se, verdict = compare(a, b)
+    if d is None:
+        return "not measured"
+    says = same if verdict != "beyond seed noise" else better if d > 0 else worse
+    return f"{says} ({d:+.2f} ± {se:.2f} points)"
+
+
+def plain_words(sweeps: dict, e: int, best: str, answer: str) -> list:
+    """The conclusions, each computed from the numbers it states."""
+    table, pk, curve, rec = sweeps["face_kd_table"], sweeps["pk"], sweeps["curve"], sweeps["recursive"]
+    scratch, ea = only_stage(table, "scratch")["acc"], only_stage(table, "equivalent_angular")["acc"]
+    shuffled = only_stage(curve, f"scratch-e{e}")["acc"]
+    ba, fixed = rec.get("equivalent_angular-bornagain", {}), rec.get("equivalent_angular-chain", {})
+    return [
+        f"- Budget: scratch accuracy stops rising beyond seed noise at E = {e} epochs; every stage trains that long.",
+        f"- Distillation: the paper's loss at generation 1 "
+        + _verdict(ea, scratch, "beats scratch", "loses to scratch", "does not differ from scratch") + f"; the "
+        f"table's best row, {best}, " + _verdict(only_stage(table, best)["acc"], ea, "beats the paper's loss",
+                                                 "loses to the paper's loss", "is within noise of the paper's loss") + ".",
+        f"- Recursion: {answer}",
+        "- Born-again chain (each generation taught by the previous student) against the fixed teacher, generation 3: "
+        + _verdict(ba.get("gen3", {}).get("acc", {}), fixed.get("gen3", {}).get("acc", {}), "better", "worse",
+                   "no difference beyond noise") + ".",
+        "- P x K batches, scratch, against shuffled: K = 4 " + _verdict(
+            only_stage(pk, "pk4")["acc"], shuffled, "helps", "hurts", "makes no difference beyond noise")
+        + "; K = 2 " + _verdict(only_stage(pk, "pk2")["acc"], shuffled, "helps", "hurts",
+                                "makes no difference beyond noise") + " (section 4 separates the causes).",
+    ]
+
+
 def render(sweeps: dict, recal: dict, timing: dict, seeds: list, plots: dict) -> str:
     choice = budget(sweeps["curve"])
     e = choice["epochs"]
@@ -433,11 +470,11 @@ def render(sweeps: dict, recal: dict, timing: dict, seeds: list, plots: dict) ->
              f"(11.4M parameters), trained once, frozen, loaded by every arm: {fmt(teacher['acc'])} % accuracy. Seeds "
              f"{', '.join(map(str, seeds))}: every figure is a mean ± sample standard deviation over them; "
              "'beyond seed noise' means a difference larger than twice its standard error.", "",
-             "**In plain words.** " + answer, ""]
-    lines += curve_section(sweeps["curve"], choice, plots.get("curve"))
+             "**In plain words.**", ""] + plain_words(sweeps, e, best, answer) + [""]
+    lines += curve_section(sweeps["curve"], choice, plots.get("curve"), len(seeds))
     lines += rec_lines
-    lines += table_section(sweeps["face_kd_table"], plots.get("table"))
-    lines += pk_section(sweeps["pk"], sweeps["curve"], e, recal)
+    lines += table_section(sweeps["face_kd_table"], plots.get("table"), len(seeds))
+    lines += pk_section(sweeps["pk"], sweeps["curve"], e, recal, len(seeds))
     lines += time_section(timing)
     lines += ["## At another scale", "",
               "32x32 synthetic faces, a 0.49M-parameter student and minutes of training show whether the toolkit's "

@@ -53,7 +53,7 @@ class Study:
         t0 = time.perf_counter()
         out = work()
         seconds = time.perf_counter() - t0
-        if seconds > 1 or name not in self.timing:  # a phase skipped on a rerun keeps its measured time
+        if seconds > self.timing.get(name, 0):  # a rerun that skips finished points keeps the first measured time
             self.timing[name] = round(seconds, 1)
             atomic_write_json(self.timing_path, self.timing)
         self.log(f"study: {name} took {seconds:.0f} s")
