@@ -158,7 +158,7 @@ def planned_cases(best: str | None) -> dict:
             cases.append(f"{best}-chain")
         if best and sweep.startswith("long-"):
             cases.append(best)
-        out[sweep] = cases
+        out[sweep] = list(dict.fromkeys(cases))
     return out
 
 
