@@ -234,3 +234,39 @@ def test_images_per_id_config_errors_name_key_value_and_fix():
         tiny_config(data={"images_per_id": 8}, teacher={"train": {"batch_size": 12}})
     with pytest.raises(ConfigError, match=r"\(2\) must divide teacher.train.batch_size \(9\).*images_per_id: null"):
         tiny_config(data={"images_per_id": 2}, teacher={"train": {"batch_size": 9}})
+
+
+@pytest.mark.parametrize("grouped,world", [(0.5, 1), (0.5, 2), (0.25, 1)])
+def test_mixed_batches_hold_groups_then_single_images_every_image_once(grouped, world):
+    """data.grouped_fraction: G = round(f * batch / K) groups of K same-identity images, then shuffled singles."""
+    labels = np.repeat(np.arange(20), 8)  # 20 identities x 8 images, batch 16, K = 4
+    rng = np.random.default_rng(1)
+    labels = labels[rng.permutation(len(labels))]
+    batch, k = 16, 4
+    groups = round(grouped * batch / k)
+    plans = [plan_identity_epoch(labels, batch, k, 3, 0, True, r, world, grouped_fraction=grouped) for r in range(world)]
+    seen = [i for p in plans for i in _indices(p)]
+    assert len(seen) == len(set(seen))  # no image twice
+    assert all(len(p) == len(plan_epoch(len(labels), batch, 3, 0, True, r, world)) for r, p in enumerate(plans))
+    assert all(len(b) == batch for p in plans for b in p)
+    for p in plans:
+        for b in p:
+            ids = labels[[i for i, _ in b]]
+            for g in range(groups):  # the groups first: K images of one identity each
+                assert len(set(ids[g * k:(g + 1) * k])) == 1
+    singles = [labels[[i for i, _ in b]][groups * k:] for p in plans for b in p]
+    assert np.mean([len(set(s)) for s in singles]) > 0.7 * (batch - groups * k)  # shuffled: mostly distinct people
+    again = plan_identity_epoch(labels, batch, k, 3, 0, True, 0, world, grouped_fraction=grouped)
+    assert again == plans[0]  # a pure function of (seed, epoch): resume stays exact
+    assert again != plan_identity_epoch(labels, batch, k, 3, 1, True, 0, world, grouped_fraction=grouped)
+
+
+def test_grouped_fraction_config_errors_name_key_value_and_fix():
+    assert tiny_config(data={"images_per_id": 4, "grouped_fraction": 0.5}).data.grouped_fraction == 0.5
+    with pytest.raises(ConfigError, match=r"'data.grouped_fraction' \(0.5\) mixes .* data.images_per_id is not set"):
+        tiny_config(data={"grouped_fraction": 0.5})
+    with pytest.raises(ConfigError, match=r"'data.grouped_fraction' must be a number in \(0, 1\].*got 1.5"):
+        tiny_config(data={"images_per_id": 4, "grouped_fraction": 1.5})
+    with pytest.raises(ConfigError, match=r"\(0.05\) leaves no group of 4 images in a batch of 16: raise it to at "
+                                          r"least 0.25"):
+        tiny_config(data={"images_per_id": 4, "grouped_fraction": 0.05})

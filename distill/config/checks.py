@@ -143,9 +143,20 @@ def check_training(key: str, train, where) -> None:
 
 def _check_images_per_id(cfg, where) -> None:
     """data.images_per_id (K of P×K sampling) is >= 2 and divides every batch size that samples the data."""
-    k = cfg.data.images_per_id
+    k, f = cfg.data.images_per_id, cfg.data.grouped_fraction
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+        raise ConfigError(f"{where('data.grouped_fraction')}: key 'data.grouped_fraction' must be a number in (0, 1] "
+                          f"(the share of each batch in identity groups), got {f!r}; 1 keeps whole P×K batches")
+    if f != 1 and k is None:
+        raise ConfigError(f"{where('data.grouped_fraction')}: key 'data.grouped_fraction' ({f}) mixes identity groups "
+                          f"with single images, but data.images_per_id is not set: set data.images_per_id (e.g. 4), "
+                          f"or leave grouped_fraction out")
     if k is None:
         return
+    if f != 1 and round(f * cfg.train.batch_size / k) < 1:
+        raise ConfigError(f"{where('data.grouped_fraction')}: key 'data.grouped_fraction' ({f}) leaves no group of "
+                          f"{k} images in a batch of {cfg.train.batch_size}: raise it to at least "
+                          f"{k / cfg.train.batch_size:.3g}")
     if k < 2:
         raise ConfigError(f"{where('data.images_per_id')}: key 'data.images_per_id' must be 2 or more (images of one "
                           f"identity in each batch group), got {k}; write null (or leave it out) for plain shuffled "

@@ -64,6 +64,7 @@ class DataConfig:
     # K: P×K batches of batch_size/K identities with K images each, for batch-level distillation losses
     # (distill/train/epoch_plan.py plan_identity_epoch); null: plain shuffled batches
     images_per_id: Optional[int] = None
+    grouped_fraction: float = 1.0  # with images_per_id: the share of each batch in groups, the rest shuffled single images
 
 
 def _spread():

@@ -96,6 +96,7 @@ def _compat_key(cfg: ExperimentConfig, spec: StageSpec, dataset, world: int) -> 
             "accumulate": spec.train.accumulate, "world_size": world, "alpha": spec.alpha,
             "distill_loss": cfg.distill.loss, "seed": cfg.seed,
             **({"distill_terms": cfg.distill.terms} if cfg.distill.terms is not None else {}),
+            **({"grouped_fraction": cfg.data.grouped_fraction} if cfg.data.grouped_fraction != 1 else {}),
             **({"distill_project": cfg.distill.project} if cfg.distill.project != "none" else {})}
 
 
@@ -295,7 +296,7 @@ def _train(st: _Stage, train_set, val_sets: dict, tracker: Tracker, stop: dict, 
     if data.images_per_id:  # P×K batches of identity groups
         labels = train_set.labels()
         plan = lambda epoch: plan_identity_epoch(labels, tr.batch_size, data.images_per_id, st.cfg.seed, epoch,  # noqa: E731
-                                                 train_set.flip, st.rank, st.world)
+                                                 train_set.flip, st.rank, st.world, data.grouped_fraction)
     else:
         plan = lambda epoch: plan_epoch(len(train_set), tr.batch_size, st.cfg.seed, epoch, train_set.flip,  # noqa: E731
                                         st.rank, st.world)

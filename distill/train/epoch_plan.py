@@ -28,7 +28,7 @@ def plan_epoch(n: int, batch_size: int, seed: int, epoch: int, flip: bool, rank:
 
 
 def plan_identity_epoch(labels, batch_size: int, images_per_id: int, seed: int, epoch: int, flip: bool,
-                        rank: int = 0, world: int = 1) -> list:
+                        rank: int = 0, world: int = 1, grouped_fraction: float = 1.0) -> list:
     """This rank's batches of one epoch under P×K identity sampling (data.images_per_id = K): each batch is
     P = batch_size / K groups of K images, as lists of (index, flip) laid out group after group.
 
@@ -46,6 +46,10 @@ def plan_identity_epoch(labels, batch_size: int, images_per_id: int, seed: int, 
     Dropped per epoch: the last `leftovers % K` (< K) leftover images plus the chunks that do not fill a global
     batch; together fewer than batch_size × world images, the same bound as `plan_epoch`. The epoch has
     exactly `len(labels) // (batch_size × world)` batches, as `plan_epoch` (the K-chunks number len // K).
+
+    `grouped_fraction` < 1 (data.grouped_fraction) mixes: each batch holds G = round(fraction × batch_size / K) groups,
+    then batch_size − G·K single images. The first G·(batches) chunks stay groups; the images of the others are
+    shuffled and dealt out one by one, so every image still comes once an epoch.
     """
     labels = np.asarray(labels, dtype=np.int64)
     n, k = len(labels), int(images_per_id)
@@ -66,11 +70,29 @@ def plan_identity_epoch(labels, batch_size: int, images_per_id: int, seed: int, 
     chunks = np.concatenate([grouped[in_full_chunk].reshape(-1, k),
                              leftovers[:len(leftovers) // k * k].reshape(-1, k)])
     chunks = chunks[torch.randperm(len(chunks), generator=g).numpy()]
+    if grouped_fraction < 1:
+        return _mixed(chunks, batch_size, k, grouped_fraction, flips, g, rank, world)
     per_batch = batch_size // k
     per_global = per_batch * world
     batches = []
     for b in range(len(chunks) // per_global):
         part = chunks[b * per_global + rank * per_batch: b * per_global + (rank + 1) * per_batch].reshape(-1)
+        batches.append(list(zip(part.tolist(), flips[part].tolist())))
+    return batches
+
+
+def _mixed(chunks, batch_size: int, k: int, fraction: float, flips, g, rank: int, world: int) -> list:
+    """plan_identity_epoch's batches of G groups of K then single images (see there)."""
+    groups = int(round(fraction * batch_size / k))
+    count = chunks.size // (batch_size * world)  # global batches this epoch
+    kept = chunks[:count * world * groups].reshape(count, world, groups * k)
+    singles = chunks[count * world * groups:].reshape(-1)
+    singles = singles[torch.randperm(len(singles), generator=g).numpy()]
+    rest = batch_size - groups * k
+    singles = singles[:count * world * rest].reshape(count, world, rest)
+    batches = []
+    for b in range(count):
+        part = np.concatenate([kept[b, rank], singles[b, rank]])
         batches.append(list(zip(part.tolist(), flips[part].tolist())))
     return batches
 
