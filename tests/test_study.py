@@ -25,7 +25,8 @@ def _module(name):
 
 
 TABLE_ROWS = ("scratch", "scratch-pk4", "scratch-pk2", "equivalent_angular", "shrinkteanet", "kd", "fitnet", "rkd",
-              "margin_distillation", "ekd", "ekd-k2", "adadistill", "attention_transfer", "cc", "sp", "proxyless_kd")
+              "margin_distillation", "ekd", "ekd-k2", "scratch-pk4-mix50", "ekd-mix50", "adadistill",
+              "attention_transfer", "cc", "sp", "proxyless_kd")
 
 
 def test_the_study_files_plan_every_arm_with_three_seeds_and_one_teacher():

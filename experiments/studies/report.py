@@ -285,7 +285,7 @@ def table_section(table: dict, plot: str | None, n: int) -> list:
         cell = only_stage(table, case)
         control = "scratch"  # P x K rows (ekd, ekd-k2) against scratch on the same batches
         if case.startswith("ekd"):
-            control = "scratch-pk2" if case.endswith("-k2") else "scratch-pk4"
+            control = {"ekd-k2": "scratch-pk2", "ekd-mix50": "scratch-pk4-mix50"}.get(case, "scratch-pk4")
         base = only_stage(table, control)
         same = case == control
         lines.append(_row(case, fmt(cell["acc"]), fmt(cell["tar"]), fmt(cell["ijb"]),
@@ -312,6 +312,7 @@ def pk_section(pk: dict, curve: dict, e: int, recal: dict, n: int) -> list:
              _row("shuffled", "-", "64", "~60", "~60", fmt(shuffled["acc"]), "-")]
     rows = [("pk2", 2, "64", 32, 32), ("pk4", 4, "64", 16, 16), ("pk8", 8, "64", 8, 8),
             ("pk4-acc2", 4, "2 x 64", 16, 32), ("pk4-b128", 4, "128", 32, 32),
+            ("pk4-mix50", "4 (half the batch)", "64", "8 + ~30", "8 + ~30"),
             ("shuffled-acc2", "-", "2 x 64", "~60", "~110"), ("shuffled-b128", "-", "128", "~110", "~110")]
     for name, k, b, bn, step in rows:
         lines.append(_row(name, k, b, bn, step, fmt(arm(name)), diff_text(arm(name), shuffled["acc"])))
@@ -323,6 +324,9 @@ def pk_section(pk: dict, curve: dict, e: int, recal: dict, n: int) -> list:
         ("K = 4 against shuffled at 2 x 64 (pk4-acc2 - shuffled-acc2)", arm("pk4-acc2"), arm("shuffled-acc2")),
         ("K = 4 against shuffled at 128 (pk4-b128 - shuffled-b128)", arm("pk4-b128"), arm("shuffled-b128")),
         ("K = 2 and P = 32 against K = 4 and P = 32 (pk2 - pk4-b128)", arm("pk2"), arm("pk4-b128")),
+        ("half of each batch shuffled single images (data.grouped_fraction 0.5; pk4-mix50 - pk4)", arm("pk4-mix50"),
+         arm("pk4")),
+        ("the mix against K = 2 (pk4-mix50 - pk2)", arm("pk4-mix50"), arm("pk2")),
     ]
     lines += ["", "What each comparison moves, and what it does (accuracy points):", ""]
     lines += [f"- {what}: {diff_text(a, b)}." for what, a, b in checks]
