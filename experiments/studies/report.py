@@ -342,7 +342,7 @@ def pk_section(pk: dict, curve: dict, e: int, recal: dict, n: int) -> list:
 def read_timing(runs: str) -> dict:
     """{stream: {phase: seconds}} of study.py's timing-<stream>.json files, and "best_loss"."""
     out = {}
-    for stream in ("prepare", "1", "2", "all"):
+    for stream in ("prepare", "1", "2", "all", "extra"):
         data = read_json(os.path.join(runs, "study", f"timing-{stream}.json"))
         if data:
             out[stream] = data
@@ -358,7 +358,9 @@ def time_section(timing: dict) -> list:
     lines = ["## 5. What it cost", "",
              f"Measured on this project's 2-core CPU, `experiments/studies/run_study.sh` (the teacher, IJB set and curve "
              f"first, then streams 1 and 2 side by side, one torch thread each): **{wall / 60:.1f} minutes of wall "
-             f"time**. Phases, in minutes (a rerun skips finished points, so only a phase that trained counts):", "",
+             f"time**" + (" (the `extra` rows ran beside the two streams, as a third process, and are inside that wall "
+                          "time)" if "extra" in streams else "") + ". Phases, in minutes (a rerun skips finished "
+             "points, so a phase keeps the time of the run that trained it):", "",
              _row("stream", "phase", "minutes"), _row("---", "---", "---")]
     for stream, phases in streams.items():
         lines += [_row(stream, phase, f"{v / 60:.1f}") for phase, v in phases.items()]
