@@ -18,7 +18,7 @@ QUIET = {"progress": False, "log": lambda *_: None}
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny teacher trained once (its backbone.pth) and an experiment file that loads it."""
-    tmp = tmp_path_factory.mktemp("shared")
+    tmp = tmp_path_factory.mktemp("one_teacher")
     exp = write_experiment(tmp / "x.yaml", tmp / "faces", generations=1, baseline=False,
                            tracking={"wandb": "disabled"}, train={"eval_every": 0})
     run_experiment(load_config(str(exp), ["generations=0"]), str(tmp / "teacher"), **QUIET)
@@ -33,7 +33,7 @@ def _run(exp, out, checkpoint, shared, *more):
 
 def test_a_second_run_reuses_the_cache_and_the_teacher_metrics(trained, tmp_path, monkeypatch):
     tmp, exp, checkpoint = trained
-    shared = tmp_path / "shared"
+    shared = tmp_path / "pool"
     first = _run(exp, tmp_path / "a", checkpoint, shared)
     (folder,) = [shared / d for d in os.listdir(shared)]
     assert not (tmp_path / "a" / "teacher_cache").exists()  # the rows live in the shared folder only
@@ -62,7 +62,7 @@ def test_a_second_run_reuses_the_cache_and_the_teacher_metrics(trained, tmp_path
 
 def test_another_teacher_gets_its_own_subfolder(trained, tmp_path):
     tmp, exp, checkpoint = trained
-    shared = tmp_path / "shared"
+    shared = tmp_path / "pool"
     _run(exp, tmp_path / "a", checkpoint, shared)
     state = torch.load(checkpoint, weights_only=True)
     other = tmp_path / "other.pth"
@@ -76,9 +76,9 @@ def test_another_teacher_gets_its_own_subfolder(trained, tmp_path):
 
 def test_a_shared_cache_that_is_a_file_is_refused_before_any_work(trained, tmp_path):
     tmp, exp, checkpoint = trained
-    (tmp_path / "shared").write_text("not a folder")
-    with pytest.raises(DistillError, match=r"shared.*is a file, not a folder"):
-        _run(exp, tmp_path / "a", checkpoint, tmp_path / "shared")
+    (tmp_path / "pool").write_text("not a folder")
+    with pytest.raises(DistillError, match=r"pool: is a file, not a folder"):
+        _run(exp, tmp_path / "a", checkpoint, tmp_path / "pool")
     assert not (tmp_path / "a").exists()
 
 
@@ -87,7 +87,7 @@ def test_the_teachers_ijb_result_is_shared_too(trained, tmp_path, monkeypatch):
 
     tmp, exp, checkpoint = trained
     write_synthetic_ijb(tmp_path / "ijb", templates=6)
-    shared, ijb = tmp_path / "shared", f"data.ijb.root={tmp_path / 'ijb'}"
+    shared, ijb = tmp_path / "pool", f"data.ijb.root={tmp_path / 'ijb'}"
     first = _run(exp, tmp_path / "a", checkpoint, shared, ijb)
     real = distill.run.experiment.evaluate_ijb
 
