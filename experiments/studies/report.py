@@ -255,7 +255,9 @@ def recursion_section(sweeps: dict, e: int, best: str, plot: str | None) -> tupl
         answer = ("One long distillation beats recursion beyond seed noise in " + ", ".join(
             f"{loss} generation {g}" for loss, g in losses) + "; elsewhere the two are within seed noise.")
     elif wins:
-        answer = "Mixed: recursion wins in some arms and loses in others, beyond seed noise (above)."
+        answer = ("Not in general: recursion beats one long distillation beyond seed noise in " + ", ".join(
+            f"{loss} generation {g}" for loss, g in wins) + ", and loses to it in " + ", ".join(
+            f"{loss} generation {g}" for loss, g in losses) + "; elsewhere the two are within seed noise.")
     else:
         answer = ("**Recursion does not beat one long distillation here**: at equal epochs every generation is within "
                   "seed noise of one schedule as long, so what the later generations gain is the extra training, not "
