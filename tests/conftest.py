@@ -77,3 +77,12 @@ def tiny_finished_run(tmp_path_factory):
 
     tmp = built_once(tmp_path_factory, "finished", build)
     return tmp / "x.yaml", tmp / "run", tmp / "faces"
+
+
+LONGEST_FIRST = ("test_study.py",)  # the miniature study (~100 s on one worker): started first, not last
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest module first, so pytest-xdist's loadscope workers share the rest while it runs (it sorted last
+    alphabetically and made the suite's wall time 4:45 instead of ~4:00 on 2 cores)."""
+    items.sort(key=lambda item: item.nodeid.split("::")[0].rsplit("/", 1)[-1] not in LONGEST_FIRST)
