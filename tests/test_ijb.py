@@ -221,6 +221,29 @@ def test_distill_ijb_end_to_end_json_cache_and_features(ijb_root, students, tmp_
     assert code == 2 and "flip: cached True, now False" in err
 
 
+def test_a_small_set_is_aligned_once_a_process_for_every_next_model(ijb_root, students, monkeypatch):
+    from distill.data.ijb import AlignedFaces
+    from distill.models.files import load_student
+
+    meta = read_ijb_meta(ijb_root)
+    models = [load_student(p)[0].eval() for p in students]
+    monkeypatch.setattr(distill.eval.ijb, "_aligned", {})
+    first = [distill.eval.ijb.embed_images(m, meta, 32, workers=0, progress=False) for m in models]
+    assert not np.array_equal(first[0], first[1])
+    # another model on the same set: no image is read again, and the features are those of a fresh read
+    monkeypatch.setattr(AlignedFaces, "__getitem__", lambda *a: pytest.fail("read again"))
+    again = [distill.eval.ijb.embed_images(m, meta, 32, workers=0, progress=False) for m in models]
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a, b)
+    # another size (or root, selection, landmarks) is not the kept set; nor is a set over the byte limit
+    with pytest.raises(pytest.fail.Exception, match="read again"):
+        distill.eval.ijb.embed_images(models[0], meta, 24, workers=0, progress=False)
+    monkeypatch.setattr(distill.eval.ijb, "_KEEP_ALIGNED_BYTES", 1)
+    monkeypatch.setattr(distill.eval.ijb, "_aligned", {})
+    with pytest.raises(pytest.fail.Exception, match="read again"):
+        distill.eval.ijb.embed_images(models[0], meta, 32, workers=0, progress=False)
+
+
 def test_flags_change_the_numbers_as_documented(ijb_root, ijb_copy, students, tmp_path, capsys):
     feats = tmp_path / "f.npy"
     _json(capsys, students[0], "--root", ijb_root, "--workers", "0", "--cache", feats)

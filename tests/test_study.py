@@ -95,6 +95,20 @@ def test_the_miniature_study_runs_every_file_and_reports(miniature):
     best = timing["best_loss"]  # (the paper's loss itself when it wins: its arms are stream 2's)
     assert (run / f"recursive-{best}-chain-seed=1" / "gen3" / "result.json").exists()
     assert (tmp / "runs" / "long-x3" / f"long-{best}-seed=1" / "gen1" / "result.json").exists()
+    # every student trains with one thread in channels-last; IJB-C is evaluated for the table alone
+    import yaml
+    for point in (run / "recursive-equivalent_angular-chain-seed=0", tmp / "runs" / "pk" / "pk-pk4-seed=1",
+                  tmp / "runs" / "face_kd_table" / "face_kd_table-kd-seed=0"):
+        cfg = yaml.safe_load((point / "experiment.yaml").read_text())
+        assert (cfg["train"]["threads"], cfg["train"]["channels_last"]) == (1, True), point
+        assert (cfg["data"]["ijb"] is not None) == ("face_kd_table" in point.name), point
+
+
+def test_the_curve_halves_are_the_whole_curve_once():
+    study = _module("study")
+    halves = [c for half in study.CURVE_HALVES.values() for c in half]
+    assert sorted(halves) == sorted(c["name"] for c in load_grid(str(STUDIES / "budget_curve.yaml")).grid[CASE])
+    assert len(set(halves)) == len(halves)
 
 
 def test_the_report_refuses_a_study_with_a_seed_or_an_arm_missing(miniature, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """The whole study in one command: teacher, budget curve, face-KD table, recursion and its controls, P×K diagnosis,
 then docs/results.md (experiments/studies/report.py). What run_study.sh runs:
 
-    python experiments/studies/study.py                 (about 80 minutes on 2 CPU cores; a rerun skips what is done)
+    python experiments/studies/study.py                 (one process, one part after another; a rerun skips what is done)
+    experiments/studies/run_study.sh                    (the same in two processes side by side: the measured time)
 
 1. the teacher (IResNet-18 on study.yaml's data), trained once; every arm loads it by checkpoint, shares its cache
    and metrics (teacher.shared_cache), and takes its margin head as class centres (teacher.head);
@@ -13,7 +14,12 @@ then docs/results.md (experiments/studies/report.py). What run_study.sh runs:
    chain with the table's best loss, each stage E epochs;
 6. the controls at 2E and 3E in one schedule (recursion_long.yaml): one distilled generation and scratch;
 7. the P×K diagnosis (pk_batches.yaml), and the BatchNorm re-estimation of its P×K students (recalibration.json);
-8. the report. Seconds per phase go to <runs>/study/timing.json and into the report.
+8. the report. Seconds per phase go to <runs>/study/timing-<stream>.json and into the report.
+
+Every student of the study trains with one torch thread (train.threads: 1, so a number does not depend on how busy
+the machine was: the thread policy would pick 1 or 2 threads by load, and the two give different numbers) and in
+channels-last memory format (train.channels_last: true: measured on this 2-core CPU, 2 epochs of the study's
+student in 5.4 s instead of 7.8 s; the IResNet teacher under bf16 gains nothing, so its recipe is left as it is).
 """
 
 from __future__ import annotations
@@ -34,6 +40,9 @@ from distill.run.experiment import run_experiment  # noqa: E402
 from distill.run.sweep import CASE, load_grid, run_sweep  # noqa: E402
 from distill.utils.atomic import atomic_write_json  # noqa: E402
 
+STUDENT_SETTINGS = ["train.threads=1", "train.channels_last=true"]  # every student of the study (module docstring)
+# The budget curve in two halves of about equal epochs (26 and 28 an epoch-seed), one per process in run_study.sh
+CURVE_HALVES = {"curve-1": ["scratch-e24", "scratch-e2"], "curve-2": ["scratch-e16", "scratch-e8", "scratch-e4"]}
 FILES = {name: os.path.join(HERE, f"{name}.yaml") for name in
          ("study", "budget_curve", "face_kd_table", "recursive_kd", "recursion_long", "pk_batches")}
 
@@ -41,7 +50,8 @@ FILES = {name: os.path.join(HERE, f"{name}.yaml") for name in
 class Study:
     def __init__(self, runs: str, base: str | None, seeds: list, more: list, ijb_templates: int, stream: str = "all",
                  log=print):
-        self.runs, self.base, self.seeds, self.more, self.log = runs, base, seeds, more, log
+        self.runs, self.base, self.seeds, self.log = runs, base, seeds, log
+        self.more = STUDENT_SETTINGS + list(more)  # the caller's overrides last: they win
         self.ijb_templates = ijb_templates
         self.teacher_dir = os.path.join(runs, "study", "teacher")
         self.timing_path = os.path.join(runs, "study", f"timing-{stream}.json")
@@ -72,12 +82,14 @@ class Study:
         return grid
 
     def sweep(self, name: str, out: str, overrides: list, extra_cases=(), teacher: bool = True,
-              only: bool = False) -> None:
+              only: bool = False, cases=None) -> None:
         """One study file's points (teacher: whether they load the study's teacher; scratch-only files do not;
-        only: the extra cases alone, not the file's own)."""
+        only: the extra cases alone, not the file's own; cases: only the file's cases of these names)."""
         grid = self.grid(name, overrides, extra_cases, teacher)
         if only:
             grid.grid[CASE] = list(extra_cases)
+        if cases is not None:
+            grid.grid[CASE] = [c for c in grid.grid[CASE] if c["name"] in cases]
         result = run_sweep(grid, out=os.path.join(self.runs, out), progress=False,
                            log=self.log)
         if result["failed"]:
@@ -94,22 +106,35 @@ class Study:
         if read_manifest(self.ijb) is None:
             write_synthetic_ijb(self.ijb, templates=self.ijb_templates, seed=0, target="IJBC")
 
-    def prepare(self) -> int:
-        """What both streams need: the teacher, the IJB set and the budget curve (whose budget they train)."""
+    def prepare(self) -> None:
+        """What every later part needs first: the teacher and the IJB set."""
         self.phase("teacher", self.train_teacher)
         self.phase("synthetic IJB-C", self.synth_ijb)
-        self.phase("budget curve", lambda: self.sweep("budget_curve", "curve", [], teacher=False))
-        choice = report.budget(report.collect(os.path.join(self.runs, "curve")))
-        self.log(f"study: the per-stage budget is {choice['epochs']} epochs ({choice['why']})")
-        return choice["epochs"]
+
+    def curve(self, half: str | None = None) -> None:
+        """The budget curve, or one half of it (CURVE_HALVES: run_study.sh runs the two side by side)."""
+        self.phase(f"budget curve{f' ({half})' if half else ''}", lambda: self.sweep(
+            "budget_curve", "curve", [], teacher=False, cases=CURVE_HALVES[half] if half else None))
 
     def at(self, m: int) -> list:
-        epochs = report.budget(report.collect(os.path.join(self.runs, "curve")))["epochs"]
-        return [f"train.epochs={m * epochs}", f"data.ijb.root={self.ijb}"]
+        """train.epochs = m x the budget E read from the finished curve (refused while the curve is incomplete)."""
+        curve = report.collect(os.path.join(self.runs, "curve"))
+        planned = [c["name"] for c in load_grid(FILES["budget_curve"]).grid[CASE]]
+        missing = [f"{c} seed {s}" for c in planned for s in self.seeds
+                   if s not in curve.get(c, {}).get("baseline", {}).get("acc", {})]
+        if missing:
+            raise SystemExit(f"study: the budget curve is not finished ({', '.join(missing[:4])} missing): run "
+                             f"--stream curve (or curve-1 and curve-2) first")
+        choice = report.budget(curve)
+        if m == 1:
+            self.log(f"study: the per-stage budget is {choice['epochs']} epochs ({choice['why']})")
+        return [f"train.epochs={m * choice['epochs']}"]
 
     def table_and_best(self) -> None:
-        """Stream 1: the face-KD table, then the recursion and its long controls with the table's best loss."""
-        self.phase("face-KD table", lambda: self.sweep("face_kd_table", "face_kd_table", self.at(1)))
+        """Stream 1: the face-KD table (with IJB-C), then the recursion and its long controls with the table's best
+        loss."""
+        self.phase("face-KD table", lambda: self.sweep("face_kd_table", "face_kd_table",
+                                                       self.at(1) + [f"data.ijb.root={self.ijb}"]))
         best = report.best_row(report.collect(os.path.join(self.runs, "face_kd_table")))
         table = load_grid(FILES["face_kd_table"])
         case = {k: v for k, v in next(c for c in table.grid[CASE] if c["name"] == best).items() if k != "name"}
@@ -128,15 +153,16 @@ class Study:
         self.phase("generations", lambda: self.sweep("recursive_kd", "recursive", self.at(1)))
         for m in (2, 3):
             self.phase(f"one schedule of {m}E", lambda m=m: self.sweep("recursion_long", f"long-x{m}", self.at(m)))
-        self.phase("P×K diagnosis", lambda: self.sweep("pk_batches", "pk", self.at(1)[:1], teacher=False))
+        self.phase("P×K diagnosis", lambda: self.sweep("pk_batches", "pk", self.at(1), teacher=False))
         self.phase("BatchNorm re-estimation", lambda: recalibrate_all(os.path.join(self.runs, "pk")))
 
     def report(self) -> int:
         return report.main([self.runs, "--out", self.out_doc, *(["--no-plot"] if self.no_plot else [])])
 
 
-STREAMS = {"prepare": ["prepare"], "1": ["table_and_best"], "2": ["recursion_and_pk"], "report": ["report"],
-           "all": ["prepare", "table_and_best", "recursion_and_pk", "report"]}
+STREAMS = {"prepare": ["prepare"], "curve": ["curve"], "curve-1": ["curve"], "curve-2": ["curve"],
+           "1": ["table_and_best"], "2": ["recursion_and_pk"], "report": ["report"],
+           "all": ["prepare", "curve", "table_and_best", "recursion_and_pk", "report"]}
 
 
 def recalibrate(student: str, data, val: dict, batches: int, seed: int, k: int) -> dict:
@@ -206,7 +232,12 @@ def main(argv=None) -> int:
     study.out_doc, study.no_plot = args.out, args.no_plot
     code = 0
     for part in STREAMS[args.stream]:
-        code = getattr(study, part)() if part == "report" else (getattr(study, part)() and 0)
+        if part == "report":
+            code = study.report()
+        elif part == "curve":
+            study.curve(args.stream if args.stream in CURVE_HALVES else None)
+        else:
+            getattr(study, part)()
     return code
 
 
