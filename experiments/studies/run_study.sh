@@ -22,7 +22,7 @@ side_by_side() {  # side_by_side A B: study.py --stream A and --stream B at once
   local two=$!
   local status=0 first
   for first in 1 2; do  # whichever ends first; a failure stops the other
-    wait -n $one $two || status=$?
+    wait -n $one $two 2>/dev/null || status=$?
     if [ $status -ne 0 ]; then
       kill $one $two 2>/dev/null || true
       wait 2>/dev/null || true
