@@ -26,7 +26,6 @@ rebuilt from scratch, never mixed, and the log says why.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -37,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 import distill.utils.dist as ddp
-from distill.utils.atomic import atomic_write_json
+from distill.utils.atomic import atomic_write_json, read_json
 from distill.utils.errors import DataFormatError, DistillError
 from teachers.cache_key import CACHE_FORMAT, PREPROCESSING, cache_key, dataset_fingerprint, match_input_size  # noqa: F401  (re-exported)
 from teachers.cache_file import CacheSpaceError, allocate, pwrite_all  # noqa: F401  (CacheSpaceError: re-exported for callers of build_cache)
@@ -56,14 +55,6 @@ class TeacherCache:
     def lookup(self, indices: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
         rows = self.emb[indices.cpu().numpy(), flipped.cpu().numpy().astype(np.int64)]
         return torch.from_numpy(rows.astype(np.float32))
-
-
-def _read_manifest(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -103,7 +94,7 @@ def _slice_done(directory: str, manifest: dict, rank: int, world_size: int, num_
     valid file (the slice is then embedded again, which writes the same bytes)."""
     batch_size = manifest["batch_size"]
     start, stop = rank_slice(num_samples, batch_size, rank, world_size)
-    p = _read_manifest(progress_path(directory, rank))
+    p = read_json(progress_path(directory, rank))
     if not isinstance(p, dict) or p.get("build") != manifest.get("build") \
             or (p.get("start"), p.get("stop")) != (start, stop):
         return 0
@@ -120,14 +111,14 @@ def _changed(key: dict, other) -> list:
 
 def recorded_identity(directory: str):
     """The teacher identity a cache's manifest records (teachers/prepare.py), or None (none recorded, or no cache)."""
-    manifest = _read_manifest(os.path.join(directory, "manifest.json"))
+    manifest = read_json(os.path.join(directory, "manifest.json"))
     return manifest.get("teacher_identity") if isinstance(manifest, dict) else None
 
 
 def record_identity(directory: str, identity: dict) -> None:
     """Record `identity` in a cache's manifest (rank 0; the rows are unchanged)."""
     path = os.path.join(directory, "manifest.json")
-    manifest = _read_manifest(path)
+    manifest = read_json(path)
     if isinstance(manifest, dict) and ddp.is_main():
         atomic_write_json(path, {**manifest, "teacher_identity": identity})
 
@@ -139,7 +130,7 @@ def _prepare(directory: str, key: dict, world_size: int, batch_size: int, log, i
     n, dim = key["num_samples"], key["dim"]
     manifest_path, emb_path = os.path.join(directory, "manifest.json"), os.path.join(directory, "embeddings.f16")
     nbytes = n * 2 * dim * 2
-    manifest = _read_manifest(manifest_path)
+    manifest = read_json(manifest_path)
     why = None
     if not isinstance(manifest, dict):
         if os.path.exists(manifest_path):
@@ -178,7 +169,7 @@ def _prepare(directory: str, key: dict, world_size: int, batch_size: int, log, i
 def _joined(directory: str, key: dict, rank: int, world_size: int, batch_size: int) -> dict:
     """A non-zero rank: the build rank 0 prepared, checked to be of this process's teacher, data and slicing."""
     manifest_path = os.path.join(directory, "manifest.json")
-    manifest = _read_manifest(manifest_path)
+    manifest = read_json(manifest_path)
     if not isinstance(manifest, dict) or manifest.get("key") != key:
         differs = f" (rank {rank} differs in: {', '.join(_changed(key, manifest.get('key')))})" \
             if isinstance(manifest, dict) else ""
@@ -350,7 +341,7 @@ def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_wor
         except BaseException as e:  # noqa: BLE001
             err = e
     _settle(err, collective, "completion", directory)
-    final = _read_manifest(os.path.join(directory, "manifest.json"))
+    final = read_json(os.path.join(directory, "manifest.json"))
     if rank != 0 and not (isinstance(final, dict) and final.get("rows_done") == n):
         raise DistillError(f"{directory}: rank {rank} has built its slice of the teacher cache, and rank 0 marks the "
                            f"cache finished once every slice is built: start all {world} processes together "

@@ -129,16 +129,16 @@ def test_the_report_refuses_a_study_with_a_seed_or_an_arm_missing(miniature, tmp
 
 
 def test_the_budget_is_where_more_epochs_stop_helping_beyond_seed_noise():
-    report = _module("report")
+    numbers = _module("study_numbers")
 
     def curve(points):
         return {f"scratch-e{e}": {"baseline": {"acc": dict(enumerate(accs)), "tar": {}, "ijb": {}, "seconds": {}}}
                 for e, accs in points.items()}
 
     rising = curve({2: [60, 61, 62], 4: [70, 71, 72], 8: [80, 81, 79], 16: [80.5, 81.5, 80]})
-    assert report.budget(rising)["epochs"] == 8  # 8 -> 16 is within noise
-    assert report.budget(curve({2: [60, 61, 62], 4: [70, 71, 72]}))["epochs"] == 4  # still rising: the largest
-    assert "largest budget" in report.budget(curve({2: [60, 61, 62], 4: [70, 71, 72]}))["why"]
-    assert report.budget(curve({2: [60, 70, 50], 4: [70, 71, 72]}))["epochs"] == 2  # noise hides the gain
+    assert numbers.budget(rising)["epochs"] == 8  # 8 -> 16 is within noise
+    assert numbers.budget(curve({2: [60, 61, 62], 4: [70, 71, 72]}))["epochs"] == 4  # still rising: the largest
+    assert "largest budget" in numbers.budget(curve({2: [60, 61, 62], 4: [70, 71, 72]}))["why"]
+    assert numbers.budget(curve({2: [60, 70, 50], 4: [70, 71, 72]}))["epochs"] == 2  # noise hides the gain
     # an early step within noise does not stop the search when a later budget is clearly better
-    assert report.budget(curve({2: [55, 62, 58], 4: [58, 70, 65], 8: [80, 84, 83]}))["epochs"] == 8
+    assert numbers.budget(curve({2: [55, 62, 58], 4: [58, 70, 65], 8: [80, 84, 83]}))["epochs"] == 8

@@ -16,13 +16,12 @@ Everything is a function of the seed: the same arguments write the same bytes.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 from PIL import Image
 
-from distill.utils.atomic import atomic_write_json
+from distill.utils.atomic import atomic_write_json, read_json
 from distill.data.face_identity import IMAGE_STREAM, sample_identity
 from distill.data.face_render import RENDERER_VERSION, face_landmarks, render_face
 from distill.data.ijb import IMAGE_DIR, META_DIR, TARGETS, meta_path
@@ -123,8 +122,4 @@ def write_synthetic_ijb(out, templates: int = 40, seed: int = 0, target: str = "
 
 
 def read_manifest(out) -> dict | None:
-    try:
-        with open(os.path.join(os.fspath(out), MANIFEST), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return read_json(os.path.join(os.fspath(out), MANIFEST))

@@ -25,6 +25,7 @@ import numpy as np
 from distill.data.face_render import RENDERER_VERSION, render_jpegs
 from distill.data.recordio_writer import write_insightface_rec
 from distill.data.verification import write_verification_bin
+from distill.utils.atomic import read_json
 from distill.utils.errors import ConfigError
 
 MANIFEST = "synth.json"
@@ -150,11 +151,7 @@ def generate(out_dir, ids=1000, images_per_id=20, size=112, pairs=2000, seed=0, 
 
 def read_manifest(out_dir):
     """The synth.json of `out_dir`, or None when there is none or it cannot be read."""
-    try:
-        with open(Path(out_dir) / MANIFEST, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError):
-        return None
+    manifest = read_json(Path(out_dir) / MANIFEST)
     return manifest if isinstance(manifest, dict) and manifest.get("format") == _FORMAT else None
 
 

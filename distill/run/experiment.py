@@ -31,7 +31,7 @@ from distill.models.files import load_student, model_input_size
 from distill.run.disk import DiskSpaceError, check_disk
 from distill.run.lock import run_directory_lock
 from distill.run.preflight import centres_source, check_embedding_sizes, embedding_size_problem, preflight  # noqa: F401
-from distill.run.shared_teacher import cached_metrics, held, keep_metrics, shared_folder
+from distill.run.shared_teacher import cached_metrics, held, ijb_files, keep_metrics, shared_folder
 from distill.run.rundir import check_run_dir, default_run_dir, restart_stages
 from distill.run.summary import teacher_model, write_summary
 from distill.train.engine import StageSpec, run_stage
@@ -83,9 +83,7 @@ def stage_ijb(cfg: ExperimentConfig, run_dir: str, result: dict, load_model, met
         return result
     name = result["stage"]
     if is_main():
-        from distill.data.ijb import META_FILES, meta_path
-        files = {"ijb": "ijb " + " ".join(file_sha256(meta_path(cfg.data.ijb.root, cfg.data.ijb.target, kind))
-                                          for kind in META_FILES)} if shared else {}
+        files = ijb_files(cfg.data.ijb) if shared else {}
         ijb = (cached_metrics(shared, files) or {}).get("ijb") if shared else None
         if ijb is None:
             model, input_size = load_model()
@@ -120,14 +118,15 @@ def student_spec(cfg: ExperimentConfig, name: str, generation: int, alpha: float
                      train=cfg.train, alpha=alpha, generation=generation, init_from=init_from, head_from=head_from)
 
 
-def _teacher_result(cfg, run_dir, teacher, val, train_set) -> dict:
+def _teacher_result(cfg, run_dir, teacher, val, train_set, folder: str | None) -> dict:
     """Metrics of a loaded (not trained here) teacher, computed once and kept in teacher/result.json with the
-    teacher's identity."""
+    teacher's identity. `folder`: its teacher.shared_cache subfolder (_shared), where an earlier run may have kept
+    them."""
     stage = RunLayout(run_dir).teacher
     if stage.is_done():
         return stage.read_result()
     os.makedirs(stage.dir, exist_ok=True)
-    folder, files = _shared(cfg, teacher, train_set), {set_name_of(p): file_sha256(p) for p in cfg.data.val}
+    files = {set_name_of(p): file_sha256(p) for p in cfg.data.val}
     metrics = cached_metrics(folder, files) if folder else None  # teacher.shared_cache: evaluated by an earlier run
     if metrics is None:
         metrics = evaluate_sets(teacher, val, teacher.input_size, progress=False, model_name=TEACHER) if val else {}
@@ -242,18 +241,19 @@ def _note_identity_groups(cfg: ExperimentConfig, train_set, log) -> None:
             f"batch group holds {k} images of one identity (groups mix identities); set data.images_per_id <= {most}")
 
 
-def _cache(cfg: ExperimentConfig, teacher, train_set, run_dir: str, progress: bool, log, directory=None):
+def _cache(cfg: ExperimentConfig, teacher, train_set, run_dir: str, progress: bool, log, directory=None,
+           folder: str | None = None):
     """The teacher cache on the run's device, under train.amp's autocast for the teacher's model (an online
     teacher runs under the same, so both give the students the same targets: bf16 on CUDA; on a bf16 CPU for an
-    IResNet), with the thread policy's threads and workers."""
+    IResNet), with the thread policy's threads and workers. In `directory`, else in `folder` (the teacher's
+    teacher.shared_cache subfolder, _shared), else in the run directory."""
     device = resolve_device(cfg.device)
     plan = apply_threads(plan_threads(loader_workers(cfg.data.num_workers, device.type), cfg.train.threads))
     if is_main():
         log(f"teacher cache: {plan.describe()}")
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=plan.workers))
     amp_dtype = amp_settings(cfg.train, device, teacher)[0]
-    folder = _shared(cfg, teacher, train_set) if directory is None else None
-    if folder is None:
+    if directory is not None or folder is None:
         return prepare_cache(cfg, teacher, train_set, run_dir, device, amp_dtype, progress, log, directory=directory)
     if is_main():
         log(f"teacher cache: shared, in {folder}")
@@ -280,7 +280,7 @@ def build_teacher_cache(cfg: ExperimentConfig, run_dir: str, progress: bool = Fa
         teacher = prepare_teacher(cfg, run_dir, train_set, teacher_trainer(cfg, run_dir, train_set, val, progress,
                                                                             log), log=log)
         check_embedding_sizes(cfg, teacher.embedding_size)
-        return _cache(cfg, teacher, train_set, run_dir, progress, log)
+        return _cache(cfg, teacher, train_set, run_dir, progress, log, folder=_shared(cfg, teacher, train_set))
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: str | None = None, progress: bool = True, log=print,
@@ -323,10 +323,11 @@ def _run_locked(cfg: ExperimentConfig, run_dir: str, progress: bool, log, restar
         teacher = prepare_teacher(cfg, run_dir, train_set, teacher_trainer(cfg, run_dir, train_set, val, progress,
                                                                             log), log=log)
         check_embedding_sizes(cfg, teacher.embedding_size)  # before the cache and any student
-        results.append(with_ijb(rank0_first(lambda: _teacher_result(cfg, run_dir, teacher, val, train_set)),
-                                lambda: (teacher, teacher.input_size), _shared(cfg, teacher, train_set)))
+        folder = _shared(cfg, teacher, train_set)  # hashes the weights and the data: once
+        results.append(with_ijb(rank0_first(lambda: _teacher_result(cfg, run_dir, teacher, val, train_set, folder)),
+                                lambda: (teacher, teacher.input_size), folder))
         if needs_cache(cfg):
-            cache = _cache(cfg, teacher, train_set, run_dir, progress, log)
+            cache = _cache(cfg, teacher, train_set, run_dir, progress, log, folder=folder)
     for spec in plan_stages(cfg, run_dir):
         stage = run.stage(spec.name)
         note = stage.damaged_note()

@@ -16,7 +16,7 @@ import os
 import socket
 from contextlib import contextmanager
 
-from distill.utils.atomic import WriteError, ensure_writable, unwritable
+from distill.utils.atomic import WriteError, ensure_writable, read_json, unwritable
 from distill.utils.dist import from_rank0, rank
 from distill.utils.errors import DistillError
 from distill.utils.layout import RunLayout
@@ -27,11 +27,7 @@ class RunDirectoryLocked(DistillError):
 
 
 def _holder(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
+    return read_json(path, {})
 
 
 def _acquire(directory: str):

@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 
-from distill.utils.atomic import atomic_write_json, ensure_writable, unwritable
+from distill.utils.atomic import atomic_write_json, ensure_writable, read_json, unwritable
 
 METRICS = "teacher_metrics.json"
 
@@ -52,12 +52,8 @@ def held(folder: str):
 
 
 def _read(folder: str) -> dict:
-    try:
-        with open(os.path.join(folder, METRICS), encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}  # none yet, or damaged: evaluated again and rewritten
+    data = read_json(os.path.join(folder, METRICS), {})  # none yet, or damaged: evaluated again and rewritten
+    return data if isinstance(data, dict) else {}
 
 
 def cached_metrics(folder: str, files: dict) -> dict | None:
@@ -65,6 +61,15 @@ def cached_metrics(folder: str, files: dict) -> dict | None:
     known = _read(folder)
     found = {name: known.get(digest) for name, digest in files.items()}
     return None if any(v is None for v in found.values()) else found
+
+
+def ijb_files(ijb_cfg) -> dict:
+    """The `files` of cached_metrics/keep_metrics for a teacher's IJB result (`data.ijb`): one entry keyed by the
+    sha256 of each of its meta files, so another IJB set (or a changed one) is evaluated again."""
+    from distill.data.ijb import META_FILES, meta_path
+    from teachers.prepare import file_sha256
+
+    return {"ijb": "ijb " + " ".join(file_sha256(meta_path(ijb_cfg.root, ijb_cfg.target, kind)) for kind in META_FILES)}
 
 
 def keep_metrics(folder: str, files: dict, metrics: dict) -> None:

@@ -61,6 +61,16 @@ def atomic_write_json(path, obj) -> None:
         json.dump(obj, f, indent=1)
 
 
+def read_json(path, default=None):
+    """The JSON in `path`, or `default` when the file is missing, unreadable or damaged: the readers of what
+    atomic_write_json wrote that rebuild or ignore a file they cannot read (manifests, metrics, lock holders)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):  # ValueError: JSONDecodeError, UnicodeDecodeError
+        return default
+
+
 def unwritable(path, err: OSError, what: str) -> WriteError:
     """The WriteError for a folder or file that cannot be created or written (read-only, full, missing parent)."""
     reason = getattr(err, "strerror", None) or str(err)

@@ -2,7 +2,7 @@
 
     python experiments/studies/report.py runs --out docs/results.md
 
-Reads <runs>/curve, face_kd_table, recursive, long-x2, long-x3 and pk (each a sweep's points,
+The numbers come from study_numbers.py. Reads <runs>/curve, face_kd_table, recursive, long-x2, long-x3 and pk (each a sweep's points,
 `<grid>-<case>-seed=<s>`), pk/recalibration.json and study/timing.json. Every number is a mean ± sample standard
 deviation over seeds; a difference is called beyond seed noise when it exceeds twice its standard error
 (sqrt(sd_a²/n_a + sd_b²/n_b)), within noise otherwise. A point that has not finished (a seed, a stage or a whole arm
@@ -12,154 +12,20 @@ the study files plan) stops the report with exit 2 rather than averaging what is
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+sys.path.insert(0, HERE)
 
-from distill.eval.far import far_key  # noqa: E402
-from distill.run.compare import load_runs  # noqa: E402
+from study_numbers import (SWEEPS, best_row, budget, collect, compare, diff_text, fmt, missing,  # noqa: E402
+                           only_stage, planned_cases, read_json, read_timing, stats)
 
-POINT = re.compile(r"^(?P<grid>[^-]+)-(?P<case>.+)-seed=(?P<seed>\d+)$")
-SWEEPS = {"curve": "budget_curve", "face_kd_table": "face_kd_table", "recursive": "recursive_kd",
-          "long-x2": "recursion_long", "long-x3": "recursion_long", "pk": "pk_batches"}
 EKD = {"scratch": 89.13, "fitnet": 87.76, "kd": 88.37, "rkd": 89.65, "shrinkteanet": 87.80,
        "margin_distillation": 85.71, "ekd": 90.48}  # EKD (CVPR 2022) Table 3, IJB-C TAR@FAR=1e-4 (%), IR-50 -> MFN
 PAPER = [  # LFW / CFP-FP / AgeDB-30 (%), the VarGFaceNet authors' figures (ms1m-retinaface-t1, 112 px; README)
     ("ResNet-100 teacher", "99.75 / 98.53 / 98.17"), ("VarGFaceNet from scratch", "99.68 / 98.09 / 98.10"),
     ("generation 1", "99.78 / 98.40 / 98.07"), ("generation 2", "99.83 / 98.27 / 98.05")]
-
-
-def read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-# ------------------------------------------------------------------------------------------ numbers
-
-def collect(sweep_dir: str) -> dict:
-    """{case: {stage: {"acc" | "tar" | "ijb" | "seconds": {seed: value}}}} of the finished stages of a sweep; acc and
-    TAR@FAR=1e-3 of the first verification set, TAR@FAR=1e-4 of the IJB set, in %."""
-    table: dict = {}
-    if not os.path.isdir(sweep_dir):
-        return table
-    for run in load_runs([sweep_dir]):
-        m = POINT.match(run["experiment"])
-        if not m:
-            continue
-        for stage in run["stages"]:
-            if stage["status"] != "done" or not stage.get("metrics"):
-                continue
-            metric = next(iter(stage["metrics"].values()))
-            cell = table.setdefault(m["case"], {}).setdefault(stage["stage"], {"acc": {}, "tar": {}, "ijb": {},
-                                                                               "seconds": {}})
-            seed = int(m["seed"])
-            cell["acc"][seed] = 100 * metric["acc_mean"]
-            tar = (metric.get("tar_at_far") or {}).get(far_key(1e-3)) or {}
-            cell["tar"][seed] = None if tar.get("tar") is None else 100 * tar["tar"]
-            ijb = ((stage.get("ijb") or {}).get("tar_at_far") or {}).get(far_key(1e-4))
-            cell["ijb"][seed] = None if ijb is None else 100 * ijb
-            cell["seconds"][seed] = stage.get("train_seconds")
-    return table
-
-
-def stats(values) -> tuple:
-    values = [v for v in (values.values() if isinstance(values, dict) else values) if v is not None]
-    if not values:
-        return None, None, 0
-    mean = sum(values) / len(values)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-    return mean, sd, len(values)
-
-
-def compare(a, b) -> tuple:
-    """(mean a - mean b, its standard error, verdict)."""
-    (ma, sa, na), (mb, sb, nb) = stats(a), stats(b)
-    if ma is None or mb is None:
-        return None, None, "not measured"
-    se = math.sqrt(sa ** 2 / na + sb ** 2 / nb)
-    if na < 2 or nb < 2:
-        return ma - mb, se, "one seed only: no spread"
-    return ma - mb, se, ("beyond seed noise" if abs(ma - mb) > 2 * se else "within seed noise")
-
-
-def fmt(values) -> str:
-    mean, sd, _ = stats(values)
-    return "-" if mean is None else f"{mean:.2f} ± {sd:.2f}"
-
-
-def diff_text(a, b) -> str:
-    d, se, verdict = compare(a, b)
-    return "not measured" if d is None else f"{d:+.2f} ± {se:.2f} ({verdict})"
-
-
-def only_stage(table: dict, case: str) -> dict:
-    """The one student stage of a single-stage arm (baseline or gen1)."""
-    stages = {k: v for k, v in table.get(case, {}).items() if k != "teacher"}
-    return next(iter(stages.values())) if stages else {"acc": {}, "tar": {}, "ijb": {}, "seconds": {}}
-
-
-def budget(curve: dict) -> dict:
-    """The per-stage budget: the smallest E of the curve that no longer budget on the grid beats beyond seed noise
-    (more epochs stop helping); the largest when even the last step still helps."""
-    points = sorted((int(c[len("scratch-e"):]), only_stage(curve, c)["acc"]) for c in curve
-                    if re.fullmatch(r"scratch-e\d+", c))
-    if not points:
-        raise SystemExit("report: the budget curve has no finished point (runs/curve)")
-    for i, (e, acc) in enumerate(points[:-1]):
-        later = [(e2, compare(acc2, acc)) for e2, acc2 in points[i + 1:]]
-        if all(not (verdict == "beyond seed noise" and d > 0) for _, (d, _se, verdict) in later):
-            e2, (d, se, _) = later[0]
-            return {"epochs": e, "why": f"no longer budget beats it beyond seed noise; {e} -> {e2} epochs: "
-                                        f"{d:+.2f} ± {se:.2f}", "points": points}
-    return {"epochs": points[-1][0], "why": f"still improving beyond seed noise at {points[-1][0]} epochs, the "
-                                            f"largest budget on the grid", "points": points}
-
-
-def best_row(table: dict) -> str:
-    """The distillation row of the face-KD table with the highest mean accuracy."""
-    rows = [(stats(table[c]["gen1"]["acc"])[0], c) for c in table if "gen1" in table[c]]
-    if not rows:
-        raise SystemExit("report: the face-KD table has no finished distillation row (runs/face_kd_table)")
-    return max(rows)[1]
-
-
-def missing(sweeps: dict, seeds: list, planned: dict | None = None) -> list:
-    """What the study lacks: every (sweep, case, stage) without every seed, and with `planned` ({sweep: [case]}) every
-    planned case with no finished stage at all."""
-    gaps = []
-    for sweep, table in sweeps.items():
-        for case in (planned or {}).get(sweep, []):
-            if case not in table:
-                gaps.append(f"{sweep}/{case}: no finished stage")
-        for case, stages in sorted(table.items()):
-            for stage, cell in sorted(stages.items()):
-                lost = sorted(set(seeds) - set(cell["acc"]))
-                if lost:
-                    gaps.append(f"{sweep}/{case} {stage}: seed{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))}")
-    return gaps
-
-
-def planned_cases(best: str | None) -> dict:
-    """{sweep: [case names]} the study files plan (with the best row's arms study.py adds)."""
-    from distill.run.sweep import CASE, load_grid
-
-    out = {}
-    for sweep, name in SWEEPS.items():
-        cases = [c["name"] for c in load_grid(os.path.join(HERE, f"{name}.yaml")).grid[CASE]]
-        if best and sweep == "recursive":
-            cases.append(f"{best}-chain")
-        if best and sweep.startswith("long-"):
-            cases.append(best)
-        out[sweep] = list(dict.fromkeys(cases))
-    return out
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -339,22 +205,6 @@ def pk_section(pk: dict, curve: dict, e: int, recal: dict, n: int) -> list:
                      "25 batches, no gradient): " + "; ".join(f"{n} {fmt(v)}" for n, v in vals.items())
                      + f"; re-estimated on shuffled minus as trained {diff_text(vals[names[1]], vals[names[0]])}.")
     return lines + [""]
-
-
-TIMING_STREAMS = ("prepare", "curve-1", "curve-2", "curve", "1", "2", "all", "extra")
-
-
-def read_timing(runs: str) -> dict:
-    """{stream: {phase: seconds}} of study.py's timing-<stream>.json files, "best_loss", and "wall": run_study.sh's
-    measured wall-clock seconds from its start to the report (timing-wall.json), when it ran."""
-    out = {}
-    for stream in TIMING_STREAMS:
-        data = read_json(os.path.join(runs, "study", f"timing-{stream}.json"))
-        if data:
-            out[stream] = data
-    out["best_loss"] = next((d["best_loss"] for d in out.values() if isinstance(d, dict) and "best_loss" in d), None)
-    out["wall"] = (read_json(os.path.join(runs, "study", "timing-wall.json")) or {}).get("seconds")
-    return out
 
 
 def time_section(timing: dict) -> list:

@@ -8,7 +8,7 @@ then docs/results.md (experiments/studies/report.py). What run_study.sh runs:
    and metrics (teacher.shared_cache), and takes its margin head as class centres (teacher.head);
 2. a synthetic IJB-C set (`distill data synth-ijb`: people disjoint from training) for TAR@FAR=1e-4;
 3. the budget curve (budget_curve.yaml): scratch students trained 2 .. 24 epochs; the budget E is where more
-   epochs stop helping beyond seed noise (report.budget);
+   epochs stop helping beyond seed noise (study_numbers.budget);
 4. the face-KD table (face_kd_table.yaml), every row one stage of E epochs, verification and IJB;
 5. the recursion (recursive_kd.yaml: generations 1-3 with the paper's loss, the born-again chain) and the same
    chain with the table's best loss, each stage E epochs;
@@ -35,6 +35,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
 import report  # noqa: E402  (experiments/studies/report.py)
+import study_numbers as numbers  # noqa: E402  (experiments/studies/study_numbers.py)
 from distill.config.schema import load_config  # noqa: E402
 from distill.run.experiment import run_experiment  # noqa: E402
 from distill.run.sweep import CASE, load_grid, run_sweep  # noqa: E402
@@ -55,7 +56,7 @@ class Study:
         self.ijb_templates = ijb_templates
         self.teacher_dir = os.path.join(runs, "study", "teacher")
         self.timing_path = os.path.join(runs, "study", f"timing-{stream}.json")
-        self.timing = report.read_json(self.timing_path) or {}
+        self.timing = numbers.read_json(self.timing_path) or {}
         self.ijb = os.path.join(runs, "study", "synth_ijb")
 
     def phase(self, name: str, work):
@@ -118,14 +119,14 @@ class Study:
 
     def at(self, m: int) -> list:
         """train.epochs = m x the budget E read from the finished curve (refused while the curve is incomplete)."""
-        curve = report.collect(os.path.join(self.runs, "curve"))
+        curve = numbers.collect(os.path.join(self.runs, "curve"))
         planned = [c["name"] for c in load_grid(FILES["budget_curve"]).grid[CASE]]
         missing = [f"{c} seed {s}" for c in planned for s in self.seeds
                    if s not in curve.get(c, {}).get("baseline", {}).get("acc", {})]
         if missing:
             raise SystemExit(f"study: the budget curve is not finished ({', '.join(missing[:4])} missing): run "
                              f"--stream curve (or curve-1 and curve-2) first")
-        choice = report.budget(curve)
+        choice = numbers.budget(curve)
         if m == 1:
             self.log(f"study: the per-stage budget is {choice['epochs']} epochs ({choice['why']})")
         return [f"train.epochs={m * choice['epochs']}"]
@@ -135,7 +136,7 @@ class Study:
         loss."""
         self.phase("face-KD table", lambda: self.sweep("face_kd_table", "face_kd_table",
                                                        self.at(1) + [f"data.ijb.root={self.ijb}"]))
-        best = report.best_row(report.collect(os.path.join(self.runs, "face_kd_table")))
+        best = numbers.best_row(numbers.collect(os.path.join(self.runs, "face_kd_table")))
         table = load_grid(FILES["face_kd_table"])
         case = {k: v for k, v in next(c for c in table.grid[CASE] if c["name"] == best).items() if k != "name"}
         self.log(f"study: the table's best loss is {best}; the recursion runs it beside the paper's")
@@ -202,7 +203,7 @@ def recalibrate_all(pk_dir: str, batches: int = 25) -> None:
     from distill.run.compare import load_run_config
 
     path = os.path.join(pk_dir, "recalibration.json")
-    done = report.read_json(path) or {}
+    done = numbers.read_json(path) or {}
     for point in sorted(os.listdir(pk_dir)):
         student = os.path.join(pk_dir, point, "baseline", "student.pt")
         if "-pk4-seed=" not in point or point in done or not os.path.exists(student):
