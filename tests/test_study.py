@@ -95,6 +95,19 @@ def test_the_miniature_study_runs_every_file_and_reports(miniature):
     best = timing["best_loss"]  # (the paper's loss itself when it wins: its arms are stream 2's)
     assert (run / f"recursive-{best}-chain-seed=1" / "gen3" / "result.json").exists()
     assert (tmp / "runs" / "long-x3" / f"long-{best}-seed=1" / "gen1" / "result.json").exists()
+    # a stage two study files train alike is trained once and linked into the other (SAME_STAGES)
+    same = [(tmp / "runs" / "curve" / f"curve-scratch-e{_budget(text)}-seed=0" / "baseline",
+             tmp / "runs" / "face_kd_table" / "face_kd_table-scratch-seed=0" / "baseline"),
+            (tmp / "runs" / "face_kd_table" / "face_kd_table-equivalent_angular-seed=1" / "gen1",
+             run / "recursive-equivalent_angular-chain-seed=1" / "gen1"),
+            (run / "recursive-equivalent_angular-chain-seed=0" / "gen1",
+             run / "recursive-equivalent_angular-bornagain-seed=0" / "gen1"),
+            (tmp / "runs" / "face_kd_table" / "face_kd_table-scratch-pk4-seed=1" / "baseline",
+             tmp / "runs" / "pk" / "pk-pk4-seed=1" / "baseline")]
+    for first, second in same:
+        assert (first / "student.pt").stat().st_ino == (second / "student.pt").stat().st_ino, second
+    assert (run / f"recursive-{best}-chain-seed=0" / "gen1" / "student.pt").stat().st_ino == (
+        tmp / "runs" / "face_kd_table" / f"face_kd_table-{best}-seed=0" / "gen1" / "student.pt").stat().st_ino
     # every student trains with one thread in channels-last; IJB-C is evaluated for the table alone
     import yaml
     for point in (run / "recursive-equivalent_angular-chain-seed=0", tmp / "runs" / "pk" / "pk-pk4-seed=1",
@@ -102,6 +115,29 @@ def test_the_miniature_study_runs_every_file_and_reports(miniature):
         cfg = yaml.safe_load((point / "experiment.yaml").read_text())
         assert (cfg["train"]["threads"], cfg["train"]["channels_last"]) == (1, True), point
         assert (cfg["data"]["ijb"] is not None) == ("face_kd_table" in point.name), point
+
+
+def _budget(text: str) -> int:
+    return int(re.search(r"\*\*Budget: E = (\d+) epochs per stage\*\*", text)[1])
+
+
+def test_a_stage_with_other_settings_is_not_linked_in(miniature, tmp_path):
+    from distill.run.sweep import point_config
+
+    tmp, _, _ = miniature
+    logged = []
+    study = _module("study").Study(str(tmp / "runs"), str(tmp / "tiny.yaml"), [0, 1],
+                                   ["train.max_steps=1", "train.threads=1"], 6, log=logged.append)
+    grid = study.grid("recursive_kd", study.at(1) + ["train.lr=0.05"])  # the miniature's settings but one
+    point = next(p for p in expand(grid) if p.name.endswith("bornagain-seed=0"))
+    study.same_stage(point, point_config(grid, point), str(tmp_path / "recursive" / point.name))
+    assert not (tmp_path / "recursive" / point.name / "gen1").exists()
+    assert logged and all("not taken from" in line and "differs in train.lr" in line for line in logged), logged
+    # the miniature's own settings: linked
+    grid = study.grid("recursive_kd", study.at(1))
+    point = next(p for p in expand(grid) if p.name.endswith("bornagain-seed=0"))
+    study.same_stage(point, point_config(grid, point), str(tmp_path / "recursive" / point.name))
+    assert (tmp_path / "recursive" / point.name / "gen1" / "result.json").is_file()
 
 
 def test_the_curve_halves_are_the_whole_curve_once():

@@ -10,6 +10,7 @@ bytes. Stages already finished, and the part of the cache already on disk, count
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -17,7 +18,7 @@ import torch
 
 from distill.utils.errors import ConfigError, DistillError
 from distill.utils.layout import BASELINE, RunLayout, generation_name
-from distill.models.registry import create_model
+from distill.models.registry import create_model, resolve
 from teachers.prepare import needs_cache, teacher_source
 
 MARGIN = 1.10  # metrics logs, W&B offline files, JSON: a tenth on top of the counted bytes
@@ -35,11 +36,18 @@ def human(n: float) -> str:
     return f"{n:.1f} TB"  # pragma: no cover
 
 
+_COUNTS: dict = {}  # (constructor, arch, kwargs) -> parameter_count: a sweep's points ask for the same few models
+
+
 def parameter_count(arch: str, kwargs: dict) -> int:
-    """Parameters and buffers of `arch(**kwargs)`, counted on the meta device (instant, no memory)."""
-    with torch.device("meta"):
-        model = create_model(arch, **kwargs)
-    return sum(t.numel() for t in model.state_dict().values())
+    """Parameters and buffers of `arch(**kwargs)`, counted on the meta device (no memory), once a process per
+    architecture and arguments (building even on the meta device took 70 ms a point of the study's miniature)."""
+    key = (id(resolve(arch)[0].fn), arch, json.dumps(kwargs, sort_keys=True, default=repr))
+    if key not in _COUNTS:
+        with torch.device("meta"):
+            model = create_model(arch, **kwargs)
+        _COUNTS[key] = sum(t.numel() for t in model.state_dict().values())
+    return _COUNTS[key]
 
 
 def optimizer_slots(name: str) -> int:

@@ -219,8 +219,9 @@ def _share_teacher(source: StageLayout, run_dir: str) -> bool:
     return True
 
 
-def run_sweep(grid: Grid, out: str | None = None, progress: bool = True, log=print) -> dict:
-    """Run every point (validated first), then compare them. Returns {"points": [...], "failed": [...]}."""
+def run_sweep(grid: Grid, out: str | None = None, progress: bool = True, log=print, before=None) -> dict:
+    """Run every point (validated first), then compare them. Returns {"points": [...], "failed": [...]}.
+    `before(point, cfg, run_dir)`: called before each point runs (a study links in the finished stages it shares)."""
     out = out or default_out(grid)
     points = expand(grid)
     configs = [point_config(grid, p) for p in points]  # every point is checked before any work
@@ -237,6 +238,8 @@ def run_sweep(grid: Grid, out: str | None = None, progress: bool = True, log=pri
         key = _teacher_key(cfg)
         if key in teachers and _share_teacher(teachers[key], run_dir):
             log(f"{point.name}: teacher shared from {teachers[key].dir}")
+        if before is not None:
+            before(point, cfg, run_dir)
         try:
             run_experiment(cfg, run_dir, progress=progress, log=log)
         except Preempted:

@@ -44,6 +44,19 @@ from distill.utils.atomic import atomic_write_json  # noqa: E402
 STUDENT_SETTINGS = ["train.threads=1", "train.channels_last=true"]  # every student of the study (module docstring)
 # The budget curve in two halves of about equal epochs (26 and 28 an epoch-seed), one per process in run_study.sh
 CURVE_HALVES = {"curve-1": ["scratch-e24", "scratch-e2"], "curve-2": ["scratch-e16", "scratch-e8", "scratch-e4"]}
+# Stages that two study files train with the same settings and seed: (stage, (sweep, case), (sweep, case)). Whichever
+# runs second links the first's finished stage in (same_stage) instead of training it again; E and {best} are the
+# budget and the table's best row. The settings are compared before: a pair that differs in anything but its name,
+# generations, data.ijb and how the work is done (distill.config.keys.HARMLESS) is trained again.
+SAME_STAGES = [
+    ("baseline", ("face_kd_table", "scratch"), ("curve", "scratch-e{E}")),
+    ("gen1", ("face_kd_table", "equivalent_angular"), ("recursive", "equivalent_angular-chain")),
+    ("gen1", ("recursive", "equivalent_angular-bornagain"), ("recursive", "equivalent_angular-chain")),
+    ("gen1", ("recursive", "{best}-chain"), ("face_kd_table", "{best}")),
+    ("baseline", ("face_kd_table", "scratch-pk4"), ("pk", "pk4")),
+    ("baseline", ("face_kd_table", "scratch-pk2"), ("pk", "pk2")),
+    ("baseline", ("face_kd_table", "scratch-pk4-mix50"), ("pk", "pk4-mix50")),
+]
 FILES = {name: os.path.join(HERE, f"{name}.yaml") for name in
          ("study", "budget_curve", "face_kd_table", "recursive_kd", "recursion_long", "pk_batches")}
 
@@ -91,11 +104,48 @@ class Study:
             grid.grid[CASE] = list(extra_cases)
         if cases is not None:
             grid.grid[CASE] = [c for c in grid.grid[CASE] if c["name"] in cases]
-        result = run_sweep(grid, out=os.path.join(self.runs, out), progress=False,
-                           log=self.log)
+        result = run_sweep(grid, out=os.path.join(self.runs, out), progress=False, log=self.log,
+                           before=self.same_stage)
         if result["failed"]:
             raise SystemExit(f"study: {name}: {len(result['failed'])} point(s) failed ({', '.join(result['failed'])}); "
                              f"see the log above, fix, and rerun (finished points are skipped)")
+
+    def same_stage(self, point, cfg, run_dir: str) -> None:
+        """Before a point runs: link in each stage of it that another point of the study has finished with the same
+        settings and seed (SAME_STAGES), so it is trained once."""
+        from distill.config.keys import flat_dict, is_harmless
+        from distill.config.schema import to_dict
+        from distill.run.compare import load_run_config
+        from distill.utils.layout import RunLayout
+
+        here = (os.path.basename(os.path.dirname(run_dir)), point.values[CASE]["name"])
+        names = {"E": self.epochs, "best": self.timing.get("best_loss")}
+        for stage, *pair in SAME_STAGES:
+            pair = [(sweep, case.format(**names)) for sweep, case in pair]
+            if here not in pair or RunLayout(run_dir).stage(stage).is_done():
+                continue
+            sweep, case = pair[1 - pair.index(here)]
+            source = os.path.join(self.runs, sweep, f"{sweep}-{case}-seed={point.values['seed']}")
+            if not RunLayout(source).stage(stage).is_done():
+                continue
+            mine, theirs = (flat_dict(to_dict(c)) for c in (cfg, load_run_config(source)))
+            differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k != "name"
+                            and not is_harmless(k) and not k.startswith("recursive."))
+            if differ:
+                self.log(f"study: {os.path.basename(run_dir)}: {stage} not taken from {source}: it differs in "
+                         f"{', '.join(differ[:4])}")
+                continue
+            import shutil
+            shutil.copytree(RunLayout(source).stage(stage).dir, RunLayout(run_dir).stage(stage).dir,
+                            copy_function=_link_or_copy)
+            self.log(f"study: {os.path.basename(run_dir)}: {stage} is {source}'s (same settings and seed): linked")
+
+    @property
+    def epochs(self):
+        """The budget E, once the curve has finished (None before)."""
+        if getattr(self, "_epochs", None) is None:
+            self._epochs = (self.budget() or {}).get("epochs")
+        return self._epochs
 
     def train_teacher(self) -> None:
         base = self.base or FILES["study"]
@@ -117,45 +167,72 @@ class Study:
         self.phase(f"budget curve{f' ({half})' if half else ''}", lambda: self.sweep(
             "budget_curve", "curve", [], teacher=False, cases=CURVE_HALVES[half] if half else None))
 
+    def unfinished(self, sweep: str, name: str) -> list:
+        """'<case> seed <s>' of every point of study file `name` (in runs/<sweep>) without a finished stage."""
+        done = numbers.collect(os.path.join(self.runs, sweep))
+        return [f"{c['name']} seed {s}" for c in load_grid(FILES[name]).grid[CASE] for s in self.seeds
+                if not any(s in cell["acc"] for cell in done.get(c["name"], {}).values())]
+
+    def budget(self) -> dict | None:
+        """numbers.budget of the finished curve: {"epochs": E, "why": ...}; None while the curve is unfinished."""
+        return None if self.unfinished("curve", "budget_curve") else numbers.budget(
+            numbers.collect(os.path.join(self.runs, "curve")))
+
     def at(self, m: int) -> list:
-        """train.epochs = m x the budget E read from the finished curve (refused while the curve is incomplete)."""
-        curve = numbers.collect(os.path.join(self.runs, "curve"))
-        planned = [c["name"] for c in load_grid(FILES["budget_curve"]).grid[CASE]]
-        missing = [f"{c} seed {s}" for c in planned for s in self.seeds
-                   if s not in curve.get(c, {}).get("baseline", {}).get("acc", {})]
-        if missing:
-            raise SystemExit(f"study: the budget curve is not finished ({', '.join(missing[:4])} missing): run "
-                             f"--stream curve (or curve-1 and curve-2) first")
-        choice = numbers.budget(curve)
-        if m == 1:
-            self.log(f"study: the per-stage budget is {choice['epochs']} epochs ({choice['why']})")
+        """train.epochs = m x the budget E read from the finished curve (refused while the curve is unfinished)."""
+        choice = self.budget()
+        if choice is None:
+            raise SystemExit(f"study: the budget curve is not finished ({', '.join(self.unfinished('curve', 'budget_curve')[:4])} "
+                             f"missing): run --stream curve (or curve-1 and curve-2) first")
         return [f"train.epochs={m * choice['epochs']}"]
 
-    def table_and_best(self) -> None:
-        """Stream 1: the face-KD table (with IJB-C), then the recursion and its long controls with the table's best
-        loss."""
-        self.phase("face-KD table", lambda: self.sweep("face_kd_table", "face_kd_table",
-                                                       self.at(1) + [f"data.ijb.root={self.ijb}"]))
+    def best_case(self, wait: bool = False) -> tuple:
+        """(the face-KD table's best row, its case settings) once the table has finished; `wait`: the other stream
+        runs the table, so wait for it (up to 4 hours)."""
+        start = time.time()
+        while self.unfinished("face_kd_table", "face_kd_table"):
+            if not wait or time.time() - start > 4 * 3600:
+                raise SystemExit("study: the face-KD table is not finished (stream 1 runs it): "
+                                 f"{', '.join(self.unfinished('face_kd_table', 'face_kd_table')[:4])} missing")
+            time.sleep(20)
         best = numbers.best_row(numbers.collect(os.path.join(self.runs, "face_kd_table")))
         table = load_grid(FILES["face_kd_table"])
         case = {k: v for k, v in next(c for c in table.grid[CASE] if c["name"] == best).items() if k != "name"}
-        self.log(f"study: the table's best loss is {best}; the recursion runs it beside the paper's")
         self.timing["best_loss"] = best
+        atomic_write_json(self.timing_path, self.timing)
+        return best, case
+
+    def best_long(self, m: int, best: str, case: dict) -> None:
+        """The table's best row distilled for mE epochs in one schedule (its recursion's control)."""
+        self.phase(f"best loss: one schedule of {m}E", lambda: self.sweep(
+            "recursion_long", f"long-x{m}", self.at(m), [{**case, "name": best, "generations": 1}], only=True))
+
+    def table_and_best(self) -> None:
+        """Stream 1: the face-KD table (with IJB-C), then the recursion with the table's best loss and its control of
+        3E in one schedule."""
+        choice = self.budget() or {}
+        self.log(f"study: the per-stage budget is {choice.get('epochs')} epochs ({choice.get('why')})")
+        self.phase("face-KD table", lambda: self.sweep("face_kd_table", "face_kd_table",
+                                                       self.at(1) + [f"data.ijb.root={self.ijb}"]))
+        best, case = self.best_case()
+        self.log(f"study: the table's best loss is {best}; the recursion runs it beside the paper's")
         if best == "equivalent_angular":
             return  # the paper's loss is the best row: stream 2 runs its generations and controls
         self.phase("best loss: generations", lambda: self.sweep(
             "recursive_kd", "recursive", self.at(1), [{**case, "name": f"{best}-chain", "generations": 3}], only=True))
-        for m in (2, 3):
-            self.phase(f"best loss: one schedule of {m}E", lambda m=m: self.sweep(
-                "recursion_long", f"long-x{m}", self.at(m), [{**case, "name": best, "generations": 1}], only=True))
+        self.best_long(3, best, case)  # its 2E control is stream 2's last part (the two streams' work evens out)
 
     def recursion_and_pk(self) -> None:
-        """Stream 2: the paper's loss through the generations and its controls, then the P×K diagnosis."""
+        """Stream 2: the paper's loss through the generations and its controls, the P×K diagnosis, then (once
+        stream 1 has finished the table) the best loss's control of 2E in one schedule."""
         self.phase("generations", lambda: self.sweep("recursive_kd", "recursive", self.at(1)))
         for m in (2, 3):
             self.phase(f"one schedule of {m}E", lambda m=m: self.sweep("recursion_long", f"long-x{m}", self.at(m)))
         self.phase("P×K diagnosis", lambda: self.sweep("pk_batches", "pk", self.at(1), teacher=False))
         self.phase("BatchNorm re-estimation", lambda: recalibrate_all(os.path.join(self.runs, "pk")))
+        best, case = self.phase("waiting for the face-KD table", lambda: self.best_case(wait=True))
+        if best != "equivalent_angular":
+            self.best_long(2, best, case)
 
     def report(self) -> int:
         return report.main([self.runs, "--out", self.out_doc, *(["--no-plot"] if self.no_plot else [])])
@@ -164,6 +241,15 @@ class Study:
 STREAMS = {"prepare": ["prepare"], "curve": ["curve"], "curve-1": ["curve"], "curve-2": ["curve"],
            "1": ["table_and_best"], "2": ["recursion_and_pk"], "report": ["report"],
            "all": ["prepare", "curve", "table_and_best", "recursion_and_pk", "report"]}
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link of a finished stage's file (never rewritten in place: atomic writes replace it), else a copy."""
+    import shutil
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def recalibrate(student: str, data, val: dict, batches: int, seed: int, k: int) -> dict:
