@@ -178,3 +178,35 @@ def test_the_budget_is_where_more_epochs_stop_helping_beyond_seed_noise():
     assert numbers.budget(curve({2: [60, 70, 50], 4: [70, 71, 72]}))["epochs"] == 2  # noise hides the gain
     # an early step within noise does not stop the search when a later budget is clearly better
     assert numbers.budget(curve({2: [55, 62, 58], 4: [58, 70, 65], 8: [80, 84, 83]}))["epochs"] == 8
+
+
+def test_the_report_writes_the_readme_summary_between_its_markers_and_nothing_else(miniature, tmp_path, capsys):
+    tmp, doc, _ = miniature
+    report, summary = _module("report"), _module("readme_summary")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# above\n\nkept\n\n{summary.BEGIN}\nold digits 12.34\n{summary.END}\n\n## below\n")
+    out = tmp_path / "r.md"
+    assert report.main([str(tmp / "runs"), "--out", str(out), "--no-plot", "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# above\n\nkept\n\n" + summary.BEGIN + "\n") and text.endswith(summary.END + "\n\n## below\n")
+    assert "old digits 12.34" not in text
+    block = text[text.index(summary.BEGIN):text.index(summary.END)]
+    results = out.read_text()
+    e = _budget(results)
+    assert f"trains E = {e} epochs" in block
+    # the conclusions are results.md's own lines, the recursion table has a row per generation, the table every
+    # distillation row
+    plain = results[results.index("**In plain words.**"):results.index("## 1.")].strip().splitlines()[2:]
+    assert plain and all(line in block for line in plain)
+    for g in (1, 2, 3):
+        assert re.search(rf"^  \| {g * e} \({g}E\) \| [\d.]+ ± [\d.]+ \|", block, re.M)
+    for row in TABLE_ROWS:
+        if not row.startswith(("scratch", "ekd")):
+            assert f"; {row} " in block or f": {row} " in block, row
+    assert "minutes of wall time" in block or "not measured" in block
+    # a README without the markers is refused before anything is written
+    readme.write_text("# no markers\n")
+    out2 = tmp_path / "r2.md"
+    assert report.main([str(tmp / "runs"), "--out", str(out2), "--no-plot", "--readme", str(readme)]) == 2
+    assert "the study summary's BEGIN marker is missing" in capsys.readouterr().err
+    assert not out2.exists() and readme.read_text() == "# no markers\n"

@@ -354,11 +354,26 @@ def render(sweeps: dict, recal: dict, timing: dict, seeds: list, plots: dict) ->
     return "\n".join(lines) + "\n"
 
 
+def summary(sweeps: dict, timing: dict) -> list:
+    """The README's study summary (readme_summary.py): the same numbers and conclusions as render's."""
+    import readme_summary
+
+    choice = budget(sweeps["curve"])
+    e = choice["epochs"]
+    best = timing.get("best_loss") or best_row(sweeps["face_kd_table"])
+    _, answer = recursion_section(sweeps, e, best, None)
+    return readme_summary.summary(sweeps, choice, best, recursion_arms(sweeps, e, best),
+                                  plain_words(sweeps, e, best, answer), timing, table_order(sweeps["face_kd_table"]),
+                                  _teacher(sweeps))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", help="the folder study.py wrote its sweeps into (runs)")
     p.add_argument("--out", default="docs/results.md", help="the report (default docs/results.md); PNGs beside it")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    p.add_argument("--readme", help="also rewrite the study summary between the markers of this file (README.md: "
+                                    "its evidence section; readme_summary.py)")
     args = p.parse_args(argv)
     sweeps = {name: collect(os.path.join(args.runs, name)) for name in SWEEPS}
     timing = read_timing(args.runs)
@@ -376,6 +391,13 @@ def main(argv=None) -> int:
         print(f"{args.runs}: the study is incomplete ({shown}); rerun experiments/studies/run_study.sh (finished "
               f"points are skipped) rather than report means over what is there", file=sys.stderr)
         return 2
+    if args.readme:  # its markers are checked before anything is written
+        import readme_summary
+        try:
+            readme_summary.check(args.readme)
+        except (OSError, readme_summary.MarkerError) as e:
+            print(f"report: {e}", file=sys.stderr)
+            return 2
     base = os.path.splitext(args.out)[0]
     plots = {} if args.no_plot else {k: f"{base}_{k}.png" for k in ("curve", "recursion", "table")}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -389,6 +411,9 @@ def main(argv=None) -> int:
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(render(sweeps, recal, timing, seeds, names))
     print(f"wrote {args.out}" + (f" and {', '.join(plots.values())}" if plots else ""))
+    if args.readme:
+        readme_summary.update_readme(args.readme, summary(sweeps, timing))
+        print(f"wrote the study summary in {args.readme}")
     return 0
 
 

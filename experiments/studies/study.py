@@ -235,7 +235,8 @@ class Study:
             self.best_long(2, best, case)
 
     def report(self) -> int:
-        return report.main([self.runs, "--out", self.out_doc, *(["--no-plot"] if self.no_plot else [])])
+        return report.main([self.runs, "--out", self.out_doc, *(["--no-plot"] if self.no_plot else []),
+                            *(["--readme", self.readme] if self.readme else [])])
 
 
 STREAMS = {"prepare": ["prepare"], "curve": ["curve"], "curve-1": ["curve"], "curve-2": ["curve"],
@@ -309,6 +310,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--ijb-templates", type=int, default=600, help="synthetic IJB-C templates, two per person (600)")
     p.add_argument("--no-plot", action="store_true", help="write no PNGs")
+    p.add_argument("--readme", help="also rewrite the study summary in this file (run_study.sh: README.md)")
     p.add_argument("--stream", choices=sorted(STREAMS), default="all",
                    help="a part of the study (run_study.sh runs prepare, then streams 1 and 2 side by side, then "
                         "report); default all, one after the other")
@@ -316,7 +318,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     study = Study(args.runs, args.base, seeds, args.overrides, args.ijb_templates, args.stream)
-    study.out_doc, study.no_plot = args.out, args.no_plot
+    study.out_doc, study.no_plot, study.readme = args.out, args.no_plot, args.readme
     code = 0
     for part in STREAMS[args.stream]:
         if part == "report":
