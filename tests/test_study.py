@@ -210,3 +210,18 @@ def test_the_report_writes_the_readme_summary_between_its_markers_and_nothing_el
     assert report.main([str(tmp / "runs"), "--out", str(out2), "--no-plot", "--readme", str(readme)]) == 2
     assert "the study summary's BEGIN marker is missing" in capsys.readouterr().err
     assert not out2.exists() and readme.read_text() == "# no markers\n"
+
+
+def test_the_numbers_skip_a_point_another_process_is_still_creating(miniature, tmp_path):
+    """Two study processes run side by side: one reads a sweep's folder while the other has made a point's folder
+    but not yet its experiment.yaml (the curve's halves crashed on exactly that)."""
+    import shutil
+
+    tmp, _, _ = miniature
+    numbers = _module("study_numbers")
+    shutil.copytree(tmp / "runs" / "curve", tmp_path / "curve")
+    whole = numbers.collect(str(tmp_path / "curve"))
+    (tmp_path / "curve" / "curve-scratch-e99-seed=0").mkdir()
+    assert numbers.collect(str(tmp_path / "curve")) == whole and "scratch-e2" in whole
+    (tmp_path / "empty" / "curve-scratch-e2-seed=0").mkdir(parents=True)
+    assert numbers.collect(str(tmp_path / "empty")) == {}

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 from distill.eval.far import far_key  # noqa: E402
 from distill.run.compare import load_runs  # noqa: E402
 from distill.utils.atomic import read_json  # noqa: E402
+from distill.utils.layout import is_run_dir  # noqa: E402
 
 POINT = re.compile(r"^(?P<grid>[^-]+)-(?P<case>.+)-seed=(?P<seed>\d+)$")
 SWEEPS = {"curve": "budget_curve", "face_kd_table": "face_kd_table", "recursive": "recursive_kd",
@@ -31,9 +32,12 @@ def collect(sweep_dir: str) -> dict:
     """{case: {stage: {"acc" | "tar" | "ijb" | "seconds": {seed: value}}}} of the finished stages of a sweep; acc and
     TAR@FAR=1e-3 of the first verification set, TAR@FAR=1e-4 of the IJB set, in %."""
     table: dict = {}
-    if not os.path.isdir(sweep_dir):
+    # the points that have started (another process may be creating one: a folder without experiment.yaml yet)
+    points = [os.path.join(sweep_dir, d) for d in sorted(os.listdir(sweep_dir))
+              if is_run_dir(os.path.join(sweep_dir, d))] if os.path.isdir(sweep_dir) else []
+    if not points:
         return table
-    for run in load_runs([sweep_dir]):
+    for run in load_runs(points):
         m = POINT.match(run["experiment"])
         if not m:
             continue
