@@ -6,7 +6,8 @@
 # 3. stream 1 (the face-KD table, then the recursion with its best loss) and stream 2 (the paper's loss through
 #    generations with its controls, the P x K diagnosis) side by side: on 2 cores two processes of one torch thread
 #    each train these small students faster than one process of two;
-# 4. the report, with the wall time from the start to it (runs/study/timing-wall.json).
+# 4. the report (docs/results.md and the summary in README.md's evidence section), with the wall time from the
+#    start to it (runs/study/timing-wall.json).
 # When one of two side-by-side parts fails, the other is stopped (a rerun skips every finished point).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -36,4 +37,4 @@ side_by_side() {  # side_by_side A B: study.py --stream A and --stream B at once
 side_by_side curve-1 curve-2 "$@"
 side_by_side 1 2 "$@"
 echo "{\"seconds\": $(( $(date +%s) - start ))}" > runs/study/timing-wall.json
-"$PYTHON" experiments/studies/study.py --stream report "$@"
+"$PYTHON" experiments/studies/study.py --stream report --readme README.md "$@"
