@@ -36,7 +36,7 @@ def test_the_study_files_plan_every_arm_with_three_seeds_and_one_teacher():
     assert [c["name"] for c in grids["recursive_kd"].grid[CASE]] == ["equivalent_angular-chain",
                                                                      "equivalent_angular-bornagain"]
     for name, grid in grids.items():
-        assert grid.grid["seed"] == [0, 1, 2], name
+        assert grid.grid["seed"] == ([0, 1, 2, 3, 4] if name == "pk_batches" else [0, 1, 2]), name
         assert all("train.epochs" not in c for c in grid.grid[CASE]) or name == "budget_curve"  # study.py sets E
         loads = {grid.fixed.get("teacher.checkpoint")} - {None}
         assert loads <= {"runs/study/teacher/teacher/backbone.pth"}, name  # one frozen teacher everywhere
@@ -59,7 +59,7 @@ def miniature(tmp_path_factory):
     study = _module("study")
     doc = tmp / "docs" / "results.md"
     code = study.main(["--runs", str(tmp / "runs"), "--out", str(doc), "--base", str(exp), "--seeds", "0,1",
-                       "--ijb-templates", "6", "train.max_steps=1", "train.threads=1"])
+                       "--pk-seeds", "0,1,2", "--ijb-templates", "6", "train.max_steps=1", "train.threads=1"])
     return tmp, doc, code
 
 
@@ -80,7 +80,10 @@ def test_the_miniature_study_runs_every_file_and_reports(miniature):
     for plot in ("curve", "recursion", "table"):
         assert (tmp / "docs" / f"results_{plot}.png").stat().st_size > 1000
     recal = json.loads((tmp / "runs" / "pk" / "recalibration.json").read_text())
-    assert sorted(recal) == ["pk-pk4-seed=0", "pk-pk4-seed=1"]
+    assert sorted(recal) == ["pk-pk4-seed=0", "pk-pk4-seed=1", "pk-pk4-seed=2"]  # the P×K diagnosis's own seeds
+    assert "Seeds 0, 1 (the P×K diagnosis: 0, 1, 2)" in text
+    assert re.search(r"Scratch students, E = \d+ epochs, 3 seeds \(experiments/studies/pk_batches.yaml\)", text)
+    assert "**Diagnosis** (each candidate cause, and the comparison that isolates it): supported beyond seed" in text
     assert set(recal["pk-pk4-seed=0"]) == {"as trained", "re-estimated on shuffled batches",
                                            "re-estimated on P×K batches"}
     timing = json.loads((tmp / "runs" / "study" / "timing-all.json").read_text())
@@ -157,8 +160,14 @@ def test_the_report_refuses_a_study_with_a_seed_or_an_arm_missing(miniature, tmp
     (runs / "long-x2" / "long-scratch-seed=1" / "baseline" / "result.json").unlink()
     assert report.main([str(runs), "--out", str(tmp_path / "r.md"), "--no-plot"]) == 2
     assert "the study is incomplete (long-x2/scratch baseline: seed 1)" in capsys.readouterr().err
+    shutil.copytree(tmp / "runs" / "long-x2", runs / "long-x2", dirs_exist_ok=True)  # the seed back
+    shutil.rmtree(runs / "pk" / "pk-pk2-seed=2")  # a seed only the P×K diagnosis runs
+    assert report.main([str(runs), "--out", str(tmp_path / "r.md"), "--no-plot"]) == 2
+    assert "the study is incomplete (pk/pk2 baseline: seed 2)" in capsys.readouterr().err
+    shutil.copytree(tmp / "runs" / "pk" / "pk-pk2-seed=2", runs / "pk" / "pk-pk2-seed=2")
     shutil.rmtree(runs / "pk" / "pk-pk8-seed=0")
     shutil.rmtree(runs / "pk" / "pk-pk8-seed=1")
+    shutil.rmtree(runs / "pk" / "pk-pk8-seed=2")
     assert report.main([str(runs), "--out", str(tmp_path / "r.md"), "--no-plot"]) == 2
     assert "pk/pk8: no finished stage" in capsys.readouterr().err
     assert not (tmp_path / "r.md").exists()
@@ -225,3 +234,32 @@ def test_the_numbers_skip_a_point_another_process_is_still_creating(miniature, t
     assert numbers.collect(str(tmp_path / "curve")) == whole and "scratch-e2" in whole
     (tmp_path / "empty" / "curve-scratch-e2-seed=0").mkdir(parents=True)
     assert numbers.collect(str(tmp_path / "empty")) == {}
+
+
+def _cells(**arms):
+    return {name: {"baseline": {"acc": dict(enumerate(accs)), "tar": {}, "ijb": {}, "seconds": {}}}
+            for name, accs in arms.items()}
+
+
+def test_the_pk_diagnosis_names_the_causes_its_comparisons_support():
+    report = _module("report")
+    shuffled = {0: 83.0, 1: 83.5, 2: 82.5}
+    pk = _cells(pk2=[81, 81.5, 80.5], pk4=[76, 76.5, 75.5], pk8=[69, 70, 68], pk4_acc2=[72, 72.5, 71.5],
+                pk4_b128=[78, 78.5, 77.5], shuffled_acc2=[82, 84, 83], shuffled_b128=[81, 85, 83],
+                pk4_mix50=[80, 80, 81])
+    pk = {k.replace("_", "-"): v for k, v in pk.items()}
+    recal = {f"pk-pk4-seed={i}": {"as trained": {"v": a / 100}, "re-estimated on shuffled batches": {"v": b / 100},
+                                  "re-estimated on P×K batches": {"v": a / 100}}
+             for i, (a, b) in enumerate([(76, 76.1), (76.5, 76.3), (75.5, 75.6)])}
+    found, against, unshown = report.pk_causes(pk, shuffled, recal)
+    short = lambda items: [cause.split(" (")[0] for cause, _ in items]  # noqa: E731
+    assert short(found) == ["how many images of one identity a batch of 64 holds",
+                            "BatchNorm's training statistics over a batch of few identities"]
+    assert short(against) == ["too few identities per update for the margin head"]
+    assert short(unshown) == ["the schedule of two accumulated micro-batches alone",
+                              "the schedule of batches of 128 alone", "the running statistics evaluation uses"]
+    # the paired check: the same students, so a consistent small shift is beyond noise where unpaired would not be
+    assert report.paired([76.5, 77.0, 76.0], [76.0, 76.5, 75.5])[2] == "beyond seed noise"
+    words = report._causes_in_words(pk, shuffled, recal)
+    assert words.startswith("of the causes section 4 isolates, shown beyond seed noise: how many images")
+    assert "against it beyond noise: too few identities per update" in words

@@ -203,8 +203,66 @@ def pk_section(pk: dict, curve: dict, e: int, recal: dict, n: int) -> list:
         vals = {n: [100 * next(iter(r[n].values())) for r in recal.values()] for n in names}
         lines.append("- BatchNorm statistics re-estimated after training (the pk4 students; a cumulative average over "
                      "25 batches, no gradient): " + "; ".join(f"{n} {fmt(v)}" for n, v in vals.items())
-                     + f"; re-estimated on shuffled minus as trained {diff_text(vals[names[1]], vals[names[0]])}.")
-    return lines + [""]
+                     + f"; re-estimated on shuffled minus as trained, student by student: {recal_difference(recal)[3]}.")
+    lines += ["", "**Diagnosis** (each candidate cause, and the comparison that isolates it): "
+              + diagnosis(pk, shuffled["acc"], recal), ""]
+    return lines
+
+
+def paired(a: list, b: list) -> tuple:
+    """(mean of a_i - b_i, its standard error, verdict, text) for two measurements of the same students."""
+    d = [x - y for x, y in zip(a, b)]
+    mean, sd, n = stats(d)
+    if mean is None or n < 2:
+        return mean, None, "one seed only: no spread", "not measured" if mean is None else f"{mean:+.2f} (one seed)"
+    se = sd / n ** 0.5
+    verdict = "beyond seed noise" if abs(mean) > 2 * se else "within seed noise"
+    return mean, se, verdict, f"{mean:+.2f} ± {se:.2f} ({verdict})"
+
+
+def recal_difference(recal: dict) -> tuple | None:
+    """paired() of the pk4 students' accuracy re-estimated on shuffled batches against as trained (None: none)."""
+    if not recal:
+        return None
+    names = list(next(iter(recal.values())))
+    vals = {n: [100 * next(iter(r[n].values())) for r in recal.values()] for n in names}
+    return paired(vals[names[1]], vals[names[0]])
+
+
+def pk_causes(pk: dict, shuffled: dict, recal: dict) -> tuple:
+    """(supported, against, not shown): the candidate causes of the P×K cost, each [(cause, its comparison)]. A cause
+    predicts the sign of one comparison that isolates it: supported when that comparison goes its way beyond seed
+    noise, against when it goes the other way beyond noise, not shown when it stays within noise."""
+    arm = lambda name: only_stage(pk, name)["acc"]  # noqa: E731
+    checks = [  # (cause, a, b, the sign of a - b the cause predicts)
+        ("how many images of one identity a batch of 64 holds (pk2 - pk4)", arm("pk2"), arm("pk4"), +1),
+        ("BatchNorm's training statistics over a batch of few identities (pk4-b128 - pk4-acc2: the same updates, "
+         "BatchNorm over 32 identities instead of 16)", arm("pk4-b128"), arm("pk4-acc2"), +1),
+        ("too few identities per update for the margin head (pk4-acc2 - pk4: twice the identities per update, "
+         "BatchNorm unchanged)", arm("pk4-acc2"), arm("pk4"), +1),
+        ("the schedule of two accumulated micro-batches alone (shuffled-acc2 - shuffled)", arm("shuffled-acc2"),
+         shuffled, -1),
+        ("the schedule of batches of 128 alone (shuffled-b128 - shuffled)", arm("shuffled-b128"), shuffled, -1),
+    ]
+    found, against, unshown = [], [], []
+    for cause, a, b, sign in checks:
+        d, _se, verdict = compare(a, b)
+        which = unshown if d is None or verdict != "beyond seed noise" else found if d * sign > 0 else against
+        which.append((cause, diff_text(a, b)))
+    diff = recal_difference(recal)
+    if diff is not None:
+        d, _se, verdict, text = diff
+        which = unshown if d is None or verdict != "beyond seed noise" else found if d > 0 else against
+        which.append(("the running statistics evaluation uses (the pk4 students re-estimated on shuffled batches "
+                      "minus as trained, student by student)", text))
+    return found, against, unshown
+
+
+def diagnosis(pk: dict, shuffled: dict, recal: dict) -> str:
+    found, against, unshown = pk_causes(pk, shuffled, recal)
+    says = lambda items: "; ".join(f"{cause}: {text}" for cause, text in items) or "none"  # noqa: E731
+    return (f"supported beyond seed noise: {says(found)}. Against it beyond seed noise: {says(against)}. Not shown "
+            f"(within seed noise): {says(unshown)}.")
 
 
 def time_section(timing: dict) -> list:
@@ -222,7 +280,11 @@ def time_section(timing: dict) -> list:
                                       f"{phases / 60:.1f} minutes by the sum of its phases" if wall else
                                       f"**{phases / 60:.1f} minutes by the sum of its phases** (run_study.sh's own "
                                       f"clock did not run: the parts were started by hand)")
-             + (" (the `extra` rows ran beside the two streams, as a third process)" if "extra" in streams else "")
+             + (f". The `extra` rows ran on their own after that measured run: work added to stream 2 since, which "
+                f"run_study.sh now runs there; with them stream 2 takes {(total.get('2', 0) + total['extra']) / 60:.1f} "
+                f"minutes beside stream 1's {total.get('1', 0) / 60:.1f}, so the whole script takes about "
+                f"{(wall or phases) / 60 + (max(total.get('1', 0), total.get('2', 0) + total['extra']) - side('1', '2')) / 60:.1f}"
+                " minutes (estimated from the phases, not measured end to end)" if "extra" in streams else "")
              + ". Phases, in minutes (a rerun skips finished points, so a phase keeps the time of the run that "
              "trained it):", "", _row("stream", "phase", "minutes"), _row("---", "---", "---")]
     for stream, parts in streams.items():
@@ -301,7 +363,7 @@ def _verdict(a, b, better: str, worse: str, same: str) -> str:
     return f"{says} ({d:+.2f} ± {se:.2f} points)"
 
 
-def plain_words(sweeps: dict, e: int, best: str, answer: str) -> list:
+def plain_words(sweeps: dict, e: int, best: str, answer: str, recal: dict) -> list:
     """The conclusions, each computed from the numbers it states."""
     table, pk, curve, rec = sweeps["face_kd_table"], sweeps["pk"], sweeps["curve"], sweeps["recursive"]
     scratch, ea = only_stage(table, "scratch")["acc"], only_stage(table, "equivalent_angular")["acc"]
@@ -320,15 +382,25 @@ def plain_words(sweeps: dict, e: int, best: str, answer: str) -> list:
         "- P x K batches, scratch, against shuffled: K = 4 " + _verdict(
             only_stage(pk, "pk4")["acc"], shuffled, "helps", "hurts", "makes no difference beyond noise")
         + "; K = 2 " + _verdict(only_stage(pk, "pk2")["acc"], shuffled, "helps", "hurts",
-                                "makes no difference beyond noise") + " (section 4 separates the causes).",
+                                "makes no difference beyond noise") + "; " + _causes_in_words(pk, shuffled, recal),
     ]
 
 
+def _causes_in_words(pk: dict, shuffled: dict, recal: dict) -> str:
+    found, against, _ = pk_causes(pk, shuffled, recal)
+    short = lambda items: ", ".join(cause.split(" (")[0] for cause, _ in items)  # noqa: E731
+    return ((f"of the causes section 4 isolates, shown beyond seed noise: {short(found)}" if found else
+             "none of the causes section 4 isolates is shown beyond seed noise")
+            + (f"; against it beyond noise: {short(against)}" if against else "") + ".")
+
+
 def render(sweeps: dict, recal: dict, timing: dict, seeds: list, plots: dict) -> str:
+    """docs/results.md; seeds: those of every arm (the P×K diagnosis has more, read from its points)."""
     choice = budget(sweeps["curve"])
     e = choice["epochs"]
     best = timing.get("best_loss") or best_row(sweeps["face_kd_table"])
     rec_lines, answer = recursion_section(sweeps, e, best, plots.get("recursion"))
+    pk_seeds = sorted({s for c in sweeps["pk"].values() for cell in c.values() for s in cell["acc"]})
     teacher = _teacher(sweeps)
     lines = ["# The study: recursion, the face-KD baselines and P x K batches, on synthetic faces", "",
              "Written by `python experiments/studies/report.py runs --out docs/results.md` from the study's runs; the "
@@ -337,13 +409,14 @@ def render(sweeps: dict, recal: dict, timing: dict, seeds: list, plots: dict) ->
              "verification on 2,400 pairs of 150 unseen people (insightface's 10-fold protocol); a synthetic IJB-C "
              "set of other people. Student: VarGFaceNet (0.49M parameters; the quickstart's). Teacher: IResNet-18 "
              f"(11.4M parameters), trained once, frozen, loaded by every arm: {fmt(teacher['acc'])} % accuracy. Seeds "
-             f"{', '.join(map(str, seeds))}: every figure is a mean ± sample standard deviation over them; "
+             f"{', '.join(map(str, seeds))} (the P×K diagnosis: {', '.join(map(str, pk_seeds))}): every figure is a "
+             "mean ± sample standard deviation over them; "
              "'beyond seed noise' means a difference larger than twice its standard error.", "",
-             "**In plain words.**", ""] + plain_words(sweeps, e, best, answer) + [""]
+             "**In plain words.**", ""] + plain_words(sweeps, e, best, answer, recal) + [""]
     lines += curve_section(sweeps["curve"], choice, plots.get("curve"), len(seeds))
     lines += rec_lines
     lines += table_section(sweeps["face_kd_table"], plots.get("table"), len(seeds))
-    lines += pk_section(sweeps["pk"], sweeps["curve"], e, recal, len(seeds))
+    lines += pk_section(sweeps["pk"], sweeps["curve"], e, recal, len(pk_seeds))
     lines += time_section(timing)
     lines += ["## At another scale", "",
               "32x32 synthetic faces, a 0.49M-parameter student and minutes of training show whether the toolkit's "
@@ -354,7 +427,7 @@ def render(sweeps: dict, recal: dict, timing: dict, seeds: list, plots: dict) ->
     return "\n".join(lines) + "\n"
 
 
-def summary(sweeps: dict, timing: dict) -> list:
+def summary(sweeps: dict, timing: dict, recal: dict) -> list:
     """The README's study summary (readme_summary.py): the same numbers and conclusions as render's."""
     import readme_summary
 
@@ -363,7 +436,7 @@ def summary(sweeps: dict, timing: dict) -> list:
     best = timing.get("best_loss") or best_row(sweeps["face_kd_table"])
     _, answer = recursion_section(sweeps, e, best, None)
     return readme_summary.summary(sweeps, choice, best, recursion_arms(sweeps, e, best),
-                                  plain_words(sweeps, e, best, answer), timing, table_order(sweeps["face_kd_table"]),
+                                  plain_words(sweeps, e, best, answer, recal), timing, table_order(sweeps["face_kd_table"]),
                                   _teacher(sweeps))
 
 
@@ -378,11 +451,14 @@ def main(argv=None) -> int:
     sweeps = {name: collect(os.path.join(args.runs, name)) for name in SWEEPS}
     timing = read_timing(args.runs)
     recal = read_json(os.path.join(args.runs, "pk", "recalibration.json")) or {}
-    seeds = sorted({s for t in sweeps.values() for c in t.values() for cell in c.values() for s in cell["acc"]})
+    # every arm's seeds; the P×K diagnosis runs more (study.py --pk-seeds), every one of them in each of its arms
+    seeds = sorted({s for name, t in sweeps.items() if name != "pk" for c in t.values() for cell in c.values()
+                    for s in cell["acc"]})
+    pk_seeds = sorted(set(seeds) | {s for c in sweeps["pk"].values() for cell in c.values() for s in cell["acc"]})
     if not sweeps["face_kd_table"] or not sweeps["curve"]:
         print(f"{args.runs}: no finished points of the study (run experiments/studies/run_study.sh)", file=sys.stderr)
         return 2
-    gaps = missing(sweeps, seeds, planned_cases(timing.get("best_loss") or best_row(sweeps["face_kd_table"])))
+    gaps = missing(sweeps, {**{name: seeds for name in sweeps}, "pk": pk_seeds}, planned_cases(timing.get("best_loss") or best_row(sweeps["face_kd_table"])))
     pk4 = sorted(n for n in os.listdir(os.path.join(args.runs, "pk")) if "-pk4-seed=" in n) \
         if os.path.isdir(os.path.join(args.runs, "pk")) else []
     gaps += [f"pk/recalibration.json: {n}" for n in pk4 if n not in recal]
@@ -412,7 +488,7 @@ def main(argv=None) -> int:
         f.write(render(sweeps, recal, timing, seeds, names))
     print(f"wrote {args.out}" + (f" and {', '.join(plots.values())}" if plots else ""))
     if args.readme:
-        readme_summary.update_readme(args.readme, summary(sweeps, timing))
+        readme_summary.update_readme(args.readme, summary(sweeps, timing, recal))
         print(f"wrote the study summary in {args.readme}")
     return 0
 

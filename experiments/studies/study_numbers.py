@@ -118,11 +118,13 @@ def best_row(table: dict) -> str:
     return max(rows)[1]
 
 
-def missing(sweeps: dict, seeds: list, planned: dict | None = None) -> list:
-    """What the study lacks: every (sweep, case, stage) without every seed, and with `planned` ({sweep: [case]}) every
-    planned case with no finished stage at all."""
+def missing(sweeps: dict, seeds, planned: dict | None = None) -> list:
+    """What the study lacks: every (sweep, case, stage) without every seed (seeds: a list for every sweep, or
+    {sweep: list}), and with `planned` ({sweep: [case]}) every planned case with no finished stage at all."""
     gaps = []
+    every = seeds
     for sweep, table in sweeps.items():
+        seeds = every.get(sweep, []) if isinstance(every, dict) else every
         for case in (planned or {}).get(sweep, []):
             if case not in table:
                 gaps.append(f"{sweep}/{case}: no finished stage")
