@@ -77,6 +77,7 @@ def test_the_miniature_study_runs_every_file_and_reports(miniature):
     for arm in ("generation 3 (from generation 2)", "one schedule", "born-again generation 2 (teacher: generation 1)"):
         assert arm in text
     assert "**Answer:**" in text and "**In plain words.**" in text
+    assert "- The remedy, half of each batch shuffled single images (data.grouped_fraction 0.5" in text
     for plot in ("curve", "recursion", "table"):
         assert (tmp / "docs" / f"results_{plot}.png").stat().st_size > 1000
     recal = json.loads((tmp / "runs" / "pk" / "recalibration.json").read_text())

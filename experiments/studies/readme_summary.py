@@ -23,10 +23,11 @@ def _row(*cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def summary(sweeps: dict, choice: dict, best: str, arms: list, words: list, timing: dict, table_rows: list,
+def summary(sweeps: dict, choice: dict, best: str, arms: list, words: list, seconds: dict, table_rows: list,
             teacher: dict) -> list:
     """The block's lines. arms: report.recursion_arms (label, loss, total epochs, cell); words: report.plain_words;
-    table_rows: the face-KD table's rows in the grid's order; teacher: its cell (report._teacher)."""
+    seconds: report.study_seconds; table_rows: the face-KD table's rows in the grid's order; teacher: its cell
+    (report._teacher)."""
     e = choice["epochs"]
     lines = [f"The frozen teacher: {fmt(teacher['acc'])} % accuracy on the verification pairs, "
              f"{fmt(teacher['ijb'])} % TAR@FAR=1e-4 on the synthetic IJB-C set.", "",
@@ -68,10 +69,12 @@ def summary(sweeps: dict, choice: dict, best: str, arms: list, words: list, timi
         ("pk2", "pk4", "pk8", "pk4-acc2", "pk4-b128", "pk4-mix50")) + ". BatchNorm over 32 identities instead of 16 "
         "with the same updates (pk4-b128 - pk4-acc2): " + diff_text(only_stage(pk, "pk4-b128")["acc"],
                                                                      only_stage(pk, "pk4-acc2")["acc"]) + "."]
-    wall = timing.get("wall")
-    lines.append("- **What it cost**: " + (f"{wall / 60:.1f} minutes of wall time for the whole study on this "
-                                            "project's 2-core CPU (`experiments/studies/run_study.sh`)." if wall else
-                                            "run_study.sh's wall time was not measured (parts started by hand)."))
+    wall, estimate = seconds["wall"], seconds["estimate"]
+    lines.append("- **What it cost** on this project's 2-core CPU (`experiments/studies/run_study.sh`): " + (
+        f"{wall / 60:.1f} minutes of wall time, measured" if wall else "the wall time was not measured (parts "
+                                                                        "started by hand)")
+        + (f"; with the phases added after that run (docs/results.md, section 5) about {estimate / 60:.1f} minutes, "
+           "estimated from the phases" if estimate else "") + ".")
     return lines
 
 

@@ -265,7 +265,10 @@ def diagnosis(pk: dict, shuffled: dict, recal: dict) -> str:
             f"(within seed noise): {says(unshown)}.")
 
 
-def time_section(timing: dict) -> list:
+def study_seconds(timing: dict) -> dict:
+    """{"streams": {stream: {phase: s}}, "total": {stream: s}, "phases": the sum of the phases as run_study.sh runs
+    them (side-by-side parts: the longer), "wall": its measured wall time or None, "estimate": with the `extra`
+    phases (run after the measured run, now in stream 2) the whole script's time, or None without them}."""
     streams = {k: {p: v for p, v in d.items() if isinstance(v, (int, float))} for k, d in timing.items()
                if isinstance(d, dict)}
     total = {k: sum(v.values()) for k, v in streams.items()}
@@ -273,6 +276,14 @@ def time_section(timing: dict) -> list:
     phases = total.get("prepare", 0) + side("curve-1", "curve-2") + total.get("curve", 0) + side("1", "2") \
         + total.get("all", 0)
     wall = timing.get("wall")
+    estimate = None if "extra" not in total else (wall or phases) + max(
+        total.get("1", 0), total.get("2", 0) + total["extra"]) - side("1", "2")
+    return {"streams": streams, "total": total, "phases": phases, "wall": wall, "estimate": estimate}
+
+
+def time_section(timing: dict) -> list:
+    t = study_seconds(timing)
+    streams, total, phases, wall = t["streams"], t["total"], t["phases"], t["wall"]
     lines = ["## 5. What it cost", "",
              "Measured on this project's 2-core CPU, `experiments/studies/run_study.sh` (the teacher and IJB set, then "
              "the budget curve in two halves side by side, then streams 1 and 2 side by side, one torch thread each, "
@@ -283,7 +294,7 @@ def time_section(timing: dict) -> list:
              + (f". The `extra` rows ran on their own after that measured run: work added to stream 2 since, which "
                 f"run_study.sh now runs there; with them stream 2 takes {(total.get('2', 0) + total['extra']) / 60:.1f} "
                 f"minutes beside stream 1's {total.get('1', 0) / 60:.1f}, so the whole script takes about "
-                f"{(wall or phases) / 60 + (max(total.get('1', 0), total.get('2', 0) + total['extra']) - side('1', '2')) / 60:.1f}"
+                f"{t['estimate'] / 60:.1f}"
                 " minutes (estimated from the phases, not measured end to end)" if "extra" in streams else "")
              + ". Phases, in minutes (a rerun skips finished points, so a phase keeps the time of the run that "
              "trained it):", "", _row("stream", "phase", "minutes"), _row("---", "---", "---")]
@@ -383,6 +394,12 @@ def plain_words(sweeps: dict, e: int, best: str, answer: str, recal: dict) -> li
             only_stage(pk, "pk4")["acc"], shuffled, "helps", "hurts", "makes no difference beyond noise")
         + "; K = 2 " + _verdict(only_stage(pk, "pk2")["acc"], shuffled, "helps", "hurts",
                                 "makes no difference beyond noise") + "; " + _causes_in_words(pk, shuffled, recal),
+        "- The remedy, half of each batch shuffled single images (data.grouped_fraction 0.5, K = 4 groups kept for "
+        "a loss that needs them): against K = 4 alone " + _verdict(only_stage(pk, "pk4-mix50")["acc"],
+                                                          only_stage(pk, "pk4")["acc"], "it helps", "it hurts",
+                                                          "no difference beyond noise")
+        + "; against shuffled batches " + _verdict(only_stage(pk, "pk4-mix50")["acc"], shuffled, "it is better",
+                                                   "it still costs", "no difference beyond noise") + ".",
     ]
 
 
@@ -403,8 +420,9 @@ def render(sweeps: dict, recal: dict, timing: dict, seeds: list, plots: dict) ->
     pk_seeds = sorted({s for c in sweeps["pk"].values() for cell in c.values() for s in cell["acc"]})
     teacher = _teacher(sweeps)
     lines = ["# The study: recursion, the face-KD baselines and P x K batches, on synthetic faces", "",
-             "Written by `python experiments/studies/report.py runs --out docs/results.md` from the study's runs; the "
-             "whole study (every arm, every seed) is `experiments/studies/run_study.sh`.", "",
+             "Written by `python experiments/studies/report.py runs --out docs/results.md --readme README.md` from the "
+             "study's runs (this page, its plots and the README's evidence summary); the whole study (every arm, every "
+             "seed) is `experiments/studies/run_study.sh`, which ends with that command.", "",
              "Setting (experiments/studies/study.yaml): synthetic faces, 100 training identities x 16 images at 32x32; "
              "verification on 2,400 pairs of 150 unseen people (insightface's 10-fold protocol); a synthetic IJB-C "
              "set of other people. Student: VarGFaceNet (0.49M parameters; the quickstart's). Teacher: IResNet-18 "
@@ -436,7 +454,7 @@ def summary(sweeps: dict, timing: dict, recal: dict) -> list:
     best = timing.get("best_loss") or best_row(sweeps["face_kd_table"])
     _, answer = recursion_section(sweeps, e, best, None)
     return readme_summary.summary(sweeps, choice, best, recursion_arms(sweeps, e, best),
-                                  plain_words(sweeps, e, best, answer, recal), timing, table_order(sweeps["face_kd_table"]),
+                                  plain_words(sweeps, e, best, answer, recal), study_seconds(timing), table_order(sweeps["face_kd_table"]),
                                   _teacher(sweeps))
 
 

@@ -13,7 +13,8 @@ then docs/results.md (experiments/studies/report.py). What run_study.sh runs:
 5. the recursion (recursive_kd.yaml: generations 1-3 with the paper's loss, the born-again chain) and the same
    chain with the table's best loss, each stage E epochs;
 6. the controls at 2E and 3E in one schedule (recursion_long.yaml): one distilled generation and scratch;
-7. the P×K diagnosis (pk_batches.yaml), and the BatchNorm re-estimation of its P×K students (recalibration.json);
+7. the P×K diagnosis (pk_batches.yaml; 5 seeds, --pk-seeds), and the BatchNorm re-estimation of its P×K students
+   (recalibration.json);
 8. the report. Seconds per phase go to <runs>/study/timing-<stream>.json and into the report.
 
 Every student of the study trains with one torch thread (train.threads: 1, so a number does not depend on how busy
