@@ -243,7 +243,7 @@ def _cells(**arms):
 
 
 def test_the_pk_diagnosis_names_the_causes_its_comparisons_support():
-    report = _module("report")
+    report, numbers = _module("report"), _module("study_numbers")
     shuffled = {0: 83.0, 1: 83.5, 2: 82.5}
     pk = _cells(pk2=[81, 81.5, 80.5], pk4=[76, 76.5, 75.5], pk8=[69, 70, 68], pk4_acc2=[72, 72.5, 71.5],
                 pk4_b128=[78, 78.5, 77.5], shuffled_acc2=[82, 84, 83], shuffled_b128=[81, 85, 83],
@@ -252,7 +252,7 @@ def test_the_pk_diagnosis_names_the_causes_its_comparisons_support():
     recal = {f"pk-pk4-seed={i}": {"as trained": {"v": a / 100}, "re-estimated on shuffled batches": {"v": b / 100},
                                   "re-estimated on P×K batches": {"v": a / 100}}
              for i, (a, b) in enumerate([(76, 76.1), (76.5, 76.3), (75.5, 75.6)])}
-    found, against, unshown = report.pk_causes(pk, shuffled, recal)
+    found, against, unshown = numbers.pk_causes(pk, shuffled, recal)
     short = lambda items: [cause.split(" (")[0] for cause, _ in items]  # noqa: E731
     assert short(found) == ["how many images of one identity a batch of 64 holds",
                             "BatchNorm's training statistics over a batch of few identities"]
@@ -260,7 +260,7 @@ def test_the_pk_diagnosis_names_the_causes_its_comparisons_support():
     assert short(unshown) == ["the schedule of two accumulated micro-batches alone",
                               "the schedule of batches of 128 alone", "the running statistics evaluation uses"]
     # the paired check: the same students, so a consistent small shift is beyond noise where unpaired would not be
-    assert report.paired([76.5, 77.0, 76.0], [76.0, 76.5, 75.5])[2] == "beyond seed noise"
+    assert numbers.paired([76.5, 77.0, 76.0], [76.0, 76.5, 75.5])[2] == "beyond seed noise"
     words = report._causes_in_words(pk, shuffled, recal)
     assert words.startswith("of the causes section 4 isolates, shown beyond seed noise: how many images")
     assert "against it beyond noise: too few identities per update" in words

@@ -1,7 +1,8 @@
 """The study's numbers, read from its run directories (experiments/studies/study.py writes them; report.py renders
 them): every finished stage's accuracy, TAR and IJB TAR per seed (collect), means, standard deviations and the
 standard error of a difference (stats, compare), the budget rule (budget), the table's best row (best_row), what is
-missing (missing, planned_cases) and the measured time (read_timing).
+missing (missing, planned_cases), the candidate causes of the P×K cost (pk_causes, with a paired check for the
+re-estimated students) and the measured time (read_timing, study_seconds).
 
 A difference is called beyond seed noise when it exceeds twice its standard error (sqrt(sd_a²/n_a + sd_b²/n_b)),
 within noise otherwise.
@@ -110,6 +111,55 @@ def budget(curve: dict) -> dict:
                                             f"largest budget on the grid", "points": points}
 
 
+def paired(a: list, b: list) -> tuple:
+    """(mean of a_i - b_i, its standard error, verdict, text) for two measurements of the same students."""
+    d = [x - y for x, y in zip(a, b)]
+    mean, sd, n = stats(d)
+    if mean is None or n < 2:
+        return mean, None, "one seed only: no spread", "not measured" if mean is None else f"{mean:+.2f} (one seed)"
+    se = sd / n ** 0.5
+    verdict = "beyond seed noise" if abs(mean) > 2 * se else "within seed noise"
+    return mean, se, verdict, f"{mean:+.2f} ± {se:.2f} ({verdict})"
+
+
+def recal_difference(recal: dict) -> tuple | None:
+    """paired() of the pk4 students' accuracy re-estimated on shuffled batches against as trained (None: none)."""
+    if not recal:
+        return None
+    names = list(next(iter(recal.values())))
+    vals = {n: [100 * next(iter(r[n].values())) for r in recal.values()] for n in names}
+    return paired(vals[names[1]], vals[names[0]])
+
+
+def pk_causes(pk: dict, shuffled: dict, recal: dict) -> tuple:
+    """(supported, against, not shown): the candidate causes of the P×K cost, each [(cause, its comparison)]. A cause
+    predicts the sign of one comparison that isolates it: supported when that comparison goes its way beyond seed
+    noise, against when it goes the other way beyond noise, not shown when it stays within noise."""
+    arm = lambda name: only_stage(pk, name)["acc"]  # noqa: E731
+    checks = [  # (cause, a, b, the sign of a - b the cause predicts)
+        ("how many images of one identity a batch of 64 holds (pk2 - pk4)", arm("pk2"), arm("pk4"), +1),
+        ("BatchNorm's training statistics over a batch of few identities (pk4-b128 - pk4-acc2: the same updates, "
+         "BatchNorm over 32 identities instead of 16)", arm("pk4-b128"), arm("pk4-acc2"), +1),
+        ("too few identities per update for the margin head (pk4-acc2 - pk4: twice the identities per update, "
+         "BatchNorm unchanged)", arm("pk4-acc2"), arm("pk4"), +1),
+        ("the schedule of two accumulated micro-batches alone (shuffled-acc2 - shuffled)", arm("shuffled-acc2"),
+         shuffled, -1),
+        ("the schedule of batches of 128 alone (shuffled-b128 - shuffled)", arm("shuffled-b128"), shuffled, -1),
+    ]
+    found, against, unshown = [], [], []
+    for cause, a, b, sign in checks:
+        d, _se, verdict = compare(a, b)
+        which = unshown if d is None or verdict != "beyond seed noise" else found if d * sign > 0 else against
+        which.append((cause, diff_text(a, b)))
+    diff = recal_difference(recal)
+    if diff is not None:
+        d, _se, verdict, text = diff
+        which = unshown if d is None or verdict != "beyond seed noise" else found if d > 0 else against
+        which.append(("the running statistics evaluation uses (the pk4 students re-estimated on shuffled batches "
+                      "minus as trained, student by student)", text))
+    return found, against, unshown
+
+
 def best_row(table: dict) -> str:
     """The distillation row of the face-KD table with the highest mean accuracy."""
     rows = [(stats(table[c]["gen1"]["acc"])[0], c) for c in table if "gen1" in table[c]]
@@ -165,3 +215,19 @@ def read_timing(runs: str) -> dict:
     out["best_loss"] = next((d["best_loss"] for d in out.values() if isinstance(d, dict) and "best_loss" in d), None)
     out["wall"] = (read_json(os.path.join(runs, "study", "timing-wall.json")) or {}).get("seconds")
     return out
+
+
+def study_seconds(timing: dict) -> dict:
+    """{"streams": {stream: {phase: s}}, "total": {stream: s}, "phases": the sum of the phases as run_study.sh runs
+    them (side-by-side parts: the longer), "wall": its measured wall time or None, "estimate": with the `extra`
+    phases (run after the measured run, now in stream 2) the whole script's time, or None without them}."""
+    streams = {k: {p: v for p, v in d.items() if isinstance(v, (int, float))} for k, d in timing.items()
+               if isinstance(d, dict)}
+    total = {k: sum(v.values()) for k, v in streams.items()}
+    side = lambda *names: max(total.get(n, 0) for n in names)  # noqa: E731  (parts run side by side)
+    phases = total.get("prepare", 0) + side("curve-1", "curve-2") + total.get("curve", 0) + side("1", "2") \
+        + total.get("all", 0)
+    wall = timing.get("wall")
+    estimate = None if "extra" not in total else (wall or phases) + max(
+        total.get("1", 0), total.get("2", 0) + total["extra"]) - side("1", "2")
+    return {"streams": streams, "total": total, "phases": phases, "wall": wall, "estimate": estimate}
