@@ -19,7 +19,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from study_numbers import (SWEEPS, best_row, budget, collect, compare, diff_text, fmt, missing,  # noqa: E402
-                           only_stage, pk_causes, planned_cases, read_json, read_timing, recal_difference, stats,
+                           only_stage, pk_causes, planned_cases, read_json, read_timing, recal_difference, recal_values,
+                           stats,
                            study_seconds)
 
 EKD = {"scratch": 89.13, "fitnet": 87.76, "kd": 88.37, "rkd": 89.65, "shrinkteanet": 87.80,
@@ -200,8 +201,7 @@ def pk_section(pk: dict, curve: dict, e: int, recal: dict, n: int) -> list:
     lines += ["", "What each comparison moves, and what it does (accuracy points):", ""]
     lines += [f"- {what}: {diff_text(a, b)}." for what, a, b in checks]
     if recal:
-        names = list(next(iter(recal.values())))
-        vals = {n: [100 * next(iter(r[n].values())) for r in recal.values()] for n in names}
+        vals = recal_values(recal)
         lines.append("- BatchNorm statistics re-estimated after training (the pk4 students; a cumulative average over "
                      "25 batches, no gradient): " + "; ".join(f"{n} {fmt(v)}" for n, v in vals.items())
                      + f"; re-estimated on shuffled minus as trained, student by student: {recal_difference(recal)[3]}.")
@@ -237,67 +237,6 @@ def time_section(timing: dict) -> list:
     for stream, parts in streams.items():
         lines += [_row(stream, phase, f"{v / 60:.1f}") for phase, v in parts.items()]
     return lines + [""]
-
-
-# ------------------------------------------------------------------------------------------ plots
-
-def _figure(width: float = 7, height: float = 4.5):
-    from matplotlib.figure import Figure  # no pyplot: no global backend, works headless
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    return fig, fig.subplots()
-
-
-def plot_curve(choice: dict, path: str) -> None:
-    fig, ax = _figure()
-    xs = [e for e, _ in choice["points"]]
-    ms = [stats(a) for _, a in choice["points"]]
-    ax.errorbar(xs, [m for m, _, _ in ms], yerr=[s for _, s, _ in ms], marker="o", capsize=3, color="black")
-    ax.axvline(choice["epochs"], linestyle=":", color="grey", label=f"budget E = {choice['epochs']}")
-    ax.set(xlabel="epochs (one schedule)", ylabel="accuracy (%)", title="scratch student: accuracy against budget")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.savefig(path, format="png")
-
-
-def plot_recursion(sweeps: dict, e: int, best: str, path: str) -> None:
-    fig, ax = _figure(8, 5)
-    groups: dict = {}
-    for label, loss, total, cell in recursion_arms(sweeps, e, best):
-        kind = ("scratch" if label == "scratch" else f"{loss}: one schedule" if label == "one schedule" else
-                f"{loss}: born-again chain" if label.startswith("born-again") else f"{loss}: generations")
-        if loss == "equivalent_angular" and kind.endswith("one schedule"):
-            groups.setdefault(f"{loss}: generations", [])  # keep the chain first in the legend
-        groups.setdefault(kind, []).append((total, stats(cell["acc"])))
-    for kind, pts in groups.items():
-        pts = [(x, m, s) for x, (m, s, _) in pts if m is not None]
-        if pts:
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3,
-                        linestyle="--" if "schedule" in kind or kind == "scratch" else "-", label=kind)
-    ax.set(xlabel="total epochs (generation k: k x E)", ylabel="accuracy (%)",
-           title="recursion against one schedule as long (mean ± sd over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.savefig(path, format="png")
-
-
-def plot_table(table: dict, path: str) -> None:
-    fig, axes = _figure(11, 4.5)
-    fig.clear()
-    axes = fig.subplots(1, 2)
-    cases = table_order(table)
-    for ax, key, title in zip(axes, ("acc", "ijb"), ("verification accuracy (%)", "IJB-C TAR@FAR=1e-4 (%)")):
-        ms = [stats(only_stage(table, c)[key]) for c in cases]
-        ax.barh(range(len(cases)), [m or 0 for m, _, _ in ms], xerr=[s or 0 for _, s, _ in ms], capsize=3,
-                color=["grey" if c.startswith("scratch") else "tab:blue" for c in cases])
-        ax.set_yticks(range(len(cases)), cases, fontsize="small")
-        ax.invert_yaxis()
-        ax.set(title=title)
-        ax.grid(alpha=0.3, axis="x")
-        vals = [m for m, _, _ in ms if m is not None]
-        if vals and key == "acc":
-            ax.set_xlim(max(0, min(vals) - 10), min(100, max(vals) + 5))
-    fig.savefig(path, format="png")
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -432,11 +371,12 @@ def main(argv=None) -> int:
     plots = {} if args.no_plot else {k: f"{base}_{k}.png" for k in ("curve", "recursion", "table")}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if plots:
+        import report_plots
         choice = budget(sweeps["curve"])
         best = timing.get("best_loss") or best_row(sweeps["face_kd_table"])
-        plot_curve(choice, plots["curve"])
-        plot_recursion(sweeps, choice["epochs"], best, plots["recursion"])
-        plot_table(sweeps["face_kd_table"], plots["table"])
+        report_plots.plot_curve(choice, plots["curve"])
+        report_plots.plot_recursion(recursion_arms(sweeps, choice["epochs"], best), plots["recursion"])
+        report_plots.plot_table(sweeps["face_kd_table"], table_order(sweeps["face_kd_table"]), plots["table"])
     names = {k: os.path.basename(v) for k, v in plots.items()}
     with open(args.out, "w", encoding="utf-8") as f:
         f.write(render(sweeps, recal, timing, seeds, names))

@@ -122,12 +122,18 @@ def paired(a: list, b: list) -> tuple:
     return mean, se, verdict, f"{mean:+.2f} ± {se:.2f} ({verdict})"
 
 
+def recal_values(recal: dict) -> dict:
+    """{"as trained" | "re-estimated on ...": [accuracy % of each pk4 student]} from recalibration.json's points."""
+    names = list(next(iter(recal.values())))
+    return {n: [100 * next(iter(r[n].values())) for r in recal.values()] for n in names}
+
+
 def recal_difference(recal: dict) -> tuple | None:
     """paired() of the pk4 students' accuracy re-estimated on shuffled batches against as trained (None: none)."""
     if not recal:
         return None
-    names = list(next(iter(recal.values())))
-    vals = {n: [100 * next(iter(r[n].values())) for r in recal.values()] for n in names}
+    vals = recal_values(recal)
+    names = list(vals)
     return paired(vals[names[1]], vals[names[0]])
 
 
