@@ -32,7 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.join(HERE, "..")
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)  # bench_args
-from bench_args import count, run as run_command  # noqa: E402
+from bench_args import count  # noqa: E402
+from bench_args import run as run_command
 
 WORKLOADS = ("student_train", "teacher_train", "student_eval")
 CONDITIONS = ("quiet", "loaded")

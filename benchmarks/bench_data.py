@@ -43,7 +43,6 @@ import io
 import json
 import math
 import sys
-
 import tempfile
 import time
 
@@ -59,7 +58,8 @@ from distill.data.synthetic import ensure_synthetic
 from distill.train.epoch_plan import PlannedDataset, plan_epoch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_args
-from bench_args import count, counts as count_list, run  # noqa: E402
+from bench_args import count, run  # noqa: E402
+from bench_args import counts as count_list
 
 
 def dataset_rate(ds, n: int) -> float:

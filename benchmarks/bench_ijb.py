@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-
 import tempfile
 import time
 

@@ -23,7 +23,6 @@ import os
 import platform
 import statistics
 import sys
-
 import tempfile
 import time
 import warnings
@@ -37,8 +36,8 @@ from bench_args import count, run  # noqa: E402
 
 from distill.data.standin import StandInFaces  # noqa: E402
 from distill.deploy.export import INPUT_NAME, export_onnx  # noqa: E402
-from distill.models.files import load_model  # noqa: E402
 from distill.deploy.quantize import calibration_reader, quantize_file  # noqa: E402
+from distill.models.files import load_model  # noqa: E402
 
 WARMUP = 3
 

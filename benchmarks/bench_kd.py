@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-
 import tempfile
 
 import torch
@@ -36,8 +35,8 @@ import teachers  # noqa: E402
 from distill.config.schema import build_config  # noqa: E402
 from distill.data.standin import StandInFaces  # noqa: E402
 from distill.train.engine import StageSpec, run_stage  # noqa: E402
-from teachers.cache import build_cache  # noqa: E402
 from distill.train.tracking import read_metrics  # noqa: E402
+from teachers.cache import build_cache  # noqa: E402
 
 WARMUP = 2
 

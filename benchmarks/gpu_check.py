@@ -36,9 +36,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)  # bench_kd, whose measurement the training figures reuse
 
-from bench_args import count, run  # noqa: E402
-
 import torch  # noqa: E402
+from bench_args import count, run  # noqa: E402
 
 # full: the sizes the issue asks for; tiny: the same code in seconds on a CPU (an IResNet-18 stands in for the
 # IResNet-100 of the KD and inference figures, whose construction alone takes seconds; the shortened run's teacher is a
@@ -72,6 +71,7 @@ def training_rates(args, s, tmp) -> dict:
     """Plain, compiled, cached-teacher and online-teacher training through the engine, on the same data
     (bench_kd's measurement, plus the compiled student)."""
     from bench_kd import kd_rates, throughput, untrained_teacher
+
     from distill.data.standin import StandInFaces
 
     data = StandInFaces(classes=max(2, s["batch"] // 2), per_class=max(4, (s["steps"] + s["warmup"]) * 2 + 2),

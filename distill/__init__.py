@@ -1,7 +1,7 @@
 """facedistill: knowledge distillation for face recognition (VarGFaceNet students, frozen teachers).
 
 `import distill` is light: it imports no torch, timm or numpy (so `distill --help` answers at once). The model
-families (distill.students, teachers.iresnet, teachers.timm_backbone) register in the model registry
+families (distill.models.vargfacenet, distill.models.iresnet, distill.models.timm_backbone) register in the model registry
 (distill/models/registry.py; documented import path `distill.registry`) the first time the registry is asked
 about a model, whoever imported what.
 

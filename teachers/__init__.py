@@ -24,9 +24,9 @@ import warnings
 import torch
 from torch import nn
 
+from distill.models.registry import check_model_kwargs, create_model
 from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
 from distill.utils.errors import ConfigDeprecationWarning, ConfigError
-from distill.models.registry import check_model_kwargs, create_model
 
 
 class FrozenTeacher(nn.Module):

@@ -38,8 +38,19 @@ from tqdm import tqdm
 import distill.utils.dist as ddp
 from distill.utils.atomic import atomic_write_json, read_json
 from distill.utils.errors import DataFormatError, DistillError
-from teachers.cache_key import CACHE_FORMAT, PREPROCESSING, cache_key, dataset_fingerprint, match_input_size  # noqa: F401  (re-exported)
-from teachers.cache_file import CacheSpaceError, allocate, pwrite_all  # noqa: F401  (CacheSpaceError: re-exported for callers of build_cache)
+from teachers.cache_file import (  # noqa: F401  (CacheSpaceError: re-exported for callers of build_cache)
+    CacheSpaceError,
+    allocate,
+    pwrite_all,
+)
+from teachers.cache_key import (  # noqa: F401  (re-exported)
+    CACHE_FORMAT,
+    PREPROCESSING,
+    cache_key,
+    dataset_fingerprint,
+    match_input_size,
+)
+
 
 class TeacherCache:
     """Read side: `lookup(indices, flipped) -> float32 tensor (B, dim)`."""

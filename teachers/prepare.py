@@ -29,13 +29,13 @@ import os
 from dataclasses import dataclass
 
 import teachers
-from teachers.cache import build_cache, dataset_fingerprint, recorded_identity, record_identity
 from distill.config.schema import flat_dict, is_harmless, to_dict
 from distill.utils.atomic import atomic_write_json
 from distill.utils.checkpoint import atomic_torch_save, safe_torch_load
 from distill.utils.dist import rank0_first
 from distill.utils.errors import ConfigError
 from distill.utils.layout import RunLayout
+from teachers.cache import build_cache, dataset_fingerprint, record_identity, recorded_identity
 
 ONNX, CHECKPOINT, TRAINED = "onnx", "checkpoint", "train"
 IDENTITY_KEY = "teacher_identity"

@@ -68,9 +68,10 @@ def tiny_finished_run(tmp_path_factory):
     copy."""
 
     def build(tmp):
+        from tiny_experiment import write_experiment
+
         from distill.config.schema import load_config
         from distill.run.experiment import run_experiment
-        from tiny_experiment import write_experiment
 
         exp = write_experiment(tmp / "x.yaml", tmp / "faces", generations=1, tracking={"wandb": "disabled"})
         run_experiment(load_config(str(exp)), str(tmp / "run"), progress=False, log=lambda *_: None)

@@ -5,12 +5,12 @@ import math
 
 import pytest
 import torch
+from tiny import tiny_config, whole_and_resumed
 
 import teachers
-from distill.train.engine import StageSpec
-from distill.losses.heads import create_head
 from distill.losses.distillation import AdaDistill, DistillationObjective, create_distill_loss, loss_needs
-from tiny import tiny_config, whole_and_resumed
+from distill.losses.heads import create_head
+from distill.train.engine import StageSpec
 
 
 def _head(weight):

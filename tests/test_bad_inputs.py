@@ -7,9 +7,9 @@ benchmark scripts is tests/test_probe.py."""
 
 import pytest
 import yaml
+from tiny_experiment import tiny_experiment, write_experiment
 
 from distill.cli import main
-from tiny_experiment import tiny_experiment, write_experiment
 
 # (overrides, the key the message names, what it says)
 LATE_CAUGHT = [
@@ -148,9 +148,10 @@ def test_synth_ijb_into_a_file_and_deep_or_long_keys_are_one_line(tmp_path, caps
 
 
 def test_images_per_id_beyond_every_identity_gets_a_note(tmp_path):
+    from tiny import TinyFaces
+
     from distill.config.schema import load_config
     from distill.run.experiment import _note_identity_groups
-    from tiny import TinyFaces
     exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
     notes = []
     cfg = load_config(str(exp), ["data.images_per_id=24"])  # TinyFaces: 16 images of each identity
@@ -312,10 +313,10 @@ def test_compare_export_into_a_file_is_refused(tiny_finished_run, tmp_path, caps
 @pytest.mark.parametrize("damage", ["manifest", "rows"])
 def test_a_damaged_teacher_cache_is_rebuilt_with_one_note(tmp_path, damage):
     import torch
+    from tiny import TinyFaces, tame
 
     import teachers
     from teachers.cache import build_cache
-    from tiny import TinyFaces, tame
     torch.manual_seed(0)
     teacher = tame(teachers.build_teacher({"arch": "iresnet18", "input_size": 16, "embedding_size": 8}))
     first = build_cache(teacher, TinyFaces(classes=2, per_class=4), str(tmp_path), progress=False, log=lambda *_: None)

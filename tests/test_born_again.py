@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from tiny_experiment import write_experiment
 
 import distill.train.engine
 from distill.config.schema import load_config
@@ -15,7 +16,6 @@ from distill.run.experiment import run_experiment
 from distill.utils.checkpoint import safe_torch_load
 from distill.utils.errors import ConfigError
 from teachers.cache import TeacherCache
-from tiny_experiment import write_experiment
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+from tiny import tiny_config, whole_and_resumed
+from tiny_experiment import write_experiment
 
 from distill.config.schema import load_config
 from distill.losses.centres import load_centres
@@ -18,9 +20,6 @@ from distill.losses.distillation import DistillationObjective, create_distill_lo
 from distill.losses.heads import create_head
 from distill.train.engine import StageSpec
 from distill.utils.errors import ConfigError, UnsafeFileError
-from tiny import tiny_config, whole_and_resumed
-from tiny_experiment import write_experiment
-
 
 # ------------------------------------------------------------------------------------------- the files
 
@@ -116,8 +115,9 @@ def test_proxyless_kd_trains_against_the_teachers_frozen_head():
 
 @pytest.mark.parametrize("loss", ["kd", "margin_distillation", "proxyless_kd"])
 def test_a_stage_with_the_teachers_centres_resumes_bit_identically(tmp_path, monkeypatch, loss):
-    import teachers
     from tiny import tame
+
+    import teachers
     torch.manual_seed(3)
     centres = torch.randn(8, 32)  # TinyFaces: 8 identities; the teacher's 32-d space
     torch.save({"weight": centres}, tmp_path / "head.pt")

@@ -9,13 +9,13 @@ import shutil
 import pytest
 import torch
 import yaml
+from tiny_experiment import write_experiment
 
 from distill.cli import main
 from distill.config.schema import dump_config, load_config
 from distill.data.synthetic import ensure_synthetic
 from distill.models.files import save_student
 from distill.models.registry import create_model
-from tiny_experiment import write_experiment
 
 pytest.importorskip("onnxruntime")
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_experiment import write_experiment
 
 from distill.cli import build_parser, main
 from distill.config.schema import load_config
 from distill.eval.verification import set_name_of
 from distill.run.experiment import run_experiment
 from distill.run.sweep import expand, load_grid, point_config
-from tiny_experiment import write_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"

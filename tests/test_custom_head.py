@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import TinyFaces, tiny_config
 
 from distill.losses import heads
 from distill.losses.heads import HEADS, MarginHead, head_from_config, register_head, unregister_head
 from distill.train.engine import StageSpec, run_stage
 from distill.utils.errors import ConfigError
-from tiny import TinyFaces, tiny_config
 
 NAME = "recording_cosface"
 

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import yaml
+from tiny_experiment import tiny_experiment
 
 from distill.utils.checkpoint import safe_torch_load
-from tiny_experiment import tiny_experiment
 
 
 def test_two_process_run_completes_every_stage(tmp_path):

@@ -3,11 +3,11 @@
 import shutil
 
 import torch
+from tiny_experiment import write_experiment
 
 import distill.run.disk
 from distill.cli import main
 from distill.run.lock import run_directory_lock
-from tiny_experiment import write_experiment
 
 SECTIONS = ["versions", "device", "data.train", "data.val", "data.ijb", "teacher", "disk", "wandb", "run directory"]
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.utils.errors import ConfigError
 from distill.losses.distillation import EKD, DistillationObjective, create_distill_loss, loss_needs
+from distill.utils.errors import ConfigError
 
 
 def unit(degrees):
@@ -69,9 +69,10 @@ def test_a_batch_without_repeated_identities_names_images_per_id():
 
 
 def test_a_stage_with_ekd_resumes_exactly_thresholds_included(tmp_path, monkeypatch):
+    from tiny import tiny_config, whole_and_resumed
+
     import teachers
     from distill.train.engine import StageSpec
-    from tiny import tiny_config, whole_and_resumed
 
     cfg = tiny_config(distill={"loss": "ekd", "alpha": 1.0}, data={"images_per_id": 4},
                       train={"max_steps": 4, "checkpoint_every": 2})

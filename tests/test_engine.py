@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TinyFaces, tame, tiny_config
 
 import teachers
-from distill.utils.checkpoint import safe_torch_load
-from distill.train.engine import StageSpec, TrainingDiverged, run_stage
-from distill.utils.errors import CheckpointError
 from distill.models.files import load_student
-from tiny import TinyFaces, tame, tiny_config
+from distill.train.engine import StageSpec, TrainingDiverged, run_stage
+from distill.utils.checkpoint import safe_torch_load
+from distill.utils.errors import CheckpointError
 
 HERE = Path(__file__).resolve().parent
 CHILD = [sys.executable, str(HERE / "engine_child.py")]

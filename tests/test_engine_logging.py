@@ -7,11 +7,11 @@ import signal
 
 import pytest
 import torch
+from tiny import TINY_STUDENT, TinyFaces, tiny_config
 from torch import nn
 
-from distill.train.engine import Preempted, StageSpec, run_stage
 from distill.losses.distillation import DistillationObjective
-from tiny import TINY_STUDENT, TinyFaces, tiny_config
+from distill.train.engine import Preempted, StageSpec, run_stage
 
 MODEL_KWARGS = {**{k: v for k, v in TINY_STUDENT.items() if k != "arch"}, "input_size": 16}
 TERMS = ("acc", "cos_target", "loss_cls", "loss_kd", "loss")

@@ -7,14 +7,19 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from torch import nn
 
 import distill.eval.verification as evaluate
 from distill.cli import main
-from distill.eval.verification import (THRESHOLDS, EvaluationError, embed_pairs, evaluate_sets, tar_at_far_pairs,
-                              verification_metrics)
-
-from conftest import REPO
+from distill.eval.verification import (
+    THRESHOLDS,
+    EvaluationError,
+    embed_pairs,
+    evaluate_sets,
+    tar_at_far_pairs,
+    verification_metrics,
+)
 
 
 def _bench_module():

@@ -2,8 +2,14 @@
 
 import pytest
 
-from distill.eval.far import (IJB_FARS, SUMMARY_IJB_FARS, VERIFICATION_FARS, far_key, normalise_far_keys,
-                              normalise_results)
+from distill.eval.far import (
+    IJB_FARS,
+    SUMMARY_IJB_FARS,
+    VERIFICATION_FARS,
+    far_key,
+    normalise_far_keys,
+    normalise_results,
+)
 
 
 def test_far_keys_are_mantissa_exponent_without_zero_padding():

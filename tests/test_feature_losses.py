@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from tiny import TinyFaces, stop_at_first_checkpoint, tiny_config
+from tiny_experiment import write_experiment
 
 import teachers
 from distill.config.schema import load_config
@@ -16,8 +18,6 @@ from distill.train.engine import StageSpec, run_stage
 from distill.train.feature_taps import FeatureTaps
 from distill.utils.checkpoint import safe_torch_load
 from distill.utils.errors import ConfigError
-from tiny import TinyFaces, stop_at_first_checkpoint, tiny_config
-from tiny_experiment import write_experiment
 
 
 def test_attention_map_and_loss_by_hand():

@@ -11,8 +11,14 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from distill.data import ImageFolderDataset, RecordIODataset, write_insightface_rec
-from distill.data.gpu_decode import (EncodedPlanned, _gpu_can_decode, check_decode, collate_encoded, decode_batch,
-                                    jpeg_frame)
+from distill.data.gpu_decode import (
+    EncodedPlanned,
+    _gpu_can_decode,
+    check_decode,
+    collate_encoded,
+    decode_batch,
+    jpeg_frame,
+)
 from distill.data.images import decode_chw, to_input_tensor
 from distill.data.standin import StandInFaces
 from distill.train.epoch_plan import PlannedDataset, plan_epoch

@@ -6,15 +6,15 @@ import warnings
 
 import pytest
 import torch
+from tiny import TinyFaces, tiny_config, whole_and_resumed
 
 import distill.train.setup
 import distill.utils.device
 import teachers
-from distill.utils.checkpoint import extract_state_dict, safe_torch_load
 from distill.train.engine import StageSpec, _build, run_stage
 from distill.train.epoch_plan import StagePlan, plan_epoch
+from distill.utils.checkpoint import extract_state_dict, safe_torch_load
 from distill.utils.errors import ConfigError, UserNote
-from tiny import TinyFaces, tiny_config, whole_and_resumed
 
 
 def _spec(cfg, name="gen1", alpha=7.0):

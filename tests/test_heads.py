@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from distill.utils.errors import ConfigError, UnknownNameError
 from distill.losses.heads import HEADS, create_head, shard_range
+from distill.utils.errors import ConfigError, UnknownNameError
 
 
 def at_angle(centre: torch.Tensor, theta: float, norm: float = 1.7, seed: int = 0) -> torch.Tensor:

@@ -375,6 +375,7 @@ def test_bench_ijb_json_quick_measures_the_set_it_read(ijb_root, students, capsy
     """bench_ijb.py --json (issue 22, item 5) in this process: every image of the set is decoded, run through the
     model and embedded end to end, and the ratio is the documented one; bad arguments are refused by name."""
     import importlib.util
+
     from conftest import REPO
     spec = importlib.util.spec_from_file_location("bench_ijb", REPO / "benchmarks" / "bench_ijb.py")
     bench = importlib.util.module_from_spec(spec)

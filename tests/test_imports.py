@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 from test_layering import CLI, COMMAND_NAMES, MODULES, ONNX_CODE, _within
 
@@ -127,5 +126,5 @@ def test_distill_run_loads_no_onnx_code(tmp_path):
         "import json, sys\nfrom distill.cli import main\n"
         f"code = main(['run', {str(exp)!r}, '--dry-run', '--no-progress', '--out', {str(tmp_path / 'run')!r}])\n"
         "assert code == 0, code\nprint(json.dumps(sorted(sys.modules)))"))
-    assert "distill.run.dry_run" in loaded and "teachers.iresnet" in loaded  # the run did run
+    assert "distill.run.dry_run" in loaded and "distill.models.iresnet" in loaded  # the run did run
     assert not [m for m in loaded if _within(m, ONNX_CODE)]

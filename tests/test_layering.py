@@ -1,6 +1,6 @@
 """The layering: how the packages hang together, read from the source (ast), not by importing it:
 
-- layering: distill.data, distill.models, distill.losses, distill.students and teachers import nothing of
+- layering: distill.data, distill.models, distill.losses and teachers import nothing of
   distill.train, distill.run, distill.deploy or distill.cli: every import statement counts, also those
   inside functions and under `if TYPE_CHECKING:` (`layering_violations`);
 - no import cycles between the modules of `distill` and `teachers` (`import_cycles`), and no import inside a
@@ -30,7 +30,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from conftest import REPO
 
 PACKAGES = ("distill", "teachers")
@@ -39,9 +38,9 @@ COMMAND_NAMES = ("run", "sweep", "eval", "compare", "export", "profile", "cache"
 # argparse calls: a library module that makes them is command code, wherever its parser comes from
 ARGPARSE_CALLS = {"ArgumentParser", "add_parser", "add_subparsers", "add_argument", "add_argument_group",
                   "add_mutually_exclusive_group", "parse_args", "parse_known_args"}
-LOWER_LAYERS = ("distill.data", "distill.models", "distill.losses", "distill.students", "teachers")
+LOWER_LAYERS = ("distill.data", "distill.models", "distill.losses", "teachers")
 UPPER_LAYERS = ("distill.train", "distill.run", "distill.deploy", "distill.cli")
-MAX_LINES = 400
+MAX_LINES = 600  # a guard against modules that hold several concepts; split by concept, never to pass the count
 ONNX_CODE = ("onnx", "onnxruntime", "distill.deploy", "teachers.onnx")  # and their submodules
 
 
@@ -310,7 +309,7 @@ def heavy_command_imports(root) -> list:
 
 def test_the_graph_is_read_from_every_module():
     assert {"distill", "distill.cli", "distill.cli.run", "distill.run.experiment", "teachers"} <= set(MODULES)
-    assert "distill.students.vargfacenet" in GRAPH["distill.students"]  # `from pkg import name`: to the submodule
+    assert "distill.models.files" in GRAPH["distill.models"]  # `from pkg import name`: to the submodule
     assert "distill.utils.errors" in GRAPH["distill"]  # `from module import name`: to the module
     assert "distill.cli.run" in GRAPH["distill.cli.sweep"]
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
+from distill.config.schema import load_config
 from distill.utils import dist
 from distill.utils.atomic import WriteError, atomic_open, atomic_write_json, atomic_write_text
 from distill.utils.checkpoint import atomic_torch_save
-from distill.config.schema import load_config
 from distill.utils.errors import CheckpointError
 from distill.utils.layout import RunLayout, StageLayout, is_run_dir, stage_order
 

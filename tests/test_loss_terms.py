@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+from tiny import tiny_config, whole_and_resumed
+from tiny_experiment import write_experiment
 
 import teachers
 from distill.config.schema import dump_config, load_config, load_saved_config
@@ -13,8 +15,6 @@ from distill.losses.distillation import DistillationObjective, create_distill_lo
 from distill.losses.terms import LossTerm, config_terms, describe_terms, stage_terms
 from distill.train.engine import StageSpec
 from distill.utils.errors import ConfigError
-from tiny import tiny_config, whole_and_resumed
-from tiny_experiment import write_experiment
 
 TWO = [{"loss": "equivalent_angular", "alpha": 7}, {"loss": "fitnet", "alpha": 1, "stages": [-2]}]
 
@@ -46,8 +46,8 @@ def test_terms_load_from_yaml_and_replace_the_short_form_of_a_base_file(tmp_path
     base = write_experiment(tmp_path / "base.yaml", tmp_path / "faces", distill={"loss": "cosine", "alpha": 3.0},
                             teacher={"cache": False})
     child = tmp_path / "child.yaml"
-    child.write_text(f"base: base.yaml\ndistill:\n  terms:\n    - {{loss: equivalent_angular, alpha: 7}}\n"
-                     f"    - {{loss: fitnet, alpha: 1, stages: [-2]}}\n")
+    child.write_text("base: base.yaml\ndistill:\n  terms:\n    - {loss: equivalent_angular, alpha: 7}\n"
+                     "    - {loss: fitnet, alpha: 1, stages: [-2]}\n")
     cfg = load_config(str(child))
     assert cfg.distill.loss is None and cfg.distill.alpha is None and cfg.distill.weight == 8.0
     assert config_terms(cfg.distill) == [LossTerm("equivalent_angular", "equivalent_angular", 7.0),
@@ -138,6 +138,7 @@ def test_bench_kd_measures_an_online_teacher_with_a_feature_term(tmp_path):
     import types
 
     from conftest import REPO
+
     from distill.data.standin import StandInFaces
     spec = importlib.util.spec_from_file_location("bench_kd", REPO / "benchmarks" / "bench_kd.py")
     bench = importlib.util.module_from_spec(spec)

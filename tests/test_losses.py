@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from distill.utils.errors import ConfigError, UnknownNameError
-from distill.losses.heads import create_head
 from distill.losses.distillation import DISTILL_LOSSES, DistillationObjective, create_distill_loss
+from distill.losses.heads import create_head
+from distill.utils.errors import ConfigError, UnknownNameError
 
 # (student, teacher) pairs whose losses are worked out by hand below
 ORTHOGONAL = ([1.0, 0.0], [0.0, 3.0])        # cos = 0

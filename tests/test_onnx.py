@@ -8,9 +8,9 @@ from torch import nn
 
 import teachers
 from distill.cli import main
-from distill.utils.errors import CheckpointError, ConfigDeprecationWarning, ConfigError
 from distill.models.files import save_student
 from distill.models.registry import create_model
+from distill.utils.errors import CheckpointError, ConfigDeprecationWarning, ConfigError
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

@@ -10,16 +10,16 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from tiny import TinyFaces, tiny_config
+from tiny_experiment import tiny_experiment
 
 import teachers
-from distill.utils.checkpoint import safe_torch_load
 from distill.cli import main
 from distill.data import ImageFolderDataset, RecordIODataset, write_insightface_rec
 from distill.train.engine import Preempted, StageSpec, run_stage
 from distill.train.epoch_plan import plan_epoch, plan_identity_epoch
+from distill.utils.checkpoint import safe_torch_load
 from distill.utils.errors import CheckpointError, ConfigError
-from tiny import TinyFaces, tiny_config
-from tiny_experiment import tiny_experiment
 
 # 9 identities of uneven sizes, 3 of them smaller than K = 4; 40 images, a multiple of the batch (8)
 SIZES = [1, 3, 5, 8, 2, 9, 4, 1, 7]

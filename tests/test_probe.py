@@ -3,10 +3,9 @@ traceback) with nothing written; and the benchmark scripts failing the same way.
 one invocation, or a check of what was (not) trained, are tests/test_bad_inputs.py."""
 
 import pytest
-
-from distill.cli import main
 from tiny_experiment import write_experiment
 
+from distill.cli import main
 
 # The probe: one-line refusals across the commands (the earlier rounds' and this one's). "{exp}" is a tiny
 # experiment, "{dir}" the test's folder; each: exit 2, the text given, no traceback, nothing written but the

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from distill.cli import main
-from distill.utils.errors import ConfigError
 from distill.models.files import load_model, save_student
 from distill.models.registry import create_model
-from teachers.iresnet import IResNet
+from distill.utils.errors import ConfigError
+from distill.models.iresnet import IResNet
 
 
 def test_profile_json_student(capsys):

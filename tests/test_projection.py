@@ -3,14 +3,14 @@ distillation loss, trained with the student, kept in last.pt, never in student.p
 
 import pytest
 import torch
+from tiny import tiny_config, whole_and_resumed
+from tiny_experiment import write_experiment
 
 import teachers
 from distill.cli import main
-from distill.train.engine import StageSpec
 from distill.losses.distillation import DistillationObjective
 from distill.models.files import load_student
-from tiny import tiny_config, whole_and_resumed
-from tiny_experiment import write_experiment
+from distill.train.engine import StageSpec
 
 
 def _config(**train):

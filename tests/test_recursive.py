@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from distill.utils.checkpoint import safe_torch_load
-from distill.cli import main
-from distill.config.schema import load_config
-from distill.utils.errors import ConfigError
-from distill.run.experiment import run_experiment
 from tiny import tame
 from tiny_experiment import tiny_experiment
+
+from distill.cli import main
+from distill.config.schema import load_config
+from distill.run.experiment import run_experiment
+from distill.utils.checkpoint import safe_torch_load
+from distill.utils.errors import ConfigError
 
 # tiny_experiment's run, with 6 steps a stage and checkpoints every 2 (the resume tests rely on both)
 STEPS = {"max_steps": 6, "log_every": 2, "eval_every": 0, "checkpoint_every": 2}
@@ -64,8 +64,8 @@ def test_summary_shape_and_values_match_each_stage(finished):
 def test_generation_two_starts_from_generation_one_with_a_fresh_head(finished):
     tmp, path, _, _ = finished
     gen1 = safe_torch_load(tmp / "run" / "gen1" / "student.pt")["state_dict"]
-    from distill.train.engine import run_stage
     from distill.run.experiment import open_data, plan_stages
+    from distill.train.engine import run_stage
     cfg = load_config(str(path), ["train.max_steps=1"])
     spec = plan_stages(cfg, str(tmp / "run"))[2]
     assert spec.name == "gen2" and spec.head_from is None and spec.init_from.endswith("gen1/student.pt")
@@ -164,7 +164,7 @@ def test_missing_teacher_checkpoint_without_recipe_stops_before_training(tmp_pat
 def test_paper_recipe_dry_run_on_synthetic_stand_ins(finished, tmp_path, capsys):
     """The paper's recipe as shipped (VarGFaceNet at 112, IResNet-100 teacher) passes --dry-run here (the MS1MV2
     variant differs only in data and teacher paths: test_config)."""
-    from teachers.iresnet import IResNet
+    from distill.models.iresnet import IResNet
     tmp, _, _, _ = finished
     torch.save(tame(IResNet(100)).state_dict(), tmp_path / "backbone.pth")
     repo = Path(__file__).resolve().parents[1]

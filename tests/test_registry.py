@@ -6,13 +6,19 @@ import inspect
 import pytest
 import torch
 import yaml
+from tiny import tame
 
 from distill.config.schema import load_config
-from distill.utils.errors import ConfigDeprecationWarning, ConfigError, UnknownNameError
 from distill.models.files import load_student, save_student
-from distill.models.registry import (canonical_name, check_model_kwargs, create_model, list_models, model_defaults,
-                              register_model)
-from tiny import tame
+from distill.models.registry import (
+    canonical_name,
+    check_model_kwargs,
+    create_model,
+    list_models,
+    model_defaults,
+    register_model,
+)
+from distill.utils.errors import ConfigDeprecationWarning, ConfigError, UnknownNameError
 
 # every registered name (aliases resolve to these), plus one member of the timm/ family
 WALK = [n for n in list_models() if not n.endswith("<name>")] + ["timm/resnet10t"]

@@ -6,13 +6,13 @@ import math
 
 import pytest
 import torch
+from tiny import tiny_config
+from tiny_experiment import write_experiment
 
 from distill.config.schema import load_config
 from distill.losses.distillation import create_distill_loss, loss_needs
 from distill.train.engine import StageSpec
 from distill.utils.errors import ConfigError
-from tiny import tiny_config
-from tiny_experiment import write_experiment
 
 RIGHT = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # a right angle at point 0
 
@@ -80,9 +80,10 @@ def test_a_batch_too_small_is_refused_at_load_and_in_the_loss(tmp_path, name, le
 
 
 def test_a_cached_rkd_stage_resumes_bit_identically(tmp_path, monkeypatch):
+    from tiny import TinyFaces, tame, whole_and_resumed
+
     import teachers
     from teachers.cache import build_cache
-    from tiny import TinyFaces, tame, whole_and_resumed
     cfg = tiny_config(distill={"loss": "rkd", "alpha": 1.0}, train={"max_steps": 6, "checkpoint_every": 2})
     spec = StageSpec("gen1", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=1.0, generation=1)
     torch.manual_seed(5)

@@ -5,12 +5,12 @@ import os
 
 import pytest
 import torch
+from tiny_experiment import write_experiment
 
 import distill.run.experiment
 from distill.config.schema import load_config
 from distill.run.experiment import run_experiment
 from distill.utils.errors import DistillError
-from tiny_experiment import write_experiment
 
 QUIET = {"progress": False, "log": lambda *_: None}
 

@@ -11,7 +11,7 @@ import distill  # noqa: F401  (registers the students with timm)
 from distill.models.cost import count_flops, params_in_use
 from distill.models.files import load_student, save_student
 from distill.models.registry import create_model, list_models
-from distill.students.vargfacenet import SEBlock, VarGBlock, VarGFaceNet
+from distill.models.vargfacenet import SEBlock, VarGBlock, VarGFaceNet
 from distill.utils.errors import UnknownNameError
 
 

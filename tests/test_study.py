@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_experiment import write_experiment
 
 from distill.run.sweep import CASE, expand, load_grid
-from tiny_experiment import write_experiment
 
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "experiments" / "studies"

@@ -9,8 +9,7 @@ import torch
 from PIL import Image
 
 from distill.cli import main
-from distill.data import RecordIO, RecordIODataset, load_verification_bin
-from distill.data import synthetic
+from distill.data import RecordIO, RecordIODataset, load_verification_bin, synthetic
 from distill.data.face_render import render_image
 from distill.data.synthetic import VAL_BIN, VAL_PAIRS, ensure_synthetic, generate, read_manifest
 from distill.utils.errors import ConfigError

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import TinyFaces
 
 import teachers
 from distill.utils.errors import DistillError
 from teachers.cache import build_cache, rank_slice
-from tiny import TinyFaces
 
 BATCH = 6  # 40 rows: 7 batches, the last one short; 2 ranks get rows 0..17 and 18..39
 

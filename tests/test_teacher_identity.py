@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 import torch
+from tiny_experiment import write_experiment
 
 from distill.cli import main
 from teachers.prepare import IDENTITY_KEY, teacher_identity
-from tiny_experiment import write_experiment
 
 # the teacher and one generation: a cache build trains the 4-step teacher and embeds 72 images
 SMALL = dict(generations=1, baseline=False, tracking={"wandb": "disabled"})

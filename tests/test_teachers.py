@@ -6,8 +6,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import teachers
-from distill.utils.errors import CheckpointError, ConfigDeprecationWarning, ConfigError, UnknownNameError, UnsafeFileError
-from teachers.iresnet import LAYERS, IResNet
+from distill.utils.errors import (
+    CheckpointError,
+    ConfigDeprecationWarning,
+    ConfigError,
+    UnknownNameError,
+    UnsafeFileError,
+)
+from distill.models.iresnet import LAYERS, IResNet
 
 
 @pytest.mark.parametrize("depth", sorted(LAYERS))
@@ -43,7 +49,7 @@ def _bn(x, sd, name, eps=1e-5):
 
 
 def reference_forward(sd, x, layers):
-    """IResNet written straight from docs/formats.md §4 over a state dict, independent of teachers.iresnet."""
+    """IResNet written straight from docs/formats.md §4 over a state dict, independent of distill.models.iresnet."""
     x = F.prelu(_bn(F.conv2d(x, sd["conv1.weight"], padding=1), sd, "bn1"), sd["prelu.weight"])
     for i, n in enumerate(layers, start=1):
         for b in range(n):
@@ -174,7 +180,7 @@ def test_timm_teacher():
 
 def test_facedistill_teacher_loads_a_student_checkpoint(tmp_path):
     from distill.models.files import save_student
-    from distill.students.vargfacenet import VarGFaceNet
+    from distill.models.vargfacenet import VarGFaceNet
 
     kwargs = {"embedding_size": 64, "multiplier": 0.5, "last_channels": 128, "units": [1, 1, 1], "input_size": 32}
     src = VarGFaceNet(**kwargs).eval()

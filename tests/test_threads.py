@@ -11,14 +11,21 @@ import time
 
 import pytest
 import torch
+from tiny import TinyFaces, stop_at_first_checkpoint, tiny_config
 
 import distill.utils.device
 import distill.utils.threads
 from distill.train.engine import StageSpec, run_stage
 from distill.utils.device import amp_settings
 from distill.utils.errors import ConfigError
-from distill.utils.threads import GPU_WORKERS, available_cores, busy_cores, cgroup_cpu_limit, loader_workers, plan_threads
-from tiny import TinyFaces, stop_at_first_checkpoint, tiny_config
+from distill.utils.threads import (
+    GPU_WORKERS,
+    available_cores,
+    busy_cores,
+    cgroup_cpu_limit,
+    loader_workers,
+    plan_threads,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,14 +9,14 @@ import math
 import pytest
 import timm
 import torch
+from tiny import tame
+from tiny_experiment import write_experiment
 
 import distill  # noqa: F401  (registers the face models with timm)
 from distill.config.schema import load_config
 from distill.models.files import load_student, save_student
 from distill.models.registry import create_model
 from distill.utils.errors import ConfigError
-from tiny import tame
-from tiny_experiment import write_experiment
 
 FACE = ["vargfacenet", "vargfacenet_depthwise", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200"]
 SMALL = {"vargfacenet": dict(multiplier=0.25, last_channels=32, units=[1, 1, 1]),

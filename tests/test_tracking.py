@@ -10,12 +10,12 @@ import warnings
 import zlib
 
 import pytest
+from tiny_experiment import write_experiment
 
 from distill.config.schema import load_config
-from distill.utils.errors import ConfigError
 from distill.run.experiment import run_experiment
 from distill.train.tracking import Tracker, TrackingWarning, WandbTracker, read_metrics, resolve_mode, stage_tracker
-from tiny_experiment import write_experiment
+from distill.utils.errors import ConfigError
 
 FAKE_KEY = "local-0123456789abcdef0123456789abcdef01234567"  # must never reach a file
 

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny import TinyFaces, tiny_config
 
 from distill.config.schema import TrainConfig
 from distill.train.engine import StageSpec, _build
 from distill.train.setup import create_scheduler
-from tiny import TinyFaces, tiny_config
 
 
 def _lrs(train: TrainConfig, total: int, steps_per_epoch: float) -> list:
@@ -52,11 +52,12 @@ def test_weight_decay_on_norm_and_bias_is_an_option(tmp_path, decay_all):
 def test_channels_last_switch_trains_the_same_student_on_cpu(tmp_path):
     """train.channels_last: true on CPU (the GPU default) runs the NHWC path; the student it trains equals the
     NCHW one up to float rounding, and student.pt holds ordinary weights."""
+    from tiny import TinyFaces, tiny_config
+
     import teachers
-    from distill.utils.checkpoint import safe_torch_load
     from distill.train.engine import StageSpec, run_stage
     from distill.train.setup import use_channels_last
-    from tiny import TinyFaces, tiny_config
+    from distill.utils.checkpoint import safe_torch_load
 
     weights = {}
     for flag in (False, True):

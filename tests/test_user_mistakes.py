@@ -12,8 +12,8 @@ import shutil
 import pytest
 import torch
 
-import distill.utils.atomic
 import distill.run.disk
+import distill.utils.atomic
 import teachers.cache
 from distill.cli import main
 from distill.config.schema import load_config

@@ -75,8 +75,8 @@ def stop_at_first_checkpoint(cfg, spec, out, monkeypatch, teacher=None, log=lamb
 def whole_and_resumed(cfg, spec, teacher, out, monkeypatch, cache=None) -> tuple:
     """last.pt of one stage trained straight through (out/whole) and of the same stage stopped right after its
     first checkpoint, then rerun to resume it (out/resumed): (whole, at the stop, resumed) checkpoints."""
-    from distill.utils.checkpoint import safe_torch_load
     from distill.train.engine import run_stage
+    from distill.utils.checkpoint import safe_torch_load
 
     run_stage(cfg, spec, str(out / "whole"), TinyFaces(), {}, teacher=teacher, cache=cache, progress=False)
     stop_at_first_checkpoint(cfg, spec, out / "resumed", monkeypatch, teacher=teacher, log=print, cache=cache)

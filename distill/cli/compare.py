@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import sys
 
-from distill.utils.errors import ConfigError
 from distill.cli.export import add_calib_images_option, add_calibration_option, check_int8_margin, require_onnx
+from distill.utils.errors import ConfigError
 
 
 def _log(message: str) -> None:

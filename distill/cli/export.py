@@ -48,8 +48,7 @@ def _export(args) -> int:
     from distill.cli import thread_policy
 
     thread_policy(args)  # torch's and ONNX Runtime's threads in the parity and verification checks
-    from distill.deploy.export import (INPUT_NAME, NORMALISATION, OUTPUT_NAME, export_model, format_checks,
-                                       judge_checks)
+    from distill.deploy.export import INPUT_NAME, NORMALISATION, OUTPUT_NAME, export_model, format_checks, judge_checks
 
     r = export_model(args.model, args.out, arch=args.arch, input_size=args.input_size, opset=args.opset,
                      batch=_batch(args.batch), int8=args.int8, calibrate=args.calibrate,

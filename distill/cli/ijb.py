@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from distill.cli import help_values, thread_policy
-from distill.utils.errors import ConfigError, DataFormatError
 from distill.eval.far import IJB_FARS, far_key
+from distill.utils.errors import ConfigError, DataFormatError
 
 
 def _labels(sources) -> list:

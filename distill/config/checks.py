@@ -12,12 +12,11 @@ from timm.optim import list_optimizers
 
 from distill.data.ijb import TARGETS as IJB_TARGETS
 from distill.losses.distillation import DISTILL_LOSSES, loss_needs
+from distill.losses.heads import HEADS
 from distill.losses.registry import check_loss_options, loss_options
 from distill.losses.terms import config_terms
-from distill.losses.heads import HEADS
 from distill.models.registry import did_you_mean, feature_count
 from distill.utils.errors import ConfigError
-
 
 SCHEDULERS = ("poly", "cosine", "step")
 

@@ -13,21 +13,21 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import types
 import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
 
 import yaml
 
 import teachers
-from distill.utils.atomic import atomic_open
-from distill.config.files import key_paths, load_with_bases, merge_experiment, parse_overrides, read_yaml_mapping
-from distill.utils.errors import ConfigDeprecationWarning, ConfigError, DistillError
 from distill.config.checks import check_semantics
-from distill.losses.terms import parse_terms
+from distill.config.files import key_paths, load_with_bases, merge_experiment, parse_overrides, read_yaml_mapping
 from distill.config.keys import HARMLESS, flat_dict, is_harmless  # noqa: F401  (re-exported)
+from distill.losses.terms import parse_terms
 from distill.models.registry import check_model_kwargs, check_model_name, did_you_mean, model_defaults
+from distill.utils.atomic import atomic_open
+from distill.utils.errors import ConfigDeprecationWarning, ConfigError, DistillError
 
 
 @dataclass
@@ -35,7 +35,7 @@ class SyntheticConfig:
     """Procedural identities generated into `data.train` on first use (distill/data/synthetic.py)."""
     ids: int = 200                 # training identities
     images_per_id: int = 20
-    holdout_ids: Optional[int] = None  # identities kept out of training for the pairs (default: generator picks)
+    holdout_ids: int | None = None  # identities kept out of training for the pairs (default: generator picks)
     pairs: int = 2000              # verification pairs (half same, half different)
     size: int = 112                # image side
     seed: int = 0
@@ -56,14 +56,14 @@ class DataConfig:
     input_size: int = 112          # images are resized when their size differs
     # loader workers; null: 0 on a CPU (a worker takes a core from training: the quickstart's student step was
     # 1.42x slower with 1 worker than with 0 on 2 cores), 2 on a GPU (distill.utils.threads.loader_workers)
-    num_workers: Optional[int] = None
+    num_workers: int | None = None
     prefetch_factor: int = 4       # batches each loader worker keeps ready (workers persist for the whole stage)
     decode: str = "cpu"            # JPEGs decoded by loader workers | cuda: by nvJPEG, batched (data/gpu_decode.py)
-    synthetic: Optional[SyntheticConfig] = None
-    ijb: Optional[IJBConfig] = None  # evaluate every finished stage on IJB-B/C too (TAR@FAR 1e-6 .. 1e-1)
+    synthetic: SyntheticConfig | None = None
+    ijb: IJBConfig | None = None  # evaluate every finished stage on IJB-B/C too (TAR@FAR 1e-6 .. 1e-1)
     # K: P×K batches of batch_size/K identities with K images each, for batch-level distillation losses
     # (distill/train/epoch_plan.py plan_identity_epoch); null: plain shuffled batches
-    images_per_id: Optional[int] = None
+    images_per_id: int | None = None
     grouped_fraction: float = 1.0  # with images_per_id: the share of each batch in groups, the rest shuffled single images
 
 
@@ -95,7 +95,7 @@ class StudentConfig(_ModelArguments):
     """`arch` (a model registry name), `init`, and the keyword arguments of `arch` beside them (embedding_size,
     group_size, se, ... for VarGFaceNet). Its input size is data.input_size."""
     arch: str = "vargfacenet"
-    init: Optional[str] = None     # generation 1 starts from this student.pt instead of from scratch
+    init: str | None = None     # generation 1 starts from this student.pt instead of from scratch
     model: dict = _spread()
 
     def __post_init__(self):
@@ -127,12 +127,12 @@ class MarginConfig:
 @dataclass
 class DistillConfig:
     """What students distil with: the short form `loss` + `alpha`, or `terms` (distill/losses/terms.py); not both."""
-    loss: Optional[str] = None     # the short form's loss (default equivalent_angular)
-    alpha: Optional[float] = None  # total = classification + alpha * distillation (default 7, the paper's)
+    loss: str | None = None     # the short form's loss (default equivalent_angular)
+    alpha: float | None = None  # total = classification + alpha * distillation (default 7, the paper's)
     # none (the paper: student and teacher embeddings of one size) | linear: a learned student->teacher
     # projection used only inside the distillation loss (trained with the student, kept in last.pt only)
     project: str = "none"
-    terms: Optional[list] = None   # [{loss: equivalent_angular, alpha: 7}, {loss: fitnet, alpha: 1, stages: [-2]}]
+    terms: list | None = None   # [{loss: equivalent_angular, alpha: 7}, {loss: fitnet, alpha: 1, stages: [-2]}]
 
     def __post_init__(self):
         if self.terms is None:
@@ -171,30 +171,30 @@ class TrainConfig:
     decay_rate: float = 0.1
     min_lr: float = 0.0
     amp: str = "auto"              # auto (bf16 on CUDA; on a bf16 CPU for models faster in it: IResNet) | bf16 | fp16 | off
-    channels_last: Optional[bool] = None  # NHWC memory format for the student and an online teacher; null: on CUDA
+    channels_last: bool | None = None  # NHWC memory format for the student and an online teacher; null: on CUDA
     compile: bool = False          # torch.compile the student and an online teacher (eager, with a warning, where it fails)
     optimizer_impl: str = "auto"   # auto (fused on CUDA where it exists, else torch's default) | fused | foreach | off
-    threads: Optional[int] = None  # torch threads; null: the thread policy (distill/utils/threads.py)
-    clip_grad: Optional[float] = None
+    threads: int | None = None  # torch threads; null: the thread policy (distill/utils/threads.py)
+    clip_grad: float | None = None
     accumulate: int = 1            # gradient accumulation steps
     eval_every: int = 0            # steps between verification runs (0: only at the end)
     log_every: int = 20
     checkpoint_every: int = 200    # steps between last.pt writes
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
 
 
 @dataclass
 class TeacherConfig(_ModelArguments):
     """A registered model (`arch` and its keyword arguments beside it, e.g. embedding_size, input_size) or an
     ONNX file (`onnx`; its sizes are read from the file)."""
-    arch: Optional[str] = None     # iresnet100 (or r100), timm/<name>, vargfacenet, ... (model registry)
-    onnx: Optional[str] = None     # an insightface model-zoo ONNX file instead of arch
-    checkpoint: Optional[str] = None  # weights of arch (arcface_torch backbone.pth, a state dict)
-    providers: Optional[list] = None  # onnx: ONNX Runtime execution providers (default: CUDA if present, CPU)
+    arch: str | None = None     # iresnet100 (or r100), timm/<name>, vargfacenet, ... (model registry)
+    onnx: str | None = None     # an insightface model-zoo ONNX file instead of arch
+    checkpoint: str | None = None  # weights of arch (arcface_torch backbone.pth, a state dict)
+    providers: list | None = None  # onnx: ONNX Runtime execution providers (default: CUDA if present, CPU)
     cache: bool = True             # embeddings computed once (original + flip); false: online teacher
-    head: Optional[str] = None     # its class centres (a file or a glob of rank files) for kd, margin_distillation, ...
-    shared_cache: Optional[str] = None  # a folder many runs share: this teacher's cache and metrics, made once
-    train: Optional[TrainConfig] = None  # recipe to train the teacher as stage 0 when checkpoint is missing
+    head: str | None = None     # its class centres (a file or a glob of rank files) for kd, margin_distillation, ...
+    shared_cache: str | None = None  # a folder many runs share: this teacher's cache and metrics, made once
+    train: TrainConfig | None = None  # recipe to train the teacher as stage 0 when checkpoint is missing
     model: dict = _spread()
 
     def __post_init__(self):
@@ -211,7 +211,7 @@ class TeacherConfig(_ModelArguments):
         self.model = _model_kwargs(self.arch, self.model, "teacher.", tuple(f.name for f in dataclasses.fields(self)))
 
     @property
-    def embedding_size(self) -> Optional[int]:
+    def embedding_size(self) -> int | None:
         return self.model.get("embedding_size")
 
     def spec(self) -> dict:
@@ -225,7 +225,7 @@ class TeacherConfig(_ModelArguments):
 class TrackingConfig:
     wandb: str = "auto"            # auto (offline unless credentials exist) | online | offline | disabled
     project: str = "facedistill"
-    entity: Optional[str] = None
+    entity: str | None = None
 
 
 @dataclass
@@ -243,7 +243,7 @@ class ExperimentConfig:
     device: str = "auto"           # auto | cpu | cuda
     deterministic: bool = False
     data: DataConfig = field(default_factory=DataConfig)
-    teacher: Optional[TeacherConfig] = None   # no teacher: plain training
+    teacher: TeacherConfig | None = None   # no teacher: plain training
     student: StudentConfig = field(default_factory=StudentConfig)
     margin: MarginConfig = field(default_factory=MarginConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -258,7 +258,7 @@ class ExperimentConfig:
 # --------------------------------------------------------------------------------------- validation
 
 def _unwrap_optional(tp):
-    if typing.get_origin(tp) is typing.Union:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return args[0], True
     return tp, False

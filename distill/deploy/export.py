@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from distill.deploy.onnx_graph import fold_batchnorm, split_prelu
 from distill.utils.atomic import ensure_writable, unwritable
 from distill.utils.errors import ConfigError, DistillError
-from distill.deploy.onnx_graph import fold_batchnorm, split_prelu
 
 INPUT_NAME = "input.1"
 OUTPUT_NAME = "embedding"
@@ -230,7 +230,13 @@ def _export_int8(model, fp32: str, out: str, size: int, batch, calibrate, calib_
                  calibration: str | None = None) -> dict:
     """Quantize the FP32 file into `out` (atomically); report the calibration and how close it stays to torch.
     `calibration`: how activation ranges are read (distill.deploy.quantize.CALIBRATIONS; None: its default)."""
-    from distill.deploy.quantize import DEFAULT_SETTINGS, QuantSettings, calibration_reader, open_calibration_set, quantize_file
+    from distill.deploy.quantize import (
+        DEFAULT_SETTINGS,
+        QuantSettings,
+        calibration_reader,
+        open_calibration_set,
+        quantize_file,
+    )
 
     settings = QuantSettings(calibration=calibration) if calibration else DEFAULT_SETTINGS
     dataset, indices = open_calibration_set(calibrate, size, calib_images)

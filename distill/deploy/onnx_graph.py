@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+
 def _bn_affine(bn, inits: dict) -> tuple:
     """(scale, shift) of an inference BatchNormalization: y = x * scale + shift per channel."""
     from onnx import numpy_helper

@@ -49,8 +49,8 @@ import warnings
 
 import numpy as np
 
-from distill.utils.errors import ConfigError, UserNote
 from distill.deploy.onnx_graph import shorten_names
+from distill.utils.errors import ConfigError, UserNote
 
 DEFAULT_CALIB_IMAGES = 512
 CALIB_BATCH = 32

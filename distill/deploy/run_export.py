@@ -13,7 +13,6 @@ from distill.utils.errors import ConfigError
 from distill.utils.layout import TEACHER, RunLayout
 from teachers.prepare import CHECKPOINT, ONNX, teacher_source
 
-
 EXPORTED = "exported"
 UNFINISHED = "not exported (unfinished)"
 EXPORT_SUMMARY = "export_summary.json"
@@ -58,9 +57,9 @@ def _stage_source(run_dir: str, name: str, cfg) -> tuple:
 def _as_student(checkpoint: str, arch: str, kwargs: dict, path: str) -> str:
     """A teacher checkpoint (plain state dict) written as a student.pt at `path`, so export_model rebuilds it
     with every argument of the config (embedding_size too), not only its input size."""
-    from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
     from distill.models.files import save_student
     from distill.models.registry import create_model
+    from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
 
     model = create_model(arch, **kwargs)
     load_state_dict_strict(model, extract_state_dict(safe_torch_load(checkpoint), checkpoint), source=checkpoint)
@@ -131,10 +130,10 @@ def export_run(plan: dict, int8: bool = False, calib_images: int | None = None, 
     """Export every finished stage of one run into plan["dir"] (<stage>.onnx, with `int8` <stage>.int8.onnx
     too: distill.deploy.export.export_model, BatchNorm folded and parity-checked), evaluate torch and each file on the
     run's val sets (check_exports) and write export_summary.json there. Returns that summary."""
+    from distill.deploy.export import export_model, judge_checks
+    from distill.eval.verification import set_name_of
     from distill.utils.atomic import atomic_write_json
     from distill.utils.errors import DistillError
-    from distill.eval.verification import set_name_of
-    from distill.deploy.export import export_model, judge_checks
 
     run, cfg = plan["run"], plan["cfg"]
     stages = []

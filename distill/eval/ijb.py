@@ -34,12 +34,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from distill.utils.atomic import atomic_open, atomic_write_json
 from distill.data.ijb import AlignedFaces, IJBMeta
-from distill.utils.errors import ConfigError, DataFormatError
 from distill.eval.far import IJB_FARS, far_key
 from distill.eval.verification import EvaluationError
+from distill.utils.atomic import atomic_open, atomic_write_json
 from distill.utils.device import model_device
+from distill.utils.errors import ConfigError, DataFormatError
 
 FEATURE_CACHE_FORMAT = "facedistill.ijb-features/1"
 _PAIR_CHUNK = 256  # pairs scored at once (measured: 256 beats 1024, 4096 and 16384 on IJB-C-sized data)

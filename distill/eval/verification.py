@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.utils.errors import DistillError, DataFormatError, UserNote
-from distill.utils.device import model_device
 from distill.eval.far import VERIFICATION_FARS, far_key
+from distill.utils.device import model_device
+from distill.utils.errors import DataFormatError, DistillError, UserNote
 
 THRESHOLDS = np.arange(0, 4, 0.01)  # the exact float64 values insightface compares against
 N_FOLDS = 10

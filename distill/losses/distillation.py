@@ -40,10 +40,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import centres as _centres, features as _features, relational as _relational  # noqa: F401 (register)
+from distill.losses import centres as _centres  # noqa: F401 (register)
 from distill.losses.registry import DISTILL_LOSSES, create_distill_loss, loss_needs, register_loss  # noqa: F401
 from distill.losses.terms import LossTerm
 from distill.utils.errors import CheckpointError, ConfigError
+
 
 def _prepare(student: torch.Tensor, teacher: torch.Tensor):
     """Check shapes, detach the teacher and bring both to one dtype of at least float32 precision."""

@@ -27,14 +27,13 @@ sharded `weight`: subclassing MarginHead gives all of that. An option the factor
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import nn
 
 from distill.losses.margin_head import MarginHead, shard_range  # noqa: F401  (shard_range: part of this API)
 from distill.utils.errors import ConfigError, UnknownNameError
-
 
 # --------------------------------------------------------------------------- the registry
 

@@ -21,12 +21,11 @@ The classifier is `nn.Identity` when `num_classes == 0` (the default), so the st
 No postponed annotations here: FX copies `forward`'s annotations into its generated code as written, and
 TorchScript cannot read them as strings."""
 
-from typing import List, Optional, Tuple, Union
 
 import torch
-from torch import nn
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
+from torch import nn
 
 FACE_MEAN = FACE_STD = (0.5, 0.5, 0.5)  # insightface's normalisation: (x / 255 - 0.5) / 0.5
 # timm's global_pool: the embedding block is a face model's pooling; '' leaves it out (forward gives the map)
@@ -85,7 +84,7 @@ class FaceModelContract:
     def get_classifier(self) -> nn.Module:
         return self.classifier
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """A new (randomly initialised) classifier of `num_classes` after the embedding; 0 removes it.
         `global_pool`: the embedding block is the model's pooling; '' leaves it (and fc, BN, classifier) out, so
         forward gives forward_features' map, as timm's models do; 'embedding' puts it back; None keeps it."""
@@ -128,12 +127,12 @@ class FaceModelContract:
     def forward_intermediates(
             self,
             x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
+            indices: int | list[int] | None = None,
             norm: bool = False,
             stop_early: bool = False,
             output_fmt: str = "NCHW",
             intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """The maps of the features in `indices` (feature_info's order, the stem first; an int n: the last n;
         None: all), and unless `intermediates_only` the last feature map too (what forward_features gives, or
         the map where `stop_early` stopped). `norm`: the model's final norm is applied to the last stage's map
@@ -156,8 +155,8 @@ class FaceModelContract:
         return x, intermediates
 
     @torch.jit.ignore
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
         """Drop the stages after the last one `indices` asks for (and the embedding block with `prune_head`,
         the final norm with `prune_norm`); returns the indices taken. A pruned model serves
         forward_intermediates only."""

@@ -14,9 +14,9 @@ import os
 
 from torch import nn
 
+from distill.models.registry import canonical_name, create_model
 from distill.utils.checkpoint import atomic_torch_save, extract_state_dict, load_state_dict_strict, safe_torch_load
 from distill.utils.errors import CheckpointError, ConfigError
-from distill.models.registry import canonical_name, create_model
 
 STUDENT_FORMAT = "facedistill.student/1"
 

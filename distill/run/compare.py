@@ -15,14 +15,14 @@ from __future__ import annotations
 import os
 
 from distill.config.schema import load_saved_config
-from distill.utils.errors import ConfigError
-from distill.utils.atomic import atomic_open, ensure_writable
-from distill.utils.layout import TEACHER, RunLayout, is_run_dir, read_json, stage_order
-from distill.run.experiment import plan_stages
-from distill.losses.terms import describe_terms, stage_terms
 from distill.eval.far import VERIFICATION_FARS, normalise_far_key, normalise_results
+from distill.losses.terms import describe_terms, stage_terms
+from distill.run.experiment import plan_stages
 from distill.run.summary import _stage_entry, cost_function, markdown_table, teacher_model
 from distill.train.tracking import read_metrics
+from distill.utils.atomic import atomic_open, ensure_writable
+from distill.utils.errors import ConfigError
+from distill.utils.layout import TEACHER, RunLayout, is_run_dir, read_json, stage_order
 
 
 def load_run_config(run_dir: str):

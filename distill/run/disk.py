@@ -16,9 +16,9 @@ import shutil
 
 import torch
 
+from distill.models.registry import create_model, resolve
 from distill.utils.errors import ConfigError, DistillError
 from distill.utils.layout import BASELINE, RunLayout, generation_name
-from distill.models.registry import create_model, resolve
 from teachers.prepare import needs_cache, teacher_source
 
 MARGIN = 1.10  # metrics logs, W&B offline files, JSON: a tenth on top of the counted bytes

@@ -247,9 +247,9 @@ def check_wandb(cfg) -> list:
 
 
 def check_run_dir(cfg, run_dir: str) -> list:
-    from distill.utils.layout import RunLayout
     from distill.run.lock import lock_holder
     from distill.run.rundir import check_run_dir as same_experiment
+    from distill.utils.layout import RunLayout
 
     holder = lock_holder(run_dir)
     if holder:

@@ -13,7 +13,7 @@ import teachers
 from distill.config.schema import ExperimentConfig, config_from_dict, to_dict
 from distill.data.standin import StandInFaces, standin_pairs
 from distill.eval.ijb_stage import read_meta as read_ijb_meta
-from distill.run.experiment import teacher_trainer, check_embedding_sizes, plan_stages
+from distill.run.experiment import check_embedding_sizes, plan_stages, teacher_trainer
 from distill.run.preflight import preflight
 from distill.train.engine import run_stage
 from distill.utils.errors import ConfigError

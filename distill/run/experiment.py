@@ -31,20 +31,28 @@ from distill.models.files import load_student, model_input_size
 from distill.run.disk import DiskSpaceError, check_disk
 from distill.run.lock import run_directory_lock
 from distill.run.preflight import centres_source, check_embedding_sizes, embedding_size_problem, preflight  # noqa: F401
-from distill.run.shared_teacher import cached_metrics, held, ijb_files, keep_metrics, shared_folder
 from distill.run.rundir import check_run_dir, default_run_dir, restart_stages
+from distill.run.shared_teacher import cached_metrics, held, ijb_files, keep_metrics, shared_folder
 from distill.run.summary import teacher_model, write_summary
 from distill.train.engine import StageSpec, run_stage
 from distill.train.tracking import stage_tracker, val_scalars
 from distill.utils.atomic import atomic_write_json
 from distill.utils.device import amp_settings, resolve_device
 from distill.utils.dist import barrier, from_rank0, is_main, rank0_first
-from distill.utils.threads import apply_threads, loader_workers, plan_threads
 from distill.utils.errors import ConfigError, DistillError
 from distill.utils.layout import BASELINE, TEACHER, RunLayout, generation_name
+from distill.utils.threads import apply_threads, loader_workers, plan_threads
 from teachers.cache_key import cache_key
-from teachers.prepare import (IDENTITY_KEY, check_recorded_teacher, file_sha256, needs_cache, prepare_cache,
-                              prepare_teacher, teacher_identity, teacher_source)
+from teachers.prepare import (
+    IDENTITY_KEY,
+    check_recorded_teacher,
+    file_sha256,
+    needs_cache,
+    prepare_cache,
+    prepare_teacher,
+    teacher_identity,
+    teacher_source,
+)
 
 # --------------------------------------------------------------------------------------- pieces
 

@@ -24,6 +24,7 @@ from distill.utils.errors import ConfigError, DataFormatError, DistillError
 from distill.utils.layout import RunLayout
 from teachers.prepare import teacher_source
 
+
 def embedding_size_problem(cfg, teacher_dim: int) -> str | None:
     """Why the student's embeddings cannot be distilled against a teacher of `teacher_dim`, or None."""
     student_dim = cfg.student.embedding_size

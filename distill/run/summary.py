@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 
-from distill.utils.atomic import atomic_write_json, atomic_write_text
-from distill.utils.layout import TEACHER, RunLayout
 from distill.eval.far import SUMMARY_IJB_FARS, VERIFICATION_FARS, far_key, normalise_results
 from distill.models.cost import model_cost
+from distill.utils.atomic import atomic_write_json, atomic_write_text
+from distill.utils.layout import TEACHER, RunLayout
 
 METRIC_KEYS = ("acc_mean", "acc_std", "xnorm", "tar_at_far")
 

@@ -40,17 +40,17 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from distill.utils.atomic import atomic_write_json, atomic_write_text
-from distill.run.compare import comparison_json, comparison_table, load_runs
-from distill.config.schema import load_config
 from distill.config.files import parse_overrides, read_yaml_mapping
-from distill.train.engine import Preempted
-from distill.utils.errors import ConfigError, DistillError
-from distill.utils.layout import RunLayout, StageLayout, comparison_files, is_run_dir
+from distill.config.schema import load_config
+from distill.models.registry import create_model
+from distill.run.compare import comparison_json, comparison_table, load_runs
 from distill.run.experiment import run_experiment
 from distill.run.preflight import preflight_problems
-from distill.models.registry import create_model
+from distill.train.engine import Preempted
 from distill.train.tracking import close_open_runs
+from distill.utils.atomic import atomic_write_json, atomic_write_text
+from distill.utils.errors import ConfigError, DistillError
+from distill.utils.layout import RunLayout, StageLayout, comparison_files, is_run_dir
 from teachers.prepare import teacher_identity, teacher_source
 
 GRID_KEYS = ("base", "name", "grid", "fixed", "description")

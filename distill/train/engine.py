@@ -38,31 +38,37 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from distill.utils.atomic import atomic_write_json
-from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
 from distill.config.schema import ExperimentConfig, TrainConfig
-from distill.utils.dist import barrier, rank as dist_rank, world_size
 from distill.data.gpu_decode import EncodedPlanned, check_decode, collate_encoded, decode_batch
+from distill.eval.verification import evaluate_sets
+from distill.losses.distillation import DistillationObjective
+from distill.losses.heads import head_from_config
+from distill.losses.terms import describe_terms
+from distill.models.cost import model_cost
+from distill.models.files import model_embedding_size, save_student
+from distill.models.registry import create_model
+from distill.train.epoch_plan import PlannedDataset, plan_epoch, plan_identity_epoch, stage_loader
 from distill.train.feature_taps import taps_for
 from distill.train.objective import stage_objective
-from distill.losses.terms import describe_terms
-from distill.train.epoch_plan import PlannedDataset, plan_epoch, plan_identity_epoch, stage_loader
-from distill.utils.errors import DistillError
-from distill.eval.verification import evaluate_sets
-from distill.losses.heads import head_from_config
-from distill.utils.layout import StageLayout
-from distill.losses.distillation import DistillationObjective
-from distill.models.files import model_embedding_size, save_student
-from distill.models.cost import model_cost
-from distill.models.registry import create_model
-from teachers.cache import match_input_size
-from distill.train.tracking import LogWindow, Tracker, val_scalars
+from distill.train.setup import (
+    create_optimizer,
+    create_scheduler,
+    describe_precision,
+    maybe_compile,
+    preemption_signals,
+    use_channels_last,
+)
 from distill.train.state import resume_state, save_state
-from distill.train.setup import (create_optimizer, create_scheduler, describe_precision, maybe_compile,
-                                 preemption_signals, use_channels_last)
+from distill.train.tracking import LogWindow, Tracker, val_scalars
+from distill.utils.atomic import atomic_write_json
+from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
 from distill.utils.device import amp_settings, resolve_device
+from distill.utils.dist import barrier, world_size
+from distill.utils.dist import rank as dist_rank
+from distill.utils.errors import DistillError
+from distill.utils.layout import StageLayout
 from distill.utils.threads import ThreadPlan, apply_threads, loader_workers, plan_threads
-
+from teachers.cache import match_input_size
 
 
 class Preempted(DistillError):

@@ -45,12 +45,12 @@ from urllib.parse import urlsplit
 
 from timm.utils import AverageMeter
 
-from distill.utils.atomic import atomic_write_text
 from distill.config.schema import to_dict
-from distill.utils.dist import rank as dist_rank
-from distill.utils.errors import ConfigError
 from distill.eval.far import VERIFICATION_FARS, far_key, normalise_far_keys
 from distill.eval.verification import VAL_FAR, set_name_of
+from distill.utils.atomic import atomic_write_text
+from distill.utils.dist import rank as dist_rank
+from distill.utils.errors import ConfigError
 from distill.utils.layout import BASELINE, TEACHER, RunLayout, StageLayout, generation_name
 
 MODES = ("auto", "online", "offline", "disabled")

@@ -33,7 +33,7 @@ def summary(sweeps: dict, choice: dict, best: str, arms: list, words: list, seco
              f"{fmt(teacher['ijb'])} % TAR@FAR=1e-4 on the synthetic IJB-C set.", "",
              "**In plain words** (every figure: mean ± std over seeds; \"beyond seed noise\": a difference larger "
              "than twice its standard error):", ""] + words + [""]
-    lines += [f"- **Budget from a measured curve**: scratch accuracy for one schedule of "
+    lines += ["- **Budget from a measured curve**: scratch accuracy for one schedule of "
               + " / ".join(str(x) for x, _ in choice["points"]) + " epochs: "
               + ", ".join(fmt(acc) for _, acc in choice["points"]) + f"; every stage of every arm trains E = {e} "
               f"epochs ({choice['why']})."]

@@ -18,10 +18,25 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from study_numbers import (SWEEPS, best_row, budget, collect, compare, diff_text, fmt, missing,  # noqa: E402
-                           only_stage, pk_causes, planned_cases, read_json, read_timing, recal_difference, recal_values,
-                           stats,
-                           study_seconds)
+from study_numbers import (  # noqa: E402
+    SWEEPS,
+    best_row,
+    budget,
+    collect,
+    compare,
+    diff_text,
+    fmt,
+    missing,
+    only_stage,
+    pk_causes,
+    planned_cases,
+    read_json,
+    read_timing,
+    recal_difference,
+    recal_values,
+    stats,
+    study_seconds,
+)
 
 EKD = {"scratch": 89.13, "fitnet": 87.76, "kd": 88.37, "rkd": 89.65, "shrinkteanet": 87.80,
        "margin_distillation": 85.71, "ekd": 90.48}  # EKD (CVPR 2022) Table 3, IJB-C TAR@FAR=1e-4 (%), IR-50 -> MFN
@@ -257,7 +272,7 @@ def plain_words(sweeps: dict, e: int, best: str, answer: str, recal: dict) -> li
     ba, fixed = rec.get("equivalent_angular-bornagain", {}), rec.get("equivalent_angular-chain", {})
     return [
         f"- Budget: scratch accuracy stops rising beyond seed noise at E = {e} epochs; every stage trains that long.",
-        f"- Distillation: the paper's loss at generation 1 "
+        "- Distillation: the paper's loss at generation 1 "
         + _verdict(ea, scratch, "beats scratch", "loses to scratch", "does not differ from scratch") + f"; the "
         f"table's best row, {best}, " + _verdict(only_stage(table, best)["acc"], ea, "beats the paper's loss",
                                                  "loses to the paper's loss", "is within noise of the paper's loss") + ".",

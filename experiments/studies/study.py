@@ -37,6 +37,7 @@ sys.path.insert(0, HERE)
 
 import report  # noqa: E402  (experiments/studies/report.py)
 import study_numbers as numbers  # noqa: E402  (experiments/studies/study_numbers.py)
+
 from distill.config.schema import load_config  # noqa: E402
 from distill.run.experiment import run_experiment  # noqa: E402
 from distill.run.sweep import CASE, load_grid, run_sweep  # noqa: E402

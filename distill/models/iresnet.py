@@ -9,9 +9,8 @@ they are not to be renamed.
 
 
 import torch
-from torch import nn
-
 from timm.models import checkpoint_seq
+from torch import nn
 
 from distill.models.contract import FaceModelContract, check_in_chans, face_pretrained_cfg, fix_gamma
 from distill.models.registry import register_model

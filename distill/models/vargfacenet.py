@@ -23,9 +23,8 @@ shortcut module, so every parameter is used and DDP needs no `find_unused_parame
 import math
 
 import torch
-from torch import nn
-
 from timm.models import checkpoint_seq
+from torch import nn
 
 from distill.models.contract import FaceModelContract, check_in_chans, face_pretrained_cfg, fix_gamma
 from distill.models.registry import register_model
