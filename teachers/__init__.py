@@ -13,7 +13,7 @@ module calls `.train()`, its forward runs under no_grad, so its weights and Batc
 change.
 
 The earlier spec form `{"kind": "iresnet", "depth": 100}` (kinds iresnet, timm, facedistill, onnx) still
-works, with a ConfigDeprecationWarning saying what to write instead (`upgrade_legacy_teacher`).
+works, with a ConfigDeprecationWarning saying what to write instead (`distill.compat.upgrade_legacy_teacher`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import warnings
 import torch
 from torch import nn
 
+from distill.compat import upgrade_legacy_teacher
 from distill.models.registry import check_model_kwargs, create_model
 from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
 from distill.utils.errors import ConfigDeprecationWarning, ConfigError
@@ -62,46 +63,6 @@ class FrozenTeacher(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ specs
-
-def upgrade_legacy_teacher(spec: dict) -> tuple[dict, str | None]:
-    """A teacher spec of the earlier `kind:` form in the current form, and a note saying what to write.
-
-    iresnet (depth) -> arch iresnet<depth>; timm (name) -> arch timm/<name>; facedistill (`student:` in a
-    config, or `arch` + `model_kwargs`) -> arch and its arguments; onnx (checkpoint) -> onnx. Other keys
-    (checkpoint, cache, train, embedding_size, input_size ...) stay."""
-    if not any(k in spec for k in ("kind", "depth", "name", "student", "model_kwargs")) or "onnx" in spec:
-        return dict(spec), None
-    spec = dict(spec)
-    kind = spec.pop("kind", "iresnet")  # the old default kind
-    if kind == "iresnet":
-        spec["arch"] = f"iresnet{spec.pop('depth', 100)}"
-        new = f"arch: {spec['arch']}"
-    elif kind == "timm":
-        if "name" not in spec:
-            raise ConfigError("teacher: kind 'timm' needs 'name' (write arch: timm/<name> instead)")
-        spec["arch"] = f"timm/{spec.pop('name')}"
-        new = f"arch: {spec['arch']}"
-    elif kind == "facedistill":
-        arch = dict(spec.pop("student", None) or {})
-        arch.update(spec.pop("model_kwargs", None) or {})
-        arch.pop("init", None)
-        name = arch.pop("arch", None) or spec.get("arch")
-        if name is None:
-            raise ConfigError("teacher: kind 'facedistill' needs 'arch' (a registered model name); write arch: <name>")
-        spec.pop("embedding_size", None)  # the architecture's own embedding size always won
-        spec = {**spec, **arch, "arch": name}
-        new = f"arch: {name} with its arguments ({', '.join(sorted(arch)) or 'none'}) directly under teacher"
-    elif kind == "onnx":
-        spec["onnx"] = spec.pop("checkpoint", None)
-        spec.pop("embedding_size", None), spec.pop("input_size", None)  # read from the file; were ignored
-        new = f"onnx: {spec['onnx']}"
-    else:
-        raise ConfigError(f"teacher: unknown teacher kind {kind!r}; write arch: <model name> (see `distill "
-                          f"profile --list`) or onnx: <file>")
-    for key in ("depth", "name", "student", "model_kwargs"):
-        spec.pop(key, None)
-    return spec, f"teacher: 'kind: {kind}' is deprecated; write {new}"
-
 
 def _onnx(spec):
     if not spec.get("onnx"):

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-import teachers
+from distill.compat import upgrade_legacy_teacher
 from distill.config.checks import check_semantics
 from distill.config.files import key_paths, load_with_bases, merge_experiment, parse_overrides, read_yaml_mapping
 from distill.config.keys import HARMLESS, flat_dict, is_harmless  # noqa: F401  (re-exported)
@@ -318,10 +318,10 @@ def _build(cls, data: dict, prefix: str, where):
 
 def _upgrade_legacy(raw: dict, where, quiet: bool) -> dict:
     """Earlier spellings that still load: `teacher: {kind: iresnet, depth: 100}`, `kind: facedistill` with
-    `teacher.student`, `kind: timm, name:`, `kind: onnx, checkpoint:` (see teachers.upgrade_legacy_teacher)."""
+    `teacher.student`, `kind: timm, name:`, `kind: onnx, checkpoint:` (distill.compat.upgrade_legacy_teacher)."""
     if not isinstance(raw.get("teacher"), dict):
         return raw
-    teacher, note = teachers.upgrade_legacy_teacher(raw["teacher"])
+    teacher, note = upgrade_legacy_teacher(raw["teacher"])
     if note and not quiet:
         warnings.warn(f"{where('teacher.kind')}: {note}", ConfigDeprecationWarning, stacklevel=4)
     return {**raw, "teacher": teacher}
