@@ -52,15 +52,15 @@ def _set_sources(paths) -> dict:
 
 def run_eval(args) -> int:
 
+    from distill.cli.model_files import load_model_for
     from distill.eval.verification import evaluate_sets
-    from distill.models import files as models
     from distill.utils.device import resolve_device
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: must be at least 1")
     sets = _set_sources(args.bin)
     thread_policy(args)
-    model, input_size = models.load_model_for("eval", args.model, arch=args.arch, input_size=args.input_size)
+    model, input_size = load_model_for("eval", args.model, arch=args.arch, input_size=args.input_size)
     device = resolve_device(args.device, "--device")
     model.to(device)
     results = evaluate_sets(model, sets, input_size, batch_size=args.batch_size, device=device,

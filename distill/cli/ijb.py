@@ -33,9 +33,9 @@ def _per_row_path(path, label: str, several: bool):
 
 def _load_model(source: str, args):
     """(model, input size): an ONNX file through the ONNX teacher loader, anything else as distill eval loads it."""
-    from distill.models import files as models
+    from distill.cli.model_files import load_model_for
 
-    return models.load_model_for("ijb", source, arch=args.arch, input_size=args.input_size)
+    return load_model_for("ijb", source, arch=args.arch, input_size=args.input_size)
 
 
 def _model_features(source: str, label: str, meta, args, several: bool):

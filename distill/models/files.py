@@ -83,18 +83,17 @@ def load_model(source: str, arch: str | None = None, input_size: int | None = No
     """Load `source` -> (model in eval mode, input_size).
 
     `source` is a facedistill `student.pt`, a plain state dict such as arcface_torch's `backbone.pth`
-    (then `arch` names its architecture, e.g. r100), an insightface `.onnx` file (a frozen ONNX Runtime
-    model), or a model name (random weights).
+    (then `arch` names its architecture, e.g. r100), or a model name (random weights). An insightface `.onnx`
+    file is run by ONNX Runtime as a teacher (`teachers.build_teacher`; `distill eval` and `distill ijb` take one).
     """
     if not os.path.exists(source):
         if os.sep in source or source.endswith((".pt", ".pth", ".onnx")):
             raise ConfigError(f"{source}: model file not found")
         model = create_model(source, **({"input_size": input_size} if input_size else {}))
         return model.eval(), model_input_size(model)
-    if source.endswith(".onnx"):  # an insightface model-zoo file, run by ONNX Runtime as the teachers are
-        import teachers
-        teacher = teachers.build_teacher({"onnx": source})
-        return teacher, teacher.input_size
+    if source.endswith(".onnx"):
+        raise ConfigError(f"{source}: an ONNX file; this loader reads torch files (student.pt, a state dict); "
+                          f"`distill eval` and `distill ijb` run an .onnx model (as a teacher: teachers.build_teacher)")
     payload = safe_torch_load(source)
     if is_student_checkpoint(payload):
         recorded = payload.get("arch")
@@ -113,19 +112,3 @@ def load_model(source: str, arch: str | None = None, input_size: int | None = No
     model = create_model(arch, input_size=input_size)
     load_state_dict_strict(model, state, source=source)
     return model.eval(), input_size
-
-
-def load_model_for(command: str, source: str, arch: str | None = None, input_size: int | None = None):
-    """`load_model` for a command line (distill eval, distill ijb): (model, input size), with a note when
-    --input-size disagrees with what the model records, and an error when the size is unknown."""
-    import sys
-
-    model, recorded = load_model(source, arch=arch, input_size=input_size)
-    if recorded is not None and input_size and input_size != recorded:
-        print(f"distill {command}: note: {source} was built for {recorded}x{recorded} inputs; using {recorded}, "
-              f"not --input-size {input_size}", file=sys.stderr)
-    size = recorded or input_size
-    if size is None:
-        raise ConfigError(f"{source}: cannot infer the model's input size; pass --input-size "
-                          f"(112 for arcface_torch and insightface models)")
-    return model, size
