@@ -21,15 +21,15 @@ from __future__ import annotations
 #                                                 (embedding_size dropped: the architecture's own size applies)
 #   kind: onnx, checkpoint: F                  -> onnx: F   (embedding_size, input_size dropped: read from the file)
 
-def upgrade_legacy_teacher(spec: dict) -> tuple[dict, str | None]:
+def upgrade_legacy_teacher(spec: dict, error: type = ValueError) -> tuple[dict, str | None]:
     """A teacher spec (config section `teacher:` or `teachers.build_teacher`'s argument) in the legacy `kind:` form,
-    in the current form, and a note saying what to write (None: the spec is already current).
+    in the current form, and a note saying what to write (None: the spec is already current). A legacy spec that
+    cannot be mapped raises `error` (the callers pass ConfigError; this module imports nothing of distill, so every
+    package may import it).
 
     iresnet (depth) -> arch iresnet<depth>; timm (name) -> arch timm/<name>; facedistill (`student:` in a
     config, or `arch` + `model_kwargs`) -> arch and its arguments; onnx (checkpoint) -> onnx. Other keys
     (checkpoint, cache, train, embedding_size, input_size ...) stay."""
-    from distill.utils.errors import ConfigError
-
     if not any(k in spec for k in ("kind", "depth", "name", "student", "model_kwargs")) or "onnx" in spec:
         return dict(spec), None
     spec = dict(spec)
@@ -39,7 +39,7 @@ def upgrade_legacy_teacher(spec: dict) -> tuple[dict, str | None]:
         new = f"arch: {spec['arch']}"
     elif kind == "timm":
         if "name" not in spec:
-            raise ConfigError("teacher: kind 'timm' needs 'name' (write arch: timm/<name> instead)")
+            raise error("teacher: kind 'timm' needs 'name' (write arch: timm/<name> instead)")
         spec["arch"] = f"timm/{spec.pop('name')}"
         new = f"arch: {spec['arch']}"
     elif kind == "facedistill":
@@ -48,7 +48,7 @@ def upgrade_legacy_teacher(spec: dict) -> tuple[dict, str | None]:
         arch.pop("init", None)
         name = arch.pop("arch", None) or spec.get("arch")
         if name is None:
-            raise ConfigError("teacher: kind 'facedistill' needs 'arch' (a registered model name); write arch: <name>")
+            raise error("teacher: kind 'facedistill' needs 'arch' (a registered model name); write arch: <name>")
         spec.pop("embedding_size", None)  # the architecture's own embedding size always won
         spec = {**spec, **arch, "arch": name}
         new = f"arch: {name} with its arguments ({', '.join(sorted(arch)) or 'none'}) directly under teacher"
@@ -57,8 +57,8 @@ def upgrade_legacy_teacher(spec: dict) -> tuple[dict, str | None]:
         spec.pop("embedding_size", None), spec.pop("input_size", None)  # read from the file; were ignored
         new = f"onnx: {spec['onnx']}"
     else:
-        raise ConfigError(f"teacher: unknown teacher kind {kind!r}; write arch: <model name> (see `distill "
-                          f"profile --list`) or onnx: <file>")
+        raise error(f"teacher: unknown teacher kind {kind!r}; write arch: <model name> (see `distill "
+                    f"profile --list`) or onnx: <file>")
     for key in ("depth", "name", "student", "model_kwargs"):
         spec.pop(key, None)
     return spec, f"teacher: 'kind: {kind}' is deprecated; write {new}"

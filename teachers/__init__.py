@@ -77,7 +77,7 @@ def _onnx(spec):
 
 def build_teacher(spec: dict) -> FrozenTeacher:
     """Build, load (strictly, weights_only) and freeze the teacher a spec describes."""
-    spec, note = upgrade_legacy_teacher(spec)
+    spec, note = upgrade_legacy_teacher(spec, ConfigError)
     if note:
         warnings.warn(note, ConfigDeprecationWarning, stacklevel=2)
     if "onnx" in spec:

@@ -5,6 +5,10 @@
   inside functions and under `if TYPE_CHECKING:` (`layering_violations`);
 - no import cycles between the modules of `distill` and `teachers` (`import_cycles`), and no import inside a
   function of a library module that closes one;
+- dependencies go one way between packages (`package_cycles`): the packages of PACKAGE_GROUPS and each
+  top-level module of distill (distill itself, distill.compat, distill.registry ...) never import each other,
+  directly or round a longer loop; every import statement counts, also inside functions and under
+  `if TYPE_CHECKING:`;
 - no module over MAX_LINES lines (`long_modules`);
 - argparse only in the `distill.cli` package: library modules never import it (`command_line_code`), and the
   command modules import only the standard library and light modules at their top level
@@ -40,6 +44,9 @@ ARGPARSE_CALLS = {"ArgumentParser", "add_parser", "add_subparsers", "add_argumen
                   "add_mutually_exclusive_group", "parse_args", "parse_known_args"}
 LOWER_LAYERS = ("distill.data", "distill.models", "distill.losses", "teachers")
 UPPER_LAYERS = ("distill.train", "distill.run", "distill.deploy", "distill.cli")
+# the packages between which dependencies go one way; a top-level module of distill is a group of its own
+PACKAGE_GROUPS = ("distill.config", "distill.models", "teachers", "distill.run", "distill.train", "distill.losses",
+                  "distill.data", "distill.eval", "distill.deploy", "distill.utils", "distill.cli")
 MAX_LINES = 600  # a guard against modules that hold several concepts; split by concept, never to pass the count
 ONNX_CODE = ("onnx", "onnxruntime", "distill.deploy", "teachers.onnx")  # and their submodules
 
@@ -212,7 +219,7 @@ def _cycles(graph: dict) -> list:
 
 
 def _describe(chain: list, graph: dict) -> str:
-    steps = [f"{a} (line {graph[a][b]})" for a, b in zip(chain, chain[1:])]
+    steps = [f"{a} (line {graph[a][b]})" for a, b in zip(chain, chain[1:], strict=False)]
     return " -> ".join(steps + [chain[-1]])
 
 
@@ -237,6 +244,36 @@ def import_cycles(root) -> list:
     """One described chain per import cycle of the module-level graph."""
     tree = read_tree(root)
     return [_describe(c, tree.graph) for c in _cycles(tree.graph)]
+
+
+def _group(module: str) -> str:
+    """The package group of a module: its package of PACKAGE_GROUPS, else the module (a top-level one)."""
+    return next((p for p in PACKAGE_GROUPS if _within(module, (p,))), module)
+
+
+def package_graph(root) -> dict:
+    """{group: {imported group: 'module:line imports target'}} over every import statement (the first in module
+    order names each edge)."""
+    tree = read_tree(root)
+    graph = {}
+    for module, nodes in sorted(tree.every.items()):
+        is_package = tree.modules[module][1]
+        edges = graph.setdefault(_group(module), {})
+        for node in nodes:
+            for target in _targets(tree.modules, module, is_package, node):
+                if _group(target) != _group(module):
+                    edges.setdefault(_group(target), f"{module}:{node.lineno} imports {target}")
+    return graph
+
+
+def package_cycles(root) -> list:
+    """One described loop per set of package groups that import each other (directly or round a loop):
+    'A -> B (a.x:3 imports b.y) -> A (b.z:7 imports a.w)'."""
+    graph = package_graph(root)
+    found = []
+    for chain in _cycles(graph):
+        found.append(" -> ".join([chain[0]] + [f"{b} ({graph[a][b]})" for a, b in zip(chain, chain[1:], strict=False)]))
+    return found
 
 
 def long_modules(root, limit: int = MAX_LINES) -> list:
@@ -335,13 +372,13 @@ def test_function_level_imports_do_not_hide_cycles():
     full = {m: {**GRAPH[m], **hidden_edges.get(m, {})} for m in GRAPH}
     found, seen = [], set()
     for module, targets in sorted(hidden_edges.items()):
-        for target, line in sorted(targets.items()):
+        for target, _line in sorted(targets.items()):
             back = _path(full, target, module)
-            if back is not None and frozenset(zip([module] + back, back)) not in seen:
+            if back is not None and frozenset(zip([module] + back, back, strict=False)) not in seen:
                 chain = [module] + back
-                seen.add(frozenset(zip(chain, chain[1:])))
+                seen.add(frozenset(zip(chain, chain[1:], strict=False)))
                 steps = [f"{a} (line {full[a][b]}{', in a function' if b in hidden_edges.get(a, {}) else ''})"
-                         for a, b in zip(chain, chain[1:])]
+                         for a, b in zip(chain, chain[1:], strict=False)]
                 found.append(" -> ".join(steps + [chain[-1]]))
     assert not found, "function-level imports that close an import cycle:\n" + "\n".join(found)
 
@@ -350,6 +387,17 @@ def test_lower_layers_do_not_import_the_upper_ones():
     found = layering_violations(REPO)
     assert not found, (f"{', '.join(LOWER_LAYERS)} must not import {', '.join(UPPER_LAYERS)} (also inside "
                        f"functions):\n" + "\n".join(found))
+
+
+def test_packages_do_not_import_each_other():
+    found = package_cycles(REPO)
+    assert not found, ("packages that import each other (dependencies go one way; a shared piece goes down to the "
+                       "package both may import, a legacy spelling to distill/compat.py):\n" + "\n".join(found))
+
+
+def test_package_groups_cover_the_tree():
+    assert {_group(m) for m in MODULES} >= set(PACKAGE_GROUPS) | {"distill", "distill.compat", "distill.registry"}
+    assert _group("teachers.prepare") == "teachers" and _group("distill.run.plan") == "distill.run"
 
 
 def test_no_module_is_over_the_line_limit():
@@ -388,6 +436,9 @@ def test_each_rule_reports_a_planted_violation(tmp_path):
         return [x for x in check(tmp_path) if x not in before]
 
     assert new(layering_violations) == [f"distill.data.images:{n + 4} imports distill.train.engine"]
+    [loop] = new(package_cycles)  # the planted import closes a loop through distill.data and distill.train
+    assert f"-> distill.train (distill.data.images:{n + 4} imports distill.train.engine) -> " in loop, loop
+    assert loop.split(" ")[0] == loop.split(" -> ")[-1].split(" ")[0], loop  # a loop: it ends where it starts
     assert new(long_modules) == [f"{Path('distill/utils/planted_long.py')}: {MAX_LINES + 1} lines"]
     assert [x for x in new(command_line_code) if x.startswith("distill.models.cost:")] == \
         [f"distill.models.cost:{len(cost.read_text().splitlines())} imports argparse"]

@@ -321,7 +321,7 @@ def _upgrade_legacy(raw: dict, where, quiet: bool) -> dict:
     `teacher.student`, `kind: timm, name:`, `kind: onnx, checkpoint:` (distill.compat.upgrade_legacy_teacher)."""
     if not isinstance(raw.get("teacher"), dict):
         return raw
-    teacher, note = upgrade_legacy_teacher(raw["teacher"])
+    teacher, note = upgrade_legacy_teacher(raw["teacher"], ConfigError)
     if note and not quiet:
         warnings.warn(f"{where('teacher.kind')}: {note}", ConfigDeprecationWarning, stacklevel=4)
     return {**raw, "teacher": teacher}
