@@ -1,15 +1,97 @@
 """Legacy spellings and formats that still load, each with what it maps to.
 
-One place for every old spelling the toolkit still accepts, so the code that reads
-configs, checkpoints and teacher specs only ever sees the current form. Each entry
-names the old form, the current form it maps to, and the function that does the
-mapping. Light: importing this module imports no torch.
+One place for every old spelling the toolkit still accepts, so the code that reads configs, checkpoints and
+teacher specs only ever sees the current form. Each entry names the old form, the current form it maps to and
+the function that maps it. Light: importing this module imports no torch (it works on the objects it is given).
 
-Entries:
-  (sections are appended below, one per area; each section's docstring lists its entries)
+Entries (one section each below):
+
+- Model state-dict keys (`STATE_DICT_RENAMES`; `upgrade_state_dict`, `state_dict_pre_hook`):
+  VarGFaceNet `head.*` -> `stem.*` and `features.*` -> `embedding_norm.*`; TimmBackbone `features.*` ->
+  `embedding_norm.*`. Applied to every strict load (distill.utils.checkpoint.load_state_dict_strict) and to a
+  plain `model.load_state_dict` (last.pt's model state), so student.pt, last.pt and teacher checkpoints written
+  with the old keys load unchanged. Teacher fingerprints keep hashing the old key names
+  (`fingerprint_state_dict`), so the teacher caches keyed by them stay valid.
+- Teacher specs (`upgrade_legacy_teacher`), in a config's `teacher:` and `teachers.build_teacher`'s argument:
+  `kind: iresnet, depth: N` -> `arch: iresnetN`; `kind: timm, name: X` -> `arch: timm/X`; `kind: facedistill`
+  (`student:` / `model_kwargs:`) -> `arch:` with its arguments directly under `teacher`; `kind: onnx,
+  checkpoint: F` -> `onnx: F`; with a ConfigDeprecationWarning saying what to write instead.
 """
 
 from __future__ import annotations
+
+# ---------------------------------------------------------------------------------------- model state-dict keys
+
+# old key prefix -> current one, per architecture (the class name, or a base class's). VarGFaceNet's stem was
+# held as `head` (the engine's `head` is the margin classifier) and the BatchNorm that ends its embedding as
+# `features` (timm's "features" are feature maps). Registration order is unchanged, so the positional optimizer
+# state in last.pt still matches.
+STATE_DICT_RENAMES: dict[str, dict[str, str]] = {
+    "VarGFaceNet": {"head.": "stem.", "features.": "embedding_norm."},
+    "TimmBackbone": {"features.": "embedding_norm."},
+}
+
+
+def _renames_of(module) -> dict[str, str]:
+    for cls in type(module).__mro__:
+        if cls.__name__ in STATE_DICT_RENAMES:
+            return STATE_DICT_RENAMES[cls.__name__]
+    return {}
+
+
+def _renamed(key: str, prefix: str, renames: dict[str, str]) -> str:
+    if key.startswith(prefix):
+        rest = key[len(prefix):]
+        for old, new in renames.items():
+            if rest.startswith(old):
+                return prefix + new + rest[len(old):]
+    return key
+
+
+def _rename_in_place(state_dict, prefix: str, renames: dict[str, str]) -> None:
+    """Rename the keys (and the `_metadata` entries torch keeps per module) under `prefix`, keeping their order."""
+    if not renames or not any(_renamed(k, prefix, renames) != k for k in state_dict):
+        return
+    items = [(_renamed(k, prefix, renames), v) for k, v in state_dict.items()]
+    state_dict.clear()
+    state_dict.update(items)
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata:
+        entries = [(_renamed(k + ".", prefix, renames)[:-1] if k else k, v) for k, v in metadata.items()]
+        metadata.clear()
+        metadata.update(entries)
+
+
+def upgrade_state_dict(model, state_dict: dict) -> dict:
+    """`state_dict` for `model` with every legacy key of its modules (STATE_DICT_RENAMES) renamed to the current
+    one; a current state dict comes back equal. A new dict: the caller's is not changed."""
+    from collections import OrderedDict
+
+    out = OrderedDict(state_dict)
+    if hasattr(state_dict, "_metadata"):
+        out._metadata = OrderedDict(state_dict._metadata)
+    for name, module in model.named_modules():
+        _rename_in_place(out, f"{name}." if name else "", _renames_of(module))
+    return out
+
+
+def state_dict_pre_hook(module, state_dict, prefix, *_) -> None:
+    """A load_state_dict pre-hook (`module.register_load_state_dict_pre_hook(state_dict_pre_hook)`): renames the
+    module's legacy keys before torch matches them, so a plain `model.load_state_dict(old)` loads too (torch
+    hands a nested module a filtered copy without `_metadata`; its BatchNorms then read no version, which only
+    matters for files older than `num_batches_tracked`)."""
+    _rename_in_place(state_dict, prefix, _renames_of(module))
+
+
+def fingerprint_state_dict(model) -> dict:
+    """`model.state_dict()` under the key names teacher fingerprints are defined over (the legacy names of
+    STATE_DICT_RENAMES), so renaming a module does not change a teacher's fingerprint or orphan its cache."""
+    state = model.state_dict()
+    for name, module in reversed(list(model.named_modules())):  # innermost first: outer prefixes still match
+        prefix = f"{name}." if name else ""
+        _rename_in_place(state, prefix, {new: old for old, new in _renames_of(module).items()})
+    return state
+
 
 # ------------------------------------------------------------------------------------------ teacher specs
 # Legacy teacher spellings (config section `teacher:` and the spec of `teachers.build_teacher`), each -> what it

@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import nn
 
-from distill.compat import upgrade_legacy_teacher
+from distill.compat import fingerprint_state_dict, upgrade_legacy_teacher
 from distill.models.registry import check_model_kwargs, create_model
 from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
 from distill.utils.errors import ConfigDeprecationWarning, ConfigError
@@ -55,7 +55,7 @@ class FrozenTeacher(nn.Module):
         if callable(getattr(self.model, "fingerprint", None)):
             return self.model.fingerprint()
         h = hashlib.sha256()
-        for name, t in sorted(self.model.state_dict().items()):
+        for name, t in sorted(fingerprint_state_dict(self.model).items()):  # names as fingerprints define them
             t = t.detach().cpu().contiguous().reshape(-1)
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

@@ -64,7 +64,7 @@ def test_group_size_one_is_depthwise_and_s8_has_8_channels_per_group():
 
 def test_width_multiplier_and_embedding_size():
     small = VarGFaceNet(multiplier=0.5, embedding_size=256, input_size=32)
-    assert small.head[0].out_channels == 16
+    assert small.stem[0].out_channels == 16
     assert small.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 256)
     assert trainable(small) < trainable(VarGFaceNet(input_size=32))
 
@@ -78,8 +78,8 @@ def test_identity_blocks_build_no_shortcut_module():
     model = VarGFaceNet()
     blocks = [m for m in model.modules() if isinstance(m, VarGBlock)]
     identity = [b for b in blocks if b.shortcut is None]
-    assert len(identity) == (3 - 1) + (7 - 1) + (4 - 1)  # all but the head block
-    assert model.head[3].shortcut is not None  # the stride-2 head block needs one
+    assert len(identity) == (3 - 1) + (7 - 1) + (4 - 1)  # all but the stem block
+    assert model.stem[3].shortcut is not None  # the stride-2 stem block needs one
 
 
 def test_timm_registration():
@@ -109,3 +109,72 @@ def test_student_checkpoint_round_trip(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(model.eval()(x), loaded.eval()(x))
     assert not (tmp_path / "student.pt.tmp").exists()
+
+
+def _with_legacy_keys(state: dict, renames: dict) -> dict:
+    """The state dict as files written before the renames hold it (current prefix -> legacy prefix)."""
+    out = {}
+    for k, v in state.items():
+        new = next((n for n in renames if k.startswith(n)), None)
+        out[renames[new] + k[len(new):] if new else k] = v
+    return out
+
+
+VARG_LEGACY = {"stem.": "head.", "embedding_norm.": "features."}
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"head": "vargnet", "embedding": "gap"}])
+def test_state_dicts_with_the_legacy_module_names_load_strictly(tmp_path, kwargs):
+    """VarGFaceNet's stem and embedding BatchNorm were `head` and `features`: a student.pt, a last.pt model state
+    and a teacher checkpoint with those keys load strictly and compute the same embedding."""
+    import teachers
+    from distill.utils.checkpoint import load_state_dict_strict
+
+    model = VarGFaceNet(input_size=32, embedding_size=64, **kwargs).eval()
+    with torch.no_grad():  # non-trivial running statistics
+        model.embedding_norm.running_mean.normal_()
+    legacy = _with_legacy_keys(model.state_dict(), VARG_LEGACY)
+    assert "head.0.weight" in legacy and "features.running_mean" in legacy and "stem.0.weight" not in legacy
+    x = torch.randn(2, 3, 32, 32)
+    want = model(x)
+
+    torch.save({"format": "facedistill.student/1", "arch": "vargfacenet", "kwargs": dict(model.config),
+                "state_dict": legacy}, tmp_path / "student.pt")
+    loaded, _ = load_student(tmp_path / "student.pt")
+    assert torch.equal(loaded.eval()(x), want)
+
+    plain = VarGFaceNet(input_size=32, embedding_size=64, **kwargs)
+    plain.load_state_dict(legacy, strict=True)  # how last.pt's model state is loaded
+    assert torch.equal(plain.eval()(x), want)
+    strict = VarGFaceNet(input_size=32, embedding_size=64, **kwargs)
+    load_state_dict_strict(strict, legacy)
+    assert torch.equal(strict.eval()(x), want) and list(strict.state_dict()) == list(model.state_dict())
+
+    torch.save(legacy, tmp_path / "teacher.pt")
+    teacher = teachers.build_teacher({"arch": "vargfacenet", "input_size": 32, "embedding_size": 64, **kwargs,
+                                      "checkpoint": str(tmp_path / "teacher.pt")})
+    assert torch.equal(teacher(x), want)
+
+
+def test_teacher_fingerprints_hash_the_legacy_key_names():
+    """A teacher's fingerprint keys its cache: renaming modules must not change it."""
+    import hashlib
+
+    import teachers
+
+    teacher = teachers.build_teacher({"arch": "vargfacenet", "input_size": 32, "embedding_size": 16})
+    h = hashlib.sha256()
+    for name, t in sorted(_with_legacy_keys(teacher.model.state_dict(), VARG_LEGACY).items()):
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    assert teacher.fingerprint() == h.hexdigest()
+
+
+def test_timm_backbone_state_dicts_with_the_legacy_norm_name_load():
+    model = create_model("timm/resnet10t", embedding_size=16, input_size=32).eval()
+    legacy = _with_legacy_keys(model.state_dict(), {"embedding_norm.": "features."})
+    again = create_model("timm/resnet10t", embedding_size=16, input_size=32)
+    again.load_state_dict(legacy, strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(again.eval()(x), model(x))

@@ -39,12 +39,12 @@ def test_forward_intermediates_in_timms_semantics(name):
     with torch.no_grad():
         final, maps = model.forward_intermediates(x)
         assert len(maps) == len(info)
-        for m, f in zip(maps, info):  # channels and stride as feature_info says
+        for m, f in zip(maps, info, strict=True):  # channels and stride as feature_info says
             assert m.shape[1] == f["num_chs"] and m.shape[-1] == math.ceil(32 / f["reduction"]), (f, m.shape)
         assert torch.equal(final, model.forward_features(x)) and final.shape[1] == model.num_features
         assert torch.equal(model.forward_head(final), model(x))  # forward == forward_head(forward_features)
         only = model.forward_intermediates(x, intermediates_only=True)
-        assert all(torch.equal(a, b) for a, b in zip(only, maps))
+        assert all(torch.equal(a, b) for a, b in zip(only, maps, strict=True))
         last2 = model.forward_intermediates(x, indices=2, intermediates_only=True)  # an int: the last n
         assert [t.shape for t in last2] == [t.shape for t in maps[-2:]]
         picked = model.forward_intermediates(x, indices=[0, -1], intermediates_only=True)
@@ -79,7 +79,7 @@ def test_features_only_through_timm_at_two_sizes(name, size):
         assert type(getter).__name__ == "FeatureGetterNet"
         two = getter.eval()(x)
         assert [t.shape for t in two] == [expected[1].shape, expected[-1].shape]
-    for t, e in zip(got, expected):  # the same weights (seed 0) give the same maps
+    for t, e in zip(got, expected, strict=True):  # the same weights (seed 0) give the same maps
         assert torch.allclose(t, e, atol=1e-5)
 
 
@@ -95,7 +95,8 @@ def test_pretrained_cfg_and_classifier_api(name):
     assert isinstance(model.get_classifier(), torch.nn.Identity)
     assert not [k for k in model.state_dict() if k.startswith("classifier")]  # the keys are unchanged
     timm_built = _build(name, 48, via_timm=True)
-    assert timm_built.pretrained_cfg["input_size"] == (3, 48, 48) and timm_built.state_dict().keys() == model.state_dict().keys()
+    assert timm_built.pretrained_cfg["input_size"] == (3, 48, 48)
+    assert timm_built.state_dict().keys() == model.state_dict().keys()
     matcher = model.group_matcher()
     import re
     names = [n for n, _ in model.named_parameters()]
@@ -179,8 +180,9 @@ def test_global_pool_off_gives_the_map_and_every_parameter_trains(name):
     with pytest.raises(ValueError, match="global_pool 'avg'"):
         model.reset_classifier(0, "avg")
     # the last BatchNorm's fixed scale (MXNet fix_gamma) is a buffer: same key, every parameter gets a gradient
-    assert "features.weight" in model.state_dict() and "features.weight" not in dict(model.named_parameters())
-    assert torch.equal(model.features.weight, torch.ones(16))
+    norm = "features" if name.startswith("iresnet") else "embedding_norm"  # IResNet keeps arcface_torch's names
+    assert f"{norm}.weight" in model.state_dict() and f"{norm}.weight" not in dict(model.named_parameters())
+    assert torch.equal(getattr(model, norm).weight, torch.ones(16))
     model.train()(x).square().sum().backward()
     assert not [n for n, p in model.named_parameters() if p.grad is None]
     timm_unpooled = timm.create_model(name, embedding_size=16, input_size=32, global_pool="").eval()

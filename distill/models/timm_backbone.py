@@ -6,12 +6,14 @@ import timm
 import torch
 from torch import nn
 
+from distill.compat import state_dict_pre_hook
 from distill.models.registry import check_name, register_model_family
 
 
 class TimmBackbone(nn.Module):
     """`timm.create_model(name, num_classes=0)` plus an embedding head shaped like arcface_torch's
-    (`fc` Linear to `embedding_size`, then `features` BatchNorm1d with its weight fixed at 1).
+    (`fc` Linear to `embedding_size`, then `embedding_norm` BatchNorm1d with its weight fixed at 1; state dicts
+    that call it `features`, its legacy name, still load: distill/compat.py).
 
     Output: (B, embedding_size) raw embeddings. `pretrained=True` downloads ImageNet weights through
     timm (needs network access); a face-trained checkpoint is loaded by `teachers.build_teacher`.
@@ -24,12 +26,13 @@ class TimmBackbone(nn.Module):
         self.config = dict(embedding_size=embedding_size, input_size=input_size, model_kwargs=dict(model_kwargs or {}))
         self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **(model_kwargs or {}))
         self.fc = nn.Linear(self.backbone.num_features, embedding_size)
-        self.features = nn.BatchNorm1d(embedding_size, eps=1e-5)
-        nn.init.constant_(self.features.weight, 1.0)
-        self.features.weight.requires_grad = False
+        self.embedding_norm = nn.BatchNorm1d(embedding_size, eps=1e-5)
+        nn.init.constant_(self.embedding_norm.weight, 1.0)
+        self.embedding_norm.weight.requires_grad = False
+        self.register_load_state_dict_pre_hook(state_dict_pre_hook)  # state dicts with the legacy key names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(self.fc(self.backbone(x)))
+        return self.embedding_norm(self.fc(self.backbone(x)))
 
     @property
     def feature_info(self) -> list | None:

@@ -2,17 +2,22 @@
 
 Structure at the defaults (multiplier 1.25, S = 8 channels per group, 112x112 input):
 
-    head       3x3 conv stride 1 (3 -> 40) + BN + act          112x112   keeps the full-resolution detail
+    stem       3x3 conv stride 1 (3 -> 40) + BN + act          112x112   keeps the full-resolution detail
                VarG block, stride 2 (40 -> 40)                   56x56
     stage 2    branch-merge block stride 2 + 2 blocks (-> 80)    28x28
     stage 3    branch-merge block stride 2 + 6 blocks (-> 160)   14x14
     stage 4    branch-merge block stride 2 + 3 blocks (-> 320)    7x7
     embedding  1x1 320 -> 1024, 7x7 variable-group conv (1024/8 groups), 1x1 -> 512, FC 512, BatchNorm1d
 
+Modules: `stem`, `stages`, `embed` (the embedding block), `fc` and `embedding_norm` (the BatchNorm1d that ends
+the embedding). The `head` argument keeps the paper's name for the stem's design ("head setting"); the margin
+classifier the engine calls its head is not part of the model. State dicts with the legacy module names
+(`head.*`, `features.*`) still load (distill/compat.py).
+
 A "variable group" convolution fixes the channels per group (S) instead of the number of groups, so the
 compute per group is constant across the network; S = 1 is a depthwise convolution (the paper's
 MobileNet-style baseline). Its output has `factor` times its input channels (2 in the stages, 1 in the
-head), then a pointwise 1x1 conv maps to the block's output width.
+stem), then a pointwise 1x1 conv maps to the block's output width.
 
 BatchNorm uses eps 2e-5 and PyTorch momentum 0.1, which is MXNet's momentum 0.9 (the two frameworks
 define the running-average weight the other way round). Blocks whose shortcut is the identity build no
@@ -26,6 +31,7 @@ import torch
 from timm.models import checkpoint_seq
 from torch import nn
 
+from distill.compat import state_dict_pre_hook
 from distill.models.contract import FaceModelContract, check_in_chans, face_pretrained_cfg, fix_gamma
 from distill.models.registry import register_model
 
@@ -143,8 +149,9 @@ class VarGFaceNet(FaceModelContract, nn.Module):
         group_size: channels per group S of every variable-group conv (paper 8; 1 = depthwise).
         se: squeeze-and-excitation in the normal blocks (ratio `se_ratio`).
         act: 'prelu' (paper) or 'relu'.
-        head: 'vargfacenet' (3x3 stride-1 conv + a stride-2 block: keeps 112x112 detail) or
-            'vargnet' (VarGNet's head: stride-2 conv + stride-2 block, 4x cheaper, loses detail).
+        head: the stem's design, in the paper's words its "head": 'vargfacenet' (3x3 stride-1 conv + a stride-2
+            block: keeps 112x112 detail) or 'vargnet' (VarGNet's: stride-2 conv + stride-2 block, 4x cheaper,
+            loses detail).
         embedding: 'vargfacenet' (1x1 -> last_channels, 7x7 variable-group conv, 1x1 -> last_channels/2,
             FC, BN1d) or 'gap' (VarGNet's: 1x1 -> last_channels, global average pool, FC, BN1d).
         multiplier: width multiplier of filters [32, 64, 128, 256] (paper 1.25).
@@ -156,7 +163,7 @@ class VarGFaceNet(FaceModelContract, nn.Module):
             default, has none and `forward` gives the embedding.
     """
 
-    _head_names = ("embed", "fc", "features")
+    _head_names = ("embed", "fc", "embedding_norm")
 
     def __init__(
         self,
@@ -194,9 +201,9 @@ class VarGFaceNet(FaceModelContract, nn.Module):
         widths = [int(f * multiplier) for f in (32, 64, 128, 256)]
         se_ratio = se_ratio if se else 0
 
-        head_stride = 1 if head == "vargfacenet" else 2
-        self.head = nn.Sequential(
-            nn.Conv2d(3, widths[0], 3, head_stride, 1, bias=False),
+        stem_stride = 1 if head == "vargfacenet" else 2
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], 3, stem_stride, 1, bias=False),
             _bn2d(widths[0]),
             _act(act, widths[0]),
             VarGBlock(widths[0], widths[0], 2, 1, group_size, act, se_ratio),
@@ -209,7 +216,7 @@ class VarGFaceNet(FaceModelContract, nn.Module):
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
 
-        self.feature_size = _downsampled(input_size, 4 + (head_stride == 2))
+        self.feature_size = _downsampled(input_size, 4 + (stem_stride == 2))
         c = widths[3]
         layers = [nn.Conv2d(c, last_channels, 1, bias=False), _bn2d(last_channels), _act(act, last_channels)]
         if embedding == "vargfacenet":
@@ -228,15 +235,16 @@ class VarGFaceNet(FaceModelContract, nn.Module):
         self.embed = nn.Sequential(*layers, nn.Flatten(1), nn.Dropout(dropout))
         self.fc = nn.Linear(fc_in, embedding_size)
         # MXNet fix_gamma=True / arcface_torch: the last BN scales nothing, it only centres and whitens.
-        self.features = nn.BatchNorm1d(embedding_size, eps=BN_EPS, momentum=BN_MOMENTUM)
-        fix_gamma(self.features)
-        # feature 0 is the head's output (stride 2 with the paper's stride-1 first conv), then each stage's
-        r = 2 * head_stride
-        info = [dict(num_chs=widths[0], reduction=r, module="head.3")]
+        self.embedding_norm = nn.BatchNorm1d(embedding_size, eps=BN_EPS, momentum=BN_MOMENTUM)
+        fix_gamma(self.embedding_norm)
+        # feature 0 is the stem's output (stride 2 with the paper's stride-1 first conv), then each stage's
+        r = 2 * stem_stride
+        info = [dict(num_chs=widths[0], reduction=r, module="stem.3")]
         info += [dict(num_chs=widths[i + 1], reduction=r * 2 ** (i + 1), module=f"stages.{i}") for i in range(3)]
         self._init_contract(num_classes, widths[3], embedding_size, info,
-                            face_pretrained_cfg(input_size, self.feature_size, "head.0", num_classes))
+                            face_pretrained_cfg(input_size, self.feature_size, "stem.0", num_classes))
         self._init_weights()
+        self.register_load_state_dict_pre_hook(state_dict_pre_hook)  # state dicts with the legacy key names
 
     def _init_weights(self):
         for m in self.modules():
@@ -249,36 +257,36 @@ class VarGFaceNet(FaceModelContract, nn.Module):
                 nn.init.zeros_(m.bias)
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(x)
+        return self.stem(x)
 
     def _stages(self) -> list:
         return [(f"stages.{i}", stage) for i, stage in enumerate(self.stages)]
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^head", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last stage's map: (B, num_features, S/16, S/16) with the paper's head."""
-        x = self.head(x)
+        """The last stage's map: (B, num_features, S/16, S/16) with the paper's stem."""
+        x = self.stem(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.stages, x)
         return self.stages(x)
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Embedding block -> fc -> BatchNorm: the embedding (forward_head, distill/models/contract.py)."""
-        return self.features(self.fc(self.embed(x)))
+        return self.embedding_norm(self.fc(self.embed(x)))
 
 
 # ------------------------------------------------------------------------------------------ registry
 
-@register_model(builds=VarGFaceNet, timm=dict(first_conv="head.0"))
+@register_model(builds=VarGFaceNet, timm=dict(first_conv="stem.0"))
 def vargfacenet(**kwargs) -> VarGFaceNet:
-    """VarGFaceNet as in the paper: S=8, SE, PReLU, stride-1 head, 1024-channel embedding block."""
+    """VarGFaceNet as in the paper: S=8, SE, PReLU, stride-1 stem, 1024-channel embedding block."""
     return VarGFaceNet(**kwargs)
 
 
-@register_model(builds=VarGFaceNet, timm=dict(first_conv="head.0"))
+@register_model(builds=VarGFaceNet, timm=dict(first_conv="stem.0"))
 def vargfacenet_depthwise(group_size: int = 1, **kwargs) -> VarGFaceNet:
     """The paper's MobileNet-style baseline: VarGFaceNet with depthwise convolutions (S=1)."""
     return VarGFaceNet(group_size=group_size, **kwargs)

@@ -16,6 +16,7 @@ import zipfile
 
 import torch
 
+from distill.compat import upgrade_state_dict
 from distill.utils.atomic import atomic_open
 from distill.utils.errors import CheckpointError, UnsafeFileError
 
@@ -98,7 +99,8 @@ def safe_torch_load(path, map_location="cpu"):
 
 def extract_state_dict(obj, source) -> dict:
     """A plain state dict from what people save: a state dict, or a dict holding one under a common key.
-    A `module.` prefix (saved from DDP) and `_orig_mod.` (a torch.compile'd module, saved by other tools) are stripped."""
+    A `module.` prefix (saved from DDP) and `_orig_mod.` (a torch.compile'd module, saved by other tools) are
+    stripped."""
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "backbone", "student"):
             if key in obj and isinstance(obj[key], dict):
@@ -119,7 +121,9 @@ def _preview(keys, n=5) -> str:
 
 
 def load_state_dict_strict(model: torch.nn.Module, state_dict: dict, source="checkpoint") -> None:
-    """Load all-or-nothing; on any mismatch raise CheckpointError naming keys and shapes."""
+    """Load all-or-nothing; on any mismatch raise CheckpointError naming keys and shapes. Legacy key names of the
+    model's modules are renamed first (distill.compat.upgrade_state_dict)."""
+    state_dict = upgrade_state_dict(model, state_dict)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
