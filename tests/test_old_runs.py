@@ -1,0 +1,78 @@
+"""Run directories written by an earlier version (commit c38a1d9) and interrupted mid-stage resume with this code
+to the weights and metrics that version reached, bit for bit (tests/fixtures/old_runs; its README says how they
+were made and how expected.json was computed)."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+OLD_RUNS = REPO / "tests" / "fixtures" / "old_runs"
+EXPECTED = json.loads((OLD_RUNS / "expected.json").read_text())
+# run -> (its finished stages in the fixture, the stage stopped right after its last.pt at step 2 of 4)
+STOPPED = {"short_form": (("teacher", "baseline"), "gen1"),  # distill: {loss: equivalent_angular, alpha: 7}, cached
+           "terms": (("teacher",), "gen1")}  # distill.terms: equivalent_angular + fitnet + ekd, online teacher
+
+
+def weights(student_pt) -> dict:
+    """As make.py computes it: one digest over each tensor's 'dtype shape sha256' lines, sorted (key names and
+    order do not count: a renamed state-dict key keeps it, a changed value does not)."""
+    state = torch.load(student_pt, map_location="cpu", weights_only=True)["state_dict"]
+    lines = sorted(f"{t.dtype} {list(t.shape)} {hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()}"
+                   for t in state.values())
+    return {"tensors": len(lines), "sha256": hashlib.sha256("\n".join(lines).encode()).hexdigest()}
+
+
+def outcome(run_dir) -> dict:
+    stages = {}
+    for stage in sorted(p for p in run_dir.iterdir() if (p / "result.json").exists()):
+        res = json.loads((stage / "result.json").read_text())
+        student = stage / "student.pt"
+        stages[stage.name] = {"metrics": res["metrics"], "best": res.get("best"), "steps": res.get("steps"),
+                              "weights": weights(student) if student.exists() else None}
+    return stages
+
+
+def _steps(metrics_jsonl) -> list:
+    return [json.loads(line)["step"] for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("run", sorted(STOPPED))
+def test_an_old_interrupted_run_directory_resumes_bit_identically(run, tmp_path):
+    if (EXPECTED["cpu"], EXPECTED["torch"]) != (torch.backends.cpu.get_cpu_capability(), torch.__version__):
+        pytest.skip(f"expected.json holds the digits of a {EXPECTED['cpu']} CPU with torch {EXPECTED['torch']}; "
+                    f"this is {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__}, which trains to "
+                    f"other digits (tests/fixtures/old_runs/README.md says how to remake them)")
+    copy = tmp_path / "old_runs"
+    shutil.copytree(OLD_RUNS, copy)  # `terms` loads its teacher from short_form/teacher/backbone.pth
+    run_dir = copy / run
+    finished, stopped = STOPPED[run]
+    trained = lambda: {f.relative_to(run_dir).as_posix(): f.read_bytes()  # noqa: E731
+                       for name in finished for f in sorted((run_dir / name).glob("*.pt*"))}
+    before = trained()
+    assert (run_dir / stopped / "last.pt").exists() and not (run_dir / stopped / "result.json").exists()
+    steps_before = _steps(run_dir / stopped / "metrics.jsonl")
+    assert max(steps_before) == 2
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-m", "distill.cli", "run", f"{run}.yaml", "--out", run, "--no-progress"],
+                          cwd=copy, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+
+    # the finished stages were not trained again, the stopped one went on from its step 2 (an exact resume and
+    # a restart from scratch reach the same digits: the metrics log tells them apart)
+    assert trained() == before
+    log = (run_dir / stopped / "metrics.jsonl").read_text()
+    assert log.startswith((OLD_RUNS / run / stopped / "metrics.jsonl").read_text())
+    assert all(step > 2 for step in _steps(run_dir / stopped / "metrics.jsonl")[len(steps_before):])
+    got, expected = outcome(run_dir), EXPECTED["runs"][run]
+    assert sorted(got) == sorted(expected)
+    for stage in expected:
+        assert got[stage]["weights"] == expected[stage]["weights"], f"{run}/{stage}: other weights"
+        assert got[stage] == expected[stage], f"{run}/{stage}: other metrics"
