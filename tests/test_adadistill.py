@@ -8,8 +8,9 @@ import torch
 from tiny import tiny_config, whole_and_resumed
 
 import teachers
-from distill.losses.distillation import AdaDistill, DistillationObjective, create_distill_loss, loss_needs
+from distill.losses.distillation import AdaDistill, DistillationObjective
 from distill.losses.heads import create_head
+from distill.losses.registry import create_distill_loss, requirements
 from distill.train.engine import StageSpec
 
 
@@ -71,10 +72,10 @@ def test_it_replaces_the_classification_term_and_only_the_student_gets_gradients
     AdaDistill().update_centres(reference, student.detach(), labels, teacher.detach())
     expected, _ = reference(student.detach(), labels)
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert "loss_kd" not in logs and 0 < logs["ada_alpha"].item() <= 1
+    assert "loss_kd/adadistill" not in logs and 0 < logs["ada_alpha"].item() <= 1
     total.backward()
     assert student.grad.abs().sum() > 0 and objective.head.weight.grad.abs().sum() > 0 and teacher.grad is None
-    assert loss_needs("adadistill", "replaces_classification") and loss_needs("adadistill", "same_size")
+    assert requirements("adadistill").replaces_classification and requirements("adadistill").sizes == "same"
     assert isinstance(create_distill_loss("adadistill"), AdaDistill)
 
 

@@ -95,7 +95,7 @@ def test_margin_distillation_margins_and_loss_by_hand():
     # the batch's loss is the mean of each sample's ArcFace loss at its own margin
     each = [_head(centres, m=float(m))(student[i:i + 1], labels[i:i + 1])[0] for i, m in enumerate(margins)]
     assert total.item() == pytest.approx(sum(e.item() for e in each) / 3)
-    assert "loss_kd" not in logs and logs["md_margin"].item() == pytest.approx(0.35)
+    assert "loss_kd/margin_distillation" not in logs and logs["md_margin"].item() == pytest.approx(0.35)
 
 
 def test_proxyless_kd_trains_against_the_teachers_frozen_head():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.losses.distillation import EKD, DistillationObjective, create_distill_loss, loss_needs
+from distill.losses.distillation import EKD, DistillationObjective
+from distill.losses.registry import create_distill_loss, requirements
 from distill.utils.errors import ConfigError
 
 
@@ -51,7 +52,7 @@ def test_thresholds_ema_and_loss_by_hand():
 def test_default_levels_gradients_and_contract():
     ekd = create_distill_loss("ekd")
     assert isinstance(ekd, EKD) and ekd.fars == (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6) and ekd.hard_negatives == 2000
-    assert loss_needs("ekd", "needs_labels") and loss_needs("ekd", "images_per_id")
+    assert requirements("ekd").labels and requirements("ekd").images_per_id
     torch.manual_seed(0)
     student, teacher = torch.randn(8, 16, requires_grad=True), torch.randn(8, 16, requires_grad=True)
     labels = torch.arange(4).repeat_interleave(2)
@@ -59,7 +60,7 @@ def test_default_levels_gradients_and_contract():
     objective = DistillationObjective(create_head("arcface", 16, 4, s=16.0, m=0.3), loss="ekd", alpha=1.0)
     total, logs = objective(student, labels, teacher)
     total.backward()
-    assert logs["loss_kd"] > 0 and student.grad.abs().sum() > 0 and teacher.grad is None
+    assert logs["loss_kd/ekd"] > 0 and student.grad.abs().sum() > 0 and teacher.grad is None
     assert set(objective.training_state()) == {"distill_loss.thresholds", "distill_loss.seen"}  # saved in last.pt
 
 

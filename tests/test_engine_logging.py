@@ -14,7 +14,7 @@ from distill.losses.distillation import DistillationObjective
 from distill.train.engine import Preempted, StageSpec, run_stage
 
 MODEL_KWARGS = {**{k: v for k, v in TINY_STUDENT.items() if k != "arch"}, "input_size": 16}
-TERMS = ("acc", "cos_target", "loss_cls", "loss_kd", "loss")
+TERMS = ("acc", "cos_target", "loss_cls", "loss_kd/equivalent_angular", "loss")
 
 
 class _Teacher(nn.Module):

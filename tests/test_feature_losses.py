@@ -11,8 +11,9 @@ from tiny_experiment import write_experiment
 
 import teachers
 from distill.config.schema import load_config
-from distill.losses.distillation import DistillationObjective, loss_needs
+from distill.losses.distillation import DistillationObjective
 from distill.losses.features import AttentionTransfer, attention_map
+from distill.losses.registry import requirements
 from distill.models.registry import create_model
 from distill.train.engine import StageSpec, run_stage
 from distill.train.feature_taps import FeatureTaps
@@ -33,7 +34,7 @@ def test_attention_map_and_loss_by_hand():
     # two stages add; a teacher map of another size is pooled to the student's: [5, 2] vs mean of 2x2 -> 1x2
     big = torch.tensor([[[[2.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]]]])  # |f|^2 = [[4,0,0,0],[4,0,0,0]] -> [2, 0]
     assert AttentionTransfer()([s, s], [t, big]).item() == pytest.approx(2 * expected, rel=1e-6)
-    assert loss_needs("attention_transfer", "needs_features")
+    assert requirements("attention_transfer").feature_maps
 
 
 def test_the_objective_adds_alpha_times_the_feature_loss():
@@ -45,7 +46,7 @@ def test_the_objective_adds_alpha_times_the_feature_loss():
     s, t = torch.rand(2, 4, 3, 3), torch.rand(2, 8, 3, 3)
     total, logs = objective(torch.rand(2, 5), torch.zeros(2, dtype=torch.long), torch.rand(2, 7), maps=([s], [t]))
     expected = AttentionTransfer()([s], [t])
-    assert logs["loss_kd"].item() == pytest.approx(expected.item()) and total.item() == pytest.approx(1 + 3 * expected.item())
+    assert logs["loss_kd/attention_transfer"].item() == pytest.approx(expected.item()) and total.item() == pytest.approx(1 + 3 * expected.item())
     with pytest.raises(ConfigError, match="feature maps"):
         objective(torch.rand(2, 5), torch.zeros(2, dtype=torch.long), torch.rand(2, 7))
 
@@ -82,7 +83,7 @@ def test_a_stage_with_attention_transfer_trains_and_resumes_bit_identically(tmp_
     assert whole["steps"] == 6 and not teacher.model._forward_hooks and not any(
         m._forward_hooks for m in teacher.model.modules())  # the hooks came off with the stage
     lines = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
-    assert all('"train/loss_kd"' in line for line in lines if '"train/loss"' in line)
+    assert all('"train/loss_kd/attention_transfer"' in line for line in lines if '"train/loss"' in line)
     stop_at_first_checkpoint(cfg, _spec(cfg), tmp_path / "resumed", monkeypatch, teacher=teacher)
     run_stage(cfg, _spec(cfg), str(tmp_path / "resumed"), TinyFaces(), {}, teacher=teacher, progress=False)
     a = safe_torch_load(tmp_path / "whole" / "student.pt")["state_dict"]

@@ -35,10 +35,10 @@ def test_the_objective_sums_alpha_times_each_term_and_logs_each_by_name():
     torch.testing.assert_close(logs["loss_kd/equivalent_angular"], ea)
     torch.testing.assert_close(logs["loss_kd/cos"], cos)
     assert "loss_kd/off" not in logs and "loss_kd" not in logs  # a term at alpha 0 is not computed
-    # the short form is one term logged as before, and without a teacher nothing is computed
+    # `loss` + `alpha` is one term named by its loss, logged like any term; without a teacher nothing is computed
     short = DistillationObjective(ConstantHead(), loss="cosine", alpha=2.5)
     total, logs = short(s, torch.zeros(4, dtype=torch.long), t)
-    assert set(logs) == {"loss", "loss_cls", "loss_kd"} and torch.equal(logs["loss_kd"], cos.detach())
+    assert set(logs) == {"loss", "loss_cls", "loss_kd/cosine"} and torch.equal(logs["loss_kd/cosine"], cos.detach())
     assert set(objective(s, torch.zeros(4, dtype=torch.long))[1]) == {"loss", "loss_cls"}
 
 

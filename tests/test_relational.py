@@ -10,7 +10,7 @@ from tiny import tiny_config
 from tiny_experiment import write_experiment
 
 from distill.config.schema import load_config
-from distill.losses.distillation import create_distill_loss, loss_needs
+from distill.losses.registry import create_distill_loss, requirements
 from distill.train.engine import StageSpec
 from distill.utils.errors import ConfigError
 
@@ -67,7 +67,7 @@ def test_gradients_reach_the_student_only_and_sizes_may_differ(name):
     fn(student, teacher).backward()
     assert teacher.grad is None and student.grad.abs().sum() > 0
     assert torch.autograd.gradcheck(lambda s: fn(s, teacher.detach()), (student.detach().requires_grad_(),))
-    assert loss_needs(name, "any_size")
+    assert requirements(name).sizes == "any"
 
 
 @pytest.mark.parametrize("name, least", [("rkd", 3), ("cc", 2), ("sp", 2)])

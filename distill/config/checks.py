@@ -11,9 +11,9 @@ import re
 from timm.optim import list_optimizers
 
 from distill.data.ijb import TARGETS as IJB_TARGETS
-from distill.losses.distillation import DISTILL_LOSSES, loss_needs
 from distill.losses.heads import HEADS
-from distill.losses.registry import check_loss_options, loss_options
+from distill.losses.registry import DISTILL_LOSSES, check_loss_options
+from distill.losses.requirements import Setting, term_problems
 from distill.losses.terms import config_terms
 from distill.models.registry import did_you_mean, feature_count
 from distill.utils.errors import ConfigError
@@ -175,70 +175,42 @@ def _check_images_per_id(cfg, where) -> None:
 
 def _check_terms(cfg, where) -> None:
     """Every distillation term (distill.terms, or the one of distill.loss + distill.alpha): its loss registered, its
-    options those the loss takes, and what it needs present (feature maps: a torch teacher run online, at stages
-    both models have; repeated identities: data.images_per_id); at most one term owns the classification."""
+    options those the loss takes, and what its Requirements ask of the experiment (distill/losses/requirements.py:
+    feature maps of a torch teacher run online, at stages both models have; repeated identities; the batch size;
+    the teacher's class centres); at most one term owns the classification."""
     short = cfg.distill.terms is None
     if short and cfg.distill.alpha < 0:
         raise ConfigError(f"{where('distill.alpha')}: key 'distill.alpha' must be >= 0, got {cfg.distill.alpha}")
-    owners = []
-    for i, term in enumerate(config_terms(cfg.distill)):
-        key = "distill.loss" if short else f"distill.terms[{i}]"
-        src = where("distill.loss" if short else "distill.terms")
-        loss_key = key if short else key + ".loss"
+    terms = config_terms(cfg.distill)
+    for term in terms:
+        src = where(term.key.split("[")[0])
+        loss_key = term.key if short else term.key + ".loss"
         if term.loss not in DISTILL_LOSSES:
             raise ConfigError(f"{src}: key '{loss_key}' must be one of {', '.join(DISTILL_LOSSES)}, got {term.loss!r}"
                               f"{did_you_mean(term.loss, list(DISTILL_LOSSES))}")
         try:
-            check_loss_options(term.loss, term.options, key)
+            check_loss_options(term.loss, term.options, term.key)
         except ConfigError as err:
             raise ConfigError(f"{src}: {err}") from None
-        if term.alpha <= 0:
-            continue
-        label = f"distill.loss {term.loss}" if short else f"{key} ({term.loss})"
-        if loss_needs(term.loss, "replaces_classification"):
-            owners.append(key)
-        if loss_needs(term.loss, "needs_features") and cfg.teacher is not None:
-            _check_feature_term(cfg, term, label, where)
-        least = getattr(DISTILL_LOSSES[term.loss], "min_batch", 1)
-        if cfg.train.batch_size < least:
-            raise ConfigError(f"{where('train.batch_size')}: {label} relates the images of a batch and needs at least "
-                              f"{least} per batch, train.batch_size is {cfg.train.batch_size}: raise it")
-        if loss_needs(term.loss, "needs_centres") and cfg.teacher is not None and not cfg.teacher.head and (
-                cfg.teacher.onnx or cfg.teacher.train is None):
-            raise ConfigError(f"{where('teacher')}: {label} needs the teacher's class centres (its margin-head "
-                              f"weights), which a loaded {'ONNX ' if cfg.teacher.onnx else ''}teacher does not carry: "
-                              f"set teacher.head: FILE (see docs: a state dict, last.pt or arcface_torch's "
-                              f"checkpoint_gpu_*.pt), or let the run train the teacher (teacher.train)")
-        if loss_needs(term.loss, "images_per_id") and cfg.data.images_per_id is None:
-            raise ConfigError(f"{where('data.images_per_id')}: {label} compares pairs of images within a batch and "
-                              f"needs repeated identities: set data.images_per_id (e.g. 4: batches of batch_size/4 "
-                              f"identities with 4 images each)")
-        k = cfg.data.images_per_id
-        if loss_needs(term.loss, "images_per_id") and k and cfg.train.batch_size // k < 2:
-            raise ConfigError(f"{where('data.images_per_id')}: {label} compares each identity with others in the batch, "
-                              f"but train.batch_size {cfg.train.batch_size} / data.images_per_id {k} gives one identity "
-                              f"per batch: set data.images_per_id to at most {cfg.train.batch_size // 2}, or raise "
-                              f"train.batch_size")
-    if len(owners) > 1:
-        raise ConfigError(f"{where('distill.terms')}: {' and '.join(owners)} both replace the classification loss "
-                          f"(each moves the class centres its own way); keep one of them")
+    problems = term_problems(terms, config_setting(cfg))
+    if problems:
+        key, message = problems[0]
+        raise ConfigError(f"{where(key.split('[')[0])}: {message}")
 
 
-def _check_feature_term(cfg, term, label: str, where) -> None:
-    if cfg.teacher.onnx:
-        raise ConfigError(f"{where('teacher.onnx')}: {label} needs the teacher's intermediate feature maps, which an "
-                          f"ONNX file does not give: use a torch teacher (teacher.arch + teacher.checkpoint) or an "
-                          f"embedding loss")
-    if cfg.teacher.cache:
-        raise ConfigError(f"{where('teacher.cache')}: {label} needs the teacher's feature maps at every step, which "
-                          f"the teacher cache (embeddings only) does not hold: set teacher.cache: false (the teacher "
-                          f"then runs online)")
-    stages = term.options.get("stages", loss_options(term.loss).get("stages", ()))
-    for role, arch, kwargs in (("student", cfg.student.arch, cfg.student.model_kwargs(cfg.data.input_size)),
-                               ("teacher", cfg.teacher.arch, dict(cfg.teacher.model))):
-        count = feature_count(arch, kwargs)
-        bad = [s for s in stages if count is not None and not -count <= int(s) < count]
-        if bad:
-            raise ConfigError(f"{where('distill.loss' if cfg.distill.terms is None else 'distill.terms')}: {label}: "
-                              f"stage {bad[0]} of the {role} ({arch}): it has {count} feature stages (0..{count - 1}, "
-                              f"or -1..-{count} from the last); choose the loss's stages among them")
+def config_setting(cfg) -> Setting:
+    """What the config tells of the run the terms will train in (requirements.Setting): the teacher's kind and
+    cache, whether its class centres will be there, the batches and the models' feature stages; the embedding
+    sizes are preflight's (a teacher's size may be known only once it is loaded)."""
+    teacher = cfg.teacher
+    stages = None
+    if teacher is not None and not teacher.onnx:
+        stages = tuple((role, arch, feature_count(arch, kwargs)) for role, arch, kwargs in (
+            ("student", cfg.student.arch, cfg.student.model_kwargs(cfg.data.input_size)),
+            ("teacher", teacher.arch, dict(teacher.model))))
+    centres = None
+    if teacher is not None:
+        centres = True if teacher.head else False if (teacher.onnx or teacher.train is None) else None
+    return Setting(teacher=None if teacher is None else "onnx" if teacher.onnx else "torch",
+                   cached=None if teacher is None else bool(teacher.cache), centres=centres,
+                   images_per_id=cfg.data.images_per_id or 0, batch_size=cfg.train.batch_size, stages=stages)

@@ -1,4 +1,4 @@
-"""Distillation through the teacher's class centres (issue 24): its margin-softmax weights, one row per identity.
+"""Distillation through the teacher's class centres: its margin-softmax weights, one row per identity.
 
 Where the centres come from (`load_centres`; distill/train/objective.py gives them to the losses at stage start):
 a teacher trained by the run (stage 0) keeps its head in `teacher/last.pt`; a loaded teacher takes
@@ -12,8 +12,9 @@ A glob (`teacher.head: runs/r100/checkpoint_gpu_*.pt`) names the ranks' files of
 concatenated in rank order (the number in the name), as arcface_torch splits its classes contiguously. The rows
 must number data.train's identities (both counts are named otherwise).
 
-A loss that needs them declares `needs_centres = True` and `set_centres(full, head)`; under torchrun each rank
-keeps the rows of the classes its margin head holds (MarginHead.class_start / num_local_classes).
+A loss that needs them declares `Requirements(centres=True)` and `set_centres(full, head)`; under torchrun each
+rank keeps the rows of the classes its margin head holds, through the head's centre API (MarginHead.centre_shard,
+load_full_weight, freeze_centres: distill/losses/margin_head.py).
 margin_distillation and proxyless_kd set the head's centres at every stage start, so they win over
 `init_head_from_previous` (a resumed stage then loads its own head from last.pt, as always).
 
@@ -49,8 +50,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses.margin_head import _Comm, _GatherEmbeddings, _SumOverShards
+from distill.losses.margin_head import Collectives, GatherEmbeddings, SumOverShards
 from distill.losses.registry import register_loss
+from distill.losses.requirements import Requirements
 from distill.utils.errors import ConfigError
 
 _FILE_KINDS = "a (classes, embedding) tensor, a state dict with `weight`, facedistill's last.pt (head_weight) or " \
@@ -103,33 +105,31 @@ def load_centres(source: str, num_classes: int | None, embedding_size: int | Non
     return centres
 
 
-def _shifted_and_log_normaliser(z: torch.Tensor, comm: _Comm) -> tuple:
+def _shifted_and_log_normaliser(z: torch.Tensor, comm: Collectives) -> tuple:
     """(z − peak, log Σ_j exp(z_j − peak)) over the classes of every rank's shard: the peak (no gradient) and the
     normaliser are reduced over the ranks, so each rank holds the normaliser whole; z − peak − the second is the
     log softmax (this rank's columns)."""
     peak = z.detach().amax(1, keepdim=True)
     comm.all_reduce_(peak, dist.ReduceOp.MAX)
     shifted = z - peak
-    return shifted, _SumOverShards.apply(shifted.exp().sum(1, keepdim=True), comm).log()
+    return shifted, SumOverShards.apply(shifted.exp().sum(1, keepdim=True), comm).log()
 
 
 class _CentresLoss(nn.Module):
     """Keeps this rank's rows of the teacher's centres (a buffer outside the state dict: reloaded every stage)."""
 
-    needs_centres = True
-
     def __init__(self):
         super().__init__()
         self.register_buffer("centres", torch.zeros(0, 0), persistent=False)
-        self.process_group = None
+        self.comm = Collectives()
 
     def set_centres(self, full: torch.Tensor, head) -> None:
-        start, n = head.class_start, head.num_local_classes
-        self.centres = full[start:start + n].to(head.weight.device, head.weight.dtype).clone()
-        self.process_group = head.process_group
+        shard, mine = head.centre_shard(), head.local_centres()
+        self.centres = shard.rows_of(full).to(mine.device, mine.dtype).clone()
+        self.comm = shard.comm
 
 
-@register_loss("kd")
+@register_loss("kd", requires=Requirements(centres=True))
 class MarginKD(_CentresLoss):
     """KD on margin-softmax logits over the teacher's centres (Hinton et al. 2015); see the module docstring.
     Options: temperature (4), scale (64). Needs: teacher centres (teacher.head or a teacher trained here) and
@@ -144,10 +144,10 @@ class MarginKD(_CentresLoss):
     def forward(self, student_emb, teacher_emb):
         if self.centres.numel() == 0:
             raise ConfigError("distillation loss kd needs the teacher's class centres (teacher.head)")
-        comm = _Comm(self.process_group)
+        comm = self.comm
         dtype = torch.promote_types(student_emb.dtype, torch.float32)  # half precision in float32
         sizes = comm.batch_sizes(student_emb.shape[0], student_emb.device)
-        s = _GatherEmbeddings.apply(F.normalize(student_emb.to(dtype), dim=1), comm, sizes)
+        s = GatherEmbeddings.apply(F.normalize(student_emb.to(dtype), dim=1), comm, sizes)
         t = comm.gather_rows(F.normalize(teacher_emb.detach().to(dtype), dim=1), sizes)
         w = F.normalize(self.centres.to(dtype), dim=1)
         k = self.scale / self.temperature
@@ -158,36 +158,34 @@ class MarginKD(_CentresLoss):
         # partial sums plus the normaliser every rank holds whole (so its gradient is the global one on each rank)
         shifted_s, log_norm_s = _shifted_and_log_normaliser(k * s @ w.t(), comm)
         partial = (log_pt.exp() * (log_pt - shifted_s)).sum(1)
-        return (_SumOverShards.apply(partial, comm) + log_norm_s.squeeze(1)).mean() * self.temperature ** 2
+        return (SumOverShards.apply(partial, comm) + log_norm_s.squeeze(1)).mean() * self.temperature ** 2
 
 
-@register_loss("margin_distillation")
+@register_loss("margin_distillation", requires=Requirements(centres=True, sizes="same", replaces_classification=True))
 class MarginDistillation(_CentresLoss):
     """MarginDistillation (Svitov & Alyamkin 2020); see the module docstring. Options: m_max (0.5), m_min (0.2).
     Needs: teacher centres and embeddings of the student's size. Tested: tests/test_centre_losses.py."""
 
-    replaces_classification = True
-    same_size = True
-
     def __init__(self, m_max: float = 0.5, m_min: float = 0.2):
         super().__init__()
         if not (0 <= m_min <= m_max < math.pi):
-            raise ValueError(f"margin_distillation: need 0 <= m_min <= m_max < pi, got m_min={m_min!r}, m_max={m_max!r}")
+            raise ValueError(f"margin_distillation: need 0 <= m_min <= m_max < pi, got m_min={m_min!r}, "
+                             f"m_max={m_max!r}")
         self.m_max, self.m_min = float(m_max), float(m_min)
 
     def set_centres(self, full, head) -> None:
-        head.load_full_weight(full.to(head.weight.dtype))  # the student's centres start as the teacher's
+        head.load_full_weight(full.to(head.local_centres().dtype))  # the student's centres start as the teacher's
 
     @torch.no_grad()
     def margins(self, head, labels, teacher_emb) -> torch.Tensor:
         """m_i of every sample of the global batch (every rank computes the same)."""
-        comm = head._comm()
+        shard = head.centre_shard()
+        comm = shard.comm
         sizes = comm.batch_sizes(labels.shape[0], labels.device)
         dtype = torch.promote_types(teacher_emb.dtype, torch.float32)
         t = comm.gather_rows(F.normalize(teacher_emb.detach().to(dtype), dim=1), sizes)
-        local = comm.gather_rows(labels.reshape(-1).long(), sizes) - head.class_start
-        mine = (local >= 0) & (local < head.num_local_classes)
-        w = F.normalize(head.weight[local.clamp(0, head.num_local_classes - 1)].to(dtype), dim=1)
+        local, mine = shard.local(comm.gather_rows(labels.reshape(-1).long(), sizes))
+        w = F.normalize(head.local_centres()[local.clamp(0, shard.count - 1)].to(dtype), dim=1)
         cos = torch.where(mine, (t * w).sum(1), torch.zeros_like(t[:, 0]))
         comm.all_reduce_(cos, dist.ReduceOp.SUM)  # each sample's centre lives on one rank
         peak = cos.max().clamp_min(1e-6)
@@ -199,17 +197,14 @@ class MarginDistillation(_CentresLoss):
         return loss, {**logs, "md_margin": m.mean()}
 
 
-@register_loss("proxyless_kd")
+@register_loss("proxyless_kd", requires=Requirements(centres=True, sizes="same", replaces_classification=True))
 class ProxylessKD(_CentresLoss):
     """ProxylessKD (Shi et al. 2020); see the module docstring. No options. Needs: teacher centres, embeddings of
     the student's size. Tested: tests/test_centre_losses.py."""
 
-    replaces_classification = True
-    same_size = True
-
     def set_centres(self, full, head) -> None:
-        head.load_full_weight(full.to(head.weight.dtype))
-        head.weight.requires_grad_(False)  # the inherited classifier stays the teacher's
+        head.load_full_weight(full.to(head.local_centres().dtype))
+        head.freeze_centres()  # the inherited classifier stays the teacher's
 
     def classify(self, head, student_emb, labels, teacher_emb):
         return head(student_emb, labels)

@@ -13,23 +13,24 @@ With ŝ = s/|s|, t̂ = t/|t| and cos(t, s) = t̂·ŝ:
 `l2` averages over elements, not samples: it equals mean_i |s_i − t_i|² / dim, so its scale depends on
 the embedding size and on the embeddings' norms, unlike the angular losses.
 
-The objective's contract. A registered loss is either a function of (student, teacher) added as
-`alpha × loss` to the classification loss (the four above), or a class (an nn.Module, instantiated with
-its options; its buffers are training state, saved in last.pt with the objective and resumed) that says
-what it needs through class attributes:
-    needs_labels = True            called as loss(student, teacher, labels) (batch-level losses)
-    replaces_classification = True it owns the classification term: the objective calls
-                                   loss.classify(head, student, labels, teacher) -> (loss, logs) instead of
-                                   head(student, labels), and adds no alpha × term (alpha > 0 turns it on)
-    images_per_id = True           needs batches with repeated identities (data.images_per_id)
-    same_size = True               compares the student's own space with the teacher's (no distill.project)
-    needs_features = True          called as loss(student_maps, teacher_maps) on intermediate feature maps at
-                                   its `stages` (distill/losses/features.py); the teacher runs online
-    needs_centres = True           gets the teacher's class centres at stage start (`set_centres(full, head)`,
-                                   distill/losses/centres.py: teacher.head, or the head of a teacher trained here)
-    any_size = True                relates the batch's embeddings to each other: sizes may differ (relational.py)
-    min_batch = k                  needs batches of at least k images
-The engine knows none of this but the last: it calls the objective, and takes the maps a loss asks for.
+The objective's contract. A registered loss (distill/losses/registry.py) is either a function of (student,
+teacher) added as `alpha × loss` to the classification loss (the four above), or a class (an nn.Module,
+instantiated with its options; its buffers and parameters are training state, saved in last.pt with the
+objective and resumed). Either declares what it needs with one Requirements value
+(distill/losses/requirements.py), given at registration (`register_loss(..., requires=Requirements(...))`) or as
+the class attribute `requires`; the objective calls it accordingly:
+    labels=True                   loss(student, teacher, labels) (batch-level losses)
+    feature_maps=True             loss(student_maps, teacher_maps) on intermediate feature maps at its `stages`
+                                  (distill/losses/features.py); the teacher runs online
+    centres=True                  set_centres(full, head) once at stage start with the teacher's class centres
+                                  (distill/losses/centres.py), then called as an embedding loss or a classifier
+    replaces_classification=True  loss.classify(head, student, labels, teacher) -> (loss, logs) instead of
+                                  head(student, labels); no alpha × term is added (alpha > 0 turns it on)
+    otherwise                     loss(student, teacher), the student projected to the teacher's size when
+                                  distill.project: linear
+The rest of a Requirements value (images_per_id, sizes, min_batch) is what the experiment must give; one
+function checks it (requirements.term_problems: the config checks, preflight, doctor and the stage's objective
+call it). The engine knows none of this: it calls the objective, and takes the maps a term asks for.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.losses import centres as _centres  # noqa: F401 (register)
-from distill.losses.registry import DISTILL_LOSSES, create_distill_loss, loss_needs, register_loss  # noqa: F401
+from distill.losses.registry import create_distill_loss, register_loss, requirements
+from distill.losses.requirements import Requirements, Setting, check_terms
 from distill.losses.terms import LossTerm
 from distill.utils.errors import CheckpointError, ConfigError
 
@@ -100,27 +101,28 @@ def l2(student_emb, teacher_emb):
 class DistillationObjective(nn.Module):
     """total = classification (the margin head's loss) + Σ alpha_i × term_i, every term by name.
 
-    The terms (distill/losses/terms.py) are `terms`, or the one term `loss` with `alpha` and `loss_options`
-    (the short form, distill.loss + distill.alpha). forward(student_emb, labels, teacher_emb=None, maps=None)
-    returns (total, logs) with logs holding detached tensors: 'loss' (total), 'loss_cls', each term before its
-    alpha ('loss_kd' in the short form, 'loss_kd/<name>' for distill.terms) and the head's logs. With every
-    alpha 0 or no teacher embeddings it is plain training: no term is computed and none is in the logs (so a
-    baseline run shows no distillation curve rather than a flat zero); a term at alpha 0 is left out.
-    Under DDP, loss_cls is the global batch's loss (the head gathers all ranks) while the terms are this
-    rank's; DDP's gradient averaging makes both gradients global means. The first term's loss is the module
-    `distill_loss` (its state: `distill_loss.*` in last.pt, as in earlier versions), the k-th `distill_loss_<k>`.
+    `terms` (distill/losses/terms.py: the experiment's, the short form distill.loss + distill.alpha being one
+    term); `loss` + `alpha` + options build one term of that loss (a shorthand for tests and scripts).
+    forward(student_emb, labels, teacher_emb=None, maps=None) returns (total, logs) with logs holding detached
+    tensors: 'loss' (total), 'loss_cls', each term before its alpha as 'loss_kd/<term name>' (its log is
+    train/loss_kd/<name>), and the head's logs. With every alpha 0 or no teacher embeddings it is plain training:
+    no term is computed and none is in the logs (so a baseline run shows no distillation curve rather than a flat
+    zero); a term at alpha 0 is left out. Under DDP, loss_cls is the global batch's loss (the head gathers all
+    ranks) while the terms are this rank's; DDP's gradient averaging makes both gradients global means.
+
+    State-dict slots: the k-th term's loss is the attribute `distill_loss` (k = 0) or `distill_loss_<k>`, in both
+    forms of the config, so its state is `distill_loss.*`, `distill_loss_1.*`, ... in last.pt.
     """
 
     def __init__(self, head: nn.Module, loss: str = "equivalent_angular", alpha: float = 7.0,
                  project: tuple | None = None, terms: list | None = None, **loss_options):
         super().__init__()
-        self.short_form = terms is None
         terms = [LossTerm(loss, loss, alpha, loss_options)] if terms is None else list(terms)
         for term in terms:
             if not (isinstance(term.alpha, (int, float)) and math.isfinite(term.alpha) and term.alpha >= 0):
                 raise ConfigError(f"distillation alpha must be a finite number >= 0, got {term.alpha!r} ({term.name})")
-        if sum(loss_needs(t.loss, "replaces_classification") for t in terms if t.alpha > 0) > 1:
-            raise ConfigError("two distillation terms replace the classification loss; keep one of them")
+        self.requirements = [requirements(t.loss) for t in terms]
+        check_terms(terms, Setting())  # what the terms alone can tell (two owners of the classification)
         self.head = head
         self.terms = terms
         self.distill_loss = None  # (no terms); each term's loss is its slot's attribute (a module is registered)
@@ -139,6 +141,12 @@ class DistillationObjective(nn.Module):
         """(term, loss) in order, read from the slots (so a loss put in a slot is the one that runs)."""
         return [(t, getattr(self, self._slot(k))) for k, t in enumerate(self.terms)]
 
+    def active(self, what: str | None = None) -> list:
+        """(term, loss, requirements) of the terms at alpha > 0; `what`: only those whose Requirements field of
+        that name is true (e.g. 'feature_maps', 'centres')."""
+        return [(t, fn, needs) for (t, fn), needs in zip(self.losses, self.requirements, strict=True)
+                if t.alpha > 0 and (what is None or getattr(needs, what))]
+
     @property
     def alpha(self) -> float:
         """The terms' summed weights: > 0 when some term distils."""
@@ -151,23 +159,24 @@ class DistillationObjective(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{t.name}: {t.loss} x {t.alpha:g}" for t in self.terms) or "no distillation"
 
-    def log_name(self, term) -> str:
-        return "loss_kd" if self.short_form else f"loss_kd/{term.name}"
+    @staticmethod
+    def log_name(term) -> str:
+        return f"loss_kd/{term.name}"
 
     def centre_terms(self) -> list:
         """(term, loss) of the active terms that need the teacher's class centres (distill/losses/centres.py)."""
-        return [(t, fn) for t, fn in self.losses if t.alpha > 0 and getattr(fn, "needs_centres", False)]
+        return [(t, fn) for t, fn, _ in self.active("centres")]
 
     def feature_terms(self) -> list:
         """(term, loss) of the active terms on feature maps."""
-        return [(t, fn) for t, fn in self.losses if t.alpha > 0 and getattr(fn, "needs_features", False)]
+        return [(t, fn) for t, fn, _ in self.active("feature_maps")]
 
     def forward(self, student_emb: torch.Tensor, labels: torch.Tensor, teacher_emb: torch.Tensor | None = None,
                 maps: dict | tuple | None = None):
         """`maps`: {term name: (student maps, teacher maps)} at each feature term's stages (a (student, teacher)
         pair when only one term needs maps)."""
-        active = [(t, fn) for t, fn in self.losses if t.alpha > 0] if teacher_emb is not None else []
-        owner = next((fn for _, fn in active if getattr(fn, "replaces_classification", False)), None)
+        active = self.active() if teacher_emb is not None else []
+        owner = next((fn for _, fn, needs in active if needs.replaces_classification), None)
         if owner is not None:
             loss_cls, head_logs = owner.classify(self.head, student_emb, labels, teacher_emb)
         else:
@@ -176,16 +185,15 @@ class DistillationObjective(nn.Module):
         logs["loss_cls"] = loss_cls.detach()
         total = loss_cls
         projected = None
-        for term, kd in active:
-            if getattr(kd, "replaces_classification", False):
+        for term, kd, needs in active:
+            if needs.replaces_classification:
                 continue
-            if getattr(kd, "needs_features", False):
+            if needs.feature_maps:
                 value = kd(*self._maps_of(term, maps))
             else:
                 if projected is None:
                     projected = self.projection(student_emb) if self.projection is not None else student_emb
-                extra = {"labels": labels} if getattr(kd, "needs_labels", False) else {}
-                value = kd(projected, teacher_emb, **extra)
+                value = kd(projected, teacher_emb, labels) if needs.labels else kd(projected, teacher_emb)
             logs[self.log_name(term)] = value.detach()
             total = total + term.alpha * value
         logs["loss"] = total.detach()
@@ -218,7 +226,7 @@ class DistillationObjective(nn.Module):
         self.load_state_dict({**{k: v for k, v in self.state_dict().items() if k.startswith("head.")}, **state})
 
 
-@register_loss("adadistill")
+@register_loss("adadistill", requires=Requirements(sizes="same", replaces_classification=True))
 class AdaDistill(nn.Module):
     """AdaDistill (Boutros et al., ECCV 2024): the teacher's knowledge goes into the student's class centres.
 
@@ -236,29 +244,26 @@ class AdaDistill(nn.Module):
     the student's space).
     """
 
-    replaces_classification = True
-    same_size = True
-
     @torch.no_grad()
     def update_centres(self, head, student_emb, labels, teacher_emb) -> torch.Tensor:
         """Move the centres of this batch's identities (those this rank holds) toward the teacher; returns the α
         of every sample of the global batch whose centre is on this rank."""
         s, t = _prepare(student_emb, teacher_emb)
-        comm = head._comm()
+        shard = head.centre_shard()
+        comm = shard.comm
         labels = labels.reshape(-1).long()
         sizes = comm.batch_sizes(labels.shape[0], labels.device)
         s_hat = comm.gather_rows(F.normalize(s, dim=1), sizes)
         t_hat = comm.gather_rows(F.normalize(t, dim=1), sizes)
-        local = comm.gather_rows(labels, sizes) - head.class_start
-        mine = (local >= 0) & (local < head.num_local_classes)
+        local, mine = shard.local(comm.gather_rows(labels, sizes))
         rows, s_hat, t_hat = local[mine], s_hat[mine], t_hat[mine]
-        w_hat = F.normalize(head.weight[rows].to(t_hat.dtype), dim=1)
+        w_hat = F.normalize(head.local_centres()[rows].to(t_hat.dtype), dim=1)
         alpha = ((s_hat * t_hat).sum(1) * (w_hat * t_hat).sum(1).clamp(1e-6, 1.0)).clamp(1e-6, 1.0)
         updated = alpha[:, None] * w_hat + (1.0 - alpha[:, None]) * t_hat
         classes, inverse = rows.unique(return_inverse=True)
         summed = updated.new_zeros(len(classes), updated.shape[1]).index_add_(0, inverse, updated)
         counts = torch.bincount(inverse, minlength=len(classes)).to(summed.dtype)
-        head.weight[classes] = (summed / counts[:, None]).to(head.weight.dtype)
+        head.update_local_centres(classes, summed / counts[:, None])
         return alpha
 
     def classify(self, head, student_emb, labels, teacher_emb):
@@ -267,7 +272,7 @@ class AdaDistill(nn.Module):
         return loss, {**logs, "ada_alpha": alpha.mean() if alpha.numel() else alpha.new_zeros(())}
 
 
-@register_loss("ekd")
+@register_loss("ekd", requires=Requirements(labels=True, images_per_id=True))
 class EKD(nn.Module):
     """EKD, evaluation-oriented knowledge distillation (Huang et al., CVPR 2022): match where pairs fall relative
     to the verification thresholds, for student and teacher, instead of matching embeddings.
@@ -285,9 +290,6 @@ class EKD(nn.Module):
     added to the classification loss as alpha × loss: distill.alpha: 1 gives the paper's
     ArcFace + 0.02·MSE⁺ + 0.01·MSE⁻. The thresholds are buffers: saved in last.pt, resumed.
     """
-
-    needs_labels = True
-    images_per_id = True
 
     def __init__(self, fars=(1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6), hard_negatives: int = 2000, momentum: float = 0.01,
                  temperature: float = 0.01, positive_weight: float = 0.02, negative_weight: float = 0.01):

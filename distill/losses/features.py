@@ -1,12 +1,12 @@
-"""Distillation losses on intermediate feature maps (issue 23, item 2): the student's and the teacher's maps at
+"""Distillation losses on intermediate feature maps: the student's and the teacher's maps at
 the stages a loss names, taken through timm's contract (`feature_info`: distill/models/contract.py) by forward
 hooks during the usual forward passes (distill/train/engine.py), so DDP and the embedding path are unchanged.
 
-A feature loss declares `needs_features = True` and `stages` (feature indices in feature_info's order, the stem
-first; negative ones count from the last, and are the portable choice: VarGFaceNet has 4 features, an IResNet
-5). It is called as `loss(student_maps, teacher_maps)` with one map per stage, in that order. The teacher runs
-online (its maps are not cached: `teacher.cache: true` with a feature loss is a config error), and it must be a
-torch model (an ONNX file gives no intermediate maps).
+A feature loss declares `Requirements(feature_maps=True, teacher_embedding=False)` and takes `stages` (feature
+indices in feature_info's order, the stem first; negative ones count from the last, and are the portable choice:
+VarGFaceNet has 4 features, an IResNet 5). It is called as `loss(student_maps, teacher_maps)` with one map per
+stage, in that order. The teacher runs online (its maps are not cached: `teacher.cache: true` with a feature loss
+is a config error), and it must be a torch model (an ONNX file gives no intermediate maps).
 
     attention_transfer   Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017: per stage the
                          spatial attention a(f) = mean over channels of |f|^p (p = 2), flattened and
@@ -29,6 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.losses.registry import register_loss
+from distill.losses.requirements import Requirements
+
+MAPS = Requirements(feature_maps=True, teacher_embedding=False)  # maps of an online torch teacher, no embeddings
 
 
 def attention_map(feature: torch.Tensor, p: float = 2.0, size: tuple | None = None) -> torch.Tensor:
@@ -39,15 +42,13 @@ def attention_map(feature: torch.Tensor, p: float = 2.0, size: tuple | None = No
     return F.normalize(a.flatten(1), dim=1)
 
 
-@register_loss("attention_transfer")
+@register_loss("attention_transfer", requires=MAPS)
 class AttentionTransfer(nn.Module):
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017); see the module docstring for the formula.
 
     Options: p (2, the paper's), stages (feature indices, default the last three). Needs: the student's and the
     teacher's feature maps at those stages (an online torch teacher). Tested: tests/test_feature_losses.py
     (hand-computed)."""
-
-    needs_features = True
 
     def __init__(self, p: float = 2.0, stages: tuple = (-3, -2, -1)):
         super().__init__()
@@ -60,15 +61,15 @@ class AttentionTransfer(nn.Module):
 
     def forward(self, student_maps: list, teacher_maps: list) -> torch.Tensor:
         total = None
-        for s, t in zip(student_maps, teacher_maps):
-            size = tuple(min(a, b) for a, b in zip(s.shape[-2:], t.shape[-2:]))
+        for s, t in zip(student_maps, teacher_maps, strict=True):
+            size = tuple(min(a, b) for a, b in zip(s.shape[-2:], t.shape[-2:], strict=True))
             diff = attention_map(s, self.p, size) - attention_map(t.detach(), self.p, size)
             term = diff.pow(2).sum(1).mean()
             total = term if total is None else total + term
         return total
 
 
-@register_loss("fitnet")
+@register_loss("fitnet", requires=MAPS)
 class FitNet(nn.Module):
     """FitNets (Romero et al., ICLR 2015): a regressor (1×1 conv + BatchNorm) maps the student's map at each
     chosen stage to the teacher's channels, and the loss is the mean squared error to the teacher's map there
@@ -79,8 +80,6 @@ class FitNet(nn.Module):
     (`build(student_channels, teacher_channels)`), train with the student, are kept in last.pt with the
     objective and never in student.pt or exports."""
 
-    needs_features = True
-
     def __init__(self, stages: tuple = (-2,)):
         super().__init__()
         self.stages = tuple(int(s) for s in stages)
@@ -88,13 +87,13 @@ class FitNet(nn.Module):
 
     def build(self, student_channels: list, teacher_channels: list) -> None:
         self.regressors = nn.ModuleList(nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
-                                        for cs, ct in zip(student_channels, teacher_channels))
+                                        for cs, ct in zip(student_channels, teacher_channels, strict=True))
 
     def forward(self, student_maps: list, teacher_maps: list) -> torch.Tensor:
         if len(self.regressors) != len(student_maps):
             raise RuntimeError("fitnet: its regressors were not built for these models (FitNet.build)")
         total = None
-        for regress, s, t in zip(self.regressors, student_maps, teacher_maps):
+        for regress, s, t in zip(self.regressors, student_maps, teacher_maps, strict=True):
             y = regress(s.float())
             if y.shape[-2:] != t.shape[-2:]:
                 y = F.interpolate(y, size=tuple(t.shape[-2:]), mode="bilinear", align_corners=False)

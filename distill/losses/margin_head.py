@@ -32,11 +32,18 @@ With one process (torch.distributed not initialised) the collectives are identit
 Class sampling (`sample_rate` < 1, training mode only): each rank keeps every class that is a label in
 the global batch and fills up to int(sample_rate · n_r) with random other classes, as PartialFC does.
 The sampled rows are indexed out of `weight`, so only they receive gradient.
+
+Class centres, the public API the distillation losses use (distill/losses/centres.py, AdaDistill):
+`centre_shard()` (this rank's class range and the collectives over the head's ranks), `local_centres()` (this
+rank's rows, the live parameter), `update_local_centres(rows, values)` (an in-place move without gradient),
+`full_weight()` (every class, gathered), `load_full_weight(full)` (this rank's rows of a full matrix) and
+`freeze_centres()` (the centres train no more).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -52,7 +59,7 @@ def shard_range(num_classes: int, rank: int, world_size: int) -> tuple[int, int]
     return rank * base + min(rank, extra), base + int(rank < extra)
 
 
-class _Comm:
+class Collectives:
     """The collectives a head uses, over one process group; with one process each is the identity."""
 
     def __init__(self, group=None):
@@ -83,10 +90,10 @@ class _Comm:
         padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in sizes]
         dist.all_gather(parts, padded, group=self.group)
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+        return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
 
 
-class _GatherEmbeddings(torch.autograd.Function):
+class GatherEmbeddings(torch.autograd.Function):
     """All-gather whose backward sums each rank's partial gradient and keeps this rank's rows (× W, see top)."""
 
     @staticmethod
@@ -103,7 +110,7 @@ class _GatherEmbeddings(torch.autograd.Function):
         return grad[start : start + sizes[comm.rank]] * comm.world_size, None, None
 
 
-class _SumOverShards(torch.autograd.Function):
+class SumOverShards(torch.autograd.Function):
     """Sum of per-shard partial values; backward is the identity, since every rank holds the same result."""
 
     @staticmethod
@@ -115,6 +122,23 @@ class _SumOverShards(torch.autograd.Function):
         return grad, None
 
 
+@dataclass(frozen=True)
+class CentreShard:
+    """The classes [start, start + count) whose centres this rank holds, and the collectives over the ranks."""
+    start: int
+    count: int
+    comm: Collectives
+
+    def rows_of(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a full (num_classes × d) matrix."""
+        return full[self.start:self.start + self.count]
+
+    def local(self, labels: torch.Tensor) -> tuple:
+        """(local row of each label, whether this rank holds it) for global class labels."""
+        local = labels - self.start
+        return local, (local >= 0) & (local < self.count)
+
+
 class MarginHead(nn.Module):
     """Combined-margin softmax head s·(cos(m1·θ + m2) − m3), class centres sharded over ranks."""
 
@@ -122,7 +146,7 @@ class MarginHead(nn.Module):
                  m3: float = 0.0, *, straight_through: bool = False, sample_rate: float = 1.0, process_group=None):
         super().__init__()
         self.process_group = process_group
-        comm = _Comm(process_group)
+        comm = Collectives(process_group)
         if int(embedding_size) < 1 or int(num_classes) < comm.world_size:
             raise ConfigError(f"margin head: need embedding_size >= 1 and num_classes >= world size "
                               f"({comm.world_size}), got embedding_size={embedding_size}, num_classes={num_classes}")
@@ -152,8 +176,8 @@ class MarginHead(nn.Module):
                 f"sample_rate={self.sample_rate}, classes=[{self.class_start}, {end}) on rank "
                 f"{self.rank} of {self.world_size}")
 
-    def _comm(self) -> _Comm:
-        comm = _Comm(self.process_group)
+    def collectives(self) -> Collectives:
+        comm = Collectives(self.process_group)
         if (comm.rank, comm.world_size) != (self.rank, self.world_size):
             raise ConfigError(f"margin head was built as rank {self.rank} of {self.world_size} but runs as rank "
                               f"{comm.rank} of {comm.world_size}; build heads after init_process_group")
@@ -220,9 +244,9 @@ class MarginHead(nn.Module):
         if labels.numel() and bool(((labels < 0) | (labels >= self.num_classes)).any()):
             raise ConfigError(f"margin head: labels must lie in [0, {self.num_classes}) (its num_classes), got "
                               f"min {int(labels.min())}, max {int(labels.max())}")
-        comm = self._comm()
+        comm = self.collectives()
         sizes = comm.batch_sizes(embeddings.shape[0], embeddings.device)
-        embeddings = _GatherEmbeddings.apply(embeddings, comm, sizes)
+        embeddings = GatherEmbeddings.apply(embeddings, comm, sizes)
         labels = comm.gather_rows(labels, sizes)
 
         local = labels - self.class_start
@@ -257,7 +281,7 @@ class MarginHead(nn.Module):
             torch.where(on_shard, shifted.gather(1, index).squeeze(1), zero),  # target logit, on one shard
             torch.where(on_shard, cosine.detach().gather(1, index).squeeze(1), zero),
         ], 1)
-        total = _SumOverShards.apply(parts, comm)
+        total = SumOverShards.apply(parts, comm)
         loss = (total[:, 0].log() - total[:, 1]).mean()
         target_cos = total[:, 2].detach()
         logs = {
@@ -267,10 +291,27 @@ class MarginHead(nn.Module):
         }
         return loss, logs
 
+    def centre_shard(self) -> CentreShard:
+        """This rank's classes [start, start + count) of the centres and the collectives over the head's ranks."""
+        return CentreShard(self.class_start, self.num_local_classes, self.collectives())
+
+    def local_centres(self) -> torch.Tensor:
+        """This rank's class centres (count × embedding_size): the head's trained parameter itself."""
+        return self.weight
+
+    @torch.no_grad()
+    def update_local_centres(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite this rank's centres at local `rows` with `values`, without gradient (AdaDistill's update)."""
+        self.weight[rows] = values.to(self.weight.dtype)
+
+    def freeze_centres(self) -> None:
+        """The centres stay as they are: no gradient, so the optimizer never moves them (ProxylessKD)."""
+        self.weight.requires_grad_(False)
+
     @torch.no_grad()
     def full_weight(self) -> torch.Tensor:
         """All class centres (num_classes × embedding_size) on every rank, e.g. for one checkpoint file."""
-        comm = self._comm()
+        comm = self.collectives()
         sizes = [shard_range(self.num_classes, r, self.world_size)[1] for r in range(self.world_size)]
         return comm.gather_rows(self.weight.detach(), sizes).clone()  # never a view of the live weight
 

@@ -1,31 +1,111 @@
-"""The registry of distillation losses: `distill.loss` names one of them (distill/losses/distillation.py for
-the embedding losses and the objective's contract, distill/losses/features.py for feature-map losses)."""
+"""The registry of distillation losses: a term's `loss` (distill.terms, or the short form distill.loss) names one.
+
+Adding a loss is one file in distill/losses/ with one registration: the registry imports every module of the
+package the first time it is read (`discover`), so `@register_loss(...)` in a new file is all it takes. A loss
+is a function `fn(student_emb, teacher_emb, *, options...) -> scalar tensor` registered under its name, or an
+nn.Module class whose constructor takes the options; each declares what it needs with one Requirements value
+(distill/losses/requirements.py): `register_loss(..., requires=Requirements(...))`, or a class attribute
+`requires`. The contract of each kind is distill/losses/distillation.py's module docstring.
+"""
 
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import math
+import pkgutil
 
+from distill.losses.requirements import Requirements
 from distill.models.registry import did_you_mean, same_kind
 from distill.utils.errors import ConfigError, UnknownNameError
 
-DISTILL_LOSSES: dict = {}
+
+class _Losses(dict):
+    """{name: loss} of every registered loss; reading it first imports the package's modules (`discover`)."""
+
+    def __getitem__(self, name):
+        discover()
+        return super().__getitem__(name)
+
+    def __contains__(self, name) -> bool:
+        discover()
+        return super().__contains__(name)
+
+    def __iter__(self):
+        discover()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        discover()
+        return super().__len__()
+
+    def get(self, name, default=None):
+        discover()
+        return super().get(name, default)
+
+    def keys(self):
+        discover()
+        return super().keys()
+
+    def values(self):
+        discover()
+        return super().values()
+
+    def items(self):
+        discover()
+        return super().items()
 
 
-def register_loss(fn, name: str | None = None):
-    """Register `fn(student_emb, teacher_emb, *, options...) -> scalar tensor` under its function name, or a
-    loss class (see the module docstring) under `name`."""
-    if fn is None or isinstance(fn, str):  # @register_loss("name") on a class
-        return lambda cls: register_loss(cls, fn)
-    DISTILL_LOSSES[name or fn.__name__] = fn
+DISTILL_LOSSES: dict = _Losses()
+_REQUIREMENTS: dict = {}
+_DISCOVERED: dict = {"path": None}  # the package path last scanned (a changed __path__ is scanned again)
+
+
+def discover() -> None:
+    """Import every module of distill/losses/ (each registers its losses as it is imported), once per package path."""
+    import distill.losses as package
+
+    path = tuple(package.__path__)
+    if _DISCOVERED["path"] == path:
+        return
+    _DISCOVERED["path"] = path  # (set first: a module imported here may read the registry)
+    try:
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{package.__name__}.{module.name}")
+    except BaseException:
+        _DISCOVERED["path"] = None
+        raise
+
+
+def register_loss(fn=None, name: str | None = None, *, requires: Requirements | None = None):
+    """Register a loss function under its name (or `name`), or a loss class under `name`, with what it needs:
+    `requires`, else the class's `requires` attribute, else Requirements() (teacher embeddings only).
+
+        @register_loss                                   # a function, no requirements beyond the embeddings
+        @register_loss(requires=Requirements(sizes="any"))
+        @register_loss("ekd", requires=Requirements(labels=True, images_per_id=True))
+    """
+    if fn is None or isinstance(fn, str):  # @register_loss("name", requires=...) or @register_loss(requires=...)
+        return lambda target: register_loss(target, fn, requires=requires)
+    declared = vars(fn).get("requires") if isinstance(fn, type) else None  # the class's own, not a base's
+    if requires is not None and declared is not None:
+        raise TypeError(f"{fn.__name__}: declare its Requirements once, in register_loss or as its `requires`")
+    requires = requires if requires is not None else declared if declared is not None else Requirements()
+    if not isinstance(requires, Requirements):
+        raise TypeError(f"{fn.__name__}: requires must be a Requirements value, got {type(requires).__name__}")
+    key = name or fn.__name__
+    dict.__setitem__(DISTILL_LOSSES, key, fn)
+    _REQUIREMENTS[key] = requires
     return fn
 
 
-def loss_needs(name: str, what: str) -> bool:
-    """Whether registered loss `name` declares `what` (needs_labels, replaces_classification, images_per_id,
-    same_size)."""
-    return bool(getattr(DISTILL_LOSSES.get(name), what, False))
+def requirements(name: str) -> Requirements:
+    """What registered loss `name` needs (its declared Requirements)."""
+    if name not in DISTILL_LOSSES:
+        raise UnknownNameError(f"unknown distillation loss {name!r}; registered losses: "
+                               f"{', '.join(sorted(DISTILL_LOSSES))}")
+    return _REQUIREMENTS[name]
 
 
 def loss_options(name: str) -> dict:

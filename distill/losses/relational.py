@@ -1,4 +1,4 @@
-"""Relational distillation losses on the batch's embeddings (issue 24): the student matches how the teacher places
+"""Relational distillation losses on the batch's embeddings: the student matches how the teacher places
 the images of a batch relative to each other, not each embedding itself. Each works with the cached teacher
 (embeddings only), needs a batch of at least two images (RKD's angle term: three) and no repeated identities;
 student and teacher embeddings may differ in size (relations have none), so no distill.project is needed.
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.losses.registry import register_loss
+from distill.losses.requirements import Requirements
 from distill.utils.errors import ConfigError
 
 
@@ -62,14 +63,11 @@ def triplet_angles(e: torch.Tensor) -> torch.Tensor:
     return cos[keep]
 
 
-@register_loss("rkd")
+@register_loss("rkd", requires=Requirements(sizes="any", min_batch=3))  # the angle term's triplets
 class RKD(nn.Module):
     """RKD (Park et al., CVPR 2019), distance- and angle-wise; see the module docstring. Options: distance_weight
     (25), angle_weight (50). Needs: teacher embeddings (the cache serves), batches of >= 3 images for the angle
     term (2 with angle_weight 0). Tested: tests/test_relational.py (hand-computed)."""
-
-    any_size = True   # relations compare across embedding sizes
-    min_batch = 3     # the angle term's triplets
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0):
         super().__init__()
@@ -96,13 +94,10 @@ def rbf_correlation(e: torch.Tensor, gamma: float, order: int) -> torch.Tensor:
     return math.exp(-2 * gamma) * torch.stack(terms).sum(0)
 
 
-@register_loss("cc")
+@register_loss("cc", requires=Requirements(sizes="any", min_batch=2))
 class CorrelationCongruence(nn.Module):
     """Correlation congruence (Peng et al., ICCV 2019); see the module docstring. Options: gamma (0.4), order (2).
     Needs: teacher embeddings (the cache serves), batches of >= 2 images. Tested: tests/test_relational.py."""
-
-    any_size = True
-    min_batch = 2
 
     def __init__(self, gamma: float = 0.4, order: int = 2):
         super().__init__()
@@ -116,14 +111,11 @@ class CorrelationCongruence(nn.Module):
         return diff.pow(2).sum() / len(s) ** 2
 
 
-@register_loss("sp")
+@register_loss("sp", requires=Requirements(sizes="any", min_batch=2))
 class SimilarityPreserving(nn.Module):
     """Similarity-preserving KD (Tung & Mori, ICCV 2019): |G̃_s − G̃_t|²_F / b² with G̃ the row-normalised Gram
     matrix of the batch's embeddings. No options. Needs: teacher embeddings (the cache serves), batches of >= 2
     images. Tested: tests/test_relational.py (hand-computed)."""
-
-    any_size = True
-    min_batch = 2
 
     def forward(self, student_emb, teacher_emb):
         s, t = _pair(student_emb, teacher_emb, "sp")

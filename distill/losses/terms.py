@@ -1,4 +1,4 @@
-"""Loss terms: what a stage distils with, composed in the experiment (issue 23, item 3).
+"""Loss terms: what a stage distils with, composed in the experiment.
 
     distill:
       terms:
@@ -10,10 +10,11 @@ total = classification + Σ alpha_i × term_i. Each term has `loss` (a registere
 (its weight, a finite number >= 0; a term at 0 is not computed), optionally `name` (its log is
 train/loss_kd/<name>; default the loss; two terms of one loss need names of their own) and the loss's own
 options beside them (checked against the loss's signature when the config loads: an unknown option gets a
-"did you mean", a value of the wrong type names its key). `distill.loss` + `distill.alpha` is the short
-form of one term without options; it logs train/loss_kd as before, and a stage resumes from the last.pt of
-earlier versions. A term whose loss owns the classification (adadistill) replaces the head's loss; at most
-one term may.
+"did you mean", a value of the wrong type names its key). `distill.loss` + `distill.alpha` is the short form
+of one term without options: `config_terms` turns either form into the list of terms, and every consumer (the
+config checks, preflight, the objective, the run's descriptions) reads the terms only. alpha is a weight in
+both forms, and a term's log and state-dict slot are the same in both (distill/losses/distillation.py). A term
+whose loss owns the classification (adadistill) replaces the head's loss; at most one term may.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ RESERVED = ("loss", "alpha", "name")
 
 @dataclass(frozen=True)
 class LossTerm:
-    """One term of the objective: `alpha × loss(options)`, logged under `name`."""
+    """One term of the objective: `alpha × loss(options)`, logged under `name`; `key`: where the config sets it
+    ('distill.loss' for the short form, 'distill.terms[i]'; empty for a term built in code)."""
     name: str
     loss: str
     alpha: float
     options: dict = field(default_factory=dict)
+    key: str = field(default="", compare=False)  # provenance, not part of what the term is
 
     def describe(self) -> str:
         """'fitnet (alpha 1, stages [-2])'; a named term: 'at_last: attention_transfer (alpha 10, ...)'."""
@@ -67,25 +70,30 @@ def parse_terms(entries, key: str = "distill.terms") -> list:
                                          f"one loss a name of its own (name: {loss}_2)")
         seen[name] = i
         options = {k: v for k, v in entry.items() if k not in RESERVED}
-        terms.append(LossTerm(name=name, loss=loss, alpha=float(alpha), options=options))
+        terms.append(LossTerm(name=name, loss=loss, alpha=float(alpha), options=options, key=here))
     return terms
 
 
 def config_terms(distill) -> list:
-    """The terms of a `distill` config section: its `terms`, or the short form's one term."""
+    """The terms of a `distill` config section: its `terms`, or the short form's one term (distill.loss at weight
+    distill.alpha)."""
     if distill.terms is None:
-        return [LossTerm(name=distill.loss, loss=distill.loss, alpha=float(distill.alpha))]
+        return [LossTerm(name=distill.loss, loss=distill.loss, alpha=float(distill.alpha), key="distill.loss")]
     return parse_terms(distill.terms)
 
 
 def stage_terms(distill, alpha: float) -> list:
-    """The terms of a stage whose StageSpec.alpha is `alpha`: in the short form `alpha` is the term's weight (the
-    stage's); with `distill.terms` each term keeps its own, and a stage at `alpha` 0 (the baseline, no teacher)
-    has them all at 0 (built, not computed: the objective's state has one layout in every stage)."""
+    """The terms of a stage whose distillation weight (StageSpec.alpha: the summed weights of its terms) is
+    `alpha`. A student stage has the experiment's weight (distill.weight) and the terms as configured; a stage
+    that does not distil (the baseline, the teacher) has 0 and every term at 0 (built, not computed: the
+    objective's state has one layout in every stage); another weight scales the configured ones in proportion."""
     terms = config_terms(distill)
-    if distill.terms is None:
-        return [replace(terms[0], alpha=float(alpha))]
-    return terms if alpha > 0 else [replace(t, alpha=0.0) for t in terms]
+    total = sum(t.alpha for t in terms)
+    if alpha == total:
+        return terms
+    if alpha <= 0 or total <= 0:
+        return [replace(t, alpha=0.0) for t in terms]
+    return [replace(t, alpha=float(alpha) * (t.alpha / total)) for t in terms]
 
 
 def describe_terms(terms) -> str:

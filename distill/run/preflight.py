@@ -17,7 +17,8 @@ opened training set can tell (its identity count, whether it hands out encoded i
 
 from __future__ import annotations
 
-from distill.losses.distillation import loss_needs
+from distill.losses.registry import requirements
+from distill.losses.requirements import Setting, term_problems
 from distill.losses.terms import config_terms, describe_terms
 from distill.utils.atomic import ensure_writable
 from distill.utils.errors import ConfigError, DataFormatError, DistillError
@@ -26,24 +27,12 @@ from teachers.prepare import teacher_source
 
 
 def embedding_size_problem(cfg, teacher_dim: int) -> str | None:
-    """Why the student's embeddings cannot be distilled against a teacher of `teacher_dim`, or None."""
-    student_dim = cfg.student.embedding_size
-    if cfg.distill.weight <= 0 or cfg.generations < 1 or teacher_dim == student_dim:
+    """Why the student's embeddings cannot be distilled against a teacher of `teacher_dim`, or None (the terms'
+    Requirements.sizes against the two sizes and distill.project: distill/losses/requirements.py)."""
+    if cfg.distill.weight <= 0 or cfg.generations < 1:
         return None
-    terms = [t for t in config_terms(cfg.distill) if t.alpha > 0]
-    if all(loss_needs(t.loss, "needs_features") or loss_needs(t.loss, "any_size") for t in terms):  # maps, relations
-        return None
-    same = next((t for t in terms if loss_needs(t.loss, "same_size")), None)
-    if same is not None:
-        return (f"the teacher's embeddings are {teacher_dim}-d, student.embedding_size is {student_dim}: "
-                f"distill.loss {same.loss} moves the student's class centres toward the teacher's embeddings, "
-                f"so both must have one size (distill.project cannot map the teacher into the student's space); "
-                f"set student.embedding_size: {teacher_dim} or use another distill.loss")
-    if cfg.distill.project != "none":
-        return None
-    return (f"the teacher's embeddings are {teacher_dim}-d, student.embedding_size is {student_dim}: the distillation "
-            f"losses compare embeddings of one size. Set distill.project: linear (a learned {student_dim} -> "
-            f"{teacher_dim} projection used only inside the distillation loss), or student.embedding_size: {teacher_dim}")
+    setting = Setting(student_dim=cfg.student.embedding_size, teacher_dim=teacher_dim, project=cfg.distill.project)
+    return next((message for _, message in term_problems(config_terms(cfg.distill), setting)), None)
 
 
 def check_embedding_sizes(cfg, teacher_dim: int) -> None:
@@ -56,7 +45,7 @@ def centres_source(cfg, run_dir: str) -> str | None:
     """Where the students' terms take the teacher's class centres from (teacher.head, else the last.pt of the teacher
     trained here), or None when no term needs them; a loaded teacher without teacher.head is a ConfigError."""
     if cfg.teacher is None or cfg.generations < 1 or not any(
-            t.alpha > 0 and loss_needs(t.loss, "needs_centres") for t in config_terms(cfg.distill)):
+            t.alpha > 0 and requirements(t.loss).centres for t in config_terms(cfg.distill)):
         return None
     if cfg.teacher.head:
         return cfg.teacher.head
