@@ -9,8 +9,8 @@ weights), in one process, with the thread plan `distill ijb` uses (distill/utils
   model      the model alone on the already-aligned images, face and mirror in one batch as distill ijb
              runs it, on the plan's torch threads, images/s
   embed      distill.eval.ijb.embed_images end to end (DataLoader workers, model, features), images/s
-  ratio      embed time / (decode time + 2 x model time): the goal is <= 1 (issue 22: no longer than twice
-             the model's batch inference plus decoding and alignment)
+  ratio      embed time / (decode time + 2 x model time): the goal is <= 1 (an evaluation takes no longer
+             than twice the model's batch inference plus decoding and alignment)
 
     python benchmarks/bench_ijb.py [--student student.pt] [--templates 300] [--root DIR] [--workers 8]
         [--batch-size 128] [--threads N] [--json] [--quick]

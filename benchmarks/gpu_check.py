@@ -1,4 +1,4 @@
-"""The prepared GPU check (issue 15): every throughput figure the GPU path is judged by, in one run, as ONE JSON line.
+"""The prepared GPU check: every throughput figure the GPU path is judged by, in one run, as ONE JSON line.
 
     benchmarks/gpu_check.sh                       # on a GPU machine: about 6-8 minutes on one H100/H200
     benchmarks/gpu_check.sh --device cpu --tiny   # the same code on a CPU with tiny sizes (the test suite runs it)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issue 15): prints ONE JSON line with every GPU throughput figure (see gpu_check.py).
+# The prepared GPU check: prints ONE JSON line with every GPU throughput figure (see gpu_check.py).
 #   benchmarks/gpu_check.sh                       one GPU, about 6-8 minutes
 #   benchmarks/gpu_check.sh --device cpu --tiny   the same code on a CPU with tiny sizes, in seconds
 # Uses $PYTHON, else the repository's .venv (make install), else python3. Progress goes to stderr.

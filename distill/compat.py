@@ -12,6 +12,8 @@ Entries (one section each below):
   plain `model.load_state_dict` (last.pt's model state), so student.pt, last.pt and teacher checkpoints written
   with the old keys load unchanged. Teacher fingerprints keep hashing the old key names
   (`fingerprint_state_dict`), so the teacher caches keyed by them stay valid.
+- Constructor arguments in student.pt / last.pt (`MODEL_KWARG_RENAMES`; `upgrade_model_kwargs`): IResNet
+  `num_features` (arcface_torch's name) -> `embedding_size`.
 - Teacher specs (`upgrade_legacy_teacher`), in a config's `teacher:` and `teachers.build_teacher`'s argument:
   `kind: iresnet, depth: N` -> `arch: iresnetN`; `kind: timm, name: X` -> `arch: timm/X`; `kind: facedistill`
   (`student:` / `model_kwargs:`) -> `arch:` with its arguments directly under `teacher`; `kind: onnx,
@@ -92,6 +94,27 @@ def fingerprint_state_dict(model) -> dict:
         _rename_in_place(state, prefix, {new: old for old, new in _renames_of(module).items()})
     return state
 
+
+
+# ------------------------------------------------------------------------------ constructor arguments in files
+
+# student.pt's `kwargs` and last.pt's `model_kwargs` rebuild the model; argument names that files still hold,
+# per architecture family (a canonical registry name's prefix) -> the current argument.
+MODEL_KWARG_RENAMES: dict[str, dict[str, str]] = {
+    "iresnet": {"num_features": "embedding_size"},  # arcface_torch's name for the embedding size
+}
+
+
+def upgrade_model_kwargs(arch: str, kwargs: dict) -> dict:
+    """`kwargs` recorded for the model `arch` (its canonical registry name) with legacy argument names
+    (MODEL_KWARG_RENAMES) replaced by the current ones; a new dict."""
+    kwargs = dict(kwargs)
+    for family, renames in MODEL_KWARG_RENAMES.items():
+        if arch.startswith(family):
+            for old, new in renames.items():
+                if old in kwargs:
+                    kwargs[new] = kwargs.pop(old)
+    return kwargs
 
 # ------------------------------------------------------------------------------------------ teacher specs
 # Legacy teacher spellings (config section `teacher:` and the spec of `teachers.build_teacher`), each -> what it

@@ -178,3 +178,14 @@ def test_timm_backbone_state_dicts_with_the_legacy_norm_name_load():
     again.load_state_dict(legacy, strict=True)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(again.eval()(x), model(x))
+
+
+def test_a_student_pt_recording_arcface_torchs_num_features_loads(tmp_path):
+    model = create_model("iresnet18", embedding_size=32, input_size=32).eval()
+    kwargs = {k: v for k, v in model.config.items() if k != "embedding_size"}
+    torch.save({"format": "facedistill.student/1", "arch": "r18", "kwargs": {**kwargs, "num_features": 32},
+                "state_dict": model.state_dict()}, tmp_path / "student.pt")
+    loaded, payload = load_student(tmp_path / "student.pt")
+    assert payload["kwargs"]["embedding_size"] == 32 and "num_features" not in payload["kwargs"]
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded.eval()(x), model(x))

@@ -6,15 +6,15 @@ result.json and summary.json (`tar_at_far: {'1e-3': ...}` of a verification set,
 TAR, ...}`), in W&B and metrics.jsonl (`val/<set>/tar_at_far_1e-3`, `ijb/<target>/tar_at_far_1e-4`) and in
 table headers (`TAR@FAR=1e-3 (%)`, `IJBC TAR@1e-4 (%)`).
 
-Format change: IJB results written before this module existed keyed their FARs as eval_ijbc.py names its
-columns, str(far): '1e-06', '1e-05', '0.0001', '0.001', '0.01', '0.1' (and a few hand-made files '1e-04').
-`normalise_far_keys` reads any of those as the key above, and `normalise_results` applies it to every
-`tar_at_far` mapping of a result.json / summary.json / `distill ijb --json` object. The readers of those
-files call it (distill.run.summary on every stage result it summarises, distill.run.compare on summary.json
-and result.json, distill.eval.ijb_stage.ijb_scalars, distill.train.tracking), so run directories of an
-earlier version still summarise, compare and resume without being evaluated again; their files are left as
-they are until the stage is evaluated again. Verification keys ('1e-3', '1e-4') were already spelled this
-way. (The IJB feature cache's sidecar holds no FAR keys: caches of earlier versions are reused as they are.)
+Other spellings of a FAR key are read as that key: eval_ijbc.py's column names, str(far) ('1e-06', '1e-05',
+'0.0001', '0.001', '0.01', '0.1'), which IJB results of run directories hold (distill/compat.py lists it), and
+zero-padded hand-made ones ('1e-04'). `normalise_far_keys` maps one `tar_at_far`, `normalise_results` every
+`tar_at_far` of a result.json / summary.json / `distill ijb --json` object. The readers of those files call it
+(distill.run.summary on every stage result it summarises, distill.run.compare on summary.json and result.json,
+distill.eval.ijb_stage.ijb_scalars, distill.train.tracking), so such run directories summarise, compare and
+resume without being evaluated again; their files are left as they are until the stage is evaluated again.
+(The IJB feature cache's sidecar holds no FAR keys.) The spelling rules live here rather than in
+distill/compat.py because they are far_key's, and distill.compat imports nothing of distill.
 
 What is measured:
   VERIFICATION_FARS  TAR@FAR of insightface .bin sets (distill.eval.verification.tar_at_far_pairs)
@@ -49,8 +49,7 @@ def far_key(far: float) -> str:
 
 
 def parse_far_key(key) -> float | None:
-    """The FAR a key names, in any spelling an earlier version wrote ('1e-4', '1e-04', '0.0001'), or None
-    when the key is not a FAR."""
+    """The FAR a key names, in any spelling ('1e-4', '1e-04', '0.0001'), or None when the key is not a FAR."""
     try:
         value = float(Decimal(str(key).strip()))
     except (InvalidOperation, ValueError):
@@ -68,7 +67,7 @@ def normalise_far_key(key) -> str:
 def normalise_far_keys(mapping: dict) -> dict:
     """A {FAR key: value} mapping (a `tar_at_far`) with its keys in today's spelling, order kept; a new dict.
 
-    Reads results of earlier versions: {'1e-06': .5, '0.0001': .7} -> {'1e-6': .5, '1e-4': .7}. When two
+    eval_ijbc.py's spelling: {'1e-06': .5, '0.0001': .7} -> {'1e-6': .5, '1e-4': .7}. When two
     spellings of one FAR are both present, the one already in today's spelling wins."""
     out: dict = {}
     for key, value in mapping.items():

@@ -12,9 +12,9 @@
    keeps only the corners); TAR at a FAR is the TPR of the ROC point whose FPR is nearest the FAR
    (on a tie the higher point), AUC the trapezoidal area under the curve.
 
-Results key their FARs as distill.eval.far.far_key writes them ('1e-6' .. '1e-1'). Format change: earlier
-versions used eval_ijbc.py's column names, str(far) ('1e-06', '0.0001'); distill.eval.far.normalise_results
-reads those as today's keys.
+Results key their FARs as distill.eval.far.far_key writes them ('1e-6' .. '1e-1'); results keyed as
+eval_ijbc.py names its columns, str(far) ('1e-06', '0.0001'), are read as those keys
+(distill.eval.far.normalise_results).
 
 The numbers are eval_ijbc.py's bit for bit given the same image features: pooling runs in float32 in
 its order of additions, scoring in float64 with np.sum, the ROC is sklearn's. Pooling and scoring are

@@ -7,9 +7,9 @@ changed `data.ijb` is evaluated again), into its W&B run as `ijb/<target>/tar_at
 the summary and `distill compare` tables (SUMMARY_IJB_FARS). The IJB meta files are read before any
 training, so a wrong root fails first.
 
-Format change: result.json's `ijb.tar_at_far` is keyed '1e-6' .. '1e-1' (distill.eval.far.far_key); earlier
-versions wrote eval_ijbc.py's '1e-06', '1e-05', '0.0001', '0.001', '0.01', '0.1'. Both are read (the readers
-pass results through distill.eval.far.normalise_results), so an older run directory needs no new evaluation.
+result.json's `ijb.tar_at_far` is keyed '1e-6' .. '1e-1' (distill.eval.far.far_key); a result keyed as
+eval_ijbc.py's columns ('1e-06', '1e-05', '0.0001', '0.001', '0.01', '0.1') is read as those keys (the readers
+pass results through distill.eval.far.normalise_results), so such a run directory needs no new evaluation.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A face model here is `forward_features(x)` (the last feature map) followed by `forward_head(x)` (the embedding
 block, fc and BatchNorm: the embedding; a classifier after it when built with `num_classes > 0`), so
-`forward(x) == forward_head(forward_features(x))` is the embedding exactly as before. On top of that a model
-of this family has:
+`forward(x) == forward_head(forward_features(x))` is the embedding. On top of that a model of this family
+has:
 
 - `pretrained_cfg` / `default_cfg` with the face conventions: `input_size (3, S, S)` at the built size,
   `fixed_input_size: True` (the embedding block's kernel or the fc is sized for it), `mean = std = (0.5,) * 3`
@@ -59,7 +59,7 @@ class FaceModelContract:
     stages after the stem in order, each `(module name, module)`), `_final_norm_name` (the attribute of a norm
     that belongs to the last stage's map, if any), `_head_names` (the modules of the embedding block),
     `forward_features(x)` (the last map) and `_embed(map)` (embedding block, fc, BN: the embedding), and calls
-    `_init_contract`. `forward` is `forward_head(forward_features(x))`, as before the contract."""
+    `_init_contract`. `forward` is `forward_head(forward_features(x))`."""
 
     _head_names: tuple = ()
     _final_norm_name: str = ""

@@ -14,6 +14,7 @@ import os
 
 from torch import nn
 
+from distill.compat import upgrade_model_kwargs
 from distill.models.registry import canonical_name, create_model
 from distill.utils.checkpoint import atomic_torch_save, extract_state_dict, load_state_dict_strict, safe_torch_load
 from distill.utils.errors import CheckpointError, ConfigError
@@ -51,20 +52,12 @@ def is_student_checkpoint(obj) -> bool:
     return isinstance(obj, dict) and obj.get("format") == STUDENT_FORMAT
 
 
-def _current_kwargs(arch: str, kwargs: dict) -> dict:
-    """Constructor arguments written by earlier versions: IResNet's `num_features` is `embedding_size` now."""
-    kwargs = dict(kwargs)
-    if canonical_name(arch).startswith("iresnet") and "num_features" in kwargs:
-        kwargs["embedding_size"] = kwargs.pop("num_features")
-    return kwargs
-
-
 def load_student(path, map_location="cpu"):
     """Rebuild a model from `student.pt` (strict load). Returns (model, payload)."""
     payload = safe_torch_load(path, map_location=map_location)
     if not is_student_checkpoint(payload):
         raise CheckpointError(f"{path}: not a facedistill student checkpoint (no 'format': {STUDENT_FORMAT!r})")
-    payload["kwargs"] = _current_kwargs(payload["arch"], payload["kwargs"])
+    payload["kwargs"] = upgrade_model_kwargs(canonical_name(payload["arch"]), payload["kwargs"])
     model = create_model(payload["arch"], **payload["kwargs"])
     load_state_dict_strict(model, payload["state_dict"], source=path)
     return model, payload
@@ -103,7 +96,8 @@ def load_model(source: str, arch: str | None = None, input_size: int | None = No
         model, _ = load_student(source)
         return model.eval(), model_input_size(model)
     if arch is None:
-        raise ConfigError(f"{source}: a plain state dict; say which architecture it holds with --arch (e.g. --arch r100)")
+        raise ConfigError(f"{source}: a plain state dict; say which architecture it holds with --arch "
+                          f"(e.g. --arch r100)")
     state = extract_state_dict(payload, source)
     if input_size is None and canonical_name(arch).startswith("iresnet"):
         input_size = _iresnet_input_size(state)

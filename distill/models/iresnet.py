@@ -43,8 +43,9 @@ class IBasicBlock(nn.Module):
 class IResNet(FaceModelContract, nn.Module):
     """arcface_torch IResNet. Input (B, 3, S, S) normalised (x/255-0.5)/0.5 RGB; output (B, embedding_size) raw.
 
-    `embedding_size` is arcface_torch's `num_features` (renamed: every model of the registry says
-    embedding_size); `input_size` generalises its fixed 7x7 (112 input) flatten size to S/16 squared.
+    `embedding_size` is arcface_torch's `num_features` (every model of the registry says embedding_size; a
+    student.pt that records `num_features` still loads: distill/compat.py); `input_size` generalises its fixed
+    7x7 (112 input) flatten size to S/16 squared.
     `config` holds the keyword arguments of the registered `iresnet<depth>` that rebuild the model.
     """
 

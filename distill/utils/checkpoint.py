@@ -42,7 +42,7 @@ def _what_it_is(path: str, head: bytes) -> str | None:
     if not head:
         return "an empty file"
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return None  # a zip (torch.save) or a pickle (the legacy format)
+        return None  # a zip (torch.save) or a bare pickle (torch.save with _use_new_zipfile_serialization=False)
     if path.endswith(".onnx") or (head[:1] == b"\x08" and b"\x12" in head[:16]):
         return "looks like ONNX; for an ONNX teacher use teacher.onnx (or teachers.build_teacher({'onnx': ...}))"
     try:
