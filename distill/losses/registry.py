@@ -100,6 +100,12 @@ def register_loss(fn=None, name: str | None = None, *, requires: Requirements | 
     return fn
 
 
+def unregister_loss(name: str) -> None:
+    """Remove registered loss `name` (tests); its module stays imported."""
+    dict.pop(DISTILL_LOSSES, name, None)
+    _REQUIREMENTS.pop(name, None)
+
+
 def requirements(name: str) -> Requirements:
     """What registered loss `name` needs (its declared Requirements)."""
     if name not in DISTILL_LOSSES:
