@@ -12,7 +12,7 @@ frozen by construction: parameters have requires_grad=False, it stays in eval mo
 module calls `.train()`, its forward runs under no_grad, so its weights and BatchNorm statistics never
 change.
 
-The earlier spec form `{"kind": "iresnet", "depth": 100}` (kinds iresnet, timm, facedistill, onnx) still
+The legacy spec form `{"kind": "iresnet", "depth": 100}` (kinds iresnet, timm, facedistill, onnx) still
 works, with a ConfigDeprecationWarning saying what to write instead (`distill.compat.upgrade_legacy_teacher`).
 """
 

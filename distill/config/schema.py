@@ -317,7 +317,7 @@ def _build(cls, data: dict, prefix: str, where):
 
 
 def _upgrade_legacy(raw: dict, where, quiet: bool) -> dict:
-    """Earlier spellings that still load: `teacher: {kind: iresnet, depth: 100}`, `kind: facedistill` with
+    """Legacy spellings that still load: `teacher: {kind: iresnet, depth: 100}`, `kind: facedistill` with
     `teacher.student`, `kind: timm, name:`, `kind: onnx, checkpoint:` (distill.compat.upgrade_legacy_teacher)."""
     if not isinstance(raw.get("teacher"), dict):
         return raw
@@ -386,6 +386,6 @@ def load_saved_config(path: str) -> ExperimentConfig:
 
 
 def config_from_dict(d: dict, source: str = "saved config") -> ExperimentConfig:
-    """Rebuild a config saved in a checkpoint or run directory (already validated once; an earlier
+    """Rebuild a config saved in a checkpoint or run directory (already validated once; a legacy
     spelling is upgraded without a note: the user did not write it)."""
     return build_config(d, source=source, quiet=True)

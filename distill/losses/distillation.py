@@ -209,7 +209,7 @@ class DistillationObjective(nn.Module):
 
     def trained_modules(self) -> list:
         """What trains beside the student and the head: the projection, and the losses' own trained parameters
-        (FitNet's regressors); none for the other losses, so their optimizer state is as before."""
+        (FitNet's regressors); none for the other losses, so their optimizer holds only the student and the head."""
         extra = [self.projection] + [fn for _, fn in self.losses]
         return [m for m in extra if isinstance(m, nn.Module) and any(p.requires_grad for p in m.parameters())]
 

@@ -7,7 +7,7 @@ one from the last evaluation in its metrics.jsonl. Output: a markdown table (one
 stage: accuracy ± std per verification set, TAR@FAR 1e-3 and 1e-4 (distill.eval.far.VERIFICATION_FARS),
 IJB TAR@FAR 1e-4 and 1e-5 when evaluated, parameters, GFLOPs, training time), or one JSON object, and
 optionally a PNG: accuracy per stage for every verification set, and the training loss curves. No W&B
-involved. Files of an earlier version (IJB FAR keys '0.0001', '1e-05') are read in today's spelling.
+involved. IJB FAR keys in eval_ijbc.py's spelling ('0.0001', '1e-05') are read as far_key's ('1e-4', '1e-5').
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def load_run(run_dir: str) -> dict:
     cost = cost_function(cfg)
     summarised = {}
     if os.path.exists(run.summary_json):
-        # an earlier version's FAR keys ('0.0001') are read in today's spelling ('1e-4')
+        # FAR keys in eval_ijbc.py's spelling ('0.0001') are read as far_key's ('1e-4')
         summarised = {s["stage"]: s for s in normalise_results(read_json(run.summary_json).get("stages", []))}
     specs = {s.name: s for s in plan_stages(cfg, run_dir)}
     planned = set(specs) | ({TEACHER} if cfg.teacher is not None else set())  # not started yet: shown as such

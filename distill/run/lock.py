@@ -1,7 +1,7 @@
 """One writer per run directory: an exclusive OS file lock on `<run dir>/.lock` for the whole run.
 
 Two `distill run` (or `distill sweep` points, or `distill cache build`) processes on one directory would
-both write last.pt.tmp and interleave metrics.jsonl; the second one now stops at once, naming the first.
+both write last.pt.tmp and interleave metrics.jsonl; the second one stops at once, naming the first.
 The lock is `flock` on an open file: the operating system drops it when the holding process exits or is
 killed, so a stale lock from a killed run never blocks the rerun (the file itself stays; its pid/host
 line is read only while someone holds the lock). Under torchrun, rank 0 takes the lock for the job and

@@ -18,7 +18,7 @@ def default_run_dir(cfg: ExperimentConfig) -> str:
 
 def check_run_dir(cfg: ExperimentConfig, run_dir: str, restart=()) -> None:
     """Refuse a run directory that holds a different experiment (nothing trained is overwritten). The saved
-    config is read through the current schema, so a directory written with earlier key names still resumes.
+    config is read through the current schema, so a directory written with legacy key names still resumes.
     Keys of the teacher alone may differ when the teacher is restarted (`restart` holds 'teacher')."""
     path = RunLayout(run_dir).experiment
     if not os.path.exists(path):

@@ -1,7 +1,7 @@
 """The experiment summary: one row per stage (teacher, baseline, gen<k>) in summary.json and summary.md.
 
-FARs are keyed as distill.eval.far.far_key writes them ('1e-3'; IJB '1e-4'); a result of an earlier version
-(IJB keys '0.0001', '1e-05') is read through distill.eval.far.normalise_results first."""
+FARs are keyed as distill.eval.far.far_key writes them ('1e-3'; IJB '1e-4'); a result keyed in eval_ijbc.py's
+spelling (IJB keys '0.0001', '1e-05') is read through distill.eval.far.normalise_results first."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ METRIC_KEYS = ("acc_mean", "acc_std", "xnorm", "tar_at_far")
 
 
 def _stage_entry(result: dict, cost) -> dict:
-    result = normalise_results(result)  # FAR keys of an earlier version ('0.0001') in today's spelling
+    result = normalise_results(result)  # FAR keys in eval_ijbc.py's spelling ('0.0001') as far_key's
     params, gflops = cost(result)
     return {
         "stage": result["stage"], "arch": result.get("arch"), "generation": result.get("generation", 0),
@@ -42,7 +42,7 @@ def _acc(m: dict) -> str:
 def markdown_table(summary: dict, fars: tuple = VERIFICATION_FARS[:1], before: tuple = (), after: tuple = ()) -> str:
     """Stages as rows; per verification set: accuracy ± std (%), TAR@FAR (%) for each of `fars` (floats);
     per IJB target: TAR (%) at SUMMARY_IJB_FARS; then the stage's distillation terms (result.json's `distill`:
-    'none' for a stage that does not distil, '-' for the teacher and for results of earlier versions).
+    'none' for a stage that does not distil, '-' for the teacher and for results that record no `distill`).
 
     `before` / `after`: extra columns as (header, function(stage entry) -> str), placed before the stage
     column and after the last one (`distill compare` adds the run and the stage's status)."""
