@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 
-.PHONY: quickstart test install install-dev clean
+.PHONY: quickstart test lint install install-dev clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,10 @@ quickstart: install
 TEST_WORKERS ?= 2
 test: install-dev
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=15 tests
+
+## make lint: install with dev extras, then check the tree with ruff (rules and exceptions: pyproject.toml)
+lint: install-dev
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info
