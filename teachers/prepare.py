@@ -29,7 +29,6 @@ import os
 from dataclasses import dataclass
 
 import teachers
-from distill.config.schema import flat_dict, is_harmless, to_dict
 from distill.utils.atomic import atomic_write_json
 from distill.utils.checkpoint import atomic_torch_save, safe_torch_load
 from distill.utils.dist import rank0_first
@@ -40,12 +39,6 @@ from teachers.cache import build_cache, dataset_fingerprint, record_identity, re
 ONNX, CHECKPOINT, TRAINED = "onnx", "checkpoint", "train"
 IDENTITY_KEY = "teacher_identity"
 SOURCE_KEY = "teacher (source)"
-# keys (and key prefixes) that do not change the teacher's weights: the verification sets (evaluated, not
-# trained on), whether its embeddings are cached, where a missing checkpoint would be, ONNX Runtime's providers;
-# a loaded teacher's file is its `(contents)` key. The run's HARMLESS keys (loader, logging) are left out too.
-_NOT_IDENTITY = ("data.val", "teacher.cache", "teacher.checkpoint", "teacher.providers", "teacher.onnx",
-                 "teacher.head",  # its class centres: the students' business (experiment.yaml records them)
-                 "teacher.shared_cache")  # where its cache lives: the rows are keyed by the weights (shared_teacher.py)
 
 
 @dataclass(frozen=True)
@@ -96,28 +89,15 @@ def file_sha256(path: str) -> str:
     return _SHA256[key]
 
 
-def _identity_key(key: str) -> bool:
-    if key.startswith("teacher.train."):
-        return not is_harmless(key[len("teacher."):])
-    if key.startswith("teacher."):
-        return not any(key == k or key.startswith(k + ".") for k in _NOT_IDENTITY)
-    if key.startswith(("data.", "margin.")) or key in ("seed", "deterministic"):
-        return not is_harmless(key) and not any(key == k or key.startswith(k + ".") for k in _NOT_IDENTITY)
-    return False
-
-
 def teacher_identity(cfg, dataset=None) -> dict:
     """What the teacher's weights are a function of, as {config key: value} (see the module docstring); with
     `dataset` (the opened training set) a trained teacher's identity includes the data's contents too."""
     source = teacher_source(cfg)
-    flat = flat_dict(to_dict(cfg))
+    identity = cfg.teacher_identity_keys(source.trained_here)  # the keys the schema declares to affect it
     if source.trained_here:
-        identity = {k: v for k, v in flat.items() if _identity_key(k)}
         if dataset is not None and callable(getattr(dataset, "fingerprint", None)):
             identity["data.train (contents)"] = dataset_fingerprint(dataset)
     else:
-        identity = {k: v for k, v in flat.items() if k.startswith("teacher.") and _identity_key(k)
-                    and not k.startswith("teacher.train.")}
         identity[f"teacher.{source.kind} (contents)"] = f"sha256 {file_sha256(source.file)}"
     identity[SOURCE_KEY] = source.kind
     return identity

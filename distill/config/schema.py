@@ -23,11 +23,18 @@ import yaml
 from distill.compat import upgrade_legacy_teacher
 from distill.config.checks import check_semantics
 from distill.config.files import key_paths, load_with_bases, merge_experiment, parse_overrides, read_yaml_mapping
-from distill.config.keys import HARMLESS, flat_dict, is_harmless  # noqa: F401  (re-exported)
+from distill.config.keys import Affects, affects, flat_dict, is_harmless, resume_entries, teacher_keys
 from distill.losses.terms import parse_terms
 from distill.models.registry import check_model_kwargs, check_model_name, did_you_mean, model_defaults
 from distill.utils.atomic import atomic_open
 from distill.utils.errors import ConfigDeprecationWarning, ConfigError, DistillError
+
+NOTHING, TEACHER, RESUME = Affects.NOTHING, Affects.TEACHER, Affects.RESUME
+
+
+def _key(default, effect: Affects, **resume):
+    """A field declaring what a change to it touches (distill/config/keys.py); undeclared: its section's."""
+    return field(default=default, metadata=affects(effect, **resume))
 
 
 @dataclass
@@ -51,26 +58,30 @@ class IJBConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""                # RecordIO folder / .rec file, or an identity-per-folder image tree
+    """A teacher trained in the run is a function of the training data's keys (not of the verification sets, which
+    are evaluated, not trained on, nor of the loader's settings)."""
+    train: str = _key("", TEACHER)  # RecordIO folder / .rec file, or an identity-per-folder image tree
     val: list = field(default_factory=list)  # verification .bin files (LFW, CFP-FP, AgeDB-30 ...)
-    input_size: int = 112          # images are resized when their size differs
+    input_size: int = _key(112, TEACHER | RESUME, resume_as="model_kwargs")  # images are resized to it
     # loader workers; null: 0 on a CPU (a worker takes a core from training: the quickstart's student step was
     # 1.42x slower with 1 worker than with 0 on 2 cores), 2 on a GPU (distill.utils.threads.loader_workers)
-    num_workers: int | None = None
-    prefetch_factor: int = 4       # batches each loader worker keeps ready (workers persist for the whole stage)
-    decode: str = "cpu"            # JPEGs decoded by loader workers | cuda: by nvJPEG, batched (data/gpu_decode.py)
-    synthetic: SyntheticConfig | None = None
-    ijb: IJBConfig | None = None  # evaluate every finished stage on IJB-B/C too (TAR@FAR 1e-6 .. 1e-1)
+    num_workers: int | None = _key(None, NOTHING)
+    prefetch_factor: int = _key(4, NOTHING)  # batches each loader worker keeps ready (workers persist all stage)
+    decode: str = _key("cpu", NOTHING)  # JPEGs decoded by loader workers | cuda: by nvJPEG, batched (gpu_decode.py)
+    synthetic: SyntheticConfig | None = _key(None, TEACHER)
+    ijb: IJBConfig | None = _key(None, NOTHING)  # evaluate every finished stage on IJB-B/C too (TAR@FAR 1e-6 .. 1e-1)
     # K: P×K batches of batch_size/K identities with K images each, for batch-level distillation losses
-    # (distill/train/epoch_plan.py plan_identity_epoch); null: plain shuffled batches
-    images_per_id: int | None = None
-    grouped_fraction: float = 1.0  # with images_per_id: the share of each batch in groups, the rest shuffled single images
+    # (distill/train/epoch_plan.py plan_identity_epoch); null: plain shuffled batches (a last.pt without the entry
+    # reads as null, so it is recorded always)
+    images_per_id: int | None = _key(None, TEACHER | RESUME, resume_as="images_per_id")
+    # with images_per_id: the share of each batch in groups, the rest shuffled single images
+    grouped_fraction: float = _key(1.0, TEACHER | RESUME, resume_as="grouped_fraction", resume_if_set=True)
 
 
-def _spread():
+def _spread(effect: Affects, **resume):
     """A section's dict field that holds every key the section does not define itself: the keyword arguments
     of its model (`arch`), checked against the registered constructor's signature and written back flat."""
-    return field(default_factory=dict, metadata={"spread": True})
+    return field(default_factory=dict, metadata=affects(effect, spread=True, **resume))
 
 
 def _model_kwargs(arch: str, given: dict, section: str, own: tuple) -> dict:
@@ -94,9 +105,9 @@ class _ModelArguments:
 class StudentConfig(_ModelArguments):
     """`arch` (a model registry name), `init`, and the keyword arguments of `arch` beside them (embedding_size,
     group_size, se, ... for VarGFaceNet). Its input size is data.input_size."""
-    arch: str = "vargfacenet"
+    arch: str = _key("vargfacenet", RESUME, resume_as="arch")
     init: str | None = None     # generation 1 starts from this student.pt instead of from scratch
-    model: dict = _spread()
+    model: dict = _spread(RESUME, resume_as="model_kwargs")
 
     def __post_init__(self):
         check_model_name(self.arch, "student.arch")
@@ -127,12 +138,14 @@ class MarginConfig:
 @dataclass
 class DistillConfig:
     """What students distil with: the short form `loss` + `alpha`, or `terms` (distill/losses/terms.py); not both."""
-    loss: str | None = None     # the short form's loss (default equivalent_angular)
-    alpha: float | None = None  # total = classification + alpha * distillation (default 7, the paper's)
+    loss: str | None = _key(None, RESUME)  # the short form's loss (default equivalent_angular)
+    # total = classification + alpha * distillation (default 7, the paper's)
+    alpha: float | None = _key(None, RESUME, resume_as="alpha")
     # none (the paper: student and teacher embeddings of one size) | linear: a learned student->teacher
     # projection used only inside the distillation loss (trained with the student, kept in last.pt only)
-    project: str = "none"
-    terms: list | None = None   # [{loss: equivalent_angular, alpha: 7}, {loss: fitnet, alpha: 1, stages: [-2]}]
+    project: str = _key("none", RESUME, resume_if_set=True)
+    # [{loss: equivalent_angular, alpha: 7}, {loss: fitnet, alpha: 1, stages: [-2]}]
+    terms: list | None = _key(None, RESUME, resume_if_set=True)
 
     def __post_init__(self):
         if self.terms is None:
@@ -155,7 +168,7 @@ class DistillConfig:
 @dataclass
 class TrainConfig:
     epochs: float = 1.0
-    batch_size: int = 128          # per process
+    batch_size: int = _key(128, RESUME)  # per process
     lr: float = 0.1                # for a total batch of lr_batch_size, scaled linearly with the batch
     lr_batch_size: int = 512
     optimizer: str = "sgd"
@@ -170,15 +183,19 @@ class TrainConfig:
     decay_epochs: list = field(default_factory=list)  # for scheduler 'step'
     decay_rate: float = 0.1
     min_lr: float = 0.0
-    amp: str = "auto"              # auto (bf16 on CUDA; on a bf16 CPU for models faster in it: IResNet) | bf16 | fp16 | off
-    channels_last: bool | None = None  # NHWC memory format for the student and an online teacher; null: on CUDA
-    compile: bool = False          # torch.compile the student and an online teacher (eager, with a warning, where it fails)
-    optimizer_impl: str = "auto"   # auto (fused on CUDA where it exists, else torch's default) | fused | foreach | off
-    threads: int | None = None  # torch threads; null: the thread policy (distill/utils/threads.py)
+    # auto (bf16 on CUDA; on a bf16 CPU for models faster in it: IResNet) | bf16 | fp16 | off
+    amp: str = "auto"
+    # NHWC memory format for the student and an online teacher; null: on CUDA
+    channels_last: bool | None = _key(None, NOTHING)
+    # torch.compile the student and an online teacher (eager, with a warning, where it fails)
+    compile: bool = _key(False, NOTHING)
+    # auto (fused on CUDA where it exists, else torch's default) | fused | foreach | off
+    optimizer_impl: str = _key("auto", NOTHING)
+    threads: int | None = _key(None, NOTHING)  # torch threads; null: the thread policy (distill/utils/threads.py)
     clip_grad: float | None = None
-    accumulate: int = 1            # gradient accumulation steps
+    accumulate: int = _key(1, RESUME)  # gradient accumulation steps
     eval_every: int = 0            # steps between verification runs (0: only at the end)
-    log_every: int = 20
+    log_every: int = _key(20, NOTHING)
     checkpoint_every: int = 200    # steps between last.pt writes
     max_steps: int | None = None
 
@@ -186,16 +203,20 @@ class TrainConfig:
 @dataclass
 class TeacherConfig(_ModelArguments):
     """A registered model (`arch` and its keyword arguments beside it, e.g. embedding_size, input_size) or an
-    ONNX file (`onnx`; its sizes are read from the file)."""
-    arch: str | None = None     # iresnet100 (or r100), timm/<name>, vargfacenet, ... (model registry)
+    ONNX file (`onnx`; its sizes are read from the file). Its identity is its arch, arguments and recipe: not
+    where its weights are (a loaded file's contents are hashed into the identity), whether its embeddings are
+    cached, ONNX Runtime's providers, its class centres (the students' business) or where a shared cache lives
+    (whose rows are keyed by the weights)."""
+    # iresnet100 (or r100), timm/<name>, vargfacenet, ... (model registry)
+    arch: str | None = _key(None, TEACHER | RESUME, resume_as="arch")
     onnx: str | None = None     # an insightface model-zoo ONNX file instead of arch
     checkpoint: str | None = None  # weights of arch (arcface_torch backbone.pth, a state dict)
     providers: list | None = None  # onnx: ONNX Runtime execution providers (default: CUDA if present, CPU)
     cache: bool = True             # embeddings computed once (original + flip); false: online teacher
     head: str | None = None     # its class centres (a file or a glob of rank files) for kd, margin_distillation, ...
     shared_cache: str | None = None  # a folder many runs share: this teacher's cache and metrics, made once
-    train: TrainConfig | None = None  # recipe to train the teacher as stage 0 when checkpoint is missing
-    model: dict = _spread()
+    train: TrainConfig | None = _key(None, TEACHER)  # recipe to train the teacher as stage 0 when checkpoint is missing
+    model: dict = _spread(TEACHER | RESUME, resume_as="model_kwargs")
 
     def __post_init__(self):
         if (self.arch is None) == (self.onnx is None):
@@ -239,20 +260,33 @@ class RecursiveConfig:
 @dataclass
 class ExperimentConfig:
     name: str = "experiment"
-    seed: int = 0
-    device: str = "auto"           # auto | cpu | cuda
-    deterministic: bool = False
+    seed: int = _key(0, TEACHER | RESUME)
+    device: str = _key("auto", NOTHING)  # auto | cpu | cuda
+    deterministic: bool = _key(False, TEACHER)
     data: DataConfig = field(default_factory=DataConfig)
     teacher: TeacherConfig | None = None   # no teacher: plain training
     student: StudentConfig = field(default_factory=StudentConfig)
-    margin: MarginConfig = field(default_factory=MarginConfig)
+    margin: MarginConfig = field(default_factory=MarginConfig, metadata=affects(TEACHER | RESUME))
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     baseline: bool = True          # also train the student without distillation, same budget
-    generations: int = 2
+    generations: int = _key(2, NOTHING)
     init_head_from_previous: bool = False
     recursive: RecursiveConfig = field(default_factory=RecursiveConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=affects(NOTHING))
+
+    @classmethod
+    def is_harmless(cls, key: str) -> bool:
+        """Whether `key` may change between reruns of one run directory (declared to affect nothing)."""
+        return is_harmless(cls, key)
+
+    def teacher_identity_keys(self, trained_here: bool) -> dict:
+        """{key: value} of the keys a teacher is a function of (declared TEACHER; a loaded teacher: its own)."""
+        return teacher_keys(type(self), flat_dict(to_dict(self)), trained_here)
+
+    def resume_entries(self, recipe: TrainConfig) -> dict:
+        """The keys declared RESUME, as a stage training with `recipe` records them in last.pt."""
+        return resume_entries(self, recipe)
 
 
 # --------------------------------------------------------------------------------------- validation
@@ -327,7 +361,8 @@ def _upgrade_legacy(raw: dict, where, quiet: bool) -> dict:
     return {**raw, "teacher": teacher}
 
 
-def build_config(raw: dict, source: str = "<config>", origin: dict | None = None, quiet: bool = False) -> ExperimentConfig:
+def build_config(raw: dict, source: str = "<config>", origin: dict | None = None,
+                 quiet: bool = False) -> ExperimentConfig:
     origin = origin or {}
 
     def where(key):

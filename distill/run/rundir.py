@@ -6,7 +6,8 @@ from __future__ import annotations
 import os
 import time
 
-from distill.config.schema import ExperimentConfig, flat_dict, is_harmless, load_saved_config, to_dict
+from distill.config.keys import flat_dict
+from distill.config.schema import ExperimentConfig, load_saved_config, to_dict
 from distill.models.registry import did_you_mean
 from distill.utils.errors import ConfigError
 from distill.utils.layout import BASELINE, TEACHER, RunLayout, generation_name
@@ -25,7 +26,7 @@ def check_run_dir(cfg: ExperimentConfig, run_dir: str, restart=()) -> None:
         return
     old = flat_dict(to_dict(load_saved_config(path)))
     new = flat_dict(to_dict(cfg))
-    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not is_harmless(k))
+    differ = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and not cfg.is_harmless(k))
     if TEACHER in restart:
         differ = [k for k in differ if not (k == "teacher" or k.startswith("teacher."))]
     if differ:

@@ -31,7 +31,7 @@ import dataclasses
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -95,15 +95,12 @@ class StageSpec:
 
 
 def _compat_key(cfg: ExperimentConfig, spec: StageSpec, dataset, world: int) -> dict:
-    """What a checkpoint must agree on to be resumed (shapes, data, batch geometry)."""
+    """What a checkpoint must agree on to be resumed: the stage's model, distillation weight, data size and world
+    size, and every config key declared to affect resumes (distill/config/keys.py: margin, seed, batch geometry,
+    distillation terms, ...; the training recipe's keys from the stage's recipe)."""
     return {"arch": spec.arch, "model_kwargs": spec.model_kwargs, "num_samples": len(dataset),
-            "images_per_id": cfg.data.images_per_id,  # None (plain batches) in checkpoints from before the key
-            "num_classes": dataset.num_classes, "margin": asdict(cfg.margin), "batch_size": spec.train.batch_size,
-            "accumulate": spec.train.accumulate, "world_size": world, "alpha": spec.alpha,
-            "distill_loss": cfg.distill.loss, "seed": cfg.seed,
-            **({"distill_terms": cfg.distill.terms} if cfg.distill.terms is not None else {}),
-            **({"grouped_fraction": cfg.data.grouped_fraction} if cfg.data.grouped_fraction != 1 else {}),
-            **({"distill_project": cfg.distill.project} if cfg.distill.project != "none" else {})}
+            "num_classes": dataset.num_classes, "world_size": world, "alpha": spec.alpha,
+            **cfg.resume_entries(spec.train)}
 
 
 # ------------------------------------------------------------------------------------------ build

@@ -49,7 +49,7 @@ CURVE_HALVES = {"curve-1": ["scratch-e24", "scratch-e2"], "curve-2": ["scratch-e
 # Stages that two study files train with the same settings and seed: (stage, (sweep, case), (sweep, case)). Whichever
 # runs second links the first's finished stage in (same_stage) instead of training it again; E and {best} are the
 # budget and the table's best row. The settings are compared before: a pair that differs in anything but its name,
-# generations, data.ijb and how the work is done (distill.config.keys.HARMLESS) is trained again.
+# generations, data.ijb and how the work is done (declared NOTHING: distill/config/keys.py) is trained again.
 SAME_STAGES = [
     ("baseline", ("face_kd_table", "scratch"), ("curve", "scratch-e{E}")),
     ("gen1", ("face_kd_table", "equivalent_angular"), ("recursive", "equivalent_angular-chain")),
@@ -116,7 +116,7 @@ class Study:
     def same_stage(self, point, cfg, run_dir: str) -> None:
         """Before a point runs: link in each stage of it that another point of the study has finished with the same
         settings and seed (SAME_STAGES), so it is trained once."""
-        from distill.config.keys import flat_dict, is_harmless
+        from distill.config.keys import flat_dict
         from distill.config.schema import to_dict
         from distill.run.compare import load_run_config
         from distill.utils.layout import RunLayout
@@ -133,7 +133,7 @@ class Study:
                 continue
             mine, theirs = (flat_dict(to_dict(c)) for c in (cfg, load_run_config(source)))
             differ = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k) and k != "name"
-                            and not is_harmless(k) and not k.startswith("recursive."))
+                            and not cfg.is_harmless(k) and not k.startswith("recursive."))
             if differ:
                 self.log(f"study: {os.path.basename(run_dir)}: {stage} not taken from {source}: it differs in "
                          f"{', '.join(differ[:4])}")
