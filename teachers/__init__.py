@@ -85,7 +85,8 @@ def build_teacher(spec: dict) -> FrozenTeacher:
     else:
         kwargs = {k: v for k, v in spec.items() if k not in ("arch", "checkpoint")}
         if not spec.get("arch"):
-            raise ConfigError("teacher: say which model it is: arch: <registered name> (e.g. iresnet100) or onnx: <file>")
+            raise ConfigError("teacher: say which model it is: arch: <registered name> (e.g. iresnet100) or onnx: "
+                              "<file>")
         check_model_kwargs(spec["arch"], kwargs, section="teacher.", other_keys=("arch", "checkpoint", "onnx"))
         model = create_model(spec["arch"], **kwargs)
         if spec.get("checkpoint"):

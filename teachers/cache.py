@@ -4,7 +4,7 @@ The teacher is the expensive half of distillation (IResNet-100 is 24 GFLOPs an i
 student's 1). With flipping as the only augmentation, each image has exactly two teacher outputs, so
 they are computed once and training reads row `[index, flipped]` instead of running the teacher.
 
-Layout of a cache directory:
+Layout of a cache directory (distill/utils/layout.py: CacheLayout):
     embeddings.f16        raw float16 array, shape (num_samples, 2, dim); [:, 0] original, [:, 1] flipped
     manifest.json         what the rows were computed from (teacher weights hash, dataset fingerprint,
                           preprocessing), the build's world size, batch size and id, and `rows_done`
@@ -18,6 +18,9 @@ finished (rows_done = num_samples, progress files removed) once every rank is th
 vouched for. Since each batch is the batch a one-process build would run, a finished cache is
 byte-identical whatever the world size, and is reused as it is by any number of processes.
 
+The rows are filled through the online teacher signal (teachers/signal.py: OnlineTeacher.embed_pairs): the same
+resize, autocast and forward pass that teach online, so cached and online targets agree up to float16 rounding.
+
 A manifest that disagrees with the current teacher/dataset/preprocessing marks the cache stale: it is
 rebuilt. An interrupted build resumes each rank's slice from its last recorded batch, provided it is
 resumed with the same world size and batch size; otherwise (or from another teacher or data) it is
@@ -27,7 +30,6 @@ rebuilt from scratch, never mixed, and the log says why.
 from __future__ import annotations
 
 import os
-import re
 import time
 import uuid
 
@@ -38,18 +40,9 @@ from tqdm import tqdm
 import distill.utils.dist as ddp
 from distill.utils.atomic import atomic_write_json, read_json
 from distill.utils.errors import DataFormatError, DistillError
-from teachers.cache_file import (  # noqa: F401  (CacheSpaceError: re-exported for callers of build_cache)
-    CacheSpaceError,
-    allocate,
-    pwrite_all,
-)
-from teachers.cache_key import (  # noqa: F401  (re-exported)
-    CACHE_FORMAT,
-    PREPROCESSING,
-    cache_key,
-    dataset_fingerprint,
-    match_input_size,
-)
+from distill.utils.layout import CacheLayout
+from teachers.cache_file import allocate, pwrite_all
+from teachers.signal import OnlineTeacher
 
 
 class TeacherCache:
@@ -57,7 +50,7 @@ class TeacherCache:
 
     def __init__(self, directory: str, num_samples: int, dim: int):
         self.directory = directory
-        self.path = os.path.join(directory, "embeddings.f16")
+        self.path = CacheLayout(directory).rows
         self.emb = np.memmap(self.path, dtype=np.float16, mode="r", shape=(num_samples, 2, dim))
 
     def __len__(self) -> int:
@@ -93,11 +86,7 @@ def rank_slice(num_samples: int, batch_size: int, rank: int, world_size: int) ->
 
 def progress_path(directory: str, rank: int) -> str:
     """Process `rank`'s own progress file: written by that process alone, atomically."""
-    return os.path.join(directory, f"progress.rank{rank}.json")
-
-
-def _progress_files(directory: str) -> list:
-    return [os.path.join(directory, f) for f in os.listdir(directory) if re.fullmatch(r"progress\.rank\d+\.json", f)]
+    return CacheLayout(directory).progress(rank)
 
 
 def _slice_done(directory: str, manifest: dict, rank: int, world_size: int, num_samples: int) -> int:
@@ -122,13 +111,13 @@ def _changed(key: dict, other) -> list:
 
 def recorded_identity(directory: str):
     """The teacher identity a cache's manifest records (teachers/prepare.py), or None (none recorded, or no cache)."""
-    manifest = read_json(os.path.join(directory, "manifest.json"))
+    manifest = read_json(CacheLayout(directory).manifest)
     return manifest.get("teacher_identity") if isinstance(manifest, dict) else None
 
 
 def record_identity(directory: str, identity: dict) -> None:
     """Record `identity` in a cache's manifest (rank 0; the rows are unchanged)."""
-    path = os.path.join(directory, "manifest.json")
+    path = CacheLayout(directory).manifest
     manifest = read_json(path)
     if isinstance(manifest, dict) and ddp.is_main():
         atomic_write_json(path, {**manifest, "teacher_identity": identity})
@@ -139,7 +128,7 @@ def _prepare(directory: str, key: dict, world_size: int, batch_size: int, log, i
     this teacher, data and slicing (resumed), or of a new build (stale or foreign rows are never mixed in: a
     new build id, the progress files removed, the file allocated afresh)."""
     n, dim = key["num_samples"], key["dim"]
-    manifest_path, emb_path = os.path.join(directory, "manifest.json"), os.path.join(directory, "embeddings.f16")
+    manifest_path, emb_path = CacheLayout(directory).manifest, CacheLayout(directory).rows
     nbytes = n * 2 * dim * 2
     manifest = read_json(manifest_path)
     why = None
@@ -171,7 +160,7 @@ def _prepare(directory: str, key: dict, world_size: int, batch_size: int, log, i
     manifest = {"key": key, "world_size": world_size, "batch_size": batch_size, "build": uuid.uuid4().hex,
                 "rows_done": 0, **({"teacher_identity": identity} if identity is not None else {})}
     atomic_write_json(manifest_path, manifest)  # the new build id first: older progress files no longer count
-    for path in _progress_files(directory):
+    for path in CacheLayout(directory).progress_files():
         os.remove(path)
     allocate(emb_path, nbytes, fresh=True)
     return manifest
@@ -179,7 +168,7 @@ def _prepare(directory: str, key: dict, world_size: int, batch_size: int, log, i
 
 def _joined(directory: str, key: dict, rank: int, world_size: int, batch_size: int) -> dict:
     """A non-zero rank: the build rank 0 prepared, checked to be of this process's teacher, data and slicing."""
-    manifest_path = os.path.join(directory, "manifest.json")
+    manifest_path = CacheLayout(directory).manifest
     manifest = read_json(manifest_path)
     if not isinstance(manifest, dict) or manifest.get("key") != key:
         differs = f" (rank {rank} differs in: {', '.join(_changed(key, manifest.get('key')))})" \
@@ -220,19 +209,14 @@ def _settle(err, collective: bool, step: str, directory: str) -> None:
                                f"the same number of processes to resume")
 
 
-def _embed(teacher, dataset, directory: str, manifest: dict, rank: int, world_size: int, start: int, stop: int,
-           done: int, batch_size: int, num_workers: int, device: str, progress: bool, flush_every: int,
-           amp_dtype=None) -> None:
-    """Rows `start + done`..`stop - 1` (both views), written in place; the progress file follows the flushed rows."""
+def _embed(online: OnlineTeacher, dataset, directory: str, manifest: dict, rank: int, world_size: int, start: int,
+           stop: int, done: int, batch_size: int, num_workers: int, progress: bool, flush_every: int) -> None:
+    """Rows `start + done`..`stop - 1` (both views, through `online`), written in place; the progress file follows
+    the flushed rows."""
     n, dim = manifest["key"]["num_samples"], manifest["key"]["dim"]
-    manifest_path = os.path.join(directory, "manifest.json")
+    files = CacheLayout(directory)
     loader = torch.utils.data.DataLoader(_Rows(dataset, start + done, stop), batch_size=batch_size,
                                          num_workers=num_workers, shuffle=False)
-    device = torch.device(device)
-    teacher = teacher.to(device)
-    if device.type == "cuda":  # NHWC: the tensor-core path, as the online teacher runs (train.channels_last)
-        teacher = teacher.to(memory_format=torch.channels_last)
-    autocast = dict(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
     row = start + done
     where = f" (rank {rank} of {world_size})" if world_size > 1 else ""
     bar = tqdm(total=stop - start, initial=done, unit="img", desc=f"teacher cache{where}",
@@ -240,31 +224,25 @@ def _embed(teacher, dataset, directory: str, manifest: dict, rank: int, world_si
 
     def record():  # the rows reach the disk before the progress file vouches for them
         os.fsync(fd)
-        atomic_write_json(progress_path(directory, rank), {"build": manifest["build"], "rank": rank,
-                                                            "world_size": world_size, "start": start, "stop": stop,
-                                                            "rows_done": row - start})
+        atomic_write_json(files.progress(rank), {"build": manifest["build"], "rank": rank, "world_size": world_size,
+                                                 "start": start, "stop": stop, "rows_done": row - start})
         if rank == 0:  # a summary for people; each rank's own file is what a resumed build trusts
             total = sum(_slice_done(directory, manifest, r, world_size, n) for r in range(world_size))
             if total < n:  # n (finished) is written by rank 0 once every rank is through
                 manifest["rows_done"] = total
-                atomic_write_json(manifest_path, manifest)
+                atomic_write_json(files.manifest, manifest)
 
-    fd = os.open(os.path.join(directory, "embeddings.f16"), os.O_RDWR)
+    fd = os.open(files.rows, os.O_RDWR)
     try:
         for i, x in enumerate(loader):
-            x = match_input_size(x.to(device, non_blocking=True), teacher.input_size)
-            views = torch.cat([x, torch.flip(x, dims=[3])])
-            if device.type == "cuda":
-                views = views.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad(), torch.autocast(**autocast):
-                both = teacher(views)
-            both = both.float().cpu().numpy().reshape(2, len(x), dim).transpose(1, 0, 2)
+            both = online.embed_pairs(x).cpu().numpy()  # (B, 2, dim): [:, 0] original, [:, 1] flipped
             if not np.isfinite(both).all():
                 raise DataFormatError(f"teacher produced NaN/Inf embeddings for rows {row}..{row + len(x) - 1}")
             peak = float(np.abs(both).max())
             if peak > float(np.finfo(np.float16).max):  # would be stored as inf
                 raise DataFormatError(f"teacher embeddings reach {peak:.3g} (rows {row}..{row + len(x) - 1}), beyond "
-                                      f"float16's range; is the teacher trained? Use teacher.cache: false to teach online")
+                                      f"float16's range; is the teacher trained? Use teacher.cache: false to teach "
+                                      f"online")
             pwrite_all(fd, np.ascontiguousarray(both.astype(np.float16)).tobytes(), row * 2 * dim * 2)
             row += len(x)
             bar.update(len(x))
@@ -289,34 +267,35 @@ def _finish(directory: str, manifest: dict, world_size: int, seconds: float) -> 
                                f"same command with all of them (torchrun --nproc_per_node={world_size}) to finish it")
     manifest["rows_done"] = n
     manifest["seconds"] = manifest.get("seconds", 0.0) + seconds
-    atomic_write_json(os.path.join(directory, "manifest.json"), manifest)
-    for path in _progress_files(directory):
+    atomic_write_json(CacheLayout(directory).manifest, manifest)
+    for path in CacheLayout(directory).progress_files():
         os.remove(path)
 
 
 def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_workers: int = 0,
-                device: str = "cpu", progress: bool = True, flush_every: int = 20, log=print,
-                rank: int | None = None, world_size: int | None = None, amp_dtype=None,
-                identity: dict | None = None) -> TeacherCache:
+                progress: bool = True, flush_every: int = 20, log=print, rank: int | None = None,
+                world_size: int | None = None, identity: dict | None = None) -> TeacherCache:
     """Fill (or reuse, or resume) the cache of `teacher` over `dataset` in `directory`, on every rank.
 
+    `teacher`: the online teacher signal that fills the rows (teachers/signal.py: OnlineTeacher, with the run's
+    device and autocast: an IResNet-100 embeds on the GPU in bf16 and NHWC; rows made under autocast are keyed by
+    its dtype), or a frozen teacher, then run on the CPU in float32.
     Each of the `world_size` processes (default: distill.utils.dist's, i.e. torchrun's) embeds its own slice
     (rank_slice: whole batches, contiguous) into the one file; rank 0 alone prepares the build and marks it
     finished once all slices are. Call it on every rank, each with the same arguments; `rank` and
     `world_size` override distill.utils.dist's (tests; collectives are used only when a process group exists).
     A finished cache is byte-identical whatever the number of processes that built it (same teacher, data and
     batch_size), so any number reuses it; an unfinished one is resumed only by the same teacher, data,
-    world size and batch size, and rebuilt from scratch otherwise (the log says why). `device` and `amp_dtype`:
-    where and under which autocast the teacher runs (a run passes its own device and train.amp, so an
-    IResNet-100 embeds on the GPU in bf16 and NHWC); rows made under autocast are keyed by its dtype.
+    world size and batch size, and rebuilt from scratch otherwise (the log says why).
     `identity`: the teacher's identity (teachers/prepare.py), recorded in the manifest of a new build."""
+    online = (teacher if isinstance(teacher, OnlineTeacher) else OnlineTeacher(teacher)).for_cache()
     rank = ddp.rank() if rank is None else rank
     world = ddp.world_size() if world_size is None else world_size
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not a rank of a world of size {world}")
     collective = world > 1 and ddp.is_distributed()
     os.makedirs(directory, exist_ok=True)
-    key = cache_key(teacher, dataset, amp_dtype)
+    key = online.cache_key(dataset)
     n, dim = key["num_samples"], key["dim"]
     t0 = time.perf_counter()
 
@@ -340,8 +319,8 @@ def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_wor
     done = _slice_done(directory, manifest, rank, world, n)
     if start + done < stop:
         try:
-            _embed(teacher, dataset, directory, manifest, rank, world, start, stop, done, manifest["batch_size"],
-                   num_workers, device, progress, flush_every, amp_dtype)
+            _embed(online, dataset, directory, manifest, rank, world, start, stop, done, manifest["batch_size"],
+                   num_workers, progress, flush_every)
         except BaseException as e:  # noqa: BLE001
             err = e
     _settle(err, collective, "build", directory)
@@ -352,7 +331,7 @@ def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_wor
         except BaseException as e:  # noqa: BLE001
             err = e
     _settle(err, collective, "completion", directory)
-    final = read_json(os.path.join(directory, "manifest.json"))
+    final = read_json(CacheLayout(directory).manifest)
     if rank != 0 and not (isinstance(final, dict) and final.get("rows_done") == n):
         raise DistillError(f"{directory}: rank {rank} has built its slice of the teacher cache, and rank 0 marks the "
                            f"cache finished once every slice is built: start all {world} processes together "

@@ -1,11 +1,8 @@
 """What a teacher cache's rows are a function of (teachers/cache.py keys its manifest with `cache_key`): the
-teacher's weights, the training set's fingerprint, the preprocessing, and the resize to the teacher's input side
-that the cache build and an online teacher share."""
+teacher's weights, the training set's fingerprint, the preprocessing (the resize to the teacher's input side is
+teachers/signal.py's) and the autocast the rows were made under."""
 
 from __future__ import annotations
-
-import torch
-import torch.nn.functional as F
 
 from distill.utils.errors import DataFormatError
 
@@ -13,13 +10,6 @@ CACHE_FORMAT = 1
 
 
 PREPROCESSING = {"normalize": "(x/255-0.5)/0.5", "flip": "horizontal", "dtype": "float16"}
-
-
-def match_input_size(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize a normalised batch to the teacher's input side when the data is stored at another size."""
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
 
 
 def dataset_fingerprint(dataset) -> str:

@@ -15,6 +15,7 @@ from tiny import TinyFaces
 import teachers
 from distill.utils.errors import DistillError
 from teachers.cache import build_cache, rank_slice
+from teachers.signal import OnlineTeacher
 
 BATCH = 6  # 40 rows: 7 batches, the last one short; 2 ranks get rows 0..17 and 18..39
 
@@ -231,8 +232,8 @@ def test_a_build_under_autocast_is_keyed_by_it_and_close_to_float32(tmp_path):
     full = build_cache(counting, data, str(tmp_path), batch_size=8, progress=False)
     f32 = full.lookup(torch.arange(20), torch.zeros(20, dtype=torch.bool)).clone()
     del full
-    bf16 = build_cache(counting, data, str(tmp_path), batch_size=8, progress=False, log=logs.append,
-                       amp_dtype=torch.bfloat16)
+    bf16 = build_cache(OnlineTeacher(counting, amp_dtype=torch.bfloat16), data, str(tmp_path), batch_size=8,
+                       progress=False, log=logs.append)
     assert counting.images == 40 and "stale" in logs[0] and "autocast" in logs[0]
     assert json.loads((tmp_path / "manifest.json").read_text())["key"]["autocast"] == "bfloat16"
     got = bf16.lookup(torch.arange(20), torch.zeros(20, dtype=torch.bool))

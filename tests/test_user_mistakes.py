@@ -19,7 +19,8 @@ from distill.cli import main
 from distill.config.schema import load_config
 from distill.data import open_training_set
 from distill.run.disk import estimate
-from teachers.cache import CacheSpaceError, allocate, build_cache
+from teachers.cache import build_cache
+from teachers.cache_file import CacheSpaceError, allocate
 
 
 @pytest.fixture

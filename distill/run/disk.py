@@ -18,7 +18,7 @@ import torch
 
 from distill.models.registry import create_model, resolve
 from distill.utils.errors import ConfigError, DistillError
-from distill.utils.layout import BASELINE, RunLayout, generation_name
+from distill.utils.layout import BASELINE, CacheLayout, RunLayout, generation_name
 from teachers.prepare import needs_cache, teacher_source
 
 MARGIN = 1.10  # metrics logs, W&B offline files, JSON: a tenth on top of the counted bytes
@@ -82,7 +82,7 @@ def estimate(cfg, run_dir: str, num_samples: int, num_classes: int) -> dict:
     if needs_cache(cfg):
         dim = cfg.student.embedding_size if tcfg.onnx else tcfg.embedding_size
         total = num_samples * 2 * dim * 2
-        path = os.path.join(run.teacher_cache, "embeddings.f16")
+        path = CacheLayout(run.teacher_cache).rows
         have = os.path.getsize(path) if os.path.exists(path) else 0
         if total > have:
             items.append((f"teacher cache ({num_samples:,} images x 2 views x {dim}-d float16)", total - have))

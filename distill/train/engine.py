@@ -1,8 +1,8 @@
 """One training run (a stage): a model, a margin head, data, an optional frozen teacher, exact resume.
 
-The loop is deliberately plain: plan the epoch's batches, forward the student, look the teacher's
-embedding up in the cache (or run the teacher online), add the losses, step. What makes it a
-research tool rather than a script is the guarantees around that loop:
+The loop is deliberately plain: plan the epoch's batches, forward the student, ask the teacher signal for the
+teacher's embeddings (teachers/signal.py: read from the cache, or the teacher run online), add the losses, step.
+What makes it a research tool rather than a script is the guarantees around that loop:
 
 - Exact resume. The order of samples and their flips is a pure function of (seed, epoch) (distill/train/
   epoch_plan.py, not drawn in DataLoader workers): a run resumed from `last.pt` at step k sees exactly the batches
@@ -17,7 +17,8 @@ A stage directory holds last.pt, best.pt, student.pt, metrics.jsonl and result.j
 means the stage is finished). Every `log_every` updates metrics.jsonl gets one line: each train/<term> is the
 mean over all micro-batches since the previous line (weighted by batch size), train/images_per_s the
 throughput over them (evaluation and checkpoint time left out), plus train/lr and train/epoch
-(tracking.LogWindow); a resumed run starts a fresh window. Device, precision, lr, schedule: distill/train/setup.py. A feature-map loss gets its maps from hooks (distill/train/feature_taps.py).
+(tracking.LogWindow); a resumed run starts a fresh window. Device, precision, lr, schedule: distill/train/setup.py.
+A feature-map loss gets its maps from hooks (distill/train/feature_taps.py).
 
 run_stage reads top-down: _build (device, seed, model, head, objective, optimizer, scheduler, scaler, DDP: one
 _Stage), resume_state (last.pt into it), _train (epochs of _micro_step/_update, then _after_update: log,
@@ -68,7 +69,7 @@ from distill.utils.dist import rank as dist_rank
 from distill.utils.errors import DistillError
 from distill.utils.layout import StageLayout
 from distill.utils.threads import ThreadPlan, apply_threads, loader_workers, plan_threads
-from teachers.cache import match_input_size
+from teachers.signal import TeacherSignal, stage_signal
 
 
 class Preempted(DistillError):
@@ -123,10 +124,7 @@ class _Stage:
     scaler: torch.amp.GradScaler    # enabled for fp16 only
     forward: object                 # what training calls: the model or its DDP wrapper, compiled when asked
     amp_dtype: torch.dtype | None
-    teacher: object                 # run online when there is no cache (compiled when asked)
-    teacher_amp_dtype: torch.dtype | None  # its autocast: train.amp for the teacher's model (as the cache's)
-    cache: object
-    use_teacher: bool
+    signal: TeacherSignal | None    # the teacher's embeddings (cached or online, compiled when asked); None: no KD
     channels_last: bool             # inputs in NHWC, as the model (train.channels_last)
     batches_per_epoch: int
     total_steps: int
@@ -163,8 +161,9 @@ def _model_and_head(cfg: ExperimentConfig, spec: StageSpec, num_classes: int, de
     return model, head
 
 
-def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, teacher, cache) -> _Stage:
-    """Device, seed, model, head, objective, optimizer, scheduler, scaler and DDP wrapper of a fresh stage."""
+def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, teacher, cache=None) -> _Stage:
+    """Device, seed, model, head, objective, optimizer, scheduler, scaler and DDP wrapper of a fresh stage.
+    `teacher`, `cache`: the stage's teacher signal, or what teachers.signal.stage_signal makes one of."""
     device = resolve_device(cfg.device)
     check_decode(cfg.data.decode, device, train_set)
     rank, world = dist_rank(), world_size()
@@ -174,11 +173,8 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
     torch.manual_seed(cfg.seed + 7919 * spec.generation)
     tr = spec.train
     model, head = _model_and_head(cfg, spec, train_set.num_classes, device)
-    objective = stage_objective(cfg, spec, head, model, teacher, cache, device)  # (FitNet's regressors: before the optimizer)
-    if teacher is not None and cache is None:
-        teacher.to(device)
-        if use_channels_last(tr, device):
-            teacher.to(memory_format=torch.channels_last)
+    signal = stage_signal(teacher, cache, tr, device)  # an online teacher moves to the device here
+    objective = stage_objective(cfg, spec, head, model, signal, device)  # (FitNet's regressors: before the optimizer)
 
     # the full global batches of plan_epoch, and of plan_identity_epoch too (it has as many)
     steps_per_epoch = len(train_set) // (tr.batch_size * world) / tr.accumulate
@@ -193,17 +189,15 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
     scaler = torch.amp.GradScaler(device.type, enabled=need_scaler)
     ddp_model = model
     if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ddp_model = nn.parallel.DistributedDataParallel(model,
+                                                        device_ids=[device.index] if device.type == "cuda" else None)
     paths = StageLayout(stage_dir, spec.name)
-    use_teacher = spec.alpha > 0 and (teacher is not None or cache is not None)
-    if use_teacher and cache is None:
-        teacher = maybe_compile(teacher, tr, "teacher")
+    signal = signal.compiled(lambda m: maybe_compile(m, tr, "teacher")) if spec.alpha > 0 and signal else None
     return _Stage(cfg=cfg, spec=spec, device=device, rank=rank, world=world, paths=paths,
                   compat=_compat_key(cfg, spec, train_set, world), model=model, head=head, objective=objective,
-                  optimizer=optimizer, scheduler=scheduler, scaler=scaler, forward=maybe_compile(ddp_model, tr, "student"),
-                  amp_dtype=amp_dtype, teacher=teacher, cache=cache, use_teacher=use_teacher,
-                  teacher_amp_dtype=amp_settings(tr, device, teacher)[0] if teacher is not None else None,
-                  channels_last=use_channels_last(tr, device),
+                  optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                  forward=maybe_compile(ddp_model, tr, "student"),
+                  amp_dtype=amp_dtype, signal=signal, channels_last=use_channels_last(tr, device),
                   batches_per_epoch=int(steps_per_epoch * tr.accumulate), total_steps=total_steps)
 
 
@@ -233,20 +227,14 @@ def _micro_step(st: _Stage, batch, window: LogWindow, where=None) -> bool:
     if st.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     autocast = dict(device_type=st.device.type, dtype=st.amp_dtype, enabled=st.amp_dtype is not None)
-    t_emb = None
-    if st.use_teacher:
-        if st.cache is not None:
-            t_emb = st.cache.lookup(idx, flipped).to(st.device, non_blocking=True)
-        else:
-            with torch.autocast(device_type=st.device.type, dtype=st.teacher_amp_dtype,
-                                enabled=st.teacher_amp_dtype is not None):  # as the cache is built (the log says)
-                t_emb = st.teacher(match_input_size(x, st.teacher.input_size)).float()
+    t_emb = st.signal.embed(x, idx, flipped) if st.signal is not None else None
     with torch.autocast(**autocast):
         emb = st.forward(x)
     total, logs = st.objective(emb.float(), y, t_emb, maps=st.taps.read() if st.taps else None)
     if not torch.isfinite(total):
         bad = [k for k, v in logs.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
-        kept = f"last good checkpoint: {st.paths.last}" if os.path.exists(st.paths.last) else "no checkpoint was written yet"
+        kept = f"last good checkpoint: {st.paths.last}" if os.path.exists(st.paths.last) \
+            else "no checkpoint was written yet"
         raise TrainingDiverged(f"{st.spec.name}: loss became non-finite at step {st.step + 1} "
                                f"(term(s): {', '.join(bad) or 'loss'}); {kept}. Run again with a lower "
                                f"train.lr or a train.clip_grad, into another --out (this directory keeps "
@@ -270,7 +258,8 @@ def _update(st: _Stage) -> None:
                 p.grad.div_(st.world)
     if st.spec.train.clip_grad:
         st.scaler.unscale_(st.optimizer)
-        nn.utils.clip_grad_norm_(list(st.model.parameters()) + list(st.head.parameters()) + extra, st.spec.train.clip_grad)
+        nn.utils.clip_grad_norm_(list(st.model.parameters()) + list(st.head.parameters()) + extra,
+                                 st.spec.train.clip_grad)
     st.scaler.step(st.optimizer)
     st.scaler.update()
     st.optimizer.zero_grad(set_to_none=True)
@@ -347,14 +336,15 @@ def _after_update(st: _Stage, window: LogWindow, val_sets: dict, tracker: Tracke
 def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, val_sets: dict,
               teacher=None, cache=None, tracker: Tracker | None = None, progress: bool = True,
               log=print) -> dict:
-    """Train one stage to the end (or resume it) and return its result (also written to result.json)."""
+    """Train one stage to the end (or resume it) and return its result (also written to result.json).
+    `teacher`: the stage's teacher signal (teachers/signal.py), or a frozen teacher, run online or, with `cache`
+    (its TeacherCache), read from the cache (teachers.signal.stage_signal); needed when spec.alpha > 0."""
     os.makedirs(stage_dir, exist_ok=True)
     st = _build(cfg, spec, stage_dir, train_set, teacher, cache)
     st.threads = apply_threads(plan_threads(loader_workers(cfg.data.num_workers, st.device.type), spec.train.threads))
     if os.path.exists(st.paths.last):
         resume_state(st, log)  # a stage resumes with the thread count it started with (its digits depend on it)
-    how = describe_precision(spec.name, spec.train, st.device, st.teacher if st.use_teacher and cache is None
-                             else None, st.model)
+    how = describe_precision(spec.name, spec.train, st.device, st.signal.online if st.signal else None, st.model)
     if st.rank == 0:
         log(f"{spec.name}: on {st.device}, {st.threads.describe()}" + (f", {how}" if how else ""))
     tracker = tracker or Tracker(stage_dir, rank=st.rank)
@@ -377,7 +367,8 @@ def _finish(st: _Stage, val_sets: dict, tracker: Tracker) -> dict:
               "distill": describe_terms(st.objective.terms), **spec.record}
     if st.rank == 0:
         result["params"], result["gflops"] = model_cost(spec.arch, spec.model_kwargs)  # uses no random state
-        save_student(st.paths.student, st.model, spec.arch, spec.model_kwargs, extra={"stage": spec.name, "step": st.step})
+        save_student(st.paths.student, st.model, spec.arch, spec.model_kwargs,
+                     extra={"stage": spec.name, "step": st.step})
         atomic_write_json(st.paths.result, result)
     if st.world > 1:  # the next stage starts from these files on every rank
         barrier()
@@ -397,5 +388,6 @@ def _keep_best(metrics: dict, best, step: int, model, spec: StageSpec, paths: St
         return best
     best = {"score": score, "step": step}
     if rank == 0:
-        save_student(paths.best, model, spec.arch, spec.model_kwargs, extra={"stage": spec.name, "step": step, "metrics": metrics})
+        save_student(paths.best, model, spec.arch, spec.model_kwargs,
+                     extra={"stage": spec.name, "step": step, "metrics": metrics})
     return best

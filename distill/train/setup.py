@@ -118,8 +118,8 @@ def maybe_compile(module: nn.Module, train: TrainConfig, what: str):
 def describe_precision(name: str, train: TrainConfig, device: torch.device, online_teacher=None,
                        model=None) -> str | None:
     """How the stage computes, for its log line: autocast, memory format, compile, and the autocast of an online
-    teacher (`online_teacher`: the teacher run on every batch, or None). None when there is nothing beyond
-    float32 eager NCHW with a cache."""
+    teacher (`online_teacher`: the OnlineTeacher signal run on every batch, teachers/signal.py, or None). None when
+    there is nothing beyond float32 eager NCHW with a cache."""
     amp_dtype, scaler = amp_settings(train, device, model)
     parts = []
     if amp_dtype is not None:
@@ -129,10 +129,8 @@ def describe_precision(name: str, train: TrainConfig, device: torch.device, onli
     if train.compile:
         parts.append("torch.compile")
     if online_teacher is not None:
-        teacher_dtype = amp_settings(train, device, online_teacher)[0]
-        under = f"{str(teacher_dtype).replace('torch.', '')} autocast" if teacher_dtype is not None else "float32"
-        same = " (the same as the student)" if teacher_dtype == amp_dtype else ""
-        parts.append(f"online teacher under {under}{same}")
+        same = " (the same as the student)" if online_teacher.amp_dtype == amp_dtype else ""
+        parts.append(f"online teacher under {online_teacher.describe()}{same}")
     return ", ".join(parts) if parts else None
 
 

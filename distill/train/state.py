@@ -58,7 +58,7 @@ def save_state(st) -> None:
     atomic_torch_save({
         "format": TRAIN_FORMAT, "stage": spec.name, "arch": spec.arch, "model_kwargs": spec.model_kwargs,
         "model": st.model.state_dict(), "head_weight": head_weight,
-        "objective": st.objective.training_state(),  # the projection and a loss's own state (see distill/losses/distillation.py)
+        "objective": st.objective.training_state(),  # the projection and a loss's own state (distillation.py)
         "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
         "scaler": st.scaler.state_dict() if st.scaler.is_enabled() else None, "step": st.step, "micro": st.micro,
         "epoch": st.micro // bpe, "batch_in_epoch": st.micro % bpe,

@@ -5,7 +5,10 @@
       experiment.yaml                  the resolved config (a rerun with a differing config is refused)
       summary.json, summary.md         one row per stage, written when the experiment ends
       wandb_group.txt, wandb/          the W&B group id of this directory, W&B's own files
-      teacher_cache/                   the frozen teacher's embeddings (teachers/cache.py)
+      teacher_cache/                   CacheLayout: the frozen teacher's embeddings (teachers/cache.py)
+        embeddings.f16                 the rows: float16, (num_samples, 2, dim)
+        manifest.json                  what the rows are a function of, the build's settings, rows_done
+        progress.rank<R>.json          during a build only: rank R's rows on disk
       teacher/  baseline/  gen1/ ..    StageLayout(run.stage(name))
         last.pt                        the training state (exact resume)
         best.pt, student.pt            the student (weights + constructor arguments) at its best / last
@@ -13,7 +16,8 @@
         metrics.jsonl                  the local metrics log
         result.json                    written last: its presence means the stage is finished
         wandb_run_id.txt, wandb_artifact.txt
-        as_teacher_cache/              gen<k> under recursive.teacher: previous: its embeddings, gen<k+1>'s cache
+        as_teacher_cache/              a CacheLayout: gen<k> under recursive.teacher: previous: its embeddings,
+                                       gen<k+1>'s cache
     <sweep out>/<point>/ ...           one run directory per point; comparison.md/.json beside them
 
 Nothing else in the toolkit spells these names.
@@ -146,6 +150,26 @@ class RunLayout:
 
 def is_run_dir(path: str) -> bool:
     return RunLayout(path).is_run_dir()
+
+
+class CacheLayout:
+    """The files of one teacher cache directory (a run's teacher_cache/, a stage's as_teacher_cache/, a
+    teacher.shared_cache subfolder)."""
+
+    ROWS, MANIFEST = "embeddings.f16", "manifest.json"
+
+    def __init__(self, directory: str):
+        self.dir = directory
+
+    rows = property(lambda self: os.path.join(self.dir, self.ROWS))
+    manifest = property(lambda self: os.path.join(self.dir, self.MANIFEST))
+
+    def progress(self, rank: int) -> str:
+        """Process `rank`'s progress file of a build under way."""
+        return os.path.join(self.dir, f"progress.rank{rank}.json")
+
+    def progress_files(self) -> list:
+        return [os.path.join(self.dir, f) for f in os.listdir(self.dir) if re.fullmatch(r"progress\.rank\d+\.json", f)]
 
 
 def comparison_files(out: str) -> tuple[str, str]:
