@@ -205,3 +205,68 @@ def test_a_new_field_declared_resume_is_compared_by_a_resume(monkeypatch):
     assert cfg.resume_entries(cfg.train)["extra"] == 3
     assert cfg.resume_entries(cfg.teacher.train)["extra"] == 3
     assert "extra" not in cfg.teacher_identity_keys(True)
+
+
+# ------------------------------------------------------------------------------ allowed values, from one place
+
+def _allowed() -> dict:
+    """dotted key -> the values its field declares (teacher.train's as train's)."""
+    return {key: f.metadata["allowed"] for key, f, _ in _schema_fields(ExperimentConfig) if "allowed" in f.metadata}
+
+
+def test_allowed_values_are_the_implementing_modules_own():
+    from distill.data.gpu_decode import DECODES
+    from distill.data.ijb import TARGETS
+    from distill.losses.heads import HEADS
+    from distill.utils.device import AMP_MODES
+
+    allowed = _allowed()
+    assert allowed["margin.margin"] is HEADS and allowed["data.ijb.target"] is TARGETS
+    assert allowed["data.decode"] is DECODES and allowed["train.amp"] is AMP_MODES
+    assert allowed["tracking.wandb"] is schema.WANDB_MODES and allowed["train.scheduler"] is schema.SCHEDULERS
+    assert allowed["teacher.train.optimizer_impl"] is schema.OPTIMIZER_IMPLS
+    assert allowed["distill.project"] is schema.PROJECTIONS
+    assert allowed["recursive.teacher"] is schema.RECURSIVE_TEACHERS
+
+
+@pytest.mark.parametrize("key, value, suggestion", [
+    ("train.scheduler", "cosin", "cosine"), ("teacher.train.scheduler", "stepp", "step"),
+    ("train.amp", "bf61", "bf16"), ("teacher.train.amp", "fp61", "fp16"), ("data.decode", "cdua", "cuda"),
+    ("tracking.wandb", "ofline", "offline"), ("recursive.teacher", "previus", "previous"),
+    ("distill.project", "linaer", "linear"), ("margin.margin", "arcfce", "arcface"),
+    ("data.ijb.target", "IJBD", None), ("train.optimizer_impl", "fusd", "fused")])
+def test_a_value_outside_the_declared_ones_is_one_line_naming_the_key(key, value, suggestion):
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in CONFIGS["trained teacher"].items()}
+    raw["data"] = {**raw["data"], "ijb": {"root": "ijb"}}
+    *path, name = key.split(".")
+    node = raw
+    for part in path:
+        node[part] = dict(node.get(part) or {})
+        node = node[part]
+    node[name] = value
+    with pytest.raises(ConfigError, match=rf"key '{key}' must be one of .*got '{value}'") as err:
+        build_config(raw)
+    assert suggestion is None or f"did you mean '{suggestion}'?" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_the_implementation_takes_every_declared_value():
+    import torch
+
+    from distill.train.setup import create_optimizer, create_scheduler
+    from distill.train.tracking import resolve_mode
+    from distill.utils.device import amp_settings
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    for scheduler in schema.SCHEDULERS:
+        train = schema.TrainConfig(scheduler=scheduler, decay_epochs=[1])
+        create_scheduler(create_optimizer(params, train, 1, torch.device("cpu")), train, 10, 5.0)
+    for impl in schema.OPTIMIZER_IMPLS:
+        try:
+            create_optimizer(params, schema.TrainConfig(optimizer_impl=impl), 1, torch.device("cpu"))
+        except ConfigError as err:  # fused where torch has no fused kernel on this device: said so, not unknown
+            assert impl == "fused" and "no fused kernel" in str(err)
+    for amp in _allowed()["train.amp"]:
+        amp_settings(schema.TrainConfig(amp=amp), torch.device("cpu"))
+    for mode in schema.WANDB_MODES:
+        assert resolve_mode(mode, environ={}) in ("online", "offline", "disabled")

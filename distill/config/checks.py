@@ -1,24 +1,22 @@
 """The checks of an experiment's values that a type cannot express: names against their registries (margin heads,
-distillation losses, optimizers, schedulers), positive sizes, P×K batch divisibility. Run by
-distill.config.schema.build_config on every config before any work."""
+distillation losses, optimizers, and every key whose field declares its allowed values), positive sizes, P×K batch
+divisibility. Run by distill.config.schema.build_config on every config before any work."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 
 from timm.optim import list_optimizers
 
-from distill.data.ijb import TARGETS as IJB_TARGETS
 from distill.losses.heads import HEADS
 from distill.losses.registry import DISTILL_LOSSES, check_loss_options
 from distill.losses.requirements import Setting, term_problems
 from distill.losses.terms import config_terms
 from distill.models.registry import did_you_mean, feature_count
 from distill.utils.errors import ConfigError
-
-SCHEDULERS = ("poly", "cosine", "step")
 
 
 def _optimizers() -> list:
@@ -29,17 +27,7 @@ def _optimizers() -> list:
 
 def check_semantics(cfg, where) -> None:
     """Every name checked against its registry before any work, so a typo fails in the first second."""
-    choices = {
-        "margin.margin": (cfg.margin.margin, list(HEADS)),
-        "distill.project": (cfg.distill.project, ("none", "linear")),
-        "train.amp": (cfg.train.amp, ("auto", "bf16", "fp16", "off")),
-        "train.optimizer_impl": (cfg.train.optimizer_impl, ("auto", "fused", "foreach", "off")),
-        "data.decode": (cfg.data.decode, ("cpu", "cuda")),
-        "tracking.wandb": (cfg.tracking.wandb, ("auto", "online", "offline", "disabled")),
-        "recursive.teacher": (cfg.recursive.teacher, ("fixed", "previous")),
-    }
     if cfg.data.ijb is not None:
-        choices["data.ijb.target"] = (cfg.data.ijb.target, IJB_TARGETS)
         if not cfg.data.ijb.root:
             raise ConfigError(f"{where('data.ijb.root')}: key 'data.ijb.root' is empty; give insightface's IJB folder "
                               f"(the one holding loose_crop/ and meta/)")
@@ -49,10 +37,7 @@ def check_semantics(cfg, where) -> None:
     if cfg.data.prefetch_factor < 1:
         raise ConfigError(f"{where('data.prefetch_factor')}: key 'data.prefetch_factor' must be at least 1 (batches "
                           f"each loader worker prepares ahead), got {cfg.data.prefetch_factor}")
-    for key, (value, allowed) in choices.items():
-        if value not in allowed:
-            raise ConfigError(f"{where(key)}: key '{key}' must be one of {', '.join(allowed)}, got {value!r}"
-                              f"{did_you_mean(value, allowed)}")
+    check_choices(cfg, where)
     try:  # the registered head reads its own values from margin.* (an option it cannot take is an error), and
         # a tiny one refuses its values now, not at stage start (classes enough for any torchrun world size)
         HEADS[cfg.margin.margin].build(cfg.margin, 2, 4096)
@@ -64,9 +49,6 @@ def check_semantics(cfg, where) -> None:
             raise ConfigError(f"{where(key + '.optimizer')}: key '{key}.optimizer': unknown optimizer "
                               f"{train.optimizer!r}{did_you_mean(train.optimizer.lower(), optimizers)} (timm's "
                               f"create_optimizer_v2 names: sgd, adamw, lamb, ...; see timm.optim.list_optimizers())")
-        if train is not None and train.scheduler not in SCHEDULERS:
-            raise ConfigError(f"{where(key + '.scheduler')}: key '{key}.scheduler' must be one of "
-                              f"{', '.join(SCHEDULERS)}, got {train.scheduler!r}{did_you_mean(train.scheduler, SCHEDULERS)}")
     for key, train in (("train", cfg.train), ("teacher.train", cfg.teacher and cfg.teacher.train)):
         if train is not None:
             check_training(key, train, where)
@@ -90,6 +72,19 @@ def check_semantics(cfg, where) -> None:
         raise ConfigError(f"{where('recursive.teacher')}: key 'recursive.teacher' is previous (generation k learns "
                           f"from generation k-1), but there is no teacher for generation 1: set teacher, or "
                           f"recursive.teacher: fixed")
+
+
+def check_choices(section, where, prefix: str = "") -> None:
+    """Every key whose field declares the values it may take (`allowed` in its metadata: distill/config/schema.py,
+    from the code implementing them) holds one of them; sections are walked (teacher.train as train)."""
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), prefix + f.name
+        allowed = f.metadata.get("allowed")
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"{where(key)}: key '{key}' must be one of {', '.join(allowed)}, got {value!r}"
+                              f"{did_you_mean(value, list(allowed))}")
+        if dataclasses.is_dataclass(value):
+            check_choices(value, where, key + ".")
 
 
 def _check_path_lengths(cfg, where) -> None:

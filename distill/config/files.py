@@ -40,7 +40,7 @@ def _yaml_error_line(err: yaml.YAMLError) -> str:
 
 
 def load_yaml_text(stream, name: str = "<text>"):
-    """yaml.safe_load's result (plain data only), except that a duplicate key is a ConfigError naming it and its line."""
+    """yaml.safe_load's result (plain data only); a duplicate key is a ConfigError naming it and its line."""
     loader = _UniqueKeySafeLoader(stream)
     loader.name = name
     try:

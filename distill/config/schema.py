@@ -24,17 +24,32 @@ from distill.compat import upgrade_legacy_teacher
 from distill.config.checks import check_semantics
 from distill.config.files import key_paths, load_with_bases, merge_experiment, parse_overrides, read_yaml_mapping
 from distill.config.keys import Affects, affects, flat_dict, is_harmless, resume_entries, teacher_keys
+from distill.data.gpu_decode import DECODES
+from distill.data.ijb import TARGETS as IJB_TARGETS
+from distill.losses.heads import HEADS
 from distill.losses.terms import parse_terms
 from distill.models.registry import check_model_kwargs, check_model_name, did_you_mean, model_defaults
 from distill.utils.atomic import atomic_open
+from distill.utils.device import AMP_MODES
 from distill.utils.errors import ConfigDeprecationWarning, ConfigError, DistillError
 
 NOTHING, TEACHER, RESUME = Affects.NOTHING, Affects.TEACHER, Affects.RESUME
 
+# The values of keys whose implementation sits above the config (distill/train, distill/run import the config, so
+# the lists live here and the implementation reads them from here); the others come from the module implementing
+# them (margin heads, IJB targets, decoders, precisions).
+SCHEDULERS = ("poly", "cosine", "step")                 # train.scheduler: distill/train/setup.py create_scheduler
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "off")  # train.optimizer_impl: distill/train/setup.py create_optimizer
+PROJECTIONS = ("none", "linear")                       # distill.project: distill/train/objective.py
+WANDB_MODES = ("auto", "online", "offline", "disabled")  # tracking.wandb: distill/train/tracking.py
+RECURSIVE_TEACHERS = ("fixed", "previous")             # recursive.teacher: distill/run/experiment.py
 
-def _key(default, effect: Affects, **resume):
-    """A field declaring what a change to it touches (distill/config/keys.py); undeclared: its section's."""
-    return field(default=default, metadata=affects(effect, **resume))
+
+def _key(default, effect: Affects | None = None, *, allowed=None, **resume):
+    """A field declaring what a change to it touches (distill/config/keys.py; undeclared: its section's) and the
+    values it may take (`allowed`, checked by distill/config/checks.py; a registry stays live)."""
+    metadata = affects(effect, **resume) if effect is not None else {}
+    return field(default=default, metadata={**metadata, **({"allowed": allowed} if allowed is not None else {})})
 
 
 @dataclass
@@ -52,7 +67,7 @@ class SyntheticConfig:
 class IJBConfig:
     """IJB-B/IJB-C template verification of every finished stage (distill/eval/ijb_stage.py), after training."""
     root: str = ""                 # insightface's IJB folder: loose_crop/, meta/<t>_*.txt
-    target: str = "IJBC"           # IJBC | IJBB
+    target: str = _key("IJBC", allowed=IJB_TARGETS)
     batch_size: int = 128
 
 
@@ -67,7 +82,8 @@ class DataConfig:
     # 1.42x slower with 1 worker than with 0 on 2 cores), 2 on a GPU (distill.utils.threads.loader_workers)
     num_workers: int | None = _key(None, NOTHING)
     prefetch_factor: int = _key(4, NOTHING)  # batches each loader worker keeps ready (workers persist all stage)
-    decode: str = _key("cpu", NOTHING)  # JPEGs decoded by loader workers | cuda: by nvJPEG, batched (gpu_decode.py)
+    # cpu: JPEGs decoded by loader workers | cuda: by nvJPEG, batched (distill/data/gpu_decode.py)
+    decode: str = _key("cpu", NOTHING, allowed=DECODES)
     synthetic: SyntheticConfig | None = _key(None, TEACHER)
     ijb: IJBConfig | None = _key(None, NOTHING)  # evaluate every finished stage on IJB-B/C too (TAR@FAR 1e-6 .. 1e-1)
     # K: P×K batches of batch_size/K identities with K images each, for batch-level distillation losses
@@ -125,7 +141,7 @@ class StudentConfig(_ModelArguments):
 class MarginConfig:
     """Margin head: ArcFace cos(m1*theta + m2) - m3 with s; arcface (m2=m), cosface (m3=m), combined, softmax,
     or any head registered with distill.losses.heads.register_head (its entry reads the values it takes)."""
-    margin: str = "arcface"
+    margin: str = _key("arcface", allowed=HEADS)
     s: float = 64.0
     m: float = 0.5
     m1: float = 1.0
@@ -143,7 +159,7 @@ class DistillConfig:
     alpha: float | None = _key(None, RESUME, resume_as="alpha")
     # none (the paper: student and teacher embeddings of one size) | linear: a learned student->teacher
     # projection used only inside the distillation loss (trained with the student, kept in last.pt only)
-    project: str = _key("none", RESUME, resume_if_set=True)
+    project: str = _key("none", RESUME, allowed=PROJECTIONS, resume_if_set=True)
     # [{loss: equivalent_angular, alpha: 7}, {loss: fitnet, alpha: 1, stages: [-2]}]
     terms: list | None = _key(None, RESUME, resume_if_set=True)
 
@@ -177,20 +193,20 @@ class TrainConfig:
     # weight decay on 1-D parameters too (BatchNorm, biases, PReLU slopes), as MXNet insightface and
     # arcface_torch do (the paper recipe sets it); false: timm's habit of exempting them
     decay_norm_and_bias: bool = False
-    scheduler: str = "poly"        # poly | cosine | step
+    scheduler: str = _key("poly", allowed=SCHEDULERS)
     warmup_epochs: float = 0.0
     poly_power: float = 2.0
     decay_epochs: list = field(default_factory=list)  # for scheduler 'step'
     decay_rate: float = 0.1
     min_lr: float = 0.0
     # auto (bf16 on CUDA; on a bf16 CPU for models faster in it: IResNet) | bf16 | fp16 | off
-    amp: str = "auto"
+    amp: str = _key("auto", allowed=AMP_MODES)
     # NHWC memory format for the student and an online teacher; null: on CUDA
     channels_last: bool | None = _key(None, NOTHING)
     # torch.compile the student and an online teacher (eager, with a warning, where it fails)
     compile: bool = _key(False, NOTHING)
     # auto (fused on CUDA where it exists, else torch's default) | fused | foreach | off
-    optimizer_impl: str = _key("auto", NOTHING)
+    optimizer_impl: str = _key("auto", NOTHING, allowed=OPTIMIZER_IMPLS)
     threads: int | None = _key(None, NOTHING)  # torch threads; null: the thread policy (distill/utils/threads.py)
     clip_grad: float | None = None
     accumulate: int = _key(1, RESUME)  # gradient accumulation steps
@@ -244,7 +260,7 @@ class TeacherConfig(_ModelArguments):
 
 @dataclass
 class TrackingConfig:
-    wandb: str = "auto"            # auto (offline unless credentials exist) | online | offline | disabled
+    wandb: str = _key("auto", allowed=WANDB_MODES)  # auto: offline unless credentials exist
     project: str = "facedistill"
     entity: str | None = None
 
@@ -254,7 +270,7 @@ class RecursiveConfig:
     """How generations chain: each starts from the previous student; `teacher` says whom it distils from: fixed
     (the experiment's teacher for every generation, the paper) or previous (born-again networks, Furlanello et
     al., ICML 2018: generation k's teacher is generation k-1's student; generation 1's is the teacher)."""
-    teacher: str = "fixed"
+    teacher: str = _key("fixed", allowed=RECURSIVE_TEACHERS)
 
 
 @dataclass

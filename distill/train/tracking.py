@@ -45,7 +45,7 @@ from urllib.parse import urlsplit
 
 from timm.utils import AverageMeter
 
-from distill.config.schema import to_dict
+from distill.config.schema import WANDB_MODES, to_dict
 from distill.eval.far import VERIFICATION_FARS, far_key, normalise_far_keys
 from distill.eval.verification import VAL_FAR, set_name_of
 from distill.utils.atomic import atomic_write_text
@@ -53,7 +53,6 @@ from distill.utils.dist import rank as dist_rank
 from distill.utils.errors import ConfigError
 from distill.utils.layout import BASELINE, TEACHER, RunLayout, StageLayout, generation_name
 
-MODES = ("auto", "online", "offline", "disabled")
 _SWEEP_ENV = ("WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH", "WANDB_RUN_ID")
 
 
@@ -247,9 +246,9 @@ def resolve_mode(setting: str, environ=os.environ) -> str:
     if environ.get("WANDB_DISABLED", "").strip().lower() in ("1", "true", "yes"):
         env = "disabled"
     mode = {"dryrun": "offline", "run": "online"}.get(env, env) or setting
-    if mode not in MODES:
+    if mode not in WANDB_MODES:
         where = f"environment variable WANDB_MODE={env!r}" if env else f"tracking.wandb: {setting!r}"
-        raise ConfigError(f"{where} is not a W&B mode; use one of {', '.join(MODES)}")
+        raise ConfigError(f"{where} is not a W&B mode; use one of {', '.join(WANDB_MODES)}")
     if mode == "auto":
         mode = "online" if has_wandb_credentials(environ) else "offline"
     return mode

@@ -61,6 +61,9 @@ def prefers_cpu_bf16(model) -> bool:
     return bool(getattr(type(inner), "cpu_bf16", False))
 
 
+AMP_MODES = ("auto", "bf16", "fp16", "off")  # the values train.amp may take: what amp_settings reads
+
+
 def amp_settings(train, device: torch.device, model=None):
     """(autocast dtype or None, whether a GradScaler is needed). `auto` is bf16 on CUDA — fp16 with a GradScaler
     on a GPU without bf16 (before Ampere: V100, T4) — and on a CPU bf16 only where the CPU has native bf16
