@@ -32,7 +32,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.join(HERE, "..")
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)  # bench_args
-from bench_args import count  # noqa: E402
+from bench_args import count
 from bench_args import run as run_command
 
 WORKLOADS = ("student_train", "teacher_train", "student_eval")
@@ -76,7 +76,7 @@ def _child(spec: dict) -> dict:
     if spec["workload"] == "student_eval":
         model.eval()
         with torch.inference_mode():
-            for i in range(warmup + steps):
+            for _ in range(warmup + steps):
                 t0 = time.perf_counter()
                 with autocast:
                     forward(x)
@@ -86,7 +86,7 @@ def _child(spec: dict) -> dict:
         labels = torch.randint(0, cfg.data.synthetic.ids, (batch,))
         opt = torch.optim.SGD(list(model.parameters()) + list(head.parameters()), lr=0.01, momentum=0.9)
         model.train()
-        for i in range(warmup + steps):
+        for _ in range(warmup + steps):
             t0 = time.perf_counter()
             with autocast:
                 emb = forward(x)
@@ -178,7 +178,8 @@ def compile_study(steps: int, batch: int, backend: str = "inductor") -> dict:
         compiled = measure(policy, workload, steps, batch, compile_backend=backend, amp="auto")
         compile_s = compiled["first_step_s"] - eager["first_step_s"]
         saved_s = stage / eager["img_s"] - stage / compiled["img_s"]
-        out[workload] = {"amp": eager["amp"], "eager_img_s": round(eager["img_s"], 1), "compiled_img_s": round(compiled["img_s"], 1),
+        out[workload] = {"amp": eager["amp"], "eager_img_s": round(eager["img_s"], 1),
+                         "compiled_img_s": round(compiled["img_s"], 1),
                          "compile_s": round(compile_s, 1), "stage_images": stage,
                          "stage_eager_s": round(stage / eager["img_s"], 1), "stage_saved_s": round(saved_s, 1),
                          "pays": saved_s > compile_s}
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
         return 0
-    import torch  # noqa: F401  (the parent's default thread count is the `old` setting's)
+    import torch  # the parent's default thread count is the `old` setting's
 
     settings = {"old": {"threads": torch.get_num_threads(), "env": {}}, "new": {"threads": "policy", "env": {}}}
     for text in args.setting:
@@ -225,7 +226,8 @@ def main(argv=None) -> int:
     for workload, by in out["images_per_s"].items():
         print(f"{workload}:")
         for name, v in by.items():
-            print(f"  {name:<40} {v['threads']} thread(s)  quiet {v['quiet']:8.1f} img/s  loaded {v['loaded']:8.1f} img/s")
+            print(f"  {name:<40} {v['threads']} thread(s)  quiet {v['quiet']:8.1f} img/s  "
+                  f"loaded {v['loaded']:8.1f} img/s")
         print("  ratios: " + ", ".join(f"{k} {v}" for k, v in out["ratios"][workload].items()))
     return 0
 

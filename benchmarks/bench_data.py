@@ -58,7 +58,7 @@ from distill.data.synthetic import ensure_synthetic
 from distill.train.epoch_plan import PlannedDataset, plan_epoch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_args
-from bench_args import count, run  # noqa: E402
+from bench_args import count, run
 from bench_args import counts as count_list
 
 
@@ -71,7 +71,7 @@ def dataset_rate(ds, n: int) -> float:
 
 def pil_rate(encoded: list, flips: list, input_size=None) -> float:
     start = time.perf_counter()
-    for data, flip in zip(encoded, flips):
+    for data, flip in zip(encoded, flips, strict=True):
         im = Image.open(io.BytesIO(data))
         if im.mode != "RGB":
             im = im.convert("RGB")
@@ -137,7 +137,7 @@ def gpu_decode_only(ds, n: int, batch_size: int, device) -> tuple:
     worst, total, count = 0.0, 0.0, 0
     for enc, _, idx, flipped in batches[:4]:
         gpu = decode_batch(enc, flipped, device, ds.input_size).cpu()
-        cpu = torch.stack([ds.item(int(i), bool(f))[0] for i, f in zip(idx, flipped)])
+        cpu = torch.stack([ds.item(int(i), bool(f))[0] for i, f in zip(idx, flipped, strict=True)])
         diff = (gpu - cpu).abs() * 127.5  # normalised units back to pixel levels
         worst, total, count = max(worst, diff.max().item()), total + diff.sum().item(), count + diff.numel()
     return rate, worst, total / count
@@ -158,8 +158,9 @@ def main(argv=None) -> int:
     parser.add_argument("--size", type=count(16), default=112, help="image size of the generated set (default 112)")
     parser.add_argument("--input-size", type=count(16), default=None,
                         help="data.input_size: images of another stored size are resized (default: stored size)")
-    parser.add_argument("--workers", type=count_list(0), default="1,2", help="DataLoader worker counts to time (default 1,2; 1 is "
-                                                         "always timed, it is the per-worker baseline)")
+    parser.add_argument("--workers", type=count_list(0), default="1,2",
+                        help="DataLoader worker counts to time (default 1,2; 1 is always timed, it is the per-worker "
+                             "baseline)")
     parser.add_argument("--batch-size", type=count(1), default=64, help="images per batch (default 64)")
     parser.add_argument("--prefetch", type=count(1), default=4,
                         help="batches each worker keeps ready (data.prefetch_factor)")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_args
-from bench_args import count, run  # noqa: E402
+from bench_args import count, run
 
 from distill.eval.verification import THRESHOLDS, _fold_sizes, pair_distances, verification_metrics
 

@@ -29,15 +29,15 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_args
-from bench_args import count, run  # noqa: E402
+from bench_args import count, run
 
-from distill.config.files import read_yaml_mapping  # noqa: E402
-from distill.data.ijb import AlignedFaces, read_ijb_meta  # noqa: E402
-from distill.data.synth_ijb import read_manifest, write_synthetic_ijb  # noqa: E402
-from distill.eval.ijb import embed_images  # noqa: E402
-from distill.models.files import load_student, model_input_size  # noqa: E402
-from distill.models.registry import create_model  # noqa: E402
-from distill.utils.threads import apply_threads, plan_threads  # noqa: E402
+from distill.config.files import read_yaml_mapping
+from distill.data.ijb import AlignedFaces, read_ijb_meta
+from distill.data.synth_ijb import read_manifest, write_synthetic_ijb
+from distill.eval.ijb import embed_images
+from distill.models.files import load_student, model_input_size
+from distill.models.registry import create_model
+from distill.utils.threads import apply_threads, plan_threads
 
 QUICKSTART = os.path.join(os.path.dirname(__file__), "..", "experiments", "quickstart.yaml")
 
@@ -86,7 +86,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--student", help="a student.pt (default: the quickstart's student, random weights)")
     parser.add_argument("--root", help="a synthetic (or real) IJB root to read instead of writing one")
-    parser.add_argument("--templates", type=count(2), default=300, help="templates of the synthetic set (300: ~1,000 images)")
+    parser.add_argument("--templates", type=count(2), default=300,
+                        help="templates of the synthetic set (300: ~1,000 images)")
     parser.add_argument("--workers", type=count(0), default=min(8, os.cpu_count() or 1),
                         help="loader workers asked for, as distill ijb --workers (the thread policy caps them)")
     parser.add_argument("--batch-size", type=count(1), default=128, help="images per batch (default 128)")

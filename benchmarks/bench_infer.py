@@ -32,12 +32,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_args
-from bench_args import count, run  # noqa: E402
+from bench_args import count, run
 
-from distill.data.standin import StandInFaces  # noqa: E402
-from distill.deploy.export import INPUT_NAME, export_onnx  # noqa: E402
-from distill.deploy.quantize import calibration_reader, quantize_file  # noqa: E402
-from distill.models.files import load_model  # noqa: E402
+from distill.data.standin import StandInFaces
+from distill.deploy.export import INPUT_NAME, export_onnx
+from distill.deploy.quantize import calibration_reader, quantize_file
+from distill.models.files import load_model
 
 WARMUP = 3
 
@@ -102,7 +102,8 @@ def bench_model(label: str, source: str, args, tmp: str) -> dict:
               "ort_fp32": _measure(_session(fp32, args.threads), size, args),
               "ort_int8": _measure(_session(int8, args.threads), size, args)}
     e = result["eager"]
-    result["ratios"] = {f"{k}_vs_eager_{m}": round(result[k][m] / e[m] if m == "batch_img_s" else e[m] / result[k][m], 3)
+    result["ratios"] = {f"{k}_vs_eager_{m}": round(result[k][m] / e[m] if m == "batch_img_s"
+                                                   else e[m] / result[k][m], 3)
                         for k in ("ort_fp32", "ort_int8") for m in ("batch_img_s", "b1_p50_ms")}
     return result
 
@@ -124,7 +125,8 @@ def _table(out: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="vargfacenet", help="registry name of the student (random weights; default vargfacenet)")
+    p.add_argument("--model", default="vargfacenet",
+                   help="registry name of the student (random weights; default vargfacenet)")
     p.add_argument("--student", default=None, help="a student.pt to benchmark instead of --model")
     p.add_argument("--teacher", action="store_true", help="also benchmark the IResNet-100 teacher, for contrast")
     p.add_argument("--input-size", type=count(16), default=112, help="image side for --model (default 112)")
@@ -140,7 +142,8 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     out = {"threads": args.threads, "batch_size": args.batch_size, "iters": args.iters,
            "batch_iters": args.batch_iters, "torch": torch.__version__, "onnxruntime": ort.__version__,
-           "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} logical CPUs".replace("  ", " "),
+           "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} logical CPUs".replace(
+               "  ", " "),
            "models": {}}
     sources = [("student", args.student or args.model)] + ([("iresnet100", "iresnet100")] if args.teacher else [])
     with tempfile.TemporaryDirectory() as tmp:

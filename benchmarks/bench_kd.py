@@ -29,14 +29,14 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_args
-from bench_args import count, run  # noqa: E402
+from bench_args import count, run
 
-import teachers  # noqa: E402
-from distill.config.schema import build_config  # noqa: E402
-from distill.data.standin import StandInFaces  # noqa: E402
-from distill.train.engine import StageSpec, run_stage  # noqa: E402
-from distill.train.tracking import read_metrics  # noqa: E402
-from teachers.cache import build_cache  # noqa: E402
+import teachers
+from distill.config.schema import build_config
+from distill.data.standin import StandInFaces
+from distill.train.engine import StageSpec, run_stage
+from distill.train.tracking import read_metrics
+from teachers.cache import build_cache
 
 WARMUP = 2
 
@@ -120,9 +120,10 @@ def main(argv=None) -> int:
     else:
         print(f"student VarGFaceNet, teacher IResNet-100, {args.input_size}px, batch {args.batch_size}, {args.device}")
         print(f"  (a) plain training        {plain:9.1f} img/s")
-        print(f"  (b) cached teacher        {cached:9.1f} img/s   time/image vs (a): {plain / cached:.3f}x (target <= 1.05)")
+        print(f"  (b) cached teacher        {cached:9.1f} img/s   time/image vs (a): {plain / cached:.3f}x "
+              f"(target <= 1.05)")
         print(f"  (c) online IResNet-100    {online:9.1f} img/s   time/image vs (a): {plain / online:.3f}x")
-        for mark, loss in zip("defgh", features):
+        for mark, loss in zip("defgh", features, strict=False):  # a mark for each feature loss measured
             rate = rates[f"{loss}_img_s"]
             print(f"  ({mark}) online + {loss:<19}{rate:6.1f} img/s   time/image vs (b): {cached / rate:.3f}x")
     return 0

@@ -4,9 +4,10 @@
     benchmarks/gpu_check.sh --device cpu --tiny   # the same code on a CPU with tiny sizes (the test suite runs it)
 
 What it measures (every rate is images/s; every ratio is from the same run, so a noisy machine cancels out):
-  train_img_s            VarGFaceNet (full size, 512-d; tiny: a small one) trained by the real loop (distill.train.engine.run_stage) on
-                         in-memory stand-in faces: amp auto (bf16 on an Ampere+ GPU), channels_last on CUDA,
-                         batch 256 at 112 px; `train_compiled_img_s` the same with train.compile (inductor)
+  train_img_s            VarGFaceNet (full size, 512-d; tiny: a small one) trained by the real loop
+                         (distill.train.engine.run_stage) on in-memory stand-in faces: amp auto (bf16 on an
+                         Ampere+ GPU), channels_last on CUDA, batch 256 at 112 px; `train_compiled_img_s` the
+                         same with train.compile (inductor)
   kd_cached_time_ratio   time per image of cached-teacher distillation / plain training (goal <= 1.05)
   kd_online_time_ratio   the same with a frozen IResNet-100 run on every batch under the student's autocast
   teacher_infer_img_s    IResNet-100 inference (no grad, autocast, channels_last): the teacher-cache build rate
@@ -36,8 +37,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)  # bench_kd, whose measurement the training figures reuse
 
-import torch  # noqa: E402
-from bench_args import count, run  # noqa: E402
+import torch
+from bench_args import count, run
 
 # full: the sizes the issue asks for; tiny: the same code in seconds on a CPU (an IResNet-18 stands in for the
 # IResNet-100 of the KD and inference figures, whose construction alone takes seconds; the shortened run's teacher is a
@@ -164,8 +165,9 @@ def shortened_run(args, s, data_dir, out_dir) -> dict:
         f"device={args.device}", f"data.train={data_dir}", f"data.val=[{data_dir}/synth_val.bin]",
         f"data.input_size={s['size']}", f"data.synthetic.ids={s['run_ids']}",
         f"data.synthetic.images_per_id={s['run_images_per_id']}", f"data.synthetic.holdout_ids={s['run_holdout']}",
-        f"data.synthetic.pairs={s['run_pairs']}", f"data.synthetic.size={s['size']}", f"data.num_workers={args.workers}",
-        f"teacher.arch={s['run_teacher']}", f"teacher.input_size={s['size']}", f"teacher.train.max_steps={s['run_teacher_steps']}",
+        f"data.synthetic.pairs={s['run_pairs']}", f"data.synthetic.size={s['size']}",
+        f"data.num_workers={args.workers}", f"teacher.arch={s['run_teacher']}", f"teacher.input_size={s['size']}",
+        f"teacher.train.max_steps={s['run_teacher_steps']}",
         f"teacher.train.batch_size={s['batch']}", f"train.max_steps={s['run_student_steps']}",
         f"train.batch_size={s['batch']}", "generations=2", "tracking.wandb=disabled",
     ]
@@ -204,7 +206,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     p.add_argument("--tiny", action="store_true", help="tiny sizes: the same code in seconds (CPU tests)")
-    p.add_argument("--workers", type=count(0), default=None, help="loader workers of the training runs (default 8, tiny 0)")
+    p.add_argument("--workers", type=count(0), default=None,
+                   help="loader workers of the training runs (default 8, tiny 0)")
     p.add_argument("--skip", default="", help="comma-separated parts to leave out: train,teacher,loader,run")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of train_compiled_img_s (the tests use eager: no code generation)")

@@ -11,7 +11,8 @@ import os
 
 from study_numbers import diff_text, fmt, only_stage, stats
 
-BEGIN = "<!-- study summary: written by experiments/studies/report.py --readme; edits between these lines are overwritten -->"
+BEGIN = ("<!-- study summary: written by experiments/studies/report.py --readme; edits between these lines are "
+         "overwritten -->")
 END = "<!-- end of the study summary -->"
 
 

@@ -2,10 +2,10 @@
 
     python experiments/studies/report.py runs --out docs/results.md
 
-The numbers come from study_numbers.py. Reads <runs>/curve, face_kd_table, recursive, long-x2, long-x3 and pk (each a sweep's points,
-`<grid>-<case>-seed=<s>`), pk/recalibration.json and study/timing.json. Every number is a mean ± sample standard
-deviation over seeds; a difference is called beyond seed noise when it exceeds twice its standard error
-(sqrt(sd_a²/n_a + sd_b²/n_b)), within noise otherwise. A point that has not finished (a seed, a stage or a whole arm
+The numbers come from study_numbers.py. Reads <runs>/curve, face_kd_table, recursive, long-x2, long-x3 and pk
+(each a sweep's points, `<grid>-<case>-seed=<s>`), pk/recalibration.json and study/timing.json. Every number is
+a mean ± sample standard deviation over seeds; a difference is called beyond seed noise when it exceeds twice its
+standard error (sqrt(sd_a²/n_a + sd_b²/n_b)), within noise otherwise. A point that has not finished (a seed, a stage or a whole arm
 the study files plan) stops the report with exit 2 rather than averaging what is there.
 """
 
@@ -18,7 +18,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from study_numbers import (  # noqa: E402
+from study_numbers import (
     SWEEPS,
     best_row,
     budget,
@@ -86,7 +86,8 @@ def recursion_arms(sweeps: dict, e: int, best: str) -> list:
         for g in (1, 2, 3):
             arms.append((f"generation {g} (from generation {g - 1})" if g > 1 else "generation 1", loss, g * e,
                          rec.get(f"{loss}-chain", {}).get(f"gen{g}", {"acc": {}, "tar": {}})))
-        arms += [("one schedule", loss, 2 * e, only_stage(x2, loss)), ("one schedule", loss, 3 * e, only_stage(x3, loss))]
+        arms += [("one schedule", loss, 2 * e, only_stage(x2, loss)),
+                 ("one schedule", loss, 3 * e, only_stage(x3, loss))]
     for g in (1, 2, 3):
         arms.append((f"born-again generation {g}" + (f" (teacher: generation {g - 1})" if g > 1 else ""),
                      "equivalent_angular", g * e,
@@ -101,7 +102,8 @@ def recursion_section(sweeps: dict, e: int, best: str, plot: str | None) -> tupl
              "against the same frozen IResNet-18 teacher; the controls train one schedule as long as two or three "
              "generations (experiments/studies/recursive_kd.yaml, recursion_long.yaml). The paper's loss "
              f"(equivalent_angular, alpha 7) and the face-KD table's best row ({best}).", "",
-             _row("arm", "loss", "total epochs", "accuracy (%)", "TAR@1e-3 (%)"), _row("---", "---", "---", "---", "---")]
+             _row("arm", "loss", "total epochs", "accuracy (%)", "TAR@1e-3 (%)"),
+             _row("---", "---", "---", "---", "---")]
     teacher = _teacher(sweeps)
     lines.append(_row("teacher (IResNet-18, frozen)", "-", "-", fmt(teacher["acc"]), fmt(teacher["tar"])))
     for label, loss, total, cell in recursion_arms(sweeps, e, best):
@@ -116,18 +118,21 @@ def recursion_section(sweeps: dict, e: int, best: str, plot: str | None) -> tupl
             d, se, verdict = compare(chain.get(f"gen{g}", {}).get("acc", {}), only_stage(longer, loss)["acc"])
             verdicts[(loss, g)] = (d, verdict)
             lines.append(f"- **{loss}, generation {g} against one schedule of {g}E epochs** (the same epochs, the same "
-                         f"teacher): {diff_text(chain.get(f'gen{g}', {}).get('acc', {}), only_stage(longer, loss)['acc'])}.")
-        steps = [f"gen{g} vs gen{g - 1} {diff_text(chain.get(f'gen{g}', {}).get('acc', {}), chain.get(f'gen{g - 1}', {}).get('acc', {}))}"
+                         f"teacher): "
+                         f"{diff_text(chain.get(f'gen{g}', {}).get('acc', {}), only_stage(longer, loss)['acc'])}.")
+        steps = [f"gen{g} vs gen{g - 1} "
+                 f"{diff_text(chain.get(f'gen{g}', {}).get('acc', {}), chain.get(f'gen{g - 1}', {}).get('acc', {}))}"
                  for g in (2, 3)]
         lines.append(f"- **{loss}, each generation against the one before** (it has also trained E epochs more): "
                      + "; ".join(steps) + ".")
         scratch = [f"{g}E {diff_text(chain.get(f'gen{g}', {}).get('acc', {}), arm[3]['acc'])}"
-                   for g, arm in zip((1, 2, 3), recursion_arms(sweeps, e, best)[:3])]
+                   for g, arm in zip((1, 2, 3), recursion_arms(sweeps, e, best)[:3], strict=False)]
         lines.append(f"- **{loss}, generation k against scratch trained as long**: " + "; ".join(scratch) + ".")
     ba, fixed = rec.get("equivalent_angular-bornagain", {}), rec.get("equivalent_angular-chain", {})
     lines.append("- **Born-again chain against the fixed teacher** (equivalent_angular; generation 1 is the same "
                  "recipe in both): " + "; ".join(
-                     f"gen{g} {diff_text(ba.get(f'gen{g}', {}).get('acc', {}), fixed.get(f'gen{g}', {}).get('acc', {}))}"
+                     f"gen{g} "
+                     f"{diff_text(ba.get(f'gen{g}', {}).get('acc', {}), fixed.get(f'gen{g}', {}).get('acc', {}))}"
                      for g in (2, 3)) + ".")
     wins = [k for k, (d, v) in verdicts.items() if v == "beyond seed noise" and d is not None and d > 0]
     losses = [k for k, (d, v) in verdicts.items() if v == "beyond seed noise" and d is not None and d < 0]
@@ -162,8 +167,8 @@ def table_section(table: dict, plot: str | None, n: int) -> list:
              "disjoint from training). Differences are to `scratch` (P x K rows: to the scratch row with the same "
              "batches). EKD's published IJB-C TAR@FAR=1e-4 (IR-50 -> MobileFaceNet, MS1MV2) is another scale: read "
              "it beside ours, not as the same experiment.", "",
-             _row("row", "accuracy (%)", "TAR@1e-3 (%)", "IJB-C TAR@1e-4 (%)", "accuracy - baseline", "TAR@1e-4 - baseline",
-                  "EKD's paper (TAR@1e-4, %)"), _row(*["---"] * 7)]
+             _row("row", "accuracy (%)", "TAR@1e-3 (%)", "IJB-C TAR@1e-4 (%)", "accuracy - baseline",
+                  "TAR@1e-4 - baseline", "EKD's paper (TAR@1e-4, %)"), _row(*["---"] * 7)]
     teacher = _teacher({"t": table})
     lines.append(_row("teacher", fmt(teacher["acc"]), fmt(teacher["tar"]), fmt(teacher["ijb"]), "", "", ""))
     for case in table_order(table):
@@ -174,7 +179,8 @@ def table_section(table: dict, plot: str | None, n: int) -> list:
         base = only_stage(table, control)
         same = case == control
         lines.append(_row(case, fmt(cell["acc"]), fmt(cell["tar"]), fmt(cell["ijb"]),
-                          "-" if same else diff_text(cell["acc"], base["acc"]) + ("" if control == "scratch" else f" vs {control}"),
+                          "-" if same else diff_text(cell["acc"], base["acc"])
+                          + ("" if control == "scratch" else f" vs {control}"),
                           "-" if same else diff_text(cell["ijb"], base["ijb"]),
                           f"{EKD[case]:.2f}" if case in EKD else "-"))
     if plot:
@@ -182,13 +188,17 @@ def table_section(table: dict, plot: str | None, n: int) -> list:
     ranked = sorted(((stats(table[c]["gen1"]["acc"])[0], c) for c in table if "gen1" in table[c]), reverse=True)
     if len(ranked) >= 2:
         lines += ["", f"Best row by accuracy: **{ranked[0][1]}** ({ranked[0][0]:.2f}), then {ranked[1][1]} "
-                  f"({ranked[1][0]:.2f}): {diff_text(table[ranked[0][1]]['gen1']['acc'], table[ranked[1][1]]['gen1']['acc'])}."]
+                  f"({ranked[1][0]:.2f}): "
+                  f"{diff_text(table[ranked[0][1]]['gen1']['acc'], table[ranked[1][1]]['gen1']['acc'])}."]
     return lines + [""]
 
 
 def pk_section(pk: dict, curve: dict, e: int, recal: dict, n: int) -> list:
     shuffled = only_stage(curve, f"scratch-e{e}")
-    arm = lambda name: only_stage(pk, name)["acc"]  # noqa: E731
+
+    def arm(name):
+        return only_stage(pk, name)["acc"]
+
     lines = ["## 4. Why P x K batches hurt", "",
              f"Scratch students, E = {e} epochs, {n} seeds (experiments/studies/pk_batches.yaml); K images of each of "
              "P identities per batch.", "",
@@ -219,7 +229,8 @@ def pk_section(pk: dict, curve: dict, e: int, recal: dict, n: int) -> list:
         vals = recal_values(recal)
         lines.append("- BatchNorm statistics re-estimated after training (the pk4 students; a cumulative average over "
                      "25 batches, no gradient): " + "; ".join(f"{n} {fmt(v)}" for n, v in vals.items())
-                     + f"; re-estimated on shuffled minus as trained, student by student: {recal_difference(recal)[3]}.")
+                     + "; re-estimated on shuffled minus as trained, student by student: "
+                     + f"{recal_difference(recal)[3]}.")
     lines += ["", "**Diagnosis** (each candidate cause, and the comparison that isolates it): "
               + diagnosis(pk, shuffled["acc"], recal), ""]
     return lines
@@ -227,7 +238,10 @@ def pk_section(pk: dict, curve: dict, e: int, recal: dict, n: int) -> list:
 
 def diagnosis(pk: dict, shuffled: dict, recal: dict) -> str:
     found, against, unshown = pk_causes(pk, shuffled, recal)
-    says = lambda items: "; ".join(f"{cause}: {text}" for cause, text in items) or "none"  # noqa: E731
+
+    def says(items):
+        return "; ".join(f"{cause}: {text}" for cause, text in items) or "none"
+
     return (f"supported beyond seed noise: {says(found)}. Against it beyond seed noise: {says(against)}. Not shown "
             f"(within seed noise): {says(unshown)}.")
 
@@ -243,7 +257,8 @@ def time_section(timing: dict) -> list:
                                       f"**{phases / 60:.1f} minutes by the sum of its phases** (run_study.sh's own "
                                       f"clock did not run: the parts were started by hand)")
              + (f". The `extra` rows ran on their own after that measured run: work added to stream 2 since, which "
-                f"run_study.sh now runs there; with them stream 2 takes {(total.get('2', 0) + total['extra']) / 60:.1f} "
+                f"run_study.sh now runs there; with them stream 2 takes "
+                f"{(total.get('2', 0) + total['extra']) / 60:.1f} "
                 f"minutes beside stream 1's {total.get('1', 0) / 60:.1f}, so the whole script takes about "
                 f"{t['estimate'] / 60:.1f}"
                 " minutes (estimated from the phases, not measured end to end)" if "extra" in streams else "")
@@ -275,7 +290,8 @@ def plain_words(sweeps: dict, e: int, best: str, answer: str, recal: dict) -> li
         "- Distillation: the paper's loss at generation 1 "
         + _verdict(ea, scratch, "beats scratch", "loses to scratch", "does not differ from scratch") + f"; the "
         f"table's best row, {best}, " + _verdict(only_stage(table, best)["acc"], ea, "beats the paper's loss",
-                                                 "loses to the paper's loss", "is within noise of the paper's loss") + ".",
+                                                 "loses to the paper's loss",
+                                                 "is within noise of the paper's loss") + ".",
         f"- Recursion: {answer}",
         "- Born-again chain (each generation taught by the previous student) against the fixed teacher, generation 3: "
         + _verdict(ba.get("gen3", {}).get("acc", {}), fixed.get("gen3", {}).get("acc", {}), "better", "worse",
@@ -295,7 +311,10 @@ def plain_words(sweeps: dict, e: int, best: str, answer: str, recal: dict) -> li
 
 def _causes_in_words(pk: dict, shuffled: dict, recal: dict) -> str:
     found, against, _ = pk_causes(pk, shuffled, recal)
-    short = lambda items: ", ".join(cause.split(" (")[0] for cause, _ in items)  # noqa: E731
+
+    def short(items):
+        return ", ".join(cause.split(" (")[0] for cause, _ in items)
+
     return ((f"of the causes section 4 isolates, shown beyond seed noise: {short(found)}" if found else
              "none of the causes section 4 isolates is shown beyond seed noise")
             + (f"; against it beyond noise: {short(against)}" if against else "") + ".")
@@ -344,8 +363,8 @@ def summary(sweeps: dict, timing: dict, recal: dict) -> list:
     best = timing.get("best_loss") or best_row(sweeps["face_kd_table"])
     _, answer = recursion_section(sweeps, e, best, None)
     return readme_summary.summary(sweeps, choice, best, recursion_arms(sweeps, e, best),
-                                  plain_words(sweeps, e, best, answer, recal), study_seconds(timing), table_order(sweeps["face_kd_table"]),
-                                  _teacher(sweeps))
+                                  plain_words(sweeps, e, best, answer, recal), study_seconds(timing),
+                                  table_order(sweeps["face_kd_table"]), _teacher(sweeps))
 
 
 def main(argv=None) -> int:
@@ -366,7 +385,8 @@ def main(argv=None) -> int:
     if not sweeps["face_kd_table"] or not sweeps["curve"]:
         print(f"{args.runs}: no finished points of the study (run experiments/studies/run_study.sh)", file=sys.stderr)
         return 2
-    gaps = missing(sweeps, {**{name: seeds for name in sweeps}, "pk": pk_seeds}, planned_cases(timing.get("best_loss") or best_row(sweeps["face_kd_table"])))
+    gaps = missing(sweeps, {**{name: seeds for name in sweeps}, "pk": pk_seeds},
+                   planned_cases(timing.get("best_loss") or best_row(sweeps["face_kd_table"])))
     pk4 = sorted(n for n in os.listdir(os.path.join(args.runs, "pk")) if "-pk4-seed=" in n) \
         if os.path.isdir(os.path.join(args.runs, "pk")) else []
     gaps += [f"pk/recalibration.json: {n}" for n in pk4 if n not in recal]

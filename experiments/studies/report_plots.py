@@ -52,7 +52,8 @@ def plot_table(table: dict, cases: list, path: str) -> None:
     fig, axes = _figure(11, 4.5)
     fig.clear()
     axes = fig.subplots(1, 2)
-    for ax, key, title in zip(axes, ("acc", "ijb"), ("verification accuracy (%)", "IJB-C TAR@FAR=1e-4 (%)")):
+    for ax, key, title in zip(axes, ("acc", "ijb"), ("verification accuracy (%)", "IJB-C TAR@FAR=1e-4 (%)"),
+                              strict=True):
         ms = [stats(only_stage(table, c)[key]) for c in cases]
         ax.barh(range(len(cases)), [m or 0 for m, _, _ in ms], xerr=[s or 0 for _, s, _ in ms], capsize=3,
                 color=["grey" if c.startswith("scratch") else "tab:blue" for c in cases])

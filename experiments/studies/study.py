@@ -1,8 +1,8 @@
 """The whole study in one command: teacher, budget curve, face-KD table, recursion and its controls, P×K diagnosis,
 then docs/results.md (experiments/studies/report.py). What run_study.sh runs:
 
-    python experiments/studies/study.py                 (one process, one part after another; a rerun skips what is done)
-    experiments/studies/run_study.sh                    (the same in two processes side by side: the measured time)
+    python experiments/studies/study.py     (one process, one part after another; a rerun skips what is done)
+    experiments/studies/run_study.sh        (the same in two processes side by side: the measured time)
 
 1. the teacher (IResNet-18 on study.yaml's data), trained once; every arm loads it by checkpoint, shares its cache
    and metrics (teacher.shared_cache), and takes its margin head as class centres (teacher.head);
@@ -35,13 +35,13 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
-import report  # noqa: E402  (experiments/studies/report.py)
-import study_numbers as numbers  # noqa: E402  (experiments/studies/study_numbers.py)
+import report  # experiments/studies/report.py
+import study_numbers as numbers  # experiments/studies/study_numbers.py
 
-from distill.config.schema import load_config  # noqa: E402
-from distill.run.experiment import run_experiment  # noqa: E402
-from distill.run.sweep import CASE, load_grid, run_sweep  # noqa: E402
-from distill.utils.atomic import atomic_write_json  # noqa: E402
+from distill.config.schema import load_config
+from distill.run.experiment import run_experiment
+from distill.run.sweep import CASE, load_grid, run_sweep
+from distill.utils.atomic import atomic_write_json
 
 STUDENT_SETTINGS = ["train.threads=1", "train.channels_last=true"]  # every student of the study (module docstring)
 # The budget curve in two halves of about equal epochs (26 and 28 an epoch-seed), one per process in run_study.sh
@@ -185,8 +185,9 @@ class Study:
         """train.epochs = m x the budget E read from the finished curve (refused while the curve is unfinished)."""
         choice = self.budget()
         if choice is None:
-            raise SystemExit(f"study: the budget curve is not finished ({', '.join(self.unfinished('curve', 'budget_curve')[:4])} "
-                             f"missing): run --stream curve (or curve-1 and curve-2) first")
+            raise SystemExit(f"study: the budget curve is not finished "
+                             f"({', '.join(self.unfinished('curve', 'budget_curve')[:4])} missing): run --stream "
+                             f"curve (or curve-1 and curve-2) first")
         return [f"train.epochs={m * choice['epochs']}"]
 
     def best_case(self, wait: bool = False) -> tuple:

@@ -18,10 +18,10 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
-from distill.eval.far import far_key  # noqa: E402
-from distill.run.compare import load_runs  # noqa: E402
-from distill.utils.atomic import read_json  # noqa: E402
-from distill.utils.layout import is_run_dir  # noqa: E402
+from distill.eval.far import far_key
+from distill.run.compare import load_runs
+from distill.utils.atomic import read_json
+from distill.utils.layout import is_run_dir
 
 POINT = re.compile(r"^(?P<grid>[^-]+)-(?P<case>.+)-seed=(?P<seed>\d+)$")
 SWEEPS = {"curve": "budget_curve", "face_kd_table": "face_kd_table", "recursive": "recursive_kd",
@@ -113,7 +113,7 @@ def budget(curve: dict) -> dict:
 
 def paired(a: list, b: list) -> tuple:
     """(mean of a_i - b_i, its standard error, verdict, text) for two measurements of the same students."""
-    d = [x - y for x, y in zip(a, b)]
+    d = [x - y for x, y in zip(a, b, strict=False)]  # pairs as listed; a longer side's extra entries are left out
     mean, sd, n = stats(d)
     if mean is None or n < 2:
         return mean, None, "one seed only: no spread", "not measured" if mean is None else f"{mean:+.2f} (one seed)"
@@ -141,7 +141,10 @@ def pk_causes(pk: dict, shuffled: dict, recal: dict) -> tuple:
     """(supported, against, not shown): the candidate causes of the P×K cost, each [(cause, its comparison)]. A cause
     predicts the sign of one comparison that isolates it: supported when that comparison goes its way beyond seed
     noise, against when it goes the other way beyond noise, not shown when it stays within noise."""
-    arm = lambda name: only_stage(pk, name)["acc"]  # noqa: E731
+
+    def arm(name):
+        return only_stage(pk, name)["acc"]
+
     checks = [  # (cause, a, b, the sign of a - b the cause predicts)
         ("how many images of one identity a batch of 64 holds (pk2 - pk4)", arm("pk2"), arm("pk4"), +1),
         ("BatchNorm's training statistics over a batch of few identities (pk4-b128 - pk4-acc2: the same updates, "
@@ -188,7 +191,8 @@ def missing(sweeps: dict, seeds, planned: dict | None = None) -> list:
             for stage, cell in sorted(stages.items()):
                 lost = sorted(set(seeds) - set(cell["acc"]))
                 if lost:
-                    gaps.append(f"{sweep}/{case} {stage}: seed{'s' if len(lost) > 1 else ''} {', '.join(map(str, lost))}")
+                    gaps.append(f"{sweep}/{case} {stage}: seed{'s' if len(lost) > 1 else ''} "
+                                f"{', '.join(map(str, lost))}")
     return gaps
 
 
@@ -230,7 +234,10 @@ def study_seconds(timing: dict) -> dict:
     streams = {k: {p: v for p, v in d.items() if isinstance(v, (int, float))} for k, d in timing.items()
                if isinstance(d, dict)}
     total = {k: sum(v.values()) for k, v in streams.items()}
-    side = lambda *names: max(total.get(n, 0) for n in names)  # noqa: E731  (parts run side by side)
+
+    def side(*names):  # parts that run side by side take the longest one's time
+        return max(total.get(n, 0) for n in names)
+
     phases = total.get("prepare", 0) + side("curve-1", "curve-2") + total.get("curve", 0) + side("1", "2") \
         + total.get("all", 0)
     wall = timing.get("wall")
