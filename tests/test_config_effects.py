@@ -190,6 +190,24 @@ def test_a_new_field_declared_teacher_is_refused_on_rerun_and_changes_the_teache
     assert "extra" not in build_config(raw).resume_entries(build_config(raw).train)
 
 
+def test_a_new_field_declared_teacher_makes_a_recorded_teacher_another_one(monkeypatch, tmp_path):
+    """The teacher stage records its identity; the same run with the new key changed is refused before any work."""
+    import json
+
+    from distill.utils.layout import RunLayout
+    from teachers.prepare import IDENTITY_KEY, check_recorded_teacher, teacher_identity
+
+    _with_field(monkeypatch, Affects.TEACHER)
+    raw = CONFIGS["trained teacher"]
+    stage = RunLayout(str(tmp_path)).teacher
+    (tmp_path / "teacher").mkdir()
+    with open(stage.result, "w") as f:
+        json.dump({IDENTITY_KEY: teacher_identity(build_config(raw))}, f)
+    check_recorded_teacher(build_config(raw), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"extra: 0 -> 2"):
+        check_recorded_teacher(build_config({**raw, "extra": 2}), str(tmp_path))
+
+
 def test_a_new_field_declared_nothing_may_change_on_rerun(monkeypatch, tmp_path):
     _with_field(monkeypatch, Affects.NOTHING)
     raw = CONFIGS["trained teacher"]
@@ -205,6 +223,10 @@ def test_a_new_field_declared_resume_is_compared_by_a_resume(monkeypatch):
     assert cfg.resume_entries(cfg.train)["extra"] == 3
     assert cfg.resume_entries(cfg.teacher.train)["extra"] == 3
     assert "extra" not in cfg.teacher_identity_keys(True)
+    from distill.train.engine import StageSpec, _compat_key
+
+    spec = StageSpec(name="gen1", arch="vargfacenet", model_kwargs={}, train=cfg.train)
+    assert _compat_key(cfg, spec, type("Data", (), {"num_classes": 3, "__len__": lambda self: 10})(), 1)["extra"] == 3
 
 
 # ------------------------------------------------------------------------------ allowed values, from one place
