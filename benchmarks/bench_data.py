@@ -52,10 +52,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from distill.data import RecordIODataset
+from distill.data.datasets import PlannedDataset
 from distill.data.gpu_decode import EncodedPlanned, collate_encoded, decode_batch
 from distill.data.images import decode_chw, to_input_tensor
 from distill.data.synthetic import ensure_synthetic
-from distill.train.epoch_plan import PlannedDataset, plan_epoch
+from distill.train.epoch_plan import plan_epoch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_args
 from bench_args import count, run

@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from distill.data import ImageFolderDataset, RecordIODataset, write_insightface_rec
+from distill.data.datasets import PlannedDataset
 from distill.data.gpu_decode import (
     EncodedPlanned,
     _gpu_can_decode,
@@ -21,7 +22,7 @@ from distill.data.gpu_decode import (
 )
 from distill.data.images import decode_chw, to_input_tensor
 from distill.data.standin import StandInFaces
-from distill.train.epoch_plan import PlannedDataset, plan_epoch
+from distill.train.epoch_plan import plan_epoch
 from distill.utils.errors import ConfigError, DataFormatError
 
 CPU = torch.device("cpu")
@@ -43,7 +44,7 @@ def encode(rgb, fmt="JPEG", mode="RGB", **kw):
 
 def cpu_path(encoded, flips, input_size):
     return torch.stack([to_input_tensor(decode_chw(bytes(e), "test"), flip=bool(f), input_size=input_size)
-                        for e, f in zip(encoded, flips)])
+                        for e, f in zip(encoded, flips, strict=True)])
 
 
 @pytest.fixture
@@ -145,11 +146,11 @@ def test_encoded_loader_rebuilds_planned_batches_exactly(rec, workers):
     want = batches(DataLoader(PlannedDataset(rec), **kw))
     got = batches(DataLoader(EncodedPlanned(rec), collate_fn=collate_encoded, **kw))
     assert len(got) == len(want)
-    for (enc, y, idx, flipped), (x0, y0, idx0, flipped0) in zip(got, want):
+    for (enc, y, idx, flipped), (x0, y0, idx0, flipped0) in zip(got, want, strict=True):
         assert isinstance(enc, list) and all(e.dtype == torch.uint8 and e.dim() == 1 for e in enc)
         for t, other in ((y, y0), (idx, idx0), (flipped, flipped0)):
             assert t.dtype == other.dtype and torch.equal(t, other)
-        x = decode_batch(enc, flipped, CPU, rec.input_size, where=lambda i: rec.where(int(idx[i])))
+        x = decode_batch(enc, flipped, CPU, rec.input_size, where=lambda i, idx=idx: rec.where(int(idx[i])))
         assert torch.equal(x, x0)
     assert any(bool(b[3].any()) for b in got) and not all(bool(b[3].all()) for b in got)  # both flips seen
 
@@ -164,7 +165,7 @@ def test_encoded_item_and_collate_shapes(rec):
 
 def test_png_record_set_decodes_through_the_fallback(tmp_path):
     images = [encode(picture(s, (24, 24)), fmt="PNG") for s in range(4)] + [encode(picture(9, (24, 24)), mode="L")]
-    write_insightface_rec(tmp_path, zip([0, 0, 1, 1, 1], images), num_classes=2, image_size=24)
+    write_insightface_rec(tmp_path, zip([0, 0, 1, 1, 1], images, strict=True), num_classes=2, image_size=24)
     ds = RecordIODataset(tmp_path, input_size=24)
     plan = [[(4, 1), (0, 1), (2, 0), (1, 0), (3, 1)]]
     (x0, y0, i0, f0), = batches(DataLoader(PlannedDataset(ds), batch_sampler=plan))

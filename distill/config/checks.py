@@ -13,7 +13,7 @@ from timm.optim import list_optimizers
 
 from distill.losses.heads import HEADS
 from distill.losses.registry import DISTILL_LOSSES, check_loss_options
-from distill.losses.requirements import Setting, term_problems
+from distill.losses.term_checks import Setting, term_problems
 from distill.losses.terms import config_terms
 from distill.models.registry import did_you_mean, feature_count
 from distill.utils.errors import ConfigError
@@ -170,7 +170,7 @@ def _check_images_per_id(cfg, where) -> None:
 
 def _check_terms(cfg, where) -> None:
     """Every distillation term (distill.terms, or the one of distill.loss + distill.alpha): its loss registered, its
-    options those the loss takes, and what its Requirements ask of the experiment (distill/losses/requirements.py:
+    options those the loss takes, and what its Requirements ask of the experiment (distill/losses/term_checks.py:
     feature maps of a torch teacher run online, at stages both models have; repeated identities; the batch size;
     the teacher's class centres); at most one term owns the classification."""
     short = cfg.distill.terms is None

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.losses.registry import create_distill_loss, register_loss, requirements
-from distill.losses.requirements import Requirements, Setting, check_terms
+from distill.losses.requirements import Requirements
+from distill.losses.term_checks import Setting, check_terms
 from distill.losses.terms import LossTerm
 from distill.utils.errors import CheckpointError, ConfigError
 

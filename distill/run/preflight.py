@@ -18,7 +18,7 @@ opened training set can tell (its identity count, whether it hands out encoded i
 from __future__ import annotations
 
 from distill.losses.registry import requirements
-from distill.losses.requirements import Setting, term_problems
+from distill.losses.term_checks import Setting, term_problems
 from distill.losses.terms import config_terms, describe_terms
 from distill.utils.atomic import ensure_writable
 from distill.utils.errors import ConfigError, DataFormatError, DistillError

@@ -40,6 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from distill.config.schema import ExperimentConfig, TrainConfig
+from distill.data.datasets import PlannedDataset
 from distill.data.gpu_decode import EncodedPlanned, check_decode, collate_encoded, decode_batch
 from distill.eval.verification import evaluate_sets
 from distill.losses.distillation import DistillationObjective
@@ -48,7 +49,7 @@ from distill.losses.terms import describe_terms
 from distill.models.cost import model_cost
 from distill.models.files import model_embedding_size, save_student
 from distill.models.registry import create_model
-from distill.train.epoch_plan import PlannedDataset, plan_epoch, plan_identity_epoch, stage_loader
+from distill.train.epoch_plan import plan_epoch, plan_identity_epoch, stage_loader
 from distill.train.feature_taps import taps_for
 from distill.train.objective import stage_objective
 from distill.train.setup import (

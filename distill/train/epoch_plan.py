@@ -11,8 +11,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from distill.data.datasets import PlannedDataset  # noqa: F401  (the plan's Dataset lives with the data)
-
 
 def plan_epoch(n: int, batch_size: int, seed: int, epoch: int, flip: bool, rank: int = 0, world: int = 1) -> list:
     """This rank's batches of one epoch: lists of (index, flip); full global batches only."""
@@ -23,7 +21,7 @@ def plan_epoch(n: int, batch_size: int, seed: int, epoch: int, flip: bool, rank:
     batches = []
     for b in range(n // glob):
         part = order[b * glob + rank * batch_size: b * glob + (rank + 1) * batch_size]
-        batches.append(list(zip(part.tolist(), flips[part].tolist())))
+        batches.append(list(zip(part.tolist(), flips[part].tolist(), strict=True)))
     return batches
 
 
@@ -77,7 +75,7 @@ def plan_identity_epoch(labels, batch_size: int, images_per_id: int, seed: int, 
     batches = []
     for b in range(len(chunks) // per_global):
         part = chunks[b * per_global + rank * per_batch: b * per_global + (rank + 1) * per_batch].reshape(-1)
-        batches.append(list(zip(part.tolist(), flips[part].tolist())))
+        batches.append(list(zip(part.tolist(), flips[part].tolist(), strict=True)))
     return batches
 
 
@@ -93,7 +91,7 @@ def _mixed(chunks, batch_size: int, k: int, fraction: float, flips, g, rank: int
     batches = []
     for b in range(count):
         part = np.concatenate([kept[b, rank], singles[b, rank]])
-        batches.append(list(zip(part.tolist(), flips[part].tolist())))
+        batches.append(list(zip(part.tolist(), flips[part].tolist(), strict=True)))
     return batches
 
 
