@@ -1,9 +1,9 @@
 """facedistill: knowledge distillation for face recognition (VarGFaceNet students, frozen teachers).
 
 `import distill` is light: it imports no torch, timm or numpy (so `distill --help` answers at once). The model
-families (distill.models.vargfacenet, distill.models.iresnet, distill.models.timm_backbone) register in the model registry
-(distill/models/registry.py; documented import path `distill.registry`) the first time the registry is asked
-about a model, whoever imported what.
+families (distill.models.vargfacenet, distill.models.iresnet, distill.models.timm_backbone) register in the model
+registry (distill/models/registry.py; documented import path `distill.registry`) the first time the registry is
+asked about a model, whoever imported what.
 
 The students are also registered with timm, so `timm.create_model('vargfacenet')` works after `import distill`
 in either order: when timm is already imported, `import distill` registers the families at once; otherwise a
@@ -14,9 +14,7 @@ own module run and then registers them.
 import importlib.util
 import sys
 
-__version__ = "0.1.0"
-
-from distill.utils.errors import (  # noqa: F401,E402  (re-exported for users; pure Python)
+from distill.utils.errors import (
     CheckpointError,
     ConfigDeprecationWarning,
     ConfigError,
@@ -25,6 +23,11 @@ from distill.utils.errors import (  # noqa: F401,E402  (re-exported for users; p
     UnknownNameError,
     UnsafeFileError,
 )
+
+__version__ = "0.1.0"
+# the toolkit's exceptions, importable as distill.ConfigError etc. (distill.utils.errors is pure Python: no torch)
+__all__ = ["CheckpointError", "ConfigDeprecationWarning", "ConfigError", "DataFormatError", "DistillError",
+           "UnknownNameError", "UnsafeFileError"]
 
 
 def _register_families() -> None:

@@ -4,7 +4,7 @@
     from distill.registry import create_model, list_models, register_model
 """
 
-from distill.models.registry import (  # noqa: F401  (the public names of distill.models.registry)
+from distill.models.registry import (
     BUILTIN_FAMILIES,
     ModelEntry,
     canonical_name,

@@ -4,10 +4,6 @@ and what a model costs (`cost`: parameters, GFLOPs, CPU speed). The architecture
 they play: VarGFaceNet (`vargfacenet`), arcface_torch's IResNets (`iresnet`) and timm backbones with an embedding
 head (`timm_backbone`); an ONNX model is a teacher only (teachers/onnx.py)."""
 
-from distill.models.files import (  # noqa: F401  (the documented import path distill.models.load_student)
-    load_model,
-    load_student,
-    model_embedding_size,
-    model_input_size,
-    save_student,
-)
+from distill.models.files import load_student
+
+__all__ = ["load_student"]  # the documented import path distill.models.load_student
