@@ -8,6 +8,7 @@ import contextlib
 
 from torch import nn
 
+from distill.losses.term_checks import Setting, check_terms
 from distill.utils.errors import ConfigError
 
 
@@ -117,20 +118,20 @@ def taps_for(st):
     """A context holding the stage's TermTaps when a distillation term needs feature maps (the teacher then runs
     online), else None; leaving it takes the hooks off."""
     terms = st.objective.feature_terms()
-    if not (st.use_teacher and terms):
+    if not (st.signal is not None and terms):
         return contextlib.nullcontext(None)
-    if st.cache is not None:
-        raise ConfigError(f"distillation term {terms[0][0].name} ({terms[0][0].loss}) needs the teacher's feature "
-                          f"maps, which a teacher cache does not hold: set teacher.cache: false")
-    return TermTaps(st.model, st.teacher, terms)
+    check_terms(st.objective.terms, Setting(cached=st.signal.online is None))
+    return TermTaps(st.model, st.signal.online.teacher, terms)
 
 
-def prepare_feature_loss(objective, model, teacher, cache, device) -> None:
+def prepare_feature_loss(objective, model, signal, device) -> None:
     """Build what the feature terms train for these two models (FitNet's regressors: channels from both models'
-    feature_info at its stages), on `device`, before the optimizer is made."""
-    if teacher is None or cache is not None:
+    feature_info at its stages), on `device`, before the optimizer is made; `signal`: the teacher signal
+    (teachers/signal.py), whose online teacher has the maps."""
+    if signal is None or signal.online is None:
         return
+    teacher = signal.online.teacher
     for _, kd in objective.feature_terms():
-        if callable(getattr(kd, "build", None)):
+        if hasattr(kd, "build"):
             kd.build(*([f["num_chs"] for f in infos] for _, _, infos in stage_features(model, teacher, kd.stages)))
             kd.to(device)

@@ -6,25 +6,21 @@ from __future__ import annotations
 
 from distill.losses.centres import load_centres
 from distill.losses.distillation import DistillationObjective
+from distill.losses.term_checks import Setting, check_terms
 from distill.losses.terms import stage_terms
 from distill.models.files import model_embedding_size
 from distill.train.feature_taps import prepare_feature_loss
-from distill.utils.errors import ConfigError
 
 
-def stage_objective(cfg, spec, head, model, teacher, cache, device) -> DistillationObjective:
+def stage_objective(cfg, spec, head, model, signal, device) -> DistillationObjective:
     """classification + the stage's terms (the short form distill.loss at StageSpec.alpha, or distill.terms, all
-    at 0 in a stage that does not distil), on `device`."""
+    at 0 in a stage that does not distil), on `device`; `signal`: the stage's teacher signal (teachers/signal.py)."""
     project = None
-    if cfg.distill.project == "linear" and spec.alpha > 0 and (teacher is not None or cache is not None):
-        teacher_dim = cache.emb.shape[2] if cache is not None else teacher.embedding_size
-        project = (model_embedding_size(model), int(teacher_dim))
-    if cfg.distill.terms is None:
-        objective = DistillationObjective(head, loss=cfg.distill.loss, alpha=spec.alpha, project=project)
-    else:
-        objective = DistillationObjective(head, terms=stage_terms(cfg.distill, spec.alpha), project=project)
+    if cfg.distill.project == "linear" and spec.alpha > 0 and signal is not None:
+        project = (model_embedding_size(model), int(signal.embedding_size))
+    objective = DistillationObjective(head, terms=stage_terms(cfg.distill, spec.alpha), project=project)
     objective.to(device)
-    prepare_feature_loss(objective, model, teacher, cache, device)
+    prepare_feature_loss(objective, model, signal, device)
     prepare_centres(objective, head, spec)
     return objective
 
@@ -35,9 +31,7 @@ def prepare_centres(objective, head, spec) -> None:
     terms = objective.centre_terms()
     if not terms:
         return
-    if not spec.centres:
-        raise ConfigError(f"distillation term {terms[0][0].name} ({terms[0][0].loss}) needs the teacher's class centres: "
-                          f"set teacher.head (the teacher's margin-head weights), or let the run train the teacher")
+    check_terms(objective.terms, Setting(centres=bool(spec.centres)))
     full = load_centres(spec.centres, head.num_classes)
     for _, fn in terms:
         fn.set_centres(full, head)
