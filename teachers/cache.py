@@ -142,7 +142,7 @@ def _prepare(directory: str, key: dict, world_size: int, batch_size: int, log, i
     elif manifest.get("rows_done") == n:
         return manifest  # finished: reused by any number of processes (its bytes do not depend on it)
     elif "build" not in manifest:
-        why = "the unfinished build there was started by an older version (no per-process progress)"
+        why = "the unfinished build there records no build id (no per-process progress to resume from)"
     elif manifest.get("world_size") != world_size:
         why = (f"the unfinished build there was started with world size {manifest.get('world_size')} and this run "
                f"has world size {world_size}: its rows are sliced differently and are not mixed in")
@@ -309,7 +309,7 @@ def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_wor
     if rank != 0:  # 2. every rank checks that it is the build of its own teacher, data and slicing
         try:
             manifest = _joined(directory, key, rank, world, batch_size)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001 - reported to every rank (_settle), then re-raised
             err = e
     _settle(err, collective, "preparation", directory)
     if manifest.get("rows_done") == n:
@@ -321,14 +321,14 @@ def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_wor
         try:
             _embed(online, dataset, directory, manifest, rank, world, start, stop, done, manifest["batch_size"],
                    num_workers, progress, flush_every)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001 - reported to every rank (_settle), then re-raised
             err = e
     _settle(err, collective, "build", directory)
 
     if rank == 0:  # 4. all are through: rank 0 checks every slice and marks the cache finished
         try:
             _finish(directory, manifest, world, time.perf_counter() - t0)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001 - reported to every rank (_settle), then re-raised
             err = e
     _settle(err, collective, "completion", directory)
     final = read_json(CacheLayout(directory).manifest)

@@ -288,11 +288,13 @@ def _train(st: _Stage, train_set, val_sets: dict, tracker: Tracker, stop: dict, 
     st.scheduler.step_update(st.step)
     if data.images_per_id:  # P×K batches of identity groups
         labels = train_set.labels()
-        plan = lambda epoch: plan_identity_epoch(labels, tr.batch_size, data.images_per_id, st.cfg.seed, epoch,  # noqa: E731
-                                                 train_set.flip, st.rank, st.world, data.grouped_fraction)
+
+        def plan(epoch):
+            return plan_identity_epoch(labels, tr.batch_size, data.images_per_id, st.cfg.seed, epoch, train_set.flip,
+                                       st.rank, st.world, data.grouped_fraction)
     else:
-        plan = lambda epoch: plan_epoch(len(train_set), tr.batch_size, st.cfg.seed, epoch, train_set.flip,  # noqa: E731
-                                        st.rank, st.world)
+        def plan(epoch):
+            return plan_epoch(len(train_set), tr.batch_size, st.cfg.seed, epoch, train_set.flip, st.rank, st.world)
     encoded = data.decode == "cuda"  # workers read the encoded images; _micro_step decodes batches on the GPU
     data = dataclasses.replace(data, num_workers=st.threads.workers)  # capped by the thread policy
     loader = stage_loader(EncodedPlanned(train_set) if encoded else PlannedDataset(train_set), plan,
