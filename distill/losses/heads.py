@@ -18,9 +18,11 @@ both passes validation and is the one that trains. A custom head:
     register_head(my_factory, name="other", config_kwargs=lambda margin: {"scale": margin.s})
 
 A head is an nn.Module whose forward(embeddings, labels) returns (loss, logs of detached scalar tensors);
-the engine also checkpoints it through full_weight() / load_full_weight(), and AdaDistill reads its
-sharded `weight`: subclassing MarginHead gives all of that. An option the factory cannot take
-(straight_through, sample_rate) set away from its default is a ConfigError, never silently dropped;
+the engine also checkpoints it through full_weight() / load_full_weight(), and the losses through the
+teacher's class centres (AdaDistill, margin_distillation, proxyless_kd, kd) use its centre API (centre_shard,
+local_centres, update_local_centres, freeze_centres): subclassing MarginHead gives all of that. An option the
+factory cannot take (straight_through, sample_rate) set away from its default is a ConfigError, never silently
+dropped;
 `unregister_head(name)` removes an entry (tests), `register_head(..., replace=True)` replaces one.
 """
 

@@ -13,8 +13,8 @@ from distill.train.feature_taps import prepare_feature_loss
 
 
 def stage_objective(cfg, spec, head, model, signal, device) -> DistillationObjective:
-    """classification + the stage's terms (the short form distill.loss at StageSpec.alpha, or distill.terms, all
-    at 0 in a stage that does not distil), on `device`; `signal`: the stage's teacher signal (teachers/signal.py)."""
+    """classification + the stage's terms (distill/losses/terms.py: stage_terms, every term at 0 in a stage that
+    does not distil), on `device`; `signal`: the stage's teacher signal (teachers/signal.py)."""
     project = None
     if cfg.distill.project == "linear" and spec.alpha > 0 and signal is not None:
         project = (model_embedding_size(model), int(signal.embedding_size))
