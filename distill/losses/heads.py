@@ -22,8 +22,7 @@ the engine also checkpoints it through full_weight() / load_full_weight(), and t
 teacher's class centres (AdaDistill, margin_distillation, proxyless_kd, kd) use its centre API (centre_shard,
 local_centres, update_local_centres, freeze_centres): subclassing MarginHead gives all of that. An option the
 factory cannot take (straight_through, sample_rate) set away from its default is a ConfigError, never silently
-dropped;
-`unregister_head(name)` removes an entry (tests), `register_head(..., replace=True)` replaces one.
+dropped; `unregister_head(name)` removes an entry (tests), `register_head(..., replace=True)` replaces one.
 """
 
 from __future__ import annotations
