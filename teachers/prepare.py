@@ -33,8 +33,9 @@ from distill.utils.atomic import atomic_write_json
 from distill.utils.checkpoint import atomic_torch_save, safe_torch_load
 from distill.utils.dist import rank0_first
 from distill.utils.errors import ConfigError
-from distill.utils.layout import RunLayout
-from teachers.cache import build_cache, dataset_fingerprint, record_identity, recorded_identity
+from distill.utils.layout import CacheLayout, RunLayout
+from teachers.cache import build_cache, record_identity, recorded_identity
+from teachers.cache_key import dataset_fingerprint
 
 ONNX, CHECKPOINT, TRAINED = "onnx", "checkpoint", "train"
 IDENTITY_KEY = "teacher_identity"
@@ -120,21 +121,21 @@ def _short(value) -> str:
     return text[:22] + "...'" if isinstance(value, str) and value.startswith("sha256 ") else text
 
 
-def check_recorded_teacher(cfg, run_dir: str, dataset=None, log=print, record: bool = True) -> None:
+def check_recorded_teacher(cfg, run_dir: str, dataset=None, record: bool = True) -> str | None:
     """Refuse a run directory whose finished teacher stage or teacher cache was made by another teacher than
-    the experiment's (ConfigError naming the keys and the ways out). One with no identity recorded (written by
-    an earlier version) is accepted with one note, and the current identity is recorded (`record`)."""
+    the experiment's (ConfigError naming the keys and the ways out). One with no identity recorded is accepted,
+    and the current identity is recorded (`record`); the note returned says so (None: nothing to say)."""
     if cfg.teacher is None:
-        return
+        return None
     run = RunLayout(run_dir)
     stage = run.teacher
     found = []
     if stage.is_done():
         found.append((stage.result, stage.read_result().get(IDENTITY_KEY)))
-    if os.path.exists(os.path.join(run.teacher_cache, "manifest.json")):
+    if os.path.exists(CacheLayout(run.teacher_cache).manifest):
         found.append((run.teacher_cache, recorded_identity(run.teacher_cache)))
     if not found:
-        return
+        return None
     current = teacher_identity(cfg, dataset)
     for where, recorded in found:
         if recorded is None:
@@ -147,35 +148,30 @@ def check_recorded_teacher(cfg, run_dir: str, dataset=None, log=print, record: b
                 f"kept aside; the generations distilled from it must be restarted too), or go back to the values it "
                 f"was made with, or use another --out")
     old = [where for where, recorded in found if recorded is None]
-    if old:
-        log(f"teacher: note: {' and '.join(old)} record no teacher identity (written by an earlier facedistill); "
+    if not old:
+        return None
+    if record:
+        for where in old:
+            if where == stage.result:
+                atomic_write_json(stage.result, {**stage.read_result(), IDENTITY_KEY: current})
+            else:
+                record_identity(where, current)
+    return (f"teacher: note: {' and '.join(old)} record no teacher identity (written by an earlier facedistill); "
             f"used as they are, made by this experiment's teacher as far as the run directory's experiment.yaml "
             f"says. The identity is recorded from now on")
-        if record:
-            for where in old:
-                if where == stage.result:
-                    atomic_write_json(stage.result, {**stage.read_result(), IDENTITY_KEY: current})
-                else:
-                    record_identity(where, current)
 
 
-def prepare_teacher(cfg, run_dir: str, dataset, train_stage=None, log=print):
-    """The experiment's frozen teacher. A trained one (stage 0) is trained first when its stage is unfinished:
-    `train_stage(stage_layout, identity)` trains it (the run driver's engine call; the stage records
-    `identity` in its result.json); then its weights are exported once as backbone.pth and loaded."""
+def load_teacher(cfg, run_dir: str):
+    """The experiment's frozen teacher: loaded from its file; a teacher trained in the run directory (stage 0, which
+    distill/run/ plans and trains like every stage) from its finished stage, whose weights are exported once as
+    backbone.pth (rank 0 first) and loaded. An unfinished teacher stage is a ConfigError."""
     source = teacher_source(cfg)
     if not source.trained_here:
         return teachers.build_teacher(cfg.teacher.spec())
     stage = RunLayout(run_dir).teacher
-    note = stage.damaged_note()
-    if note:
-        log(note)
     if not stage.is_done():
-        if train_stage is None:
-            raise ConfigError(f"{stage.dir}: the teacher is trained in the run directory and has not finished; "
-                              f"run `distill run` (or `distill cache build`) to train it")
-        log(f"teacher: training {cfg.teacher.arch} ({cfg.teacher.model}) as stage 0")
-        train_stage(stage, teacher_identity(cfg, dataset))
+        raise ConfigError(f"{stage.dir}: the teacher is trained in the run directory and has not finished; "
+                          f"run `distill run` (or `distill cache build`) to train it")
 
     def export_backbone():  # a plain arcface_torch-style state dict of the trained teacher
         if not os.path.exists(stage.backbone):
@@ -190,12 +186,13 @@ def needs_cache(cfg) -> bool:
     return cfg.teacher is not None and cfg.teacher.cache and cfg.distill.weight > 0 and cfg.generations > 0
 
 
-def prepare_cache(cfg, teacher, dataset, run_dir: str, device, amp_dtype=None, progress: bool = False, log=print,
+def prepare_cache(cfg, teacher, dataset, run_dir: str, progress: bool = False, log=print,
                   directory: str | None = None):
-    """The run's teacher cache (built, resumed or reused; under torchrun every rank embeds its slice), on the
-    run's device and autocast dtype (the caller's: train.amp for the teacher's model), recording the teacher's identity in its manifest.
+    """The run's teacher cache (built, resumed or reused; under torchrun every rank embeds its slice), filled by
+    `teacher`, the online teacher signal (teachers/signal.py: its device and autocast), recording the teacher's
+    identity in its manifest.
     `directory`: the cache of another teacher than the experiment's (a previous generation's student, under
     recursive.teacher: previous), in that folder; its manifest's key (the teacher's weights) is its identity."""
-    return build_cache(teacher, dataset, directory or RunLayout(run_dir).teacher_cache, num_workers=cfg.data.num_workers,
-                       device=device, amp_dtype=amp_dtype, progress=progress, log=log,
+    return build_cache(teacher, dataset, directory or RunLayout(run_dir).teacher_cache,
+                       num_workers=cfg.data.num_workers, progress=progress, log=log,
                        identity=None if directory else teacher_identity(cfg, dataset))

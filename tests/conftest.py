@@ -71,10 +71,11 @@ def tiny_finished_run(tmp_path_factory):
         from tiny_experiment import write_experiment
 
         from distill.config.schema import load_config
+        from distill.run.context import silent_logger
         from distill.run.experiment import run_experiment
 
         exp = write_experiment(tmp / "x.yaml", tmp / "faces", generations=1, tracking={"wandb": "disabled"})
-        run_experiment(load_config(str(exp)), str(tmp / "run"), progress=False, log=lambda *_: None)
+        run_experiment(load_config(str(exp)), str(tmp / "run"), progress=False, logger=silent_logger())
 
     tmp = built_once(tmp_path_factory, "finished", build)
     return tmp / "x.yaml", tmp / "run", tmp / "faces"

@@ -89,7 +89,7 @@ def test_a_stage_with_adadistill_resumes_exactly(tmp_path, monkeypatch):
 
 
 def test_a_size_mismatch_is_an_error_even_with_a_projection():
-    from distill.run.experiment import embedding_size_problem
+    from distill.run.preflight import embedding_size_problem
 
     cfg = tiny_config(distill={"loss": "adadistill", "project": "linear"}, teacher={"embedding_size": 64})
     problem = embedding_size_problem(cfg, 64)

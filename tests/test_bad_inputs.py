@@ -153,13 +153,10 @@ def test_images_per_id_beyond_every_identity_gets_a_note(tmp_path):
     from distill.config.schema import load_config
     from distill.run.experiment import _note_identity_groups
     exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
-    notes = []
     cfg = load_config(str(exp), ["data.images_per_id=24"])  # TinyFaces: 16 images of each identity
-    _note_identity_groups(cfg, TinyFaces(), notes.append)
-    assert len(notes) == 1 and "no identity of" in notes[0] and "more than 16 images" in notes[0]
-    notes.clear()
-    _note_identity_groups(load_config(str(exp), ["data.images_per_id=4"]), TinyFaces(), notes.append)
-    assert notes == []
+    note = _note_identity_groups(cfg, TinyFaces())
+    assert "no identity of" in note and "more than 16 images" in note
+    assert _note_identity_groups(load_config(str(exp), ["data.images_per_id=4"]), TinyFaces()) is None
 
 
 def test_an_empty_ijb_pair_file_is_one_clear_error_without_a_numpy_warning(ijb_root, tmp_path, capsys):

@@ -12,6 +12,7 @@ import distill.train.engine
 from distill.config.schema import load_config
 from distill.data import open_training_set
 from distill.models.files import load_student
+from distill.run.context import silent_logger
 from distill.run.experiment import run_experiment
 from distill.utils.checkpoint import safe_torch_load
 from distill.utils.errors import ConfigError
@@ -24,7 +25,7 @@ def born_again(tmp_path_factory):
     exp = write_experiment(tmp / "x.yaml", tmp / "faces", generations=2, baseline=False,
                            tracking={"wandb": "disabled"}, train={"eval_every": 0})
     cfg = load_config(str(exp), ["recursive.teacher=previous"])
-    summary = run_experiment(cfg, str(tmp / "run"), progress=False, log=lambda *_: None)
+    summary = run_experiment(cfg, str(tmp / "run"), progress=False, logger=silent_logger())
     return tmp, cfg, summary
 
 
@@ -62,9 +63,9 @@ def test_an_interrupted_born_again_generation_resumes_bit_identically(born_again
     with monkeypatch.context() as patch:
         patch.setattr(distill.train.engine, "save_state", stop_gen2)
         with pytest.raises(KeyboardInterrupt):
-            run_experiment(cfg, str(run), progress=False, log=lambda *_: None)
+            run_experiment(cfg, str(run), progress=False, logger=silent_logger())
     assert not (run / "gen2" / "result.json").exists() and (run / "gen2" / "last.pt").exists()
-    run_experiment(cfg, str(run), progress=False, log=lambda *_: None)
+    run_experiment(cfg, str(run), progress=False, logger=silent_logger())
     a = safe_torch_load(tmp / "run" / "gen2" / "student.pt")["state_dict"]
     b = safe_torch_load(run / "gen2" / "student.pt")["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

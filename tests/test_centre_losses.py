@@ -189,6 +189,7 @@ def test_two_gloo_ranks_holding_halves_of_the_centres_equal_one_process(tmp_path
 # ------------------------------------------------------------------------------------------- config errors
 
 def test_centres_missing_or_of_another_count_are_refused_before_any_work(tmp_path):
+    from distill.run.context import silent_logger
     from distill.run.experiment import run_experiment
     exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces")
     backbone = tmp_path / "backbone.pth"
@@ -205,16 +206,17 @@ def test_centres_missing_or_of_another_count_are_refused_before_any_work(tmp_pat
     torch.save(torch.randn(5, 32), tmp_path / "head.pt")
     cfg = load_config(str(exp), ["distill.loss=kd", f"teacher.head={tmp_path / 'head.pt'}"])
     with pytest.raises(ConfigError, match=r"holds centres of 5 identities, data.train has 12"):
-        run_experiment(cfg, str(tmp_path / "run"), progress=False, log=lambda *_: None)
+        run_experiment(cfg, str(tmp_path / "run"), progress=False, logger=silent_logger())
     assert not (tmp_path / "run" / "teacher").exists()  # nothing trained
 
 
 def test_a_run_distils_kd_from_the_head_of_the_teacher_it_trained(tmp_path):
+    from distill.run.context import silent_logger
     from distill.run.experiment import run_experiment
     exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", generations=1, baseline=False,
                            tracking={"wandb": "disabled"})
     cfg = load_config(str(exp), ["distill.terms=[{loss: equivalent_angular, alpha: 7}, {loss: kd, alpha: 1}]"])
-    summary = run_experiment(cfg, str(tmp_path / "run"), progress=False, log=lambda *_: None)
+    summary = run_experiment(cfg, str(tmp_path / "run"), progress=False, logger=silent_logger())
     gen1 = next(s for s in summary["stages"] if s["stage"] == "gen1")
     assert gen1["distill"] == "equivalent_angular (alpha 7) + kd (alpha 1)"
     rows = (tmp_path / "run" / "gen1" / "metrics.jsonl").read_text()

@@ -14,6 +14,7 @@ from tiny_experiment import write_experiment
 from distill.cli import build_parser, main
 from distill.config.schema import load_config
 from distill.eval.verification import set_name_of
+from distill.run.context import silent_logger
 from distill.run.experiment import run_experiment
 from distill.run.sweep import expand, load_grid, point_config
 
@@ -42,7 +43,7 @@ def runs(tmp_path_factory, faces):
     b = write_experiment(tmp / "b.yaml", data, name="tiny-b", teacher=None, baseline=False,
                          tracking={"wandb": "disabled"})
     for path, out in ((a, "run-a"), (b, "run-b")):
-        run_experiment(load_config(str(path)), str(tmp / out), progress=False, log=lambda *_: None)
+        run_experiment(load_config(str(path)), str(tmp / out), progress=False, logger=silent_logger())
     return tmp, tmp / "run-a", tmp / "run-b"
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from distill.cli import main
 from distill.config.schema import load_config
-from distill.run.experiment import plan_stages
+from distill.run.plan import plan_stages
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "experiments" / "quickstart.yaml"

@@ -13,6 +13,7 @@ from tiny_experiment import tiny_experiment
 
 from distill.cli import main
 from distill.config.schema import load_config
+from distill.run.context import run_logger, silent_logger
 from distill.run.experiment import run_experiment
 from distill.utils.checkpoint import safe_torch_load
 from distill.utils.errors import ConfigError
@@ -33,7 +34,7 @@ def finished(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("exp")
     path = write_experiment(tmp)
     logs = []
-    summary = run_experiment(load_config(str(path)), str(tmp / "run"), progress=False, log=logs.append)
+    summary = run_experiment(load_config(str(path)), str(tmp / "run"), progress=False, logger=run_logger(logs.append))
     return tmp, path, summary, logs
 
 
@@ -64,13 +65,15 @@ def test_summary_shape_and_values_match_each_stage(finished):
 def test_generation_two_starts_from_generation_one_with_a_fresh_head(finished):
     tmp, path, _, _ = finished
     gen1 = safe_torch_load(tmp / "run" / "gen1" / "student.pt")["state_dict"]
-    from distill.run.experiment import open_data, plan_stages
+    from distill.run.context import run_context
+    from distill.run.experiment import open_data
+    from distill.run.plan import plan_stages
     from distill.train.engine import run_stage
     cfg = load_config(str(path), ["train.max_steps=1"])
     spec = plan_stages(cfg, str(tmp / "run"))[2]
     assert spec.name == "gen2" and spec.head_from is None and spec.init_from.endswith("gen1/student.pt")
     # Build gen2's initial state exactly as the engine does: zero steps, weights must equal gen1's final ones.
-    train_set, _ = open_data(cfg, log=lambda *_: None)
+    train_set, _ = open_data(cfg, run_context(cfg, str(tmp / "run"), logger=silent_logger()))
     probe = dict(vars(spec))
     probe["train"] = cfg.train.__class__(**{**vars(cfg.train), "max_steps": 1, "lr": 1e-12})
     from distill.train.engine import StageSpec
@@ -91,7 +94,7 @@ def test_teacher_cache_built_once_and_reused(finished):
     assert manifest["rows_done"] == 72
     mtime = os.path.getmtime(tmp / "run" / "teacher_cache" / "embeddings.f16")
     logs2 = []
-    run_experiment(load_config(str(path)), str(tmp / "run"), progress=False, log=logs2.append)
+    run_experiment(load_config(str(path)), str(tmp / "run"), progress=False, logger=run_logger(logs2.append))
     assert os.path.getmtime(tmp / "run" / "teacher_cache" / "embeddings.f16") == mtime
     assert sum("finished earlier, skipped" in line for line in logs2) == 3  # baseline, gen1, gen2
 
@@ -124,14 +127,14 @@ def test_interrupted_generation_resumes_to_the_same_weights(finished, tmp_path, 
     from distill.run import experiment as recursive
     open_data = recursive.open_data
     # 3 batches of 24 per epoch, checkpoints every 2 steps: crash inside step 5, after the step-4 checkpoint
-    monkeypatch.setattr(recursive, "open_data", lambda cfg, log=print: (CrashAfter(open_data(cfg, log)[0], 24 * 4 + 5),
-                                                                       open_data(cfg, log)[1]))
+    monkeypatch.setattr(recursive, "open_data", lambda cfg, ctx: (CrashAfter(open_data(cfg, ctx)[0], 24 * 4 + 5),
+                                                                 open_data(cfg, ctx)[1]))
     with pytest.raises(KeyboardInterrupt):
-        run_experiment(load_config(str(path)), str(run), progress=False, log=lambda *_: None)
+        run_experiment(load_config(str(path)), str(run), progress=False, logger=silent_logger())
     assert safe_torch_load(run / "gen2" / "last.pt")["step"] == 4 and not (run / "gen2" / "result.json").exists()
     monkeypatch.setattr(recursive, "open_data", open_data)
     logs = []
-    run_experiment(load_config(str(path)), str(run), progress=False, log=logs.append)
+    run_experiment(load_config(str(path)), str(run), progress=False, logger=run_logger(logs.append))
     assert any("gen2: resuming from" in line and "step 4/6" in line for line in logs)
     resumed = safe_torch_load(run / "gen2" / "student.pt")["state_dict"]
     uninterrupted = safe_torch_load(tmp / "run" / "gen2" / "student.pt")["state_dict"]
@@ -142,7 +145,7 @@ def test_a_differing_experiment_in_the_run_dir_is_refused(finished):
     tmp, path, _, _ = finished
     cfg = load_config(str(path), ["train.lr=0.5"])
     with pytest.raises(ConfigError, match=r"holds a different experiment \(train.lr: 0.1 -> 0.5\)"):
-        run_experiment(cfg, str(tmp / "run"), progress=False, log=lambda *_: None)
+        run_experiment(cfg, str(tmp / "run"), progress=False, logger=silent_logger())
 
 
 def test_dry_run_checks_without_writing(tmp_path, capsys):

@@ -7,12 +7,14 @@ import pytest
 import torch
 from tiny_experiment import write_experiment
 
-import distill.run.experiment
+import distill.run.hooks
+import distill.run.teacher_stage
 from distill.config.schema import load_config
+from distill.run.context import silent_logger
 from distill.run.experiment import run_experiment
 from distill.utils.errors import DistillError
 
-QUIET = {"progress": False, "log": lambda *_: None}
+QUIET = {"progress": False, "logger": silent_logger()}
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +43,13 @@ def test_a_second_run_reuses_the_cache_and_the_teacher_metrics(trained, tmp_path
     assert manifest["rows_done"] == manifest["key"]["num_samples"]  # finished
     stamp = os.stat(folder / "embeddings.f16").st_mtime_ns
 
-    real = distill.run.experiment.evaluate_sets
+    real = distill.run.teacher_stage.evaluate_sets
 
     def no_teacher_evaluation(model, *args, **kw):
         assert kw.get("model_name") != "teacher", "the teacher was evaluated again"
         return real(model, *args, **kw)
 
-    monkeypatch.setattr(distill.run.experiment, "evaluate_sets", no_teacher_evaluation)
+    monkeypatch.setattr(distill.run.teacher_stage, "evaluate_sets", no_teacher_evaluation)
     second = _run(exp, tmp_path / "b", checkpoint, shared, "seed=1")
     assert json.loads((folder / "manifest.json").read_text())["build"] == manifest["build"]  # not rebuilt
     assert os.stat(folder / "embeddings.f16").st_mtime_ns == stamp
@@ -89,13 +91,13 @@ def test_the_teachers_ijb_result_is_shared_too(trained, tmp_path, monkeypatch):
     write_synthetic_ijb(tmp_path / "ijb", templates=6)
     shared, ijb = tmp_path / "pool", f"data.ijb.root={tmp_path / 'ijb'}"
     first = _run(exp, tmp_path / "a", checkpoint, shared, ijb)
-    real = distill.run.experiment.evaluate_ijb
+    real = distill.run.hooks.evaluate_ijb
 
     def students_only(model, *args, model_name=None, **kw):
         assert model_name != "teacher", "the teacher was evaluated on IJB again"
         return real(model, *args, model_name=model_name, **kw)
 
-    monkeypatch.setattr(distill.run.experiment, "evaluate_ijb", students_only)
+    monkeypatch.setattr(distill.run.hooks, "evaluate_ijb", students_only)
     second = _run(exp, tmp_path / "b", checkpoint, shared, ijb, "seed=1")
     got = [{s["stage"]: s for s in r["stages"]} for r in (first, second)]
     assert got[0]["teacher"]["ijb"]["tar_at_far"] == got[1]["teacher"]["ijb"]["tar_at_far"]

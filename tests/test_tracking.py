@@ -13,6 +13,7 @@ import pytest
 from tiny_experiment import write_experiment
 
 from distill.config.schema import load_config
+from distill.run.context import silent_logger
 from distill.run.experiment import run_experiment
 from distill.train.tracking import Tracker, TrackingWarning, WandbTracker, read_metrics, resolve_mode, stage_tracker
 from distill.utils.errors import ConfigError
@@ -98,7 +99,7 @@ def tracked(tmp_path_factory, data_dir):
         mp.setenv("WANDB_DIR", str(tmp))
         mp.setenv("WANDB_API_KEY", FAKE_KEY)
         path = write_experiment(tmp / "tiny.yaml", data_dir)
-        run_experiment(load_config(str(path)), str(tmp / "run"), progress=False, log=lambda *_: None)
+        run_experiment(load_config(str(path)), str(tmp / "run"), progress=False, logger=silent_logger())
     return tmp, tmp / "run", wandb_runs(tmp / "run")
 
 
@@ -207,7 +208,7 @@ def test_a_wandb_failure_warns_once_and_training_goes_on(tmp_path, data_dir, mon
         monkeypatch.setattr(wandb.Run, "log", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        summary = run_experiment(cfg, str(run_dir), progress=False, log=lambda *_: None)
+        summary = run_experiment(cfg, str(run_dir), progress=False, logger=silent_logger())
     tracking = [w for w in caught if issubclass(w.category, TrackingWarning)]
     assert len(tracking) == 1 and "training continues" in str(tracking[0].message)
     assert summary["stages"][0]["stage"] == "gen1" and 0 <= summary["stages"][0]["metrics"]["synth_val"]["acc_mean"]

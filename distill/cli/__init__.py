@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     # `--train.lr=0.05` (the form W&B sweep agents send) is an override, not an option; so is
     # `train.lr=0.05` placed after an option (argparse leaves those over, too)
     if extra:
-        if hasattr(args, "overrides") and all("=" in e and (e.startswith("--") or not e.startswith("-")) for e in extra):
+        if hasattr(args, "overrides") and all("=" in e and (e.startswith("--") or not e.startswith("-"))
+                                              for e in extra):
             args.overrides = list(args.overrides) + extra
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -32,7 +32,8 @@ def _compare(args) -> int:
                             calibrate=args.calibrate, calib_images=args.calib_images)  # before any work
     elif args.int8 or args.calibrate is not None or args.calib_images is not None or args.int8_margin is not None \
             or args.int8_calibration is not None:
-        raise ConfigError("--int8, --calibrate, --calib-images, --int8-margin and --int8-calibration go with --export DIR")
+        raise ConfigError("--int8, --calibrate, --calib-images, --int8-margin and --int8-calibration go with "
+                          "--export DIR")
     if args.plot:
         plot_comparison(runs, args.plot)
     summaries = []

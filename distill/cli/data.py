@@ -1,4 +1,5 @@
-"""`distill data pack|reindex|synth|synth-ijb|inspect`: pack, reindex, generate and inspect face datasets (library: distill.data)."""
+"""`distill data pack|reindex|synth|synth-ijb|inspect`: pack, reindex, generate and inspect face datasets
+(library: distill.data)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def _cmd_pack(args) -> int:
     if os.path.exists(os.path.join(out, "train.rec")) and not args.force:
         raise DataFormatError(f"{out}: already holds train.rec; pass --force to overwrite it")
     if args.size < 16:
-        raise DataFormatError(f"--size {args.size}: an aligned face needs at least 16 pixels a side (112 is insightface's)")
+        raise DataFormatError(f"--size {args.size}: an aligned face needs at least 16 pixels a side (112 is "
+                              f"insightface's)")
     info = pack_image_tree(args.src, out, quality=args.quality, progress=True, landmarks=args.landmarks, size=args.size)
     h, w = info["image_size"]
     print(f"packed {info['images']} images of {info['identities']} identities ({h}x{w}) into "
@@ -102,8 +104,8 @@ def add_commands(sub) -> None:
     p.add_argument("--quality", type=int, default=95, help="JPEG quality for non-JPEG sources (JPEGs are kept as is)")
     p.add_argument("--force", action="store_true", help="overwrite an existing train.rec in OUT")
     p.add_argument("--landmarks", metavar="FILE",
-                   help="align raw photos first: a text file of `relative/path x1 y1 ... x5 y5 [score]` lines (5 points: "
-                        "eyes, nose, mouth corners), each image warped onto the ArcFace template")
+                   help="align raw photos first: a text file of `relative/path x1 y1 ... x5 y5 [score]` lines "
+                        "(5 points: eyes, nose, mouth corners), each image warped onto the ArcFace template")
     p.add_argument("--size", type=int, default=112, help="side of the aligned faces with --landmarks (default 112)")
     p.set_defaults(func=_cmd_pack)
 

@@ -8,6 +8,33 @@ from distill.cli import thread_policy
 from distill.utils.errors import ConfigError
 
 
+def load_model_for(command: str, source: str, arch: str | None = None, input_size: int | None = None):
+    """The model a command line names (`distill eval`, `distill ijb`): (model in eval mode, input size). An
+    insightface `.onnx` file is run by ONNX Runtime through the ONNX teacher loader (`teachers.build_teacher`),
+    anything else is read by `distill.models.files.load_model` (student.pt, a state dict with --arch, a model
+    name). A note when --input-size disagrees with what the model records; an error when the size is unknown."""
+    import os
+    import sys
+
+    from distill.models import files
+
+    if source.endswith(".onnx") and os.path.exists(source):
+        import teachers
+
+        model = teachers.build_teacher({"onnx": source})
+        recorded = model.input_size
+    else:
+        model, recorded = files.load_model(source, arch=arch, input_size=input_size)
+    if recorded is not None and input_size and input_size != recorded:
+        print(f"distill {command}: note: {source} was built for {recorded}x{recorded} inputs; using {recorded}, "
+              f"not --input-size {input_size}", file=sys.stderr)
+    size = recorded or input_size
+    if size is None:
+        raise ConfigError(f"{source}: cannot infer the model's input size; pass --input-size "
+                          f"(112 for arcface_torch and insightface models)")
+    return model, size
+
+
 def _pct(x) -> str:
     return "n/a" if x is None else f"{100.0 * x:.3f}"
 
@@ -26,7 +53,7 @@ def format_table(results: dict) -> str:
                      f"{m['xnorm']:.4f}"] + [_pct(m["tar_at_far"][k]["tar"]) for k in far_keys]
                     + [f"{100.0 * v['val_mean']:.3f} ± {100.0 * v['val_std']:.3f} (FAR {v['far_mean']:.2g})"])
     widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in [header] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     short = sorted({f"{name} ({m['tar_at_far'][k]['negatives']} impostor pairs)"
                     for name, m in results.items() for k in far_keys if m["tar_at_far"][k]["tar"] is None})
@@ -52,7 +79,6 @@ def _set_sources(paths) -> dict:
 
 def run_eval(args) -> int:
 
-    from distill.cli.model_files import load_model_for
     from distill.eval.verification import evaluate_sets
     from distill.utils.device import resolve_device
 
@@ -83,6 +109,7 @@ def add_commands(sub) -> None:
     parser.add_argument("--input-size", type=int, help="square input side when the model does not record it")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: the thread policy: the cores this process may use)")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads (default: the thread policy: the cores this process may use)")
     parser.add_argument("--json", action="store_true", help="print one JSON object keyed by set name")
     parser.set_defaults(func=run_eval)

@@ -55,7 +55,8 @@ def _export(args) -> int:
                      calib_images=args.calib_images, check_bins=args.check_bin or (),
                      int8_calibration=args.int8_calibration)
     axis = "dynamic" if args.batch == "dynamic" else f"fixed at {args.batch}"
-    print(f"wrote {r['path']} ({r['size_mb']:.2f} MB): input {INPUT_NAME!r} (N, 3, {r['input_size']}, {r['input_size']}) "
+    side = r['input_size']
+    print(f"wrote {r['path']} ({r['size_mb']:.2f} MB): input {INPUT_NAME!r} (N, 3, {side}, {side}) "
           f"{NORMALISATION}, batch {axis}; output {OUTPUT_NAME!r} (N, {r['embedding_size']}); opset {r['opset']}")
     print(f"BatchNorm {r['batchnorm']}")
     print(f"parity with torch (ONNX Runtime, batch {r['batch']}): max abs diff {r['max_abs_diff']:.3g}, "
@@ -66,7 +67,8 @@ def _export(args) -> int:
               f"calibrated on {q['calib_images']} images; same input and output")
         print(f"  int8 in ONNX Runtime: {_ops(q['int8_ops'])}")
         print(f"  FP32 in ONNX Runtime: {_ops(q['fp32_ops'])} (no int8 kernel or quantizer for them in ORT)")
-        print(f"  cosine to torch on calibration images: min {q['calib_cosine_min']:.5f}, mean {q['calib_cosine_mean']:.5f}")
+        print(f"  cosine to torch on calibration images: min {q['calib_cosine_min']:.5f}, "
+              f"mean {q['calib_cosine_mean']:.5f}")
     if "check" in r:
         print(format_checks(r["check"]))
         judge_checks(r["check"], args.int8_margin)  # raises when the FP32 file breaks parity; INT8 losses: notes
@@ -91,8 +93,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("export", help="export a student or teacher to ONNX (BatchNorm folded, parity-checked), "
                                       "optionally INT8 too")
     p.add_argument("model", help="student.pt, an arcface_torch state dict (.pth, with --arch) or a model name")
-    help_values(p.add_argument("out", help="the .onnx file to write (FP32); with --int8 the INT8 file is written beside "
-                                           "it as OUT%(suffix)s without the first .onnx (student.onnx -> "
+    help_values(p.add_argument("out", help="the .onnx file to write (FP32); with --int8 the INT8 file is written "
+                                           "beside it as OUT%(suffix)s without the first .onnx (student.onnx -> "
                                            "student%(suffix)s)"), suffix=_INT8_SUFFIX)
     p.add_argument("--arch", default=None, help="architecture of a plain state dict, e.g. r100")
     p.add_argument("--input-size", type=int, default=None, help="square input side (default: the model's, 112)")

@@ -33,7 +33,7 @@ def _per_row_path(path, label: str, several: bool):
 
 def _load_model(source: str, args):
     """(model, input size): an ONNX file through the ONNX teacher loader, anything else as distill eval loads it."""
-    from distill.cli.model_files import load_model_for
+    from distill.cli.eval import load_model_for
 
     return load_model_for("ijb", source, arch=args.arch, input_size=args.input_size)
 
@@ -90,7 +90,7 @@ def format_table(results: dict, meta, mode: str) -> str:
     rows = [[label] + [f"{100 * r['tar_at_far'][far_key(f)]:.2f}" for f in IJB_FARS] + [f"{100 * r['auc']:.4f}"]
             for label, r in results.items()]
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header] + rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in [header] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     first = next(iter(results.values()))
     lines.insert(0, f"{meta.target} 1:1 verification, {mode}: {first['images']} images, {first['templates']} "
@@ -174,7 +174,7 @@ def run_ijb(args) -> int:
     _check_args(args)
     meta = read_ijb_meta(args.root, args.target)
     sources = list(args.model) + list(args.features or [])
-    labels = dict(zip(sources, _labels(sources)))
+    labels = dict(zip(sources, _labels(sources), strict=False))
     several = len(sources) > 1
     mode = protocol_name(not args.no_norm_score, not args.no_detector_score, not args.no_flip)
     results, curves = {}, {}

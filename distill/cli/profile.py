@@ -45,5 +45,6 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-timing", action="store_true", help="count only; skip the CPU latency/throughput runs")
     p.add_argument("--seconds", type=float, default=3.0, help="time budget of each timing run (default 3)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads for timing (default: the thread policy: the cores this process may use)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for timing (default: the thread policy: the cores this process may use)")
     p.set_defaults(func=_profile)

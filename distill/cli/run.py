@@ -66,7 +66,8 @@ def _experiment_args(p) -> None:
 def add_commands(sub) -> None:
     p = sub.add_parser("run", help="run an experiment: teacher, baseline, generations; resumable")
     _experiment_args(p)
-    p.add_argument("--dry-run", action="store_true", help="validate files and shapes, run 2 steps per stage, keep nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate files and shapes, print the run plan, run 2 steps per stage, keep nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--restart-stage", action="append", default=[], metavar="NAME",
                    help="train stage NAME (teacher, baseline, gen1, ...) again from its beginning; its old folder is "

@@ -1,4 +1,5 @@
-"""`distill sweep GRID.yaml`: run an ablation grid, or print one `distill run` per point (library: distill.run.sweep)."""
+"""`distill sweep GRID.yaml`: run an ablation grid, or print one `distill run` per point
+(library: distill.run.sweep)."""
 
 from __future__ import annotations
 

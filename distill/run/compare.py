@@ -17,7 +17,7 @@ import os
 from distill.config.schema import load_saved_config
 from distill.eval.far import VERIFICATION_FARS, normalise_far_key, normalise_results
 from distill.losses.terms import describe_terms, stage_terms
-from distill.run.experiment import plan_stages
+from distill.run.plan import plan_stages
 from distill.run.summary import _stage_entry, cost_function, markdown_table, teacher_model
 from distill.train.tracking import read_metrics
 from distill.utils.atomic import atomic_open, ensure_writable
@@ -30,7 +30,8 @@ def load_run_config(run_dir: str):
     if not os.path.isdir(run_dir):
         raise ConfigError(f"{run_dir}: no such run directory (give what `distill run --out` or `distill sweep` wrote)")
     if not run.is_run_dir():
-        raise ConfigError(f"{run_dir}: not a run directory of `distill run` (no {os.path.basename(run.experiment)} in it)")
+        raise ConfigError(f"{run_dir}: not a run directory of `distill run` (no "
+                          f"{os.path.basename(run.experiment)} in it)")
     return load_saved_config(run.experiment)
 
 
@@ -58,7 +59,8 @@ def _partial_entry(name: str, rows: list, spec, cost, cfg) -> dict:
     except Exception:  # noqa: BLE001 - a cost we cannot compute is shown as '-', never a crash
         params, gflops = None, None
     steps = [r["step"] for r in rows if "step" in r]
-    return {"stage": name, "arch": result.get("arch"), "generation": spec.generation if spec else 0, "init_from": spec.init_from if spec else None,
+    return {"stage": name, "arch": result.get("arch"), "generation": spec.generation if spec else 0,
+            "init_from": spec.init_from if spec else None,
             "params": params, "gflops": gflops, "train_seconds": None, "metrics": metrics,
             "distill": describe_terms(stage_terms(cfg.distill, spec.alpha)) if spec is not None else None,
             **({"teacher_stage": spec.record["teacher_stage"]} if spec is not None and spec.record.get("teacher_stage")
@@ -141,12 +143,12 @@ def plot_comparison(runs: list, path: str) -> None:
             points = [(order.index(s["stage"]), 100 * m["acc_mean"], 100 * (m["acc_std"] or 0))
                       for s in r["stages"] for m in [s["metrics"].get(name) or {}] if m.get("acc_mean") is not None]
             if points:
-                x, y, err = zip(*points)
+                x, y, err = zip(*points, strict=False)
                 acc_ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=f"{r['label']}: {name}")
         for stage in sorted(r["curves"], key=stage_order):
             curve = r["curves"][stage]
             if curve:
-                steps, loss = zip(*curve)
+                steps, loss = zip(*curve, strict=False)
                 loss_ax.plot(steps, loss, label=f"{r['label']}/{stage}")
     acc_ax.set_xticks(range(len(order)), order)
     acc_ax.set(title="verification accuracy per stage", xlabel="stage", ylabel="accuracy (%)")

@@ -192,7 +192,7 @@ def check_teacher(cfg, run_dir: str) -> list:
     checks += _check_centres(cfg, run_dir, teacher.embedding_size)
     notes = []
     try:  # a teacher stage or cache of another teacher: refused by distill run before any work
-        check_recorded_teacher(cfg, run_dir, log=notes.append, record=False)
+        notes += filter(None, [check_recorded_teacher(cfg, run_dir, record=False)])
     except DistillError as err:
         checks.append(Check(FAIL, "teacher", str(err)))
     return checks + [Check(NOTE, "teacher", n.removeprefix("teacher: note: ")) for n in notes]

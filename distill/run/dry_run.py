@@ -1,4 +1,5 @@
-"""`distill run --dry-run`: files and shapes checked, then two steps of every stage (the teacher stage too when
+"""`distill run --dry-run`: files and shapes checked, the run plan printed (distill/run/plan.py: the stages `distill
+run` would execute, with their hooks), then two steps of every stage of the same plan (the teacher stage too when
 it is trained here) on random stand-in data at the configured model sizes, in a temporary directory that is
 removed afterwards. The teacher is decided as a real run decides it (teachers/prepare.py)."""
 
@@ -13,20 +14,21 @@ import teachers
 from distill.config.schema import ExperimentConfig, config_from_dict, to_dict
 from distill.data.standin import StandInFaces, standin_pairs
 from distill.eval.ijb_stage import read_meta as read_ijb_meta
-from distill.run.experiment import check_embedding_sizes, plan_stages, teacher_trainer
-from distill.run.preflight import preflight
+from distill.run.context import run_context, run_logger, silent_logger
+from distill.run.plan import LOAD_TEACHER, STUDENT, TRAIN_TEACHER, describe_plan, plan_run
+from distill.run.preflight import check_embedding_sizes, preflight
+from distill.run.rundir import default_run_dir
+from distill.run.teacher_stage import train_teacher
 from distill.train.engine import run_stage
 from distill.utils.errors import ConfigError
-from teachers.prepare import prepare_teacher, teacher_source
+from teachers.prepare import load_teacher, teacher_source
 
 
-def quiet(*_):
-    pass
-
-
-def dry_run(cfg: ExperimentConfig, log=print, run_dir: str | None = None) -> None:
-    """Validate files and shapes, then two steps of every stage on random stand-in data (nothing kept). With
-    `run_dir` (the run's --out), also what `distill run` checks before its work there (distill/run/preflight.py)."""
+def dry_run(cfg: ExperimentConfig, run_dir: str | None = None, logger=None) -> None:
+    """Validate files and shapes, print the run plan, then two steps of every stage on random stand-in data
+    (nothing kept). With `run_dir` (the run's --out), also what `distill run` checks before its work there
+    (distill/run/preflight.py). `logger`: where the lines go (default: standard output)."""
+    log = logger or run_logger()
     if run_dir is not None:
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):
             raise ConfigError(f"--out {run_dir}: is a file, not a folder; give the run directory (new or existing)")
@@ -39,15 +41,18 @@ def dry_run(cfg: ExperimentConfig, log=print, run_dir: str | None = None) -> Non
         raise ConfigError(f"data.train: {cfg.data.train} does not exist")
     if cfg.data.ijb is not None:
         meta = read_ijb_meta(cfg.data.ijb)  # the meta files: names, landmarks, templates, pairs all read
-        log(f"dry run: {cfg.data.ijb.target} ok ({len(meta.names):,} images, {len(meta.pairs):,} template pairs; "
-            f"evaluated after each stage)")
+        log.info(f"dry run: {cfg.data.ijb.target} ok ({len(meta.names):,} images, {len(meta.pairs):,} template "
+                 f"pairs; evaluated after each stage)")
     teacher, source = None, teacher_source(cfg)
     if source is not None:
         if source.trained_here:  # the architecture at its configured sizes (trained below, two steps)
             teacher = teachers.build_teacher({k: v for k, v in cfg.teacher.spec().items() if k != "checkpoint"})
         else:
-            teacher = prepare_teacher(cfg, "", None)  # strict load: checks architecture and shapes
+            teacher = load_teacher(cfg, "")  # strict load: checks architecture and shapes
         check_embedding_sizes(cfg, teacher.embedding_size)
+    plan_dir = run_dir or default_run_dir(cfg)
+    log.info(f"dry run: the plan of {plan_dir}:\n" + "\n".join(
+        "  " + line for line in describe_plan(cfg, plan_run(cfg, plan_dir))))
     small = copy.deepcopy(cfg)
     small.train = dataclasses.replace(cfg.train, batch_size=min(cfg.train.batch_size, 4), max_steps=2,
                                       eval_every=0, checkpoint_every=2, accumulate=1)
@@ -60,18 +65,22 @@ def dry_run(cfg: ExperimentConfig, log=print, run_dir: str | None = None) -> Non
     data = StandInFaces(classes=4, per_class=2, size=cfg.data.input_size)
     val = {"standin": standin_pairs(pairs=10, size=cfg.data.input_size)}
     with tempfile.TemporaryDirectory(prefix="distill-dry-run-") as tmp:
-        if small.teacher is not None:
-            if source.trained_here:
+        ctx = run_context(small, tmp, progress=False, logger=silent_logger())  # the stages' own lines: not shown
+        for stage in plan_run(small, tmp, source):  # teacher.cache off: the students run the teacher online
+            if stage.kind == TRAIN_TEACHER:
                 # no checkpoint: the recipe's teacher stage trains two steps (the validation one is untrained);
                 # not evaluated: the students' stages check the evaluation path, an IResNet-100's costs seconds
-                teacher = prepare_teacher(small, tmp, data, teacher_trainer(small, tmp, data, {}, False, quiet),
-                                          log=quiet)
-            log(f"dry run: teacher ok ({cfg.teacher.arch or cfg.teacher.onnx}, {teacher.embedding_size}-d at "
-                f"{teacher.input_size}px)")
-        for spec in plan_stages(small, tmp):
+                train_teacher(ctx, small, stage, data, {})
+                teacher = load_teacher(small, tmp)
+            if stage.kind in (TRAIN_TEACHER, LOAD_TEACHER):
+                log.info(f"dry run: teacher ok ({cfg.teacher.arch or cfg.teacher.onnx}, {teacher.embedding_size}-d "
+                         f"at {teacher.input_size}px)")
+            if stage.kind != STUDENT:
+                continue
+            spec = stage.spec
             if spec.init_from and not os.path.exists(spec.init_from) and spec.generation == 1:
                 raise ConfigError(f"student.init: {spec.init_from} does not exist")
             run_stage(small, spec, os.path.join(tmp, spec.name), data, val, teacher=teacher, progress=False,
-                      log=quiet)
-            log(f"dry run: {spec.name} ok (2 steps, {spec.arch} at {cfg.data.input_size}px)")
-    log("dry run passed: files exist, shapes agree, every stage trains")
+                      log=ctx.log.info)
+            log.info(f"dry run: {spec.name} ok (2 steps, {spec.arch} at {cfg.data.input_size}px)")
+    log.info("dry run passed: files exist, shapes agree, every stage trains")

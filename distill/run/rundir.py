@@ -3,6 +3,7 @@ trained is overwritten) and a stage trains again from its beginning only when as
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -70,10 +71,10 @@ def check_restart(cfg: ExperimentConfig, run_dir: str, names) -> list:
     return names
 
 
-def restart_stages(cfg: ExperimentConfig, run_dir: str, names, log=print) -> None:
+def restart_stages(cfg: ExperimentConfig, run_dir: str, names, log: logging.Logger) -> None:
     """`--restart-stage NAME`: move the stage's folder aside (to NAME.restarted-<time>, nothing deleted) so the
     stage trains again from its beginning; restarting the teacher moves its cache aside too (a loaded teacher's
-    stage holds its recorded identity and metrics, which are then made again)."""
+    stage holds its recorded identity and metrics, which are then made again). What it moves is said on `log`."""
     names = check_restart(cfg, run_dir, names)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run = RunLayout(run_dir)
@@ -84,7 +85,7 @@ def restart_stages(cfg: ExperimentConfig, run_dir: str, names, log=print) -> Non
             if os.path.isdir(folder):
                 aside = f"{folder}.restarted-{stamp}"
                 os.replace(folder, aside)
-                log(f"{name}: restarting from its beginning; the previous folder is kept as {aside}")
+                log.info(f"{name}: restarting from its beginning; the previous folder is kept as {aside}")
                 moved = True
         if not moved:
-            log(f"{name}: --restart-stage: nothing to move aside, the stage has not started")
+            log.info(f"{name}: --restart-stage: nothing to move aside, the stage has not started")

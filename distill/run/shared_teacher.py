@@ -1,9 +1,9 @@
 """`teacher.shared_cache: FOLDER`: one frozen teacher's cache and verification metrics, made once for many runs.
 
 A sweep of many points against one teacher (a study's seeds, losses and controls) would otherwise embed the
-training set and evaluate the teacher once per run directory: on the quickstart's data and this project's 2-core
-CPU a one-epoch distillation point took 62 s that way, a point without a teacher 17 s. With `teacher.shared_cache` every run that loads the same teacher weights over
-the same training data (and preprocessing and autocast) uses one subfolder of FOLDER:
+training set and evaluate the teacher once per run directory, most of a short distillation point's time. With
+`teacher.shared_cache` every run that loads the same teacher weights over the same training data (and
+preprocessing and autocast) uses one subfolder of FOLDER:
 
     FOLDER/<key>/               key: a hash of the cache key (teachers/cache_key.py: the teacher's weights, the
                                 dataset's fingerprint, preprocessing, autocast); a different teacher or data has

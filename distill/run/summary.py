@@ -105,12 +105,16 @@ def cost_function(cfg):
     return cost
 
 
-def write_summary(cfg, run_dir: str, results: list, log=print) -> dict:
+def write_summary(cfg, run_dir: str, results: list) -> dict:
+    """summary.json and summary.md of the stages' results; returns the summary."""
     cost = cost_function(cfg)
     summary = {"experiment": cfg.name, "stages": [_stage_entry(r, cost) for r in results]}
     run = RunLayout(run_dir)
     atomic_write_json(run.summary_json, summary)
-    table = markdown_table(summary)
-    atomic_write_text(run.summary_md, f"# {cfg.name}\n\n{table}\n")
-    log(f"\n{cfg.name} ({run_dir})\n{table}")
+    atomic_write_text(run.summary_md, f"# {cfg.name}\n\n{markdown_table(summary)}\n")
     return summary
+
+
+def summary_text(cfg, run_dir: str, summary: dict) -> str:
+    """What a run prints at its end: the experiment, its run directory and the summary table."""
+    return f"\n{cfg.name} ({run_dir})\n{markdown_table(summary)}"

@@ -44,6 +44,7 @@ from distill.config.files import parse_overrides, read_yaml_mapping
 from distill.config.schema import load_config
 from distill.models.registry import create_model
 from distill.run.compare import comparison_json, comparison_table, load_runs
+from distill.run.context import run_logger
 from distill.run.experiment import run_experiment
 from distill.run.preflight import preflight_problems
 from distill.train.engine import Preempted
@@ -150,7 +151,7 @@ def expand(grid: Grid) -> list:
     fixed = [f"{k}={_scalar(v)}" for k, v in grid.fixed.items()]
     points = []
     for combo in itertools.product(*(grid.grid[k] for k in keys)):
-        values = dict(zip(keys, combo))
+        values = dict(zip(keys, combo, strict=False))
         parts = [v["name"] if k == CASE else f"{k}={_scalar(v)}" for k, v in values.items()]
         name = _safe("-".join([grid.name] + parts))
         settings = []
@@ -213,40 +214,42 @@ def _share_teacher(source: StageLayout, run_dir: str) -> bool:
     if target.is_done() or not source.is_done():
         return False
     os.makedirs(target.dir, exist_ok=True)
-    for src, dst in zip(source.shared_teacher_files(), target.shared_teacher_files()):
+    for src, dst in zip(source.shared_teacher_files(), target.shared_teacher_files(), strict=False):
         if os.path.exists(src):
             shutil.copy2(src, dst)
     return True
 
 
-def run_sweep(grid: Grid, out: str | None = None, progress: bool = True, log=print, before=None) -> dict:
+def run_sweep(grid: Grid, out: str | None = None, progress: bool = True, logger=None, before=None) -> dict:
     """Run every point (validated first), then compare them. Returns {"points": [...], "failed": [...]}.
+    `logger`: where the sweep's and its runs' lines go (a logging.Logger; default: standard output).
     `before(point, cfg, run_dir)`: called before each point runs (a study links in the finished stages it shares)."""
     out = out or default_out(grid)
+    log = logger or run_logger()
     points = expand(grid)
     configs = [point_config(grid, p) for p in points]  # every point is checked before any work
-    for point, cfg in zip(points, configs):  # and what distill run checks before its work, for every point
+    for point, cfg in zip(points, configs, strict=False):  # and what distill run checks before its work, per point
         problems = preflight_problems(cfg, os.path.join(out, point.name))
         if problems:
             raise ConfigError(f"point {point.name}: {problems[0][1]}")
-    log(f"sweep {grid.name}: {len(points)} points from {grid.base} into {out}")
+    log.info(f"sweep {grid.name}: {len(points)} points from {grid.base} into {out}")
     teachers, failed = {}, []
-    for i, (point, cfg) in enumerate(zip(points, configs), 1):
+    for i, (point, cfg) in enumerate(zip(points, configs, strict=False), 1):
         run_dir = os.path.join(out, point.name)
-        log(f"\n[{i}/{len(points)}] {point.name}: " + ", ".join(
+        log.info(f"\n[{i}/{len(points)}] {point.name}: " + ", ".join(
             f"{k}={v['name'] if k == CASE else _scalar(v)}" for k, v in point.values.items()))
         key = _teacher_key(cfg)
         if key in teachers and _share_teacher(teachers[key], run_dir):
-            log(f"{point.name}: teacher shared from {teachers[key].dir}")
+            log.info(f"{point.name}: teacher shared from {teachers[key].dir}")
         if before is not None:
             before(point, cfg, run_dir)
         try:
-            run_experiment(cfg, run_dir, progress=progress, log=log)
+            run_experiment(cfg, run_dir, progress=progress, logger=log)
         except Preempted:
             raise
         except DistillError as err:  # one broken point does not cost the others
             close_open_runs(exit_code=1)
-            log(f"{point.name}: FAILED: {err}")
+            log.info(f"{point.name}: FAILED: {err}")
             failed.append(point.name)
         if key is not None and key not in teachers and RunLayout(run_dir).teacher.is_done():
             teachers[key] = RunLayout(run_dir).teacher
@@ -257,7 +260,7 @@ def run_sweep(grid: Grid, out: str | None = None, progress: bool = True, log=pri
         md, js = comparison_files(out)
         atomic_write_text(md, f"# sweep {grid.name} ({grid.path})\n\n{table}\n")
         atomic_write_json(js, comparison_json(runs))
-        log(f"\nsweep {grid.name} ({md})\n{table}")
+        log.info(f"\nsweep {grid.name} ({md})\n{table}")
     if failed:
-        log(f"\nsweep {grid.name}: {len(failed)} point(s) failed: {', '.join(failed)}")
+        log.info(f"\nsweep {grid.name}: {len(failed)} point(s) failed: {', '.join(failed)}")
     return {"points": [p.name for p in points], "failed": failed}

@@ -39,6 +39,7 @@ import report  # experiments/studies/report.py
 import study_numbers as numbers  # experiments/studies/study_numbers.py
 
 from distill.config.schema import load_config
+from distill.run.context import run_logger
 from distill.run.experiment import run_experiment
 from distill.run.sweep import CASE, load_grid, run_sweep
 from distill.utils.atomic import atomic_write_json
@@ -107,7 +108,7 @@ class Study:
             grid.grid[CASE] = list(extra_cases)
         if cases is not None:
             grid.grid[CASE] = [c for c in grid.grid[CASE] if c["name"] in cases]
-        result = run_sweep(grid, out=os.path.join(self.runs, out), progress=False, log=self.log,
+        result = run_sweep(grid, out=os.path.join(self.runs, out), progress=False, logger=run_logger(self.log),
                            before=self.same_stage)
         if result["failed"]:
             raise SystemExit(f"study: {name}: {len(result['failed'])} point(s) failed ({', '.join(result['failed'])}); "
@@ -153,7 +154,7 @@ class Study:
     def train_teacher(self) -> None:
         base = self.base or FILES["study"]
         cfg = load_config(base, ["generations=0", "baseline=false", *self.more])
-        run_experiment(cfg, self.teacher_dir, progress=False, log=self.log)
+        run_experiment(cfg, self.teacher_dir, progress=False, logger=run_logger(self.log))
 
     def synth_ijb(self) -> None:
         from distill.data.synth_ijb import read_manifest, write_synthetic_ijb
