@@ -19,7 +19,8 @@ from distill.utils.layout import RunLayout, StageLayout, is_run_dir, stage_order
 REPO = Path(__file__).resolve().parents[1]
 RUN_FILE_NAMES = ("result.json", "student.pt", "last.pt", "best.pt", "metrics.jsonl", "experiment.yaml",
                   "summary.json", "summary.md", "teacher_cache", "backbone.pth", "wandb_run_id.txt",
-                  "wandb_group.txt", "wandb_artifact.txt", "comparison.md", "comparison.json")
+                  "wandb_group.txt", "wandb_artifact.txt", "comparison.md", "comparison.json",
+                  "as_teacher_cache", "embeddings.f16", "manifest.json")  # the last two: CacheLayout's
 
 
 def _string_constants(path: Path) -> list:
@@ -34,7 +35,7 @@ def _string_constants(path: Path) -> list:
 
 def test_only_layout_spells_the_file_names_of_a_run():
     offenders = []
-    for path in sorted((REPO / "distill").rglob("*.py")):
+    for path in sorted([*(REPO / "distill").rglob("*.py"), *(REPO / "teachers").rglob("*.py")]):
         if path.name == "layout.py":
             continue
         for line, text in _string_constants(path):
@@ -42,6 +43,18 @@ def test_only_layout_spells_the_file_names_of_a_run():
             offenders += [f"{path.relative_to(REPO)}:{line}: {text!r}" for name in RUN_FILE_NAMES
                           if text == name or text.endswith("/" + name)]
     assert not offenders, "run file names spelled outside distill/utils/layout.py:\n" + "\n".join(offenders)
+
+
+def test_a_cache_layout_names_its_files(tmp_path):
+    from distill.utils.layout import CacheLayout
+
+    cache = CacheLayout(str(tmp_path))
+    assert (os.path.basename(cache.rows), os.path.basename(cache.manifest)) == ("embeddings.f16", "manifest.json")
+    for name in ("progress.rank0.json", "progress.rank12.json", "progress.rankx.json", "other.json"):
+        (tmp_path / name).write_text("{}")
+    assert sorted(os.path.basename(p) for p in cache.progress_files()) == ["progress.rank0.json",
+                                                                          "progress.rank12.json"]
+    assert cache.progress(3) == str(tmp_path / "progress.rank3.json")
 
 
 def test_layout_answers_the_questions_asked_of_a_run(tmp_path):
@@ -65,7 +78,8 @@ def test_layout_answers_the_questions_asked_of_a_run(tmp_path):
 def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary_one(tmp_path, failure):
     path = tmp_path / "result.json"
     atomic_write_json(path, {"old": True})
-    with pytest.raises(WriteError, match=r"result.json: could not write .*the previous result.json is intact.*Free disk"):
+    with pytest.raises(WriteError,
+                       match=r"result.json: could not write .*the previous result.json is intact.*Free disk"):
         with atomic_open(path, "w") as f:
             f.write('{"new": tr')
             raise failure
