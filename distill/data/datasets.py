@@ -18,9 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from distill.utils.errors import UserNote
-
 from distill.data.images import decode_chw, to_input_tensor
+from distill.utils.errors import UserNote
 
 
 class FaceDataset(Dataset):

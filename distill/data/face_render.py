@@ -1,9 +1,10 @@
 """Render one image of a synthetic identity (face_identity.py) under random pose, expression, light and occlusion.
 
 Each image draws a fresh nuisance: head pose (yaw/pitch/roll as a rotation of 3-D feature points, so
-a turned head moves the nose more than the outline), scale and shift, expression (smile, open mouth, raised brows, blink, gaze), background and clothes, lighting
-(gradient, brightness, contrast, colour cast), blur, sensor noise and now and then an occluder
-(sunglasses, a mask, a random patch). Recognition has to see through all of that.
+a turned head moves the nose more than the outline), scale and shift, expression (smile, open mouth, raised
+brows, blink, gaze), background and clothes, lighting (gradient, brightness, contrast, colour cast), blur,
+sensor noise and now and then an occluder (sunglasses, a mask, a random patch). Recognition has to see through
+all of that.
 
 Only numpy and PIL: shapes are polygons drawn with PIL at 2-4x the output size and box-reduced
 (anti-aliasing for free); light, blur and noise are applied at the output size. Everything draws
@@ -287,7 +288,7 @@ def _noise_field(size: int) -> np.ndarray:
 def render_face(face, rng: np.random.Generator, size: int = 112) -> np.ndarray:
     """One image (size×size×3 uint8 RGB) of `face` (a FaceIdentity, or its prepared geometry), nuisance from `rng`."""
     face = face if isinstance(face, _Face) else _Face(face)
-    n = dict(zip(_NUISANCE, (_LOW + _SPAN * rng.random(len(_NUISANCE))).tolist()))
+    n = dict(zip(_NUISANCE, (_LOW + _SPAN * rng.random(len(_NUISANCE))).tolist(), strict=True))
     pose = (n["yaw"], n["pitch"], n["roll"], n["scale"], n["tx"], n["ty"])
     mouth_open = n["mouth_open"] if n["p_open"] < 0.35 else 0.0
     eye_open = 0.1 if n["p_blink"] < 0.08 else n["eye_open"]
@@ -356,7 +357,7 @@ def face_landmarks(face, rng: np.random.Generator, size: int = 112) -> np.ndarra
     the renderer projects its shapes; it draws no pixels and changes nothing the renderer does."""
     face = face if isinstance(face, _Face) else _Face(face)
     f = face.f
-    n = dict(zip(_NUISANCE, (_LOW + _SPAN * rng.random(len(_NUISANCE))).tolist()))
+    n = dict(zip(_NUISANCE, (_LOW + _SPAN * rng.random(len(_NUISANCE))).tolist(), strict=True))
     pose = (n["yaw"], n["pitch"], n["roll"], n["scale"], n["tx"], n["ty"])
     smile = n["smile"]
     corner_x = f.mouth_w * (1 + 0.12 * smile)  # _mouth: a smile widens the mouth ...

@@ -26,7 +26,8 @@ def scan_image_tree(root) -> tuple:
     names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not names:
         loose = [e.name for e in os.scandir(root) if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
-        hint = f" It holds {len(loose)} images directly; move each identity's images into its own folder." if loose else ""
+        hint = (f" It holds {len(loose)} images directly; move each identity's images into its own folder."
+                if loose else "")
         raise DataFormatError(f"{root}: no identity folders found; expected root/<identity>/<image files>.{hint}")
     samples, empty = [], []
     for class_id, name in enumerate(names):

@@ -199,7 +199,7 @@ def decode_batch(encoded: list, flipped: torch.Tensor, device, input_size=None, 
             fast.append(i)
     if fast:
         try:
-            for i, img in zip(fast, _decode_jpegs([tensors[i].contiguous() for i in fast], device)):
+            for i, img in zip(fast, _decode_jpegs([tensors[i].contiguous() for i in fast], device), strict=True):
                 images[i] = img
         except RuntimeError:
             if not on_gpu:

@@ -23,7 +23,8 @@ from distill.utils.errors import DataFormatError
 # with identical output. Its per-call DeprecationWarning is silenced locally (a module-level
 # filter does not survive test runners that reset filters).
 try:
-    from torchvision.io import ImageReadMode, decode_jpeg as _tv_decode_jpeg
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as _tv_decode_jpeg
 except ImportError:  # pragma: no cover - depends on the installed torchvision
     _tv_decode_jpeg = None
 

@@ -81,10 +81,11 @@ def _open(path):
     # Labels are sorted by identity in every layout we write; argsort keeps it right for any order.
     order = np.argsort(labels, kind="stable")
     starts = np.flatnonzero(np.r_[True, labels[order][1:] != labels[order][:-1]]) if len(labels) else []
-    bounds = list(zip(starts, list(starts[1:]) + [len(labels)]))
+    bounds = list(zip(starts, list(starts[1:]) + [len(labels)], strict=True))
 
     def rows(n_rows, n_cols):
-        return [[load(int(i)) for i in order[a:b][:n_cols]] for a, b in (bounds[j] for j in _spread(len(bounds), n_rows))]
+        return [[load(int(i)) for i in order[a:b][:n_cols]]
+                for a, b in (bounds[j] for j in _spread(len(bounds), n_rows))]
 
     return info, rows, [load(0)] if len(labels) else []
 
@@ -96,7 +97,8 @@ def inspect_dataset(path, grid=None, rows: int = 8, cols: int = 8) -> dict:
     info["image_size"] = tuple(first[0].shape[:2]) if first else None
     if grid is not None:
         drawn = get_rows(rows, cols)
-        sizes = {im.shape[:2] for row in drawn for item in row for im in (item[:2] if isinstance(item, tuple) else (item,))}
+        sizes = {im.shape[:2] for row in drawn for item in row
+                 for im in (item[:2] if isinstance(item, tuple) else (item,))}
         if len(sizes) > 1:
             info["image_sizes_seen"] = sorted(sizes)
         write_grid(drawn, grid, tile=info["image_size"])

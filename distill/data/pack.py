@@ -12,7 +12,6 @@ from distill.data.images import JPEG_SOI, decode_chw, encode_jpeg
 from distill.data.recordio_writer import write_insightface_rec
 from distill.utils.errors import DataFormatError
 
-
 MAX_COORDINATE = 1e6  # pixels: no photo is a million pixels wide; beyond it a coordinate is damage, not a face
 
 
@@ -25,7 +24,8 @@ def read_landmark_file(path, src) -> dict:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise DataFormatError(f"{path}: cannot read the landmark file ({getattr(err, 'strerror', None) or err})") from None
+        raise DataFormatError(f"{path}: cannot read the landmark file "
+                              f"({getattr(err, 'strerror', None) or err})") from None
     for lineno, line in enumerate(lines, 1):
         tokens = line.split()
         if not tokens or tokens[0].startswith("#"):
@@ -36,7 +36,8 @@ def read_landmark_file(path, src) -> dict:
         try:
             points = np.array([float(v) for v in tokens[1:11]], dtype=np.float64).reshape(5, 2)
         except ValueError:
-            raise DataFormatError(f"{path}: line {lineno}: landmark values must be numbers: {line.strip()[:120]}") from None
+            raise DataFormatError(f"{path}: line {lineno}: landmark values must be numbers: "
+                                  f"{line.strip()[:120]}") from None
         if not np.isfinite(points).all() or np.abs(points).max() > MAX_COORDINATE:
             raise DataFormatError(f"{path}: line {lineno}: landmark coordinates of {tokens[0]} are not pixel positions "
                                   f"({np.abs(points).max():.3g}; at most {MAX_COORDINATE:.0e}): the file is damaged")

@@ -183,7 +183,8 @@ class RecordIO:
             want = length if limit is None else min(length, limit - total)
             data = self._pread(want, offset + 8)
             if len(data) < want:
-                raise self._corrupt(key, start, offset, f"the part claims {length} bytes but the file ends first (truncated .rec)")
+                raise self._corrupt(key, start, offset,
+                                    f"the part claims {length} bytes but the file ends first (truncated .rec)")
             parts.append(data)
             total += len(data)
             if cflag in (0, 3) or (limit is not None and total >= limit):

@@ -12,8 +12,8 @@ from array import array
 
 import numpy as np
 
-from distill.utils.atomic import atomic_open
 from distill.data.recordio import IRHEADER, LENGTH_MASK, MAGIC, MAGIC_BYTES
+from distill.utils.atomic import atomic_open
 from distill.utils.errors import DataFormatError
 
 
@@ -129,7 +129,8 @@ def write_insightface_rec(out_dir, samples, num_classes: int, image_size) -> int
                         f"samples must be sorted by class id (each identity's images contiguous)"
                     )
                 if not isinstance(image, (bytes, bytearray, memoryview)) or len(image) == 0:
-                    raise DataFormatError(f"{out_dir}: sample {key} (class {class_id}) is not non-empty encoded image bytes")
+                    raise DataFormatError(f"{out_dir}: sample {key} (class {class_id}) is not non-empty encoded "
+                                          f"image bytes")
                 key += 1
                 if first_key[class_id] is None:
                     first_key[class_id] = key
@@ -169,7 +170,8 @@ def _scan_records(rec_path: str):
             while True:  # the parts of one record
                 frame = f.read(8)
                 if len(frame) < 8:
-                    raise DataFormatError(f"{rec_path}: the file ends inside the record frame at byte {offset} (truncated .rec)")
+                    raise DataFormatError(f"{rec_path}: the file ends inside the record frame at byte {offset} "
+                                          f"(truncated .rec)")
                 magic, lrec = struct.unpack("<II", frame)
                 if magic != MAGIC:
                     raise DataFormatError(
@@ -197,7 +199,8 @@ def _scan_records(rec_path: str):
                     break
             head = b"".join(prefix)
             if len(head) < IRHEADER.size:
-                raise DataFormatError(f"{rec_path}: record at byte {start} is {payload_len} bytes, shorter than an IRHeader")
+                raise DataFormatError(f"{rec_path}: record at byte {start} is {payload_len} bytes, shorter than an "
+                                      f"IRHeader")
             flag, label, id_, _ = IRHEADER.unpack_from(head)
             n = min(flag, (len(head) - IRHEADER.size) // 4)
             values = struct.unpack_from(f"<{n}f", head, IRHEADER.size) if flag else (label,)
@@ -237,7 +240,8 @@ def rebuild_index(rec_path, idx_path=None) -> tuple:
     elif len(np.unique(np.frombuffer(ids, dtype=np.uint64))) == len(ids):
         keys, rule = ids, "no header (im2rec layout): keys are the IRHeader ids, as im2rec writes them"
     else:
-        keys, rule = list(range(len(offsets))), "no header, ids not unique: keys are the file order 0.., as rec2idx does"
+        keys = list(range(len(offsets)))
+        rule = "no header, ids not unique: keys are the file order 0.., as rec2idx does"
     with atomic_open(idx_path, "w", encoding="ascii", newline="\n") as f:
-        f.writelines(f"{k}\t{o}\n" for k, o in zip(keys, offsets))
+        f.writelines(f"{k}\t{o}\n" for k, o in zip(keys, offsets, strict=True))
     return len(offsets), rule

@@ -21,11 +21,11 @@ import os
 import numpy as np
 from PIL import Image
 
-from distill.utils.atomic import atomic_write_json, read_json
 from distill.data.face_identity import IMAGE_STREAM, sample_identity
 from distill.data.face_render import RENDERER_VERSION, face_landmarks, render_face
 from distill.data.ijb import IMAGE_DIR, META_DIR, TARGETS, meta_path
 from distill.data.images import encode_jpeg
+from distill.utils.atomic import atomic_write_json, read_json
 from distill.utils.errors import ConfigError
 
 MANIFEST = "synth_ijb.json"
@@ -110,7 +110,7 @@ def write_synthetic_ijb(out, templates: int = 40, seed: int = 0, target: str = "
         template_lines.append(f"{name} {template_ids[t]} {media}")
     first, second = np.triu_indices(len(template_ids), k=1)
     labels = (subjects[first] == subjects[second]).astype(int)
-    pair_lines = [f"{a} {b} {c}" for a, b, c in zip(template_ids[first], template_ids[second], labels)]
+    pair_lines = [f"{a} {b} {c}" for a, b, c in zip(template_ids[first], template_ids[second], labels, strict=True)]
     for kind, lines in (("landmarks", landmark_lines), ("templates", template_lines), ("pairs", pair_lines)):
         with open(meta_path(out, params["target"], kind), "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")

@@ -42,7 +42,8 @@ def default_holdout_ids(ids: int) -> int:
 
 
 def synthetic_params(ids=1000, images_per_id=20, size=112, pairs=2000, seed=0, holdout_ids=None) -> dict:
-    """The parameters that define a synthetic dataset, checked and completed (these, and only these, go in synth.json)."""
+    """The parameters that define a synthetic dataset, checked and completed (these, and only these, go in
+    synth.json)."""
     params = {"ids": ids, "images_per_id": images_per_id, "size": size, "pairs": pairs, "seed": seed,
               "holdout_ids": default_holdout_ids(ids) if holdout_ids is None else holdout_ids}
     low = {"ids": 1, "images_per_id": 1, "size": 16, "pairs": 0, "seed": 0, "holdout_ids": 2}

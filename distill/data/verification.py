@@ -8,8 +8,8 @@ import pickle
 
 import numpy as np
 
-from distill.utils.atomic import atomic_open
 from distill.data.images import decode_image
+from distill.utils.atomic import atomic_open
 from distill.utils.errors import DataFormatError, UnsafeFileError
 
 

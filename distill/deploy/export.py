@@ -77,7 +77,8 @@ def export_onnx(model: nn.Module, path, input_size: int, opset: int = 17, batch:
             metadata["batchnorm"] = (f"folded: {counts['folded']} into the neighbouring Conv/Gemm (the exporter "
                                      f"folds Conv->BN itself), {counts['mul_add']} as Mul+Add, {counts['left']} left")
             if SPLIT_PRELU:
-                metadata["prelu"] = f"{split_prelu(proto)} PRelu as Relu(x) + slope * Min(x, 0) (faster in ONNX Runtime)"
+                metadata["prelu"] = (f"{split_prelu(proto)} PRelu as Relu(x) + slope * Min(x, 0) "
+                                     f"(faster in ONNX Runtime)")
         for key, value in metadata.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = f"facedistill.{key}", str(value)
@@ -128,7 +129,8 @@ def _check_paths(out: str, int8: bool, calibrate, check_bins) -> str:
     if not os.path.isdir(out_dir):
         raise ConfigError(f"{out}: the directory {out_dir} does not exist")
     if os.path.isdir(out):
-        raise ConfigError(f"{out}: is a folder; give the .onnx file to write (e.g. {os.path.join(out, 'student.onnx')})")
+        raise ConfigError(f"{out}: is a folder; give the .onnx file to write "
+                          f"(e.g. {os.path.join(out, 'student.onnx')})")
     if int8 and calibrate is None:
         raise ConfigError("--int8: static quantization needs calibration images; add --calibrate DATA (a training "
                           "set: a RecordIO folder or .rec file, or an image-folder tree)")
@@ -244,7 +246,8 @@ def _export_int8(model, fp32: str, out: str, size: int, batch, calibrate, calib_
     try:
         try:
             summary = quantize_file(fp32, tmp, calibration_reader(dataset, indices, INPUT_NAME, batch),
-                                    metadata={"calibration": f"{len(indices)} images of {os.path.basename(os.path.normpath(calibrate))}"},
+                                    metadata={"calibration": f"{len(indices)} images of "
+                                                             f"{os.path.basename(os.path.normpath(calibrate))}"},
                                     settings=settings)
         except OSError as err:
             raise unwritable(out, err, "the INT8 model") from None
@@ -355,6 +358,6 @@ def format_checks(results: dict) -> str:
                          + ["n/a" if t is None else f"{100 * t:.3f}" for t in tars]
                          + ["-" if "cosine_min" not in m else f"{m['cosine_min']:.6f} / {m['cosine_mean']:.6f}"])
     widths = [max(len(r[i]) for r in [header] + table) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + table]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header] + table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

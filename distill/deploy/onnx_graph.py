@@ -85,7 +85,8 @@ def _fold_into_conv(g: _Graph, bn, scale, shift) -> bool:
     if w is None or bias is None or w.shape[0] != len(scale):
         return False
     w_name = g.add_init(w * scale.reshape(-1, *[1] * (w.ndim - 1)), conv.input[1])
-    b_name = g.add_init(bias * scale + shift, conv.input[2] if len(conv.input) > 2 and conv.input[2] else f"{conv.name}.bias")
+    b_name = g.add_init(bias * scale + shift,
+                        conv.input[2] if len(conv.input) > 2 and conv.input[2] else f"{conv.name}.bias")
     conv.input[:] = [conv.input[0], w_name, b_name]
     conv.output[0] = bn.output[0]
     return True
@@ -253,7 +254,8 @@ def split_prelu(proto) -> int:
         if node.op_type != "PRelu" or node.input[1] not in inits:
             nodes.append(node)
             continue
-        x, slope, y, base = node.input[0], node.input[1], node.output[0], f"prelu{count}"  # short: the INT8 file repeats names
+        # base: a short name, since the INT8 file repeats names
+        x, slope, y, base = node.input[0], node.input[1], node.output[0], f"prelu{count}"
         nodes += [helper.make_node("Relu", [x], [f"{base}.pos"], name=f"{base}.relu"),
                   helper.make_node("Min", [x, zero], [f"{base}.neg"], name=f"{base}.min"),
                   helper.make_node("Mul", [f"{base}.neg", slope], [f"{base}.scaled"], name=f"{base}.mul"),

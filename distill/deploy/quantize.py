@@ -284,7 +284,8 @@ def image_ranges(model_path, reader, quantile: float) -> dict:
     """{tensor: (rmin, rmax)} for every float activation of the model at `model_path`: the `1 - quantile`
     quantile over the images from `reader` of each image's minimum, and the `quantile` quantile of each image's
     maximum (0 always inside): on each side the floor((1 - quantile) * (N - 1)) most extreme of N images are
-    clipped (none of 100 or fewer at 0.99: plain MinMax). The graph is run once with a Flatten -> ReduceMin/ReduceMax pair per tensor."""
+    clipped (none of 100 or fewer at 0.99: plain MinMax). The graph is run once with a Flatten ->
+    ReduceMin/ReduceMax pair per tensor."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper

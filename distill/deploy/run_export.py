@@ -87,7 +87,8 @@ def _free_name(out_dir: str, name: str, run_dir: str, taken: set) -> str:
         import warnings
 
         from distill.utils.errors import UserNote
-        warnings.warn(f"{os.path.join(out_dir, base)} holds the export of {_export_owner(os.path.join(out_dir, base))}; "
+        warnings.warn(f"{os.path.join(out_dir, base)} holds the export of "
+                      f"{_export_owner(os.path.join(out_dir, base))}; "
                       f"{run_dir} is exported beside it, to {os.path.join(out_dir, name)}", UserNote, stacklevel=3)
     return name
 
@@ -105,7 +106,7 @@ def plan_export(runs: list, out_dir: str, int8: bool = False, calibrate=None, ca
 
     check_calibration(int8, calibrate, calib_images, what="files")
     plans, taken = [], set()
-    for run, name in zip(runs, export_names(runs)):
+    for run, name in zip(runs, export_names(runs), strict=True):
         name = _free_name(out_dir, name, run["run_dir"], taken)
         taken.add(name)
         cfg = load_run_config(run["run_dir"])

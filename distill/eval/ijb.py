@@ -106,8 +106,9 @@ def _aligned_batches(meta: IJBMeta, dataset, input_size: int, indices, batch_siz
                         pin_memory=device.type == "cuda")
     if len(dataset) * 3 * input_size * input_size * 4 > _KEEP_ALIGNED_BYTES:
         return loader
-    key = (os.path.abspath(meta.root), meta.target, tuple(meta.names), hashlib.sha256(meta.landmarks.tobytes()).hexdigest(),
-           input_size, batch_size, None if indices is None else tuple(int(i) for i in indices))
+    key = (os.path.abspath(meta.root), meta.target, tuple(meta.names),
+           hashlib.sha256(meta.landmarks.tobytes()).hexdigest(), input_size, batch_size,
+           None if indices is None else tuple(int(i) for i in indices))
     if key not in _aligned:
         batches = list(loader)
         if any(e for _, _, errors in batches for e in errors):

@@ -67,7 +67,7 @@ class IResNet(FaceModelContract, nn.Module):
         self.bn1 = nn.BatchNorm2d(64, eps=1e-5)
         self.prelu = nn.PReLU(64)
         inplanes = 64
-        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), LAYERS[depth])):
+        for i, (planes, blocks) in enumerate(zip((64, 128, 256, 512), LAYERS[depth], strict=True)):
             downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, 2, bias=False), nn.BatchNorm2d(planes, eps=1e-5))
             layer = [IBasicBlock(inplanes, planes, 2, downsample)]
             layer += [IBasicBlock(planes, planes, 1, None) for _ in range(blocks - 1)]
@@ -83,8 +83,10 @@ class IResNet(FaceModelContract, nn.Module):
         fix_gamma(self.features)
         # feature 0 is the stem (stride 1), then each layer halves the map
         info = [dict(num_chs=64, reduction=1, module="prelu")]
-        info += [dict(num_chs=c, reduction=2 ** (i + 1), module=f"layer{i + 1}") for i, c in enumerate((64, 128, 256, 512))]
-        self._init_contract(num_classes, 512, embedding_size, info, face_pretrained_cfg(input_size, side, "conv1", num_classes))
+        info += [dict(num_chs=c, reduction=2 ** (i + 1), module=f"layer{i + 1}")
+                 for i, c in enumerate((64, 128, 256, 512))]
+        self._init_contract(num_classes, 512, embedding_size, info,
+                            face_pretrained_cfg(input_size, side, "conv1", num_classes))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0, 0.1)

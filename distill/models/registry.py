@@ -92,7 +92,8 @@ def _entry(name: str, fn, builds, family: bool = False, check=None) -> ModelEntr
     params, var_kw = _keyword_params(fn, skip=1 if family else 0)
     if var_kw:
         if builds is None:
-            raise TypeError(f"register_model({name}): a constructor taking **kwargs must say what it builds (builds=Class)")
+            raise TypeError(f"register_model({name}): a constructor taking **kwargs must say what it builds "
+                            f"(builds=Class)")
         inherited, _ = _keyword_params(builds.__init__, skip=1)
         params = {**inherited, **params}  # the function's own defaults win (vargfacenet_depthwise: group_size=1)
     missing = {"embedding_size", "input_size"} - set(params)

@@ -44,7 +44,8 @@ def atomic_open(path, mode: str = "w", what: str | None = None, error: type = Wr
         except OSError:
             pass
         name = what or os.path.basename(path)
-        kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else f"no previous {name} existed"
+        kept = (f"the previous {os.path.basename(path)} is intact" if os.path.exists(path)
+                else f"no previous {name} existed")
         reason = getattr(err, "strerror", None) or str(err).splitlines()[0][:200]
         raise error(f"{path}: could not write {name} ({reason}); {kept}. Free disk space (or make the folder "
                     f"writable) and rerun the same command to resume.") from None

@@ -44,7 +44,8 @@ def cgroup_cpu_limit(root: str = "/sys/fs/cgroup") -> float | None:
         if quota != "max" and period:
             return int(quota) / int(period)
         return None
-    quota, period = _read(os.path.join(root, "cpu", "cpu.cfs_quota_us")), _read(os.path.join(root, "cpu", "cpu.cfs_period_us"))
+    quota = _read(os.path.join(root, "cpu", "cpu.cfs_quota_us"))
+    period = _read(os.path.join(root, "cpu", "cpu.cfs_period_us"))
     if quota and period and int(quota) > 0:
         return int(quota) / int(period)
     return None

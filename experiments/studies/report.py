@@ -5,8 +5,8 @@
 The numbers come from study_numbers.py. Reads <runs>/curve, face_kd_table, recursive, long-x2, long-x3 and pk
 (each a sweep's points, `<grid>-<case>-seed=<s>`), pk/recalibration.json and study/timing.json. Every number is
 a mean ± sample standard deviation over seeds; a difference is called beyond seed noise when it exceeds twice its
-standard error (sqrt(sd_a²/n_a + sd_b²/n_b)), within noise otherwise. A point that has not finished (a seed, a stage or a whole arm
-the study files plan) stops the report with exit 2 rather than averaging what is there.
+standard error (sqrt(sd_a²/n_a + sd_b²/n_b)), within noise otherwise. A point that has not finished (a seed, a
+stage or a whole arm the study files plan) stops the report with exit 2 rather than averaging what is there.
 """
 
 from __future__ import annotations
