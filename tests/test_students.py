@@ -7,7 +7,7 @@ import timm
 import torch
 from torch import nn
 
-import distill  # noqa: F401  (registers the students with timm)
+import distill  # noqa: F401 - registers the students with timm
 from distill.models.cost import count_flops, params_in_use
 from distill.models.files import load_student, save_student
 from distill.models.registry import create_model, list_models

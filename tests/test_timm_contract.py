@@ -12,7 +12,7 @@ import torch
 from tiny import tame
 from tiny_experiment import write_experiment
 
-import distill  # noqa: F401  (registers the face models with timm)
+import distill  # noqa: F401 - registers the face models with timm
 from distill.config.schema import load_config
 from distill.models.files import load_student, save_student
 from distill.models.registry import create_model

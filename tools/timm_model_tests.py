@@ -20,7 +20,7 @@ FACE_MODELS = ("vargfacenet", "vargfacenet_depthwise", "iresnet18", "iresnet34",
                "iresnet200", "r18", "r34", "r50", "r100", "r200")
 
 CONFTEST = '''
-import distill  # noqa: F401
+import distill  # noqa: F401 - registers the face models with timm
 from distill.models.registry import list_models
 
 list_models()  # every built-in family imported: the face models are registered with timm before collection

@@ -184,7 +184,7 @@ class WandbTracker(Tracker):
         if self.run is not None and metrics:
             try:
                 self.run.log(metrics, step=step)
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:  # noqa: BLE001 - a failed W&B log is reported, training goes on
                 self._fail(f"logging step {step}", err)
 
     def finish(self, result: dict | None = None, student_path: str | None = None) -> None:
@@ -208,7 +208,7 @@ class WandbTracker(Tracker):
                 art.add_file(student_path, name=os.path.basename(student_path))
                 self.run.log_artifact(art, aliases=["latest", meta["stage"]])
                 atomic_write_text(StageLayout(self.stage_dir).wandb_artifact, self.artifact["name"] + "\n")
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:  # noqa: BLE001 - a failed artifact upload is reported, the stage still finishes
             self._fail("logging the student artifact", err, exit_code=0)  # the stage itself succeeded
             return
         self.close(exit_code=0)
