@@ -25,6 +25,7 @@ the current identity is recorded from then on.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 
@@ -186,13 +187,14 @@ def needs_cache(cfg) -> bool:
     return cfg.teacher is not None and cfg.teacher.cache and cfg.distill.weight > 0 and cfg.generations > 0
 
 
-def prepare_cache(cfg, teacher, dataset, run_dir: str, progress: bool = False, log=print,
+def prepare_cache(cfg, teacher, dataset, run_dir: str, logger: logging.Logger, progress: bool = False,
                   directory: str | None = None):
     """The run's teacher cache (built, resumed or reused; under torchrun every rank embeds its slice), filled by
     `teacher`, the online teacher signal (teachers/signal.py: its device and autocast), recording the teacher's
     identity in its manifest.
     `directory`: the cache of another teacher than the experiment's (a previous generation's student, under
-    recursive.teacher: previous), in that folder; its manifest's key (the teacher's weights) is its identity."""
+    recursive.teacher: previous), in that folder; its manifest's key (the teacher's weights) is its identity.
+    What the build reports goes to `logger`."""
     return build_cache(teacher, dataset, directory or RunLayout(run_dir).teacher_cache,
-                       num_workers=cfg.data.num_workers, progress=progress, log=log,
+                       num_workers=cfg.data.num_workers, progress=progress, log=logger.info,
                        identity=None if directory else teacher_identity(cfg, dataset))

@@ -33,16 +33,14 @@ def _cache_build(args) -> int:
     from distill.config.schema import load_config
     from distill.run.experiment import build_teacher_cache
     from distill.run.rundir import default_run_dir
-    from distill.utils.dist import init_distributed, is_main
+    from distill.utils.dist import init_distributed
 
     cfg = load_config(args.experiment, args.overrides)
     if cfg.teacher is None:
         print("distill cache build: the experiment has no teacher; nothing to cache", file=sys.stderr)
         return 2
     init_distributed()  # under torchrun every rank builds its slice of the cache
-    cache = build_teacher_cache(cfg, args.out or default_run_dir(cfg), progress=sys.stderr.isatty())
-    if is_main():  # under torchrun every rank built its slice; rank 0 speaks for all
-        print(f"teacher cache: {len(cache)} images x 2 views in {cache.directory}")
+    build_teacher_cache(cfg, args.out or default_run_dir(cfg), progress=sys.stderr.isatty())
     return 0
 
 

@@ -215,7 +215,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | None = None, progress: 
 
 def build_teacher_cache(cfg: ExperimentConfig, run_dir: str, progress: bool = False, logger=None):
     """`distill cache build`: the teacher stage of the plan (trained as stage 0 when the experiment says so) and
-    its cache, with every check `distill run` makes and its experiment.yaml, holding the run directory's lock."""
+    its cache, with every check `distill run` makes and its experiment.yaml, holding the run directory's lock.
+    Under torchrun every rank builds its slice; rank 0 reports for all."""
     _before_the_lock(cfg)
     ctx = run_context(cfg, run_dir, progress, logger)
     with _left_as_found(ctx), run_directory_lock(run_dir):
@@ -226,4 +227,6 @@ def build_teacher_cache(cfg: ExperimentConfig, run_dir: str, progress: bool = Fa
             train_teacher(ctx, cfg, stage, train_set, val, lambda: hooks.tracker(TEACHER, 0, None))
         teacher = load_teacher(cfg, run_dir)
         check_embedding_sizes(cfg, teacher.embedding_size)
-        return teacher_cache(ctx, cfg, teacher, train_set, folder=shared_folder_of(ctx, cfg, teacher, train_set))
+        cache = teacher_cache(ctx, cfg, teacher, train_set, folder=shared_folder_of(ctx, cfg, teacher, train_set))
+        ctx.log.info(f"teacher cache: {len(cache)} images x 2 views in {cache.directory}")
+        return cache

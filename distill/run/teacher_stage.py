@@ -97,10 +97,10 @@ def teacher_cache(ctx: RunContext, cfg, teacher, train_set, directory: str | Non
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=plan.workers))
     online = online_signal(teacher, cfg.train, ctx.device)  # the teacher's device and autocast (teachers/signal.py)
     if directory is not None or folder is None:
-        return prepare_cache(cfg, online, train_set, ctx.run_dir, ctx.progress, ctx.log.info, directory=directory)
+        return prepare_cache(cfg, online, train_set, ctx.run_dir, ctx.log, ctx.progress, directory=directory)
     ctx.log.info(f"teacher cache: shared, in {folder}")
     with held(folder) if ctx.is_main else contextlib.nullcontext():  # rank 0 for a torchrun job (build_cache syncs)
-        return prepare_cache(cfg, online, train_set, ctx.run_dir, ctx.progress, ctx.log.info, directory=folder)
+        return prepare_cache(cfg, online, train_set, ctx.run_dir, ctx.log, ctx.progress, directory=folder)
 
 
 def shared_folder_of(ctx: RunContext, cfg, teacher, train_set) -> str | None:
