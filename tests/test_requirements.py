@@ -70,7 +70,7 @@ def _term(loss, alpha=1.0, key="distill.loss", **options):
 def test_each_requirement_a_setting_does_not_meet_is_one_problem_naming_its_key(loss, setting, key, says):
     options = {"stages": [-3, 5]} if loss == "attention_transfer" and setting.stages else {}
     problems = term_problems([_term(loss, **options)], setting)
-    assert len(problems) == 1 and problems[0][0] == key and says in problems[0][1], problems
+    assert len(problems) == 1 and problems[0].key == key and says in str(problems[0]), problems
     assert term_problems([_term(loss, **options)], Setting()) == []  # nothing known: nothing checked
     assert term_problems([_term(loss, 0.0, **options)], setting) == []  # a term at alpha 0 needs nothing
 

@@ -188,9 +188,8 @@ def _check_terms(cfg, where) -> None:
         except ConfigError as err:
             raise ConfigError(f"{src}: {err}") from None
     problems = term_problems(terms, config_setting(cfg))
-    if problems:
-        key, message = problems[0]
-        raise ConfigError(f"{where(key.split('[')[0])}: {message}")
+    if problems:  # the first, prefixed with where its key was set
+        raise ConfigError(f"{where(problems[0].key.split('[')[0])}: {problems[0]}")
 
 
 def config_setting(cfg) -> Setting:

@@ -3,7 +3,8 @@ distill/losses/requirements.py).
 
 `term_problems(terms, setting)` checks the active terms (alpha > 0) against what the run will have (`Setting`:
 the teacher's kind and cache, the batches, the embedding sizes, the class centres, the models' feature stages; a
-field left None is not known to the caller and not checked) and returns every problem as (config key, message).
+field left None is not known to the caller and not checked) and returns every problem as a RequirementError (a
+ConfigError with the config key that would meet it).
 The config checks (distill/config/checks.py), preflight and doctor (distill/run/preflight.py) and the objective
 at stage start (distill/losses/distillation.py, distill/train/objective.py, distill/train/feature_taps.py) all
 call it, each with what it knows.
@@ -14,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from distill.losses.registry import loss_options, requirements
+from distill.losses.requirements import Requirements
 from distill.utils.errors import ConfigError
 
 
@@ -53,9 +55,17 @@ def _stages_of(term) -> tuple:
     return tuple(term.options.get("stages", loss_options(term.loss).get("stages", ())))
 
 
+class RequirementError(ConfigError):
+    """A requirement of a term that the run does not meet; `key`: the config key that would meet it."""
+
+    def __init__(self, message: str, key: str):
+        super().__init__(message)
+        self.key = key
+
+
 def term_problems(terms, setting: Setting) -> list:
-    """[(config key, message)] of every requirement of the active terms that `setting` does not meet: each term's in
-    the terms' order, then the embedding sizes, then two terms that both own the classification."""
+    """[RequirementError] of every requirement of the active terms that `setting` does not meet: each term's in the
+    terms' order, then the embedding sizes, then two terms that both own the classification."""
     problems, owners, compared = [], [], []
     for term in terms:
         if term.alpha <= 0:
@@ -63,70 +73,81 @@ def term_problems(terms, setting: Setting) -> list:
         needs, label = requirements(term.loss), term_label(term)
         if needs.replaces_classification:
             owners.append(term.key or term.name)
-        if needs.feature_maps:
-            problems += _feature_problems(term, label, setting)
-        if setting.batch_size is not None and setting.batch_size < needs.min_batch:
-            problems.append(("train.batch_size", f"{label} relates the images of a batch and needs at least "
-                                                 f"{needs.min_batch} per batch, train.batch_size is "
-                                                 f"{setting.batch_size}: raise it"))
-        if needs.centres and setting.centres is False:
-            onnx = "ONNX " if setting.teacher == "onnx" else ""
-            problems.append(("teacher", f"{label} needs the teacher's class centres (its margin-head weights), which "
-                                        f"a loaded {onnx}teacher does not carry: set teacher.head: FILE (see docs: a "
-                                        f"state dict, last.pt or arcface_torch's checkpoint_gpu_*.pt), or let the "
-                                        f"run train the teacher (teacher.train)"))
-        if needs.images_per_id:
-            problems += _identity_problems(label, setting)
+        checks = (_maps_problem(term, label, setting) if needs.feature_maps else None,
+                  _batch_problem(needs, label, setting),
+                  _centres_problem(label, setting) if needs.centres else None,
+                  _identity_problem(label, setting) if needs.images_per_id else None)
+        problems += [p for p in checks if p is not None]
         if not (needs.feature_maps or needs.sizes == "any"):
             compared.append((needs, label))
-    size = _size_problem(compared, setting)
-    if size:
-        problems.append(("teacher", size))
-    if len(owners) > 1:
-        problems.append(("distill.terms", f"{' and '.join(owners)} both replace the classification loss (each moves "
-                                          f"the class centres its own way); keep one of them"))
+    problems += [p for p in (_size_problem(compared, setting), _owners_problem(owners)) if p is not None]
     return problems
 
 
 def check_terms(terms, setting: Setting) -> None:
-    """Raise the first of term_problems as a ConfigError."""
+    """Raise the first of term_problems."""
     problems = term_problems(terms, setting)
     if problems:
-        raise ConfigError(problems[0][1])
+        raise problems[0]
 
 
-def _feature_problems(term, label: str, setting: Setting) -> list:
+def _maps_problem(term, label: str, setting: Setting) -> RequirementError | None:
     if setting.teacher == "onnx":
-        return [("teacher.onnx", f"{label} needs the teacher's intermediate feature maps, which an ONNX file does not "
-                                 f"give: use a torch teacher (teacher.arch + teacher.checkpoint) or an embedding loss")]
+        return RequirementError(f"{label} needs the teacher's intermediate feature maps, which an ONNX file does not "
+                                f"give: use a torch teacher (teacher.arch + teacher.checkpoint) or an embedding loss",
+                                "teacher.onnx")
     if setting.cached:
-        return [("teacher.cache", f"{label} needs the teacher's feature maps at every step, which the teacher cache "
-                                  f"(embeddings only) does not hold: set teacher.cache: false (the teacher then runs "
-                                  f"online)")]
+        return RequirementError(f"{label} needs the teacher's feature maps at every step, which the teacher cache "
+                                f"(embeddings only) does not hold: set teacher.cache: false (the teacher then runs "
+                                f"online)", "teacher.cache")
     for role, arch, count in setting.stages or ():
         bad = [s for s in _stages_of(term) if count is not None and not -count <= int(s) < count]
         if bad:
-            return [(term.key or "distill.terms", f"{label}: stage {bad[0]} of the {role} ({arch}): it has {count} "
-                                                  f"feature stages (0..{count - 1}, or -1..-{count} from the last); "
-                                                  f"choose the loss's stages among them")]
-    return []
+            return RequirementError(f"{label}: stage {bad[0]} of the {role} ({arch}): it has {count} feature stages "
+                                    f"(0..{count - 1}, or -1..-{count} from the last); choose the loss's stages "
+                                    f"among them", term.key or "distill.terms")
+    return None
 
 
-def _identity_problems(label: str, setting: Setting) -> list:
+def _batch_problem(needs: Requirements, label: str, setting: Setting) -> RequirementError | None:
+    if setting.batch_size is None or setting.batch_size >= needs.min_batch:
+        return None
+    return RequirementError(f"{label} relates the images of a batch and needs at least {needs.min_batch} per batch, "
+                            f"train.batch_size is {setting.batch_size}: raise it", "train.batch_size")
+
+
+def _centres_problem(label: str, setting: Setting) -> RequirementError | None:
+    if setting.centres is not False:
+        return None
+    onnx = "ONNX " if setting.teacher == "onnx" else ""
+    return RequirementError(f"{label} needs the teacher's class centres (its margin-head weights), which a loaded "
+                            f"{onnx}teacher does not carry: set teacher.head: FILE (see docs: a state dict, last.pt or "
+                            f"arcface_torch's checkpoint_gpu_*.pt), or let the run train the teacher (teacher.train)",
+                            "teacher")
+
+
+def _identity_problem(label: str, setting: Setting) -> RequirementError | None:
     k, batch = setting.images_per_id, setting.batch_size
     if k == 0:
-        return [("data.images_per_id", f"{label} compares pairs of images within a batch and needs repeated "
-                                       f"identities: set data.images_per_id (e.g. 4: batches of batch_size/4 "
-                                       f"identities with 4 images each)")]
+        return RequirementError(f"{label} compares pairs of images within a batch and needs repeated identities: set "
+                                f"data.images_per_id (e.g. 4: batches of batch_size/4 identities with 4 images each)",
+                                "data.images_per_id")
     if k and batch is not None and batch // k < 2:
-        return [("data.images_per_id", f"{label} compares each identity with others in the batch, but "
-                                       f"train.batch_size {batch} / data.images_per_id {k} gives one identity per "
-                                       f"batch: set data.images_per_id to at most {batch // 2}, or raise "
-                                       f"train.batch_size")]
-    return []
+        return RequirementError(f"{label} compares each identity with others in the batch, but train.batch_size "
+                                f"{batch} / data.images_per_id {k} gives one identity per batch: set "
+                                f"data.images_per_id to at most {batch // 2}, or raise train.batch_size",
+                                "data.images_per_id")
+    return None
 
 
-def _size_problem(compared: list, setting: Setting) -> str | None:
+def _owners_problem(owners: list) -> RequirementError | None:
+    if len(owners) < 2:
+        return None
+    return RequirementError(f"{' and '.join(owners)} both replace the classification loss (each moves the class "
+                            f"centres its own way); keep one of them", "distill.terms")
+
+
+def _size_problem(compared: list, setting: Setting) -> RequirementError | None:
     """Why the student's embeddings cannot be compared with the teacher's by the terms `compared` ([(requirements,
     label)] of the terms that compare embeddings), or None."""
     s, t = setting.student_dim, setting.teacher_dim
@@ -134,12 +155,13 @@ def _size_problem(compared: list, setting: Setting) -> str | None:
         return None
     label = next((label for needs, label in compared if needs.sizes == "same"), None)
     if label is not None:
-        return (f"the teacher's embeddings are {t}-d, student.embedding_size is {s}: {label} moves the student's "
-                f"class centres toward the teacher's embeddings, so both must have one size (distill.project cannot "
-                f"map the teacher into the student's space); set student.embedding_size: {t} or use another "
-                f"distill.loss")
+        return RequirementError(f"the teacher's embeddings are {t}-d, student.embedding_size is {s}: {label} moves "
+                                f"the student's class centres toward the teacher's embeddings, so both must have one "
+                                f"size (distill.project cannot map the teacher into the student's space); set "
+                                f"student.embedding_size: {t} or use another distill.loss", "teacher")
     if setting.project is None or setting.project != "none":
         return None
-    return (f"the teacher's embeddings are {t}-d, student.embedding_size is {s}: the distillation losses compare "
-            f"embeddings of one size. Set distill.project: linear (a learned {s} -> {t} projection used only inside "
-            f"the distillation loss), or student.embedding_size: {t}")
+    return RequirementError(f"the teacher's embeddings are {t}-d, student.embedding_size is {s}: the distillation "
+                            f"losses compare embeddings of one size. Set distill.project: linear (a learned {s} -> "
+                            f"{t} projection used only inside the distillation loss), or student.embedding_size: {t}",
+                            "teacher")

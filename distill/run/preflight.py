@@ -32,7 +32,7 @@ def embedding_size_problem(cfg, teacher_dim: int) -> str | None:
     if cfg.distill.weight <= 0 or cfg.generations < 1:
         return None
     setting = Setting(student_dim=cfg.student.embedding_size, teacher_dim=teacher_dim, project=cfg.distill.project)
-    return next((message for _, message in term_problems(config_terms(cfg.distill), setting)), None)
+    return next((str(problem) for problem in term_problems(config_terms(cfg.distill), setting)), None)
 
 
 def check_embedding_sizes(cfg, teacher_dim: int) -> None:
