@@ -30,6 +30,11 @@ def test_quickstart_dry_run_passes_with_the_iresnet_teacher(tmp_path, monkeypatc
     assert main(["run", str(QUICKSTART), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "dry run: teacher ok (iresnet18, 128-d at 32px)" in out
+    # the run plan (distill/run/plan.py) before the two-step stages: what `distill run` would execute
+    assert "dry run: the plan of runs/quickstart:\n  1. teacher: train iresnet18 (" in out
+    assert "\n  2. teacher_cache: " in out
+    assert "\n  5. gen2: train vargfacenet from runs/quickstart/gen1/student.pt" in out
+    assert out.index("the plan of") < out.index("dry run: teacher ok")
     assert "gen2 ok (2 steps, vargfacenet at 32px)" in out and "dry run passed" in out
     assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()  # nothing generated or kept
 
