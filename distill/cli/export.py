@@ -28,8 +28,8 @@ def _ops(counts: dict) -> str:
 def require_onnx(what: str) -> None:
     """`what` (export, --export) needs the onnx extra: a ConfigError saying how to install it, before any work."""
     try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
+        import onnx  # noqa: F401 - imported only to see that it is installed
+        import onnxruntime  # noqa: F401 - imported only to see that it is installed
     except ImportError as err:
         raise ConfigError(f"{what} needs onnx and onnxruntime ({err}); pip install 'facedistill[onnx]'") from None
 

@@ -90,7 +90,7 @@ def load_run(run_dir: str) -> dict:
             result = stage.read_result()
             try:
                 entry = {**_stage_entry(result, cost), "status": "done"}
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - a cost we cannot compute is shown as '-', never a crash
                 entry = {**_stage_entry(result, lambda _r: (None, None)), "status": "done"}
         else:
             entry = _partial_entry(name, rows, specs.get(name), cost, cfg)
