@@ -180,7 +180,7 @@ def test_two_gloo_ranks_holding_halves_of_the_centres_equal_one_process(tmp_path
         student = data["student"].clone().requires_grad_()
         total, _ = objective(student, data["labels"], data["teacher"])
         total.backward()
-        for r, (lo, hi) in zip(ranks, ROWS):
+        for r, (lo, hi) in zip(ranks, ROWS, strict=True):
             torch.testing.assert_close(r[name][0], total.detach(), msg=name)
             # kd's loss (not the head's) is the global batch's too: each rank's rows get 2 × ∂loss/∂e, as the head's
             torch.testing.assert_close(r[name][1], 2 * student.grad[lo:hi], msg=name)

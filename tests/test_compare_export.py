@@ -104,7 +104,7 @@ def test_table_has_the_documented_columns_and_lists_the_unfinished_stage(exporte
     folder, stdout, _ = exported
     rows = export_rows(stdout)
     assert rows[0] == HEAD
-    by_stage = {r[1]: dict(zip(HEAD, r)) for r in rows[1:]}
+    by_stage = {r[1]: dict(zip(HEAD, r, strict=True)) for r in rows[1:]}
     assert list(by_stage) == ["teacher", "baseline", "gen1", "gen2"]
     summary = json.loads((folder / "export_summary.json").read_text())
     for stage in STAGES:

@@ -130,7 +130,7 @@ def test_sweep_print_expands_the_grid_into_runnable_commands(tmp_path, faces, ca
     lines = capsys.readouterr().out.splitlines()
     expected = [(0.0, True), (0.0, False), (7.0, True), (7.0, False)]  # the last key varies fastest
     assert len(lines) == 4
-    for line, (alpha, se) in zip(lines, expected):
+    for line, (alpha, se) in zip(lines, expected, strict=True):
         argv = shlex.split(line)
         assert argv[:2] == ["distill", "run"]
         args = build_parser().parse_args(argv[1:])  # exactly what `distill run` accepts

@@ -34,9 +34,11 @@ def test_overrides_in_both_forms(tmp_path):
 
 def test_unknown_key_suggests_the_right_one(tmp_path):
     path = write(tmp_path / "typo.yaml", {"data": {"train": "d"}, "train": {"bach_size": 3}})
-    with pytest.raises(ConfigError, match=r"typo.yaml: unknown key 'train.bach_size'; did you mean 'train.batch_size'\?"):
+    with pytest.raises(ConfigError,
+                       match=r"typo.yaml: unknown key 'train.bach_size'; did you mean 'train.batch_size'\?"):
         load_config(path)
-    with pytest.raises(ConfigError, match=r"command-line override: unknown key 'distill.alpah'; did you mean 'distill.alpha'"):
+    with pytest.raises(ConfigError,
+                       match=r"command-line override: unknown key 'distill.alpah'; did you mean 'distill.alpha'"):
         load_config(write(tmp_path / "ok.yaml", {"data": {"train": "d"}}), ["distill.alpah=1"])
 
 

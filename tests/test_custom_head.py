@@ -66,7 +66,7 @@ def test_a_registered_head_is_built_from_the_margin_section_and_trains(registere
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     logged = [x for x in lines if "train/loss" in x]
     assert [x["step"] for x in logged] == [2, 4] and all(x["train/custom_head"] == 1.0 for x in logged)
-    for row, window in zip(logged, (head.calls[:2], head.calls[2:])):  # the trained loss is this head's
+    for row, window in zip(logged, (head.calls[:2], head.calls[2:]), strict=True):  # the trained loss is this head's
         assert row["train/loss"] == pytest.approx(sum(c[0] for c in window) / 2, rel=1e-5)
 
 

@@ -57,7 +57,8 @@ def deploy(tmp_path_factory):
     """(student.pt of a tiny VarGFaceNet trained 12 steps at 16x16, image-folder training set of 32 images,
     a 40-pair .bin of new noise draws around the same 8 identities)."""
     tmp = tmp_path_factory.mktemp("deploy")
-    cfg = tiny_config(train={"max_steps": 12, "checkpoint_every": 12, "threads": 1})  # one thread: the same student anywhere
+    # one thread: the same student anywhere
+    cfg = tiny_config(train={"max_steps": 12, "checkpoint_every": 12, "threads": 1})
     spec = StageSpec("baseline", "vargfacenet", cfg.student.model_kwargs(SIZE), cfg.train, alpha=0.0, generation=0)
     faces = TinyFaces()
     run_stage(cfg, spec, str(tmp / "stage"), faces, {}, progress=False)
@@ -277,7 +278,8 @@ def test_refusals_before_any_work(deploy, tmp_path, monkeypatch, capsys):
     for kwargs, message in ((dict(int8=True), "--int8: static quantization needs calibration images; add --calibrate"),
                             (dict(calibrate=str(train)), "add --int8"),
                             (dict(int8=True, calibrate=str(tmp_path / "nope")), "nope: no such training set"),
-                            (dict(check_bins=[str(tmp_path / "lfw.bin")]), "--check-bin .*lfw.bin: verification set not found"),
+                            (dict(check_bins=[str(tmp_path / "lfw.bin")]),
+                             "--check-bin .*lfw.bin: verification set not found"),
                             (dict(int8=True, calibrate=str(train), calib_images=0), "--calib-images: 0")):
         with pytest.raises(ConfigError, match=message):
             export_model(str(student), tmp_path / "s.onnx", **kwargs)
@@ -381,7 +383,8 @@ def test_quantize_settings_roles_and_metadata(tmp_path):
     kept = quantize_file(fp32, tmp_path / "k.onnx", _ArrayReader(x),
                          settings=QuantSettings(exclude=("first_conv", "embedding_out", "embedding_dw")))
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "k.onnx")).metadata_props}
-    assert props["facedistill.fp32_nodes"].count("/") >= 3 and "kept FP32: first_conv" in props["facedistill.quantization"]
+    assert props["facedistill.fp32_nodes"].count("/") >= 3
+    assert "kept FP32: first_conv" in props["facedistill.quantization"]
     assert kept["int8"]["QLinearConv"] == default["int8"]["QLinearConv"] - 2
     assert "QGemm" not in kept["int8"] and kept["fp32"]["Gemm"] == 1
     with pytest.raises(ConfigError, match="--int8-calibration kl"):

@@ -69,7 +69,8 @@ def test_each_blocker_is_a_fail_line_and_exit_1(tiny_finished_run, tmp_path, mon
     assert set(fails) == {"device", "data.val", "teacher", "disk", "run directory"}
     assert "device 'cuda': CUDA is not available" in fails["device"]
     assert fails["data.val"] == "verification set /nowhere/lfw.bin does not exist"
-    assert "teacher.checkpoint /nowhere/backbone.pth does not exist; give an existing checkpoint, or a teacher.train recipe" in fails["teacher"]
+    assert ("teacher.checkpoint /nowhere/backbone.pth does not exist; give an existing checkpoint, or a teacher.train "
+            "recipe") in fails["teacher"]
     assert "1 student stage (gen1; checkpoints)" in fails["disk"] and "has 1.0 KB free" in fails["disk"]
     assert fails["run directory"].startswith("another distill run (pid ") and str(copy) in fails["run directory"]
     assert r["_last"] == "5 problems would stop this run"

@@ -66,7 +66,7 @@ def _assert_window_means(line: dict, window: list):
 def test_logged_terms_are_the_mean_over_the_window_not_the_last_micro_batch(tmp_path, recorded):
     lines = _train(tmp_path / "every2", log_every=2)
     assert [x["step"] for x in lines] == [2, 4] and len(recorded) == 4
-    for line, window in zip(lines, (recorded[0:2], recorded[2:4])):
+    for line, window in zip(lines, (recorded[0:2], recorded[2:4]), strict=True):
         _assert_window_means(line, window)
         assert line["train/loss"] != pytest.approx(window[-1]["loss"], rel=1e-4)  # not the last micro-batch's
         assert line["train/loss"] != pytest.approx(window[0]["loss"], rel=1e-4)
@@ -80,10 +80,10 @@ def test_logged_terms_are_the_mean_over_the_window_not_the_last_micro_batch(tmp_
     recorded.clear()
     single = _train(tmp_path / "every1", log_every=1)
     assert [x["step"] for x in single] == [1, 2, 3, 4] and recorded == per_step
-    for line, value in zip(single, per_step):
+    for line, value in zip(single, per_step, strict=True):
         _assert_window_means(line, [value])
         assert math.isfinite(line["train/images_per_s"]) and line["train/images_per_s"] > 0
-    for line, pair in zip(lines, (single[0:2], single[2:4])):
+    for line, pair in zip(lines, (single[0:2], single[2:4]), strict=True):
         assert line["train/loss"] == pytest.approx((pair[0]["train/loss"] + pair[1]["train/loss"]) / 2, rel=1e-6)
 
 

@@ -30,7 +30,8 @@ def test_the_catalogue_reads_messages_as_the_code_writes_them():
     # a subclass defined outside errors.py counts (DiskSpaceError is a DistillError through disk.py)
     assert any(f == "distill/run/disk.py" and c == "DiskSpaceError" for f, c, _ in entries)
     # errors built by a helper and raised elsewhere (`raise unwritable(...)`), or raised through a class passed in
-    assert ("distill/utils/atomic.py", "WriteError", "{path}: cannot write {what} ({reason}); give a folder you can write "
-            "to (or free disk space) and rerun") in entries
+    assert ("distill/utils/atomic.py", "WriteError",
+            "{path}: cannot write {what} ({reason}); give a folder you can write to (or free disk space) and rerun"
+            ) in entries
     assert any(f == "distill/utils/atomic.py" and c == "error" and "could not write {name}" in t for f, c, t in entries)
     assert any(f == "distill/utils/checkpoint.py" and c == "UnsafeFileError" for f, c, _ in entries)

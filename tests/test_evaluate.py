@@ -289,7 +289,8 @@ def test_insightface_val_matches_its_loop_on_random_pairs():
         far_train = np.array([np.sum(train_neg < t) / train_neg.size for t in VAL_THRESHOLDS])
         hi = next(i for i, v in enumerate(far_train) if v >= 1e-3)
         lo = hi - 1
-        thr = VAL_THRESHOLDS[lo] + (1e-3 - far_train[lo]) / (far_train[hi] - far_train[lo]) * (VAL_THRESHOLDS[hi] - VAL_THRESHOLDS[lo])
+        thr = VAL_THRESHOLDS[lo] + (1e-3 - far_train[lo]) / (far_train[hi] - far_train[lo]) \
+            * (VAL_THRESHOLDS[hi] - VAL_THRESHOLDS[lo])
         acc = dist[test] < thr
         vals.append(np.sum(acc & issame[test]) / np.sum(issame[test]))
         fars.append(np.sum(acc & ~issame[test]) / np.sum(~issame[test]))

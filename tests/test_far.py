@@ -25,7 +25,8 @@ def test_far_keys_are_mantissa_exponent_without_zero_padding():
 
 def test_keys_of_earlier_versions_read_as_todays():
     old = {"1e-06": 0.1, "1e-05": 0.2, "0.0001": 0.3, "0.001": 0.4, "0.01": 0.5, "0.1": 0.6}  # str(far)
-    assert normalise_far_keys(old) == dict(zip(["1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"], old.values()))
+    want = dict(zip(["1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"], old.values(), strict=True))
+    assert normalise_far_keys(old) == want
     assert normalise_far_keys({"1e-04": 1, "1e-3": 2, "other": 3}) == {"1e-4": 1, "1e-3": 2, "other": 3}
     assert normalise_far_keys({"1e-4": 1, "0.0001": 2}) == {"1e-4": 1}  # today's spelling wins
     result = {"metrics": {"lfw": {"tar_at_far": {"1e-3": {"tar": 0.9}}}}, "ijb": {"tar_at_far": {"0.0001": 0.5}},

@@ -46,7 +46,8 @@ def test_the_objective_adds_alpha_times_the_feature_loss():
     s, t = torch.rand(2, 4, 3, 3), torch.rand(2, 8, 3, 3)
     total, logs = objective(torch.rand(2, 5), torch.zeros(2, dtype=torch.long), torch.rand(2, 7), maps=([s], [t]))
     expected = AttentionTransfer()([s], [t])
-    assert logs["loss_kd/attention_transfer"].item() == pytest.approx(expected.item()) and total.item() == pytest.approx(1 + 3 * expected.item())
+    assert logs["loss_kd/attention_transfer"].item() == pytest.approx(expected.item())
+    assert total.item() == pytest.approx(1 + 3 * expected.item())
     with pytest.raises(ConfigError, match="feature maps"):
         objective(torch.rand(2, 5), torch.zeros(2, dtype=torch.long), torch.rand(2, 7))
 
@@ -60,7 +61,8 @@ def test_taps_take_the_maps_forward_intermediates_gives_and_come_off():
     with torch.no_grad():
         student(x), teacher(x)
         s_maps, t_maps = taps.read()
-        assert [m.shape for m in s_maps] == [m.shape for m in student.forward_intermediates(x, [-2, -1], intermediates_only=True)]
+        want = student.forward_intermediates(x, [-2, -1], intermediates_only=True)
+        assert [m.shape for m in s_maps] == [m.shape for m in want]
         assert torch.equal(t_maps[1], teacher.model.forward_intermediates(x, [-1], intermediates_only=True)[0])
     taps.read()  # (forward_intermediates runs the hooked modules too)
     taps.remove()
@@ -117,7 +119,8 @@ def test_fitnet_by_hand_and_its_regressor_trains_resumes_and_stays_out_of_studen
     expected = ((2 * k - 2) ** 2 + (6 * k - 5) ** 2 + (-k - 0) ** 2 + (-3 * k + 3) ** 2) / 4
     assert fit([s], [t]).item() == pytest.approx(expected, rel=1e-5)
     # a stage: the regressor is trained with the student, kept in last.pt, never in student.pt; resume is exact
-    cfg = tiny_config(distill={"loss": "fitnet"}, teacher={"cache": False}, train={"max_steps": 6, "checkpoint_every": 2})
+    cfg = tiny_config(distill={"loss": "fitnet"}, teacher={"cache": False},
+                      train={"max_steps": 6, "checkpoint_every": 2})
     torch.manual_seed(5)
     teacher = teachers.build_teacher(cfg.teacher.spec())
     run_stage(cfg, _spec(cfg), str(tmp_path / "whole"), TinyFaces(), {}, teacher=teacher, progress=False)

@@ -19,7 +19,8 @@ def _number(v) -> bool:
 def test_gpu_check_runs_every_part_on_cpu_and_prints_one_json_line(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "WANDB_MODE": "disabled"}
     done = subprocess.run([str(SCRIPT), "--device", "cpu", "--tiny", "--compile-backend", "eager",
-                           "--keep", str(tmp_path), "--threads", "1"], capture_output=True, text=True, env=env, timeout=600)
+                           "--keep", str(tmp_path), "--threads", "1"],
+                          capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1, done.stdout  # one JSON line, nothing else on stdout

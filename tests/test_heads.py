@@ -215,7 +215,7 @@ def test_autocast_bfloat16_computes_the_softmax_in_float32():
 def test_shards_are_contiguous_and_cover_every_class_once(num_classes, world_size):
     shards = [shard_range(num_classes, r, world_size) for r in range(world_size)]
     assert shards[0][0] == 0
-    for (start, n), (next_start, _) in zip(shards, shards[1:]):
+    for (start, n), (next_start, _) in zip(shards, shards[1:], strict=False):
         assert start + n == next_start
     assert sum(n for _, n in shards) == num_classes
     assert max(n for _, n in shards) - min(n for _, n in shards) <= 1
@@ -323,7 +323,7 @@ def test_two_gloo_ranks_equal_one_process_with_all_classes(tmp_path):
 
     assert [r["shard"] for r in ranks] == [(0, 12), (12, 11)]
     assert all(r["stale_refused"] for r in ranks)
-    for r, (lo, hi) in zip(ranks, ROWS):
+    for r, (lo, hi) in zip(ranks, ROWS, strict=True):
         torch.testing.assert_close(r["loss"], loss.detach())
         torch.testing.assert_close(r["full_weight"], data["weight"])
         # DDP averages backbone gradients, so each rank's embeddings get 2 × ∂loss/∂e ...

@@ -1,4 +1,5 @@
-"""IJB-B/IJB-C template verification (distill/eval/ijb.py, distill ijb) and the synthetic IJB set (distill data synth-ijb)."""
+"""IJB-B/IJB-C template verification (distill/eval/ijb.py, distill ijb) and the synthetic IJB set
+(distill data synth-ijb)."""
 
 import json
 import shutil
@@ -233,7 +234,7 @@ def test_a_small_set_is_aligned_once_a_process_for_every_next_model(ijb_root, st
     # another model on the same set: no image is read again, and the features are those of a fresh read
     monkeypatch.setattr(AlignedFaces, "__getitem__", lambda *a: pytest.fail("read again"))
     again = [distill.eval.ijb.embed_images(m, meta, 32, workers=0, progress=False) for m in models]
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
     # another size (or root, selection, landmarks) is not the kept set; nor is a set over the byte limit
     with pytest.raises(pytest.fail.Exception, match="read again"):

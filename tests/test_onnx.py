@@ -132,7 +132,8 @@ def test_mxnet_conversion_layout_ir3_initializers_as_inputs(tmp_path):
 
     w = torch.randn(8, 3 * 4 * 4)
     inits = [numpy_helper.from_array(v, name) for name, v in (
-        ("_minusscalar0_second", torch.tensor([127.5]).numpy()), ("_mulscalar0_second", torch.tensor([0.0078125]).numpy()),
+        ("_minusscalar0_second", torch.tensor([127.5]).numpy()),
+        ("_mulscalar0_second", torch.tensor([0.0078125]).numpy()),
         ("fc1_weight", w.T.contiguous().numpy()))]
     nodes = [helper.make_node("Sub", ["data", "_minusscalar0_second"], ["s"], name="_minusscalar0"),
              helper.make_node("Mul", ["s", "_mulscalar0_second"], ["m"], name="_mulscalar0"),

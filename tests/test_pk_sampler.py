@@ -59,7 +59,7 @@ def test_dropped_images_are_fewer_than_a_global_batch_and_the_count_matches_plan
 
 def test_each_batch_is_p_groups_of_k_and_leftovers_are_merged_as_documented():
     k, batch = 4, 8
-    sizes = dict(zip(np.arange(len(SIZES)) * 10 + 3, SIZES))
+    sizes = dict(zip(np.arange(len(SIZES)) * 10 + 3, SIZES, strict=True))
     pure, merged = Counter(), []
     for groups in _groups(plan_identity_epoch(SHUFFLED, batch, k, 0, 0, flip=False), k):
         assert len(groups) == batch // k and all(len(g) == k for g in groups)
@@ -244,7 +244,8 @@ def test_mixed_batches_hold_groups_then_single_images_every_image_once(grouped, 
     labels = labels[rng.permutation(len(labels))]
     batch, k = 16, 4
     groups = round(grouped * batch / k)
-    plans = [plan_identity_epoch(labels, batch, k, 3, 0, True, r, world, grouped_fraction=grouped) for r in range(world)]
+    plans = [plan_identity_epoch(labels, batch, k, 3, 0, True, r, world, grouped_fraction=grouped)
+             for r in range(world)]
     seen = [i for p in plans for i in _indices(p)]
     assert len(seen) == len(set(seen))  # no image twice
     assert all(len(p) == len(plan_epoch(len(labels), batch, 3, 0, True, r, world)) for r, p in enumerate(plans))

@@ -7,9 +7,9 @@ import torch
 
 from distill.cli import main
 from distill.models.files import load_model, save_student
+from distill.models.iresnet import IResNet
 from distill.models.registry import create_model
 from distill.utils.errors import ConfigError
-from distill.models.iresnet import IResNet
 
 
 def test_profile_json_student(capsys):

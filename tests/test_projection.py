@@ -29,7 +29,8 @@ def test_the_projection_gets_gradients_the_teacher_none():
     assert objective.projection.weight.shape == (64, 32) and objective.projection.weight.grad.abs().sum() > 0
     assert student.grad.abs().sum() > 0 and teacher.grad is None
     expected = 7.0 * ((torch.nn.functional.normalize(teacher.detach(), dim=1)
-                       - torch.nn.functional.normalize(student @ objective.projection.weight.T, dim=1)) ** 2).sum(1).mean()
+                       - torch.nn.functional.normalize(student @ objective.projection.weight.T, dim=1)) ** 2
+                      ).sum(1).mean()
     assert total.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
@@ -44,7 +45,8 @@ def test_trained_with_the_student_kept_in_last_pt_dropped_from_student_pt_and_re
     assert payload["kwargs"]["embedding_size"] == 32
     # stopped after the step-2 checkpoint, then rerun: the same projection and student, bit for bit
     assert at_step_2["step"] == 2
-    assert not torch.equal(at_step_2["objective"]["projection.weight"], last["objective"]["projection.weight"])  # trained
+    # trained
+    assert not torch.equal(at_step_2["objective"]["projection.weight"], last["objective"]["projection.weight"])
     assert torch.equal(again["objective"]["projection.weight"], last["objective"]["projection.weight"])
     assert all(torch.equal(again["model"][k], last["model"][k]) for k in last["model"])
 

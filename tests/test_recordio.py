@@ -1,4 +1,5 @@
-"""RecordIO: the MXNet-written fixtures read exactly, the writer round-trips and frames like MXNet, bad files fail clearly."""
+"""RecordIO: the MXNet-written fixtures read exactly, the writer round-trips and frames like MXNet, bad files fail
+clearly."""
 
 import hashlib
 import io
@@ -92,7 +93,7 @@ def test_header_and_identity_records(rec_dir, truth):
     labels = [e["label"] for e in truth["images"]]
     for c in range(6):
         first, end = rec.identity_range(c)
-        assert [k for k, lab in zip(range(1, 25), labels) if lab == c] == list(range(first, end))
+        assert [k for k, lab in zip(range(1, 25), labels, strict=True) if lab == c] == list(range(first, end))
     with pytest.raises(KeyError):
         rec.image(99)
 
@@ -110,7 +111,10 @@ def test_writer_reframes_the_mxnet_fixture_byte_for_byte(rec_dir, tmp_path):
 
 
 def test_frame_record_splits_at_aligned_magic_words_like_dmlc():
-    frame = lambda cflag, n: struct.pack("<II", MAGIC, (cflag << 29) | n)
+
+    def frame(cflag, n):
+        return struct.pack("<II", MAGIC, (cflag << 29) | n)
+
     # Magic at aligned offsets 4 and 8 (back to back) and at unaligned offset 14: two cuts.
     payload = b"abcd" + MAGIC_BYTES + MAGIC_BYTES + b"xy" + MAGIC_BYTES + b"z"
     expected = frame(1, 4) + b"abcd" + frame(2, 0) + frame(3, 7) + b"xy" + MAGIC_BYTES + b"z" + b"\0"
@@ -125,7 +129,7 @@ def test_write_insightface_rec_round_trip_with_split_records(tmp_path):
     images[2] = images[2] + b"\0" * (-len(images[2]) % 4) + MAGIC_BYTES + b"tail" + MAGIC_BYTES
     images[4] = MAGIC_BYTES * 3 + b"q" + MAGIC_BYTES + b"rest"
     classes = [0, 0, 0, 2, 2, 3, 3]  # class 1 has no images: an empty identity range
-    n = write_insightface_rec(tmp_path, zip(classes, images), num_classes=4, image_size=(32, 32))
+    n = write_insightface_rec(tmp_path, zip(classes, images, strict=True), num_classes=4, image_size=(32, 32))
     assert n == 7
     assert (tmp_path / "property").read_text() == "4,32,32"
     raw = (tmp_path / "train.rec").read_bytes()
@@ -141,7 +145,7 @@ def test_write_insightface_rec_round_trip_with_split_records(tmp_path):
     assert rec.keys.tolist() == list(range(1, 8)) and rec.num_classes == 4
     assert rec.header(0)[1] == (8.0, 12.0)
     assert [rec.identity_range(c) for c in range(4)] == [(1, 4), (4, 4), (4, 6), (6, 8)]
-    for key, (c, data) in enumerate(zip(classes, images), 1):
+    for key, (c, data) in enumerate(zip(classes, images, strict=True), 1):
         head, got = rec.record(key)
         assert got == data and rec.label(key) == c and head[0] == 0
     assert rec.labels().tolist() == classes
@@ -234,13 +238,14 @@ def test_reader_pickles_without_its_file_handle_and_works_in_dataloader_workers(
     ds = RecordIODataset(rec_dir)
 
     def run():
-        loader = torch.utils.data.DataLoader(ds, batch_size=6, num_workers=2, generator=torch.Generator().manual_seed(7))
+        loader = torch.utils.data.DataLoader(ds, batch_size=6, num_workers=2,
+                                             generator=torch.Generator().manual_seed(7))
         return [(b[1].tolist(), b[2].tolist(), b[3].tolist(), b[0]) for b in loader]
 
     first, second = run(), run()
     assert [b[1] for b in first] == [list(range(i, i + 6)) for i in range(0, 24, 6)]
     assert [b[0] for b in first] == [RecordIO(rec_dir).labels()[i:i + 6].tolist() for i in range(0, 24, 6)]
-    for a, b in zip(first, second):  # same generator seed -> same flips in the workers
+    for a, b in zip(first, second, strict=True):  # same generator seed -> same flips in the workers
         assert a[2] == b[2] and torch.equal(a[3], b[3])
 
 
@@ -331,7 +336,8 @@ def test_label_outside_the_header_identity_range(tmp_path):
     rec = RecordIO(tmp_path)
     assert rec.label(2) == 1
     off = rec.offset(3)
-    with pytest.raises(DataFormatError, match=rf"train\.rec: key 3 \(record at byte {off}\) has label 7\.0.*range 0\.\.1"):
+    with pytest.raises(DataFormatError,
+                       match=rf"train\.rec: key 3 \(record at byte {off}\) has label 7\.0.*range 0\.\.1"):
         rec.label(3)
     with pytest.raises(DataFormatError, match=r"key 4 .* has label 2\.5"):
         rec.label(4)

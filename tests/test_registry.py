@@ -28,10 +28,12 @@ SMALL = {"vargfacenet": dict(multiplier=0.25, last_channels=32, units=[1, 1, 1])
 
 def test_registry_lists_students_iresnets_aliases_and_the_timm_family():
     names = list_models(aliases=True)
-    for name in ["vargfacenet", "vargfacenet_depthwise", "timm/<name>"] + [f"iresnet{d}" for d in (18, 34, 50, 100, 200)] \
+    for name in ["vargfacenet", "vargfacenet_depthwise", "timm/<name>"] \
+            + [f"iresnet{d}" for d in (18, 34, 50, 100, 200)] \
             + [f"r{d}" for d in (18, 34, 50, 100, 200)]:
         assert name in names
-    assert canonical_name("r100") == "iresnet100" and list_models().index("iresnet18") < list_models().index("iresnet100")
+    assert canonical_name("r100") == "iresnet100"
+    assert list_models().index("iresnet18") < list_models().index("iresnet100")
     for name in WALK:  # the shared contract: every model takes embedding_size and input_size
         assert {"embedding_size", "input_size"} <= set(model_defaults(name)) | {"input_size"}
 
@@ -77,7 +79,8 @@ def test_unknown_names_and_arguments_suggest_the_right_one():
 def test_a_new_student_is_one_decorated_function(monkeypatch):
     import distill.models.registry
 
-    monkeypatch.setattr(distill.models.registry, "_MODELS", dict(distill.models.registry._MODELS))  # registered for this test only
+    # registered for this test only
+    monkeypatch.setattr(distill.models.registry, "_MODELS", dict(distill.models.registry._MODELS))
     calls = []
 
     @register_model(builds=torch.nn.Linear)
@@ -98,7 +101,8 @@ def test_a_new_student_is_one_decorated_function(monkeypatch):
 
 def test_iresnet_defaults_come_from_the_constructor_signature():
     assert model_defaults("r100") == {"embedding_size": 512, "input_size": 112, "dropout": 0.0}
-    assert model_defaults("vargfacenet_depthwise")["group_size"] == 1 and model_defaults("vargfacenet")["group_size"] == 8
+    assert model_defaults("vargfacenet_depthwise")["group_size"] == 1
+    assert model_defaults("vargfacenet")["group_size"] == 8
     sig = inspect.signature(create_model("vargfacenet", input_size=32).__class__.__init__)
     # timm's contract arguments are accepted but are no experiment default (experiment.yaml reads as before)
     assert set(model_defaults("vargfacenet")) == set(sig.parameters) - {"self", "num_classes", "in_chans"}
@@ -163,9 +167,11 @@ def test_model_arguments_are_filled_from_the_constructor_and_round_trip(tmp_path
 
 
 @pytest.mark.parametrize("legacy, arch, kwargs, note", [
-    ({"kind": "iresnet", "depth": 50, "embedding_size": 256}, "iresnet50", {"embedding_size": 256}, "write arch: iresnet50"),
+    ({"kind": "iresnet", "depth": 50, "embedding_size": 256}, "iresnet50", {"embedding_size": 256},
+     "write arch: iresnet50"),
     ({"kind": "timm", "name": "resnet18"}, "timm/resnet18", {}, "write arch: timm/resnet18"),
-    ({"kind": "facedistill", "input_size": 32, "student": {"arch": "vargfacenet", "multiplier": 0.5, "embedding_size": 64}},
+    ({"kind": "facedistill", "input_size": 32,
+      "student": {"arch": "vargfacenet", "multiplier": 0.5, "embedding_size": 64}},
      "vargfacenet", {"multiplier": 0.5, "embedding_size": 64, "input_size": 32}, "write arch: vargfacenet with its"),
     ({"depth": 100}, "iresnet100", {}, "'kind: iresnet' is deprecated; write arch: iresnet100"),
 ])

@@ -28,12 +28,14 @@ def test_rkd_by_hand():
     # distances / their mean: student (1, 1, √2) / ((2 + √2) / 3), teacher (1, 2, 1) / (4 / 3)
     ms, mt = (2 + math.sqrt(2)) / 3, 4 / 3
     ds, dt = [1 / ms, 1 / ms, math.sqrt(2) / ms], [1 / mt, 2 / mt, 1 / mt]
-    distance = sum(huber(a - b) for a, b in zip(ds, dt)) / 3  # each unordered pair twice among the 6 ordered
+    # each unordered pair twice among the 6 ordered
+    distance = sum(huber(a - b) for a, b in zip(ds, dt, strict=True)) / 3
     # angles at each vertex between the two other points: student (0, 1/√2, 1/√2), teacher (1, -1, 1); the 12
     # triplets with i != j, k != j hold each of these twice and 6 with i == k (cos 1 on both sides)
     r = 1 / math.sqrt(2)
-    angle = 2 * sum(huber(a - b) for a, b in zip([0, r, r], [1, -1, 1])) / 12
-    assert create_distill_loss("rkd", distance_weight=1.0, angle_weight=0.0)(RIGHT, line).item() == pytest.approx(distance)
+    angle = 2 * sum(huber(a - b) for a, b in zip([0, r, r], [1, -1, 1], strict=True)) / 12
+    rkd_distance = create_distill_loss("rkd", distance_weight=1.0, angle_weight=0.0)
+    assert rkd_distance(RIGHT, line).item() == pytest.approx(distance)
     assert create_distill_loss("rkd", distance_weight=0.0, angle_weight=1.0)(RIGHT, line).item() == pytest.approx(angle)
     assert create_distill_loss("rkd")(RIGHT, line).item() == pytest.approx(25 * distance + 50 * angle)
 
@@ -43,7 +45,8 @@ def test_cc_by_hand():
     t = torch.tensor([[3.0, 0.0], [1.0, 0.0]], dtype=torch.float64)   # normalised: one direction, dots all 1
     # order 1: C = e^{-2γ}(1 + 2γ x·y): the two differ by 2γe^{-2γ} off the diagonal; |ΔC|² / b² = 2 (2γe^{-2γ})² / 4
     g = 0.4
-    assert create_distill_loss("cc", gamma=g, order=1)(s, t).item() == pytest.approx(2 * (2 * g * math.exp(-2 * g)) ** 2 / 4)
+    assert create_distill_loss("cc", gamma=g, order=1)(s, t).item() == pytest.approx(
+        2 * (2 * g * math.exp(-2 * g)) ** 2 / 4)
     assert create_distill_loss("cc", order=0)(s, t).item() == pytest.approx(0.0, abs=1e-15)  # a constant kernel
     # the default order 2 is close to the exact Gaussian kernel for small γ on unit vectors
     x = torch.nn.functional.normalize(torch.randn(5, 3, dtype=torch.float64), dim=1)
@@ -76,7 +79,8 @@ def test_a_batch_too_small_is_refused_at_load_and_in_the_loss(tmp_path, name, le
         create_distill_loss(name)(torch.randn(least - 1, 4), torch.randn(least - 1, 4))
     exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces")
     with pytest.raises(ConfigError, match=rf"needs at least {least} per batch, train.batch_size is {least - 1}"):
-        load_config(str(exp), [f"distill.loss={name}", f"train.batch_size={least - 1}", f"train.lr_batch_size={least - 1}"])
+        load_config(str(exp), [f"distill.loss={name}", f"train.batch_size={least - 1}",
+                               f"train.lr_batch_size={least - 1}"])
 
 
 def test_a_cached_rkd_stage_resumes_bit_identically(tmp_path, monkeypatch):

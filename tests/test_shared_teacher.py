@@ -59,7 +59,8 @@ def test_a_second_run_reuses_the_cache_and_the_teacher_metrics(trained, tmp_path
     monkeypatch.undo()
     own = _run(exp, tmp_path / "c", checkpoint, None)
     assert own["stages"][0]["metrics"] == teacher[0]
-    assert (tmp_path / "c" / "teacher_cache" / "embeddings.f16").read_bytes() == (folder / "embeddings.f16").read_bytes()
+    cached = (tmp_path / "c" / "teacher_cache" / "embeddings.f16").read_bytes()
+    assert cached == (folder / "embeddings.f16").read_bytes()
 
 
 def test_another_teacher_gets_its_own_subfolder(trained, tmp_path):

@@ -198,7 +198,8 @@ def test_the_report_writes_the_readme_summary_between_its_markers_and_nothing_el
     out = tmp_path / "r.md"
     assert report.main([str(tmp / "runs"), "--out", str(out), "--no-plot", "--readme", str(readme)]) == 0
     text = readme.read_text()
-    assert text.startswith("# above\n\nkept\n\n" + summary.BEGIN + "\n") and text.endswith(summary.END + "\n\n## below\n")
+    assert text.startswith("# above\n\nkept\n\n" + summary.BEGIN + "\n")
+    assert text.endswith(summary.END + "\n\n## below\n")
     assert "old digits 12.34" not in text
     block = text[text.index(summary.BEGIN):text.index(summary.END)]
     results = out.read_text()

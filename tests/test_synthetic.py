@@ -1,4 +1,5 @@
-"""Synthetic faces: deterministic bytes, insightface layout, held-out pairs, ensure_synthetic, CLI synth/inspect, learnability."""
+"""Synthetic faces: deterministic bytes, insightface layout, held-out pairs, ensure_synthetic, CLI synth/inspect,
+learnability."""
 
 import hashlib
 import os
@@ -76,7 +77,7 @@ def test_pairs_are_balanced_and_come_only_from_held_out_identities(tmp_path):
     assert [bool(row[4]) for row in table] == list(issame)
     assert issame.sum() == 20
     assert all(issame[k:k + 4].sum() == 2 for k in range(0, 40, 4))  # every contiguous fold is balanced
-    for a, ia, b, ib, same in table:
+    for a, _ia, b, _ib, same in table:
         assert 5 <= a < 9 and 5 <= b < 9  # never a training identity (0..4)
         assert (a == b) == bool(same)
     images_seen = {(a, ia) for a, ia, *_ in table} | {(b, ib) for _, _, b, ib, _ in table}
@@ -219,7 +220,7 @@ def _best_threshold_accuracy(fa, fb, issame) -> float:
 
 def _tiny_cnn(embedding=64):
     layers, channels = [], [3, 8, 16, 32]
-    for cin, cout in zip(channels, channels[1:]):
+    for cin, cout in zip(channels, channels[1:], strict=False):
         layers += [torch.nn.Conv2d(cin, cout, 3, padding=1), torch.nn.BatchNorm2d(cout), torch.nn.ReLU(),
                    torch.nn.MaxPool2d(2)]
     return torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(32 * 4 * 4, embedding))
@@ -243,7 +244,8 @@ def test_identities_are_learnable_but_not_from_raw_pixels(tmp_path):
             emb = model.eval()(tensor(pairs)).numpy()
         return _best_threshold_accuracy(emb[0::2], emb[1::2], issame)
 
-    raw = _best_threshold_accuracy(tensor(pairs[0::2]).flatten(1).numpy(), tensor(pairs[1::2]).flatten(1).numpy(), issame)
+    raw = _best_threshold_accuracy(tensor(pairs[0::2]).flatten(1).numpy(), tensor(pairs[1::2]).flatten(1).numpy(),
+                                   issame)
     torch.manual_seed(0)
     random_net = score(_tiny_cnn())
 

@@ -53,7 +53,7 @@ def test_rows_match_the_teacher_on_original_and_flipped_images(tmp_path):
     assert len(cache) == 20
     idx = torch.tensor([0, 3, 19, 3])
     flipped = torch.tensor([False, True, True, False])
-    expected = torch.stack([teacher(data.get(int(i), bool(f))[None])[0] for i, f in zip(idx, flipped)])
+    expected = torch.stack([teacher(data.get(int(i), bool(f))[None])[0] for i, f in zip(idx, flipped, strict=True)])
     got = cache.lookup(idx, flipped)
     assert got.dtype == torch.float32
     assert torch.allclose(got, expected, rtol=2e-3, atol=2e-3 * expected.abs().max())  # float16 storage
@@ -124,7 +124,7 @@ def test_slices_are_contiguous_whole_batches_covering_every_row():
     for n, bs, world in [(40, 6, 2), (40, 6, 3), (5, 4, 3), (128, 8, 4), (7, 128, 2), (1000, 128, 7)]:
         slices = [rank_slice(n, bs, r, world) for r in range(world)]
         assert slices[0][0] == 0 and slices[-1][1] == n
-        assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+        assert all(a[1] == b[0] for a, b in zip(slices, slices[1:], strict=False))
         assert all(start % bs == 0 and (stop % bs == 0 or stop == n) for start, stop in slices)
         sizes = sorted(-(-(stop - start) // bs) for start, stop in slices)
         assert sizes[-1] - sizes[0] <= 1  # batches shared out evenly

@@ -146,7 +146,8 @@ def test_an_old_run_directory_without_identities_resumes_with_one_note(tiny_fini
     out = capsys.readouterr().out
     assert out.count("record no teacher identity") == 1 and "teacher: training" not in out
     assert "gen1: finished earlier, skipped" in out
-    assert json.loads(result_path.read_text())[IDENTITY_KEY] == json.loads(manifest_path.read_text())["teacher_identity"]
+    recorded = json.loads(result_path.read_text())[IDENTITY_KEY]
+    assert recorded == json.loads(manifest_path.read_text())["teacher_identity"]
     assert main(["run", str(exp), "--out", str(run), "--no-progress"]) == 0
     assert "record no teacher identity" not in capsys.readouterr().out
 

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import teachers
+from distill.models.iresnet import LAYERS, IResNet
 from distill.utils.errors import (
     CheckpointError,
     ConfigDeprecationWarning,
@@ -13,7 +14,6 @@ from distill.utils.errors import (
     UnknownNameError,
     UnsafeFileError,
 )
-from distill.models.iresnet import LAYERS, IResNet
 
 
 @pytest.mark.parametrize("depth", sorted(LAYERS))

@@ -49,7 +49,8 @@ def test_the_policys_arithmetic(cores, workers, busy, threads, kept):
 
 
 def test_overrides_win_and_say_so():
-    assert plan_threads(0, override=3, cores=2, busy=1.0, environ=QUIET).describe() == "3 torch threads (set by train.threads)"
+    planned = plan_threads(0, override=3, cores=2, busy=1.0, environ=QUIET)
+    assert planned.describe() == "3 torch threads (set by train.threads)"
     plan = plan_threads(0, cores=2, busy=0.0, environ={"OMP_NUM_THREADS": "1"})
     assert (plan.threads, plan.source) == (1, "OMP_NUM_THREADS")
     assert plan_threads(0, override=2, key="--threads", cores=2, environ={"OMP_NUM_THREADS": "1"}).threads == 2

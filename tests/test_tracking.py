@@ -244,7 +244,8 @@ def test_disabled_mode_and_other_ranks_keep_only_the_local_log(tmp_path, data_di
     assert [m["train/loss"] for m in read_metrics(str(tmp_path / "run" / "gen1"))] == [1.0]
     monkeypatch.setenv("WANDB_MODE", "offline")
     import distill.train.tracking
-    monkeypatch.setattr(distill.train.tracking, "dist_rank", lambda: 1)  # a DDP worker: the driver does not pass its rank
+    # a DDP worker: the driver does not pass its rank
+    monkeypatch.setattr(distill.train.tracking, "dist_rank", lambda: 1)
     other = stage_tracker(cfg, str(tmp_path / "run2"), "gen1", 1, None)
     assert type(other) is Tracker and other.rank == 1
     other.log({"train/loss": 1.0}, 1)

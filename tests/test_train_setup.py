@@ -25,7 +25,7 @@ def test_poly_decays_from_the_end_of_the_warmup_as_arcface_torch():
     assert lrs[10] == pytest.approx(0.1)  # the full lr at the end of the warmup (was 0.1 * (1 - 10/100)^2 = 0.081)
     assert lrs[55] == pytest.approx(0.1 * (1 - 45 / 90) ** 2)
     assert lrs[100] == pytest.approx(0.0, abs=1e-12) and lrs[5] < lrs[10]
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay after the warmup
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # monotone decay after the warmup
 
 
 def test_cosine_is_unchanged_by_the_poly_fix():

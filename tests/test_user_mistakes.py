@@ -80,7 +80,8 @@ def test_a_corrupt_last_pt_offers_restart_stage_which_keeps_the_old_folder(run_c
     assert main(["run", str(exp), "--out", str(run), "--no-progress"]) == 2
     line = one_error_line(capsys, "run")
     assert f"{run}/gen1/last.pt: not a readable PyTorch checkpoint (truncated or damaged" in line
-    assert f"delete {run}/gen1/last.pt to start the stage from its beginning, or rerun with --restart-stage gen1" in line
+    assert (f"delete {run}/gen1/last.pt to start the stage from its beginning, or rerun with --restart-stage "
+            f"gen1") in line
 
     assert main(["run", str(exp), "--out", str(run), "--restart-stage", "gen3"]) == 2
     assert "this experiment's stages are teacher, baseline, gen1; did you mean 'gen1'?" in one_error_line(capsys, "run")
@@ -105,7 +106,8 @@ def test_a_missing_gpu_stops_run_and_eval_before_any_work(finished, tmp_path, mo
     assert main(["eval", str(run / "gen1" / "student.pt"), "--bin", str(data / "synth_val.bin"),
                  "--device", "cuda:7"]) == 2
     assert "--device 'cuda:7': CUDA is not available (" in one_error_line(capsys, "eval")
-    assert main(["eval", str(run / "gen1" / "student.pt"), "--bin", str(data / "synth_val.bin"), "--device", "tpu"]) == 2
+    assert main(["eval", str(run / "gen1" / "student.pt"), "--bin", str(data / "synth_val.bin"),
+                 "--device", "tpu"]) == 2
     assert "--device 'tpu': not a device; use auto, cpu, cuda or cuda:N" in one_error_line(capsys, "eval")
     assert main(["run", str(exp), "--dry-run", "device=gpu"]) == 2
     assert "key 'device' must be auto, cpu, cuda or cuda:N, got 'gpu'" in one_error_line(capsys, "run")
@@ -117,7 +119,8 @@ def test_arch_that_contradicts_a_student_pt_is_an_error(finished, capsys):
     _, run, data = finished
     student = run / "gen1" / "student.pt"
     assert main(["eval", str(student), "--bin", str(data / "synth_val.bin"), "--arch", "r50"]) == 2
-    assert f"{student}: --arch r50 given, but this student.pt records arch vargfacenet" in one_error_line(capsys, "eval")
+    said = one_error_line(capsys, "eval")
+    assert f"{student}: --arch r50 given, but this student.pt records arch vargfacenet" in said
     assert main(["eval", str(student), "--bin", str(data / "synth_val.bin"), "--arch", "vargfacenet", "--json"]) == 0
 
 
@@ -228,5 +231,6 @@ def test_a_full_disk_is_a_cache_error_before_the_teacher_runs(finished, tmp_path
     monkeypatch.setattr(teachers.cache.os, "posix_fallocate", full)
     train = open_training_set(data, input_size=32)
     with pytest.raises(CacheSpaceError, match=rf"cannot allocate the teacher cache \(No space left on device\): it "
-                                              rf"needs {len(train) * 2 * 32 * 2:,} bytes .* are free.*teacher.cache: false"):
+                                              rf"needs {len(train) * 2 * 32 * 2:,} bytes .* are free.*"
+                                              rf"teacher.cache: false"):
         build_cache(Teacher(), train, str(tmp_path / "cache"), progress=False, log=lambda *_: None)

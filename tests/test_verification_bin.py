@@ -1,4 +1,5 @@
-"""Verification .bin sets: all three real pickle styles read exactly, malicious pickles refused unrun, bad files fail clearly."""
+"""Verification .bin sets: all three real pickle styles read exactly, malicious pickles refused unrun, bad files fail
+clearly."""
 
 import hashlib
 import io
@@ -104,7 +105,7 @@ def test_write_verification_bin_round_trip(tmp_path):
     assert encoded == data and issame == [True, False, True]
     images, issame = load_verification_bin(path)
     assert issame.tolist() == [True, False, True]
-    for img, d in zip(images, data):
+    for img, d in zip(images, data, strict=True):
         assert np.array_equal(img, np.asarray(Image.open(io.BytesIO(d)).convert("RGB")))
     with pytest.raises(ValueError, match="3 pairs need 6 images, got 5"):
         write_verification_bin(path, data[:5], [True, False, True])
