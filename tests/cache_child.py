@@ -14,10 +14,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
 
-from test_teacher_cache import BATCH, CountingTeacher, _teacher, cache_data  # noqa: E402
+from test_teacher_cache import BATCH, CountingTeacher, _teacher, cache_data
 
-from distill.utils.dist import barrier, init_distributed, rank  # noqa: E402
-from teachers.cache import build_cache  # noqa: E402
+from distill.utils.dist import barrier, init_distributed, rank
+from teachers.cache import build_cache
 
 
 def main(root: str) -> None:

@@ -9,7 +9,7 @@ import pytest
 # workers): the suite runs on 2 cores beside itself (pytest-xdist) and more threads than cores is 10x slower
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
-import torch  # noqa: E402
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 # The committed copy of the tool-written fixtures (tests/fixtures/README.md), so a fresh clone tests itself;

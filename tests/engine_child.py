@@ -9,10 +9,10 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 torch.set_num_threads(1)
 
-from tiny import TinyFaces, tiny_config  # noqa: E402
+from tiny import TinyFaces, tiny_config
 
-import teachers  # noqa: E402
-from distill.train.engine import Preempted, StageSpec, run_stage  # noqa: E402
+import teachers
+from distill.train.engine import Preempted, StageSpec, run_stage
 
 
 def main(out_dir, delay):

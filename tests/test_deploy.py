@@ -15,16 +15,16 @@ import torch
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
-from tiny import TinyFaces, tiny_config  # noqa: E402
+from tiny import TinyFaces, tiny_config
 
-from distill.cli import main  # noqa: E402
-from distill.data import write_verification_bin  # noqa: E402
-from distill.data.images import encode_jpeg  # noqa: E402
-from distill.deploy.export import export_model, export_onnx, fold_batchnorm  # noqa: E402
-from distill.deploy.quantize import int8_path, open_calibration_set  # noqa: E402
-from distill.models.files import load_model  # noqa: E402
-from distill.train.engine import StageSpec, run_stage  # noqa: E402
-from distill.utils.errors import ConfigError, UserNote  # noqa: E402
+from distill.cli import main
+from distill.data import write_verification_bin
+from distill.data.images import encode_jpeg
+from distill.deploy.export import export_model, export_onnx, fold_batchnorm
+from distill.deploy.quantize import int8_path, open_calibration_set
+from distill.models.files import load_model
+from distill.train.engine import StageSpec, run_stage
+from distill.utils.errors import ConfigError, UserNote
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = ["CPUExecutionProvider"]

@@ -34,12 +34,12 @@ def test_thresholds_ema_and_loss_by_hand():
     #         teacher at 0, 0, 90, 90:     negatives 0, 0, 0, 0
     s2, t2 = unit([0, 20, 40, 100]), unit([0, 0, 90, 90])
     loss = ekd(s2, t2, labels).item()
-    c = lambda d: math.cos(math.radians(d))  # noqa: E731
+    c = lambda d: math.cos(math.radians(d))  # noqa: E731 - cos of degrees, one line as the paper writes it
     a_s = 0.99 * np.array([0.0, 0.5]) + 0.01 * np.array([c(40), c(20)])
     a_t = 0.99 * np.array([0.5, c(50)]) + 0.01 * np.array([0.0, 0.0])
     assert ekd.thresholds[0].tolist() == pytest.approx(a_s.tolist())
     assert ekd.thresholds[1].tolist() == pytest.approx(a_t.tolist())
-    count = lambda x, a: sigmoid((np.asarray(x)[:, None] - a[None, :]) / 0.01).sum(1)  # noqa: E731
+    count = lambda x, a: sigmoid((np.asarray(x)[:, None] - a[None, :]) / 0.01).sum(1)  # noqa: E731 - the soft count, one line
     pos_s, pos_t = [c(20), c(60)], [1.0, 1.0]                      # pairs (0,1) and (2,3)
     # the 3 hardest negatives by student similarity: (1,2) cos 20, (0,2) cos 40, (1,3) cos 80
     neg_s, neg_t = [c(20), c(40), c(80)], [0.0, 0.0, 0.0]

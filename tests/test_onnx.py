@@ -14,10 +14,10 @@ from distill.utils.errors import CheckpointError, ConfigDeprecationWarning, Conf
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper  # noqa: E402
+from onnx import TensorProto, helper
 
-from distill.deploy.export import ExportParityError, check_parity, export_model, export_onnx  # noqa: E402
-from teachers.onnx import OnnxTeacherModel  # noqa: E402
+from distill.deploy.export import ExportParityError, check_parity, export_model, export_onnx
+from teachers.onnx import OnnxTeacherModel
 
 CPU = ["CPUExecutionProvider"]
 

@@ -254,7 +254,7 @@ def test_the_pk_diagnosis_names_the_causes_its_comparisons_support():
                                   "re-estimated on P×K batches": {"v": a / 100}}
              for i, (a, b) in enumerate([(76, 76.1), (76.5, 76.3), (75.5, 75.6)])}
     found, against, unshown = numbers.pk_causes(pk, shuffled, recal)
-    short = lambda items: [cause.split(" (")[0] for cause, _ in items]  # noqa: E731
+    short = lambda items: [cause.split(" (")[0] for cause, _ in items]  # noqa: E731 - the causes' short names, one line
     assert short(found) == ["how many images of one identity a batch of 64 holds",
                             "BatchNorm's training statistics over a batch of few identities"]
     assert short(against) == ["too few identities per update for the margin head"]
