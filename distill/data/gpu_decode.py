@@ -17,9 +17,9 @@ Which pixels come out:
   CPU scalar never enters).
 - The JPEG decode itself is NOT bit-identical on CUDA: nvJPEG (as torchvision creates it, default flags) has
   its own IDCT and does not use libjpeg-turbo's smooth ("fancy") chroma upsampling, so pixels of 4:2:0/4:2:2
-  JPEGs typically differ from the CPU decoder by a few levels near colour edges. Not measured here (no GPU on
-  the machine this was written on); `benchmarks/bench_data.py --decode cuda` prints the max and mean
-  difference against the CPU decoder. A teacher cache filled from CPU-decoded images therefore holds the
+  JPEGs typically differ from the CPU decoder by a few levels near colour edges (the test suite runs on a CPU
+  and does not measure it); `benchmarks/bench_data.py --decode cuda` prints the max and mean difference
+  against the CPU decoder. A teacher cache filled from CPU-decoded images therefore holds the
   teacher's view of very slightly different pixels than a cuda-decoded student sees.
 - Resize (stored size != data.input_size) on CUDA runs `F.interpolate(bicubic, antialias)` on the GPU:
   same formula, different kernel and summation order, so results are expected to differ from the CPU's by
