@@ -54,7 +54,7 @@ def _config(args, distill: dict | None = None):
 def throughput(cfg, data, out, alpha, teacher=None, cache=None, warmup: int = WARMUP) -> float:
     """Median of the per-step images/s the engine logs for one stage, after `warmup` steps."""
     spec = StageSpec("bench", "vargfacenet", cfg.student.model_kwargs(cfg.data.input_size), cfg.train, alpha=alpha)
-    run_stage(cfg, spec, out, data, {}, teacher=teacher, cache=cache, progress=False, log=lambda *_: None)
+    run_stage(cfg, spec, out, data, {}, teacher=teacher, cache=cache, progress=False)
     rates = [m["train/images_per_s"] for m in read_metrics(out) if "train/images_per_s" in m][warmup:]
     return statistics.median(rates)
 
@@ -80,7 +80,7 @@ def kd_rates(cfg, data, tmp: str, teacher, warmup: int = WARMUP, feature_losses:
     size, dim = cfg.data.input_size, cfg.student.embedding_size
     cheap = teachers.FrozenTeacher(nn.Sequential(nn.Flatten(), nn.Linear(3 * size ** 2, dim)),
                                    {"kind": "bench"}, size, dim)
-    cache = build_cache(cheap, data, os.path.join(tmp, "cache"), progress=False, log=lambda *_: None)
+    cache = build_cache(cheap, data, os.path.join(tmp, "cache"), progress=False)
     cached = throughput(cfg, data, os.path.join(tmp, "cached"), 7.0, cache=cache, warmup=warmup)
     online = throughput(cfg, data, os.path.join(tmp, "online"), 7.0, teacher=teacher, warmup=warmup)
     rates = {"plain_img_s": plain, "cached_img_s": cached, "online_img_s": online,

@@ -29,6 +29,7 @@ rebuilt from scratch, never mixed, and the log says why.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -123,7 +124,8 @@ def record_identity(directory: str, identity: dict) -> None:
         atomic_write_json(path, {**manifest, "teacher_identity": identity})
 
 
-def _prepare(directory: str, key: dict, world_size: int, batch_size: int, log, identity=None) -> dict:
+def _prepare(directory: str, key: dict, world_size: int, batch_size: int, log: logging.Logger,
+             identity=None) -> dict:
     """Rank 0, before any process embeds: the manifest of a finished cache (reused), of an unfinished build of
     this teacher, data and slicing (resumed), or of a new build (stale or foreign rows are never mixed in: a
     new build id, the progress files removed, the file allocated afresh)."""
@@ -152,11 +154,11 @@ def _prepare(directory: str, key: dict, world_size: int, batch_size: int, log, i
     if manifest is not None and why is None:  # an unfinished build of this teacher, data and slicing
         done = [_slice_done(directory, manifest, r, world_size, n) for r in range(world_size)]
         ranks = f" ({', '.join(f'rank {r}: {d}' for r, d in enumerate(done))})" if world_size > 1 else ""
-        log(f"teacher cache: resuming an interrupted build at {sum(done)}/{n} rows{ranks}")
+        log.info(f"teacher cache: resuming an interrupted build at {sum(done)}/{n} rows{ranks}")
         allocate(emb_path, nbytes, fresh=False)
         return manifest
     if why is not None:
-        log(f"teacher cache: {why}, rebuilding {directory} from scratch")
+        log.info(f"teacher cache: {why}, rebuilding {directory} from scratch")
     manifest = {"key": key, "world_size": world_size, "batch_size": batch_size, "build": uuid.uuid4().hex,
                 "rows_done": 0, **({"teacher_identity": identity} if identity is not None else {})}
     atomic_write_json(manifest_path, manifest)  # the new build id first: older progress files no longer count
@@ -273,8 +275,8 @@ def _finish(directory: str, manifest: dict, world_size: int, seconds: float) -> 
 
 
 def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_workers: int = 0,
-                progress: bool = True, flush_every: int = 20, log=print, rank: int | None = None,
-                world_size: int | None = None, identity: dict | None = None) -> TeacherCache:
+                progress: bool = True, flush_every: int = 20, logger: logging.Logger | None = None,
+                rank: int | None = None, world_size: int | None = None, identity: dict | None = None) -> TeacherCache:
     """Fill (or reuse, or resume) the cache of `teacher` over `dataset` in `directory`, on every rank.
 
     `teacher`: the online teacher signal that fills the rows (teachers/signal.py: OnlineTeacher, with the run's
@@ -287,7 +289,9 @@ def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_wor
     A finished cache is byte-identical whatever the number of processes that built it (same teacher, data and
     batch_size), so any number reuses it; an unfinished one is resumed only by the same teacher, data,
     world size and batch size, and rebuilt from scratch otherwise (the log says why).
-    `identity`: the teacher's identity (teachers/prepare.py), recorded in the manifest of a new build."""
+    `identity`: the teacher's identity (teachers/prepare.py), recorded in the manifest of a new build.
+    `logger`: where the build's notes go (the run's; default this module's logger)."""
+    log = logger or logging.getLogger(__name__)
     online = (teacher if isinstance(teacher, OnlineTeacher) else OnlineTeacher(teacher)).for_cache()
     rank = ddp.rank() if rank is None else rank
     world = ddp.world_size() if world_size is None else world_size

@@ -196,5 +196,5 @@ def prepare_cache(cfg, teacher, dataset, run_dir: str, logger: logging.Logger, p
     recursive.teacher: previous), in that folder; its manifest's key (the teacher's weights) is its identity.
     What the build reports goes to `logger`."""
     return build_cache(teacher, dataset, directory or RunLayout(run_dir).teacher_cache,
-                       num_workers=cfg.data.num_workers, progress=progress, log=logger.info,
+                       num_workers=cfg.data.num_workers, progress=progress, logger=logger,
                        identity=None if directory else teacher_identity(cfg, dataset))

@@ -16,6 +16,7 @@ torch.set_num_threads(1)
 
 from test_teacher_cache import BATCH, CountingTeacher, _teacher, cache_data
 
+from distill.run.context import run_logger
 from distill.utils.dist import barrier, init_distributed, rank
 from teachers.cache import build_cache
 
@@ -29,8 +30,8 @@ def main(root: str) -> None:
     def build(name, teacher, **kwargs):
         logs, error = [], None
         try:
-            build_cache(teacher, data, os.path.join(root, name), batch_size=BATCH, progress=False, log=logs.append,
-                        **kwargs)
+            build_cache(teacher, data, os.path.join(root, name), batch_size=BATCH, progress=False,
+                        logger=run_logger(logs.append), **kwargs)
         except (Exception, KeyboardInterrupt) as err:
             error = f"{type(err).__name__}: {err}"
         return {"images": teacher.images, "logs": logs, "error": error}

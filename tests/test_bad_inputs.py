@@ -317,15 +317,18 @@ def test_a_damaged_teacher_cache_is_rebuilt_with_one_note(tmp_path, damage):
     from teachers.cache import build_cache
     torch.manual_seed(0)
     teacher = tame(teachers.build_teacher({"arch": "iresnet18", "input_size": 16, "embedding_size": 8}))
-    first = build_cache(teacher, TinyFaces(classes=2, per_class=4), str(tmp_path), progress=False, log=lambda *_: None)
+    first = build_cache(teacher, TinyFaces(classes=2, per_class=4), str(tmp_path), progress=False)
     rows = first.emb.copy()
     if damage == "manifest":
         (tmp_path / "manifest.json").write_text('{"key": ')  # cut short by a crash
     else:
         data = (tmp_path / "embeddings.f16").read_bytes()
         (tmp_path / "embeddings.f16").write_bytes(data[: len(data) // 2])  # a truncated file
+    from distill.run.context import run_logger
+
     notes = []
-    again = build_cache(teacher, TinyFaces(classes=2, per_class=4), str(tmp_path), progress=False, log=notes.append)
+    again = build_cache(teacher, TinyFaces(classes=2, per_class=4), str(tmp_path), progress=False,
+                        logger=run_logger(notes.append))
     rebuilt = [n for n in notes if "rebuilding" in n]
     assert len(rebuilt) == 1 and ("unreadable" in rebuilt[0] if damage == "manifest" else "file size" in rebuilt[0])
     assert (again.emb == rows).all()  # the same rows again

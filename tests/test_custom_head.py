@@ -53,7 +53,7 @@ def registered():
 def test_a_registered_head_is_built_from_the_margin_section_and_trains(registered, tmp_path):
     cfg = tiny_config(margin={"margin": NAME, "s": 16.0, "m": 0.35}, train={"max_steps": 4, "log_every": 2})
     spec = StageSpec("baseline", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=0.0)
-    run_stage(cfg, spec, str(tmp_path), TinyFaces(), {}, progress=False, log=lambda *_: None)
+    run_stage(cfg, spec, str(tmp_path), TinyFaces(), {}, progress=False)
 
     # the config check built a tiny one (its values refused at load, not at stage start); the engine built this
     # head, not the softmax fallback

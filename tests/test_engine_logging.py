@@ -49,7 +49,7 @@ def recorded(monkeypatch):
 def _train(out, **train):
     cfg = tiny_config(train={"max_steps": 4, "checkpoint_every": 4, **train})
     spec = StageSpec("gen1", "vargfacenet", MODEL_KWARGS, cfg.train, alpha=7.0, generation=1)
-    run_stage(cfg, spec, str(out), TinyFaces(), {}, teacher=_Teacher(), progress=False, log=lambda *_: None)
+    run_stage(cfg, spec, str(out), TinyFaces(), {}, teacher=_Teacher(), progress=False)
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 

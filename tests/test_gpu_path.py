@@ -11,6 +11,7 @@ from tiny import TinyFaces, tiny_config, whole_and_resumed
 import distill.train.setup
 import distill.utils.device
 import teachers
+from distill.run.context import run_logger
 from distill.train.engine import StageSpec, _build, run_stage
 from distill.train.epoch_plan import StagePlan, plan_epoch
 from distill.utils.checkpoint import extract_state_dict, safe_torch_load
@@ -162,13 +163,14 @@ def test_prefetch_factor_below_one_is_refused():
 def test_the_log_says_the_online_teacher_runs_under_the_students_autocast(tmp_path):
     lines = []
     cfg = tiny_config(train={"max_steps": 1, "checkpoint_every": 1, "amp": "bf16"}, teacher={"cache": False})
-    _train(cfg, tmp_path / "online", log=lines.append)
+    _train(cfg, tmp_path / "online", logger=run_logger(lines.append))
     assert any("gen1: on cpu, 1 torch thread" in ln and ", bfloat16 autocast" in ln
                and "online teacher under bfloat16 autocast (the same as the student)" in ln
                for ln in lines), lines
     quiet = []
     cfg = tiny_config(train={"max_steps": 1, "checkpoint_every": 1})
-    run_stage(cfg, _spec(cfg, alpha=0.0), str(tmp_path / "plain"), TinyFaces(), {}, progress=False, log=quiet.append)
+    run_stage(cfg, _spec(cfg, alpha=0.0), str(tmp_path / "plain"), TinyFaces(), {}, progress=False,
+              logger=run_logger(quiet.append))
     assert not any("autocast" in ln for ln in quiet)
 
 

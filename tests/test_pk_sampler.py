@@ -167,7 +167,7 @@ def _stage(tmp, data, **data_cfg):
     spec = StageSpec("gen1", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=7.0, generation=1)
     torch.manual_seed(123)
     teacher = teachers.build_teacher(cfg.teacher.spec())
-    return run_stage(cfg, spec, str(tmp), data, {}, teacher=teacher, progress=False, log=lambda *_: None)
+    return run_stage(cfg, spec, str(tmp), data, {}, teacher=teacher, progress=False)
 
 
 def test_training_with_images_per_id_resumes_bit_for_bit_and_refuses_another_k(tmp_path):

@@ -92,7 +92,7 @@ def test_a_cached_rkd_stage_resumes_bit_identically(tmp_path, monkeypatch):
     spec = StageSpec("gen1", "vargfacenet", cfg.student.model_kwargs(16), cfg.train, alpha=1.0, generation=1)
     torch.manual_seed(5)
     cache = build_cache(tame(teachers.build_teacher(cfg.teacher.spec())), TinyFaces(), str(tmp_path / "cache"),
-                        progress=False, log=lambda *_: None)
+                        progress=False)
     whole, stopped, resumed = whole_and_resumed(cfg, spec, None, tmp_path, monkeypatch, cache=cache)
     assert stopped["step"] < whole["step"] == resumed["step"] == 6
     assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])

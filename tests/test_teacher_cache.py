@@ -13,6 +13,7 @@ import torch
 from tiny import TinyFaces
 
 import teachers
+from distill.run.context import run_logger
 from distill.utils.errors import DistillError
 from teachers.cache import build_cache, rank_slice
 from teachers.signal import OnlineTeacher
@@ -70,13 +71,13 @@ def test_reused_when_fresh_and_rebuilt_when_stale(tmp_path):
 
     other = CountingTeacher(_teacher(seed=1))  # other weights -> other fingerprint
     logs = []
-    build_cache(other, data, str(tmp_path), batch_size=8, progress=False, log=logs.append)
+    build_cache(other, data, str(tmp_path), batch_size=8, progress=False, logger=run_logger(logs.append))
     assert other.images == 20 and "stale" in logs[0] and "teacher" in logs[0]
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["key"]["teacher"] == other.fingerprint() and manifest["rows_done"] == 20
 
     changed = TinyFaces(classes=4, per_class=5, seed=9)
-    build_cache(other, changed, str(tmp_path), batch_size=8, progress=False, log=logs.append)
+    build_cache(other, changed, str(tmp_path), batch_size=8, progress=False, logger=run_logger(logs.append))
     assert other.images == 40 and "dataset" in logs[-1]
 
 
@@ -89,7 +90,7 @@ def test_interrupted_build_resumes_and_equals_a_fresh_build(tmp_path):
     assert json.loads((tmp_path / "a" / "manifest.json").read_text())["rows_done"] == 12
     resumed = CountingTeacher(inner)
     logs = []
-    a = build_cache(resumed, data, str(tmp_path / "a"), batch_size=4, progress=False, log=logs.append)
+    a = build_cache(resumed, data, str(tmp_path / "a"), batch_size=4, progress=False, logger=run_logger(logs.append))
     assert resumed.images == 40 - 12 and "resuming" in logs[0]
     b = build_cache(inner, data, str(tmp_path / "b"), batch_size=4, progress=False)
     assert (a.emb == b.emb).all()
@@ -156,7 +157,7 @@ def test_an_unfinished_build_of_another_teacher_is_rebuilt_not_resumed(tmp_path)
         build_cache(CountingTeacher(_teacher(), fail_after=2), data, str(tmp_path / "a"), batch_size=BATCH,
                     flush_every=1, progress=False)
     other, logs = CountingTeacher(_teacher(seed=1)), []
-    build_cache(other, data, str(tmp_path / "a"), batch_size=BATCH, progress=False, log=logs.append)
+    build_cache(other, data, str(tmp_path / "a"), batch_size=BATCH, progress=False, logger=run_logger(logs.append))
     assert other.images == 40 and "stale (changed: teacher)" in logs[0] and "from scratch" in logs[0]
     build_cache(_teacher(seed=1), data, str(tmp_path / "b"), batch_size=BATCH, progress=False)
     assert _bytes(tmp_path / "a") == _bytes(tmp_path / "b")
@@ -217,7 +218,8 @@ def test_an_unfinished_build_of_world_size_2_is_rebuilt_by_world_size_1(two_rank
     assert [r["partial"]["images"] for r in results] == [18, 6]
     shutil.copytree(root / "partial", tmp_path / "partial")
     teacher, logs = CountingTeacher(_teacher()), []
-    build_cache(teacher, cache_data(), str(tmp_path / "partial"), batch_size=BATCH, progress=False, log=logs.append)
+    build_cache(teacher, cache_data(), str(tmp_path / "partial"), batch_size=BATCH, progress=False,
+                logger=run_logger(logs.append))
     assert teacher.images == 40  # nothing of the 2-process slices is mixed in
     assert "started with world size 2 and this run has world size 1" in logs[0] and "from scratch" in logs[0]
     assert _bytes(tmp_path / "partial") == one
@@ -233,7 +235,7 @@ def test_a_build_under_autocast_is_keyed_by_it_and_close_to_float32(tmp_path):
     f32 = full.lookup(torch.arange(20), torch.zeros(20, dtype=torch.bool)).clone()
     del full
     bf16 = build_cache(OnlineTeacher(counting, amp_dtype=torch.bfloat16), data, str(tmp_path), batch_size=8,
-                       progress=False, log=logs.append)
+                       progress=False, logger=run_logger(logs.append))
     assert counting.images == 40 and "stale" in logs[0] and "autocast" in logs[0]
     assert json.loads((tmp_path / "manifest.json").read_text())["key"]["autocast"] == "bfloat16"
     got = bf16.lookup(torch.arange(20), torch.zeros(20, dtype=torch.bool))

@@ -15,6 +15,7 @@ from tiny import TinyFaces, stop_at_first_checkpoint, tiny_config
 
 import distill.utils.device
 import distill.utils.threads
+from distill.run.context import run_logger
 from distill.train.engine import StageSpec, run_stage
 from distill.utils.device import amp_settings
 from distill.utils.errors import ConfigError
@@ -114,7 +115,7 @@ def test_a_stage_with_the_default_workers_runs_none_on_a_cpu(workers, planned, t
     lines, threads = [], torch.get_num_threads()
     cfg = tiny_config(data={"num_workers": workers}, train={"max_steps": 2})
     try:
-        run_stage(cfg, _spec(cfg), str(tmp_path), TinyFaces(), {}, progress=False, log=lines.append)
+        run_stage(cfg, _spec(cfg), str(tmp_path), TinyFaces(), {}, progress=False, logger=run_logger(lines.append))
     finally:
         torch.set_num_threads(threads)
     assert f"baseline: on cpu, {planned}" in lines, lines
@@ -123,7 +124,7 @@ def test_a_stage_with_the_default_workers_runs_none_on_a_cpu(workers, planned, t
 def test_the_stage_logs_and_records_its_thread_count(tmp_path):
     lines = []
     cfg = tiny_config(train={"max_steps": 2, "threads": 1})
-    result = run_stage(cfg, _spec(cfg), str(tmp_path), TinyFaces(), {}, progress=False, log=lines.append)
+    result = run_stage(cfg, _spec(cfg), str(tmp_path), TinyFaces(), {}, progress=False, logger=run_logger(lines.append))
     assert any(ln.startswith("baseline: on cpu, 1 torch thread (set by train.threads)") for ln in lines), lines
     assert result["threads"] == 1 and json.loads((tmp_path / "result.json").read_text())["threads"] == 1
     assert torch.load(tmp_path / "last.pt", weights_only=True)["threads"] == 1
@@ -140,7 +141,7 @@ def test_a_stage_resumes_with_the_thread_count_it_started_with(tmp_path, monkeyp
     monkeypatch.setattr(distill.utils.threads, "busy_cores", lambda window=0.2: 0.0)
     lines = []
     try:
-        result = run_stage(cfg, spec, str(tmp_path), TinyFaces(), {}, progress=False, log=lines.append)
+        result = run_stage(cfg, spec, str(tmp_path), TinyFaces(), {}, progress=False, logger=run_logger(lines.append))
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(1)

@@ -233,4 +233,4 @@ def test_a_full_disk_is_a_cache_error_before_the_teacher_runs(finished, tmp_path
     with pytest.raises(CacheSpaceError, match=rf"cannot allocate the teacher cache \(No space left on device\): it "
                                               rf"needs {len(train) * 2 * 32 * 2:,} bytes .* are free.*"
                                               rf"teacher.cache: false"):
-        build_cache(Teacher(), train, str(tmp_path / "cache"), progress=False, log=lambda *_: None)
+        build_cache(Teacher(), train, str(tmp_path / "cache"), progress=False)

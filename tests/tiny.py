@@ -53,7 +53,7 @@ def tame(model):
     return model
 
 
-def stop_at_first_checkpoint(cfg, spec, out, monkeypatch, teacher=None, log=lambda *_: None, cache=None) -> None:
+def stop_at_first_checkpoint(cfg, spec, out, monkeypatch, teacher=None, cache=None) -> None:
     """Run one stage in `out` and stop it (KeyboardInterrupt) right after its first last.pt is written."""
     import pytest
 
@@ -69,7 +69,7 @@ def stop_at_first_checkpoint(cfg, spec, out, monkeypatch, teacher=None, log=lamb
     with monkeypatch.context() as patch:
         patch.setattr(distill.train.engine, "save_state", stop_after_first)
         with pytest.raises(KeyboardInterrupt):
-            run_stage(cfg, spec, str(out), TinyFaces(), {}, teacher=teacher, cache=cache, progress=False, log=log)
+            run_stage(cfg, spec, str(out), TinyFaces(), {}, teacher=teacher, cache=cache, progress=False)
 
 
 def whole_and_resumed(cfg, spec, teacher, out, monkeypatch, cache=None) -> tuple:
@@ -79,7 +79,7 @@ def whole_and_resumed(cfg, spec, teacher, out, monkeypatch, cache=None) -> tuple
     from distill.utils.checkpoint import safe_torch_load
 
     run_stage(cfg, spec, str(out / "whole"), TinyFaces(), {}, teacher=teacher, cache=cache, progress=False)
-    stop_at_first_checkpoint(cfg, spec, out / "resumed", monkeypatch, teacher=teacher, log=print, cache=cache)
+    stop_at_first_checkpoint(cfg, spec, out / "resumed", monkeypatch, teacher=teacher, cache=cache)
     stopped = safe_torch_load(out / "resumed" / "last.pt")
     run_stage(cfg, spec, str(out / "resumed"), TinyFaces(), {}, teacher=teacher, cache=cache, progress=False)
     return safe_torch_load(out / "whole" / "last.pt"), stopped, safe_torch_load(out / "resumed" / "last.pt")

@@ -81,6 +81,6 @@ def dry_run(cfg: ExperimentConfig, run_dir: str | None = None, logger=None) -> N
             if spec.init_from and not os.path.exists(spec.init_from) and spec.generation == 1:
                 raise ConfigError(f"student.init: {spec.init_from} does not exist")
             run_stage(small, spec, os.path.join(tmp, spec.name), data, val, teacher=teacher, progress=False,
-                      log=ctx.log.info)
+                      logger=ctx.log)
             log.info(f"dry run: {spec.name} ok (2 steps, {spec.arch} at {cfg.data.input_size}px)")
     log.info("dry run passed: files exist, shapes agree, every stage trains")

@@ -175,7 +175,7 @@ def run_student(ctx: RunContext, cfg: ExperimentConfig, stage: PlannedStage, tra
         cache = teacher_cache(ctx, cfg, teacher, train_set, ctx.layout.stage(
             spec.record[TEACHER_STAGE]).teacher_cache_as_teacher) if cache is not None else None
     result = run_stage(cfg, spec, layout.dir, train_set, val, teacher=teacher, cache=cache, progress=ctx.progress,
-                       log=ctx.log.info, tracker=tracker)
+                       logger=ctx.log, tracker=tracker)
     return hooks.after(result, _student_loader(layout.student))
 
 

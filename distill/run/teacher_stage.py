@@ -45,7 +45,7 @@ def train_teacher(ctx: RunContext, cfg, stage: PlannedStage, train_set, val, ope
         return
     ctx.log.info(f"teacher: training {cfg.teacher.arch} ({cfg.teacher.model}) as stage 0")
     spec = dataclasses.replace(stage.spec, record={IDENTITY_KEY: teacher_identity(cfg, train_set)})
-    run_stage(cfg, spec, layout.dir, train_set, val, progress=ctx.progress, log=ctx.log.info,
+    run_stage(cfg, spec, layout.dir, train_set, val, progress=ctx.progress, logger=ctx.log,
               tracker=open_tracker() if open_tracker else None)
 
 

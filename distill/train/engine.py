@@ -29,6 +29,7 @@ save_state writes the state to last.pt (distill/train/state.py).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import time
@@ -338,10 +339,12 @@ def _after_update(st: _Stage, window: LogWindow, val_sets: dict, tracker: Tracke
 
 def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, val_sets: dict,
               teacher=None, cache=None, tracker: Tracker | None = None, progress: bool = True,
-              log=print) -> dict:
+              logger: logging.Logger | None = None) -> dict:
     """Train one stage to the end (or resume it) and return its result (also written to result.json).
     `teacher`: the stage's teacher signal (teachers/signal.py), or a frozen teacher, run online or, with `cache`
-    (its TeacherCache), read from the cache (teachers.signal.stage_signal); needed when spec.alpha > 0."""
+    (its TeacherCache), read from the cache (teachers.signal.stage_signal); needed when spec.alpha > 0.
+    `logger`: where the stage's lines go (the run's: distill/run/context.py; default this module's logger)."""
+    log = logger or logging.getLogger(__name__)
     os.makedirs(stage_dir, exist_ok=True)
     st = _build(cfg, spec, stage_dir, train_set, teacher, cache)
     st.threads = apply_threads(plan_threads(loader_workers(cfg.data.num_workers, st.device.type), spec.train.threads))
@@ -349,7 +352,7 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
         resume_state(st, log)  # a stage resumes with the thread count it started with (its digits depend on it)
     how = describe_precision(spec.name, spec.train, st.device, st.signal.online if st.signal else None, st.model)
     if st.rank == 0:
-        log(f"{spec.name}: on {st.device}, {st.threads.describe()}" + (f", {how}" if how else ""))
+        log.info(f"{spec.name}: on {st.device}, {st.threads.describe()}" + (f", {how}" if how else ""))
     tracker = tracker or Tracker(stage_dir, rank=st.rank)
     tracker.truncate_after(st.step)
     with preemption_signals() as stop, taps_for(st) as st.taps, tqdm(  # taps: hooks off after (teacher reused)

@@ -5,6 +5,7 @@ state, optimizer, scheduler, scaler, step counters, best score and every RNG sta
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 from distill.config.schema import to_dict
 from distill.utils.checkpoint import atomic_torch_save, capture_rng_state, restore_rng_state, safe_torch_load
@@ -14,8 +15,9 @@ from distill.utils.threads import apply_threads
 TRAIN_FORMAT = "facedistill.train/1"
 
 
-def resume_state(st, log) -> None:
-    """Load last.pt into the freshly built stage: weights, optimizer, scheduler, scaler, counters, RNG."""
+def resume_state(st, log: logging.Logger) -> None:
+    """Load last.pt into the freshly built stage: weights, optimizer, scheduler, scaler, counters, RNG; what it
+    notes goes to `log`."""
     path, name = st.paths.last, st.spec.name
     try:
         ck = safe_torch_load(path, map_location="cpu")
@@ -44,9 +46,9 @@ def resume_state(st, log) -> None:
         if st.threads.source == "policy":  # the digits depend on the thread count: keep the one it started with
             st.threads = apply_threads(dataclasses.replace(st.threads, threads=started, source="its last.pt"))
         else:
-            log(f"{name}: note: started with {started} torch threads, resumes with {st.threads.threads} "
-                f"({st.threads.source}): the rest of the stage will not be bit-identical to an uninterrupted run")
-    log(f"{st.spec.name}: resuming from {path} at step {st.step}/{st.total_steps}")
+            log.info(f"{name}: note: started with {started} torch threads, resumes with {st.threads.threads} "
+                     f"({st.threads.source}): the rest of the stage will not be bit-identical to an uninterrupted run")
+    log.info(f"{st.spec.name}: resuming from {path} at step {st.step}/{st.total_steps}")
 
 
 def save_state(st) -> None:
