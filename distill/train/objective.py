@@ -18,7 +18,12 @@ def stage_objective(cfg, spec, head, model, signal, device) -> DistillationObjec
     project = None
     if cfg.distill.project == "linear" and spec.alpha > 0 and signal is not None:
         project = (model_embedding_size(model), int(signal.embedding_size))
-    objective = DistillationObjective(head, terms=stage_terms(cfg.distill, spec.alpha), project=project)
+    terms = stage_terms(cfg.distill, spec.alpha)
+    if signal is not None:  # what the terms need against what this stage has (the sizes: preflight's, and each
+        # loss's own shape check; a teacher given to run_stage need not state its embedding size)
+        check_terms(terms, Setting(cached=signal.online is None, centres=bool(spec.centres),
+                                   images_per_id=cfg.data.images_per_id or 0, batch_size=spec.train.batch_size))
+    objective = DistillationObjective(head, terms=terms, project=project)
     objective.to(device)
     prepare_feature_loss(objective, model, signal, device)
     prepare_centres(objective, head, spec)
