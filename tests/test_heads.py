@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from distill.losses.heads import HEADS, create_head, shard_range
+from distill.losses.heads import HEADS, create_head
+from distill.losses.margin_head import shard_range
 from distill.utils.errors import ConfigError, UnknownNameError
 
 

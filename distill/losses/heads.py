@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from distill.losses.margin_head import MarginHead, shard_range  # noqa: F401  (shard_range: part of this API)
+from distill.losses.margin_head import MarginHead
 from distill.utils.errors import ConfigError, UnknownNameError
 
 # --------------------------------------------------------------------------- the registry
