@@ -29,8 +29,8 @@ the class attribute `requires`; the objective calls it accordingly:
     otherwise                     loss(student, teacher), the student projected to the teacher's size when
                                   distill.project: linear
 The rest of a Requirements value (images_per_id, sizes, min_batch) is what the experiment must give; one
-function checks it (requirements.term_problems: the config checks, preflight, doctor and the stage's objective
-call it). The engine knows none of this: it calls the objective, and takes the maps a term asks for.
+function checks it (distill/losses/term_checks.py: term_problems; the config checks, preflight, doctor and the
+stage's objective call it). The engine knows none of this: it calls the objective, and takes the maps a term asks for.
 """
 
 from __future__ import annotations
