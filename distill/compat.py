@@ -6,7 +6,7 @@ the function that maps it. Light: importing this module imports no torch (it wor
 
 Entries (one section each below):
 
-- Model state-dict keys (`STATE_DICT_RENAMES`; `upgrade_state_dict`, `state_dict_pre_hook`):
+- Model state-dict keys (`STATE_DICT_RENAMES`; `upgrade_state_dict`, `register_legacy_keys`):
   VarGFaceNet `head.*` -> `stem.*` and `features.*` -> `embedding_norm.*`; TimmBackbone `features.*` ->
   `embedding_norm.*`. Applied to every strict load (distill.utils.checkpoint.load_state_dict_strict) and to a
   plain `model.load_state_dict` (last.pt's model state), so student.pt, last.pt and teacher checkpoints written
@@ -77,9 +77,19 @@ def upgrade_state_dict(model, state_dict: dict) -> dict:
     return out
 
 
+def register_legacy_keys(module) -> None:
+    """Make a plain `module.load_state_dict(old)` rename the module's legacy keys first (`state_dict_pre_hook`);
+    called by the constructors of the architectures in STATE_DICT_RENAMES."""
+    register = getattr(module, "register_load_state_dict_pre_hook", None)  # public in recent torch only
+    if register is not None:
+        register(state_dict_pre_hook)
+    else:
+        module._register_load_state_dict_pre_hook(state_dict_pre_hook, with_module=True)
+
+
 def state_dict_pre_hook(module, state_dict, prefix, *_) -> None:
-    """A load_state_dict pre-hook (`module.register_load_state_dict_pre_hook(state_dict_pre_hook)`): renames the
-    module's legacy keys before torch matches them, so a plain `model.load_state_dict(old)` loads too (torch
+    """A load_state_dict pre-hook (`register_legacy_keys`): renames the module's legacy keys before torch matches
+    them, so a plain `model.load_state_dict(old)` loads too (torch
     hands a nested module a filtered copy without `_metadata`; its BatchNorms then read no version, which only
     matters for files older than `num_batches_tracked`)."""
     _rename_in_place(state_dict, prefix, _renames_of(module))

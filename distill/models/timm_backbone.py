@@ -6,7 +6,7 @@ import timm
 import torch
 from torch import nn
 
-from distill.compat import state_dict_pre_hook
+from distill.compat import register_legacy_keys
 from distill.models.registry import check_name, register_model_family
 
 
@@ -29,7 +29,7 @@ class TimmBackbone(nn.Module):
         self.embedding_norm = nn.BatchNorm1d(embedding_size, eps=1e-5)
         nn.init.constant_(self.embedding_norm.weight, 1.0)
         self.embedding_norm.weight.requires_grad = False
-        self.register_load_state_dict_pre_hook(state_dict_pre_hook)  # state dicts with the legacy key names
+        register_legacy_keys(self)  # a plain load_state_dict of a state dict with the legacy key names
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.embedding_norm(self.fc(self.backbone(x)))

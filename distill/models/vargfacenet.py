@@ -31,7 +31,7 @@ import torch
 from timm.models import checkpoint_seq
 from torch import nn
 
-from distill.compat import state_dict_pre_hook
+from distill.compat import register_legacy_keys
 from distill.models.contract import FaceModelContract, check_in_chans, face_pretrained_cfg, fix_gamma
 from distill.models.registry import register_model
 
@@ -244,7 +244,7 @@ class VarGFaceNet(FaceModelContract, nn.Module):
         self._init_contract(num_classes, widths[3], embedding_size, info,
                             face_pretrained_cfg(input_size, self.feature_size, "stem.0", num_classes))
         self._init_weights()
-        self.register_load_state_dict_pre_hook(state_dict_pre_hook)  # state dicts with the legacy key names
+        register_legacy_keys(self)  # a plain load_state_dict of a state dict with the legacy key names
 
     def _init_weights(self):
         for m in self.modules():
