@@ -12,8 +12,11 @@ Entries (one section each below):
   plain `model.load_state_dict` (last.pt's model state), so student.pt, last.pt and teacher checkpoints written
   with the old keys load unchanged. Teacher fingerprints keep hashing the old key names
   (`fingerprint_state_dict`), so the teacher caches keyed by them stay valid.
-- Constructor arguments in student.pt / last.pt (`MODEL_KWARG_RENAMES`; `upgrade_model_kwargs`): IResNet
-  `num_features` (arcface_torch's name) -> `embedding_size`.
+- Constructor arguments in student.pt (`MODEL_KWARG_RENAMES`; `upgrade_model_kwargs`): IResNet `num_features`
+  (arcface_torch's name) -> `embedding_size`.
+- FAR keys of result.json / summary.json in eval_ijbc.py's spelling ('1e-06', '0.0001') -> far_key's ('1e-6',
+  '1e-4'): distill.eval.far.normalise_results (kept beside far_key, whose rule it applies; this module imports
+  nothing of distill).
 - Teacher specs (`upgrade_legacy_teacher`), in a config's `teacher:` and `teachers.build_teacher`'s argument:
   `kind: iresnet, depth: N` -> `arch: iresnetN`; `kind: timm, name: X` -> `arch: timm/X`; `kind: facedistill`
   (`student:` / `model_kwargs:`) -> `arch:` with its arguments directly under `teacher`; `kind: onnx,
@@ -108,8 +111,8 @@ def fingerprint_state_dict(model) -> dict:
 
 # ------------------------------------------------------------------------------ constructor arguments in files
 
-# student.pt's `kwargs` and last.pt's `model_kwargs` rebuild the model; argument names that files still hold,
-# per architecture family (a canonical registry name's prefix) -> the current argument.
+# student.pt's `kwargs` rebuild the model; argument names that files still hold, per architecture family (a
+# canonical registry name's prefix) -> the current argument.
 MODEL_KWARG_RENAMES: dict[str, dict[str, str]] = {
     "iresnet": {"num_features": "embedding_size"},  # arcface_torch's name for the embedding size
 }
