@@ -173,11 +173,11 @@ def _check_terms(cfg, where) -> None:
     options those the loss takes, and what its Requirements ask of the experiment (distill/losses/term_checks.py:
     feature maps of a torch teacher run online, at stages both models have; repeated identities; the batch size;
     the teacher's class centres); at most one term owns the classification."""
-    short = cfg.distill.terms is None
-    if short and cfg.distill.alpha < 0:
-        raise ConfigError(f"{where('distill.alpha')}: key 'distill.alpha' must be >= 0, got {cfg.distill.alpha}")
     terms = config_terms(cfg.distill)
     for term in terms:
+        short = term.key == "distill.loss"  # the short form's one term (distill.loss + distill.alpha)
+        if short and term.alpha < 0:
+            raise ConfigError(f"{where('distill.alpha')}: key 'distill.alpha' must be >= 0, got {cfg.distill.alpha}")
         src = where(term.key.split("[")[0])
         loss_key = term.key if short else term.key + ".loss"
         if term.loss not in DISTILL_LOSSES:
