@@ -12,12 +12,10 @@ from PIL import Image, UnidentifiedImageError
 
 from distill.utils.errors import DataFormatError
 
-# Decoder choice. JPEG goes through torchvision.io.decode_jpeg, everything else through PIL.
-# Measured on this project's fixture JPEGs (112x112, MXNet/OpenCV-encoded), one thread, a busy
-# 2-core CPU, best of 7 interleaved rounds of 1,200 decodes to a 3xHxW tensor: PIL 2,500-3,400
-# img/s, torchvision.io.decode_jpeg 4,500-7,500 img/s as called here (about 2x PIL in every run).
-# Both link libjpeg-turbo with the same default IDCT and upsampling, so both give pixels
-# SHA-1-identical to OpenCV's (the fixtures' truth): the choice changes speed, never pixels.
+# Decoder choice. JPEG goes through torchvision.io.decode_jpeg, everything else through PIL: on the
+# fixture JPEGs decode_jpeg as called here is about 2x PIL (docs/measurements.md). Both link libjpeg-turbo
+# with the same default IDCT and upsampling, so both give pixels SHA-1-identical to OpenCV's (the fixtures'
+# truth): the choice changes speed, never pixels.
 # torchvision 0.29 marks its image codecs deprecated in favour of torchcodec (not a dependency);
 # decode_jpeg exists in every torchvision setup.cfg admits, and without it we fall back to PIL
 # with identical output. Its per-call DeprecationWarning is silenced locally (a module-level

@@ -6,16 +6,12 @@ The FP32 file written by distill.deploy.export (BatchNorm folded, input `input.1
 ranges calibrated on N images of a training set (RecordIO folder or .rec, an image-folder tree, or the
 synthetic set, which is written as RecordIO). The ranges (DEFAULT_SETTINGS, calibration "images",
 image_ranges) cover each tensor entirely on 99% of the calibration images: a training set holds a few
-images whose activations are far outside the rest (on the quickstart set 1% of the images give embedding
-norms over 4x the median, the largest 28x), and a plain MinMax range stretched to fit them quantizes every
-other image coarsely in the deep layers; which ones the N images include then decides the accuracy.
-Measured on the quickstart student (VarGFaceNet at 32px, 128-d, synth_val 2400 pairs, PyTorch 77.29%):
-MinMax on 512 images 75.63% (cosine to torch min 0.85 / mean 0.9880), on 2048 78.21% (0.95 / 0.9983);
-per-image ranges at 99% on 512 images 77.33% (0.93 / 0.99960), on 2048 77.88% (0.93 / 0.99960).
-ORT's Percentile (99.99: 77.46%, mean cosine 0.9926) and moving-average MinMax (77.54%, mean 0.9994 but
-min 0.84: the average is the first batch's range) help less; its Entropy through quantize_static is MinMax
-(its histogram has as many bins as the quantized one); reduce_range (7-bit weights) loses more (75.25%).
-The settings used are recorded in the file's metadata (`facedistill.quantization`,
+images whose activations are far outside the rest, and a plain MinMax range stretched to fit them quantizes
+every other image coarsely in the deep layers; which ones the N images include then decides the accuracy.
+Per-image ranges at 99% keep the INT8 file close to torch with few calibration images, where MinMax needs
+many; ORT's Percentile and moving-average MinMax help less, its Entropy through quantize_static is MinMax (its
+histogram has as many bins as the quantized one), and reduce_range (7-bit weights) loses more (the accuracies:
+docs/measurements.md). The settings used are recorded in the file's metadata (`facedistill.quantization`,
 `facedistill.quantization_settings`). The result keeps the FP32 file's interface: float32
 in, float32 out; QuantizeLinear/DequantizeLinear pairs inside mark what runs in int8. ONNX Runtime fuses
 DequantizeLinear -> op -> QuantizeLinear into int8 kernels (QLinearConv, QGemm, QLinearAdd, ...) when it
@@ -23,10 +19,10 @@ loads the file; ops it has no int8 kernel or quantizer for stay FP32 between a D
 QuantizeLinear. `int8_op_summary` reads that split from ORT's own optimised graph and the file records it
 in its metadata (`facedistill.int8_ops`, `facedistill.fp32_ops`).
 
-What ONNX Runtime 1.32 makes of VarGFaceNet (measured, full size at 112x112; the metadata of each file says
-what happened to it):
+What ONNX Runtime 1.32 makes of VarGFaceNet (full size at 112x112; the metadata of each file says what
+happened to it):
 - the exported FP32 graph writes each of the 82 PReLU as Relu(x) + slope * Min(x, 0) (distill.deploy.onnx_graph.
-  split_prelu: the same numbers; ORT's PRelu kernel is ~4x slower, and neither ORT's quantizer, whose op
+  split_prelu: the same numbers; ORT's PRelu kernel is several times slower, and neither ORT's quantizer, whose op
   registry has Relu, Clip, LeakyRelu, Sigmoid but no PRelu, nor its CPU provider has an int8 PRelu);
 - int8: all 102 Conv (the variable-group 3x3 ones, S = 8 channels per group, and the 1x1 ones alike) as
   QLinearConv, the FC as QGemm, the Adds (residual, branch and PReLU halves) as QLinearAdd, the Muls (SE gates

@@ -42,10 +42,10 @@ from distill.utils.device import model_device
 from distill.utils.errors import ConfigError, DataFormatError
 
 FEATURE_CACHE_FORMAT = "facedistill.ijb-features/1"
-_PAIR_CHUNK = 256  # pairs scored at once (measured: 256 beats 1024, 4096 and 16384 on IJB-C-sized data)
+_PAIR_CHUNK = 256  # pairs scored at once (the fastest of the sizes tried: docs/measurements.md)
 # Aligned faces of one small IJB set are kept for the process's next model (a run evaluates the teacher and every
-# stage, a sweep every point): reading, decoding and aligning were 5.5 s of a 9 s evaluation of the study's
-# 2,052-image synthetic IJB-C at 32 px (2-core CPU). A set over this many bytes of aligned images is read again.
+# stage, a sweep every point): reading, decoding and aligning are most of a small set's evaluation
+# (docs/measurements.md). A set over this many bytes of aligned images is read again.
 _KEEP_ALIGNED_BYTES = 256 * 2**20
 _aligned: dict = {}  # {key: [(index, images, errors) per batch]}: one set at a time
 

@@ -54,8 +54,8 @@ def cpu_has_bf16() -> bool:
 
 def prefers_cpu_bf16(model) -> bool:
     """Whether a model's convolutions run faster in bf16 on such a CPU: the model says so with a class attribute
-    `cpu_bf16 = True` (IResNet: dense 3x3 convolutions, 1.6x at 32 px and 2.1x at 112 px measured on this project's
-    CPU); VarGFaceNet's grouped and depthwise convolutions were slower in bf16 (0.64x, 0.84x) and stay fp32."""
+    `cpu_bf16 = True` (IResNet: dense 3x3 convolutions, faster in bf16); VarGFaceNet's grouped and depthwise
+    convolutions are slower in bf16 and stay fp32 (the figures: docs/measurements.md)."""
     inner = getattr(model, "model", model)  # a FrozenTeacher wraps its model
     inner = getattr(inner, "module", inner)  # DDP
     return bool(getattr(type(inner), "cpu_bf16", False))

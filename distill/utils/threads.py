@@ -10,13 +10,12 @@ so the computing process keeps a core; torchrun's processes on one machine (LOCA
 equally. `train.threads` (an experiment), `--threads` (a command) or
 OMP_NUM_THREADS in the environment override the count.
 
-Why: on this project's 2-core CPU beside one other busy process, a training step of the quickstart's
-student ran at 159 img/s with 2 threads and 441 img/s with 1 (the teacher: 46 vs 81), because every OpenMP
-barrier waits for a thread the OS has descheduled; on the quiet machine the second thread is worth 1.36x
-(676 vs 496 img/s; the teacher 1.55x). OpenMP's wait policy is left as it is: OMP_WAIT_POLICY=PASSIVE made
-the quiet 2-thread step 2x slower (692 -> 337 img/s, benchmarks/bench_cpu.py) and the loaded one still slower
-than 1 thread (302 vs 477). The count is part of what determines a run's digits: a stage records it (result.json,
-last.pt) and resumes with the count it started with.
+Why: beside another busy process, a thread more than the free cores makes a training step several times
+slower, because every OpenMP barrier waits for a thread the OS has descheduled; on a quiet machine each
+thread still pays. OpenMP's wait policy is left as it is: OMP_WAIT_POLICY=PASSIVE made the quiet step slower
+and did not rescue the loaded one (the figures: docs/measurements.md, benchmarks/bench_cpu.py). The count is
+part of what determines a run's digits: a stage records it (result.json, last.pt) and resumes with the count it
+started with.
 """
 
 from __future__ import annotations
@@ -146,8 +145,8 @@ GPU_WORKERS = 2  # data.num_workers: null on a GPU (README "The data path": ~1 c
 
 def loader_workers(num_workers: int | None, device_type: str) -> int:
     """`data.num_workers` as set, or its default for the device: 0 on a CPU, where every worker takes a core
-    the training process would use (measured: the quickstart's student trained an epoch in 10.9 s with 0 workers
-    and 2 threads, 15.4 s with 1 worker and 1 thread, on 2 cores), GPU_WORKERS on a GPU, which waits for them."""
+    the training process would use (on 2 cores the quickstart's student trains faster with 0 workers and 2
+    threads than with 1 worker and 1 thread: docs/measurements.md), GPU_WORKERS on a GPU, which waits for them."""
     if num_workers is not None:
         return int(num_workers)
     return GPU_WORKERS if device_type == "cuda" else 0
