@@ -43,7 +43,7 @@ MIN_COSINE = 0.9999
 MAX_REL_DIFF = 1e-3
 # what `distill export` allows its BatchNorm-folded file against the unfolded torch model
 FOLDED_MAX_REL_DIFF = 1e-4
-# the deployed graph writes PReLU as Relu + slope * Min(x, 0): same numbers, ~4x faster in ORT (onnx_fold.split_prelu)
+# the deployed graph writes PReLU as Relu + slope * Min(x, 0): same numbers, ~4x faster in ORT (onnx_graph.split_prelu)
 SPLIT_PRELU = True
 # opsets the TorchScript exporter writes (9 is its base; 20 its maximum in torch 2.x)
 OPSETS = range(9, 21)
