@@ -1,4 +1,4 @@
-"""Issue 25 (reliability, round three): mistakes the config already shows are refused before any work, by
+"""Mistakes the config already shows are refused before any work, by
 `distill run` and `distill doctor` alike, each as one line naming the key (exit 2 / a FAIL line), nothing trained,
 no experiment.yaml left behind; the corrected command then succeeds in the same --out.
 

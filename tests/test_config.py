@@ -91,7 +91,7 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
     assert "unknown key 'distil'; did you mean 'distill'?" in err and "Traceback" not in err
 
 
-# ---------------------------------------------------------------- user mistakes: one line, exit 2 (issue 12, part 4)
+# ----------------------------------------------------------------------------- user mistakes: one line, exit 2
 
 def test_a_folder_or_non_utf8_file_as_experiment_or_base_is_one_clear_line(tmp_path, capsys):
     (tmp_path / "folder").mkdir()
@@ -127,7 +127,7 @@ def test_profile_refuses_a_meaningless_input_size(capsys):
 
 
 def test_the_ms1mv2_recipe_is_the_paper_recipe_on_other_data():
-    """Issue 12: the paper's recipe names the paper's data (ms1m-retinaface-t1, 93,431 identities); the MS1MV2
+    """The paper's recipe names the paper's data (ms1m-retinaface-t1, 93,431 identities); the MS1MV2
     file is a variant of it through base:, changing nothing but the name, the data and the teacher's weights."""
     from distill.config.schema import load_config, to_dict
     experiments = Path(__file__).resolve().parents[1] / "experiments"

@@ -1,4 +1,4 @@
-"""Deployment (issue 16): BatchNorm-folded FP32 ONNX, INT8 by ONNX Runtime static quantization, --check-bin,
+"""Deployment: BatchNorm-folded FP32 ONNX, INT8 by ONNX Runtime static quantization, --check-bin,
 benchmarks/bench_infer.py, and the refusals and notes around them. One tiny student trained for a few steps on
 stand-in faces, a small image-folder training set and a small .bin written from the same faces."""
 

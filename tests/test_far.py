@@ -1,4 +1,4 @@
-"""distill.eval.far: the one spelling of FAR keys, and reading the spellings of earlier versions."""
+"""distill.eval.far: the one spelling of FAR keys, and reading the other spellings (eval_ijbc.py's) as it."""
 
 import pytest
 

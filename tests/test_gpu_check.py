@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.sh, the prepared GPU check (issue 15, item 5): every part of it runs here on the CPU with
+"""benchmarks/gpu_check.sh, the prepared GPU check: every part of it runs here on the CPU with
 tiny sizes, and it prints the one JSON line with every documented key, with figures that are figures."""
 
 import importlib.util

@@ -373,7 +373,7 @@ def test_an_onnx_model_scores_like_the_student_it_was_exported_from(ijb_root, st
 
 
 def test_bench_ijb_json_quick_measures_the_set_it_read(ijb_root, students, capsys):
-    """bench_ijb.py --json (issue 22, item 5) in this process: every image of the set is decoded, run through the
+    """bench_ijb.py --json in this process: every image of the set is decoded, run through the
     model and embedded end to end, and the ratio is the documented one; bad arguments are refused by name."""
     import importlib.util
 

@@ -257,7 +257,7 @@ def test_failed_parity_leaves_no_file(tmp_path, monkeypatch):
 
 
 def test_distill_run_with_an_onnx_teacher(exported, tiny_finished_run, tmp_path, capsys):
-    """An ONNX teacher has no checkpoint and no recipe: distill run and --dry-run load it (they used to ask for a
+    """An ONNX teacher has no checkpoint and no recipe: distill run and --dry-run load it (they ask for no
     teacher.checkpoint). The cache is built from the ONNX model and generation 1 distils from it."""
     import yaml
     from tiny_experiment import tiny_experiment

@@ -1,4 +1,4 @@
-"""Issue 25's probe: bad invocations across the commands, each one clear line (exit 2, the text it names, no
+"""The probe: bad invocations across the commands, each one clear line (exit 2, the text it names, no
 traceback) with nothing written; and the benchmark scripts failing the same way. The cases that need more than
 one invocation, or a check of what was (not) trained, are tests/test_bad_inputs.py."""
 

@@ -104,7 +104,7 @@ def test_iresnet_defaults_come_from_the_constructor_signature():
     assert model_defaults("vargfacenet_depthwise")["group_size"] == 1
     assert model_defaults("vargfacenet")["group_size"] == 8
     sig = inspect.signature(create_model("vargfacenet", input_size=32).__class__.__init__)
-    # timm's contract arguments are accepted but are no experiment default (experiment.yaml reads as before)
+    # timm's contract arguments are accepted but are no experiment default (experiment.yaml lists only the model's)
     assert set(model_defaults("vargfacenet")) == set(sig.parameters) - {"self", "num_classes", "in_chans"}
 
 

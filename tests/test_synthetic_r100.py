@@ -1,4 +1,4 @@
-"""experiments/synthetic_r100.yaml (issue 15, item 1): the paper's pairing on generated data, sized for one GPU;
+"""experiments/synthetic_r100.yaml: the paper's pairing on generated data, sized for one GPU;
 its --dry-run passes on a CPU (every stage trains two steps at the real model sizes)."""
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Issue 12: a user mistake or a hostile disk gets one clear line (exit 2) or a note, never a traceback or a guess.
+"""A user mistake or a hostile disk gets one clear line (exit 2) or a note, never a traceback or a guess.
 
 One tiny finished run (conftest's tiny_finished_run: teacher, baseline, gen1) is shared; tests that change
 it work on a copy.
