@@ -37,12 +37,19 @@ def test_a_class_declares_its_requirements_as_an_attribute_or_at_registration_no
     try:
         register_loss(Relations, "relations_example")
         assert requirements("relations_example") == Requirements(sizes="any", min_batch=2)
+        class Narrower(Relations):  # a subclass inherits its base's declaration, or declares its own at registration
+            pass
+
+        register_loss(Narrower, "narrower_example")
+        assert requirements("narrower_example") == Requirements(sizes="any", min_batch=2)
+        register_loss(Narrower, "narrower_labels", requires=Requirements(labels=True))
+        assert requirements("narrower_labels") == Requirements(labels=True)
         with pytest.raises(TypeError, match="declare its Requirements once"):
             register_loss(Relations, "relations_twice", requires=Requirements())
         with pytest.raises(TypeError, match="must be a Requirements value"):
             register_loss(lambda s, t: s, "not_a_value", requires={"labels": True})
     finally:
-        for name in ("relations_example", "relations_twice", "not_a_value"):
+        for name in ("relations_example", "narrower_example", "narrower_labels", "relations_twice", "not_a_value"):
             unregister_loss(name)
     with pytest.raises(ValueError, match="sizes must be one of projectable, same, any"):
         Requirements(sizes="equal")

@@ -80,7 +80,8 @@ def discover() -> None:
 
 def register_loss(fn=None, name: str | None = None, *, requires: Requirements | None = None):
     """Register a loss function under its name (or `name`), or a loss class under `name`, with what it needs:
-    `requires`, else the class's `requires` attribute, else Requirements() (teacher embeddings only).
+    `requires`, else the class's `requires` attribute (its own or a base class's), else Requirements() (teacher
+    embeddings only).
 
         @register_loss                                   # a function, no requirements beyond the embeddings
         @register_loss(requires=Requirements(sizes="any"))
@@ -88,10 +89,11 @@ def register_loss(fn=None, name: str | None = None, *, requires: Requirements | 
     """
     if fn is None or isinstance(fn, str):  # @register_loss("name", requires=...) or @register_loss(requires=...)
         return lambda target: register_loss(target, fn, requires=requires)
-    declared = vars(fn).get("requires") if isinstance(fn, type) else None  # the class's own, not a base's
-    if requires is not None and declared is not None:
+    own = vars(fn).get("requires") if isinstance(fn, type) else None
+    if requires is not None and own is not None:
         raise TypeError(f"{fn.__name__}: declare its Requirements once, in register_loss or as its `requires`")
-    requires = requires if requires is not None else declared if declared is not None else Requirements()
+    inherited = getattr(fn, "requires", None) if isinstance(fn, type) else None  # a base class's declaration
+    requires = next((r for r in (requires, own, inherited) if r is not None), Requirements())
     if not isinstance(requires, Requirements):
         raise TypeError(f"{fn.__name__}: requires must be a Requirements value, got {type(requires).__name__}")
     key = name or fn.__name__
