@@ -2,10 +2,11 @@
 
 Each check is a line `ok` / `note` / `FAIL` with what was found: versions (torch, CUDA, bf16, timm,
 wandb, ONNX Runtime), the device, every data path (readable, image size against the config, identity
-count; the IJB meta files and images of data.ijb), the teacher (loadable, its embedding size against the student's), the bytes the run will write
-against the free disk (distill/run/disk.py), the W&B mode that will be used, and the run directory (new,
-resumable with which stages done, holding another experiment, or locked by a running process). It only
-reads: no dataset is generated, no folder created, no lock taken. Any FAIL makes the exit status 1.
+count; the IJB meta files and images of data.ijb), the teacher (loadable, its embedding size against the
+student's and the terms' requirements), the bytes the run will write against the free disk
+(distill/run/disk.py), the W&B mode that will be used, and the run directory (new, resumable with which stages
+done, holding another experiment, or locked by a running process). It only reads: no dataset is generated, no
+folder created, no lock taken. Any FAIL makes the exit status 1.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def check_train(cfg) -> tuple:
                                                 f"{cfg.data.synthetic.images_per_id} images at {size}x{size})")]
             if size != cfg.data.input_size:
                 checks.append(Check(NOTE, "data.train", f"images will be {size}x{size}, the model takes "
-                                                        f"{cfg.data.input_size}x{cfg.data.input_size}: resized at load"))
+                                                        f"{cfg.data.input_size}x{cfg.data.input_size}: resized at "
+                                                        f"load"))
             return checks, (images, ids)
     if not os.path.exists(path):
         return [Check(FAIL, "data.train", f"{path} does not exist (a RecordIO folder such as faces_emore/, a .rec "
@@ -180,7 +182,8 @@ def check_teacher(cfg, run_dir: str) -> list:
             spec, how = teacher_spec(cfg, run_dir), f"trained earlier in this run directory ({done.backbone})"
         else:
             spec = {k: v for k, v in t.spec().items() if k != "checkpoint"}
-            how = f"trained here as stage 0 ({t.train.epochs:g} epoch{'' if t.train.epochs == 1 else 's'}) before the students"
+            epochs = f"{t.train.epochs:g} epoch{'' if t.train.epochs == 1 else 's'}"
+            how = f"trained here as stage 0 ({epochs}) before the students"
         teacher = teachers.build_teacher(spec)
     except (DistillError, OSError) as err:
         return [Check(FAIL, "teacher", str(err))] + _check_centres(cfg, run_dir, t.embedding_size)
@@ -253,8 +256,9 @@ def check_run_dir(cfg, run_dir: str) -> list:
 
     holder = lock_holder(run_dir)
     if holder:
-        return [Check(FAIL, "run directory", f"another distill run (pid {holder.get('pid')}, host {holder.get('host')}) "
-                                             f"is using {run_dir}; wait for it, or give another --out")]
+        return [Check(FAIL, "run directory", f"another distill run (pid {holder.get('pid')}, host "
+                                             f"{holder.get('host')}) is using {run_dir}; wait for it, or give "
+                                             f"another --out")]
     run = RunLayout(run_dir)
     if not run.is_run_dir():
         parent = run_dir
@@ -269,7 +273,8 @@ def check_run_dir(cfg, run_dir: str) -> list:
         return [Check(FAIL, "run directory", str(err))]
     done = [n for n in run.stage_names() if run.stage(n).is_done()]
     started = [n for n in run.stage_names() if n not in done]
-    return [Check(OK, "run directory", f"{run_dir}: free; resumes this experiment (finished: {', '.join(done) or 'none'}"
+    finished = ", ".join(done) or "none"
+    return [Check(OK, "run directory", f"{run_dir}: free; resumes this experiment (finished: {finished}"
                                        + (f"; unfinished: {', '.join(started)}" if started else "") + ")")]
 
 
