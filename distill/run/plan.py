@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from distill.losses.terms import describe_terms, stage_terms
 from distill.run.preflight import centres_source
 from distill.train.engine import StageSpec
+from distill.utils import layout
 from distill.utils.layout import BASELINE, TEACHER, RunLayout, generation_name
 from teachers.prepare import needs_cache, teacher_source
 
 TRAIN_TEACHER, LOAD_TEACHER, TEACHER_CACHE, STUDENT = "train teacher", "load teacher", "teacher cache", "student"
 TRACKING, IJB = "tracking", "ijb"  # the hooks (distill/run/hooks.py)
 TEACHER_STAGE = "teacher_stage"  # result.json: the stage whose student taught this one (recursive.teacher: previous)
-CACHE_NAME = "teacher_cache"
+CACHE_NAME = layout.TEACHER_CACHE
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ import re
 EXPERIMENT = "experiment.yaml"
 TEACHER = "teacher"
 BASELINE = "baseline"
+TEACHER_CACHE = "teacher_cache"  # the run's teacher cache folder (a CacheLayout); the run plan's name for its step
 
 
 def generation_name(k: int) -> str:
@@ -124,7 +125,7 @@ class RunLayout:
     summary_md = property(lambda self: self._path("summary.md"))
     wandb_group = property(lambda self: self._path("wandb_group.txt"))
     wandb_dir = property(lambda self: self._path("wandb"))
-    teacher_cache = property(lambda self: self._path("teacher_cache"))
+    teacher_cache = property(lambda self: self._path(TEACHER_CACHE))
     lock = property(lambda self: self._path(".lock"))  # distill/run/lock.py: one writer per run directory
 
     def stage(self, name: str) -> StageLayout:
