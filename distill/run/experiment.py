@@ -165,7 +165,7 @@ def run_student(ctx: RunContext, cfg: ExperimentConfig, stage: PlannedStage, tra
         ctx.log.info(note)
     if layout.is_done():
         ctx.log.info(f"{spec.name}: finished earlier, skipped")
-        return hooks.after(layout.read_result(), _student_loader(layout.student))
+        return hooks.after(stage, layout.read_result(), _student_loader(layout.student))
     ctx.log.info(f"{spec.name}: training {spec.arch}" + (f" from {spec.init_from}" if spec.init_from else " from "
                  "scratch") + (f", distilling with {describe_terms(stage_terms(cfg.distill, spec.alpha))}"
                                if spec.alpha else ", no distillation"))
@@ -176,7 +176,7 @@ def run_student(ctx: RunContext, cfg: ExperimentConfig, stage: PlannedStage, tra
             spec.record[TEACHER_STAGE]).teacher_cache_as_teacher) if cache is not None else None
     result = run_stage(cfg, spec, layout.dir, train_set, val, teacher=teacher, cache=cache, progress=ctx.progress,
                        logger=ctx.log, tracker=tracker)
-    return hooks.after(result, _student_loader(layout.student))
+    return hooks.after(stage, result, _student_loader(layout.student))
 
 
 def execute_plan(ctx: RunContext, cfg: ExperimentConfig, stages: list, train_set, val, hooks: StageHooks) -> list:

@@ -5,8 +5,8 @@
     ijb         a finished stage evaluated once on data.ijb (rank 0; the others wait): the numbers go into its
                 result.json (`ijb`) and its W&B run (`ijb/<target>/...`)
 
-`StageHooks(cfg, ctx, ijb_meta)` holds both; `tracker(stage)` opens a stage's tracker and `after(result,
-load_model, shared)` runs the hooks that follow a finished stage.
+`StageHooks(cfg, ctx, ijb_meta)` holds both; `tracker(name, generation, init_from)` opens a stage's tracker and
+`after(stage, result, load_model, shared)` runs the hooks the plan lists for a finished stage.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 from distill.eval.far import SUMMARY_IJB_FARS, far_key
 from distill.eval.ijb_stage import evaluate_ijb, ijb_scalars, needs_ijb
 from distill.run.context import RunContext
+from distill.run.plan import IJB
 from distill.run.shared_teacher import cached_metrics, held, ijb_files, keep_metrics
 from distill.train.tracking import stage_tracker
 from distill.utils.atomic import atomic_write_json
@@ -29,11 +30,11 @@ class StageHooks:
         """The tracking hook: the tracker of one stage (metrics.jsonl; W&B on rank 0 unless disabled)."""
         return stage_tracker(self.cfg, self.ctx.run_dir, name, generation, init_from)
 
-    def after(self, result: dict, load_model, shared: str | None = None) -> dict:
-        """The hooks that follow a finished stage: the IJB evaluation when data.ijb is set. `load_model() ->
-        (model, input_size)`; `shared`: the teacher's teacher.shared_cache folder, where an earlier run may have
-        kept its IJB result."""
-        if self.ijb_meta is None:
+    def after(self, stage, result: dict, load_model, shared: str | None = None) -> dict:
+        """The hooks the plan gives a finished stage (`stage.hooks`) that follow it: the IJB evaluation (data.ijb).
+        `load_model() -> (model, input_size)`; `shared`: the teacher's teacher.shared_cache folder, where an
+        earlier run may have kept its IJB result."""
+        if IJB not in stage.hooks or self.ijb_meta is None:
             return result
         return self.ijb(result, load_model, shared)
 

@@ -57,7 +57,7 @@ def run_teacher(ctx: RunContext, cfg, stage: PlannedStage, train_set, val, hooks
     check_embedding_sizes(cfg, teacher.embedding_size)  # before the cache and any student
     folder = shared_folder_of(ctx, cfg, teacher, train_set)  # hashes the weights and the data: once
     result = rank0_first(lambda: teacher_result(ctx, cfg, teacher, val, train_set, folder, hooks))
-    return teacher, hooks.after(result, lambda: (teacher, teacher.input_size), folder), folder
+    return teacher, hooks.after(stage, result, lambda: (teacher, teacher.input_size), folder), folder
 
 
 def teacher_result(ctx: RunContext, cfg, teacher, val, train_set, folder: str | None, hooks) -> dict:
