@@ -88,3 +88,27 @@ def test_the_run_logger_prints_plain_lines_and_other_ranks_are_silent(tmp_path, 
     monkeypatch.setattr(sys, "stdout", io.StringIO())  # a replaced stdout gets the lines of a logger made before
     log.info("late")
     assert sys.stdout.getvalue() == "late\n"
+
+
+def test_distill_run_executes_the_plan_it_is_given(tiny_finished_run, tmp_path, monkeypatch):
+    """A rerun of a finished run walks the plan: each finished stage is skipped in plan order; a stage the plan
+    leaves out is neither run nor summarised."""
+    import shutil
+
+    from distill.run import experiment
+
+    exp, finished, _ = tiny_finished_run
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    cfg = load_config(str(exp))
+    lines = []
+    summary = experiment.run_experiment(cfg, str(run), progress=False, logger=context.run_logger(lines.append))
+    planned = [s.name for s in plan_run(cfg, str(run)) if s.kind != TEACHER_CACHE]
+    assert [s["stage"] for s in summary["stages"]] == planned == ["teacher", "baseline", "gen1"]
+    assert [ln.split(":")[0] for ln in lines if "finished earlier, skipped" in ln] == ["baseline", "gen1"]
+    real = experiment.plan_run
+    monkeypatch.setattr(experiment, "plan_run", lambda *a: [s for s in real(*a) if s.name != "baseline"])
+    lines.clear()
+    summary = experiment.run_experiment(cfg, str(run), progress=False, logger=context.run_logger(lines.append))
+    assert [s["stage"] for s in summary["stages"]] == ["teacher", "gen1"]
+    assert not any(ln.startswith("baseline") for ln in lines)
