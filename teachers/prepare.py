@@ -7,8 +7,9 @@ trained teacher) and `distill compare --export` (what the teacher row exports).
 Where it comes from (`teacher_source`):
     onnx        teacher.onnx: an insightface ONNX file, loaded
     checkpoint  teacher.checkpoint names an existing file: the arch's weights, loaded
-    train       otherwise teacher.train: trained in the run directory as stage 0 (teacher/), then loaded
-                from its backbone.pth; neither file nor recipe is a ConfigError
+    train       otherwise teacher.train: trained in the run directory as stage 0 (teacher/; distill/run/ plans
+                and trains it like every stage), then loaded from its backbone.pth (`load_teacher`); neither
+                file nor recipe is a ConfigError
 
 Its identity (`teacher_identity`) is a flat {config key: value} of everything the teacher's weights are a
 function of: for a trained teacher the arch and its arguments, the recipe (teacher.train.*), data.* (the

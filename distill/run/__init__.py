@@ -1,4 +1,8 @@
-"""Experiments as a whole: the driver of teacher -> baseline -> generations (`experiment`), the run directory's
-rules (`rundir`: the same experiment only, restarting stages; `lock`: one writer), the dry run (`dry_run`), the
-disk estimate (`disk`), the summary table (`summary`), reading runs side by side (`compare`), ablation grids
-(`sweep`) and the pre-flight report (`doctor`). The teacher itself is prepared in `teachers/prepare.py`."""
+"""Experiments as a whole: the run plan (`plan`: the stages of an experiment in execution order), the driver that
+executes it (`experiment`; the teacher's stages in `teacher_stage`, the per-stage tracking and IJB hooks in
+`hooks`), the run context every step gets (`context`: rank, world size, device, run directory, logger), the run
+directory's rules (`rundir`: the same experiment only, restarting stages; `lock`: one writer), the dry run
+(`dry_run`), the checks before any work (`preflight`), the disk estimate (`disk`), the summary table (`summary`),
+reading runs side by side (`compare`), ablation grids (`sweep`), a teacher shared by many runs (`shared_teacher`)
+and the pre-flight report (`doctor`). What makes a model a teacher (which one a run uses, its identity, its cache)
+is in teachers/."""
