@@ -189,3 +189,16 @@ def test_a_student_pt_recording_arcface_torchs_num_features_loads(tmp_path):
     assert payload["kwargs"]["embedding_size"] == 32 and "num_features" not in payload["kwargs"]
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(loaded.eval()(x), model(x))
+
+
+def test_legacy_keys_load_under_a_wrapper_prefix():
+    """The keys are renamed where the model sits (a DDP `module.`, a teacher wrapper's `model.`), not at the root."""
+    from distill.utils.checkpoint import load_state_dict_strict
+
+    inner = VarGFaceNet(input_size=32, embedding_size=16).eval()
+    legacy = {f"module.{k}": v for k, v in _with_legacy_keys(inner.state_dict(), VARG_LEGACY).items()}
+    x = torch.randn(2, 3, 32, 32)
+    for load in (lambda m, sd: m.load_state_dict(sd, strict=True), load_state_dict_strict):
+        wrapper = nn.ModuleDict({"module": VarGFaceNet(input_size=32, embedding_size=16)})
+        load(wrapper, legacy)
+        assert torch.equal(wrapper["module"].eval()(x), inner(x))
