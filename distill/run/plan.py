@@ -45,7 +45,8 @@ class PlannedStage:
         """One line: what the stage does and what runs after it."""
         t = cfg.teacher
         if self.kind == TRAIN_TEACHER:
-            what = f"train {t.arch} ({_kwargs(t.model)}) as stage 0 from teacher.train, then frozen"
+            what = (f"train {t.arch} ({t.embedding_size}-d at {t.input_size}px) as stage 0 from teacher.train, "
+                    f"then frozen")
         elif self.kind == LOAD_TEACHER:
             source = teacher_source(cfg)
             what = f"load {source.file} ({source.kind}), frozen; evaluated once"
@@ -64,10 +65,6 @@ class PlannedStage:
         hooks = [f"{IJB} ({cfg.data.ijb.target})" if h == IJB else f"{TRACKING} (W&B {cfg.tracking.wandb})"
                  for h in self.hooks]
         return f"{self.name}: {what}" + (f"; then {', '.join(hooks)}" if hooks else "")
-
-
-def _kwargs(kwargs: dict) -> str:
-    return ", ".join(f"{k} {v}" for k, v in sorted(kwargs.items())) or "its defaults"
 
 
 def student_spec(cfg, name: str, generation: int, alpha: float, init_from, head_from) -> StageSpec:
