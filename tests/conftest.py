@@ -1,4 +1,4 @@
-"""Shared test setup: fixture paths, one thread per process, W&B offline in a temporary directory."""
+"""Shared test setup: fixture paths, one thread per process, W&B never online and in a temporary directory."""
 
 import os
 from pathlib import Path
@@ -17,7 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("FACEDISTILL_FIXTURES", REPO / "tests" / "fixtures"))
 
 torch.set_num_threads(1)
-os.environ.setdefault("WANDB_MODE", "offline")
+# W&B never goes online in tests, in this process and the ones it starts: no credentials reach them, so an
+# experiment's `tracking.wandb: auto` resolves to offline (distill.train.tracking.has_wandb_credentials). WANDB_MODE
+# is not set: it would override every experiment's own setting, and an experiment that says `disabled` (most tiny
+# runs) would still run W&B offline, seconds of CPU a stage; one that says `offline` (tiny_experiment's default)
+# runs it offline. A test about the variable sets it itself.
+UNSET = ("WANDB_API_KEY", "WANDB_MODE")
+for _name in UNSET:
+    os.environ.pop(_name, None)
+os.environ["NETRC"] = os.devnull  # no netrc entry for the W&B host either
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
@@ -33,8 +41,10 @@ def fixtures() -> Path:
 
 @pytest.fixture(autouse=True)
 def _wandb_in_tmp(tmp_path, monkeypatch):
-    """W&B never goes online in tests and writes only under the test's temporary directory."""
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    """W&B never goes online in tests (no credentials, above) and writes only under the test's temporary directory."""
+    for name in UNSET:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", os.devnull)
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / ".wandb_cache"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / ".wandb_config"))

@@ -24,7 +24,8 @@ def report(capsys) -> dict:
     return found
 
 
-def test_a_new_experiment_is_ready_and_nothing_is_written(tmp_path, capsys):
+def test_a_new_experiment_is_ready_and_nothing_is_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # a cluster's or CI's setting
     exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
     assert main(["doctor", str(exp), "--out", str(tmp_path / "run")]) == 0
     r = report(capsys)
@@ -37,7 +38,7 @@ def test_a_new_experiment_is_ready_and_nothing_is_written(tmp_path, capsys):
     assert r["teacher"][0] == ("ok", "iresnet18, 32-d embeddings at 32px, trained here as stage 0 (1 epoch) before "
                                      "the students")
     assert r["disk"][0][0] == "ok" and "teacher cache (72 images x 2 views x 32-d float16)" in r["disk"][0][1]
-    assert r["wandb"][0][1].startswith("offline (WANDB_MODE); no upload")  # the tests' environment wins
+    assert r["wandb"][0][1].startswith("offline (WANDB_MODE); no upload")  # the environment wins over the config
     assert r["run directory"] == [("ok", f"{tmp_path / 'run'}: new, free")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.yaml"]  # no data generated, no folder made
 

@@ -235,7 +235,7 @@ def test_mode_from_config_and_environment(tmp_path):
 def test_disabled_mode_and_other_ranks_keep_only_the_local_log(tmp_path, data_dir, monkeypatch):
     import wandb
     monkeypatch.setattr(wandb, "init", lambda *a, **k: pytest.fail("wandb.init called"))
-    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = load_config(str(write_experiment(tmp_path / "e.yaml", data_dir, tracking={"wandb": "disabled"})))
     tracker = stage_tracker(cfg, str(tmp_path / "run"), "gen1", 1, None)
     assert type(tracker) is Tracker
