@@ -68,7 +68,7 @@ CONFIGS = {
                                     "train": TEACHER_TRAIN}},
     "loaded teacher": {"data": {"train": "d", "ijb": {"root": "ijb"}, "val": ["a.bin"]},
                        "teacher": {"arch": "iresnet18", "checkpoint": "t.pth", "head": "h.pt", "cache": False,
-                                   "shared_cache": "shared", "train": TEACHER_TRAIN}},
+                                   "shared_cache": "teacher_pool", "train": TEACHER_TRAIN}},
     "onnx teacher": {"data": {"train": "d"}, "teacher": {"onnx": "t.onnx", "providers": ["CPUExecutionProvider"]}},
     "no teacher, terms": {"data": {"train": "d", "images_per_id": 4, "grouped_fraction": 0.5},
                           "distill": {"terms": [{"loss": "equivalent_angular", "alpha": 7}], "project": "linear"},
