@@ -91,10 +91,28 @@ def tiny_finished_run(tmp_path_factory):
     return tmp / "x.yaml", tmp / "run", tmp / "faces"
 
 
-LONGEST_FIRST = ("test_study.py",)  # the miniature study (~100 s on one worker): started first, not last
+# The modules that take longest on one worker, longest first: seconds for the file alone on this project's 2-core CPU
+# (its tests, without the interpreter's start): study 53, recursive 24, imports 24, teacher_identity 23 (the session's
+# tiny finished run included), synthetic_r100 23, gpu_check 21, engine 21, shared_teacher 20, onnx 17,
+# self_contained 17, user_mistakes 15, teacher_cache 15, bad_inputs 15, registry 14, compare_sweep 14, distributed 12,
+# gpu_path 12, old_runs 12; every other module takes under 12 s and follows in file-name order. Started first, they
+# run while the other worker shares the rest, and the short modules even out the two workers at the end.
+LONGEST_FIRST = ("test_study.py", "test_recursive.py", "test_imports.py", "test_teacher_identity.py",
+                 "test_synthetic_r100.py", "test_gpu_check.py", "test_engine.py", "test_shared_teacher.py",
+                 "test_onnx.py", "test_self_contained.py", "test_user_mistakes.py", "test_teacher_cache.py",
+                 "test_bad_inputs.py", "test_registry.py", "test_compare_sweep.py", "test_distributed.py",
+                 "test_gpu_path.py", "test_old_runs.py")
+
+
+def pytest_configure(config):
+    """pytest-xdist's loadscope hands modules out in the collection's order (below) only without its
+    --loadscope-reorder, which is on by default and orders them by their number of tests instead: that started the
+    study (9 tests) in the middle and left the 20-second modules of two tests or one to the very end."""
+    if getattr(config.option, "dist", "no") == "loadscope" and hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):
-    """The longest module first, so pytest-xdist's loadscope workers share the rest while it runs (it sorted last
-    alphabetically and made the suite's wall time 4:45 instead of ~4:00 on 2 cores)."""
-    items.sort(key=lambda item: item.nodeid.split("::")[0].rsplit("/", 1)[-1] not in LONGEST_FIRST)
+    """The longest modules first (LONGEST_FIRST), the others after them in file-name order."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0].rsplit("/", 1)[-1], len(rank)))
