@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -33,12 +34,22 @@ def _run(exp, out, checkpoint, shared, *more):
     return run_experiment(cfg, str(out), **QUIET)
 
 
-def test_a_second_run_reuses_the_cache_and_the_teacher_metrics(trained, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def pooled(trained, tmp_path_factory):
+    """The first run that loads the teacher with a shared folder (it fills the folder): (folder, run, its summary).
+    Tests that run more into the shared folder work on a copy of it."""
     tmp, exp, checkpoint = trained
+    first = tmp_path_factory.mktemp("pooled")
+    return first / "pool", first / "a", _run(exp, first / "a", checkpoint, first / "pool")
+
+
+def test_a_second_run_reuses_the_cache_and_the_teacher_metrics(trained, pooled, tmp_path, monkeypatch):
+    tmp, exp, checkpoint = trained
+    pool, first_run, first = pooled
     shared = tmp_path / "pool"
-    first = _run(exp, tmp_path / "a", checkpoint, shared)
+    shutil.copytree(pool, shared)
     (folder,) = [shared / d for d in os.listdir(shared)]
-    assert not (tmp_path / "a" / "teacher_cache").exists()  # the rows live in the shared folder only
+    assert not (first_run / "teacher_cache").exists()  # the rows live in the shared folder only
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["rows_done"] == manifest["key"]["num_samples"]  # finished
     stamp = os.stat(folder / "embeddings.f16").st_mtime_ns
@@ -63,10 +74,10 @@ def test_a_second_run_reuses_the_cache_and_the_teacher_metrics(trained, tmp_path
     assert cached == (folder / "embeddings.f16").read_bytes()
 
 
-def test_another_teacher_gets_its_own_subfolder(trained, tmp_path):
+def test_another_teacher_gets_its_own_subfolder(trained, pooled, tmp_path):
     tmp, exp, checkpoint = trained
     shared = tmp_path / "pool"
-    _run(exp, tmp_path / "a", checkpoint, shared)
+    shutil.copytree(pooled[0], shared)  # the first teacher's folder, as its run left it
     state = torch.load(checkpoint, weights_only=True)
     other = tmp_path / "other.pth"
     torch.save({k: v * 1.01 if v.dim() == 4 else v for k, v in state.items()}, other)  # other conv weights
