@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from distill.config.files import parse_overrides, read_yaml_mapping
+from distill.config.files import parse_overrides, read_yaml_mapping, safe_load
 from distill.config.schema import load_config
 from distill.models.registry import create_model
 from distill.run.compare import comparison_json, comparison_table, load_runs
@@ -78,7 +78,7 @@ def _scalar(value) -> str:
     """A value as an override string that parses back (YAML) to the same value: 7, false, [1, 2], 'abc'."""
     text = value if isinstance(value, str) else json.dumps(value)
     try:
-        same = yaml.safe_load(text) == value
+        same = safe_load(text) == value
     except yaml.YAMLError:
         same = False
     return text if same else json.dumps(value)
