@@ -142,14 +142,35 @@ class Tree:
     lines: dict        # {module: number of lines}
 
 
+_PARSED: dict = {}  # (path, mtime, size) -> (text, syntax tree): each rule reads a tree; a file is parsed once
+_TREES: dict = {}   # (root, every file's (path, mtime, size)) -> Tree
+
+
+def _parse(path: Path) -> tuple:
+    """(text, syntax tree) of one file, parsed again only when it changed."""
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _PARSED:
+        text = path.read_text(encoding="utf-8")
+        _PARSED[key] = text, ast.parse(text, filename=str(path))
+    return _PARSED[key]
+
+
 def read_tree(root) -> Tree:
+    """The tree under root, read again when any of its files changed, appeared or went."""
     root = Path(root)
     modules = _modules(root)
+    key = (str(root), tuple((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p, _ in modules.values()))
+    if key not in _TREES:
+        _TREES[key] = _read_tree(root, modules)
+    return _TREES[key]
+
+
+def _read_tree(root: Path, modules: dict) -> Tree:
     graph, hidden, statements, every, lines = {}, [], {}, {}, {}
     for name, (path, is_package) in modules.items():
-        text = path.read_text(encoding="utf-8")
+        text, tree = _parse(path)
         lines[name] = len(text.splitlines())
-        tree = ast.parse(text, filename=str(path))
         top, in_functions = _split_imports(tree)
         statements[name] = top + in_functions
         every[name] = sorted((n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))),
@@ -298,7 +319,7 @@ def command_line_code(root) -> list:
                 if name.split(".")[0] == "argparse" or _within(name, (CLI,)):
                     offences.append(f"{module}:{node.lineno} imports {name}")
         calls = {}
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in ast.walk(_parse(path)[1]):
             if isinstance(node, ast.Call):
                 func = node.func
                 called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
@@ -321,7 +342,7 @@ def heavy_command_imports(root) -> list:
         """(line, name) of the top-level imports of `module` that are not light."""
         is_package = tree.modules[module][1]
         found = []
-        for node in _split_imports(ast.parse(tree.modules[module][0].read_text(encoding="utf-8")))[0]:
+        for node in _split_imports(_parse(tree.modules[module][0])[1])[0]:
             if isinstance(node, ast.ImportFrom) and node.module == "__future__":
                 continue
             names = _imported_names(module, is_package, node)
