@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -345,10 +346,17 @@ def _check_value(value, tp, key: str, where: str):
     return value
 
 
-def _build(cls, data: dict, prefix: str, where):
+@functools.cache
+def _section_schema(cls) -> tuple:
+    """(name -> field, the field holding model arguments or None, name -> resolved type) of a schema dataclass,
+    worked out once per class (resolving the string annotations is most of a small config's build time)."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
     spread = next((f.name for f in fields.values() if f.metadata.get("spread")), None)
-    hints = typing.get_type_hints(cls)
+    return fields, spread, typing.get_type_hints(cls)
+
+
+def _build(cls, data: dict, prefix: str, where):
+    fields, spread, hints = _section_schema(cls)  # shared: read only
     values = {spread: {}} if spread else {}
     for k, v in data.items():
         src = where(prefix + k) if callable(where) else where
