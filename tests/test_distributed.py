@@ -17,6 +17,8 @@ def test_two_process_run_completes_every_stage(tmp_path):
                                                     "eval_every": 0, "checkpoint_every": 2},
                           tracking={"wandb": "disabled"})
     raw["teacher"]["train"]["batch_size"] = 12
+    # 16 x 16 images, the smallest side the models take: what is tested is the two processes, not the convolutions
+    raw["data"]["input_size"] = raw["data"]["synthetic"]["size"] = raw["teacher"]["input_size"] = 16
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
