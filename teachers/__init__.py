@@ -19,6 +19,8 @@ works, with a ConfigDeprecationWarning saying what to write instead (`distill.co
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import warnings
 
 import torch
@@ -51,15 +53,49 @@ class FrozenTeacher(nn.Module):
 
     def fingerprint(self) -> str:
         """SHA-256 of every tensor of the state dict (names, shapes, dtypes, bytes): keys the teacher cache.
-        A model whose weights are not torch tensors (an ONNX file) supplies its own `fingerprint()`."""
+        A model whose weights are not torch tensors (an ONNX file) supplies its own `fingerprint()`.
+
+        Hashed once while the tensors stay the ones it was computed over, unchanged in place (their storage and
+        version counters); a teacher loaded from a checkpoint file that has not changed since (path, size,
+        mtime, inode), with the same spec, reuses the digest of an earlier one in this process."""
         if callable(getattr(self.model, "fingerprint", None)):
             return self.model.fingerprint()
-        h = hashlib.sha256()
-        for name, t in sorted(fingerprint_state_dict(self.model).items()):  # names as fingerprints define them
-            t = t.detach().cpu().contiguous().reshape(-1)
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        return h.hexdigest()
+        tensors = fingerprint_state_dict(self.model)  # names as fingerprints define them
+        state = _tensor_state(tensors)
+        memo = self.__dict__.get("_fingerprint")
+        if memo is not None and memo[0] == state:
+            return memo[1]
+        source, built_state = self.__dict__.get("_built_from") or (None, None)
+        pristine = source is not None and built_state == state  # the weights as read from the file
+        digest = _FINGERPRINTS.get(source) if pristine else None
+        if digest is None:
+            h = hashlib.sha256()
+            for name, t in sorted(tensors.items()):
+                t = t.detach().cpu().contiguous().reshape(-1)
+                h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+                h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+            digest = h.hexdigest()
+            if pristine:
+                _FINGERPRINTS[source] = digest
+        self.__dict__["_fingerprint"] = (state, digest)
+        return digest
+
+
+_FINGERPRINTS: dict = {}  # (checkpoint file's path, size, mtime_ns, inode; spec) -> fingerprint of the teacher
+
+
+def _tensor_state(tensors: dict) -> tuple:
+    """Which tensors these are and whether any changed in place: storage, layout and version counter of each."""
+    return tuple((name, t.data_ptr(), t.storage_offset(), t._version, tuple(t.shape), t.stride(), t.dtype, t.device)
+                 for name, t in tensors.items())
+
+
+def _file_key(path: str):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino
 
 
 # ------------------------------------------------------------------------------------------ specs
@@ -80,6 +116,7 @@ def build_teacher(spec: dict) -> FrozenTeacher:
     spec, note = upgrade_legacy_teacher(spec, ConfigError)
     if note:
         warnings.warn(note, ConfigDeprecationWarning, stacklevel=2)
+    source = None  # the checkpoint file the weights were read from, unchanged while they were read
     if "onnx" in spec:
         model = _onnx(spec)
     else:
@@ -91,8 +128,14 @@ def build_teacher(spec: dict) -> FrozenTeacher:
         model = create_model(spec["arch"], **kwargs)
         if spec.get("checkpoint"):
             path = spec["checkpoint"]
+            before = _file_key(path) if isinstance(path, str) else None
             load_state_dict_strict(model, extract_state_dict(safe_torch_load(path), path), source=path)
+            if before is not None and before == _file_key(path):
+                source = (*before, json.dumps(spec, sort_keys=True, default=repr))
     # a model that reads its sizes from its file (ONNX) knows them; registered models record them in .config
     sizes = {"input_size": 112, **getattr(model, "config", {})}  # 112: an ONNX graph of dynamic size
-    return FrozenTeacher(model, spec, input_size=getattr(model, "input_size", None) or sizes["input_size"],
-                         embedding_size=getattr(model, "embedding_size", None) or sizes["embedding_size"])
+    teacher = FrozenTeacher(model, spec, input_size=getattr(model, "input_size", None) or sizes["input_size"],
+                            embedding_size=getattr(model, "embedding_size", None) or sizes["embedding_size"])
+    if source is not None:
+        teacher.__dict__["_built_from"] = (source, _tensor_state(fingerprint_state_dict(model)))
+    return teacher
