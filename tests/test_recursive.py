@@ -18,14 +18,14 @@ from distill.run.experiment import run_experiment
 from distill.utils.checkpoint import safe_torch_load
 from distill.utils.errors import ConfigError
 
-# tiny_experiment's run, with 6 steps a stage and checkpoints every 2 (the resume tests rely on both)
+# tiny_experiment's run on 16 x 16 images, with 6 steps a stage and checkpoints every 2 (the resume tests rely on both)
 STEPS = {"max_steps": 6, "log_every": 2, "eval_every": 0, "checkpoint_every": 2}
 
 
 def write_experiment(tmp_path, **changes) -> Path:
     changes = {"train": STEPS, "tracking": {"wandb": "disabled"}, **changes}
     path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(tiny_experiment(tmp_path / "data", **changes)))
+    path.write_text(yaml.safe_dump(tiny_experiment(tmp_path / "data", side=16, **changes)))
     return path
 
 

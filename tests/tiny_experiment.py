@@ -6,8 +6,10 @@ from pathlib import Path
 import yaml
 
 
-def tiny_experiment(data_dir, **changes) -> dict:
-    """Teacher (trained, 4 steps) -> baseline -> gen1 -> gen2, 4 steps each, evaluated at steps 2 and 4."""
+def tiny_experiment(data_dir, side: int = 32, **changes) -> dict:
+    """Teacher (trained, 4 steps) -> baseline -> gen1 -> gen2, 4 steps each, evaluated at steps 2 and 4.
+    side: the images' and models' input side (16, the smallest the models take, is a quarter of the convolutions
+    of 32, for tests whose point is not the image size)."""
     data = str(data_dir)
     raw = {
         "name": "tiny",
@@ -24,12 +26,13 @@ def tiny_experiment(data_dir, **changes) -> dict:
         "tracking": {"wandb": "offline"},
     }
     raw = copy.deepcopy(raw)
+    raw["data"]["input_size"] = raw["data"]["synthetic"]["size"] = raw["teacher"]["input_size"] = side
     for key, value in changes.items():
         raw[key] = {**raw[key], **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
     return raw
 
 
-def write_experiment(path, data_dir, **changes) -> Path:
+def write_experiment(path, data_dir, side: int = 32, **changes) -> Path:
     path = Path(path)
-    path.write_text(yaml.safe_dump(tiny_experiment(data_dir, **changes), sort_keys=False))
+    path.write_text(yaml.safe_dump(tiny_experiment(data_dir, side, **changes), sort_keys=False))
     return path
