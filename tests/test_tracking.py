@@ -98,7 +98,7 @@ def tracked(tmp_path_factory, data_dir):
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_DIR", str(tmp))
         mp.setenv("WANDB_API_KEY", FAKE_KEY)
-        path = write_experiment(tmp / "tiny.yaml", data_dir)
+        path = write_experiment(tmp / "tiny.yaml", data_dir, side=16)
         run_experiment(load_config(str(path)), str(tmp / "run"), progress=False, logger=silent_logger())
     return tmp, tmp / "run", wandb_runs(tmp / "run")
 
@@ -189,7 +189,7 @@ def test_a_resumed_stage_continues_its_wandb_run_in_the_kept_group(tracked, tmp_
 
 
 def _one_stage(tmp_path, data_dir):
-    path = write_experiment(tmp_path / "one.yaml", data_dir, teacher=None, baseline=False, generations=1,
+    path = write_experiment(tmp_path / "one.yaml", data_dir, side=16, teacher=None, baseline=False, generations=1,
                             train={"max_steps": 2})
     return load_config(str(path))
 
@@ -236,7 +236,7 @@ def test_disabled_mode_and_other_ranks_keep_only_the_local_log(tmp_path, data_di
     import wandb
     monkeypatch.setattr(wandb, "init", lambda *a, **k: pytest.fail("wandb.init called"))
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    cfg = load_config(str(write_experiment(tmp_path / "e.yaml", data_dir, tracking={"wandb": "disabled"})))
+    cfg = load_config(str(write_experiment(tmp_path / "e.yaml", data_dir, side=16, tracking={"wandb": "disabled"})))
     tracker = stage_tracker(cfg, str(tmp_path / "run"), "gen1", 1, None)
     assert type(tracker) is Tracker
     (tmp_path / "run" / "gen1").mkdir(parents=True)  # made by the engine
@@ -255,7 +255,7 @@ def test_disabled_mode_and_other_ranks_keep_only_the_local_log(tmp_path, data_di
 def test_under_a_sweep_agent_the_last_stage_is_the_trial_run(tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("WANDB_SWEEP_ID", "sweep42")
     monkeypatch.setenv("WANDB_RUN_ID", "trial7")
-    cfg = load_config(str(write_experiment(tmp_path / "e.yaml", data_dir)))
+    cfg = load_config(str(write_experiment(tmp_path / "e.yaml", data_dir, side=16)))
     for stage, generation in (("teacher", 0), ("gen2", 2)):
         tracker = stage_tracker(cfg, str(tmp_path / "run"), stage, generation, None)
         assert isinstance(tracker, WandbTracker) and not tracker.failed
