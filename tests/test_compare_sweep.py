@@ -39,8 +39,8 @@ def runs(tmp_path_factory, faces):
     """Two finished tiny runs: A = teacher, baseline, gen1; B = gen1, gen2 without a teacher."""
     tmp = tmp_path_factory.mktemp("compare")
     data = faces
-    a = write_experiment(tmp / "a.yaml", data, name="tiny-a", generations=1, tracking={"wandb": "disabled"})
-    b = write_experiment(tmp / "b.yaml", data, name="tiny-b", teacher=None, baseline=False,
+    a = write_experiment(tmp / "a.yaml", data, side=16, name="tiny-a", generations=1, tracking={"wandb": "disabled"})
+    b = write_experiment(tmp / "b.yaml", data, side=16, name="tiny-b", teacher=None, baseline=False,
                          tracking={"wandb": "disabled"})
     for path, out in ((a, "run-a"), (b, "run-b")):
         run_experiment(load_config(str(path)), str(tmp / out), progress=False, logger=silent_logger())
@@ -116,7 +116,7 @@ def test_compare_names_a_directory_that_is_not_a_run(tmp_path, capsys):
 
 
 def write_grid(tmp_path, faces, grid: dict, fixed: dict | None = None, name: str = "g") -> Path:
-    base = write_experiment(tmp_path / "base.yaml", faces, generations=1, baseline=False,
+    base = write_experiment(tmp_path / "base.yaml", faces, side=16, generations=1, baseline=False,
                             tracking={"wandb": "disabled"})
     path = tmp_path / "grids" / f"{name}.yaml"
     path.parent.mkdir(exist_ok=True)
