@@ -22,7 +22,7 @@ QUIET = {"progress": False, "logger": silent_logger()}
 def trained(tmp_path_factory):
     """A tiny teacher trained once (its backbone.pth) and an experiment file that loads it."""
     tmp = tmp_path_factory.mktemp("one_teacher")
-    exp = write_experiment(tmp / "x.yaml", tmp / "faces", generations=1, baseline=False,
+    exp = write_experiment(tmp / "x.yaml", tmp / "faces", side=16, generations=1, baseline=False,
                            tracking={"wandb": "disabled"}, train={"eval_every": 0})
     run_experiment(load_config(str(exp), ["generations=0"]), str(tmp / "teacher"), **QUIET)
     return tmp, exp, str(tmp / "teacher" / "teacher" / "backbone.pth")
