@@ -22,7 +22,7 @@ from teachers.cache import TeacherCache
 @pytest.fixture(scope="module")
 def born_again(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("born_again")
-    exp = write_experiment(tmp / "x.yaml", tmp / "faces", generations=2, baseline=False,
+    exp = write_experiment(tmp / "x.yaml", tmp / "faces", side=16, generations=2, baseline=False,
                            tracking={"wandb": "disabled"}, train={"eval_every": 0})
     cfg = load_config(str(exp), ["recursive.teacher=previous"])
     summary = run_experiment(cfg, str(tmp / "run"), progress=False, logger=silent_logger())
@@ -73,7 +73,7 @@ def test_an_interrupted_born_again_generation_resumes_bit_identically(born_again
 
 
 def test_previous_needs_a_teacher_for_generation_one(tmp_path):
-    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces")
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", side=16)
     with pytest.raises(ConfigError, match=r"recursive.teacher' is previous .* no teacher for generation 1"):
         load_config(str(exp), ["recursive.teacher=previous", "teacher=null"])
     with pytest.raises(ConfigError, match=r"key 'recursive.teacher' must be one of fixed, previous"):
