@@ -13,8 +13,8 @@ from tiny_experiment import write_experiment
 from distill.cli import main
 from teachers.prepare import IDENTITY_KEY, teacher_identity
 
-# the teacher and one generation: a cache build trains the 4-step teacher and embeds 72 images
-SMALL = dict(generations=1, baseline=False, tracking={"wandb": "disabled"})
+# the teacher and one generation on 16 x 16 images: a cache build trains the 4-step teacher and embeds 72 images
+SMALL = dict(side=16, generations=1, baseline=False, tracking={"wandb": "disabled"})
 
 
 def _stages_trained(run) -> set:
