@@ -191,7 +191,7 @@ def test_two_gloo_ranks_holding_halves_of_the_centres_equal_one_process(tmp_path
 def test_centres_missing_or_of_another_count_are_refused_before_any_work(tmp_path):
     from distill.run.context import silent_logger
     from distill.run.experiment import run_experiment
-    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces")
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", side=16)
     backbone = tmp_path / "backbone.pth"
     torch.save({}, backbone)
     with pytest.raises(ConfigError, match=r"distill.loss kd needs the teacher's class centres.*set teacher.head"):
@@ -213,7 +213,7 @@ def test_centres_missing_or_of_another_count_are_refused_before_any_work(tmp_pat
 def test_a_run_distils_kd_from_the_head_of_the_teacher_it_trained(tmp_path):
     from distill.run.context import silent_logger
     from distill.run.experiment import run_experiment
-    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", generations=1, baseline=False,
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", side=16, generations=1, baseline=False,
                            tracking={"wandb": "disabled"})
     cfg = load_config(str(exp), ["distill.terms=[{loss: equivalent_angular, alpha: 7}, {loss: kd, alpha: 1}]"])
     summary = run_experiment(cfg, str(tmp_path / "run"), progress=False, logger=silent_logger())
@@ -225,7 +225,7 @@ def test_a_run_distils_kd_from_the_head_of_the_teacher_it_trained(tmp_path):
 
 def test_doctor_reads_teacher_head(tmp_path, capsys):
     from distill.cli import main
-    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces")
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", side=16)
     torch.save({"weight": torch.randn(12, 16)}, tmp_path / "small.pt")  # 16-d: not this 32-d teacher's
     assert main(["doctor", str(exp), "--out", str(tmp_path / "run"), "distill.loss=kd",
                  f"teacher.head={tmp_path / 'small.pt'}"]) == 1
