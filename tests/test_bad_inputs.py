@@ -37,7 +37,7 @@ LATE_CAUGHT = [
 
 @pytest.mark.parametrize("overrides, key, says", LATE_CAUGHT, ids=[" ".join(c[0]) for c in LATE_CAUGHT])
 def test_a_mistake_the_config_shows_stops_run_and_doctor_before_any_work(tmp_path, capsys, overrides, key, says):
-    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", side=16, tracking={"wandb": "disabled"})
     out = tmp_path / "run"
     assert main(["run", str(exp), "--out", str(out), "--no-progress", *overrides]) == 2
     err = capsys.readouterr().err
@@ -55,7 +55,7 @@ def test_ijb_images_missing_stop_the_run_before_the_teacher_trains(tmp_path, cap
     capsys.readouterr()
     victim = sorted((root / "loose_crop").iterdir())[0]
     victim.unlink()
-    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"},
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", side=16, tracking={"wandb": "disabled"},
                            data={"ijb": {"root": str(root), "target": "IJBC"}})
     out = tmp_path / "run"
     assert main(["run", str(exp), "--out", str(out), "--no-progress"]) == 2
@@ -65,8 +65,8 @@ def test_ijb_images_missing_stop_the_run_before_the_teacher_trains(tmp_path, cap
 
 
 def test_after_a_refused_run_the_corrected_command_succeeds_in_the_same_out(tmp_path, capsys):
-    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"}, generations=0,
-                           baseline=False)
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", side=16, tracking={"wandb": "disabled"},
+                           generations=0, baseline=False)
     out = tmp_path / "run"
     assert main(["run", str(exp), "--out", str(out), "--no-progress", "teacher.train.lr=-0.1"]) == 2
     assert main(["run", str(exp), "--out", str(out), "--no-progress"]) == 0
@@ -74,7 +74,7 @@ def test_after_a_refused_run_the_corrected_command_succeeds_in_the_same_out(tmp_
 
 
 def test_a_sweep_whose_second_point_has_a_bad_teacher_lr_is_refused_before_the_first_trains(tmp_path, capsys):
-    base = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
+    base = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", side=16, tracking={"wandb": "disabled"})
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({"base": "x.yaml", "name": "g", "grid": {"teacher.train.lr": [0.1, -0.1]}}))
     assert main(["sweep", str(grid), "--out", str(tmp_path / "sweep"), "--no-progress"]) == 2
@@ -139,7 +139,7 @@ def test_synth_ijb_into_a_file_and_deep_or_long_keys_are_one_line(tmp_path, caps
     afile.write_text("x")
     assert main(["data", "synth-ijb", str(afile)]) == 2
     assert "is a file" in capsys.readouterr().err
-    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", side=16, tracking={"wandb": "disabled"})
     for override, says in ((".".join(["a"] * 2000) + "=1", "levels deep"),
                            ("data.train=" + "n" * 300, "a path longer than the OS allows")):
         assert main(["run", str(exp), "--out", str(tmp_path / "run"), override]) == 2
@@ -153,7 +153,7 @@ def test_images_per_id_beyond_every_identity_gets_a_note(tmp_path):
 
     from distill.config.schema import load_config
     from distill.run.experiment import _note_identity_groups
-    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", side=16, tracking={"wandb": "disabled"})
     cfg = load_config(str(exp), ["data.images_per_id=24"])  # TinyFaces: 16 images of each identity
     note = _note_identity_groups(cfg, TinyFaces())
     assert "no identity of" in note and "more than 16 images" in note
@@ -250,7 +250,7 @@ def test_compare_export_of_another_run_with_the_same_name_is_written_beside_neve
 
 
 def test_a_case_key_the_grid_also_sweeps_is_refused(tmp_path, capsys):
-    write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
+    write_experiment(tmp_path / "x.yaml", tmp_path / "faces", side=16, tracking={"wandb": "disabled"})
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({"base": "x.yaml", "grid": {
         "case": [{"name": "fast", "train.lr": 0.5}, {"name": "slow"}], "train.lr": [0.1, 0.2]}}))
@@ -263,7 +263,7 @@ def test_earlier_rounds_code_in_yaml_or_checkpoints_is_refused_before_any_work(t
     import os
 
     import torch
-    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", side=16, tracking={"wandb": "disabled"})
     tagged = tmp_path / "tagged.yaml"
     tagged.write_text(exp.read_text() + "\nhook: !!python/object/apply:os.system [\"echo owned\"]\n")
     assert main(["run", str(tagged), "--out", str(tmp_path / "a"), "--no-progress"]) == 2
@@ -279,7 +279,7 @@ def test_earlier_rounds_code_in_yaml_or_checkpoints_is_refused_before_any_work(t
 
 
 def test_a_sweep_runs_the_preflight_checks_of_every_point_before_the_first_trains(tmp_path, capsys):
-    write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
+    write_experiment(tmp_path / "x.yaml", tmp_path / "faces", side=16, tracking={"wandb": "disabled"})
     grid = tmp_path / "grid.yaml"
     grid.write_text(yaml.safe_dump({"base": "x.yaml", "name": "g", "grid": {"data.decode": ["cpu", "cuda"]}}))
     assert main(["sweep", str(grid), "--out", str(tmp_path / "sweep"), "--no-progress"]) == 2
@@ -290,7 +290,7 @@ def test_a_sweep_runs_the_preflight_checks_of_every_point_before_the_first_train
 
 @pytest.mark.parametrize("command", ["run", "run --dry-run", "cache build"])
 def test_an_out_that_is_a_file_is_refused_before_anything_is_written(tmp_path, capsys, command):
-    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", tracking={"wandb": "disabled"})
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", side=16, tracking={"wandb": "disabled"})
     afile = tmp_path / "afile"
     afile.write_text("mine")
     words = command.split()
