@@ -121,7 +121,8 @@ def test_the_registry_knows_every_builtin_family_unasked():
 def test_distill_run_loads_no_onnx_code(tmp_path):
     from tiny_experiment import write_experiment
 
-    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", generations=1, tracking={"wandb": "disabled"})
+    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", side=16, generations=1,
+                           tracking={"wandb": "disabled"})
     loaded = _loaded(_python(
         "import json, sys\nfrom distill.cli import main\n"
         f"code = main(['run', {str(exp)!r}, '--dry-run', '--no-progress', '--out', {str(tmp_path / 'run')!r}])\n"
