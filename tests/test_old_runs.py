@@ -53,7 +53,7 @@ def test_an_old_interrupted_run_directory_resumes_bit_identically(run, tmp_path)
     shutil.copytree(OLD_RUNS, copy)  # `terms` loads its teacher from short_form/teacher/backbone.pth
     run_dir = copy / run
     finished, stopped = STOPPED[run]
-    trained = lambda: {f.relative_to(run_dir).as_posix(): f.read_bytes()  # noqa: E731
+    trained = lambda: {f.relative_to(run_dir).as_posix(): f.read_bytes()  # noqa: E731 - read twice, before and after
                        for name in finished for f in sorted((run_dir / name).glob("*.pt*"))}
     before = trained()
     assert (run_dir / stopped / "last.pt").exists() and not (run_dir / stopped / "result.json").exists()
