@@ -23,7 +23,7 @@ def test_far_keys_are_mantissa_exponent_without_zero_padding():
             far_key(bad)
 
 
-def test_keys_of_earlier_versions_read_as_todays():
+def test_legacy_far_keys_read_as_todays():
     old = {"1e-06": 0.1, "1e-05": 0.2, "0.0001": 0.3, "0.001": 0.4, "0.01": 0.5, "0.1": 0.6}  # str(far)
     want = dict(zip(["1e-6", "1e-5", "1e-4", "1e-3", "1e-2", "1e-1"], old.values(), strict=True))
     assert normalise_far_keys(old) == want
