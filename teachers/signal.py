@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from distill.utils.device import amp_settings
+from distill.utils.errors import ConfigError
 from teachers.cache_key import cache_key
+from teachers.head_file import load_centres
 
 
 def match_input_size(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -39,10 +41,20 @@ def match_input_size(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class TeacherSignal:
-    """What the training step asks of a teacher; `online` is the teacher run on the batch (None when cached)."""
+    """What the training step asks of a teacher; `online` is the teacher run on the batch (None when cached), whose
+    feature maps the feature terms hook; `centres_source` is the file of its class centres (teacher.head, or the
+    last.pt of a teacher trained by the run; None: not known), read by `centres`."""
 
     online: OnlineTeacher | None = None
     embedding_size: int
+    centres_source: str | None = None
+
+    def centres(self, num_classes: int | None) -> torch.Tensor:
+        """The teacher's class centres (classes, embedding) in float32, checked against `num_classes`."""
+        if not self.centres_source:
+            raise ConfigError("the teacher's class centres are not known: set teacher.head (the teacher's margin-head "
+                              "weights), or let the run train the teacher")
+        return load_centres(self.centres_source, num_classes)
 
     def embed(self, x: torch.Tensor, index: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -144,11 +156,16 @@ def online_signal(teacher, train, device) -> OnlineTeacher:
     return OnlineTeacher(teacher, device, teacher_autocast(train, device, teacher), train.channels_last)
 
 
-def stage_signal(teacher, cache, train, device) -> TeacherSignal | None:
+def stage_signal(teacher, cache, train, device, centres: str | None = None) -> TeacherSignal | None:
     """A stage's teacher signal: `teacher` when it is one already; else the rows of `cache` (a TeacherCache) when
-    given, else the frozen `teacher` run online (online_signal); None without either."""
+    given, else the frozen `teacher` run online (online_signal); None without either. `centres`: the file of the
+    teacher's class centres (StageSpec.centres), kept as the signal's `centres_source` when given."""
     if isinstance(teacher, TeacherSignal):
-        return teacher
-    if cache is not None:
-        return CachedTeacher(cache)
-    return online_signal(teacher, train, device) if teacher is not None else None
+        signal = teacher
+    elif cache is not None:
+        signal = CachedTeacher(cache)
+    else:
+        signal = online_signal(teacher, train, device) if teacher is not None else None
+    if signal is not None and centres:
+        signal.centres_source = centres
+    return signal

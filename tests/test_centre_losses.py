@@ -15,11 +15,11 @@ from tiny import tiny_config, whole_and_resumed
 from tiny_experiment import write_experiment
 
 from distill.config.schema import load_config
-from distill.losses.centres import load_centres
 from distill.losses.distillation import DistillationObjective, create_distill_loss
 from distill.losses.heads import create_head
 from distill.train.engine import StageSpec
 from distill.utils.errors import ConfigError, UnsafeFileError
+from teachers.head_file import load_centres
 
 # ------------------------------------------------------------------------------------------- the files
 

@@ -8,6 +8,7 @@ from tiny import TinyFaces, tiny_config
 import teachers
 from distill.config.schema import TrainConfig
 from distill.utils.device import amp_settings
+from distill.utils.errors import ConfigError
 from teachers.cache import build_cache
 from teachers.cache_key import cache_key
 from teachers.signal import (
@@ -96,3 +97,20 @@ def test_a_stage_signal_is_cached_online_or_given(tmp_path):
     assert isinstance(stage_signal(None, cache, cfg.train, cpu), CachedTeacher)
     given = CachedTeacher(cache)
     assert stage_signal(given, None, cfg.train, cpu) is given
+
+
+def test_the_signal_reads_the_teachers_class_centres_cached_or_online(tmp_path):
+    cfg, cpu, teacher, data = tiny_config(), torch.device("cpu"), _teacher(), TinyFaces(classes=2, per_class=2)
+    cache = build_cache(teacher, data, str(tmp_path), progress=False)
+    centres = torch.randn(2, 32)
+    torch.save({"weight": centres}, tmp_path / "head.pt")
+    source = str(tmp_path / "head.pt")
+    for signal in (stage_signal(teacher, None, cfg.train, cpu, centres=source),
+                   stage_signal(None, cache, cfg.train, cpu, centres=source)):
+        assert signal.centres_source == source and torch.equal(signal.centres(2), centres)
+        with pytest.raises(ConfigError, match="holds centres of 2 identities, data.train has 3"):
+            signal.centres(3)
+    unknown = stage_signal(None, cache, cfg.train, cpu)
+    assert unknown.centres_source is None
+    with pytest.raises(ConfigError, match="class centres are not known: set teacher.head"):
+        unknown.centres(2)

@@ -204,8 +204,8 @@ def check_teacher(cfg, run_dir: str) -> list:
 def _check_centres(cfg, run_dir: str, embedding_size: int) -> list:
     """teacher.head for the terms that need the teacher's class centres: what they will use, or why not (the
     preflight check of the same, which `distill run` makes, is left out of diagnose: the file is read once)."""
-    from distill.losses.centres import load_centres
     from distill.run.preflight import centres_source
+    from teachers.head_file import load_centres
 
     try:
         source = centres_source(cfg, run_dir)

@@ -78,7 +78,7 @@ def _ijb_images(cfg, meta=None) -> None:
 
 
 def _centres(cfg, run_dir: str, train_set) -> None:
-    from distill.losses.centres import load_centres
+    from teachers.head_file import load_centres
 
     source = centres_source(cfg, run_dir)
     if source and cfg.teacher.head:

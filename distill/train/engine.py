@@ -175,7 +175,8 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
     torch.manual_seed(cfg.seed + 7919 * spec.generation)
     tr = spec.train
     model, head = _model_and_head(cfg, spec, train_set.num_classes, device)
-    signal = stage_signal(teacher, cache, tr, device)  # an online teacher moves to the device here
+    # an online teacher moves to the device here; the signal keeps where its class centres are
+    signal = stage_signal(teacher, cache, tr, device, centres=spec.centres)
     objective = stage_objective(cfg, spec, head, model, signal, device)  # (FitNet's regressors: before the optimizer)
 
     # the full global batches of plan_epoch, and of plan_identity_epoch too (it has as many)

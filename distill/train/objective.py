@@ -4,7 +4,6 @@ what a feature term trains (FitNet's regressors, distill/train/feature_taps.py),
 
 from __future__ import annotations
 
-from distill.losses.centres import load_centres
 from distill.losses.distillation import DistillationObjective
 from distill.losses.term_checks import Setting, check_terms
 from distill.losses.terms import stage_terms
@@ -21,22 +20,23 @@ def stage_objective(cfg, spec, head, model, signal, device) -> DistillationObjec
     terms = stage_terms(cfg.distill, spec.alpha)
     if signal is not None:  # what the terms need against what this stage has (the sizes: preflight's, and each
         # loss's own shape check; a teacher given to run_stage need not state its embedding size)
-        check_terms(terms, Setting(cached=signal.online is None, centres=bool(spec.centres),
+        check_terms(terms, Setting(cached=signal.online is None, centres=bool(signal.centres_source),
                                    images_per_id=cfg.data.images_per_id or 0, batch_size=spec.train.batch_size))
     objective = DistillationObjective(head, terms=terms, project=project)
     objective.to(device)
     prepare_feature_loss(objective, model, signal, device)
-    prepare_centres(objective, head, spec)
+    prepare_centres(objective, head, signal)
     return objective
 
 
-def prepare_centres(objective, head, spec) -> None:
-    """Give the terms that need them the teacher's class centres (StageSpec.centres: teacher.head, or the last.pt
-    of the teacher trained here), before the optimizer is made (ProxylessKD freezes the head it inherits)."""
+def prepare_centres(objective, head, signal) -> None:
+    """Give the terms that need them the teacher's class centres, read by the stage's teacher signal
+    (TeacherSignal.centres: teacher.head, or the last.pt of the teacher trained here), before the optimizer is made
+    (ProxylessKD freezes the head it inherits)."""
     terms = objective.centre_terms()
     if not terms:
         return
-    check_terms(objective.terms, Setting(centres=bool(spec.centres)))
-    full = load_centres(spec.centres, head.num_classes)
+    check_terms(objective.terms, Setting(centres=bool(signal is not None and signal.centres_source)))
+    full = signal.centres(head.num_classes)
     for _, fn in terms:
         fn.set_centres(full, head)
