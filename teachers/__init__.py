@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 
 import torch
@@ -29,6 +28,7 @@ from torch import nn
 from distill.compat import fingerprint_state_dict, upgrade_legacy_teacher
 from distill.models.registry import check_model_kwargs, create_model
 from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
+from distill.utils.digest import file_state
 from distill.utils.errors import ConfigDeprecationWarning, ConfigError
 
 
@@ -90,14 +90,6 @@ def _tensor_state(tensors: dict) -> tuple:
                  for name, t in tensors.items())
 
 
-def _file_key(path: str):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino
-
-
 # ------------------------------------------------------------------------------------------ specs
 
 def _onnx(spec):
@@ -128,9 +120,9 @@ def build_teacher(spec: dict) -> FrozenTeacher:
         model = create_model(spec["arch"], **kwargs)
         if spec.get("checkpoint"):
             path = spec["checkpoint"]
-            before = _file_key(path) if isinstance(path, str) else None
+            before = file_state(path) if isinstance(path, str) else None
             load_state_dict_strict(model, extract_state_dict(safe_torch_load(path), path), source=path)
-            if before is not None and before == _file_key(path):
+            if before is not None and before == file_state(path):
                 source = (*before, json.dumps(spec, sort_keys=True, default=repr))
     # a model that reads its sizes from its file (ONNX) knows them; registered models record them in .config
     sizes = {"input_size": 112, **getattr(model, "config", {})}  # 112: an ONNX graph of dynamic size

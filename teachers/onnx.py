@@ -14,13 +14,13 @@ Needs the `onnx` extra (`pip install 'facedistill[onnx]'`): onnx to inspect the 
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
 import torch
 from torch import nn
 
+from distill.utils.digest import file_sha256
 from distill.utils.errors import CheckpointError, ConfigError
 
 # ops that may stand between the input and the in-graph normalisation without changing pixel values
@@ -94,7 +94,7 @@ class OnnxTeacherModel(nn.Module):
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise CheckpointError(f"{self.path}: ONNX file not found; check teacher.onnx")
-        self._sha256 = _file_sha256(self.path)
+        self._sha256 = file_sha256(self.path)
         providers = self._check_providers(ort, providers)
         try:
             graph = onnx.load(self.path, load_external_data=False).graph
@@ -183,11 +183,3 @@ class OnnxTeacherModel(nn.Module):
     def extra_repr(self) -> str:
         return (f"path={self.path!r}, input={self.input_name!r} {self.input_shape}, "
                 f"raw_pixels={self.raw_pixels}, providers={self.session.get_providers()}")
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

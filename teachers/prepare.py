@@ -25,7 +25,6 @@ the current identity is recorded from then on.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 import teachers
 from distill.utils.atomic import atomic_write_json
 from distill.utils.checkpoint import atomic_torch_save, safe_torch_load
+from distill.utils.digest import file_sha256
 from distill.utils.dist import rank0_first
 from distill.utils.errors import ConfigError
 from distill.utils.layout import CacheLayout, RunLayout
@@ -75,21 +75,6 @@ def teacher_spec(cfg, run_dir: str) -> dict:
     source = teacher_source(cfg)
     spec = cfg.teacher.spec()
     return {**spec, "checkpoint": RunLayout(run_dir).teacher.backbone} if source.trained_here else spec
-
-
-_SHA256: dict = {}  # (path, size, mtime_ns) -> hex digest: a checkpoint is hashed once per process
-
-
-def file_sha256(path: str) -> str:
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _SHA256:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-        _SHA256[key] = h.hexdigest()
-    return _SHA256[key]
 
 
 def teacher_identity(cfg, dataset=None) -> dict:

@@ -39,6 +39,7 @@ from distill.eval.far import IJB_FARS, far_key
 from distill.eval.verification import EvaluationError
 from distill.utils.atomic import atomic_open, atomic_write_json
 from distill.utils.device import model_device
+from distill.utils.digest import file_sha256
 from distill.utils.errors import ConfigError, DataFormatError
 
 FEATURE_CACHE_FORMAT = "facedistill.ijb-features/1"
@@ -284,23 +285,15 @@ def verify(meta: IJBMeta, feats, valid=None, norm_score: bool = True, detector_s
 # --------------------------------------------------------------------------- feature files
 
 
-def _file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def feature_cache_key(model_source: str, meta: IJBMeta, flip: bool, input_size: int) -> dict:
     """What cached image features depend on: the model (path and content hash), the image list (its
     landmark file's hash), flip and input size. Pooling flags are not in it: they apply after the cache."""
     is_file = os.path.isfile(model_source)
     return {"format": FEATURE_CACHE_FORMAT,
             "model": os.path.abspath(model_source) if is_file else model_source,
-            "model_sha256": _file_sha256(model_source) if is_file else None,
+            "model_sha256": file_sha256(model_source) if is_file else None,
             "target": meta.target, "images": len(meta.names),
-            "landmarks_sha256": _file_sha256(meta.path("landmarks")),
+            "landmarks_sha256": file_sha256(meta.path("landmarks")),
             "flip": bool(flip), "input_size": int(input_size)}
 
 

@@ -31,15 +31,14 @@ from distill.run.disk import DiskSpaceError, check_disk
 from distill.run.hooks import StageHooks
 from distill.run.lock import run_directory_lock
 from distill.run.plan import LOAD_TEACHER, STUDENT, TEACHER_CACHE, TEACHER_STAGE, TRAIN_TEACHER, PlannedStage, plan_run
-from distill.run.preflight import check_embedding_sizes, preflight
+from distill.run.preflight import preflight
 from distill.run.rundir import check_run_dir, default_run_dir, restart_stages
 from distill.run.summary import summary_text, write_summary
-from distill.run.teacher_stage import previous_student, run_teacher, shared_folder_of, teacher_cache, train_teacher
+from distill.run.teacher_stage import frozen_teacher, previous_student, run_teacher, teacher_cache
 from distill.train.engine import run_stage
 from distill.utils.dist import from_rank0, rank0_first
 from distill.utils.errors import ConfigError, DistillError
-from distill.utils.layout import TEACHER
-from teachers.prepare import check_recorded_teacher, load_teacher, teacher_source
+from teachers.prepare import check_recorded_teacher, teacher_source
 
 # --------------------------------------------------------------------------------------- before any work
 
@@ -221,12 +220,8 @@ def build_teacher_cache(cfg: ExperimentConfig, run_dir: str, progress: bool = Fa
     ctx = run_context(cfg, run_dir, progress, logger)
     with _left_as_found(ctx), run_directory_lock(run_dir):
         train_set, val, _ = _before_any_work(ctx, cfg, ())
-        hooks = StageHooks(cfg, ctx)
         stage = next(s for s in plan_run(cfg, run_dir) if s.kind in (TRAIN_TEACHER, LOAD_TEACHER))
-        if stage.kind == TRAIN_TEACHER:
-            train_teacher(ctx, cfg, stage, train_set, val, lambda: hooks.tracker(TEACHER, 0, None))
-        teacher = load_teacher(cfg, run_dir)
-        check_embedding_sizes(cfg, teacher.embedding_size)
-        cache = teacher_cache(ctx, cfg, teacher, train_set, folder=shared_folder_of(ctx, cfg, teacher, train_set))
+        teacher, folder = frozen_teacher(ctx, cfg, stage, train_set, val, StageHooks(cfg, ctx))
+        cache = teacher_cache(ctx, cfg, teacher, train_set, folder=folder)
         ctx.log.info(f"teacher cache: {len(cache)} images x 2 views in {cache.directory}")
         return cache

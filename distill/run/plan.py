@@ -82,6 +82,7 @@ def plan_stages(cfg, run_dir: str) -> list:
     """The students' StageSpecs: the baseline (when configured), then gen1 .. genN."""
     alpha = cfg.distill.weight if cfg.teacher is not None else 0.0
     run = RunLayout(run_dir)
+    centres = centres_source(cfg, run_dir)
     stages = []
     if cfg.baseline:
         stages.append(student_spec(cfg, BASELINE, 0, 0.0, cfg.student.init, None))
@@ -89,7 +90,6 @@ def plan_stages(cfg, run_dir: str) -> list:
         init = cfg.student.init if k == 1 else run.generation(k - 1).student
         head = run.generation(k - 1).last if (k > 1 and cfg.init_head_from_previous) else None
         previous = cfg.recursive.teacher == "previous" and k > 1 and alpha > 0
-        centres = centres_source(cfg, run_dir)
         stages.append(dataclasses.replace(
             student_spec(cfg, generation_name(k), k, alpha, init, head),
             centres=run.generation(k - 1).last if previous and centres else centres,

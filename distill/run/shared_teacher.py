@@ -67,7 +67,7 @@ def ijb_files(ijb_cfg) -> dict:
     """The `files` of cached_metrics/keep_metrics for a teacher's IJB result (`data.ijb`): one entry keyed by the
     sha256 of each of its meta files, so another IJB set (or a changed one) is evaluated again."""
     from distill.data.ijb import META_FILES, meta_path
-    from teachers.prepare import file_sha256
+    from distill.utils.digest import file_sha256
 
     return {"ijb": "ijb " + " ".join(file_sha256(meta_path(ijb_cfg.root, ijb_cfg.target, kind)) for kind in META_FILES)}
 

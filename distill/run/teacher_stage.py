@@ -26,10 +26,11 @@ from distill.run.summary import teacher_model
 from distill.train.engine import run_stage
 from distill.train.tracking import val_scalars
 from distill.utils.atomic import atomic_write_json
+from distill.utils.digest import file_sha256
 from distill.utils.dist import rank0_first
 from distill.utils.layout import TEACHER, RunLayout
 from distill.utils.threads import apply_threads, loader_workers, plan_threads
-from teachers.prepare import IDENTITY_KEY, file_sha256, load_teacher, prepare_cache, teacher_identity
+from teachers.prepare import IDENTITY_KEY, load_teacher, prepare_cache, teacher_identity
 from teachers.signal import online_signal, signal_cache_key
 
 
@@ -49,13 +50,19 @@ def train_teacher(ctx: RunContext, cfg, stage: PlannedStage, train_set, val, ope
               tracker=open_tracker() if open_tracker else None)
 
 
-def run_teacher(ctx: RunContext, cfg, stage: PlannedStage, train_set, val, hooks) -> tuple:
-    """TRAIN_TEACHER or LOAD_TEACHER with its hooks: (frozen teacher, result, its teacher.shared_cache folder)."""
+def frozen_teacher(ctx: RunContext, cfg, stage: PlannedStage, train_set, val, hooks) -> tuple:
+    """TRAIN_TEACHER (trained first when it has not finished) or LOAD_TEACHER: (the frozen teacher, its
+    teacher.shared_cache folder or None), its embedding size checked against the student's."""
     if stage.kind == TRAIN_TEACHER:
         train_teacher(ctx, cfg, stage, train_set, val, lambda: hooks.tracker(TEACHER, 0, None))
     teacher = load_teacher(cfg, ctx.run_dir)
     check_embedding_sizes(cfg, teacher.embedding_size)  # before the cache and any student
-    folder = shared_folder_of(ctx, cfg, teacher, train_set)  # hashes the weights and the data: once
+    return teacher, shared_folder_of(ctx, cfg, teacher, train_set)  # hashes the weights and the data: once
+
+
+def run_teacher(ctx: RunContext, cfg, stage: PlannedStage, train_set, val, hooks) -> tuple:
+    """TRAIN_TEACHER or LOAD_TEACHER with its hooks: (frozen teacher, result, its teacher.shared_cache folder)."""
+    teacher, folder = frozen_teacher(ctx, cfg, stage, train_set, val, hooks)
     result = rank0_first(lambda: teacher_result(ctx, cfg, teacher, val, train_set, folder, hooks))
     return teacher, hooks.after(stage, result, lambda: (teacher, teacher.input_size), folder), folder
 
