@@ -16,7 +16,7 @@ def _run(args) -> int:
     from distill.utils.dist import init_distributed
 
     cfg = load_config(args.experiment, args.overrides)
-    init_distributed()
+    init_distributed(cfg.device, cfg.dist.timeout_minutes)
     if args.dry_run:
         dry_run(cfg, run_dir=args.out or default_run_dir(cfg))
         return 0
@@ -39,7 +39,7 @@ def _cache_build(args) -> int:
     if cfg.teacher is None:
         print("distill cache build: the experiment has no teacher; nothing to cache", file=sys.stderr)
         return 2
-    init_distributed()  # under torchrun every rank builds its slice of the cache
+    init_distributed(cfg.device, cfg.dist.timeout_minutes)  # under torchrun every rank builds its slice of the cache
     build_teacher_cache(cfg, args.out or default_run_dir(cfg), progress=sys.stderr.isatty())
     return 0
 

@@ -32,6 +32,7 @@ from distill.losses.terms import parse_terms
 from distill.models.registry import check_model_kwargs, check_model_name, did_you_mean, model_defaults
 from distill.utils.atomic import atomic_open
 from distill.utils.device import AMP_MODES
+from distill.utils.dist import DEFAULT_TIMEOUT_MINUTES
 from distill.utils.errors import ConfigDeprecationWarning, ConfigError, DistillError
 
 NOTHING, TEACHER, RESUME = Affects.NOTHING, Affects.TEACHER, Affects.RESUME
@@ -267,6 +268,19 @@ class TrackingConfig:
 
 
 @dataclass
+class DistConfig:
+    """The process group under torchrun (distill/utils/dist.py init_distributed); how the work is done, not what."""
+    # how long a rank waits for the others (a collective, or rank 0 alone preparing files) before failing with
+    # an error instead of hanging; the default's reasoning: distill/utils/dist.py DEFAULT_TIMEOUT_MINUTES
+    timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES
+
+    def __post_init__(self):
+        if not self.timeout_minutes > 0:
+            raise ConfigError(f"key 'dist.timeout_minutes' must be positive (minutes a rank waits for the others), "
+                              f"got {self.timeout_minutes!r}")
+
+
+@dataclass
 class RecursiveConfig:
     """How generations chain: each starts from the previous student; `teacher` says whom it distils from: fixed
     (the experiment's teacher for every generation, the paper) or previous (born-again networks, Furlanello et
@@ -291,6 +305,7 @@ class ExperimentConfig:
     init_head_from_previous: bool = False
     recursive: RecursiveConfig = field(default_factory=RecursiveConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata=affects(NOTHING))
+    dist: DistConfig = field(default_factory=DistConfig, metadata=affects(NOTHING))  # torchrun's process group
 
     @classmethod
     def is_harmless(cls, key: str) -> bool:

@@ -1,26 +1,81 @@
-"""torch.distributed in one place: joining the process group, this process's rank and the world size,
-and rank-0-first for files every rank needs (synthetic data, the teacher cache, an exported backbone).
+"""torch.distributed in one place: joining the process group, this process's rank and the world size, and the
+waits between ranks (rank-0-first for files every rank needs: synthetic data, the teacher cache, an exported
+backbone; rank 0's value on every rank; every rank's value on every rank).
 
 Without torchrun (or before the group is initialised) the process is rank 0 of a world of 1, so every
 helper works unchanged in a single process.
+
+The waits go through gloo on the CPU, never through NCCL: NCCL's watchdog aborts a rank whose collective has not
+finished within the timeout, and a wait is exactly where a rank sits idle while rank 0 works alone. On GPUs the
+default group is `cuda:nccl,cpu:gloo` and the waits use a gloo group of their own (made once, beside it): a
+barrier on the default group would run as a one-element NCCL all-reduce on the bound GPU (dist.barrier picks the
+group's `bound_device_id`), whatever its caller meant.
 """
 
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from distill.utils.errors import ConfigError
 
-def init_distributed() -> None:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPUs."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+# Long enough for the longest step one rank does alone while the others wait (config `dist.timeout_minutes`).
+# The longest of those left is generating a synthetic training set on rank 0: experiments/synthetic_r100.yaml
+# (2,000 identities x 24 images + 6,000 pairs at 112 px, ~60,000 images) renders at ~650 images/s on ONE CPU core
+# (measured on a 1,440-image sample of the same size, distill/data/synthetic.py generate, workers=1), ~1.5 min;
+# rank 0 uses every core it has. 30 minutes leaves a factor of ~20 for slow disks and busy hosts while a rank that
+# really hangs is still reported the same hour. Evaluations and cache builds are spread over the ranks and run on
+# the GPU; a rank-0 step that can take longer must not be a wait (or the key raised for it).
+DEFAULT_TIMEOUT_MINUTES = 30.0
+
+_WAIT_GROUP = None  # the gloo group the waits use when the default group is not gloo; None: the default group
+
+
+def _uses_cuda(device: str, world: int) -> bool:
+    """Whether the ranks train on GPUs (`device` as the config gives it); `cuda:N` with several ranks refused."""
+    device = device or "auto"
+    if device == "auto":
+        return torch.cuda.is_available()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"key 'device': {device!r} is not a device; use auto, cpu or cuda") from None
+    if parsed.type == "cpu":
+        return False
+    if parsed.type == "cuda" and parsed.index is not None:
+        raise ConfigError(f"key 'device': {device!r} with {world} ranks: every rank would use GPU {parsed.index}; "
+                          f"use device: cuda or auto under torchrun, torchrun gives each rank its GPU")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"key 'device': {device!r} but CUDA is not available to torch {torch.__version__}; "
+                          f"use device: cpu (or auto)")
+    return parsed.type == "cuda"
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
+    """Under torchrun (WORLD_SIZE > 1) join the process group: gloo when the run's `device` is the CPU (`cpu`, or
+    `auto` without CUDA); on GPUs `cuda:nccl,cpu:gloo` bound to this rank's GPU (LOCAL_RANK), with a gloo group for
+    the waits. `timeout_minutes` bounds every collective and wait (a rank that waits longer fails with an error)."""
+    global _WAIT_GROUP
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or dist.is_initialized():
         return
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    timeout = timedelta(minutes=timeout_minutes)
+    if not _uses_cuda(device, world):
+        dist.init_process_group("gloo", timeout=timeout)
+        _WAIT_GROUP = None
+        return
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ConfigError(f"key 'device': {device!r}: this is local rank {local_rank} but {count} GPU"
+                          f"{'s are' if count != 1 else ' is'} visible; start at most {count} processes per node "
+                          f"(torchrun --nproc_per_node) or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
+    torch.cuda.set_device(local_rank)
+    dist.init_process_group("cuda:nccl,cpu:gloo", timeout=timeout, device_id=torch.device("cuda", local_rank))
+    _WAIT_GROUP = dist.new_group(backend="gloo", timeout=timeout)
 
 
 def is_distributed() -> bool:
@@ -42,8 +97,9 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
+    """Every rank waits here for the others (through gloo, bounded by dist.timeout_minutes)."""
     if is_distributed():
-        dist.barrier()
+        dist.barrier(group=_WAIT_GROUP)
 
 
 def rank0_first(fn):
@@ -52,9 +108,9 @@ def rank0_first(fn):
         return fn()
     if dist.get_rank() == 0:
         out = fn()
-        dist.barrier()
+        barrier()
         return out
-    dist.barrier()
+    barrier()
     return fn()
 
 
@@ -63,5 +119,14 @@ def from_rank0(value):
     if not is_distributed():
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_WAIT_GROUP, device=torch.device("cpu"))
     return box[0]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank; `[obj]` without a process group."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=_WAIT_GROUP)
+    return out
