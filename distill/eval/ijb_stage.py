@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from distill.eval.far import IJB_FARS, far_key, normalise_far_keys
 from distill.eval.ijb import embed_images, protocol_name, verify
+from distill.eval.spread import gather_rows, on_rank0
 
 
 def ijb_key(ijb_cfg) -> dict:
@@ -31,13 +34,31 @@ def read_meta(ijb_cfg):
 
 
 def evaluate_ijb(model, input_size: int, ijb_cfg, meta=None, workers: int = 2, progress: bool = False,
-                 model_name: str | None = None) -> dict:
-    """{"root", "target", "protocol", "tar_at_far": {'1e-6': TAR, ...}, "auc", "images", "templates", "pairs"}."""
+                 model_name: str | None = None, device=None) -> dict:
+    """{"root", "target", "protocol", "tar_at_far": {'1e-6': TAR, ...}, "auc", "images", "templates", "pairs"}.
+
+    Call it on every rank of a torchrun job: each rank embeds its share of the images on `device` (default: where
+    the model is), whole batches (distill/eval/spread.py), so the features are the one process's; rank 0 pools and
+    scores them once, and every rank gets the result."""
     meta = meta if meta is not None else read_meta(ijb_cfg)
-    feats = embed_images(model, meta, input_size, batch_size=ijb_cfg.batch_size, workers=workers,
-                         progress=progress, model_name=model_name)
-    result, _, _, _ = verify(meta, feats)
-    return {**ijb_key(ijb_cfg), "protocol": protocol_name(), **result}
+    n, batch = len(meta.names), ijb_cfg.batch_size
+
+    def embed(start, stop):  # the rows of this rank's share (the others stay zero in embed_images's array)
+        indices = None if (start, stop) == (0, n) else np.arange(start, stop)
+        return embed_images(model, meta, input_size, indices=indices, batch_size=batch, workers=workers,
+                            device=device, progress=progress, model_name=model_name)[start:stop].copy()
+
+    parts = gather_rows(embed, n, batch, f"{meta.target} images")
+
+    def score():
+        feats = np.zeros((n, next(v for *_, v in parts if v is not None).shape[1]), dtype=np.float32)
+        for start, stop, value in parts:
+            if value is not None:
+                feats[start:stop] = value
+        result, _, _, _ = verify(meta, feats)
+        return {**ijb_key(ijb_cfg), "protocol": protocol_name(), **result}
+
+    return on_rank0(score, f"{meta.target} template verification")
 
 
 def ijb_scalars(ijb: dict) -> dict:

@@ -236,12 +236,13 @@ def _show_progress(progress: bool) -> bool:
 
 
 def embed_pairs(model, images, input_size: int, batch_size: int = 64, device=None, progress: bool = True,
-                model_name: str | None = None, set_name: str = "verification set"):
+                model_name: str | None = None, set_name: str = "verification set", first_index: int = 0):
     """Raw embeddings of every image and of its horizontal flip: (emb_orig, emb_flip), float32 (2N, D).
 
     The model runs in eval mode under no_grad (its previous mode is restored), on `device` (default: the
     device its parameters are on). Images are H x W x 3 uint8 RGB; any not input_size x input_size is
-    resized as the protocol does. NaN/Inf embeddings raise EvaluationError naming model and set."""
+    resized as the protocol does. NaN/Inf embeddings raise EvaluationError naming model and set (and the
+    image's index in the set: `first_index` is that of images[0])."""
     from tqdm import tqdm
 
     if not isinstance(input_size, int) or input_size <= 0:
@@ -268,7 +269,7 @@ def embed_pairs(model, images, input_size: int, batch_size: int = 64, device=Non
     if bad.any():
         raise EvaluationError(
             f"model {model_name} produced NaN/Inf embeddings for {int(bad.sum())} of {bad.size} images of "
-            f"{set_name} (first: image {int(np.argmax(bad))}); the weights are probably diverged or "
+            f"{set_name} (first: image {first_index + int(np.argmax(bad))}); the weights are probably diverged or "
             f"corrupt: check the checkpoint, or lower the learning rate if this happens during training")
     return emb_orig, emb_flip
 
@@ -306,11 +307,13 @@ def size_note(what: str, images, input_size: int) -> str | None:
 
 
 def evaluate_sets(model, bins: dict, input_size: int, batch_size: int = 64, device=None,
-                  progress: bool = True, model_name: str | None = None) -> dict:
+                  progress: bool = True, model_name: str | None = None, split_ranks: bool = False) -> dict:
     """{set name: verification_metrics} for each set; a set is a .bin path or (images, issame).
 
     Training calls this at every evaluation; pass already-loaded (images, issame) there so the .bin
-    files are decoded once."""
+    files are decoded once. `split_ranks`: every rank of a torchrun job calls it, embeds its share of each
+    set's images (whole batches: distill/eval/spread.py) and gets the metrics of the whole set, the same
+    numbers as one process computes alone."""
     results = {}
     for name, source in bins.items():
         images, issame = _load_set(source)
@@ -318,10 +321,27 @@ def evaluate_sets(model, bins: dict, input_size: int, batch_size: int = 64, devi
             raise DataFormatError(f"verification set {name}: {len(images)} images for {len(issame)} pairs "
                                   f"(expected two images per pair)")
         size_note(f"verification set {name}", images, input_size)
-        emb_orig, emb_flip = embed_pairs(model, images, input_size, batch_size=batch_size, device=device,
-                                         progress=progress, model_name=model_name, set_name=name)
+        if split_ranks:
+            emb_orig, emb_flip = _embed_split(model, images, input_size, batch_size, device, progress,
+                                              model_name, name)
+        else:
+            emb_orig, emb_flip = embed_pairs(model, images, input_size, batch_size=batch_size, device=device,
+                                             progress=progress, model_name=model_name, set_name=name)
         try:
             results[name] = verification_metrics(emb_orig, emb_flip, issame)
         except EvaluationError as err:
             raise EvaluationError(f"verification set {name}: {err}") from None
     return results
+
+
+def _embed_split(model, images, input_size, batch_size, device, progress, model_name, set_name):
+    """embed_pairs of every image, each rank embedding its share and every rank getting all of them."""
+    from distill.eval.spread import gather_rows
+
+    def embed(start, stop):
+        return embed_pairs(model, images[start:stop], input_size, batch_size=batch_size, device=device,
+                           progress=progress, model_name=model_name, set_name=set_name, first_index=start)
+
+    parts = [value for _, _, value in gather_rows(embed, len(images), batch_size, f"verification set {set_name}")
+             if value is not None]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

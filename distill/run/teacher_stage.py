@@ -2,7 +2,8 @@
 
 - TRAIN_TEACHER: the teacher trained in the run directory as stage 0 by the engine, like every other stage
   (its result.json records the teacher's identity), then loaded frozen from its backbone.pth;
-- LOAD_TEACHER: the teacher loaded frozen from its file, evaluated once on the verification sets;
+- LOAD_TEACHER: the teacher loaded frozen from its file, evaluated once on the verification sets on the run's
+  device (under torchrun each rank embeds its share);
 - TEACHER_CACHE: its embeddings of every training image and its flip, in the run directory or in the
   teacher.shared_cache folder of this teacher, data and autocast.
 
@@ -12,7 +13,6 @@ decides when each happens in a run.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 
@@ -27,7 +27,7 @@ from distill.train.engine import run_stage
 from distill.train.tracking import val_scalars
 from distill.utils.atomic import atomic_write_json
 from distill.utils.digest import file_sha256
-from distill.utils.dist import rank0_first
+from distill.utils.dist import from_rank0
 from distill.utils.layout import TEACHER, RunLayout
 from distill.utils.threads import apply_threads, loader_workers, plan_threads
 from teachers.prepare import IDENTITY_KEY, load_teacher, prepare_cache, teacher_identity
@@ -63,35 +63,43 @@ def frozen_teacher(ctx: RunContext, cfg, stage: PlannedStage, train_set, val, ho
 def run_teacher(ctx: RunContext, cfg, stage: PlannedStage, train_set, val, hooks) -> tuple:
     """TRAIN_TEACHER or LOAD_TEACHER with its hooks: (frozen teacher, result, its teacher.shared_cache folder)."""
     teacher, folder = frozen_teacher(ctx, cfg, stage, train_set, val, hooks)
-    result = rank0_first(lambda: teacher_result(ctx, cfg, teacher, val, train_set, folder, hooks))
+    result = teacher_result(ctx, cfg, teacher, val, train_set, folder, hooks)
     return teacher, hooks.after(stage, result, lambda: (teacher, teacher.input_size), folder), folder
 
 
 def teacher_result(ctx: RunContext, cfg, teacher, val, train_set, folder: str | None, hooks) -> dict:
     """The teacher stage's result: a trained one's result.json; for a loaded one its metrics, computed once and
     kept in teacher/result.json with the teacher's identity. `folder`: its teacher.shared_cache subfolder, where an
-    earlier run may have kept them."""
+    earlier run may have kept them.
+
+    Every rank calls it: the teacher is evaluated on the run's device (moved there, frozen as it is), each rank of a
+    torchrun job embedding its share of the images, so no rank waits long for another; rank 0 writes the files and
+    every rank gets its result."""
     stage = ctx.layout.teacher
-    if stage.is_done():
-        return stage.read_result()
-    os.makedirs(stage.dir, exist_ok=True)
-    files = {set_name_of(p): file_sha256(p) for p in cfg.data.val}
-    metrics = cached_metrics(folder, files) if folder else None  # teacher.shared_cache: evaluated by an earlier run
+    done = from_rank0(stage.read_result() if ctx.is_main and stage.is_done() else None)
+    if done is not None:
+        return done
+    files = {set_name_of(p): file_sha256(p) for p in cfg.data.val} if ctx.is_main else {}
+    # teacher.shared_cache: evaluated by an earlier run
+    metrics = from_rank0(cached_metrics(folder, files) if folder and ctx.is_main else None)
     if metrics is None:
-        metrics = evaluate_sets(teacher, val, teacher.input_size, progress=False, model_name=TEACHER) if val else {}
-        if folder:
-            with held(folder):
-                keep_metrics(folder, files, metrics)
-    label, arch, kwargs = teacher_model(cfg)
-    params, gflops = model_cost(arch, kwargs) if arch else (None, None)
-    result = {"stage": TEACHER, "generation": 0, "init_from": cfg.teacher.checkpoint or cfg.teacher.onnx,
-              "arch": label, "params": params, "gflops": gflops, "train_seconds": 0.0, "metrics": metrics,
-              IDENTITY_KEY: teacher_identity(cfg, train_set)}
-    atomic_write_json(stage.result, result)
-    tracker = hooks.tracker(TEACHER, 0, cfg.teacher.checkpoint)  # a W&B run for the teacher too
-    tracker.log(val_scalars(metrics), 0)
-    tracker.finish(result, None)
-    return result
+        metrics = evaluate_sets(teacher.to(ctx.device), val, teacher.input_size, device=ctx.device, progress=False,
+                                model_name=TEACHER, split_ranks=True) if val else {}
+        if folder and ctx.is_main:
+            keep_metrics(folder, files, metrics)
+    result = None
+    if ctx.is_main:
+        os.makedirs(stage.dir, exist_ok=True)
+        label, arch, kwargs = teacher_model(cfg)
+        params, gflops = model_cost(arch, kwargs) if arch else (None, None)
+        result = {"stage": TEACHER, "generation": 0, "init_from": cfg.teacher.checkpoint or cfg.teacher.onnx,
+                  "arch": label, "params": params, "gflops": gflops, "train_seconds": 0.0, "metrics": metrics,
+                  IDENTITY_KEY: teacher_identity(cfg, train_set)}
+        atomic_write_json(stage.result, result)
+        tracker = hooks.tracker(TEACHER, 0, cfg.teacher.checkpoint)  # a W&B run for the teacher too
+        tracker.log(val_scalars(metrics), 0)
+        tracker.finish(result, None)
+    return from_rank0(result)
 
 
 def teacher_cache(ctx: RunContext, cfg, teacher, train_set, directory: str | None = None,
@@ -106,7 +114,7 @@ def teacher_cache(ctx: RunContext, cfg, teacher, train_set, directory: str | Non
     if directory is not None or folder is None:
         return prepare_cache(cfg, online, train_set, ctx.run_dir, ctx.log, ctx.progress, directory=directory)
     ctx.log.info(f"teacher cache: shared, in {folder}")
-    with held(folder) if ctx.is_main else contextlib.nullcontext():  # rank 0 for a torchrun job (build_cache syncs)
+    with held(folder, ctx.log):  # rank 0 holds it for a torchrun job; no rank waits for it in a collective
         return prepare_cache(cfg, online, train_set, ctx.run_dir, ctx.log, ctx.progress, directory=folder)
 
 
