@@ -10,7 +10,8 @@ What makes it a research tool rather than a script is the guarantees around that
   inside the epoch and every RNG state.
 - Safe checkpoints: temporary file, fsync, rename (atomic_torch_save). Preemption: SIGTERM or SIGUSR1 writes
   last.pt at the next step boundary and stops cleanly.
-- Divergence: a NaN/Inf loss stops the run naming the step and the term; nothing is saved after it.
+- Divergence: a NaN/Inf loss stops the run naming the step and the term; nothing is saved after it. The test is
+  kept on the device (_LossWatch) and read before every log line, evaluation, checkpoint and the end, not per step.
 - The teacher never trains: it is a FrozenTeacher, never handed to the optimizer.
 
 A stage directory holds last.pt, best.pt, student.pt, metrics.jsonl and result.json (written last: its presence
@@ -21,13 +22,15 @@ throughput over them (evaluation and checkpoint time left out), plus train/lr an
 A feature-map loss gets its maps from hooks (distill/train/feature_taps.py).
 
 run_stage reads top-down: _build (device, seed, model, head, objective, optimizer, scheduler, scaler, DDP: one
-_Stage), resume_state (last.pt into it), _train (epochs of _micro_step/_update, then _after_update: log,
-evaluate, checkpoint, stop on a signal), _finish (final evaluation, best.pt, student.pt, result.json).
+_Stage), resume_state (last.pt into it), _train (epochs of _micro_step and the optimizer update, then
+_after_update: log, evaluate, checkpoint, stop on a signal), _finish (final evaluation, best.pt, student.pt,
+result.json). The update itself (gradients averaged and clipped over the ranks): distill/train/update.py.
 save_state writes the state to last.pt (distill/train/state.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -63,10 +66,11 @@ from distill.train.setup import (
 )
 from distill.train.state import resume_state, save_state
 from distill.train.tracking import LogWindow, Tracker, val_scalars
+from distill.train.update import update
 from distill.utils.atomic import atomic_write_json
 from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
 from distill.utils.device import amp_settings, resolve_device
-from distill.utils.dist import barrier, world_size
+from distill.utils.dist import all_gather_objects, barrier, world_size
 from distill.utils.dist import rank as dist_rank
 from distill.utils.errors import DistillError
 from distill.utils.layout import StageLayout
@@ -137,6 +141,9 @@ class _Stage:
     clock: float = 0.0              # perf_counter() from which train_seconds counts next
     threads: ThreadPlan | None = None  # torch threads and loader workers (distill/utils/threads.py)
     taps: object = None             # feature maps for a feature-map loss (distill/train/feature_taps.py)
+    ddp: nn.Module | None = None    # the DDP wrapper (world > 1): no_sync under accumulation
+    watch: _LossWatch | None = None  # the loss's finiteness, kept on the device
+    decode: dict | None = None      # data.decode: cuda: images decoded, and on the CPU after nvJPEG failed
 
     def lap(self) -> None:
         """Add the time since the clock last (re)started to train_seconds, and restart it."""
@@ -171,7 +178,9 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
     rank, world = dist_rank(), world_size()
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+    # every training batch has the same shape (full batches, one input size): let cuDNN pick its fastest kernels,
+    # unless the run must repeat bit for bit (the choice is timed, so it may differ between runs)
+    torch.backends.cudnn.benchmark = not cfg.deterministic
     torch.manual_seed(cfg.seed + 7919 * spec.generation)
     tr = spec.train
     model, head = _model_and_head(cfg, spec, train_set.num_classes, device)
@@ -190,18 +199,18 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
     scheduler = create_scheduler(optimizer, tr, total_steps, steps_per_epoch)
     amp_dtype, need_scaler = amp_settings(tr, device, model)
     scaler = torch.amp.GradScaler(device.type, enabled=need_scaler)
-    ddp_model = model
+    ddp = None
     if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model,
-                                                        device_ids=[device.index] if device.type == "cuda" else None)
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     paths = StageLayout(stage_dir, spec.name)
     signal = signal.compiled(lambda m: maybe_compile(m, tr, "teacher")) if spec.alpha > 0 and signal else None
     return _Stage(cfg=cfg, spec=spec, device=device, rank=rank, world=world, paths=paths,
                   compat=_compat_key(cfg, spec, train_set, world), model=model, head=head, objective=objective,
                   optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                  forward=maybe_compile(ddp_model, tr, "student"),
+                  forward=maybe_compile(ddp or model, tr, "student"), ddp=ddp, watch=_LossWatch(device),
                   amp_dtype=amp_dtype, signal=signal, channels_last=use_channels_last(tr, device),
-                  batches_per_epoch=int(steps_per_epoch * tr.accumulate), total_steps=total_steps)
+                  batches_per_epoch=int(steps_per_epoch * tr.accumulate), total_steps=total_steps,
+                  decode={"images": 0, "cpu_fallback": 0} if cfg.data.decode == "cuda" else None)
 
 
 # ------------------------------------------------------------------------------------------ logging
@@ -218,56 +227,79 @@ def _log_window(st: _Stage, window: LogWindow, tracker: Tracker, bar) -> None:
 
 # ------------------------------------------------------------------------------------------ one step
 
+class _LossWatch:
+    """Whether the loss stayed finite, kept on the device so that no micro-batch waits for it: the first step
+    whose loss was NaN/Inf and which terms were. `check` reads it (a host sync) where it matters: before a log
+    line, an evaluation, a checkpoint or the end, so nothing is logged or saved after a non-finite loss."""
+    NONE = 1 << 62  # no bad step yet
+
+    def __init__(self, device: torch.device):
+        self.step = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.names, self.finite, self.pending = None, None, False
+
+    def add(self, total: torch.Tensor, logs: dict, step: int) -> None:
+        names = [k for k, v in logs.items() if torch.is_tensor(v)]
+        if names != self.names:  # the first micro-batch (the terms stay the same through a stage)
+            self.names = names
+            self.finite = torch.ones(len(names) + 1, dtype=torch.bool, device=self.step.device)
+        finite = torch.isfinite(torch.stack([total.detach().float().sum()] +
+                                            [logs[k].detach().float().sum() for k in names]))
+        first = (self.step == self.NONE) & ~finite[0]
+        self.step = torch.where(first, step, self.step)
+        self.finite = torch.where(first, finite, self.finite)
+        self.pending = True
+
+    def check(self, st: _Stage) -> None:
+        """Raise TrainingDiverged on every rank if any rank's loss was non-finite (ranks stop together)."""
+        if not self.pending:
+            return
+        self.pending = False
+        first = self.step.clone()
+        if st.world > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        first = int(first)
+        if first == self.NONE:
+            return
+        mine = int(self.step) == first
+        bad = [k for k, ok in zip(self.names, self.finite[1:].tolist(), strict=True) if not ok] if mine else []
+        terms = ", ".join(bad) or ("loss" if mine else "on another rank")
+        kept = f"last good checkpoint: {st.paths.last}" if os.path.exists(st.paths.last) \
+            else "no checkpoint was written yet"
+        raise TrainingDiverged(f"{st.spec.name}: loss became non-finite at step {first} (term(s): {terms}); "
+                               f"{kept}. Run again with a lower train.lr or a train.clip_grad, into another --out "
+                               f"(this directory keeps the settings it was started with)")
+
+
 def _micro_step(st: _Stage, batch, window: LogWindow, where=None) -> bool:
     """Forward and backward one micro-batch; every `accumulate`-th one also updates. True when it did.
     `where(index)` names a training image in errors (data.decode: cuda decodes here, not in the loader)."""
     x, y, idx, flipped = batch
     if isinstance(x, list):  # data.decode: cuda: encoded images, decoded here as one batch
         name = (lambda i: where(int(idx[i]))) if where else None
-        x = decode_batch(x, flipped, st.device, st.cfg.data.input_size, where=name)
+        x = decode_batch(x, flipped, st.device, st.cfg.data.input_size, where=name, stats=st.decode)
     x = x.to(st.device, non_blocking=True)
     y = y.to(st.device, non_blocking=True)
     if st.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     autocast = dict(device_type=st.device.type, dtype=st.amp_dtype, enabled=st.amp_dtype is not None)
-    t_emb = st.signal.embed(x, idx, flipped) if st.signal is not None else None
-    with torch.autocast(**autocast):
-        emb = st.forward(x)
-    total, logs = st.objective(emb.float(), y, t_emb, maps=st.taps.read() if st.taps else None)
-    if not torch.isfinite(total):
-        bad = [k for k, v in logs.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
-        kept = f"last good checkpoint: {st.paths.last}" if os.path.exists(st.paths.last) \
-            else "no checkpoint was written yet"
-        raise TrainingDiverged(f"{st.spec.name}: loss became non-finite at step {st.step + 1} "
-                               f"(term(s): {', '.join(bad) or 'loss'}); {kept}. Run again with a lower "
-                               f"train.lr or a train.clip_grad, into another --out (this directory keeps "
-                               f"the settings it was started with)")
-    st.scaler.scale(total / st.spec.train.accumulate).backward()
+    accumulate = st.spec.train.accumulate
+    last = (st.micro + 1) % accumulate == 0
+    # DDP all-reduces the model's gradients in every backward pass; only the last micro-batch of an update needs
+    # it: under no_sync the others accumulate locally and that pass reduces their sum. (The head's shards and
+    # the objective's modules are reduced by hand, per pass or per update: no_sync does not touch them.)
+    with st.ddp.no_sync() if st.ddp is not None and not last else contextlib.nullcontext():
+        t_emb = st.signal.embed(x, idx, flipped) if st.signal is not None else None
+        with torch.autocast(**autocast):
+            emb = st.forward(x)
+        total, logs = st.objective(emb.float(), y, t_emb, maps=st.taps.read() if st.taps else None)
+        st.watch.add(total, logs, st.step + 1)
+        st.scaler.scale(total / accumulate).backward()
     st.micro += 1
     window.add(logs, len(x), len(x) * st.world)
-    if st.micro % st.spec.train.accumulate:
+    if not last:
         return False
-    _update(st)
+    update(st)
     return True
-
-
-def _update(st: _Stage) -> None:
-    """The optimizer update over the accumulated gradients (clipped if asked), then the schedule."""
-    extra = [p for m in st.objective.trained_modules() for p in m.parameters()]  # projection, FitNet's regressors
-    if extra and st.world > 1:  # outside DDP's wrapper: average their gradients by hand
-        for p in extra:
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad.div_(st.world)
-    if st.spec.train.clip_grad:
-        st.scaler.unscale_(st.optimizer)
-        nn.utils.clip_grad_norm_(list(st.model.parameters()) + list(st.head.parameters()) + extra,
-                                 st.spec.train.clip_grad)
-    st.scaler.step(st.optimizer)
-    st.scaler.update()
-    st.optimizer.zero_grad(set_to_none=True)
-    st.step += 1
-    st.scheduler.step_update(st.step)
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -315,18 +347,22 @@ def _after_update(st: _Stage, window: LogWindow, val_sets: dict, tracker: Tracke
     """Log, evaluate, checkpoint or stop as the step asks. True when the stage has trained all its steps."""
     tr = st.spec.train
     if st.step % tr.log_every == 0 or st.step == st.total_steps:
+        st.watch.check(st)
         _log_window(st, window, tracker, bar)
     if tr.eval_every and st.step % tr.eval_every == 0 and st.step < st.total_steps:
+        st.watch.check(st)
         st.lap()
         with window.paused():
             metrics = _evaluate(st, val_sets, tracker)
             st.best = _keep_best(metrics, st.best, st.step, st.model, st.spec, st.paths, st.rank)
         st.clock = time.perf_counter()  # evaluation is not training time
-    if st.world > 1:  # a signal reaches ranks at different steps: stop together, at the same step
-        flag = torch.tensor([1.0 if stop["signal"] else 0.0], device=st.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop["signal"] = stop["signal"] or ("SIGTERM" if flag.item() else None)
+    if st.world > 1:
+        # A signal reaches the ranks at different steps, and they must checkpoint and stop at the same one. The
+        # flag is a Python value: it goes through the CPU (gloo) group and never waits for the device. Exchanged
+        # every step, since the grace period after SIGTERM (seconds) may be shorter than the steps to a log line.
+        stop["signal"] = stop["signal"] or next((s for s in all_gather_objects(stop["signal"]) if s), None)
     if stop["signal"] or st.step % tr.checkpoint_every == 0 or st.step == st.total_steps:
+        st.watch.check(st)
         st.lap()  # the checkpoint's own time counts in the next lap (the last one's, nowhere)
         with window.paused():
             save_state(st)
@@ -365,22 +401,45 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
 
 def _finish(st: _Stage, val_sets: dict, tracker: Tracker) -> dict:
     """Final evaluation, best.pt, student.pt and result.json (written last: the stage is done)."""
+    st.watch.check(st)
     metrics = _evaluate(st, val_sets, tracker)
     st.best = _keep_best(metrics, st.best, st.step, st.model, st.spec, st.paths, st.rank)
     spec = st.spec
     result = {"stage": spec.name, "generation": spec.generation, "init_from": spec.init_from, "arch": spec.arch,
               "model_kwargs": spec.model_kwargs, "steps": st.step, "train_seconds": round(st.train_seconds, 3),
               "metrics": metrics, "best": st.best, "threads": st.threads.threads,
-              "distill": describe_terms(st.objective.terms), **spec.record}
+              "distill": describe_terms(st.objective.terms), **spec.record, **_rank_notes(st)}
     if st.rank == 0:
         result["params"], result["gflops"] = model_cost(spec.arch, spec.model_kwargs)  # uses no random state
         save_student(st.paths.student, st.model, spec.arch, spec.model_kwargs,
                      extra={"stage": spec.name, "step": st.step})
         atomic_write_json(st.paths.result, result)
+    # rank 0's W&B upload first, then the barrier (through gloo, dist.timeout_minutes): the other ranks wait
+    # here, not in the next stage's first NCCL collective, whose watchdog an upload could outlast
+    tracker.finish(result, st.paths.student if st.rank == 0 else None)
     if st.world > 1:  # the next stage starts from these files on every rank
         barrier()
-    tracker.finish(result, st.paths.student if st.rank == 0 else None)
     return result
+
+
+def _rank_notes(st: _Stage) -> dict:
+    """result.json's notes gathered from every rank: a compiled model that fell back to eager (train.compile: the
+    first rank's reason) and the images decoded on the GPU and on the CPU after nvJPEG failed (summed)."""
+    tr, notes = st.spec.train, {}
+    if tr.compile:
+        notes["compile_fell_back"] = {"student": getattr(st.forward, "fallback", None),
+                                      "teacher": getattr(st.signal, "compile_fallback", None)}
+    if st.decode is not None:
+        notes["decode"] = st.decode
+    if st.world == 1 or not notes:
+        return notes
+    ranks = all_gather_objects(notes)
+    if "compile_fell_back" in notes:
+        notes["compile_fell_back"] = {k: next((r["compile_fell_back"][k] for r in ranks
+                                               if r["compile_fell_back"][k]), None) for k in ("student", "teacher")}
+    if "decode" in notes:
+        notes["decode"] = {k: sum(r["decode"][k] for r in ranks) for k in st.decode}
+    return notes
 
 
 def _score(metrics: dict) -> float | None:

@@ -1,6 +1,10 @@
 """A stage's training state in last.pt: written at checkpoints (`save_state`) and read back into a freshly built
 stage (`resume_state`) so that a resumed run continues bit for bit: model, margin head, the objective's own
-state, optimizer, scheduler, scaler, step counters, best score and every RNG state. `st` is the engine's _Stage."""
+state, optimizer, scheduler, scaler, step counters, best score and every rank's RNG states (each rank draws its
+own: PartialFC's class sampling, dropout; each resumes its own). `st` is the engine's _Stage.
+
+Format facedistill.train/2 holds `rng` as a list, one entry per rank; /1 (one state, rank 0's) still resumes, every
+rank then restoring that one as before."""
 
 from __future__ import annotations
 
@@ -9,10 +13,11 @@ import logging
 
 from distill.config.schema import to_dict
 from distill.utils.checkpoint import atomic_torch_save, capture_rng_state, restore_rng_state, safe_torch_load
+from distill.utils.dist import all_gather_objects
 from distill.utils.errors import CheckpointError
 from distill.utils.threads import apply_threads
 
-TRAIN_FORMAT = "facedistill.train/1"
+TRAIN_FORMAT = "facedistill.train/2"
 
 
 def resume_state(st, log: logging.Logger) -> None:
@@ -40,7 +45,8 @@ def resume_state(st, log: logging.Logger) -> None:
     if ck.get("scaler"):
         st.scaler.load_state_dict(ck["scaler"])
     st.step, st.micro, st.train_seconds, st.best = ck["step"], ck["micro"], ck["train_seconds"], ck.get("best")
-    restore_rng_state(ck["rng"])
+    rng = ck["rng"]
+    restore_rng_state(rng[st.rank] if isinstance(rng, list) else rng, st.device)
     started = ck.get("threads")
     if started and st.threads is not None and started != st.threads.threads:
         if st.threads.source == "policy":  # the digits depend on the thread count: keep the one it started with
@@ -52,8 +58,10 @@ def resume_state(st, log: logging.Logger) -> None:
 
 
 def save_state(st) -> None:
-    """Write last.pt (rank 0); every rank must call it, since gathering the sharded head is a collective."""
+    """Write last.pt (rank 0); every rank must call it: gathering the sharded head and the RNG states are
+    collectives."""
     head_weight = st.head.full_weight().cpu()
+    rng = all_gather_objects(capture_rng_state(st.device))  # every rank's, in rank order
     if st.rank != 0:
         return
     spec, bpe = st.spec, st.batches_per_epoch
@@ -64,6 +72,6 @@ def save_state(st) -> None:
         "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
         "scaler": st.scaler.state_dict() if st.scaler.is_enabled() else None, "step": st.step, "micro": st.micro,
         "epoch": st.micro // bpe, "batch_in_epoch": st.micro % bpe,
-        "train_seconds": st.train_seconds, "best": st.best, "rng": capture_rng_state(),
+        "train_seconds": st.train_seconds, "best": st.best, "rng": rng,
         "config": to_dict(st.cfg), "compat": st.compat, "threads": st.threads.threads if st.threads else None,
     }, st.paths.last)

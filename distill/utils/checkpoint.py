@@ -150,8 +150,10 @@ def atomic_torch_save(obj, path) -> None:
         torch.save(obj, f)
 
 
-def capture_rng_state() -> dict:
-    """Every random state training depends on, as tensors and plain values (weights_only-loadable)."""
+def capture_rng_state(device=None) -> dict:
+    """Every random state training depends on, as tensors and plain values (weights_only-loadable): torch's CPU
+    generator, numpy's, Python's and, when `device` is a GPU, that GPU's (only this process's own device: under
+    torchrun each rank saves and restores its own GPU's generator)."""
     import random
 
     import numpy as np
@@ -163,12 +165,14 @@ def capture_rng_state() -> dict:
                   "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
         "python": [int(v) for v in random.getstate()[1]],
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng_state(state: dict) -> None:
+def restore_rng_state(state: dict, device=None) -> None:
+    """Set the generators `capture_rng_state` read. The GPU's only when `device` is a GPU: its own state, or, from
+    a file that holds every GPU's (written before states were per device), the entry of this device's index."""
     import random
 
     import numpy as np
@@ -177,5 +181,13 @@ def restore_rng_state(state: dict) -> None:
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is None or device is None or torch.device(device).type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # torch.cuda.get_rng_state_all() of the process that saved it
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        if index >= len(cuda):
+            return  # that process saw fewer GPUs: this device's generator keeps its seeded state
+        cuda = cuda[index]
+    torch.cuda.set_rng_state(cuda, device)

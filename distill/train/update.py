@@ -1,0 +1,72 @@
+"""One optimizer update of a stage: the accumulated gradients made global, clipped by the norm of the whole model
+(`train.clip_grad`), stepped, and the schedule advanced. `st` is the engine's _Stage.
+
+Which gradients are global already. DDP leaves every rank with the same averaged gradient of the model. The
+objective's own trained modules (a projection, FitNet's regressors) live outside DDP's wrapper: their gradients
+are averaged here, in one all-reduce of all of them. The margin head is sharded (distill/losses/margin_head.py):
+each rank holds exactly the gradient of its own class centres, nothing to average.
+
+The clip norm. One process holding every class would clip by sqrt(|replicated|² + |head|²). With the head
+sharded, |head|² is the sum over ranks of each shard's squared norm, while the replicated gradients (identical on
+every rank) count once: norm = sqrt(|replicated|² + Σ_r |shard_r|²), one all-reduce of a scalar over the head's
+ranks. Every rank then scales by the same factor, the one of one process. (A per-rank clip_grad_norm_ over the model
+and the rank's own shard gives each rank its own factor for the same DDP gradients: the replicas drift apart
+silently, since DDP never re-broadcasts the parameters.) The factor is torch's own (clip_grads_with_norm_, as
+clip_grad_norm_ uses): a NaN/Inf norm makes the gradients NaN as clip_grad_norm_ does, and no host sync is needed.
+With fp16 the gradients are unscaled first (GradScaler.unscale_), so the norm is the true gradients'.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+
+def _with_grads(params) -> list:
+    return [p for p in params if p.grad is not None]
+
+
+def _squared_norm(params: list, device: torch.device) -> torch.Tensor:
+    """|gradients|², a float32 scalar on `device` (0 without gradients: a rank may hold no trained centres)."""
+    if not params:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return get_total_norm([p.grad for p in params], norm_type=2.0).float().square()
+
+
+def average_outside_ddp(params, world: int) -> None:
+    """Average over ranks the gradients of parameters DDP does not wrap, in one all-reduce (flattened)."""
+    grads = [p.grad for p in _with_grads(params)]
+    if world <= 1 or not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(world)
+    for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(part.view_as(g))
+
+
+def clip_global_norm(replicated, sharded, max_norm: float, comm, device: torch.device) -> torch.Tensor:
+    """Scale every gradient by one factor, the one clip_grad_norm_ would use on one process holding all of them:
+    `replicated` gradients are the same on every rank (counted once), `sharded` ones are this rank's part of
+    a whole spread over `comm`'s ranks (their squares summed over the ranks). The global norm is returned."""
+    replicated, sharded = _with_grads(replicated), _with_grads(sharded)
+    shard_sq = comm.all_reduce_(_squared_norm(sharded, device), dist.ReduceOp.SUM)  # every rank calls it
+    total = (_squared_norm(replicated, device) + shard_sq).sqrt()
+    clip_grads_with_norm_(replicated + sharded, max_norm, total)
+    return total
+
+
+def update(st) -> None:
+    """The optimizer update over the accumulated gradients (clipped if asked), then the schedule."""
+    extra = [p for m in st.objective.trained_modules() for p in m.parameters()]  # projection, FitNet's regressors
+    average_outside_ddp(extra, st.world)
+    if st.spec.train.clip_grad:
+        st.scaler.unscale_(st.optimizer)
+        clip_global_norm(list(st.model.parameters()) + extra, st.head.parameters(), st.spec.train.clip_grad,
+                         st.head.collectives(), st.device)
+    st.scaler.step(st.optimizer)
+    st.scaler.update()
+    st.optimizer.zero_grad(set_to_none=True)
+    st.step += 1
+    st.scheduler.step_update(st.step)
