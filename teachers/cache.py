@@ -190,12 +190,9 @@ def _joined(directory: str, key: dict, rank: int, world_size: int, batch_size: i
 
 
 def _all_ranks(value, collective: bool) -> list:
-    """`value` of every rank (a picklable object), in rank order; [value] without a process group."""
-    if not collective:
-        return [value]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, value)
-    return out
+    """`value` of every rank (a picklable object), in rank order; [value] without a process group. Through the
+    process group's waits (gloo, bounded by dist.timeout_minutes), as rank 0 prepares and finishes alone."""
+    return ddp.all_gather_objects(value) if collective else [value]
 
 
 def _settle(err, collective: bool, step: str, directory: str) -> None:
