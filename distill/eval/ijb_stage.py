@@ -1,11 +1,11 @@
 """`data.ijb` in an experiment: every finished stage is also evaluated on IJB-B/IJB-C (distill/eval/ijb.py's protocol).
 
-After a stage has finished (never during training), its model is run once over the IJB images and the
-template-pair ROC is read at FAR 1e-6 .. 1e-1 (distill.eval.far.IJB_FARS). The numbers go into the stage's
-result.json under `ijb`, with the root and target they came from (so a stage is not evaluated twice and a
-changed `data.ijb` is evaluated again), into its W&B run as `ijb/<target>/tar_at_far_1e-4` etc., and into
-the summary and `distill compare` tables (SUMMARY_IJB_FARS). The IJB meta files are read before any
-training, so a wrong root fails first.
+After a stage has finished (never during training), its model is run once over the IJB images, on the run's device
+(under torchrun each rank embeds its share: distill/eval/spread.py), and the template-pair ROC is read at FAR
+1e-6 .. 1e-1 (distill.eval.far.IJB_FARS). The numbers go into the stage's result.json under `ijb`, with the root
+and target they came from (so a stage is not evaluated twice and a changed `data.ijb` is evaluated again), into its
+W&B run as `ijb/<target>/tar_at_far_1e-4` etc., and into the summary and `distill compare` tables
+(SUMMARY_IJB_FARS). The IJB meta files are read before any training, so a wrong root fails first.
 
 result.json's `ijb.tar_at_far` is keyed '1e-6' .. '1e-1' (distill.eval.far.far_key); a result keyed as
 eval_ijbc.py's columns ('1e-06', '1e-05', '0.0001', '0.001', '0.01', '0.1') is read as those keys (the readers
