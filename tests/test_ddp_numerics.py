@@ -1,12 +1,14 @@
 """Two gloo ranks running the training engine (run_stage), forked in-process as tests/test_heads.py does:
 `train.clip_grad` leaves the replicas identical and equal to one process holding every class; under accumulation
 DDP reduces once per update (no_sync); each rank resumes its own RNG state from last.pt; a NaN loss, read from the
-device only at the next log line or checkpoint, still stops both ranks naming its first step, nothing saved after.
+device only at the next log line or checkpoint, still stops both ranks naming its first step, nothing saved after;
+result.json reports a compiled model that fell back to eager on any rank.
 
 The model is a BatchNorm-free linear face model registered for these tests: with it, two ranks of 8 images are
 the same computation as one process with the global batch of 16 (BatchNorm would normalise per rank)."""
 
 import contextlib
+import json
 import multiprocessing
 import re
 from datetime import timedelta
@@ -95,6 +97,18 @@ def _worker(rank, tmp):
                 run_stage(cfg, spec, str(tmp / spec.name), TinyFaces(classes=CLASSES), {}, progress=False)
             torch.save(_CountingDDP.passes, tmp / f"passes-today{int(today)}-rank{rank}.pt")
 
+        # train.compile where rank 1's compiled student fell back to eager
+        class FellBack:
+            def __init__(self, model):
+                self.model, self.fallback = model, "stand-in: no compiler here" if rank == 1 else None
+
+            def __call__(self, x):
+                return self.model(x)
+
+        engine.maybe_compile = lambda model, train, what: FellBack(model)
+        cfg, spec = _stage(tmp, "compiled", 2, compile=True, max_steps=1)
+        run_stage(cfg, spec, str(tmp / "compiled"), TinyFaces(classes=CLASSES), {}, progress=False)
+
         # a NaN image in rank 1's batch of step 3 (plan_epoch of 112 images, seed 0); checked at step 4
         cfg, spec = _stage(tmp, "diverged", 2, max_steps=6, log_every=4, checkpoint_every=2)
         try:
@@ -182,3 +196,9 @@ def test_a_nan_loss_stops_both_ranks_naming_its_first_step_and_saves_nothing_aft
         assert "last good checkpoint" in said
     kept = safe_torch_load(two_ranks / "diverged" / "last.pt")
     assert kept["step"] == 2 and all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_result_json_says_a_compiled_model_fell_back_on_any_rank(two_ranks):
+    result = json.loads((two_ranks / "compiled" / "result.json").read_text())
+    assert result["compile_fell_back"] == {"student": "stand-in: no compiler here", "teacher": None}
+    assert "compile_fell_back" not in json.loads((two_ranks / "clipped" / "result.json").read_text())

@@ -46,14 +46,19 @@ def average_outside_ddp(params, world: int) -> None:
         g.copy_(part.view_as(g))
 
 
-def clip_global_norm(replicated, sharded, max_norm: float, comm, device: torch.device) -> torch.Tensor:
-    """Scale every gradient by one factor, the one clip_grad_norm_ would use on one process holding all of them:
-    `replicated` gradients are the same on every rank (counted once), `sharded` ones are this rank's part of
-    a whole spread over `comm`'s ranks (their squares summed over the ranks). The global norm is returned."""
-    replicated, sharded = _with_grads(replicated), _with_grads(sharded)
-    shard_sq = comm.all_reduce_(_squared_norm(sharded, device), dist.ReduceOp.SUM)  # every rank calls it
-    total = (_squared_norm(replicated, device) + shard_sq).sqrt()
-    clip_grads_with_norm_(replicated + sharded, max_norm, total)
+def clip_global_norm(params: list, sharded, max_norm: float, comm, device: torch.device) -> torch.Tensor:
+    """Scale the gradients of `params` by one factor, the one clip_grad_norm_ would use on one process holding all
+    of them. Those in `sharded` are this rank's part of a whole spread over `comm`'s ranks (their squares are summed
+    over the ranks); the others are the same on every rank (counted once). Returns the global norm."""
+    params = _with_grads(params)
+    if comm.world_size == 1:  # one process: clip_grad_norm_'s own norm, to the bit
+        total = get_total_norm([p.grad for p in params], norm_type=2.0)
+    else:
+        shards = {id(p) for p in sharded}
+        shard_sq = _squared_norm([p for p in params if id(p) in shards], device)
+        comm.all_reduce_(shard_sq, dist.ReduceOp.SUM)  # every rank calls it, with or without trained centres
+        total = (_squared_norm([p for p in params if id(p) not in shards], device) + shard_sq).sqrt()
+    clip_grads_with_norm_(params, max_norm, total)
     return total
 
 
@@ -63,8 +68,8 @@ def update(st) -> None:
     average_outside_ddp(extra, st.world)
     if st.spec.train.clip_grad:
         st.scaler.unscale_(st.optimizer)
-        clip_global_norm(list(st.model.parameters()) + extra, st.head.parameters(), st.spec.train.clip_grad,
-                         st.head.collectives(), st.device)
+        clip_global_norm([*st.model.parameters(), *st.head.parameters(), *extra], st.head.parameters(),
+                         st.spec.train.clip_grad, st.head.collectives(), st.device)
     st.scaler.step(st.optimizer)
     st.scaler.update()
     st.optimizer.zero_grad(set_to_none=True)
