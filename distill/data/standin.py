@@ -42,6 +42,15 @@ class StandInFaces(torch.utils.data.Dataset):
         return hashlib.sha256(self.noise.numpy().tobytes()).hexdigest()
 
 
+def standin_for_step(batch_size: int, world: int = 1, per_class: int = 2, size: int = 16,
+                     min_classes: int = 4) -> StandInFaces:
+    """Stand-in faces enough for one global step at any world size: `batch_size` images on each of `world` ranks,
+    in whole identities of `per_class` images (so P×K batches of K = per_class find their groups), and at least
+    one identity per rank (the margin head's classes are sharded over the ranks)."""
+    classes = max(min_classes, world, -(-batch_size * world // per_class))
+    return StandInFaces(classes=classes, per_class=per_class, size=size)
+
+
 def standin_pairs(pairs: int = 10, size: int = 16, seed: int = 0) -> tuple:
     """(images, issame) shaped like a verification .bin: 2*pairs random RGB uint8 images, half same."""
     rng = np.random.default_rng(seed)
