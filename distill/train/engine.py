@@ -206,8 +206,8 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
     signal = signal.compiled(lambda m: maybe_compile(m, tr, "teacher")) if spec.alpha > 0 and signal else None
     return _Stage(cfg=cfg, spec=spec, device=device, rank=rank, world=world, paths=paths,
                   compat=_compat_key(cfg, spec, train_set, world), model=model, head=head, objective=objective,
-                  optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                  forward=maybe_compile(ddp or model, tr, "student"), ddp=ddp, watch=_LossWatch(device),
+                  optimizer=optimizer, scheduler=scheduler, scaler=scaler, ddp=ddp, watch=_LossWatch(device),
+                  forward=maybe_compile(model if ddp is None else ddp, tr, "student"),
                   amp_dtype=amp_dtype, signal=signal, channels_last=use_channels_last(tr, device),
                   batches_per_epoch=int(steps_per_epoch * tr.accumulate), total_steps=total_steps,
                   decode={"images": 0, "cpu_fallback": 0} if cfg.data.decode == "cuda" else None)
