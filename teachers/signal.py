@@ -63,6 +63,12 @@ class TeacherSignal:
         """This signal with its teacher's forward pass called through `wrap(module)` (torch.compile)."""
         return self
 
+    @property
+    def compile_fallback(self) -> str | None:
+        """Why the compiled teacher runs in eager mode (the wrapper's one-line `fallback`: a compile failure);
+        None when it is not compiled or compiled fine."""
+        return None
+
 
 class OnlineTeacher(TeacherSignal):
     """A frozen teacher run on the batch: on `device`, under autocast `amp_dtype` (None: float32), NHWC when
@@ -94,6 +100,10 @@ class OnlineTeacher(TeacherSignal):
         out.__dict__.update(self.__dict__)
         out._forward = wrap(self.teacher)
         return out
+
+    @property
+    def compile_fallback(self) -> str | None:
+        return None if self._forward is self.teacher else getattr(self._forward, "fallback", None)
 
     def for_cache(self) -> OnlineTeacher:
         """The same teacher, device and autocast in the memory format a cache build uses (module docstring)."""

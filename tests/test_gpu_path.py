@@ -84,6 +84,14 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(tmp_path, monkeypa
         raise RuntimeError("no C compiler here")
 
     monkeypatch.setattr(distill.train.setup, "COMPILE_BACKEND", broken_backend)
+    made = []
+
+    class Recorded(distill.train.setup.CompiledOrEager):
+        def __init__(self, module, what):
+            super().__init__(module, what)
+            made.append(self)
+
+    monkeypatch.setattr(distill.train.setup, "CompiledOrEager", Recorded)
     import torch._dynamo
     torch._dynamo.reset()
     cfg = tiny_config(train={"max_steps": 2, "checkpoint_every": 2, "compile": True})
@@ -95,6 +103,9 @@ def test_compile_failure_falls_back_to_eager_with_one_warning(tmp_path, monkeypa
     assert len(notes) == 2  # the student once, the online teacher once; then eager without further words
     assert all("eager mode" in n and "no C compiler here" in n for n in notes)
     assert {("student" in n) for n in notes} == {True, False}
+    # and each wrapper keeps the reason, for the stage's result and gpu_check to report
+    assert sorted(m.what for m in made) == ["student", "teacher"]
+    assert all(m.fallback == "RuntimeError: no C compiler here" and m.compiled is None for m in made)
 
 
 def test_checkpoints_saved_by_compiled_modules_elsewhere_load():

@@ -3,6 +3,7 @@ optimizers and schedulers), and the preemption signals a stage stops on."""
 
 from __future__ import annotations
 
+import re
 import signal
 import warnings
 from contextlib import contextmanager
@@ -72,28 +73,82 @@ def create_optimizer(params, train: TrainConfig, world: int, device: torch.devic
 # torch.compile's backend; tests set "eager" (dynamo's tracing without inductor's minutes of code generation)
 COMPILE_BACKEND = "inductor"
 
+_NO_COMPILER = re.compile(r"(dynamo|torch\.compile) is not supported on python", re.IGNORECASE)
+
+
+def _chain(err: BaseException) -> list:
+    """`err`, the backend's own error it wraps (dynamo's BackendCompilerFailed.inner_exception), its causes and
+    the errors it was raised while handling."""
+    seen = []
+    while err is not None and all(err is not s for s in seen):
+        seen.append(err)
+        err = getattr(err, "inner_exception", None) or err.__cause__ or err.__context__
+    return seen
+
+
+def never_hidden(err: BaseException) -> BaseException | None:
+    """The error in `err`'s chain that no eager rerun may stand in for: out of memory (torch.cuda.OutOfMemoryError
+    is torch's), also one hit while compiling and wrapped by dynamo, and the distributed ones (NCCL's
+    DistBackendError, a lost store or peer); None when there is none."""
+    dist = torch.distributed
+    kinds = (torch.OutOfMemoryError, MemoryError) + ((dist.DistError,) if dist.is_available() else ())
+    return next((e for e in _chain(err) if isinstance(e, kinds)), None)
+
+
+def compile_failure(err: BaseException) -> str | None:
+    """The one-line reason when `err` means torch.compile could not compile (dynamo's and inductor's own exception
+    types, "not supported on this Python"), so eager mode may stand in; None for every other error, which must
+    propagate: never_hidden's, the model's own error raised by running code. A model error that dynamo meets
+    while tracing (TorchRuntimeError) counts as a compile failure: the eager call that follows raises it as
+    itself."""
+    from torch._dynamo.exc import TorchDynamoException  # BackendCompilerFailed, Unsupported, InductorError, ...
+
+    if never_hidden(err) is not None:
+        return None
+    inductor = type(err).__module__.startswith("torch._inductor")  # CppCompileError, InvalidCxxCompiler unwrapped
+    if not (isinstance(err, TorchDynamoException) or inductor or _NO_COMPILER.search(str(err))):
+        return None
+    cause = getattr(err, "inner_exception", None) or err.__cause__ or err  # a backend's own error, when wrapped
+    text = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
+    return type(cause).__name__ + (f": {text}" if text else "")
+
 
 class CompiledOrEager:
-    """Calls `module` through torch.compile, falling back to eager mode (one warning) when compiling fails, as
-    it does where torch.compile is unavailable (no C compiler, an unsupported Python). Deliberately not an
-    nn.Module: the compiled wrapper (whose state dict keys carry `_orig_mod.`) is only ever called, never
-    saved; checkpoints and student.pt are written from the plain module, as without compile, so a compiled
-    run resumes into an uncompiled one and back."""
+    """Calls `module` through torch.compile; when compiling fails (no C compiler, an unsupported Python, an op
+    dynamo cannot trace: `compile_failure`), it runs the module in eager mode from then on, says so once (a
+    UserNote) and keeps the one-line reason in `fallback` (None while compiled). Any other error propagates: an
+    out-of-memory or a distributed error is never hidden behind an eager rerun.
+
+    Feature taps: a compiled call runs with dynamo's guards on module hooks (skip_nnmodule_hook_guards off, for
+    these calls only). dynamo's default skips them, so a forward compiled without hooks (the baseline stage's
+    student, a teacher trained or compiled earlier: dynamo reuses code across instances of one class) would be
+    reused once FeatureTaps hooks the next stage's models, and the hooks would never fire. Guarded, adding or
+    removing hooks recompiles once; hooks of another FeatureTaps with the same code reuse the compiled code (the
+    hook's closure is read at call time). torch._dynamo.reset() per stage was the alternative; it throws away
+    every compiled frame of the process and still relies on hooks being in place before a stage's first call.
+
+    Deliberately not an nn.Module: the compiled wrapper (whose state dict keys carry `_orig_mod.`) is only ever
+    called, never saved; checkpoints and student.pt are written from the plain module, as without compile, so a
+    compiled run resumes into an uncompiled one and back."""
 
     def __init__(self, module: nn.Module, what: str):
-        self.module, self.what, self.compiled = module, what, None
+        self.module, self.what, self.compiled, self.fallback = module, what, None, None
         try:
             self.compiled = torch.compile(module, backend=COMPILE_BACKEND)
-        except Exception as err:  # e.g. "Dynamo is not supported on Python 3.x"
-            self._fall_back(err)
+        except Exception as err:  # e.g. "torch.compile is not supported on Python 3.15+"
+            if not self._fall_back(err):
+                raise
 
-    def _fall_back(self, err: Exception) -> None:
-        self.compiled = None
-        inner = getattr(err, "inner_exception", None) or err.__cause__ or err  # a backend's own error, when wrapped
-        reason = str(inner).strip().splitlines()[0][:200] if str(inner).strip() else ""
-        warnings.warn(f"train.compile: torch.compile of the {self.what} failed ({type(inner).__name__}"
-                      f"{': ' + reason if reason else ''}); running it in eager mode. Set train.compile: false "
-                      f"to silence this", UserNote, stacklevel=3)
+    def _fall_back(self, err: Exception) -> bool:
+        """Eager mode from now on, with the reason, when `err` is a compile failure; False (the caller re-raises)
+        for any other error."""
+        reason = compile_failure(err)
+        if reason is None:
+            return False
+        self.compiled, self.fallback = None, reason
+        warnings.warn(f"train.compile: torch.compile of the {self.what} failed ({reason}); running it in eager "
+                      f"mode. Set train.compile: false to silence this", UserNote, stacklevel=3)
+        return True
 
     def __getattr__(self, name):  # the module's own attributes (input_size, embedding_size, ...)
         if name == "module":
@@ -103,9 +158,14 @@ class CompiledOrEager:
     def __call__(self, *args, **kwargs):
         if self.compiled is not None:
             try:
-                return self.compiled(*args, **kwargs)
-            except Exception as err:  # dynamo/inductor raise many unrelated types; a real error recurs in eager
-                self._fall_back(err)
+                with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+                    return self.compiled(*args, **kwargs)
+            except Exception as err:
+                kept = never_hidden(err)
+                if kept is not None and kept is not err:  # dynamo's wrapper: raise what the caller can catch
+                    raise kept from err
+                if not self._fall_back(err):
+                    raise
         return self.module(*args, **kwargs)
 
 
