@@ -21,6 +21,7 @@ from torch import nn
 
 import distill.models.registry
 import distill.train.engine as engine
+import teachers
 from distill.models.registry import register_model
 from distill.train.engine import StageSpec, TrainingDiverged, run_stage
 from distill.utils.checkpoint import safe_torch_load
@@ -36,11 +37,12 @@ def ddp_test_flat_face(embedding_size: int = EMB, input_size: int = SIDE):
     return model
 
 
-def _stage(tmp, name: str, world: int, **train):
+def _stage(tmp, name: str, world: int, alpha: float = 0.0, distill=None, **train):
     """One stage of 3 updates of a global batch of 16 images, every rank's head starting from the same centres."""
     cfg = tiny_config(train={"max_steps": 3, "batch_size": 16 // world, "log_every": 3, "checkpoint_every": 3,
-                             **train})
-    return cfg, StageSpec(name, "ddp_test_flat_face", dict(KWARGS), cfg.train, head_from=str(tmp / "head.pt"))
+                             **train}, distill=distill or {})
+    return cfg, StageSpec(name, "ddp_test_flat_face", dict(KWARGS), cfg.train, alpha=alpha,
+                          head_from=str(tmp / "head.pt"))
 
 
 @contextlib.contextmanager
@@ -49,7 +51,8 @@ def _capturing(out):
     real = engine._finish
 
     def finish(st, val_sets, tracker):
-        torch.save({"model": st.model.state_dict(), "head": st.head.full_weight()},
+        torch.save({"model": st.model.state_dict(), "head": st.head.full_weight(),
+                    "objective": st.objective.training_state()},
                    out / f"{st.spec.name}-rank{st.rank}.pt")
         return real(st, val_sets, tracker)
 
@@ -87,6 +90,14 @@ def _worker(rank, tmp):
         cfg, spec = _stage(tmp, "clipped", 2, clip_grad=0.05)
         with _capturing(tmp):
             run_stage(cfg, spec, str(tmp / "clipped"), TinyFaces(classes=CLASSES), {}, progress=False)
+
+        # distillation through a learned projection (a module outside DDP, averaged and clipped by hand)
+        torch.manual_seed(123)  # the same random teacher on both ranks
+        teacher = teachers.build_teacher(tiny_config().teacher.spec())
+        cfg, spec = _stage(tmp, "projected", 2, alpha=7.0, distill={"project": "linear"}, clip_grad=0.05)
+        with _capturing(tmp):
+            run_stage(cfg, spec, str(tmp / "projected"), TinyFaces(classes=CLASSES), {}, teacher=teacher,
+                      progress=False)
 
         # accumulate=2: DDP reduces once per update; the parameters are those of a reduction per micro-batch
         nn.parallel.DistributedDataParallel = _CountingDDP  # this forked process only
@@ -158,7 +169,8 @@ def two_ranks(tmp_path_factory):
 
 def _params(path) -> dict:
     state = torch.load(path)
-    return {**{f"model.{k}": v for k, v in state["model"].items()}, "head": state["head"]}
+    return {**{f"model.{k}": v for k, v in state["model"].items()}, "head": state["head"],
+            **{f"objective.{k}": v for k, v in state["objective"].items()}}
 
 
 def test_clipped_replicas_stay_identical_and_equal_one_process(two_ranks):
@@ -169,6 +181,12 @@ def test_clipped_replicas_stay_identical_and_equal_one_process(two_ranks):
     assert not torch.allclose(one["head"], start, atol=1e-3)  # it trained
     for k in one:  # the clip factor is the one of one process holding every class and the whole batch
         torch.testing.assert_close(rank0[k], one[k], rtol=0, atol=2e-7)
+
+
+def test_replicas_of_a_projection_outside_ddp_start_and_stay_identical(two_ranks):
+    rank0, rank1 = (_params(two_ranks / f"projected-rank{r}.pt") for r in range(2))
+    assert any(k.startswith("objective.projection") for k in rank0)
+    assert [k for k in rank0 if not torch.equal(rank0[k], rank1[k])] == []
 
 
 def test_accumulation_reduces_once_per_update_with_the_same_result(two_ranks):

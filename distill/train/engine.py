@@ -66,7 +66,7 @@ from distill.train.setup import (
 )
 from distill.train.state import resume_state, save_state
 from distill.train.tracking import LogWindow, Tracker, val_scalars
-from distill.train.update import update
+from distill.train.update import replicate_outside_ddp, update
 from distill.utils.atomic import atomic_write_json
 from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
 from distill.utils.device import amp_settings, resolve_device
@@ -187,6 +187,7 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
     # an online teacher moves to the device here; the signal keeps where its class centres are
     signal = stage_signal(teacher, cache, tr, device, centres=spec.centres)
     objective = stage_objective(cfg, spec, head, model, signal, device)  # (FitNet's regressors: before the optimizer)
+    replicate_outside_ddp(objective.trained_modules(), world)  # as DDP does for the model
 
     # the full global batches of plan_epoch, and of plan_identity_epoch too (it has as many)
     steps_per_epoch = len(train_set) // (tr.batch_size * world) / tr.accumulate

@@ -2,8 +2,10 @@
 (`train.clip_grad`), stepped, and the schedule advanced. `st` is the engine's _Stage.
 
 Which gradients are global already. DDP leaves every rank with the same averaged gradient of the model. The
-objective's own trained modules (a projection, FitNet's regressors) live outside DDP's wrapper: their gradients
-are averaged here, in one all-reduce of all of them. The margin head is sharded (distill/losses/margin_head.py):
+objective's own trained modules (a projection, FitNet's regressors) live outside DDP's wrapper: they start from
+rank 0's values (`replicate_outside_ddp`, as DDP does for the model: each rank drew them after its own shard of
+the head, of another size when the classes do not divide evenly) and their gradients are averaged here, in one
+all-reduce of all of them. The margin head is sharded (distill/losses/margin_head.py):
 each rank holds exactly the gradient of its own class centres, nothing to average.
 
 The clip norm. One process holding every class would clip by sqrt(|replicated|² + |head|²). With the head
@@ -32,6 +34,21 @@ def _squared_norm(params: list, device: torch.device) -> torch.Tensor:
     if not params:
         return torch.zeros((), dtype=torch.float32, device=device)
     return get_total_norm([p.grad for p in params], norm_type=2.0).float().square()
+
+
+def replicate_outside_ddp(modules, world: int) -> None:
+    """Give every rank rank 0's parameters and buffers of `modules` (one broadcast per dtype, flattened)."""
+    if world <= 1:
+        return
+    by_dtype: dict = {}
+    for t in (t for m in modules for t in (*m.parameters(), *m.buffers())):
+        by_dtype.setdefault(t.dtype, []).append(t)
+    with torch.no_grad():
+        for tensors in by_dtype.values():
+            flat = torch.cat([t.reshape(-1) for t in tensors])
+            dist.broadcast(flat, src=0)
+            for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+                t.copy_(part.view_as(t))
 
 
 def average_outside_ddp(params, world: int) -> None:
