@@ -3,6 +3,7 @@ to the CPU decoder for non-JPEGs, and EncodedPlanned + collate_encoded + decode_
 The CUDA branch itself (nvJPEG) is not executed here."""
 
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -194,3 +195,85 @@ def test_check_decode_refuses_sets_without_encoded_images(rec, monkeypatch, tmp_
     write_insightface_rec(tmp_path, [(0, encode(picture(0), fmt="PNG"))], num_classes=1, image_size=(40, 36))
     with pytest.warns(UserWarning, match="not a JPEG"):
         check_decode("cuda", cuda, RecordIODataset(tmp_path))
+
+
+# ---- nvJPEG failures and the training stream (the CUDA calls patched: no GPU here) --------------------------
+
+def test_nvjpeg_failure_decodes_on_the_cpu_counted_and_said_once_per_stage(monkeypatch):
+    import distill.data.gpu_decode as gpu_decode
+    from distill.utils.errors import UserNote
+
+    def nvjpeg(tensors, device):
+        raise RuntimeError("Error while decoding JPEG images: nvjpegDecodeBatched failed: 7")
+
+    monkeypatch.setattr(gpu_decode, "_on_gpu", lambda device: True)  # the CUDA branch, on this CPU
+    monkeypatch.setattr(gpu_decode, "_decode_on_gpu", nvjpeg)
+    encoded = [encode(picture(s)) for s in range(3)] + [encode(picture(3), fmt="PNG")]
+    flips = torch.tensor([0, 1, 0, 1], dtype=torch.bool)
+    stats = {"images": 0, "cpu_fallback": 0}  # one stage's
+    with pytest.warns(UserNote, match=r"nvJPEG failed on a batch of 3 images \(.*nvjpegDecodeBatched failed: 7\); "
+                                      r"decoded on the CPU instead.*decode\.cpu_fallback"):
+        got = decode_batch(encoded, flips, CPU, 32, stats=stats)
+    assert torch.equal(got, cpu_path(encoded, flips, 32))  # the CPU path's pixels
+    assert stats == {"images": 4, "cpu_fallback": 3}  # the PNG is the CPU's by design, not a fallback
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once per stage: the second fallback is only counted
+        decode_batch(encoded, flips, CPU, 32, stats=stats)
+    assert stats == {"images": 8, "cpu_fallback": 6}
+
+    def out_of_memory(tensors, device):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(gpu_decode, "_decode_on_gpu", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # never hidden behind the CPU decoder
+        decode_batch(encoded, flips, CPU, 32, stats=stats)
+
+
+def test_the_cpu_device_counts_images_and_no_fallback():
+    stats = {"images": 0, "cpu_fallback": 0}
+    decode_batch([encode(picture(0)), encode(picture(1))], torch.zeros(2, dtype=torch.bool), CPU, stats=stats)
+    assert stats == {"images": 2, "cpu_fallback": 0}
+
+
+def test_nvjpeg_writes_side_stream_memory_and_the_training_stream_waits_for_it(monkeypatch):
+    """Outputs allocated with a side stream current (its pool: no queued kernel uses that memory), the training
+    stream made to wait for it, every output marked as used by the training stream (its block not reused early)."""
+    import contextlib
+
+    import distill.data.gpu_decode as gpu_decode
+
+    log, current = [], ["training"]
+
+    class Stream:
+        def __init__(self, device=None, name="side"):
+            self.name = name
+            if device is not None:
+                log.append(("new stream", device))
+
+        def wait_stream(self, other):
+            log.append(("wait", self.name, other.name))
+
+    training = Stream(name="training")
+
+    @contextlib.contextmanager
+    def stream(s):
+        current.append(s.name)
+        yield
+        current.pop()
+
+    def decode(tensors, device):
+        log.append(("decode", current[-1], device))
+        return [torch.zeros(3, 2, 2, dtype=torch.uint8) for _ in tensors]
+
+    monkeypatch.setattr(gpu_decode, "_DECODE_STREAMS", {})
+    monkeypatch.setattr(gpu_decode, "_decode_jpegs", decode)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: training)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: log.append(("record", s.name)))
+    for _ in range(2):
+        assert len(gpu_decode._decode_on_gpu([b"a", b"b"], torch.device("cuda"))) == 2
+    cuda1 = torch.device("cuda", 1)
+    batch = [("decode", "side", cuda1), ("wait", "training", "side"), ("record", "training"), ("record", "training")]
+    assert log == [("new stream", cuda1)] + batch + batch  # one side stream per device, made once

@@ -28,6 +28,28 @@ Which pixels come out:
 - JPEGs other than 8-bit 3-component ones (grey, whose RGB expansion by nvJPEG is unverified here; CMYK/YCCK;
   12-bit; an unparseable header) and every non-JPEG image (PNG, BMP ...) are decoded on the CPU in the training
   process, one by one, exactly as the CPU path does (so a broken record raises the same DataFormatError).
+
+Ordering with the training stream (`_decode_on_gpu`). torchvision's CUDA decode_jpeg allocates its outputs on the
+caller's current stream, then has nvJPEG write them from a private stream that does not wait for the caller's
+stream (pytorch/vision#9606; nvJPEG's hardware engine does not even honour the stream it is given). The caching
+allocator hands out a block as soon as it is freed on its stream, so on the training stream the decoder can be
+given memory that queued kernels of the previous step are still to read, and overwrite it. Here the decode runs
+with a side stream of our own current, used for nothing else: its outputs come from that stream's pool, whose
+blocks are never in use by queued work (no kernel runs on it, and every output is marked `record_stream(training)`,
+so its block returns to the pool only once the training stream's work queued before its release has run). nvJPEG
+therefore writes memory nothing else reads or writes, whenever it writes. The training stream then waits for the
+side stream (which torchvision makes wait for its decode), so every later use of the images is ordered after the
+decode. What this relies on: the caching allocator's per-stream pools and record_stream (PyTorch's documented
+semantics), and torchvision allocating the outputs on the current stream. What it costs: no host synchronisation;
+an event and a stream wait per batch, and one more batch of uint8 images held while the step reads the last one.
+The CPU waits for nothing but the decode itself (decode_jpeg returns once its stream is done). benchmarks/
+gpu_check.sh decodes 50 steps with a corruption canary on a GPU; were it ever to find corruption, the fallback is
+`torch.cuda.current_stream().synchronize()` before each decode (the previous step drained: correct whatever the
+allocator does, at the cost of the CPU/GPU overlap).
+
+When nvJPEG raises on a batch, the batch is decoded on the CPU (the CPU path's decoder), counted in `stats`
+(`cpu_fallback`), and said once per `stats` (a stage) as a UserNote with the error; a CUDA out-of-memory error is
+raised, not worked around.
 """
 
 from __future__ import annotations
@@ -154,6 +176,41 @@ def _decode_jpegs(tensors: list, device: torch.device) -> list:
         return _tv_decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
 
 
+_DECODE_STREAMS = {}  # device -> the side stream nvJPEG's outputs are allocated on (module docstring)
+
+
+def _decode_on_gpu(tensors: list, device: torch.device) -> list:
+    """decode_jpeg on CUDA, ordered with the training stream (the current stream): see the module docstring."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    training = torch.cuda.current_stream(device)
+    if device not in _DECODE_STREAMS:
+        _DECODE_STREAMS[device] = torch.cuda.Stream(device)
+    side = _DECODE_STREAMS[device]
+    with torch.cuda.stream(side):  # outputs from the side stream's pool: memory no queued kernel uses
+        images = _decode_jpegs(tensors, device)
+    training.wait_stream(side)  # every later use of the images comes after the decode
+    for img in images:
+        img.record_stream(training)  # its block is not handed to the next decode before the step has read it
+    return images
+
+
+def _on_gpu(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _fell_back(stats: dict | None, count: int, err: Exception) -> None:
+    """nvJPEG raised on a batch of `count` images, decoded on the CPU instead: counted, and said once per `stats`."""
+    first = stats is None or not stats.get("cpu_fallback")
+    if stats is not None:
+        stats["cpu_fallback"] = stats.get("cpu_fallback", 0) + count
+    if first:
+        reason = " ".join(str(err).split())[:300]
+        warnings.warn(f"data.decode: cuda: nvJPEG failed on a batch of {count} images ({reason}); decoded on the "
+                      f"CPU instead. Later fallbacks in this stage are counted, not shown (result.json: "
+                      f"decode.cpu_fallback)", UserNote, stacklevel=3)
+
+
 _TABLES = {}
 
 
@@ -172,15 +229,17 @@ def _where(where, i: int) -> str:
     return where(i) if callable(where) else where[i]
 
 
-def decode_batch(encoded: list, flipped: torch.Tensor, device, input_size=None, where=None) -> torch.Tensor:
+def decode_batch(encoded: list, flipped: torch.Tensor, device, input_size=None, where=None,
+                 stats: dict | None = None) -> torch.Tensor:
     """Encoded images (uint8 1-D CPU tensors, or bytes) -> float32 (B, 3, S, S) on `device`, mirrored where
     `flipped`, resized (bicubic, antialiased) when they differ from `input_size` (int or (H, W); None keeps the
     stored size), normalised (x/255 - 0.5)/0.5: the batch PlannedDataset + default_collate would give.
 
     JPEGs are decoded in one `decode_jpeg(list, device=device)` call (nvJPEG on CUDA); other images, and JPEGs
     nvJPEG does not take, through the CPU path's decoder. `where` names item i for errors: a callable i -> str
-    or a list of str (e.g. `lambda i: dataset.where(int(indices[i]))`). Pixel differences on CUDA: see the
-    module docstring."""
+    or a list of str (e.g. `lambda i: dataset.where(int(indices[i]))`). `stats` (a stage's dict): `images` grows by
+    the batch's images, `cpu_fallback` by those decoded on the CPU because nvJPEG raised. Pixel differences on
+    CUDA and the ordering with the training stream: see the module docstring."""
     device = torch.device(device)
     tensors = [e if torch.is_tensor(e) else _as_uint8(e) for e in encoded]
     n = len(tensors)
@@ -189,7 +248,9 @@ def decode_batch(encoded: list, flipped: torch.Tensor, device, input_size=None, 
     flipped = torch.as_tensor(flipped, dtype=torch.bool).reshape(-1)
     if len(flipped) != n:
         raise ValueError(f"decode_batch: {n} images but {len(flipped)} flips")
-    on_gpu = device.type == "cuda"
+    on_gpu = _on_gpu(device)
+    if stats is not None:
+        stats["images"] = stats.get("images", 0) + n
     raw = [t.numpy() for t in tensors]  # zero-copy views, for header checks and the CPU decoder
 
     images = [None] * n
@@ -197,19 +258,26 @@ def decode_batch(encoded: list, flipped: torch.Tensor, device, input_size=None, 
     for i, r in enumerate(raw):
         if _tv_decode_jpeg is not None and r[:2].tobytes() == JPEG_SOI and (not on_gpu or _gpu_can_decode(r)):
             fast.append(i)
+    failed = None  # (images, error) when nvJPEG raised on the batch
     if fast:
+        decode = _decode_on_gpu if on_gpu else _decode_jpegs
         try:
-            for i, img in zip(fast, _decode_jpegs([tensors[i].contiguous() for i in fast], device), strict=True):
+            for i, img in zip(fast, decode([tensors[i].contiguous() for i in fast], device), strict=True):
                 images[i] = img
-        except RuntimeError:
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as err:
             if not on_gpu:
                 for i in fast:  # the same decoder one by one raises DataFormatError naming the broken image
                     decode_chw(raw[i].tobytes(), _where(where, i))
                 raise
             # one image nvJPEG refuses fails the whole call: the CPU decoder takes the batch (and names a broken one)
+            failed = (len(fast), err)
     for i in range(n):
         if images[i] is None:
             images[i] = decode_chw(raw[i].tobytes(), _where(where, i)).to(device, non_blocking=True)
+    if failed:  # the CPU decoded them all (a broken image has raised above, naming itself)
+        _fell_back(stats, *failed)
 
     size = None
     if input_size is not None:
