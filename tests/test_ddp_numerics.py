@@ -2,7 +2,8 @@
 `train.clip_grad` leaves the replicas identical and equal to one process holding every class; under accumulation
 DDP reduces once per update (no_sync); each rank resumes its own RNG state from last.pt; a NaN loss, read from the
 device only at the next log line or checkpoint, still stops both ranks naming its first step, nothing saved after;
-result.json reports a compiled model that fell back to eager on any rank.
+result.json reports a compiled model that fell back to eager on any rank; the stage's tracker finishes before the
+ranks' last barrier.
 
 The model is a BatchNorm-free linear face model registered for these tests: with it, two ranks of 8 images are
 the same computation as one process with the global batch of 16 (BatchNorm would normalise per rank)."""
@@ -24,6 +25,7 @@ import distill.train.engine as engine
 import teachers
 from distill.models.registry import register_model
 from distill.train.engine import StageSpec, TrainingDiverged, run_stage
+from distill.train.tracking import Tracker
 from distill.utils.checkpoint import safe_torch_load
 
 CLASSES, EMB, SIDE = 7, 32, 16  # 7 classes: shards of 4 and 3, so the ranks' heads draw different random numbers
@@ -117,8 +119,19 @@ def _worker(rank, tmp):
                 return self.model(x)
 
         engine.maybe_compile = lambda model, train, what: FellBack(model)
+        # and the order of the stage's last waits: rank 0's tracker (a W&B upload) finishes before the barrier
+        events, real_barrier = [], engine.barrier
+
+        class Recording(Tracker):
+            def finish(self, result=None, student_path=None):
+                events.append("tracker finished")
+
+        engine.barrier = lambda: events.append("barrier") or real_barrier()
         cfg, spec = _stage(tmp, "compiled", 2, compile=True, max_steps=1)
-        run_stage(cfg, spec, str(tmp / "compiled"), TinyFaces(classes=CLASSES), {}, progress=False)
+        run_stage(cfg, spec, str(tmp / "compiled"), TinyFaces(classes=CLASSES), {}, progress=False,
+                  tracker=Recording(str(tmp / "compiled"), rank=rank))
+        engine.barrier = real_barrier
+        (tmp / f"events-rank{rank}.txt").write_text(",".join(events))
 
         # a NaN image in rank 1's batch of step 3 (plan_epoch of 112 images, seed 0); checked at step 4
         cfg, spec = _stage(tmp, "diverged", 2, max_steps=6, log_every=4, checkpoint_every=2)
@@ -214,6 +227,13 @@ def test_a_nan_loss_stops_both_ranks_naming_its_first_step_and_saves_nothing_aft
         assert "last good checkpoint" in said
     kept = safe_torch_load(two_ranks / "diverged" / "last.pt")
     assert kept["step"] == 2 and all(torch.isfinite(v).all() for v in kept["model"].values())
+
+
+def test_the_tracker_finishes_before_the_ranks_wait_for_each_other(two_ranks):
+    """Rank 0's W&B upload happens while the other ranks wait in the stage's barrier (gloo, dist.timeout_minutes),
+    not in the next stage's first NCCL collective."""
+    for r in range(2):
+        assert (two_ranks / f"events-rank{r}.txt").read_text() == "tracker finished,barrier"
 
 
 def test_result_json_says_a_compiled_model_fell_back_on_any_rank(two_ranks):
