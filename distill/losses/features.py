@@ -12,7 +12,7 @@ is a config error), and it must be a torch model (an ONNX file gives no intermed
                          spatial attention a(f) = mean over channels of |f|^p (p = 2), flattened and
                          L2-normalised per image; the loss is sum over stages of mean_i |a(s_i) − a(t_i)|².
                          Channels may differ (attention has none); spatial sizes that differ are brought to
-                         the smaller by average pooling of the attention before normalising.
+                         the smaller by adaptive average pooling of the attention before normalising.
                          The paper's reference code averages (a_s − a_t)² over batch × positions and weights it
                          β/2 = 500; this sum over positions is H·W times that mean, so the paper's weight is
                          distill.alpha ≈ 500 / (H·W) per stage (e.g. ~10 for 7×7 maps).
@@ -20,9 +20,16 @@ is a config error), and it must be a torch model (an ONNX file gives no intermed
                          between a regressed student map (1×1 conv + BN to the teacher's channels, trained
                          with the student; resized bilinearly to the teacher's size when they differ) and the
                          teacher's map at each chosen stage (default the second to last), summed over stages.
+
+Both resizes are F.adaptive_avg_pool2d's and F.interpolate's (bilinear, align_corners=False) numbers, computed as
+two matrix products (`resize`): those ops have no deterministic CUDA backward, so `deterministic: true` would
+raise in the first backward on a GPU; a product's backward is a product.
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -34,11 +41,40 @@ from distill.losses.requirements import Requirements
 MAPS = Requirements(feature_maps=True, teacher_embedding=False)  # maps of an online torch teacher, no embeddings
 
 
+@functools.lru_cache(maxsize=64)
+def _axis_weights(mode: str, n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(n_out, n_in): one axis of F.adaptive_avg_pool2d (`pool`: output i averages inputs floor(i·n_in/n_out) up
+    to ceil((i+1)·n_in/n_out)) or of F.interpolate(mode="bilinear", align_corners=False) without antialias
+    (`bilinear`: output i reads source position (i + ½)·n_in/n_out − ½, clamped at 0, between its two inputs)."""
+    w = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for i in range(n_out):
+        if mode == "pool":
+            lo, hi = (i * n_in) // n_out, math.ceil((i + 1) * n_in / n_out)
+            w[i, lo:hi] = 1.0 / (hi - lo)
+        else:
+            src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+            lo = int(src)
+            frac = src - lo
+            w[i, lo] += 1.0 - frac
+            w[i, min(lo + 1, n_in - 1)] += frac
+    return w.to(device=device, dtype=dtype)
+
+
+def resize(x: torch.Tensor, size: tuple, mode: str) -> torch.Tensor:
+    """(…, H, W) -> (…, h, w) as F.adaptive_avg_pool2d (`pool`) or bilinear F.interpolate with align_corners=False
+    (`bilinear`) give it, up to float rounding: both are linear along H and W separately, so the result is
+    rows @ x @ cols.T, whose backward is deterministic on CUDA (the module docstring)."""
+    (h_in, w_in), (h, w) = x.shape[-2:], size
+    rows = _axis_weights(mode, h_in, h, x.device, x.dtype)
+    cols = _axis_weights(mode, w_in, w, x.device, x.dtype)
+    return torch.matmul(torch.matmul(rows, x), cols.t())
+
+
 def attention_map(feature: torch.Tensor, p: float = 2.0, size: tuple | None = None) -> torch.Tensor:
     """(B, C, H, W) -> (B, H·W): mean over channels of |f|^p, pooled to `size` if given, L2-normalised per image."""
     a = feature.float().abs().pow(p).mean(1, keepdim=True)
     if size is not None and tuple(a.shape[-2:]) != tuple(size):
-        a = F.adaptive_avg_pool2d(a, size)
+        a = resize(a, size, "pool")
     return F.normalize(a.flatten(1), dim=1)
 
 
@@ -96,7 +132,7 @@ class FitNet(nn.Module):
         for regress, s, t in zip(self.regressors, student_maps, teacher_maps, strict=True):
             y = regress(s.float())
             if y.shape[-2:] != t.shape[-2:]:
-                y = F.interpolate(y, size=tuple(t.shape[-2:]), mode="bilinear", align_corners=False)
+                y = resize(y, tuple(t.shape[-2:]), "bilinear")
             term = F.mse_loss(y, t.detach().float())
             total = term if total is None else total + term
         return total
