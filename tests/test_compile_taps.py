@@ -135,3 +135,21 @@ def test_a_backend_failure_falls_back_with_its_reason_and_the_signal_reports_it(
         torch.testing.assert_close(compiled.embed(x), teacher.embed(x))
     assert compiled.compile_fallback == "RuntimeError: no C compiler here"
     assert compiled._forward.compiled is None  # eager from now on
+
+
+@pytest.mark.parametrize("message,falls_back", [("torch.compile is not supported on Python 3.15+", True),
+                                                ("something else went wrong", False)])
+def test_torch_compile_refused_by_this_python_runs_eager_and_nothing_else_does(monkeypatch, message, falls_back):
+    def refusing(module, **kw):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(torch, "compile", refusing)
+    model, x = Pyramid(), torch.randn(2, 3, 8, 8)
+    if not falls_back:
+        with pytest.raises(RuntimeError, match=message):
+            CompiledOrEager(model, "student")
+        return
+    with pytest.warns(UserNote, match="not supported on Python 3.15"):
+        forward = CompiledOrEager(model, "student")
+    assert forward.fallback == f"RuntimeError: {message}"
+    torch.testing.assert_close(forward(x), model(x))

@@ -1,6 +1,9 @@
 """The feature maps a feature-map loss asks for (distill/losses/features.py), taken by forward hooks on the
 modules timm's contract names in `feature_info` (distill/models/contract.py): the student's and the online
-teacher's usual forward passes fill them, so DDP, compile and the embedding path are untouched."""
+teacher's usual forward passes fill them, so DDP, compile and the embedding path are untouched. Under
+train.compile the hooks fire inside the compiled call because distill/train/setup.py's CompiledOrEager has dynamo
+guard on module hooks: a forward compiled before the taps were set (an earlier stage's, the shared teacher's) is
+not reused without them."""
 
 from __future__ import annotations
 
