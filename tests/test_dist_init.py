@@ -49,8 +49,14 @@ def test_gpus_get_nccl_for_cuda_gloo_for_cpu_and_the_ranks_own_gpu(two_ranks_wit
     assert two_ranks_with_cuda["new_group"] == {"backend": "gloo", "timeout": timedelta(minutes=45)}
     waits = []  # the waits go through the gloo group, not the default (NCCL for CUDA tensors) one
     monkeypatch.setattr(dist, "barrier", lambda group=None: waits.append(group))
-    ddist.barrier()
-    assert waits == ["the gloo group"]
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda box, src, group, device: waits.append(group))
+    monkeypatch.setattr(dist, "all_gather_object", lambda out, obj, group: waits.append(group))
+    ddist.rank0_first(lambda: None)
+    ddist.from_rank0("x")
+    ddist.all_gather_objects("x")
+    assert waits == ["the gloo group"] * 3
 
 
 def test_one_gpu_for_every_rank_is_refused_naming_the_key(two_ranks_with_cuda):
