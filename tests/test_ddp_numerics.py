@@ -2,7 +2,8 @@
 `train.clip_grad` leaves the replicas identical and equal to one process holding every class; under accumulation
 DDP reduces once per update (no_sync); each rank resumes its own RNG state from last.pt; a NaN loss, read from the
 device only at the next log line or checkpoint, still stops both ranks naming its first step, nothing saved after;
-result.json reports a compiled model that fell back to eager on any rank; the stage's tracker finishes before the
+result.json reports a compiled model that fell back to eager on any rank and the images every rank decoded
+(data.decode: cuda); the stage's tracker finishes before the
 ranks' last barrier.
 
 The model is a BatchNorm-free linear face model registered for these tests: with it, two ranks of 8 images are
@@ -17,12 +18,14 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import FIXTURES
 from tiny import TinyFaces, tiny_config
 from torch import nn
 
 import distill.models.registry
 import distill.train.engine as engine
 import teachers
+from distill.data import RecordIODataset
 from distill.models.registry import register_model
 from distill.train.engine import StageSpec, TrainingDiverged, run_stage
 from distill.train.tracking import Tracker
@@ -133,6 +136,12 @@ def _worker(rank, tmp):
         engine.barrier = real_barrier
         (tmp / f"events-rank{rank}.txt").write_text(",".join(events))
 
+        # data.decode: cuda (run on the CPU with the device check lifted, as tests/test_gpu_path.py does)
+        engine.check_decode = lambda decode, device, dataset=None: None
+        cfg = tiny_config(data={"decode": "cuda"}, train={"batch_size": 4, "lr_batch_size": 8, "max_steps": 2})
+        run_stage(cfg, StageSpec("decoded", "ddp_test_flat_face", dict(KWARGS), cfg.train), str(tmp / "decoded"),
+                  RecordIODataset(FIXTURES / "insightface_rec", input_size=SIDE), {}, progress=False)
+
         # a NaN image in rank 1's batch of step 3 (plan_epoch of 112 images, seed 0); checked at step 4
         cfg, spec = _stage(tmp, "diverged", 2, max_steps=6, log_every=4, checkpoint_every=2)
         try:
@@ -236,7 +245,11 @@ def test_the_tracker_finishes_before_the_ranks_wait_for_each_other(two_ranks):
         assert (two_ranks / f"events-rank{r}.txt").read_text() == "tracker finished,barrier"
 
 
-def test_result_json_says_a_compiled_model_fell_back_on_any_rank(two_ranks):
+def test_result_json_says_a_compiled_model_fell_back_on_any_rank_and_counts_every_ranks_decoding(two_ranks):
     result = json.loads((two_ranks / "compiled" / "result.json").read_text())
     assert result["compile_fell_back"] == {"student": "stand-in: no compiler here", "teacher": None}
     assert "compile_fell_back" not in json.loads((two_ranks / "clipped" / "result.json").read_text())
+    # 2 steps x 2 ranks x 4 images, decoded in the engine; none fell back to the CPU
+    decoded = json.loads((two_ranks / "decoded" / "result.json").read_text())
+    assert decoded["decode"] == {"images": 16, "cpu_fallback": 0}
+    assert "decode" not in result
