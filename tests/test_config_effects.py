@@ -21,7 +21,7 @@ from distill.utils.errors import ConfigError
 
 OLD_HARMLESS = ("generations", "tracking", "data.num_workers", "data.prefetch_factor", "data.decode",
                 "train.log_every", "train.compile", "train.optimizer_impl", "train.channels_last", "train.threads",
-                "device", "data.ijb")
+                "device", "data.ijb", "dist")
 OLD_NOT_IDENTITY = ("data.val", "teacher.cache", "teacher.checkpoint", "teacher.providers", "teacher.onnx",
                     "teacher.head", "teacher.shared_cache")
 
