@@ -25,9 +25,11 @@ that fails is reported as {"error": "..."} in its key instead of stopping the ch
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,16 +46,30 @@ from bench_args import count, run
 # IResNet-100 of the KD and inference figures, whose construction alone takes seconds; the shortened run's teacher is a
 # VarGFaceNet there: an IResNet-100 trained for two steps still has its initial BatchNorm statistics, and its
 # eval-mode embeddings overflow float16, which the teacher cache refuses)
+SMALL_STUDENT = {"embedding_size": 128, "multiplier": 0.5, "last_channels": 128, "units": [1, 1, 1]}
 SIZES = {
-    "full": dict(size=112, batch=256, steps=30, warmup=5, infer_batches=20, loader_images=20000, workers="1,4,8",
-                 run_ids=300, run_images_per_id=16, run_holdout=100, run_pairs=1000, run_teacher_steps=300,
-                 run_student_steps=150, run_teacher="iresnet100", teacher="iresnet100",
-                 student={"embedding_size": 512}),
+    "full": dict(size=112, batch=256, steps=30, warmup=5, infer_batches=20, loader_images=10000, workers="1,4,8",
+                 run_ids=300, run_images_per_id=16, run_holdout=100, run_pairs=1000, run_teacher_steps=150,
+                 run_student_steps=80, run_teacher="iresnet100", teacher="iresnet100",
+                 student={"embedding_size": 512},
+                 # the correctness parts (gpu_check_parts.py, gpu_check_procs.py): a small student and teacher
+                 check_size=112, check_batch=32, check_steps=4, check_classes=64, check_student=SMALL_STUDENT,
+                 check_teacher="iresnet18", check_teacher_size=64, decode_steps=50, fp16_steps=20, fp16_batch=128,
+                 repeat_steps=8, rank_steps=6, ijb_templates=8, child_timeout=300, rank_timeout_minutes=4),
     "tiny": dict(size=32, batch=8, steps=2, warmup=1, infer_batches=2, loader_images=64, workers="1",
                  run_ids=8, run_images_per_id=4, run_holdout=4, run_pairs=40, run_teacher_steps=2,
                  run_student_steps=2, run_teacher="vargfacenet", teacher="iresnet18",
-                 student={"embedding_size": 32, "multiplier": 0.5, "last_channels": 64, "units": [1, 1, 1]}),
+                 student={"embedding_size": 32, "multiplier": 0.5, "last_channels": 64, "units": [1, 1, 1]},
+                 check_size=32, check_batch=8, check_steps=3, check_classes=8,
+                 check_student={"embedding_size": 32, "multiplier": 0.5, "last_channels": 64, "units": [1, 1, 1]},
+                 check_teacher="iresnet18", check_teacher_size=16, decode_steps=50, fp16_steps=2, fp16_batch=8,
+                 repeat_steps=4, rank_steps=3, ijb_templates=4, child_timeout=180, rank_timeout_minutes=2),
 }
+
+# Seconds each part is expected to take at full size on one H100-class GPU: estimates from the sizes (no GPU has run
+# this version yet); a part that would end past --budget is skipped and says so, so the check stays within it
+ESTIMATE_S = {"training": 150, "teacher_infer_img_s": 10, "data_dir": 30, "compile": 90, "gpu_decode": 25,
+              "fp16": 15, "deterministic": 45, "ranks": 45, "loaded_teacher": 30, "loader": 35, "run": 110}
 
 
 def _config(args, s, compile_: bool):
@@ -126,10 +142,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _python():
-    return sys.executable
-
-
 def make_data(args, s, root) -> str:
     """A small synthetic RecordIO set at the check's image size (the loader's input and the shortened run's data)."""
     from distill.data.synthetic import ensure_synthetic
@@ -142,19 +154,35 @@ def make_data(args, s, root) -> str:
 
 def loader_rates(args, s, data_dir) -> dict:
     """bench_data.py on the synthetic set: N CPU workers, and GPU decoding when the device is CUDA."""
-    cmd = [_python(), os.path.join(HERE, "bench_data.py"), data_dir, "--images", str(s["loader_images"]),
-           "--workers", s["workers"], "--batch-size", str(min(s["batch"], 256)), "--json"]
-    out = {"cpu": _json_of(cmd)}
+    import bench_data
+
+    argv = [data_dir, "--images", str(s["loader_images"]), "--workers", s["workers"],
+            "--batch-size", str(min(s["batch"], 256)), "--json"]
+    out = {"cpu": _json_of(bench_data.main, argv, "bench_data")}
     if args.device.startswith("cuda"):
-        out["gpu_decode"] = _json_of(cmd + ["--decode", "cuda"])
+        out["gpu_decode"] = _json_of(bench_data.main, argv + ["--decode", "cuda"], "bench_data")
     return out
 
 
-def _json_of(cmd) -> dict:
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if done.returncode or not lines:
-        return {"error": f"exit {done.returncode}: {(done.stderr or done.stdout).strip()[-400:]}"}
+def _in_process(main_fn, argv, name: str) -> tuple:
+    """(exit status, what it printed on stdout, on stderr) of a command's main(argv) run in this process (a second
+    interpreter would spend seconds importing torch and facedistill again); torch's thread count restored after.
+    What it printed on stderr is passed on to the check's stderr."""
+    threads, printed, errors = torch.get_num_threads(), io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
+            code = run(functools.partial(main_fn, argv), name)
+    finally:
+        torch.set_num_threads(threads)
+        print(errors.getvalue(), file=sys.stderr, end="")
+    return code, printed.getvalue(), errors.getvalue()
+
+
+def _json_of(main_fn, argv, name: str) -> dict:
+    code, printed, errors = _in_process(main_fn, argv, name)
+    lines = [ln for ln in printed.splitlines() if ln.startswith("{")]
+    if code or not lines:
+        return {"error": f"exit {code}: {(errors or printed).strip()[-400:]}"}
     return json.loads(lines[-1])
 
 
@@ -175,12 +203,15 @@ def shortened_run(args, s, data_dir, out_dir) -> dict:
         for key, value in s["student"].items():
             value = "[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else value
             overrides += [f"student.{key}={value}", f"teacher.{key}={value}"]
+    from distill.cli import main as distill_main
+
     start = time.perf_counter()
-    done = subprocess.run([_python(), "-m", "distill.cli", "run", experiment, "--out", out_dir, "--no-progress",
-                           *overrides], capture_output=True, text=True)
-    result = {"seconds": round(time.perf_counter() - start, 1), "exit": done.returncode}
-    if done.returncode:
-        result["error"] = (done.stderr or done.stdout).strip()[-600:]
+    code, printed, errors = _in_process(distill_main, ["run", experiment, "--out", out_dir, "--no-progress",
+                                                       *overrides], "distill")
+    print(printed, file=sys.stderr, end="")
+    result = {"seconds": round(time.perf_counter() - start, 1), "exit": code}
+    if code:
+        result["error"] = (errors or printed).strip()[-600:]
         return result
     for stage in ("teacher", "baseline", "gen1", "gen2"):
         path = os.path.join(out_dir, stage, "result.json")
@@ -193,13 +224,41 @@ def shortened_run(args, s, data_dir, out_dir) -> dict:
     return result
 
 
-def _part(results: dict, key: str, fn, *a):
+def _part(results: dict, key: str, fn, *a, keys: tuple = ()):
+    """results[key] = fn(*a) (a function returning several parts: results.update for `keys`), or {"error": ...}
+    for each of them when it raises; its wall time in part_seconds."""
     start = time.perf_counter()
     try:
-        results[key] = fn(*a)
+        value = fn(*a)
+        if keys:
+            results.update({k: value[k] for k in keys})
+        else:
+            results[key] = value
     except Exception as err:  # noqa: BLE001 - one failing part must not hide the others' figures
-        results[key] = {"error": f"{type(err).__name__}: {err}"[:400], "where": traceback.format_exc(limit=3)[-400:]}
+        failed = {"error": f"{type(err).__name__}: {err}"[:400], "where": traceback.format_exc(limit=3)[-400:]}
+        results.update({k: dict(failed) for k in (keys or (key,))})
     results.setdefault("part_seconds", {})[key] = round(time.perf_counter() - start, 1)
+
+
+def compiled_fell_back(root: str, results: dict):
+    """True when any compiled callable of the check ran eagerly (result.json's compile_fell_back of the compiled
+    throughput stage and of the compile part's stages), False when none did, None when none was recorded."""
+    reasons = []
+    path = os.path.join(root, "train", "compiled", "result.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            reasons.append(json.load(f).get("compile_fell_back"))
+    part = results.get("compile")
+    if isinstance(part, dict) and "stages" in part:
+        reasons += [st["compile_fell_back"] for st in part["stages"].values()]
+    known = [r for r in reasons if isinstance(r, dict)]
+    if not known:
+        return None
+    return any(v is not None for r in known for v in r.values())
+
+
+PARTS = ("train", "teacher", "loader", "run", "compile", "gpu_decode", "fp16", "deterministic", "ranks",
+         "loaded_teacher")
 
 
 def main(argv=None) -> int:
@@ -208,12 +267,16 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny sizes: the same code in seconds (CPU tests)")
     p.add_argument("--workers", type=count(0), default=None,
                    help="loader workers of the training runs (default 8, tiny 0)")
-    p.add_argument("--skip", default="", help="comma-separated parts to leave out: train,teacher,loader,run")
+    p.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {','.join(PARTS)} "
+                                              f"(deterministic also leaves out resume)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend of train_compiled_img_s (the tests use eager: no code generation)")
     p.add_argument("--keep", default=None, help="keep the check's files in this folder (default: a temporary one)")
     p.add_argument("--threads", type=count(1), default=None,
                    help="CPU threads of torch with --device cpu (default: up to 4; the tests use 1 beside other work)")
+    p.add_argument("--budget", type=count(60), default=600,
+                   help="seconds the full-size check may take: a part expected to end past it is skipped (default "
+                        "600)")
     args = p.parse_args(argv)
     s = SIZES["tiny" if args.tiny else "full"]
     import distill.train.setup
@@ -223,33 +286,70 @@ def main(argv=None) -> int:
         print(json.dumps({"error": "no CUDA device here; run with --device cpu --tiny for the CPU parts"}))
         return 2
     skip = {x for x in args.skip.split(",") if x}
+    unknown = skip - set(PARTS)
+    if unknown:
+        p.error(f"--skip: unknown part(s) {', '.join(sorted(unknown))}; the parts are {', '.join(PARTS)}")
     if args.device == "cpu":
         torch.set_num_threads(args.threads or max(1, min(4, os.cpu_count() or 1)))
     device = torch.device(args.device)
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    cuda = device.type == "cuda"
+    results = {"device": torch.cuda.get_device_name(device) if cuda else "cpu",
                "torch": torch.__version__, "sizes": "tiny" if args.tiny else "full", "input_size": s["size"],
                "batch_size": s["batch"], "loader_workers": args.workers, "compile_backend": args.compile_backend,
                "teacher_arch": s["teacher"]}
     start = time.perf_counter()
+
+    def part(key, fn, *a, needs_cuda=False, keys=()):
+        """Run a part unless skipped, CPU-only here while it needs CUDA, or expected past the budget."""
+        name = {"training": "train", "teacher_infer_img_s": "teacher", "data_dir": None}.get(key, key)
+        if name in skip:
+            return
+        why = None
+        if needs_cuda and not cuda:
+            why = "needs CUDA"
+        elif not args.tiny and time.perf_counter() - start + ESTIMATE_S.get(key, 0) > args.budget:
+            why = f"time budget: {time.perf_counter() - start:.0f} s spent, ~{ESTIMATE_S[key]} s more > --budget"
+        if why:
+            results.update({k: {"skipped": why} for k in (keys or (key,))})
+            return
+        _part(results, key, fn, *a, keys=keys)
+
+    from gpu_check_parts import compile_stages, fp16_scaler, gpu_decode, loaded_teacher
+    from gpu_check_procs import deterministic_and_resume, start_forkserver, two_ranks
+
+    if not {"deterministic", "ranks"} <= skip:
+        start_forkserver()
+
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or tmp
         os.makedirs(root, exist_ok=True)
-        if "train" not in skip:
-            _part(results, "training", training_rates, args, s, os.path.join(root, "train"))
-            if "error" not in results["training"]:  # flat keys; a failure stays under "training"
-                results.update(results.pop("training"))
-        if "teacher" not in skip:
-            _part(results, "teacher_infer_img_s", teacher_inference_rate, args, s)
-        if device.type == "cuda":
+        part("training", training_rates, args, s, os.path.join(root, "train"))
+        if isinstance(results.get("training"), dict) and "error" not in results["training"] \
+                and "skipped" not in results["training"]:  # flat keys; a failure stays under "training"
+            results.update(results.pop("training"))
+        part("teacher_infer_img_s", teacher_inference_rate, args, s)
+        if cuda:
             results["peak_gpu_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
         data_dir = None
-        if not {"loader", "run"} <= skip:
-            _part(results, "data_dir", make_data, args, s, root)
-            data_dir = results.pop("data_dir")
-        if "loader" not in skip and isinstance(data_dir, str):
-            _part(results, "loader", loader_rates, args, s, data_dir)
-        if "run" not in skip and isinstance(data_dir, str):
-            _part(results, "run", shortened_run, args, s, data_dir, os.path.join(root, "run"))
+        if not {"loader", "run", "gpu_decode", "loaded_teacher"} <= skip:
+            part("data_dir", make_data, args, s, root)
+            data_dir = results.pop("data_dir", None)
+        no_data = {"error": f"no synthetic data set: {data_dir}"} if not isinstance(data_dir, str) else None
+        part("compile", compile_stages, args, s, os.path.join(root, "compile"))
+        results["compiled_fell_back"] = compiled_fell_back(root, results)
+        if no_data is None:
+            part("gpu_decode", gpu_decode, args, s, data_dir, root, needs_cuda=True)
+        part("fp16", fp16_scaler, args, s, root)
+        part("deterministic", deterministic_and_resume, args, s, os.path.join(root, "repeat"),
+             keys=("deterministic", "resume"))
+        part("ranks", two_ranks, args, s, os.path.join(root, "ranks"))
+        if no_data is None:
+            part("loaded_teacher", loaded_teacher, args, s, data_dir, os.path.join(root, "loaded_teacher"))
+            part("loader", loader_rates, args, s, data_dir)
+            part("run", shortened_run, args, s, data_dir, os.path.join(root, "run"))
+        else:
+            results.update({k: dict(no_data) for k in ("gpu_decode", "loaded_teacher", "loader", "run")
+                            if k not in skip})
     results["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(results))
     return 0
