@@ -3,8 +3,7 @@
 DDP reduces once per update (no_sync); each rank resumes its own RNG state from last.pt; a NaN loss, read from the
 device only at the next log line or checkpoint, still stops both ranks naming its first step, nothing saved after;
 result.json reports a compiled model that fell back to eager on any rank and the images every rank decoded
-(data.decode: cuda); the stage's tracker finishes before the
-ranks' last barrier.
+(data.decode: cuda); the stage's tracker finishes before the ranks' last barrier.
 
 The model is a BatchNorm-free linear face model registered for these tests: with it, two ranks of 8 images are
 the same computation as one process with the global batch of 16 (BatchNorm would normalise per rank)."""

@@ -243,8 +243,8 @@ class _LossWatch:
         if names != self.names:  # the first micro-batch (the terms stay the same through a stage)
             self.names = names
             self.finite = torch.ones(len(names) + 1, dtype=torch.bool, device=self.step.device)
-        finite = torch.isfinite(torch.stack([total.detach().float().sum()] +
-                                            [logs[k].detach().float().sum() for k in names]))
+        values = [total] + [logs[k] for k in names]
+        finite = torch.isfinite(torch.stack([v.detach().float().sum().to(self.step.device) for v in values]))
         first = (self.step == self.NONE) & ~finite[0]
         self.step = torch.where(first, step, self.step)
         self.finite = torch.where(first, finite, self.finite)

@@ -5,8 +5,8 @@ Which gradients are global already. DDP leaves every rank with the same averaged
 objective's own trained modules (a projection, FitNet's regressors) live outside DDP's wrapper: they start from
 rank 0's values (`replicate_outside_ddp`, as DDP does for the model: each rank drew them after its own shard of
 the head, of another size when the classes do not divide evenly) and their gradients are averaged here, in one
-all-reduce of all of them. The margin head is sharded (distill/losses/margin_head.py):
-each rank holds exactly the gradient of its own class centres, nothing to average.
+all-reduce of all of them. The margin head is sharded (distill/losses/margin_head.py): each rank holds exactly
+the gradient of its own class centres, nothing to average.
 
 The clip norm. One process holding every class would clip by sqrt(|replicated|² + |head|²). With the head
 sharded, |head|² is the sum over ranks of each shard's squared norm, while the replicated gradients (identical on
