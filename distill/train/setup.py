@@ -101,12 +101,15 @@ def compile_failure(err: BaseException) -> str | None:
     propagate: never_hidden's, the model's own error raised by running code. A model error that dynamo meets
     while tracing (TorchRuntimeError) counts as a compile failure: the eager call that follows raises it as
     itself."""
-    from torch._dynamo.exc import TorchDynamoException  # BackendCompilerFailed, Unsupported, InductorError, ...
+    try:  # the base of BackendCompilerFailed, Unsupported, TorchRuntimeError, InductorError, ...
+        from torch._dynamo.exc import TorchDynamoException as dynamo_error
+    except Exception:  # no dynamo on this Python: only its refusal below counts
+        dynamo_error = ()
 
     if never_hidden(err) is not None:
         return None
     inductor = type(err).__module__.startswith("torch._inductor")  # CppCompileError, InvalidCxxCompiler unwrapped
-    if not (isinstance(err, TorchDynamoException) or inductor or _NO_COMPILER.search(str(err))):
+    if not (isinstance(err, dynamo_error) or inductor or _NO_COMPILER.search(str(err))):
         return None
     cause = getattr(err, "inner_exception", None) or err.__cause__ or err  # a backend's own error, when wrapped
     text = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else ""
