@@ -41,10 +41,10 @@ def ddp_test_flat_face(embedding_size: int = EMB, input_size: int = SIDE):
     return model
 
 
-def _stage(tmp, name: str, world: int, alpha: float = 0.0, distill=None, **train):
+def _stage(tmp, name: str, world: int, alpha: float = 0.0, distill=None, deterministic=True, **train):
     """One stage of 3 updates of a global batch of 16 images, every rank's head starting from the same centres."""
     cfg = tiny_config(train={"max_steps": 3, "batch_size": 16 // world, "log_every": 3, "checkpoint_every": 3,
-                             **train}, distill=distill or {})
+                             **train}, distill=distill or {}, deterministic=deterministic)
     return cfg, StageSpec(name, "ddp_test_flat_face", dict(KWARGS), cfg.train, alpha=alpha,
                           head_from=str(tmp / "head.pt"))
 
@@ -56,7 +56,7 @@ def _capturing(out):
 
     def finish(st, val_sets, tracker):
         torch.save({"model": st.model.state_dict(), "head": st.head.full_weight(),
-                    "objective": st.objective.training_state()},
+                    "objective": st.objective.training_state(), "scale": st.scaler.get_scale()},
                    out / f"{st.spec.name}-rank{st.rank}.pt")
         return real(st, val_sets, tracker)
 
@@ -102,6 +102,21 @@ def _worker(rank, tmp):
         with _capturing(tmp):
             run_stage(cfg, spec, str(tmp / "projected"), TinyFaces(classes=CLASSES), {}, teacher=teacher,
                       progress=False)
+
+        # fp16: an overflow in rank 1's shard of the head alone, at the second step; both ranks must skip it
+        real_build = engine._build
+
+        def overflowing(*args, **kwargs):
+            st = real_build(*args, **kwargs)
+            if rank == 1:
+                st.head.weight.register_hook(lambda g: g * float("inf") if st.micro == 1 else g)
+            return st
+
+        engine._build = overflowing
+        cfg, spec = _stage(tmp, "overflow", 2, deterministic=False, amp="fp16", clip_grad=0.05)
+        with _capturing(tmp):
+            run_stage(cfg, spec, str(tmp / "overflow"), TinyFaces(classes=CLASSES), {}, progress=False)
+        engine._build = real_build
 
         # accumulate=2: DDP reduces once per update; the parameters are those of a reduction per micro-batch
         nn.parallel.DistributedDataParallel = _CountingDDP  # this forked process only
@@ -208,6 +223,12 @@ def test_replicas_of_a_projection_outside_ddp_start_and_stay_identical(two_ranks
     rank0, rank1 = (_params(two_ranks / f"projected-rank{r}.pt") for r in range(2))
     assert any(k.startswith("objective.projection") for k in rank0)
     assert [k for k in rank0 if not torch.equal(rank0[k], rank1[k])] == []
+
+
+def test_an_fp16_overflow_in_one_shard_skips_the_step_on_every_rank(two_ranks):
+    rank0, rank1 = (torch.load(two_ranks / f"overflow-rank{r}.pt") for r in range(2))
+    assert rank0["scale"] == rank1["scale"] < 65536.0  # the same steps skipped (the scale halved at each)
+    assert all(torch.equal(rank0["model"][k], rank1["model"][k]) for k in rank0["model"])
 
 
 def test_accumulation_reduces_once_per_update_with_the_same_result(two_ranks):

@@ -16,6 +16,12 @@ and the rank's own shard gives each rank its own factor for the same DDP gradien
 silently, since DDP never re-broadcasts the parameters.) The factor is torch's own (clip_grads_with_norm_, as
 clip_grad_norm_ uses): a NaN/Inf norm makes the gradients NaN as clip_grad_norm_ does, and no host sync is needed.
 With fp16 the gradients are unscaled first (GradScaler.unscale_), so the norm is the true gradients'.
+
+fp16's skipped steps. GradScaler skips the step of a rank whose gradients hold an Inf/NaN (an overflow, which its
+growing scale provokes now and then by design). The replicated gradients are the same on every rank, but a shard's
+are its own: an overflow in one shard alone would make that rank alone skip, and the replicas part. So the ranks
+agree first (`skip_together`): a non-finite shard anywhere makes a gradient non-finite on every rank, and every
+rank's GradScaler skips the same step.
 """
 
 from __future__ import annotations
@@ -63,6 +69,16 @@ def average_outside_ddp(params, world: int) -> None:
         g.copy_(part.view_as(g))
 
 
+def skip_together(replicated, sharded, comm, device: torch.device) -> None:
+    """Make one of `replicated`'s gradients NaN on every rank when any rank's `sharded` gradients are not finite, so
+    that every rank's GradScaler skips the step (module docstring). One all-reduce of the shards' summed squares
+    (Inf/NaN when any is), added × 0 to a gradient: +0 when finite, NaN otherwise; no host sync."""
+    target = next(iter(_with_grads(replicated)), None)
+    shard_sq = comm.all_reduce_(_squared_norm(_with_grads(sharded), device), dist.ReduceOp.SUM)
+    if target is not None:
+        target.grad.add_((shard_sq * 0).to(target.grad.dtype))
+
+
 def clip_global_norm(params: list, sharded, max_norm: float, comm, device: torch.device) -> torch.Tensor:
     """Scale the gradients of `params` by one factor, the one clip_grad_norm_ would use on one process holding all
     of them. Those in `sharded` are this rank's part of a whole spread over `comm`'s ranks (their squares are summed
@@ -83,6 +99,8 @@ def update(st) -> None:
     """The optimizer update over the accumulated gradients (clipped if asked), then the schedule."""
     extra = [p for m in st.objective.trained_modules() for p in m.parameters()]  # projection, FitNet's regressors
     average_outside_ddp(extra, st.world)
+    if st.scaler.is_enabled() and st.world > 1:
+        skip_together([*st.model.parameters(), *extra], st.head.parameters(), st.head.collectives(), st.device)
     if st.spec.train.clip_grad:
         st.scaler.unscale_(st.optimizer)
         clip_global_norm([*st.model.parameters(), *st.head.parameters(), *extra], st.head.parameters(),
