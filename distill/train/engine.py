@@ -7,7 +7,7 @@ What makes it a research tool rather than a script is the guarantees around that
 - Exact resume. The order of samples and their flips is a pure function of (seed, epoch) (distill/train/
   epoch_plan.py, not drawn in DataLoader workers): a run resumed from `last.pt` at step k sees exactly the batches
   an uninterrupted run would. last.pt holds model, head, optimizer, scheduler, scaler, step, epoch, position
-  inside the epoch and every RNG state.
+  inside the epoch and every rank's RNG states.
 - Safe checkpoints: temporary file, fsync, rename (atomic_torch_save). Preemption: SIGTERM or SIGUSR1 writes
   last.pt at the next step boundary and stops cleanly.
 - Divergence: a NaN/Inf loss stops the run naming the step and the term; nothing is saved after it. The test is
