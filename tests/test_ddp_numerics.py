@@ -9,6 +9,7 @@ The model is a BatchNorm-free linear face model registered for these tests: with
 the same computation as one process with the global batch of 16 (BatchNorm would normalise per rank)."""
 
 import contextlib
+import dataclasses
 import json
 import multiprocessing
 import re
@@ -41,10 +42,10 @@ def ddp_test_flat_face(embedding_size: int = EMB, input_size: int = SIDE):
     return model
 
 
-def _stage(tmp, name: str, world: int, alpha: float = 0.0, distill=None, deterministic=True, **train):
+def _stage(tmp, name: str, world: int, alpha: float = 0.0, distill=None, deterministic=True, margin=None, **train):
     """One stage of 3 updates of a global batch of 16 images, every rank's head starting from the same centres."""
     cfg = tiny_config(train={"max_steps": 3, "batch_size": 16 // world, "log_every": 3, "checkpoint_every": 3,
-                             **train}, distill=distill or {}, deterministic=deterministic)
+                             **train}, distill=distill or {}, deterministic=deterministic, margin=margin or {})
     return cfg, StageSpec(name, "ddp_test_flat_face", dict(KWARGS), cfg.train, alpha=alpha,
                           head_from=str(tmp / "head.pt"))
 
@@ -163,8 +164,13 @@ def _worker(rank, tmp):
         except TrainingDiverged as err:
             (tmp / f"diverged-rank{rank}.txt").write_text(str(err))
 
-        # resume: stop right after the first last.pt, then resume; each rank must get its own RNG state back
-        cfg, spec = _stage(tmp, "resumed", 2, checkpoint_every=2)
+        # resume: stop right after the first last.pt, then resume; each rank must get its own RNG state back, and
+        # end where an uninterrupted run ends (PartialFC's sampling draws from each rank's generator; the head
+        # shard's momentum is the rank's own)
+        cfg, spec = _stage(tmp, "resumed", 2, checkpoint_every=2, max_steps=4, margin={"sample_rate": 0.5})
+        with _capturing(tmp):
+            run_stage(cfg, dataclasses.replace(spec, name="whole"), str(tmp / "whole"), TinyFaces(classes=CLASSES),
+                      {}, progress=False)
         real_save, real_resume = engine.save_state, engine.resume_state
 
         def save_then_stop(st):
@@ -181,6 +187,9 @@ def _worker(rank, tmp):
             engine.save_state, engine.resume_state = patch
             with contextlib.suppress(KeyboardInterrupt):
                 run_stage(cfg, spec, str(tmp / "resumed"), TinyFaces(classes=CLASSES), {}, progress=False)
+        engine.save_state, engine.resume_state = real_save, real_resume
+        with _capturing(tmp):
+            run_stage(cfg, spec, str(tmp / "resumed"), TinyFaces(classes=CLASSES), {}, progress=False)
     finally:
         dist.destroy_process_group()
 
@@ -242,11 +251,14 @@ def test_accumulation_reduces_once_per_update_with_the_same_result(two_ranks):
             torch.testing.assert_close(now[k], today[k], rtol=0, atol=2e-7)
 
 
-def test_each_rank_resumes_its_own_rng_state(two_ranks):
+def test_each_rank_resumes_its_own_rng_state_and_head_momentum(two_ranks):
     saved = [torch.load(two_ranks / f"rng-saved-rank{r}.pt") for r in range(2)]
     resumed = [torch.load(two_ranks / f"rng-resumed-rank{r}.pt") for r in range(2)]
     assert not torch.equal(saved[0], saved[1])  # the ranks' generators had parted (their shards' draws)
     assert torch.equal(resumed[0], saved[0]) and torch.equal(resumed[1], saved[1])
+    for r in range(2):  # and the resumed run ends bit for bit where the uninterrupted one does, on every rank
+        whole, resumed = (_params(two_ranks / f"{name}-rank{r}.pt") for name in ("whole", "resumed"))
+        assert [k for k in whole if not torch.equal(whole[k], resumed[k])] == []
 
 
 def test_a_nan_loss_stops_both_ranks_naming_its_first_step_and_saves_nothing_after(two_ranks):

@@ -3,13 +3,19 @@ stage (`resume_state`) so that a resumed run continues bit for bit: model, margi
 state, optimizer, scheduler, scaler, step counters, best score and every rank's RNG states (each rank draws its
 own: PartialFC's class sampling, dropout; each resumes its own). `st` is the engine's _Stage.
 
-Format facedistill.train/2 holds `rng` as a list, one entry per rank; /1 (one state, rank 0's) still resumes, every
-rank then restoring that one as before."""
+With several ranks each rank's shard of the head also has its own optimizer state (momentum): `head_optimizer`
+holds it gathered like `head_weight` (all classes), and each rank resumes its own rows.
+
+Format facedistill.train/2 holds `rng` as a list, one entry per rank, and `head_optimizer`; /1 (one state, rank 0's,
+and rank 0's head momentum only) still resumes as before: every rank restores that state and the other ranks'
+shards restart their momentum."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+
+import torch
 
 from distill.config.schema import to_dict
 from distill.utils.checkpoint import atomic_torch_save, capture_rng_state, restore_rng_state, safe_torch_load
@@ -39,8 +45,7 @@ def resume_state(st, log: logging.Logger) -> None:
     st.head.load_full_weight(ck["head_weight"].to(st.device))
     st.objective.load_training_state(ck.get("objective", {}), source=path)
     st.optimizer.load_state_dict(ck["optimizer"])
-    if st.rank != 0:  # the file holds rank 0's head momentum; this rank's shard restarts its own
-        st.optimizer.state.pop(st.head.weight, None)
+    _resume_head_moments(st, ck.get("head_optimizer"))
     st.scheduler.load_state_dict(ck["scheduler"])
     if ck.get("scaler"):
         st.scaler.load_state_dict(ck["scaler"])
@@ -61,13 +66,14 @@ def save_state(st) -> None:
     """Write last.pt (rank 0); every rank must call it: gathering the sharded head and the RNG states are
     collectives."""
     head_weight = st.head.full_weight().cpu()
+    head_moments = _head_moments(st)
     rng = all_gather_objects(capture_rng_state(st.device))  # every rank's, in rank order
     if st.rank != 0:
         return
     spec, bpe = st.spec, st.batches_per_epoch
     atomic_torch_save({
         "format": TRAIN_FORMAT, "stage": spec.name, "arch": spec.arch, "model_kwargs": spec.model_kwargs,
-        "model": st.model.state_dict(), "head_weight": head_weight,
+        "model": st.model.state_dict(), "head_weight": head_weight, "head_optimizer": head_moments,
         "objective": st.objective.training_state(),  # the projection and a loss's own state (distillation.py)
         "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
         "scaler": st.scaler.state_dict() if st.scaler.is_enabled() else None, "step": st.step, "micro": st.micro,
@@ -75,3 +81,29 @@ def save_state(st) -> None:
         "train_seconds": st.train_seconds, "best": st.best, "rng": rng,
         "config": to_dict(st.cfg), "compat": st.compat, "threads": st.threads.threads if st.threads else None,
     }, st.paths.last)
+
+
+def _head_moments(st) -> dict:
+    """The optimizer's state of the head's centres shaped like them (SGD's momentum, Adam's moments), every rank's
+    rows gathered into one (classes × embedding) tensor per entry, as head_weight is: a collective. {} with one
+    rank, whose optimizer state dict holds it all."""
+    if st.world == 1:
+        return {}
+    weight, shard = st.head.weight, st.head.centre_shard()
+    state = st.optimizer.state.get(weight, {})
+    rows = {k: v for k, v in sorted(state.items()) if torch.is_tensor(v) and v.shape == weight.shape}
+    sizes = shard.comm.batch_sizes(shard.count, weight.device) if rows else []
+    return {k: shard.comm.gather_rows(v, sizes).cpu() for k, v in rows.items()}
+
+
+def _resume_head_moments(st, gathered: dict | None) -> None:
+    """Each rank's own rows of the head's optimizer state; the file's optimizer state dict holds rank 0's."""
+    if st.rank == 0:
+        return
+    from_rank0 = st.optimizer.state.pop(st.head.weight, None)
+    if from_rank0 is None or not gathered:  # an older last.pt: this rank's shard restarts its momentum
+        return
+    shard = st.head.centre_shard()
+    st.optimizer.state[st.head.weight] = {**from_rank0, **{
+        k: shard.rows_of(full).to(device=st.head.weight.device, dtype=from_rank0[k].dtype)
+        for k, full in gathered.items()}}
