@@ -306,10 +306,12 @@ def _micro_step(st: _Stage, batch, window: LogWindow, where=None) -> bool:
 # ------------------------------------------------------------------------------------------ the loop
 
 def _evaluate(st: _Stage, val_sets: dict, tracker: Tracker) -> dict:
+    """The verification sets' metrics; every rank evaluates at the same steps, so each embeds its share of the
+    images (the same numbers as one process: distill/eval/spread.py)."""
     if not val_sets:
         return {}
     metrics = evaluate_sets(st.model, val_sets, st.spec.model_kwargs.get("input_size", 112), device=st.device,
-                            progress=False, model_name=f"{st.spec.name} ({st.spec.arch})")
+                            progress=False, model_name=f"{st.spec.name} ({st.spec.arch})", split_ranks=st.world > 1)
     tracker.log(val_scalars(metrics), st.step)
     return metrics
 
