@@ -74,10 +74,13 @@ class Collectives:
         return x
 
     def batch_sizes(self, n: int, device) -> list[int]:
-        """Every rank's batch size: the last batch of an epoch may differ between ranks."""
+        """Every rank's batch size: the last batch of an epoch may differ between ranks. Exchanged on the CPU when
+        the group has gloo (`cuda:nccl,cpu:gloo`, distill/utils/dist.py: no wait on the GPU's queue), else on
+        `device` (NCCL alone takes no CPU tensors)."""
         if self.world_size == 1:
             return [n]
-        mine = torch.tensor([n], device=device)
+        on_cpu = "gloo" in str(dist.get_backend(self.group))
+        mine = torch.tensor([n], device="cpu" if on_cpu else device)
         sizes = [torch.zeros_like(mine) for _ in range(self.world_size)]
         dist.all_gather(sizes, mine, group=self.group)
         return [int(s) for s in sizes]
