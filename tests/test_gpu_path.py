@@ -247,3 +247,18 @@ def test_a_broken_image_under_gpu_decode_names_its_record(tmp_path, monkeypatch,
     with pytest.raises(DataFormatError) as err:
         run_stage(cfg, _spec(cfg, alpha=0.0), str(tmp_path), train_set, {}, progress=False)
     assert train_set.where(3) in str(err.value)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cudnn_benchmark_is_on_for_fixed_size_inputs_unless_deterministic(tmp_path, deterministic):
+    """Every batch has the configured size, so cuDNN may time its algorithms once per shape; a deterministic run
+    may not (the timing picks algorithms by speed, which differ from run to run)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = deterministic  # the opposite of what the stage must set
+    try:
+        cfg = tiny_config(deterministic=deterministic)
+        _build(cfg, _spec(cfg, alpha=0.0), str(tmp_path), TinyFaces(), None, None)
+        assert torch.backends.cudnn.benchmark is (not deterministic)
+    finally:
+        torch.backends.cudnn.benchmark = before
+        torch.use_deterministic_algorithms(False)
