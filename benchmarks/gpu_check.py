@@ -60,10 +60,12 @@ SIZES = {
                  run_ids=8, run_images_per_id=4, run_holdout=4, run_pairs=40, run_teacher_steps=2,
                  run_student_steps=2, run_teacher="vargfacenet", teacher="iresnet18",
                  student={"embedding_size": 32, "multiplier": 0.5, "last_channels": 64, "units": [1, 1, 1]},
-                 check_size=32, check_batch=8, check_steps=3, check_classes=8,
+                 check_size=32, check_batch=8, check_steps=2, check_classes=8,
                  check_student={"embedding_size": 32, "multiplier": 0.5, "last_channels": 64, "units": [1, 1, 1]},
-                 check_teacher="iresnet18", check_teacher_size=16, decode_steps=50, fp16_steps=2, fp16_batch=8,
-                 repeat_steps=4, rank_steps=3, ijb_templates=4, child_timeout=180, rank_timeout_minutes=2),
+                 check_teacher="vargfacenet", check_teacher_kwargs={"multiplier": 0.5, "last_channels": 64,
+                                                                    "units": [1, 1, 1]},
+                 check_teacher_size=16, decode_steps=50, fp16_steps=2, fp16_batch=8,
+                 repeat_steps=3, rank_steps=2, ijb_templates=4, child_timeout=180, rank_timeout_minutes=2),
 }
 
 # Seconds each part is expected to take at full size on one H100-class GPU: estimates from the sizes (no GPU has run
@@ -317,7 +319,8 @@ def main(argv=None) -> int:
     from gpu_check_parts import compile_stages, fp16_scaler, gpu_decode, loaded_teacher
     from gpu_check_procs import deterministic_and_resume, start_forkserver, two_ranks
 
-    if not {"deterministic", "ranks"} <= skip:
+    if cuda and not {"deterministic", "ranks"} <= skip:
+        torch.cuda.init()  # the children's start method follows it (gpu_check_procs._context)
         start_forkserver()
 
     with tempfile.TemporaryDirectory() as tmp:

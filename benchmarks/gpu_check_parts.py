@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 
 import torch
 
@@ -46,22 +47,34 @@ def check_config(args, s: dict, **sections):
         "train": {"batch_size": s["check_batch"], "max_steps": 4, "log_every": 1, "checkpoint_every": 10 ** 9,
                   "amp": "auto", "lr": 0.1, "lr_batch_size": 512},
     }
-    if args.tiny:
-        raw["train"]["threads"] = 1  # beside the test suite's other work
+    if args.tiny or args.device == "cpu":  # beside the test suite's other work; and forked children (procs)
+        raw["train"]["threads"] = 1
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) and isinstance(raw.get(key), dict) \
             else value
     return build_config(raw)
 
 
-def check_teacher(s: dict, seed: int = 0):
-    """The online teacher of the check's stages (the same weights in every process: `seed`), at its own input
-    side, s["check_teacher_size"], smaller than the students': its feature maps are smaller than theirs, so a
-    feature loss resizes (the case deterministic CUDA kernels must cover)."""
+def teacher_spec(s: dict, size: int) -> dict:
+    """The check's teacher (s["check_teacher"] with s["check_teacher_kwargs"]) at input side `size`, as
+    teachers.build_teacher and the config's teacher section take it."""
+    return {"arch": s["check_teacher"], "input_size": size, "embedding_size": s["check_student"]["embedding_size"],
+            **s.get("check_teacher_kwargs", {})}
+
+
+def check_teacher(s: dict, seed: int = 0, size: int | None = None):
+    """The online teacher of the check's stages (the same weights in every process: `seed`), untrained, by default
+    at its own input side, s["check_teacher_size"], smaller than the students': its feature maps are smaller than
+    theirs, so a feature loss resizes (the case deterministic CUDA kernels must cover)."""
     from bench_kd import untrained_teacher
 
+    import teachers
+
     torch.manual_seed(seed)
-    return untrained_teacher(s["check_teacher"], s["check_teacher_size"], s["check_student"]["embedding_size"])
+    spec = teacher_spec(s, size or s["check_teacher_size"])
+    if spec["arch"].startswith("iresnet") and len(spec) == 3:  # re-initialised small: its outputs stay finite
+        return untrained_teacher(spec["arch"], spec["input_size"], spec["embedding_size"])
+    return teachers.build_teacher(spec)
 
 
 def standin(s: dict, size: int | None = None, batch: int | None = None, steps: int = 8):
@@ -192,7 +205,9 @@ class DecodeCanary:
         for start in range(0, len(dataset), chunk):
             encoded = [torch.frombuffer(bytearray(dataset.encoded(i)[0]), dtype=torch.uint8)
                        for i in range(start, min(len(dataset), start + chunk))]
-            decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates its codecs
+                decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             sums = self.checksum(torch.stack(decoded).to(torch.int64)).tolist()
@@ -330,13 +345,10 @@ def loaded_teacher(args, s: dict, data_dir: str, root: str) -> dict:
     from distill.data.synth_ijb import write_synthetic_ijb
     from distill.run.experiment import run_experiment
 
-    size, dim = s["size"], s["check_student"]["embedding_size"]
-    from bench_kd import untrained_teacher
-
-    torch.manual_seed(0)
+    size = s["size"]
     os.makedirs(root, exist_ok=True)
     checkpoint = os.path.join(root, "backbone.pth")
-    torch.save(untrained_teacher(s["check_teacher"], size, dim).model.state_dict(), checkpoint)
+    torch.save(check_teacher(s, size=size).model.state_dict(), checkpoint)
     ijb_root = os.path.join(root, "IJBC")
     if not os.path.exists(os.path.join(ijb_root, "synth_ijb.json")):
         write_synthetic_ijb(ijb_root, templates=s["ijb_templates"], seed=0, force=True)
@@ -344,8 +356,7 @@ def loaded_teacher(args, s: dict, data_dir: str, root: str) -> dict:
         "name": "gpu_check_loaded_teacher", "device": args.device, "seed": 0,
         "data": {"train": data_dir, "val": [os.path.join(data_dir, "synth_val.bin")], "input_size": size,
                  "num_workers": args.workers, "ijb": {"root": ijb_root, "target": "IJBC", "batch_size": 64}},
-        "teacher": {"arch": s["check_teacher"], "checkpoint": checkpoint, "input_size": size, "embedding_size": dim,
-                    "cache": True},
+        "teacher": {**teacher_spec(s, size), "checkpoint": checkpoint, "cache": True},
         "student": dict(s["check_student"]),
         "train": {"batch_size": s["check_batch"], "max_steps": s["check_steps"], "log_every": 1,
                   "checkpoint_every": 10 ** 9, **({"threads": 1} if args.tiny else {})},

@@ -9,10 +9,11 @@
                  sample_rate 0.5, clip_grad and a teacher cache built in per-rank slices: each rank writes a
                  checksum of its model's parameters, which must be equal (DDP replicas that drifted are not)
 
-The child processes are started from a forkserver (a fresh interpreter that imports torch and facedistill
-once; forking the check's own process after CUDA is initialised is not allowed). On CUDA the ranks are started by
-torchrun (`python -m torch.distributed.run --standalone`) running this file; on a CPU (the test suite) two
-forkserver children with torchrun's environment run the same function, `rank_main`, in a fraction of the time.
+On a GPU the child processes are started from a forkserver (a fresh interpreter that imports torch and facedistill
+once: forking the check's own process after CUDA is initialised is not allowed) and the ranks by torchrun
+(`python -m torch.distributed.run --standalone`) running this file. On a CPU (the test suite) the children are
+forked from the check's process, and two of them, given torchrun's environment, run the ranks' same function,
+`rank_main`, in a fraction of torchrun's time (it starts three interpreters).
 """
 
 from __future__ import annotations
@@ -43,22 +44,28 @@ _CONTEXT = None
 
 
 def _context():
-    """The forkserver, importing torch and facedistill once for all the children (its interpreter finds this
-    folder through PYTHONPATH: Python 3.11's forkserver does not take the parent's sys.path)."""
+    """How the children start: forked from this process while it has not initialised CUDA (the CPU check: no
+    imports to repeat), else from a forkserver, a fresh interpreter that imports torch and facedistill once for
+    all of them (CUDA forbids forking a process that initialised it). The forkserver finds this folder through
+    PYTHONPATH: Python 3.11's forkserver does not take the parent's sys.path."""
     global _CONTEXT
     if _CONTEXT is None:
-        paths = [HERE, ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-        _CONTEXT = multiprocessing.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["gpu_check_procs", "bench_kd", "distill.train.engine", "teachers.cache"])
+        if not torch.cuda.is_initialized() and "fork" in multiprocessing.get_all_start_methods():
+            _CONTEXT = multiprocessing.get_context("fork")
+        else:
+            paths = [HERE, ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+            os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+            _CONTEXT = multiprocessing.get_context("forkserver")
+            _CONTEXT.set_forkserver_preload(["gpu_check_procs", "bench_kd", "distill.train.engine", "teachers.cache"])
     return _CONTEXT
 
 
 def start_forkserver() -> None:
-    """Start the children's forkserver now: its imports then overlap the check's in-process parts."""
-    _context()
-    from multiprocessing import forkserver
-    forkserver.ensure_running()
+    """Start the children's forkserver now, where they will use one: its imports then overlap the check's
+    in-process parts."""
+    if _context().get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+        forkserver.ensure_running()
 
 
 def _child_setup(threads: int | None) -> None:
@@ -127,7 +134,7 @@ def repeat_child(args, s: dict, out_dir: str, stop_after: int | None = None, rea
     """One deterministic stage in `out_dir` (resumed when it holds a last.pt); exits PREEMPTED when SIGTERMed."""
     from distill.train.engine import Preempted
 
-    _child_setup(1 if args.tiny else None)
+    _child_setup(1 if args.device == "cpu" else None)
     try:
         cfg = repeat_config(args, s)
         plain = standin(s, steps=s["repeat_steps"])
@@ -252,7 +259,7 @@ def rank_main(args, s: dict, root: str) -> None:
 
 
 def _rank_child(args, s: dict, root: str, rank: int, port: int) -> None:
-    _child_setup(1 if args.tiny else None)
+    _child_setup(1 if args.device == "cpu" else None)
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"})
     rank_main(args, s, root)

@@ -1,5 +1,6 @@
 """benchmarks/gpu_check.sh, the prepared GPU check: every part of it runs here on the CPU with
-tiny sizes, and it prints the one JSON line with every documented key, with figures that are figures."""
+tiny sizes, and it prints the one JSON line with every documented key, with figures that are figures; each
+correctness part either held (`ok`) or says why it did not run (only data.decode: cuda needs a GPU)."""
 
 import importlib.util
 import json
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+CORRECTNESS_PARTS = ("compile", "gpu_decode", "fp16", "deterministic", "resume", "ranks", "loaded_teacher")
 
 
 def _number(v) -> bool:
@@ -37,6 +39,16 @@ def test_gpu_check_runs_every_part_on_cpu_and_prints_one_json_line(tmp_path):
     for stage in ("teacher", "baseline", "gen1", "gen2"):  # the shortened synthetic_r100.yaml, end to end
         assert run[stage]["steps"] == 2 and 0.0 <= run[stage]["acc"] <= 1.0
     assert (tmp_path / "run" / "gen2" / "student.pt").exists()
+    for part in CORRECTNESS_PARTS:  # each held here, or says why it cannot run on a CPU
+        assert r[part].get("ok") is True or r[part] == {"skipped": "needs CUDA"}, (part, r[part])
+    assert r["gpu_decode"] == {"skipped": "needs CUDA"}
+    assert r["compiled_fell_back"] is False  # both compiled stages ran compiled (dynamo's eager backend)
+    assert r["compile"]["stages"]["attention_transfer"]["attention_transfer_loss"] > 0
+    assert r["deterministic"]["first"]["sha256"] == r["deterministic"]["second"]["sha256"]
+    assert r["resume"]["exit_on_sigterm"] == 75 and r["resume"]["stopped_at_step"] < 3
+    ranks = r["ranks"]["ranks"]
+    assert [x["rank"] for x in ranks] == [0, 1] and ranks[0]["params_sha256"] == ranks[1]["params_sha256"]
+    assert r["loaded_teacher"]["no_grad_forwards"].keys() == {"cpu"}  # evaluation ran on the run's device
 
 
 def test_gpu_check_without_cuda_says_so(monkeypatch, capsys):
@@ -49,3 +61,37 @@ def test_gpu_check_without_cuda_says_so(monkeypatch, capsys):
     monkeypatch.setattr(distill.train.setup, "COMPILE_BACKEND", distill.train.setup.COMPILE_BACKEND)  # main sets it
     assert gpu_check.main([]) == 2
     assert "no CUDA device here" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_decode_canary_counts_a_corrupted_image_and_not_a_mirrored_one(monkeypatch):
+    # the check's corruption canary, on the CPU decoder: a half-written image is counted, a flipped one is not
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    import torch
+    from gpu_check_parts import DecodeCanary
+
+    from distill.data.gpu_decode import decode_batch
+    from distill.data.images import encode_jpeg
+
+    g = torch.Generator().manual_seed(0)
+    images = [encode_jpeg(torch.randint(0, 256, (16, 16, 3), generator=g, dtype=torch.uint8).numpy(), quality=90)
+              for _ in range(4)]
+
+    class Encoded:
+        def __len__(self):
+            return len(images)
+
+        def encoded(self, i):
+            return images[i], 0
+
+    canary = DecodeCanary(Encoded(), "cpu")
+    clean = canary.spy(decode_batch)
+    clean(images, torch.tensor([False, True, False, True]), "cpu", 16)
+    assert canary.read() == {"checked": 4, "mismatched": 0}
+
+    def half_written(*a, **kw):
+        x = decode_batch(*a, **kw)
+        x[2, :, 8:] = -1.0  # the lower half of image 2 left black
+        return x
+
+    canary.spy(half_written)(images, torch.zeros(4, dtype=torch.bool), "cpu", 16)
+    assert canary.read() == {"checked": 8, "mismatched": 1}
