@@ -1,9 +1,10 @@
-"""The prepared GPU check: every throughput figure the GPU path is judged by, in one run, as ONE JSON line.
+"""The prepared GPU check: the throughput figures the GPU path is judged by, and the checks of what the CPU test
+suite cannot see (the GPU-only and multi-rank paths), in one run, as ONE JSON line.
 
-    benchmarks/gpu_check.sh                       # on a GPU machine: about 6-8 minutes on one H100/H200
+    benchmarks/gpu_check.sh                       # on a GPU machine: at most 10 minutes (--budget) on one H100/H200
     benchmarks/gpu_check.sh --device cpu --tiny   # the same code on a CPU with tiny sizes (the test suite runs it)
 
-What it measures (every rate is images/s; every ratio is from the same run, so a noisy machine cancels out):
+Throughput (every rate is images/s; every ratio is from the same run, so a noisy machine cancels out):
   train_img_s            VarGFaceNet (full size, 512-d; tiny: a small one) trained by the real loop
                          (distill.train.engine.run_stage) on in-memory stand-in faces: amp auto (bf16 on an
                          Ampere+ GPU), channels_last on CUDA, batch 256 at 112 px; `train_compiled_img_s` the
@@ -11,15 +12,27 @@ What it measures (every rate is images/s; every ratio is from the same run, so a
   kd_cached_time_ratio   time per image of cached-teacher distillation / plain training (goal <= 1.05)
   kd_online_time_ratio   the same with a frozen IResNet-100 run on every batch under the student's autocast
   teacher_infer_img_s    IResNet-100 inference (no grad, autocast, channels_last): the teacher-cache build rate
-  loader_img_s           RecordIO -> decoded, flipped, normalised batches by N loader workers (benchmarks/
-                         bench_data.py), and `loader_gpu_decode_img_s` with data.decode: cuda (CUDA only)
-  peak_gpu_mem_gb        torch.cuda.max_memory_allocated over the check's in-process parts
+  loader                 RecordIO -> decoded, flipped, normalised batches by N loader workers (benchmarks/
+                         bench_data.py), and `gpu_decode` with data.decode: cuda (CUDA only)
+  peak_gpu_mem_gb        torch.cuda.max_memory_allocated over the throughput parts
   run                    experiments/synthetic_r100.yaml shortened by overrides (fewer identities and
                          images, train.max_steps per stage), baseline + 2 generations, its wall time and
                          each stage's held-out accuracy: the pipeline end to end, not the paper's numbers
 
+Correctness (each a dict with `ok`; benchmarks/gpu_check_parts.py and gpu_check_procs.py say how each is checked):
+  compile, compiled_fell_back   a compiled stage, then a compiled attention_transfer stage with the same teacher;
+                         compiled_fell_back: whether any compiled callable of the check ran eagerly
+  gpu_decode             50 steps of data.decode: cuda with a corruption canary, no host sync added (CUDA only)
+  fp16                   fp16 with a GradScaler, clip_grad and accumulate 2
+  deterministic, resume  deterministic: true twice, bit for bit (unequal feature-map sizes); SIGTERM + resume
+  ranks                  two ranks (torchrun; NCCL with two GPUs, else gloo) with PartialFC sampling, clip_grad and a
+                         per-rank cache: equal parameter checksums
+  loaded_teacher         a loaded teacher.checkpoint and a tiny synthetic IJB set: evaluation on the run's device
+
 Medians of the engine's per-step images/s after warm-up steps (compile happens in the warm-up). Each part
-that fails is reported as {"error": "..."} in its key instead of stopping the check.
+that fails is reported as {"error": "..."} in its key instead of stopping the check; a part that cannot run here
+says why ({"skipped": "needs CUDA"}), and at full size a part expected to end past --budget seconds is skipped
+and says so (ESTIMATE_S: estimates, not yet measured on a GPU).
 """
 
 from __future__ import annotations
@@ -55,7 +68,7 @@ SIZES = {
                  # the correctness parts (gpu_check_parts.py, gpu_check_procs.py): a small student and teacher
                  check_size=112, check_batch=32, check_steps=4, check_classes=64, check_student=SMALL_STUDENT,
                  check_teacher="iresnet18", check_teacher_size=64, decode_steps=50, fp16_steps=20, fp16_batch=128,
-                 repeat_steps=8, rank_steps=6, ijb_templates=8, child_timeout=300, rank_timeout_minutes=4),
+                 repeat_steps=8, rank_steps=6, ijb_templates=8, child_timeout=180, rank_timeout_minutes=2),
     "tiny": dict(size=32, batch=8, steps=2, warmup=1, infer_batches=2, loader_images=64, workers="1",
                  run_ids=8, run_images_per_id=4, run_holdout=4, run_pairs=40, run_teacher_steps=2,
                  run_student_steps=2, run_teacher="vargfacenet", teacher="iresnet18",

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The prepared GPU check: prints ONE JSON line with every GPU throughput figure (see gpu_check.py).
-#   benchmarks/gpu_check.sh                       one GPU, about 6-8 minutes
+# The prepared GPU check: prints ONE JSON line with every GPU throughput figure and the checks of the GPU-only and
+# multi-rank paths (compile, GPU decoding, fp16, determinism, SIGTERM + resume, two ranks, a loaded teacher + IJB;
+# see gpu_check.py).
+#   benchmarks/gpu_check.sh                       one GPU, at most 10 minutes (--budget SECONDS)
 #   benchmarks/gpu_check.sh --device cpu --tiny   the same code on a CPU with tiny sizes, in seconds
 # Uses $PYTHON, else the repository's .venv (make install), else python3. Progress goes to stderr.
 set -euo pipefail

@@ -55,6 +55,8 @@ def _context():
         else:
             paths = [HERE, ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
             os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+            # torch.cuda.is_available() through NVML: a CUDA driver call in the server would poison its forks
+            os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
             _CONTEXT = multiprocessing.get_context("forkserver")
             _CONTEXT.set_forkserver_preload(["gpu_check_procs", "bench_kd", "distill.train.engine", "teachers.cache"])
     return _CONTEXT
@@ -279,8 +281,16 @@ def two_ranks(args, s: dict, root: str) -> dict:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
                "ranks", json.dumps({"args": vars(args), "sizes": s, "root": root})]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=s["child_timeout"])
-        launcher = {"exit": done.returncode, "tail": done.stderr.strip()[-400:] if done.returncode else None}
+        # its own session: on a timeout torchrun and both ranks are ended together (never a rank left on the GPU)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=s["child_timeout"])
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate()
+            err = f"timed out after {s['child_timeout']} s; {err}"
+        launcher = {"exit": proc.returncode, "tail": err.strip()[-400:] if proc.returncode else None}
     else:
         ctx, port = _context(), _free_port()
         procs = [ctx.Process(target=_rank_child, args=(args, s, root, r, port)) for r in (0, 1)]
