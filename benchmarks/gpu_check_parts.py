@@ -252,7 +252,19 @@ def _cpu_difference(dataset, device, n: int = 64) -> dict:
 
 
 def gpu_decode(args, s: dict, data_dir: str, root: str) -> dict:
-    """s["decode_steps"] steps of the full student with data.decode: cuda, every batch checked (DecodeCanary)."""
+    """s["decode_steps"] steps of the full student with data.decode: cuda, every batch checked (DecodeCanary).
+    On a CPU it says it needs CUDA, and runs the same code as `cpu_stand_in`: the engine's data.decode: cuda path
+    and the canary on the CPU decoder (the run's refusal of data.decode: cuda on a CPU device bypassed), all the
+    GPU run checks but nvJPEG and its stream."""
+    import distill.train.engine as engine
+
+    if torch.device(args.device).type == "cuda":
+        return _gpu_decode(args, s, data_dir, root)
+    with replaced(engine, "check_decode", lambda *a, **kw: None):
+        return {"skipped": "needs CUDA", "cpu_stand_in": _gpu_decode(args, s, data_dir, root)}
+
+
+def _gpu_decode(args, s: dict, data_dir: str, root: str) -> dict:
     import distill.train.engine as engine
     from distill.data import open_training_set
 
