@@ -170,7 +170,10 @@ def deterministic_and_resume(args, s: dict, root: str) -> dict:
              ctx.Process(target=repeat_child, args=(args, s, dirs["c"], stop_step * batch, ready))]
     for p in first:
         p.start()
-    signalled = ready.wait(s["child_timeout"])
+    deadline = time.monotonic() + s["child_timeout"]
+    signalled = False
+    while not signalled and first[1].is_alive() and time.monotonic() < deadline:  # a child that failed: at once
+        signalled = ready.wait(0.2)
     if signalled:
         os.kill(first[1].pid, signal.SIGTERM)
     _join(first, s["child_timeout"])
