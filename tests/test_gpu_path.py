@@ -2,6 +2,7 @@
 file, compiled <-> eager resume, eager fallback with a warning), train.optimizer_impl, the stage's one loader
 with persistent workers, and the log line on precision and the online teacher."""
 
+import os
 import warnings
 
 import pytest
@@ -262,3 +263,18 @@ def test_cudnn_benchmark_is_on_for_fixed_size_inputs_unless_deterministic(tmp_pa
     finally:
         torch.backends.cudnn.benchmark = before
         torch.use_deterministic_algorithms(False)
+
+
+def test_a_deterministic_run_asks_cublas_for_its_fixed_workspace(tmp_path, monkeypatch):
+    """PyTorch's reproducibility notes: deterministic cuBLAS products need CUBLAS_WORKSPACE_CONFIG, read when the
+    process first uses cuBLAS; a stage sets it (a value the user gave is kept)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    cfg = tiny_config(deterministic=True)
+    try:
+        _build(cfg, _spec(cfg, alpha=0.0), str(tmp_path), TinyFaces(), None, None)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    distill.utils.device.deterministic_cublas()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

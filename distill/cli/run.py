@@ -13,9 +13,12 @@ def _run(args) -> int:
     from distill.run.experiment import run_experiment
     from distill.run.rundir import default_run_dir
     from distill.train.engine import Preempted
+    from distill.utils.device import deterministic_cublas
     from distill.utils.dist import init_distributed
 
     cfg = load_config(args.experiment, args.overrides)
+    if cfg.deterministic:
+        deterministic_cublas()  # before anything uses cuBLAS
     init_distributed(cfg.device, cfg.dist.timeout_minutes)
     if args.dry_run:
         dry_run(cfg, run_dir=args.out or default_run_dir(cfg))
@@ -33,12 +36,15 @@ def _cache_build(args) -> int:
     from distill.config.schema import load_config
     from distill.run.experiment import build_teacher_cache
     from distill.run.rundir import default_run_dir
+    from distill.utils.device import deterministic_cublas
     from distill.utils.dist import init_distributed
 
     cfg = load_config(args.experiment, args.overrides)
     if cfg.teacher is None:
         print("distill cache build: the experiment has no teacher; nothing to cache", file=sys.stderr)
         return 2
+    if cfg.deterministic:
+        deterministic_cublas()  # the teacher may train here first
     init_distributed(cfg.device, cfg.dist.timeout_minutes)  # under torchrun every rank builds its slice of the cache
     build_teacher_cache(cfg, args.out or default_run_dir(cfg), progress=sys.stderr.isatty())
     return 0

@@ -69,7 +69,7 @@ from distill.train.tracking import LogWindow, Tracker, val_scalars
 from distill.train.update import replicate_outside_ddp, update
 from distill.utils.atomic import atomic_write_json
 from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
-from distill.utils.device import amp_settings, resolve_device
+from distill.utils.device import amp_settings, deterministic_cublas, resolve_device
 from distill.utils.dist import all_gather_objects, barrier, world_size
 from distill.utils.dist import rank as dist_rank
 from distill.utils.errors import DistillError
@@ -177,6 +177,7 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
     check_decode(cfg.data.decode, device, train_set)
     rank, world = dist_rank(), world_size()
     if cfg.deterministic:
+        deterministic_cublas()  # in time if this stage is the first cuBLAS user (distill run sets it earlier)
         torch.use_deterministic_algorithms(True)
     # every training batch has the same shape (full batches, one input size): let cuDNN pick its fastest kernels,
     # unless the run must repeat bit for bit (the choice is timed, so it may differ between runs)

@@ -4,6 +4,7 @@ before any work), a model's device, and the autocast dtype a TrainConfig's `amp`
 from __future__ import annotations
 
 import itertools
+import os
 
 import torch
 
@@ -82,3 +83,11 @@ def amp_settings(train, device: torch.device, model=None):
 def _bf16_supported(device: torch.device) -> bool:
     with torch.cuda.device(device):
         return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def deterministic_cublas() -> None:
+    """Ask cuBLAS for the fixed workspace that makes its matrix products repeat bit for bit (CUBLAS_WORKSPACE_CONFIG,
+    PyTorch's reproducibility notes; deterministic mode may refuse a cuBLAS call without it). It is read when the
+    process first uses cuBLAS, so `distill run` sets it right after reading a `deterministic: true` config; a value
+    the user set is kept."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
