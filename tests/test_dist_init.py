@@ -94,6 +94,13 @@ def _worker(rank, tmp, timeout_minutes):
         ranks_first = ddist.rank0_first(lambda: order.append(time.monotonic()) or ddist.rank())
         out.update(first=ranks_first, at=order[0], value=ddist.from_rank0(f"from {rank}"),
                    gathered=ddist.all_gather_objects({"rank": rank}))
+        def fails_on_rank0():
+            if rank == 0:
+                raise ValueError("no room on the disk")
+        try:  # rank 0's step raises: every rank stops at once, the others naming rank 0's error
+            ddist.rank0_first(fails_on_rank0)
+        except Exception as err:  # noqa: BLE001 - the type is what the test reads
+            out["failed"] = f"{type(err).__name__}: {err}"
         try:  # rank 0 alone for longer than the timeout: the others fail instead of waiting for ever
             ddist.rank0_first(lambda: time.sleep(3 * timeout_minutes * 60) if rank == 0 else None)
             out["late"] = "passed"
@@ -112,4 +119,6 @@ def test_two_gloo_ranks_wait_share_and_gather_within_the_timeout(tmp_path):
     assert (r0["first"], r1["first"]) == (0, 1) and r0["at"] < r1["at"]  # rank 0 ran first, rank 1 after it
     assert r0["value"] == r1["value"] == "from 0"
     assert r0["gathered"] == r1["gathered"] == [{"rank": 0}, {"rank": 1}]
+    assert r0["failed"] == "ValueError: no room on the disk"
+    assert r1["failed"] == "DistillError: rank 0 stopped before this rank could go on (ValueError: no room on the disk)"
     assert "Timed out waiting 300ms" in r1["late"]  # rank 0 busy 0.9 s alone: rank 1 gave up after the timeout

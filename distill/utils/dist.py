@@ -20,7 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from distill.utils.errors import ConfigError
+from distill.utils.errors import ConfigError, DistillError
 
 # Long enough for the longest step one rank does alone while the others wait (config `dist.timeout_minutes`).
 # The longest of those left is generating a synthetic training set on rank 0: experiments/synthetic_r100.yaml
@@ -103,14 +103,22 @@ def barrier() -> None:
 
 
 def rank0_first(fn):
-    """Run `fn` on rank 0, then on the other ranks (which find its files ready: synthetic data, cache)."""
+    """Run `fn` on rank 0, then on the other ranks (which find its files ready: synthetic data, cache). When it
+    raises on rank 0, rank 0 raises its error and the other ranks a DistillError naming it, at once (not after the
+    timeout, waiting for a rank that has stopped)."""
     if not is_distributed():
         return fn()
     if dist.get_rank() == 0:
-        out = fn()
-        barrier()
+        try:
+            out = fn()
+        except BaseException as err:
+            from_rank0(f"{type(err).__name__}: {err}")
+            raise
+        from_rank0(None)
         return out
-    barrier()
+    failed = from_rank0(None)
+    if failed:
+        raise DistillError(f"rank 0 stopped before this rank could go on ({failed})")
     return fn()
 
 
