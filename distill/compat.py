@@ -147,8 +147,14 @@ def upgrade_legacy_teacher(spec: dict, error: type = ValueError) -> tuple[dict, 
 
     iresnet (depth) -> arch iresnet<depth>; timm (name) -> arch timm/<name>; facedistill (`student:` in a
     config, or `arch` + `model_kwargs`) -> arch and its arguments; onnx (checkpoint) -> onnx. Other keys
-    (checkpoint, cache, train, embedding_size, input_size ...) stay."""
-    if not any(k in spec for k in ("kind", "depth", "name", "student", "model_kwargs")) or "onnx" in spec:
+    (checkpoint, cache, train, embedding_size, input_size ...) stay.
+
+    The legacy form is a spec with `kind` (and no `onnx`), or one without `arch` holding a legacy key (`depth`,
+    `name`, `student`, `model_kwargs`: the old default kind was iresnet). A current spec (`arch` or `onnx`, no
+    `kind`) is never upgraded: `model_kwargs` is also an argument of the current `timm/<name>` models, and a
+    trained timm teacher's spec holds it."""
+    legacy_keys = ("depth", "name", "student", "model_kwargs")
+    if "onnx" in spec or ("kind" not in spec and ("arch" in spec or not any(k in spec for k in legacy_keys))):
         return dict(spec), None
     spec = dict(spec)
     kind = spec.pop("kind", "iresnet")  # the old default kind

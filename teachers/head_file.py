@@ -7,7 +7,9 @@ torch.load(weights_only=True) (a file holding code is refused as every checkpoin
   - arcface_torch's checkpoint_gpu_<rank>.pt (`state_dict_softmax_fc.weight`: that rank's classes).
 A glob (`teacher.head: runs/r100/checkpoint_gpu_*.pt`) names the ranks' files of a partial-FC run: they are
 concatenated in rank order (the number in the name), as arcface_torch splits its classes contiguously. The rows
-must number data.train's identities (both counts are named otherwise)."""
+must number data.train's identities and the columns the teacher's embedding size (both sizes are named otherwise).
+A file that would train silently wrong is refused: integer centres (a float head cast or rounded: mostly zeros),
+non-finite ones, and all-zero rows (a centre of no direction: its cosine with any embedding is undefined)."""
 
 from __future__ import annotations
 
@@ -40,6 +42,10 @@ def _matrix(obj, path: str) -> torch.Tensor:
         shape = tuple(obj.shape) if torch.is_tensor(obj) else type(obj).__name__
         raise ConfigError(f"{path}: the class centres must be a (classes, embedding) matrix, got {shape}; "
                           f"teacher.head takes {_FILE_KINDS}")
+    if not obj.is_floating_point():
+        raise ConfigError(f"teacher.head: {path} holds {str(obj.dtype).replace('torch.', '')} centres, not floats "
+                          f"(a head cast to integers keeps only their integer parts); give the margin head's own "
+                          f"float weights")
     return obj
 
 
@@ -65,4 +71,9 @@ def load_centres(source: str, num_classes: int | None, embedding_size: int | Non
                           f"{embedding_size}-d; give the head of this teacher")
     if not torch.isfinite(centres).all():
         raise ConfigError(f"teacher.head: {source} holds non-finite centres (NaN or Inf); give a healthy checkpoint")
+    zero = (centres.norm(dim=1) == 0).nonzero().flatten()
+    if len(zero):
+        raise ConfigError(f"teacher.head: {source} holds {len(zero):,} all-zero centres of {centres.shape[0]:,} "
+                          f"(first: row {int(zero[0])}); a centre needs a direction: give the head of a trained "
+                          f"teacher")
     return centres

@@ -17,6 +17,7 @@ from distill.losses.term_checks import Setting, term_problems
 from distill.losses.terms import config_terms
 from distill.models.registry import did_you_mean, feature_count
 from distill.utils.errors import ConfigError
+from distill.utils.threads import THREADS_PER_CORE, max_threads
 
 
 def _optimizers() -> list:
@@ -133,6 +134,19 @@ def check_training(key: str, train, where) -> None:
         bad("threads", "at least 1, or null (the thread policy)")
     if any(not isinstance(e, (int, float)) or isinstance(e, bool) or e < 0 for e in train.decay_epochs):
         bad("decay_epochs", "a list of epochs >= 0 (for scheduler: step)")
+
+
+def check_machine(cfg, where) -> None:
+    """The keys whose bound is this machine's (`train.threads`, `teacher.train.threads`: at most max_threads(), its
+    cores × THREADS_PER_CORE; past that the threads only wait, and each costs memory). Checked on the configs a
+    user gives, not on a run directory's saved copy (a run may be read on a smaller machine than the one that made
+    it; a resumed stage keeps the count it started with)."""
+    for key, train in (("train", cfg.train), ("teacher.train", cfg.teacher and cfg.teacher.train)):
+        if train is not None and train.threads is not None and train.threads > max_threads():
+            raise ConfigError(f"{where(key + '.threads')}: key '{key}.threads' must be at most {max_threads():,} "
+                              f"(this machine's {os.cpu_count() or 1} cores × {THREADS_PER_CORE}: more threads only "
+                              f"wait and cost memory), got {train.threads:,}; lower it, or write null (the thread "
+                              f"policy)")
 
 
 def _check_images_per_id(cfg, where) -> None:

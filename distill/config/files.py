@@ -121,28 +121,33 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def merge_experiment(base: dict, over: dict, own_keys: dict) -> dict:
+def merge_experiment(base: dict, over: dict, own_keys: dict, model_args=None) -> dict:
     """`_merge`, except that a section's model arguments belong to its model: a child file or override that
-    names another `arch` (or an `onnx` file) for a section of `own_keys` (student, teacher) starts that
-    model's arguments afresh (e.g. `teacher.arch=iresnet18` over a VarGFaceNet teacher drops its
-    multiplier); the section's own keys (`own_keys[section]`: checkpoint, cache, train, init, ...) are kept.
-    Likewise `distill.terms` replaces the `distill.loss` + `distill.alpha` of the files below it (the other way
-    round is an error the config names: the terms are not dropped silently)."""
+    names another `arch` (or an `onnx` file) for a section of `own_keys` (student, teacher) keeps of the old
+    model's arguments those the new one takes (`model_args(arch)`: their names; e.g. `teacher.arch=timm/resnet10t`
+    over an IResNet teacher keeps its embedding_size and input_size) and drops the rest (`teacher.arch=iresnet18`
+    over a VarGFaceNet teacher drops its multiplier; an ONNX file takes none); the section's own keys
+    (`own_keys[section]`: checkpoint, cache, train, init, ...) are kept. Likewise `distill.terms` replaces the
+    `distill.loss` + `distill.alpha` of the files below it (the other way round is an error the config names: the
+    terms are not dropped silently)."""
     base = dict(base)
     for name, own in own_keys.items():
         old, new = base.get(name), over.get(name)
         if not (isinstance(old, dict) and isinstance(new, dict)):
             continue
         if any(k in new and new[k] != old.get(k) for k in ("arch", "onnx")):
-            base[name] = {k: v for k, v in old.items() if k in own}
+            arch = new.get("arch") if "onnx" not in new else None
+            takes = set(model_args(arch)) if model_args is not None and isinstance(arch, str) else set()
+            base[name] = {k: v for k, v in old.items() if k in own or k in takes}
     old, new = base.get("distill"), over.get("distill")
     if isinstance(old, dict) and isinstance(new, dict) and new.get("terms") is not None:
         base["distill"] = {k: v for k, v in old.items() if k not in ("loss", "alpha")}  # terms replace the short form
     return _merge(base, over)
 
 
-def load_with_bases(path: str, own_keys: dict, seen: tuple = ()) -> tuple[dict, dict]:
-    """Merged raw dict and, for every top-level key path, the file it came from (for error messages)."""
+def load_with_bases(path: str, own_keys: dict, seen: tuple = (), model_args=None) -> tuple[dict, dict]:
+    """Merged raw dict and, for every top-level key path, the file it came from (for error messages);
+    `own_keys`, `model_args`: merge_experiment's."""
     path = os.path.abspath(path)
     if path in seen:
         raise ConfigError(f"{path}: `base:` chain loops back to itself ({' -> '.join(seen)})")
@@ -155,8 +160,8 @@ def load_with_bases(path: str, own_keys: dict, seen: tuple = ()) -> tuple[dict, 
         base_path = os.path.join(os.path.dirname(path), base)
         if not os.path.exists(base_path):
             raise ConfigError(f"{path}: key 'base': base file {base_path} not found")
-        merged, origin = load_with_bases(base_path, own_keys, seen + (path,))
-    merged = merge_experiment(merged, data, own_keys)
+        merged, origin = load_with_bases(base_path, own_keys, seen + (path,), model_args)
+    merged = merge_experiment(merged, data, own_keys, model_args)
     origin.update({k: path for k in key_paths(data)})
     return merged, origin
 

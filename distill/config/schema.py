@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from distill.compat import upgrade_legacy_teacher
-from distill.config.checks import check_semantics
+from distill.config.checks import check_machine, check_semantics
 from distill.config.files import key_paths, load_with_bases, merge_experiment, parse_overrides, read_yaml_mapping
 from distill.config.keys import Affects, affects, flat_dict, is_harmless, resume_entries, teacher_keys
 from distill.data.gpu_decode import DECODES
@@ -412,6 +412,8 @@ def build_config(raw: dict, source: str = "<config>", origin: dict | None = None
 
     cfg = _build(ExperimentConfig, _upgrade_legacy(raw, where, quiet), "", where)
     check_semantics(cfg, where)
+    if not quiet:  # a config given now, not a run directory's saved copy (which may come from another machine)
+        check_machine(cfg, where)
     return cfg
 
 
@@ -421,11 +423,20 @@ def _own_keys() -> dict:
             for name, cls in (("student", StudentConfig), ("teacher", TeacherConfig))}
 
 
+def _model_args(arch: str) -> tuple:
+    """The arguments model `arch` takes (none for a name the registry does not know: the section's own check
+    names it), so a change of `arch` keeps the old arguments the new model takes (files.merge_experiment)."""
+    try:
+        return tuple(model_defaults(arch))
+    except DistillError:
+        return ()
+
+
 def load_config(path: str, overrides: list | None = None) -> ExperimentConfig:
     """Read, merge (base, overrides) and validate an experiment file; raises ConfigError naming key and file."""
-    raw, origin = load_with_bases(path, _own_keys())
+    raw, origin = load_with_bases(path, _own_keys(), model_args=_model_args)
     over = parse_overrides(overrides or [])
-    raw = merge_experiment(raw, over, _own_keys())
+    raw = merge_experiment(raw, over, _own_keys(), _model_args)
     origin.update({k: "command-line override" for k in key_paths(over)})
     # Relative data/checkpoint paths stay relative to the working directory, as for every CLI tool.
     return build_config(raw, source=path, origin=origin)

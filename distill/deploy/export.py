@@ -170,6 +170,18 @@ def remove_leftovers(paths) -> list:
     return removed
 
 
+def _check_input_size(model: nn.Module, source: str, built: int | None, asked: int | None) -> None:
+    """Refuse `--input-size` other than the side a fixed-size model was built for (timm's `fixed_input_size`: a
+    face model's embedding block or fc is sized for the last feature map), before any export work: torch would
+    fail deep in the trace with a matrix-shape error."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if asked is None or built is None or asked == built or not cfg.get("fixed_input_size"):
+        return
+    raise ConfigError(f"{source}: this model was built for {built}x{built} input (its embedding layer is sized "
+                      f"for it), so it cannot be exported at --input-size {asked}; drop --input-size (it exports at "
+                      f"{built}), or export a model trained at {asked}")
+
+
 def export_model(source: str, out, arch: str | None = None, input_size: int | None = None, opset: int = 17,
                  batch: int | None = None, int8: bool = False, calibrate=None, calib_images: int | None = None,
                  check_bins=(), int8_calibration: str | None = None, source_name: str | None = None) -> dict:
@@ -196,6 +208,7 @@ def export_model(source: str, out, arch: str | None = None, input_size: int | No
     _check_paths(out, int8, calibrate, check_bins)
     remove_leftovers([out] + ([int8_path(out)] if int8 else []))
     model, size = load_model(source, arch=arch, input_size=input_size)
+    _check_input_size(model, source, size, input_size)
     size = input_size or size or 112
     tmp = f"{out}.tmp"
     try:

@@ -152,11 +152,34 @@ def loader_workers(num_workers: int | None, device_type: str) -> int:
     return GPU_WORKERS if device_type == "cuda" else 0
 
 
+THREADS_PER_CORE = 4  # the most threads a count may ask per core of the machine: more only waits and costs memory
+
+
+def max_threads() -> int:
+    """The largest thread count `train.threads`, `--threads` or OMP_NUM_THREADS may set: the machine's cores
+    (os.cpu_count(), not this process's share: a count is an explicit choice) × THREADS_PER_CORE. Each thread
+    holds its own stack and buffers, so a count far past the cores runs the machine out of memory before it
+    computes anything."""
+    return (os.cpu_count() or 1) * THREADS_PER_CORE
+
+
+def check_thread_count(count, key: str) -> None:
+    """Refuse a thread count below 1 or above max_threads(), naming `key` (a config key, a flag, an environment
+    variable) and the bound."""
+    if int(count) < 1:
+        raise ConfigError(f"{key} {count}: must be at least 1 (or leave it unset for the thread policy)")
+    if int(count) > max_threads():
+        raise ConfigError(f"{key} {count}: at most {max_threads():,} ({os.cpu_count() or 1} cores × "
+                          f"{THREADS_PER_CORE}); a thread past the cores only waits, and each costs memory: lower it, "
+                          f"or leave it unset for the thread policy")
+
+
 def plan_threads(workers: int = 0, override: int | None = None, key: str = "train.threads",
                  cores: int | None = None, busy: float | None = None, environ=None) -> ThreadPlan:
     """The thread count for a process that runs `workers` loader workers beside it, and the workers it may run
     (at most cores - 1). `override` (from `key`), else OMP_NUM_THREADS in `environ`, wins over the policy; an
-    override below 1 is a ConfigError naming the key. `busy`: cores used by others (default: measured)."""
+    override below 1 or above max_threads() is a ConfigError naming the key. `busy`: cores used by others
+    (default: measured)."""
     if cores is None:  # torchrun's processes on this machine share its cores
         cores = max(1, available_cores() // max(1, int((environ or os.environ).get("LOCAL_WORLD_SIZE", 1) or 1)))
     asked = max(0, int(workers or 0))
@@ -165,8 +188,7 @@ def plan_threads(workers: int = 0, override: int | None = None, key: str = "trai
     if override is None and str(environ.get("OMP_NUM_THREADS", "")).isdigit():
         override, key = int(environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
     if override is not None:
-        if int(override) < 1:
-            raise ConfigError(f"{key} {override}: must be at least 1 (or leave it unset for the thread policy)")
+        check_thread_count(override, key)
         return ThreadPlan(int(override), cores, workers, key, 0.0, asked)
     busy = busy_cores() if busy is None else busy
     return ThreadPlan(max(1, cores - workers - int(round(busy))), cores, workers, "policy", busy, asked)
