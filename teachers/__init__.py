@@ -28,7 +28,7 @@ from torch import nn
 from distill.compat import fingerprint_state_dict, upgrade_legacy_teacher
 from distill.models.registry import check_model_kwargs, create_model
 from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
-from distill.utils.digest import file_state
+from distill.utils.digest import check_recorded_file, file_state
 from distill.utils.errors import ConfigDeprecationWarning, ConfigError
 
 
@@ -121,6 +121,8 @@ def build_teacher(spec: dict) -> FrozenTeacher:
         if spec.get("checkpoint"):
             path = spec["checkpoint"]
             before = file_state(path) if isinstance(path, str) else None
+            if before is not None:  # a stage's student.pt or backbone.pth: the file its result.json records
+                check_recorded_file(path)
             load_state_dict_strict(model, extract_state_dict(safe_torch_load(path), path), source=path)
             if before is not None and before == file_state(path):
                 source = (*before, json.dumps(spec, sort_keys=True, default=repr))

@@ -7,8 +7,9 @@ they are computed once and training reads row `[index, flipped]` instead of runn
 Layout of a cache directory (distill/utils/layout.py: CacheLayout):
     embeddings.f16        raw float16 array, shape (num_samples, 2, dim); [:, 0] original, [:, 1] flipped
     manifest.json         what the rows were computed from (teacher weights hash, dataset fingerprint,
-                          preprocessing), the build's world size, batch size and id, and `rows_done`
-                          (num_samples when finished). Written by rank 0 alone.
+                          preprocessing), the build's world size, batch size and id, `rows_done`
+                          (num_samples when finished) and, once finished, a SHA-256 per block of rows (`digest`,
+                          teachers/cache_digest.py). Written by rank 0 alone.
     progress.rank<R>.json during a build only: rank R's slice (start, stop) and how many of its rows are on
                           disk. Written by rank R alone, atomically, after an fsync of those rows.
 
@@ -20,6 +21,12 @@ byte-identical whatever the world size, and is reused as it is by any number of 
 
 The rows are filled through the online teacher signal (teachers/signal.py: OnlineTeacher.embed_pairs): the same
 resize, autocast and forward pass that teach online, so cached and online targets agree up to float16 rounding.
+
+A finished cache is checked against its block digests whenever a run opens it (rank 0, before any process reads
+a row): a block whose bytes changed since (a disk error, a file overwritten in place) has its rows embedded again,
+in the batches of the first build, with a note naming the file and the blocks; where the file cannot be written,
+the run is refused, naming them. A cache finished before digests were recorded has them computed and recorded
+on its first open (one note). A process checks a file it has checked unchanged (size, mtime, inode) once.
 
 A manifest that disagrees with the current teacher/dataset/preprocessing marks the cache stale: it is
 rebuilt. An interrupted build resumes each rank's slice from its last recorded batch, provided it is
@@ -39,9 +46,18 @@ import torch
 from tqdm import tqdm
 
 import distill.utils.dist as ddp
-from distill.utils.atomic import atomic_write_json, read_json
+from distill.utils.atomic import WriteError, atomic_write_json, read_json
+from distill.utils.digest import file_state
 from distill.utils.errors import DataFormatError, DistillError
 from distill.utils.layout import CacheLayout
+from teachers.cache_digest import (
+    DIGEST_KEY,
+    block_digests,
+    damaged_blocks,
+    describe_blocks,
+    new_record,
+    record_is_valid,
+)
 from teachers.cache_file import allocate, pwrite_all
 from teachers.signal import OnlineTeacher
 
@@ -141,6 +157,8 @@ def _prepare(directory: str, key: dict, world_size: int, batch_size: int, log: l
         why = f"stale (changed: {', '.join(_changed(key, manifest.get('key'))) or 'format'})"
     elif not (os.path.exists(emb_path) and os.path.getsize(emb_path) == nbytes):
         why = "stale (changed: file size)"
+    elif manifest.get("rows_done") == n and DIGEST_KEY in manifest and not record_is_valid(manifest[DIGEST_KEY], n):
+        why = f"{manifest_path}'s block digests are damaged (its rows cannot be checked)"
     elif manifest.get("rows_done") == n:
         return manifest  # finished: reused by any number of processes (its bytes do not depend on it)
     elif "build" not in manifest:
@@ -234,15 +252,7 @@ def _embed(online: OnlineTeacher, dataset, directory: str, manifest: dict, rank:
     fd = os.open(files.rows, os.O_RDWR)
     try:
         for i, x in enumerate(loader):
-            both = online.embed_pairs(x).cpu().numpy()  # (B, 2, dim): [:, 0] original, [:, 1] flipped
-            if not np.isfinite(both).all():
-                raise DataFormatError(f"teacher produced NaN/Inf embeddings for rows {row}..{row + len(x) - 1}")
-            peak = float(np.abs(both).max())
-            if peak > float(np.finfo(np.float16).max):  # would be stored as inf
-                raise DataFormatError(f"teacher embeddings reach {peak:.3g} (rows {row}..{row + len(x) - 1}), beyond "
-                                      f"float16's range; is the teacher trained? Use teacher.cache: false to teach "
-                                      f"online")
-            pwrite_all(fd, np.ascontiguousarray(both.astype(np.float16)).tobytes(), row * 2 * dim * 2)
+            pwrite_all(fd, _rows_bytes(online, x, row), row * 2 * dim * 2)
             row += len(x)
             bar.update(len(x))
             if (i + 1) % flush_every == 0:
@@ -253,8 +263,117 @@ def _embed(online: OnlineTeacher, dataset, directory: str, manifest: dict, rank:
         bar.close()
 
 
+def _rows_bytes(online: OnlineTeacher, x: torch.Tensor, row: int) -> bytes:
+    """The float16 bytes of images `x` (rows `row`..) and their flips through the teacher, checked finite and in
+    float16's range."""
+    both = online.embed_pairs(x).cpu().numpy()  # (B, 2, dim): [:, 0] original, [:, 1] flipped
+    if not np.isfinite(both).all():
+        raise DataFormatError(f"teacher produced NaN/Inf embeddings for rows {row}..{row + len(x) - 1}")
+    peak = float(np.abs(both).max())
+    if peak > float(np.finfo(np.float16).max):  # would be stored as inf
+        raise DataFormatError(f"teacher embeddings reach {peak:.3g} (rows {row}..{row + len(x) - 1}), beyond "
+                              f"float16's range; is the teacher trained? Use teacher.cache: false to teach online")
+    return np.ascontiguousarray(both.astype(np.float16)).tobytes()
+
+
+_CHECKED: set = set()  # (file_state of embeddings.f16, its block digests): checked by this process, unchanged since
+
+
+def _open_for_repair(path: str) -> int:
+    """A descriptor to write rows of `path` into (OSError where the file cannot be written)."""
+    return os.open(path, os.O_RDWR)
+
+
+def _repair_spans(blocks: list, rows_per_block: int, n: int, batch_size: int) -> list:
+    """The rows [start, stop) to embed again for `blocks`, widened to whole batches of the first build (so each
+    batch the teacher sees is one it saw then, and writes the same bytes), overlapping spans merged."""
+    spans = []
+    for b in blocks:
+        start = b * rows_per_block // batch_size * batch_size
+        stop = min(n, -(-min(n, (b + 1) * rows_per_block) // batch_size) * batch_size)
+        if spans and start <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], stop))
+        else:
+            spans.append((start, stop))
+    return spans
+
+
+def _checked_rows(online: OnlineTeacher, dataset, directory: str, manifest: dict, num_workers: int,
+                  log: logging.Logger) -> dict:
+    """Rank 0, opening a finished cache: its rows checked against the block digests its manifest records (computed
+    and recorded first for a cache finished without them); damaged blocks embedded again through `online`, or,
+    where the file cannot be written, a DataFormatError naming it. Returns the manifest (its digests current)."""
+    files = CacheLayout(directory)
+    n, dim = manifest["key"]["num_samples"], manifest["key"]["dim"]
+    row_bytes = 2 * dim * 2
+    record = manifest.get(DIGEST_KEY)
+    if record is None:
+        manifest[DIGEST_KEY] = new_record(files.rows, row_bytes, n)
+        try:
+            atomic_write_json(files.manifest, manifest)
+            kept = "recorded now: later opens check them"
+        except WriteError as err:
+            kept = f"not recorded ({err})"
+        log.info(f"teacher cache: note: {directory} was finished by an earlier facedistill without block digests: "
+                 f"its rows are used as they are, and their digests are {kept}")
+        _CHECKED.add((file_state(files.rows), tuple(manifest[DIGEST_KEY]["blocks"])))
+        return manifest
+    if (file_state(files.rows), tuple(record["blocks"])) in _CHECKED:
+        return manifest
+    bad = damaged_blocks(files.rows, record, row_bytes, n)
+    if bad:
+        _repair(online, dataset, directory, manifest, bad, num_workers, log)
+    _CHECKED.add((file_state(files.rows), tuple(manifest[DIGEST_KEY]["blocks"])))
+    return manifest
+
+
+def _repair(online: OnlineTeacher, dataset, directory: str, manifest: dict, bad: list, num_workers: int,
+            log: logging.Logger) -> None:
+    """Embed the rows of the damaged blocks `bad` again, in the first build's batches, and record the digests of
+    every block written (the same as before when the teacher reproduces its bytes)."""
+    files = CacheLayout(directory)
+    n, dim, batch_size = manifest["key"]["num_samples"], manifest["key"]["dim"], manifest["batch_size"]
+    record = manifest[DIGEST_KEY]
+    rows_per_block = record["block_rows"]
+    where = describe_blocks(bad, rows_per_block, n)
+    try:
+        fd = _open_for_repair(files.rows)
+    except OSError as err:
+        raise DataFormatError(f"{files.rows}: {where} of the teacher cache no longer match the digests recorded when "
+                              f"it was finished (the file was changed or damaged since), and the file cannot be "
+                              f"rewritten here ({err.strerror or err}); restore it from a copy, or make it writable "
+                              f"(or delete {directory}) so that the next run embeds those rows again") from None
+    spans = _repair_spans(bad, rows_per_block, n, batch_size)
+    log.info(f"teacher cache: note: {files.rows}: {where} no longer match the digests recorded when the cache was "
+             f"finished (changed or damaged on disk since); embedding rows "
+             f"{', '.join(f'{a}..{b - 1}' for a, b in spans)} again with the teacher")
+    try:
+        for start, stop in spans:
+            loader = torch.utils.data.DataLoader(_Rows(dataset, start, stop), batch_size=batch_size,
+                                                 num_workers=num_workers, shuffle=False)
+            row = start
+            for x in loader:
+                pwrite_all(fd, _rows_bytes(online, x, row), row * 2 * dim * 2)
+                row += len(x)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    written = sorted({b for a, z in spans for b in range(a // rows_per_block, -(-z // rows_per_block))})
+    now = block_digests(files.rows, 2 * dim * 2, rows_per_block, n, written)
+    differ = [b for b in written if now[b] != record["blocks"][b]]
+    if differ:  # the teacher did not reproduce its bytes (kernels that are not bit-reproducible): the new rows count
+        record["blocks"] = [now.get(b, d) for b, d in enumerate(record["blocks"])]
+        atomic_write_json(files.manifest, manifest)
+        log.info(f"teacher cache: rebuilt; {describe_blocks(differ, rows_per_block, n)} differ in bits from the "
+                 f"first build (the teacher's kernels do not reproduce them bit for bit): their new digests are "
+                 f"recorded")
+    else:
+        log.info(f"teacher cache: rebuilt; {where} are again the bytes the cache was finished with")
+
+
 def _finish(directory: str, manifest: dict, world_size: int, seconds: float) -> None:
-    """Rank 0, after every rank is through: check each slice is vouched for, mark the cache finished."""
+    """Rank 0, after every rank is through: check each slice is vouched for, mark the cache finished with the
+    digests of its blocks."""
     n = manifest["key"]["num_samples"]
     for r in range(world_size):
         start, stop = rank_slice(n, manifest["batch_size"], r, world_size)
@@ -266,7 +385,10 @@ def _finish(directory: str, manifest: dict, world_size: int, seconds: float) -> 
                                f"same command with all of them (torchrun --nproc_per_node={world_size}) to finish it")
     manifest["rows_done"] = n
     manifest["seconds"] = manifest.get("seconds", 0.0) + seconds
+    rows = CacheLayout(directory).rows
+    manifest[DIGEST_KEY] = new_record(rows, 2 * manifest["key"]["dim"] * 2, n)
     atomic_write_json(CacheLayout(directory).manifest, manifest)
+    _CHECKED.add((file_state(rows), tuple(manifest[DIGEST_KEY]["blocks"])))
     for path in CacheLayout(directory).progress_files():
         os.remove(path)
 
@@ -304,6 +426,8 @@ def build_cache(teacher, dataset, directory: str, batch_size: int = 128, num_wor
     if rank == 0:
         try:
             manifest = _prepare(directory, key, world, batch_size, log, identity)
+            if manifest.get("rows_done") == n:  # a finished cache: its rows are the ones it was finished with
+                manifest = _checked_rows(online, dataset, directory, manifest, num_workers, log)
         except BaseException as e:  # noqa: BLE001 - reported to every rank, then re-raised
             err = e
     _settle(err, collective, "preparation", directory)

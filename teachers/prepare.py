@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import teachers
 from distill.utils.atomic import atomic_write_json
 from distill.utils.checkpoint import atomic_torch_save, safe_torch_load
-from distill.utils.digest import file_sha256
+from distill.utils.digest import RECORD_KEY, check_recorded_file, file_sha256, files_sha256
 from distill.utils.dist import rank0_first
 from distill.utils.errors import ConfigError
 from distill.utils.layout import CacheLayout, RunLayout
@@ -151,7 +151,11 @@ def check_recorded_teacher(cfg, run_dir: str, dataset=None, record: bool = True)
 def load_teacher(cfg, run_dir: str):
     """The experiment's frozen teacher: loaded from its file; a teacher trained in the run directory (stage 0, which
     distill/run/ plans and trains like every stage) from its finished stage, whose weights are exported once as
-    backbone.pth (rank 0 first) and loaded. An unfinished teacher stage is a ConfigError."""
+    backbone.pth (rank 0 first) and loaded. An unfinished teacher stage is a ConfigError.
+
+    The trained teacher's student.pt must be the file its stage recorded (result.json's digests,
+    distill.utils.digest), and so must backbone.pth: exported from that student.pt, its digest is recorded beside
+    it; one its stage recorded no digest of while student.pt has one is exported again."""
     source = teacher_source(cfg)
     if not source.trained_here:
         return teachers.build_teacher(cfg.teacher.spec())
@@ -161,11 +165,16 @@ def load_teacher(cfg, run_dir: str):
                           f"run `distill run` (or `distill cache build`) to train it")
 
     def export_backbone():  # a plain arcface_torch-style state dict of the trained teacher
-        if not os.path.exists(stage.backbone):
+        check_recorded_file(stage.student)
+        result = stage.read_result()
+        record = result.get(RECORD_KEY) if isinstance(result.get(RECORD_KEY), dict) else {}
+        name = os.path.basename(stage.backbone)
+        if not os.path.exists(stage.backbone) or (name not in record and os.path.basename(stage.student) in record):
             atomic_torch_save(safe_torch_load(stage.student)["state_dict"], stage.backbone)
+            atomic_write_json(stage.result, {**result, RECORD_KEY: {**record, **files_sha256([stage.backbone])}})
 
     rank0_first(export_backbone)
-    return teachers.build_teacher(teacher_spec(cfg, run_dir))
+    return teachers.build_teacher(teacher_spec(cfg, run_dir))  # checks backbone.pth against its record
 
 
 def needs_cache(cfg) -> bool:

@@ -17,6 +17,7 @@ from torch import nn
 from distill.compat import upgrade_model_kwargs
 from distill.models.registry import canonical_name, create_model
 from distill.utils.checkpoint import atomic_torch_save, extract_state_dict, load_state_dict_strict, safe_torch_load
+from distill.utils.digest import check_recorded_file
 from distill.utils.errors import CheckpointError, ConfigError
 
 STUDENT_FORMAT = "facedistill.student/1"
@@ -53,7 +54,10 @@ def is_student_checkpoint(obj) -> bool:
 
 
 def load_student(path, map_location="cpu"):
-    """Rebuild a model from `student.pt` (strict load). Returns (model, payload)."""
+    """Rebuild a model from `student.pt` (strict load). Returns (model, payload). A stage's student.pt or best.pt
+    must be the file its result.json records (distill.utils.digest.check_recorded_file): eval, export, compare
+    --export and the IJB hook all read through here."""
+    check_recorded_file(path)
     payload = safe_torch_load(path, map_location=map_location)
     if not is_student_checkpoint(payload):
         raise CheckpointError(f"{path}: not a facedistill student checkpoint (no 'format': {STUDENT_FORMAT!r})")
@@ -87,6 +91,7 @@ def load_model(source: str, arch: str | None = None, input_size: int | None = No
     if source.endswith(".onnx"):
         raise ConfigError(f"{source}: an ONNX file; this loader reads torch files (student.pt, a state dict); "
                           f"`distill eval` and `distill ijb` run an .onnx model (as a teacher: teachers.build_teacher)")
+    check_recorded_file(source)  # a stage's file: the one its result.json records
     payload = safe_torch_load(source)
     if is_student_checkpoint(payload):
         recorded = payload.get("arch")

@@ -15,11 +15,12 @@ What makes it a research tool rather than a script is the guarantees around that
 - The teacher never trains: it is a FrozenTeacher, never handed to the optimizer.
 
 A stage directory holds last.pt, best.pt, student.pt, metrics.jsonl and result.json (written last: its presence
-means the stage is finished). Every `log_every` updates metrics.jsonl gets one line: each train/<term> is the
-mean over all micro-batches since the previous line (weighted by batch size), train/images_per_s the
-throughput over them (evaluation and checkpoint time left out), plus train/lr and train/epoch
-(tracking.LogWindow); a resumed run starts a fresh window. Device, precision, lr, schedule: distill/train/setup.py.
-A feature-map loss gets its maps from hooks (distill/train/feature_taps.py).
+means the stage is finished; it records the SHA-256 of student.pt and best.pt, which every reader checks:
+distill.utils.digest.check_recorded_file). Every `log_every` updates metrics.jsonl gets one line: each
+train/<term> is the mean over all micro-batches since the previous line (weighted by batch size),
+train/images_per_s the throughput over them (evaluation and checkpoint time left out), plus train/lr and
+train/epoch (tracking.LogWindow); a resumed run starts a fresh window. Device, precision, lr, schedule:
+distill/train/setup.py. A feature-map loss gets its maps from hooks (distill/train/feature_taps.py).
 
 run_stage reads top-down: _build (device, seed, model, head, objective, optimizer, scheduler, scaler, DDP: one
 _Stage), resume_state (last.pt into it), _train (epochs of _micro_step and the optimizer update, then
@@ -70,6 +71,7 @@ from distill.train.update import replicate_outside_ddp, update
 from distill.utils.atomic import atomic_write_json
 from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
 from distill.utils.device import amp_settings, deterministic_cublas, resolve_device
+from distill.utils.digest import RECORD_KEY, check_recorded_file, files_sha256, named_files_sha256
 from distill.utils.dist import all_gather_objects, barrier, world_size
 from distill.utils.dist import rank as dist_rank
 from distill.utils.errors import DistillError
@@ -144,6 +146,7 @@ class _Stage:
     ddp: nn.Module | None = None    # the DDP wrapper (world > 1): no_sync under accumulation
     watch: _LossWatch | None = None  # the loss's finiteness, kept on the device
     decode: dict | None = None      # data.decode: cuda: images decoded, and on the CPU after nvJPEG failed
+    centres_sha256: str | None = None  # the class centres' file (spec.centres) as this (re)start reads it
 
     def lap(self) -> None:
         """Add the time since the clock last (re)started to train_seconds, and restart it."""
@@ -156,6 +159,7 @@ def _model_and_head(cfg: ExperimentConfig, spec: StageSpec, num_classes: int, de
     """The model (+ init_from) and margin head (+ head_from), in this order: it fixes what the seed draws."""
     model = create_model(spec.arch, **spec.model_kwargs)
     if spec.init_from:
+        check_recorded_file(spec.init_from)  # a previous generation's student.pt is the one its stage recorded
         init = safe_torch_load(spec.init_from)
         # a student.pt, or any checkpoint holding a state dict of this architecture (e.g. a backbone.pth)
         load_state_dict_strict(model, extract_state_dict(init, spec.init_from), source=spec.init_from)
@@ -185,6 +189,8 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
     torch.manual_seed(cfg.seed + 7919 * spec.generation)
     tr = spec.train
     model, head = _model_and_head(cfg, spec, train_set.num_classes, device)
+    # the centres' file as it is read now: last.pt records it, a resume notes a change (distill/train/state.py)
+    centres_sha256 = named_files_sha256(spec.centres) if spec.centres else None
     # an online teacher moves to the device here; the signal keeps where its class centres are
     signal = stage_signal(teacher, cache, tr, device, centres=spec.centres)
     objective = stage_objective(cfg, spec, head, model, signal, device)  # (FitNet's regressors: before the optimizer)
@@ -212,7 +218,8 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
                   forward=maybe_compile(model if ddp is None else ddp, tr, "student"),
                   amp_dtype=amp_dtype, signal=signal, channels_last=use_channels_last(tr, device),
                   batches_per_epoch=int(steps_per_epoch * tr.accumulate), total_steps=total_steps,
-                  decode={"images": 0, "cpu_fallback": 0} if cfg.data.decode == "cuda" else None)
+                  decode={"images": 0, "cpu_fallback": 0} if cfg.data.decode == "cuda" else None,
+                  centres_sha256=centres_sha256)
 
 
 # ------------------------------------------------------------------------------------------ logging
@@ -386,8 +393,8 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
     (its TeacherCache), read from the cache (teachers.signal.stage_signal); needed when spec.alpha > 0.
     `logger`: where the stage's lines go (the run's: distill/run/context.py; default this module's logger)."""
     log = logger or logging.getLogger(__name__)
+    st = _build(cfg, spec, stage_dir, train_set, teacher, cache)  # refusals first: no stage folder is left behind
     os.makedirs(stage_dir, exist_ok=True)
-    st = _build(cfg, spec, stage_dir, train_set, teacher, cache)
     st.threads = apply_threads(plan_threads(loader_workers(cfg.data.num_workers, st.device.type), spec.train.threads))
     if os.path.exists(st.paths.last):
         resume_state(st, log)  # a stage resumes with the thread count it started with (its digits depend on it)
@@ -417,6 +424,8 @@ def _finish(st: _Stage, val_sets: dict, tracker: Tracker) -> dict:
         result["params"], result["gflops"] = model_cost(spec.arch, spec.model_kwargs)  # uses no random state
         save_student(st.paths.student, st.model, spec.arch, spec.model_kwargs,
                      extra={"stage": spec.name, "step": st.step})
+        # what later stages and commands read back is checked against these (distill.utils.digest)
+        result[RECORD_KEY] = files_sha256([st.paths.student, st.paths.best])
         atomic_write_json(st.paths.result, result)
     # rank 0's W&B upload first, then the barrier (through gloo, dist.timeout_minutes): the other ranks wait
     # here, not in the next stage's first NCCL collective, whose watchdog an upload could outlast

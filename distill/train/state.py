@@ -8,7 +8,11 @@ holds it gathered like `head_weight` (all classes), and each rank resumes its ow
 
 Format facedistill.train/2 holds `rng` as a list, one entry per rank, and `head_optimizer`; /1 (one state, rank 0's,
 and rank 0's head momentum only) still resumes as before: every rank restores that state and the other ranks'
-shards restart their momentum."""
+shards restart their momentum.
+
+last.pt also records the SHA-256 of the class centres' file a stage reads (`centres_sha256`, StageSpec.centres:
+teacher.head, ...) as it was when the stage (re)started; a resume with a changed file says so in one note and goes
+on against the new file."""
 
 from __future__ import annotations
 
@@ -59,7 +63,21 @@ def resume_state(st, log: logging.Logger) -> None:
         else:
             log.info(f"{name}: note: started with {started} torch threads, resumes with {st.threads.threads} "
                      f"({st.threads.source}): the rest of the stage will not be bit-identical to an uninterrupted run")
+    _note_changed_centres(st, ck.get("centres_sha256"), log)
     log.info(f"{st.spec.name}: resuming from {path} at step {st.step}/{st.total_steps}")
+
+
+def _note_changed_centres(st, recorded: str | None, log: logging.Logger) -> None:
+    """One note when the class centres' file (spec.centres: teacher.head, ...) is not the one the stage started
+    with (last.pt records its SHA-256): the rest of the stage trains against the file as it is now, and last.pt
+    records that one from now on. A last.pt without the record (an earlier facedistill) is not compared."""
+    current = st.centres_sha256
+    if recorded is None or current is None or recorded == current:
+        return
+    log.info(f"{st.spec.name}: note: the teacher's class centres {st.spec.centres} changed since the stage started "
+             f"(sha256 {recorded[:16]}... -> {current[:16]}...): steps {st.step + 1}..{st.total_steps} train against "
+             f"the new file, steps 1..{st.step} trained against the old one; to train against one file throughout, "
+             f"put the old file back or rerun with --restart-stage {st.spec.name}")
 
 
 def save_state(st) -> None:
@@ -80,6 +98,7 @@ def save_state(st) -> None:
         "epoch": st.micro // bpe, "batch_in_epoch": st.micro % bpe,
         "train_seconds": st.train_seconds, "best": st.best, "rng": rng,
         "config": to_dict(st.cfg), "compat": st.compat, "threads": st.threads.threads if st.threads else None,
+        "centres_sha256": st.centres_sha256,
     }, st.paths.last)
 
 
