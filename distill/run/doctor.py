@@ -164,7 +164,9 @@ def check_ijb(cfg) -> list:
     return [Check(OK, "data.ijb", found)]
 
 
-def check_teacher(cfg, run_dir: str) -> list:
+def check_teacher(cfg, run_dir: str, identities: int | None = None) -> list:
+    """The teacher: built as the run would, its embedding size against the terms', teacher.head (against the
+    training set's `identities` when known) and the identity a teacher stage or cache in `run_dir` records."""
     import teachers
     from distill.run.preflight import embedding_size_problem
     from distill.utils.layout import RunLayout
@@ -186,13 +188,13 @@ def check_teacher(cfg, run_dir: str) -> list:
             how = f"trained here as stage 0 ({epochs}) before the students"
         teacher = teachers.build_teacher(spec)
     except (DistillError, OSError) as err:
-        return [Check(FAIL, "teacher", str(err))] + _check_centres(cfg, run_dir, t.embedding_size)
+        return [Check(FAIL, "teacher", str(err))] + _check_centres(cfg, run_dir, t.embedding_size, identities)
     name = t.arch or os.path.basename(t.onnx)
     checks = [Check(OK, "teacher", f"{name}, {teacher.embedding_size}-d embeddings at {teacher.input_size}px, {how}")]
     problem = embedding_size_problem(cfg, teacher.embedding_size)
     if problem:
         checks.append(Check(FAIL, "teacher", problem))
-    checks += _check_centres(cfg, run_dir, teacher.embedding_size)
+    checks += _check_centres(cfg, run_dir, teacher.embedding_size, identities)
     notes = []
     try:  # a teacher stage or cache of another teacher: refused by distill run before any work
         notes += filter(None, [check_recorded_teacher(cfg, run_dir, record=False)])
@@ -201,9 +203,10 @@ def check_teacher(cfg, run_dir: str) -> list:
     return checks + [Check(NOTE, "teacher", n.removeprefix("teacher: note: ")) for n in notes]
 
 
-def _check_centres(cfg, run_dir: str, embedding_size: int) -> list:
-    """teacher.head for the terms that need the teacher's class centres: what they will use, or why not (the
-    preflight check of the same, which `distill run` makes, is left out of diagnose: the file is read once)."""
+def _check_centres(cfg, run_dir: str, embedding_size: int, identities: int | None) -> list:
+    """teacher.head for the terms that need the teacher's class centres: what they will use, or why not: the
+    checks `distill run` makes (preflight's, left out of diagnose: the file is read once), its rows against the
+    training set's `identities` included."""
     from distill.run.preflight import centres_source
     from teachers.head_file import load_centres
 
@@ -213,7 +216,7 @@ def _check_centres(cfg, run_dir: str, embedding_size: int) -> list:
             return []
         if not cfg.teacher.head:
             return [Check(OK, "teacher.head", f"the class centres of the teacher trained here ({source})")]
-        centres = load_centres(source, None, embedding_size)
+        centres = load_centres(source, identities, embedding_size)
     except (DistillError, OSError) as err:
         return [Check(FAIL, "teacher.head", str(err))]
     return [Check(OK, "teacher.head", f"{source}: class centres of {centres.shape[0]:,} identities, "
@@ -281,7 +284,7 @@ def check_run_dir(cfg, run_dir: str) -> list:
 def diagnose(cfg, run_dir: str) -> list:
     checks = check_versions() + check_device(cfg)
     train_checks, counts = check_train(cfg)
-    checks += train_checks + check_val(cfg) + check_ijb(cfg) + check_teacher(cfg, run_dir) \
+    checks += train_checks + check_val(cfg) + check_ijb(cfg) + check_teacher(cfg, run_dir, counts and counts[1]) \
         + check_disk(cfg, run_dir, counts)
     from distill.run.preflight import preflight_problems
     failed = {c.detail for c in checks if c.status == FAIL}  # the checks `distill run` makes before any work

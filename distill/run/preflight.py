@@ -1,7 +1,8 @@
 """The checks a run makes before any work beyond the config's own (distill/config/checks.py), in one place:
-`distill run` and `cache build` raise the first problem (experiment._before_any_work), `distill doctor` lists each
-as a FAIL line, and `distill sweep` runs them for every point before the first one trains, so doctor's "ready"
-and a sweep's start mean the run will not stop on any of these later:
+`distill run`, `cache build` and `run --dry-run` raise the first problem (distill/run/inputs.py: check_before_work,
+on the files it opened whole), `distill doctor` lists each as a FAIL line, and `distill sweep` runs them for every
+point before the first one trains, so doctor's "ready", a dry run's "passed" and a sweep's start mean the run will
+not stop on any of these later:
 
     teacher.checkpoint  the teacher's file is there (or a teacher.train recipe trains one)
     device        the GPU `device` names is there
@@ -119,3 +120,4 @@ def preflight(cfg, run_dir: str, train_set=None, ijb_meta=None) -> None:
     problems = preflight_problems(cfg, run_dir, train_set, ijb_meta)
     if problems:
         raise problems[0][1]
+
