@@ -1,6 +1,7 @@
 """The checks of an experiment's values that a type cannot express: names against their registries (margin heads,
 distillation losses, optimizers, and every key whose field declares its allowed values), positive sizes, P×K batch
-divisibility. Run by distill.config.schema.build_config on every config before any work."""
+divisibility; and, on the configs a user gives (not a run's saved copy), the bounds that are this machine's
+(`check_machine`: thread counts). Run by distill.config.schema.build_config on every config before any work."""
 
 from __future__ import annotations
 

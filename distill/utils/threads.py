@@ -163,13 +163,13 @@ def max_threads() -> int:
     return (os.cpu_count() or 1) * THREADS_PER_CORE
 
 
-def check_thread_count(count, key: str) -> None:
+def check_thread_count(override, key: str) -> None:
     """Refuse a thread count below 1 or above max_threads(), naming `key` (a config key, a flag, an environment
     variable) and the bound."""
-    if int(count) < 1:
-        raise ConfigError(f"{key} {count}: must be at least 1 (or leave it unset for the thread policy)")
-    if int(count) > max_threads():
-        raise ConfigError(f"{key} {count}: at most {max_threads():,} ({os.cpu_count() or 1} cores × "
+    if int(override) < 1:
+        raise ConfigError(f"{key} {override}: must be at least 1 (or leave it unset for the thread policy)")
+    if int(override) > max_threads():
+        raise ConfigError(f"{key} {override}: at most {max_threads():,} ({os.cpu_count() or 1} cores × "
                           f"{THREADS_PER_CORE}); a thread past the cores only waits, and each costs memory: lower it, "
                           f"or leave it unset for the thread policy")
 
