@@ -14,6 +14,7 @@ checks both). A library constant shown in help text is read only when that help 
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 
@@ -103,6 +104,17 @@ def main(argv=None) -> int:
             return int(args.func(args) or 0)
     except DistillError as err:
         print(f"distill {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a full disk met outside the toolkit's own writers: one line, not a traceback
+        from distill.utils.atomic import free_space, full_disk
+
+        full = full_disk(err)
+        if full is None:
+            raise
+        where = os.fspath(full.filename) if full.filename else "a file"
+        room = free_space(where) if full.filename else ""
+        print(f"distill {args.command}: error: could not write {where} ({full.strerror or full}"
+              f"{': ' + room if room else ''}); free disk space there and rerun the same command", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"distill {args.command}: interrupted", file=sys.stderr)

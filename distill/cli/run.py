@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 EX_TEMPFAIL = 75  # preempted: a scheduler should requeue the same command
@@ -20,16 +21,34 @@ def _run(args) -> int:
     if cfg.deterministic:
         deterministic_cublas()  # before anything uses cuBLAS
     init_distributed(cfg.device, cfg.dist.timeout_minutes)
+    run_dir = args.out or default_run_dir(cfg)
     if args.dry_run:
-        dry_run(cfg, run_dir=args.out or default_run_dir(cfg))
+        dry_run(cfg, run_dir=run_dir)
         return 0
     try:
-        run_experiment(cfg, args.out or default_run_dir(cfg), progress=not args.no_progress and sys.stderr.isatty(),
-                       restart=args.restart_stage)
+        with _disk_full_advice(cfg, run_dir):
+            run_experiment(cfg, run_dir, progress=not args.no_progress and sys.stderr.isatty(),
+                           restart=args.restart_stage)
     except Preempted as err:
         print(f"distill run: {err}", file=sys.stderr)
         return EX_TEMPFAIL
     return 0
+
+
+@contextlib.contextmanager
+def _disk_full_advice(cfg, run_dir: str):
+    """A write that found the disk full (any file of the run, metrics.jsonl included) ends the command with one
+    line: where, what to free, that the rerun resumes (distill.run.disk.disk_full_error)."""
+    from distill.utils.atomic import full_disk
+    from distill.utils.errors import DistillError
+
+    try:
+        yield
+    except (DistillError, OSError) as err:
+        if full_disk(err) is None:
+            raise
+        from distill.run.disk import disk_full_error
+        raise disk_full_error(cfg, run_dir, err) from None
 
 
 def _cache_build(args) -> int:
@@ -46,7 +65,9 @@ def _cache_build(args) -> int:
     if cfg.deterministic:
         deterministic_cublas()  # the teacher may train here first
     init_distributed(cfg.device, cfg.dist.timeout_minutes)  # under torchrun every rank builds its slice of the cache
-    build_teacher_cache(cfg, args.out or default_run_dir(cfg), progress=sys.stderr.isatty())
+    run_dir = args.out or default_run_dir(cfg)
+    with _disk_full_advice(cfg, run_dir):
+        build_teacher_cache(cfg, run_dir, progress=sys.stderr.isatty())
     return 0
 
 

@@ -100,7 +100,7 @@ def _mean_acc(rows: dict, label: str):
 
 def plan_export(runs: list, out_dir: str, int8: bool = False, calibrate=None, calib_images: int | None = None) -> list:
     """Check everything `export_runs` needs before any work: the calibration set (--calibrate, else each run's
-    data.train), --calib-images, the val sets (missing ones are skipped with a note), a writable `out_dir`.
+    data.train), --calib-images, the val sets (read whole; missing ones are skipped with a note), a writable `out_dir`.
     Returns one plan per run: {"run", "name", "dir", "cfg", "calibrate", "bins", "missing_bins"}."""
     from distill.deploy.quantize import check_calibration
 
@@ -118,12 +118,26 @@ def plan_export(runs: list, out_dir: str, int8: bool = False, calibrate=None, ca
                                   f"does not exist here, so it cannot calibrate the INT8 files; pass --calibrate DATA "
                                   f"(a training set: a RecordIO folder or .rec file, or an image-folder tree)")
         bins = [b for b in cfg.data.val if os.path.isfile(b)]
+        for path in bins:  # a damaged set is found now, not after the first stage's files are written
+            _check_bin(path, run["run_dir"])
         plans.append({"run": run, "name": name, "dir": os.path.join(out_dir, name), "cfg": cfg, "calibrate": calib,
                       "bins": bins, "missing_bins": [b for b in cfg.data.val if b not in bins]})
     ensure_writable(out_dir, "the exported models")  # before any export's work
     for plan in plans:
         ensure_writable(plan["dir"], "the exported models")
     return plans
+
+
+def _check_bin(path: str, run_dir: str) -> None:
+    """A val set of a run, read whole (its structure: read_verification_pickle, nothing decoded) before any export."""
+    from distill.data.verification import read_verification_pickle
+    from distill.utils.errors import DataFormatError
+
+    try:
+        read_verification_pickle(path)
+    except DataFormatError as err:
+        raise DataFormatError(f"{run_dir}: data.val {err}; nothing was exported (or move the file away: a missing "
+                              f"set is skipped with a note)") from None
 
 
 def export_run(plan: dict, int8: bool = False, calib_images: int | None = None, opset: int = 17,

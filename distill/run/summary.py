@@ -39,13 +39,28 @@ def _acc(m: dict) -> str:
     return f"{100 * m['acc_mean']:.2f} ± {100 * (m.get('acc_std') or 0):.2f}"
 
 
-def markdown_table(summary: dict, fars: tuple = VERIFICATION_FARS[:1], before: tuple = (), after: tuple = ()) -> str:
+def init_label(init_from: str | None, run_dir: str | None) -> str:
+    """The "init from" cell: the checkpoint's path relative to the run directory when it lies inside it
+    ('gen1/student.pt'), else its file name ('backbone.pth' of a loaded teacher); '-' for none."""
+    if not init_from:
+        return "-"
+    if run_dir:
+        path, root = os.path.abspath(init_from), os.path.abspath(run_dir)
+        if os.path.commonpath([path, root]) == root:
+            return os.path.relpath(path, root)
+    return os.path.basename(init_from)
+
+
+def markdown_table(summary: dict, fars: tuple = VERIFICATION_FARS[:1], before: tuple = (), after: tuple = (),
+                   run_dir: str | None = None) -> str:
     """Stages as rows; per verification set: accuracy ± std (%), TAR@FAR (%) for each of `fars` (floats);
     per IJB target: TAR (%) at SUMMARY_IJB_FARS; then the stage's distillation terms (result.json's `distill`:
     'none' for a stage that does not distil, '-' for the teacher and for results that record no `distill`).
 
     `before` / `after`: extra columns as (header, function(stage entry) -> str), placed before the stage
-    column and after the last one (`distill compare` adds the run and the stage's status)."""
+    column and after the last one (`distill compare` adds the run and the stage's status). `run_dir`: the run
+    the stages belong to, for the "init from" column (`init_label`); a stage entry's own "run_dir" wins (rows of
+    several runs)."""
     sets = []
     for s in summary["stages"]:
         sets += [k for k in s["metrics"] if k not in sets]
@@ -58,7 +73,7 @@ def markdown_table(summary: dict, fars: tuple = VERIFICATION_FARS[:1], before: t
     head += ["distillation"] + [h for h, _ in after]
     rows = [head, ["---"] * len(head)]
     for s in normalise_results(summary["stages"]):
-        init = os.path.basename(os.path.dirname(s["init_from"])) if s.get("init_from") else "-"
+        init = init_label(s.get("init_from"), s.get("run_dir", run_dir))
         row = [fn(s) for _, fn in before]
         row += [s["stage"], s.get("arch") or "-", init, "-" if s["params"] is None else f"{s['params'] / 1e6:.2f}",
                 "-" if s["gflops"] is None else f"{s['gflops']:.3f}",
@@ -111,10 +126,10 @@ def write_summary(cfg, run_dir: str, results: list) -> dict:
     summary = {"experiment": cfg.name, "stages": [_stage_entry(r, cost) for r in results]}
     run = RunLayout(run_dir)
     atomic_write_json(run.summary_json, summary)
-    atomic_write_text(run.summary_md, f"# {cfg.name}\n\n{markdown_table(summary)}\n")
+    atomic_write_text(run.summary_md, f"# {cfg.name}\n\n{markdown_table(summary, run_dir=run_dir)}\n")
     return summary
 
 
 def summary_text(cfg, run_dir: str, summary: dict) -> str:
     """What a run prints at its end: the experiment, its run directory and the summary table."""
-    return f"\n{cfg.name} ({run_dir})\n{markdown_table(summary)}"
+    return f"\n{cfg.name} ({run_dir})\n{markdown_table(summary, run_dir=run_dir)}"

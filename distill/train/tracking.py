@@ -48,7 +48,7 @@ from timm.utils import AverageMeter
 from distill.config.schema import WANDB_MODES, to_dict
 from distill.eval.far import VERIFICATION_FARS, far_key, normalise_far_keys
 from distill.eval.verification import VAL_FAR, set_name_of
-from distill.utils.atomic import atomic_write_text
+from distill.utils.atomic import WriteError, atomic_write_text
 from distill.utils.dist import rank as dist_rank
 from distill.utils.errors import ConfigError
 from distill.utils.layout import BASELINE, TEACHER, RunLayout, StageLayout, generation_name
@@ -68,19 +68,32 @@ class Tracker:
         self.rank = rank
 
     def log(self, metrics: dict, step: int) -> None:
+        """Append one line. A failed append (a full disk) cuts the file back to its previous end, so no half line
+        is left, and raises a WriteError naming the file."""
         if self.rank != 0 or not metrics:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
+        line = json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n"
+        end = os.path.getsize(self.path) if os.path.exists(self.path) else 0
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+        except OSError as err:
+            with contextlib.suppress(OSError):  # shortening a file needs no free space
+                os.truncate(self.path, end)
+            err.filename = self.path  # the file a full disk stopped (distill.utils.atomic.full_disk)
+            raise WriteError(f"{self.path}: could not add the metrics of step {step} ({err.strerror or err}); the "
+                             f"lines before it are intact. Free disk space there and rerun the same command: the "
+                             f"stage resumes from its last checkpoint") from None
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines logged after the checkpoint so the log matches the resumed run."""
+        """On resume, drop lines logged after the checkpoint so the log matches the resumed run, and a torn last line
+        (a kill mid-append); a whole last line whose newline never reached the disk gets it back."""
         if self.rank != 0 or not os.path.exists(self.path):
             return
         with open(self.path, encoding="utf-8") as f:
             lines = [line for line in f if line.strip()]
-        kept = [line for line in lines if _step_of(line) <= step]
-        if len(kept) != len(lines):
+        kept = [line if line.endswith("\n") else line + "\n" for line in lines if _step_of(line) <= step]
+        if kept != lines:
             atomic_write_text(self.path, "".join(kept))
 
     def finish(self, result: dict | None = None, student_path: str | None = None) -> None:

@@ -4,13 +4,16 @@ Every file the toolkit writes in place of an older one (checkpoints, student.pt,
 experiment.yaml, metrics logs, W&B ids, verification sets, RecordIO indexes) goes through
 `atomic_open`, so a crash, a kill or a full disk never leaves a half-written file behind: readers see
 the old file or the new one. A failure removes the temporary file, keeps the old file and raises a
-`WriteError` that names the path and what to do.
+`WriteError` that names the path and what to do. `full_disk(err)` finds a full disk (or quota) behind such an error,
+naming the file (its `filename`), so that a command can add what to free (distill/run/disk.py).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 
@@ -19,6 +22,35 @@ from distill.utils.errors import DistillError
 
 class WriteError(DistillError, OSError):
     """A file could not be written (full disk, read-only folder); the previous file, if any, is intact."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def full_disk(err: BaseException | None) -> OSError | None:
+    """The full-disk (or exhausted quota) OSError behind `err`: `err` itself, or an error it was raised from or
+    while handling (torch.save reports a full disk as a RuntimeError raised while handling the OSError of its
+    write); None when the failure is something else. The writers here set its `filename` to the file written."""
+    for _ in range(16):  # the chain is short; a cycle cannot hang us
+        if err is None:
+            return None
+        if isinstance(err, OSError) and err.errno in DISK_FULL:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def free_space(path) -> str:
+    """'FOLDER has N MB free' for the folder of `path` ('' when it cannot be measured)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free = float(shutil.disk_usage(folder).free)
+    except OSError:
+        return ""
+    units = ["B", "KB", "MB", "GB", "TB"]
+    while free >= 1000 and len(units) > 1:
+        free, units = free / 1000.0, units[1:]
+    return f"{folder} has {free:.1f} {units[0]} free"
 
 
 @contextmanager
@@ -46,9 +78,16 @@ def atomic_open(path, mode: str = "w", what: str | None = None, error: type = Wr
         name = what or os.path.basename(path)
         kept = (f"the previous {os.path.basename(path)} is intact" if os.path.exists(path)
                 else f"no previous {name} existed")
-        reason = getattr(err, "strerror", None) or str(err).splitlines()[0][:200]
-        raise error(f"{path}: could not write {name} ({reason}); {kept}. Free disk space (or make the folder "
-                    f"writable) and rerun the same command to resume.") from None
+        full = full_disk(err)
+        if full is not None:  # torch.save's RuntimeError says "unexpected pos": name the cause instead
+            full.filename = path
+            room = free_space(path)
+            reason = (full.strerror or os.strerror(full.errno)) + (f": {room}" if room else "")
+        else:
+            reason = getattr(err, "strerror", None) or str(err).splitlines()[0][:200]
+        how = "Free disk space there" if full is not None else "Free disk space (or make the folder writable)"
+        raise error(f"{path}: could not write {name} ({reason}); {kept}. {how} and rerun the same command to "
+                    f"resume.") from None
 
 
 def atomic_write_text(path, text: str) -> None:
