@@ -15,7 +15,7 @@ What makes it a research tool rather than a script is the guarantees around that
 - The teacher never trains: it is a FrozenTeacher, never handed to the optimizer.
 
 A stage directory holds last.pt, best.pt, student.pt, metrics.jsonl and result.json (written last: its presence
-means the stage is finished; it records the SHA-256 of student.pt and best.pt, which every reader checks:
+means the stage is finished; it records the SHA-256 of student.pt, best.pt and last.pt, which every reader checks:
 distill.utils.digest.check_recorded_file). Every `log_every` updates metrics.jsonl gets one line: each
 train/<term> is the mean over all micro-batches since the previous line (weighted by batch size),
 train/images_per_s the throughput over them (evaluation and checkpoint time left out), plus train/lr and
@@ -166,6 +166,7 @@ def _model_and_head(cfg: ExperimentConfig, spec: StageSpec, num_classes: int, de
     embedding_size = model_embedding_size(model)
     head = head_from_config(cfg.margin, embedding_size, num_classes)
     if spec.head_from:
+        check_recorded_file(spec.head_from)  # the previous generation's last.pt, as its stage recorded it
         head.load_full_weight(safe_torch_load(spec.head_from)["head_weight"])
     model.to(device)
     head.to(device)
@@ -189,8 +190,12 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
     torch.manual_seed(cfg.seed + 7919 * spec.generation)
     tr = spec.train
     model, head = _model_and_head(cfg, spec, train_set.num_classes, device)
-    # the centres' file as it is read now: last.pt records it, a resume notes a change (distill/train/state.py)
-    centres_sha256 = named_files_sha256(spec.centres) if spec.centres else None
+    # the centres' file as it is read now: last.pt records it, a resume notes a change (distill/train/state.py); a
+    # finished stage's last.pt (the teacher's, a previous generation's) must be the one its stage recorded
+    centres_sha256 = None
+    if spec.centres:
+        check_recorded_file(spec.centres)
+        centres_sha256 = named_files_sha256(spec.centres)
     # an online teacher moves to the device here; the signal keeps where its class centres are
     signal = stage_signal(teacher, cache, tr, device, centres=spec.centres)
     objective = stage_objective(cfg, spec, head, model, signal, device)  # (FitNet's regressors: before the optimizer)
@@ -425,7 +430,7 @@ def _finish(st: _Stage, val_sets: dict, tracker: Tracker) -> dict:
         save_student(st.paths.student, st.model, spec.arch, spec.model_kwargs,
                      extra={"stage": spec.name, "step": st.step})
         # what later stages and commands read back is checked against these (distill.utils.digest)
-        result[RECORD_KEY] = files_sha256([st.paths.student, st.paths.best])
+        result[RECORD_KEY] = files_sha256([st.paths.student, st.paths.best, st.paths.last])
         atomic_write_json(st.paths.result, result)
     # rank 0's W&B upload first, then the barrier (through gloo, dist.timeout_minutes): the other ranks wait
     # here, not in the next stage's first NCCL collective, whose watchdog an upload could outlast

@@ -6,9 +6,9 @@ cannot be stat'ed. `file_sha256(path)` is the SHA-256 of the file's bytes, kept 
 an ONNX model or an IJB meta file read by several stages of one process is hashed once.
 
 A finished stage records the SHA-256 of the files later stages and commands read back (its student.pt, best.pt,
-the teacher's backbone.pth) in its result.json under RECORD_KEY, {file name: hex digest}. `check_recorded_file`
-is what every reader calls before it loads one: a file that is no longer the one recorded is refused, so nothing
-is distilled from, started from, evaluated or exported from a file the run did not write.
+last.pt, the teacher's backbone.pth) in its result.json under RECORD_KEY, {file name: hex digest}.
+`check_recorded_file` is what every reader calls before it loads one: a file that is no longer the one recorded is
+refused, so nothing is distilled from, started from, evaluated or exported from a file the run did not write.
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def _stage_record(path: str) -> tuple:
 
 
 def check_recorded_file(path: str) -> None:
-    """Refuse `path` (a stage's student.pt, best.pt or backbone.pth) when its stage's result.json records a digest
-    of it and the file's bytes no longer have it: a CheckpointError naming both digests and the way out
+    """Refuse `path` (a stage's student.pt, best.pt, last.pt or backbone.pth) when its stage's result.json records
+    a digest of it and the file's bytes no longer have it: a CheckpointError naming both digests and the way out
     (`--restart-stage <stage>`). A file with no record (not in a stage folder, or written before digests were
     recorded) is not checked."""
     stage, recorded = _stage_record(path)
