@@ -33,7 +33,7 @@ from distill.data.standin import standin_for_step, standin_pairs
 from distill.run.context import run_context, run_logger, silent_logger
 from distill.run.inputs import check_before_work, open_inputs
 from distill.run.plan import LOAD_TEACHER, STUDENT, TRAIN_TEACHER, describe_plan, plan_run
-from distill.run.preflight import check_embedding_sizes
+from distill.run.preflight import centres_source, check_embedding_sizes
 from distill.run.rundir import check_run_dir, default_run_dir
 from distill.run.teacher_stage import train_teacher
 from distill.train.engine import run_stage
@@ -123,8 +123,8 @@ def _small_config(cfg: ExperimentConfig, tmp: str, classes: int) -> ExperimentCo
     small.teacher = dataclasses.replace(cfg.teacher, cache=False, checkpoint=None) if cfg.teacher else None
     if small.teacher is not None and small.teacher.train is not None:
         small.teacher.train = small.train
-    if small.teacher is not None and small.teacher.head:
-        small.teacher.head = _standin_head(cfg.teacher.head, tmp, classes)
+    if small.teacher is not None and small.teacher.head:  # (not read when no term needs the centres)
+        small.teacher.head = _standin_head(cfg.teacher.head, tmp, classes) if centres_source(cfg, tmp) else None
     return config_from_dict(to_dict(small))
 
 
