@@ -181,3 +181,24 @@ def test_a_folder_left_by_a_killed_dry_run_is_removed_by_the_next(files, tmp_pat
     assert main(["run", str(exp), "--out", str(tmp_path / "run"), "--dry-run"]) == 0
     assert sorted(p.name for p in scratch.iterdir()) == ["distill-dry-run-running"]
     assert f"removed {left}, left by a dry run (pid {int(gone.stdout)}) that was killed" in capsys.readouterr().out
+
+
+def _terminated(*args, **kwargs):
+    """SIGTERM arrives (a scheduler's, or torchrun's when another rank failed) while the dry run holds its folder."""
+    import signal
+    import time
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+
+
+def test_a_dry_run_stopped_by_sigterm_removes_its_folder_and_exits_143(files, tmp_path, monkeypatch):
+    from forked_ranks import cli_ranks
+
+    import distill.run.dry_run
+
+    monkeypatch.setattr(distill.run.dry_run, "run_stage", _terminated)
+    exp = _experiment(tmp_path, files)
+    with pytest.raises(Exception, match="exit code 143"):  # (its own process: the test's would end otherwise)
+        cli_ranks(tmp_path, 1, ["run", str(exp), "--out", str(tmp_path / "run"), "--dry-run"])
+    assert [p.name for p in (tmp_path / "scratch").iterdir()] == []
