@@ -20,6 +20,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_args
+from bench_args import count, run  # noqa: E402
 
 import distill.utils.digest as digest  # noqa: E402
 import teachers.cache as cache  # noqa: E402
@@ -96,11 +98,12 @@ def quickstart() -> dict:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=int, default=256)
-    parser.add_argument("--quickstart", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--mb", type=count(1), default=256, help="size of the file hashed (MB, default 256)")
+    parser.add_argument("--quickstart", action="store_true",
+                        help="also time the checks of a quickstart-sized run (minutes, from the repository root)")
+    args = parser.parse_args(argv)
     r = {"sha256": sha256_rates(args.mb)}
     r["full_cache"] = {"gb": FULL_CACHE_BYTES / 1e9,
                        "seconds_one_thread": FULL_CACHE_BYTES / 1e6 / r["sha256"]["one_thread_mb_s"],
@@ -108,7 +111,8 @@ def main() -> None:
     if args.quickstart:
         r["quickstart"] = quickstart()
     print(json.dumps(r, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run(main, "bench_digest"))
