@@ -161,10 +161,11 @@ def test_a_rank_that_fails_inside_the_steps_leaves_no_temporary_folder(files, tm
 
 
 def test_a_folder_left_by_a_killed_dry_run_is_removed_by_the_next(files, tmp_path, monkeypatch, capsys):
-    import socket
     import subprocess
     import sys
     import tempfile
+
+    from distill.run.dry_run import _machine
 
     scratch = tmp_path / "scratch"
     monkeypatch.setenv("TMPDIR", str(scratch))
@@ -172,14 +173,17 @@ def test_a_folder_left_by_a_killed_dry_run_is_removed_by_the_next(files, tmp_pat
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     left = scratch / "distill-dry-run-killed"
     left.mkdir(parents=True)
-    (left / "owner").write_text(f"{socket.gethostname()} {int(gone.stdout)}")  # a process that has ended
+    (left / "owner").write_text(f"{_machine()} {int(gone.stdout)}")  # a process that has ended
     (left / "gen1").mkdir()
     alive = scratch / "distill-dry-run-running"
     alive.mkdir()
-    (alive / "owner").write_text(f"{socket.gethostname()} {os.getpid()}")  # this one: still running
+    (alive / "owner").write_text(f"{_machine()} {os.getpid()}")  # this one: still running
+    elsewhere = scratch / "distill-dry-run-elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "owner").write_text(f"another-host/pid-1 {int(gone.stdout)}")  # not this machine's to judge
     exp = _experiment(tmp_path, files)
     assert main(["run", str(exp), "--out", str(tmp_path / "run"), "--dry-run"]) == 0
-    assert sorted(p.name for p in scratch.iterdir()) == ["distill-dry-run-running"]
+    assert sorted(p.name for p in scratch.iterdir()) == ["distill-dry-run-elsewhere", "distill-dry-run-running"]
     assert f"removed {left}, left by a dry run (pid {int(gone.stdout)}) that was killed" in capsys.readouterr().out
 
 

@@ -43,7 +43,7 @@ from teachers.head_file import load_centres
 from teachers.prepare import load_teacher, teacher_source
 
 PREFIX = "distill-dry-run-"  # the temporary folders' names
-OWNER = "owner"  # in each: "<host> <pid>" of the rank 0 that made it
+OWNER = "owner"  # in each: "<machine> <pid>" of the rank 0 that made it (_machine)
 
 
 def dry_run(cfg: ExperimentConfig, run_dir: str | None = None, logger=None) -> None:
@@ -151,7 +151,7 @@ def _shared_temporary_folder(log) -> str:
             log.info(note)
         tmp = tempfile.mkdtemp(prefix=PREFIX)
         with open(os.path.join(tmp, OWNER), "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}")
+            f.write(f"{_machine()} {os.getpid()}")
     try:
         tmp = from_rank0(tmp)
     except BaseException:
@@ -167,18 +167,28 @@ def _shared_temporary_folder(log) -> str:
 def _remove_left_behind() -> list:
     """Remove the temporary folders of dry runs of this machine whose process is gone (killed with SIGKILL, as the
     kernel does when memory runs out: no code ran to remove them); a note for each."""
-    host, notes = socket.gethostname(), []
+    machine, notes = _machine(), []
     for folder in glob.glob(os.path.join(tempfile.gettempdir(), PREFIX + "*")):
         try:
             with open(os.path.join(folder, OWNER)) as f:
-                owner_host, pid = f.read().split()
+                owner, pid = f.read().split()
             pid = int(pid)
         except (OSError, ValueError):
             continue  # not ours to judge: written by another version, or being made right now
-        if owner_host == host and not _alive(pid):
+        if owner == machine and not _alive(pid):
             shutil.rmtree(folder, ignore_errors=True)
             notes.append(f"dry run: note: removed {folder}, left by a dry run (pid {pid}) that was killed")
     return notes
+
+
+def _machine() -> str:
+    """This host and its process-id namespace: a pid means the same process only within both (containers that
+    share a host name and a temporary folder have namespaces of their own)."""
+    try:
+        space = os.readlink("/proc/self/ns/pid").replace(":[", "-").rstrip("]")  # pid:[4026531836]
+    except OSError:
+        space = "-"
+    return f"{socket.gethostname()}/{space}"
 
 
 def _alive(pid: int) -> bool:
