@@ -230,3 +230,26 @@ def test_a_full_disk_met_outside_the_toolkits_writers_is_one_line(tmp_path, monk
     assert main(["compare", str(tmp_path)]) == 2
     assert one_error_line(capsys, "compare").startswith(
         f"distill compare: error: could not write {tmp_path / 'x.json'} (No space left on device: {tmp_path} has ")
+
+
+def test_the_cache_allocation_keeps_its_own_refusal(trained_teacher, tmp_path):
+    """The teacher cache is allocated whole before its first row: its refusal knows what the cache needs and says
+    teacher.cache: false; the run's disk-full line does not replace it."""
+    from distill.cli.run import _disk_full_advice
+    from teachers.cache_file import CacheSpaceError
+
+    with pytest.raises(CacheSpaceError, match="cannot allocate the teacher cache"):
+        with _disk_full_advice(trained_teacher, str(tmp_path / "run")):
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:
+                raise CacheSpaceError("x: cannot allocate the teacher cache (No space left on device)") from None
+
+
+def test_a_resume_gives_a_last_metrics_line_its_lost_newline_back(tmp_path):
+    """A whole line whose newline never reached the disk: kept, and the next line starts on a line of its own."""
+    tracker = distill.train.tracking.Tracker(str(tmp_path))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/loss": 1.5}')
+    tracker.truncate_after(2)
+    tracker.log({"train/loss": 1.0}, 3)
+    assert [r["step"] for r in distill.train.tracking.read_metrics(str(tmp_path))] == [1, 2, 3]

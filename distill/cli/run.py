@@ -38,14 +38,16 @@ def _run(args) -> int:
 @contextlib.contextmanager
 def _disk_full_advice(cfg, run_dir: str):
     """A write that found the disk full (any file of the run, metrics.jsonl included) ends the command with one
-    line: where, what to free, that the rerun resumes (distill.run.disk.disk_full_error)."""
+    line: where, what to free, that the rerun resumes (distill.run.disk.disk_full_error). The teacher cache's own
+    refusal (allocated whole before its first row: it knows what the cache needs) is kept as it is."""
     from distill.utils.atomic import full_disk
     from distill.utils.errors import DistillError
+    from teachers.cache_file import CacheSpaceError
 
     try:
         yield
     except (DistillError, OSError) as err:
-        if full_disk(err) is None:
+        if full_disk(err) is None or isinstance(err, CacheSpaceError):
             raise
         from distill.run.disk import disk_full_error
         raise disk_full_error(cfg, run_dir, err) from None
