@@ -104,7 +104,9 @@ def _onnx(spec):
 
 
 def build_teacher(spec: dict) -> FrozenTeacher:
-    """Build, load (strictly, weights_only) and freeze the teacher a spec describes."""
+    """Build, load (strictly, weights_only) and freeze the teacher a spec describes. A checkpoint that is a stage's
+    file (a previous generation's student.pt, the trained teacher's backbone.pth) must be the one its result.json
+    records (distill.utils.digest.check_recorded_file)."""
     spec, note = upgrade_legacy_teacher(spec, ConfigError)
     if note:
         warnings.warn(note, ConfigDeprecationWarning, stacklevel=2)
