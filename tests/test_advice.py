@@ -253,3 +253,17 @@ def test_a_resume_gives_a_last_metrics_line_its_lost_newline_back(tmp_path):
     tracker.truncate_after(2)
     tracker.log({"train/loss": 1.0}, 3)
     assert [r["step"] for r in distill.train.tracking.read_metrics(str(tmp_path))] == [1, 2, 3]
+def test_export_reads_its_check_bins_before_any_export(tmp_path, capsys):
+    from distill.models.files import save_student
+    from distill.models.registry import create_model
+
+    save_student(tmp_path / "student.pt", create_model("vargfacenet", input_size=16, multiplier=0.25,
+                                                       last_channels=32, units=(1, 1, 1), embedding_size=16),
+                 "vargfacenet")
+    val = tmp_path / "val.bin"
+    write_verification_bin(val, [b"\xff\xd8 not a real jpeg"] * 4, [True, False])
+    val.write_bytes(val.read_bytes()[:-7])  # truncated
+    out = tmp_path / "o.onnx"
+    assert main(["export", str(tmp_path / "student.pt"), str(out), "--check-bin", str(val)]) == 2
+    assert one_error_line(capsys, "export").startswith(f"distill export: error: --check-bin {val}: truncated (")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.pt", "val.bin"]  # no .onnx, no partial file

@@ -64,7 +64,7 @@ def test_compare_table_has_one_row_per_run_and_stage(runs, capsys):
         assert row[4] == f"{summary['params'] / 1e6:.2f}" and row[6] == f"{summary['train_seconds']:.0f}"
         assert row[2] == summary["arch"] == ("iresnet18" if row[1] == "teacher" else "vargfacenet")
         assert row[8] == row[9] == "n/a"  # 20 impostor pairs cannot measure FAR 1e-3
-    assert rows[5][3] == "gen1"  # tiny-b's gen2 starts from its gen1
+    assert rows[5][3] == "gen1/student.pt"  # tiny-b's gen2 starts from its gen1's student.pt
     # each stage's terms: tiny-a's gen1 distils with the short form's one term; tiny-b has no teacher
     assert [r[10] for r in rows[1:]] == ["-", "none", "equivalent_angular (alpha 7)", "none", "none"]
 

@@ -56,7 +56,7 @@ def test_summary_shape_and_values_match_each_stage(finished):
         assert 0 <= m["acc_mean"] <= 1 and s["params"] > 0 and s["gflops"] > 0
     assert [s["generation"] for s in on_disk["stages"]] == [0, 0, 1, 2]
     assert on_disk["stages"][3]["init_from"].endswith(os.path.join("gen1", "student.pt"))
-    assert "| gen2 | vargfacenet | gen1 |" in (tmp / "run" / "summary.md").read_text()
+    assert "| gen2 | vargfacenet | gen1/student.pt |" in (tmp / "run" / "summary.md").read_text()
     assert "| teacher | iresnet18 | - | 11." in (tmp / "run" / "summary.md").read_text()  # ~11.3M parameters
     backbone = torch.load(tmp / "run" / "teacher" / "backbone.pth", weights_only=True)
     assert "layer1.0.downsample.0.weight" in backbone  # arcface_torch layout

@@ -190,8 +190,10 @@ def test_the_run_refuses_a_disk_too_small_with_the_figures(finished, tmp_path, m
     monkeypatch.setattr(distill.run.disk.shutil, "disk_usage", lambda _p: usage._replace(free=50_000_000))
     assert main(["run", str(exp), "--out", str(tmp_path / "small")]) == 2
     line = one_error_line(capsys, "run")
-    assert "this run will write about 354.4 MB (teacher stage (checkpoints) 225.2 MB, teacher cache" in line
-    assert "has 50.0 MB free" in line and "teacher.cache: false" in line
+    assert "this run will write about 354.4 MB (teacher stage (checkpoints) 225.2 MB + teacher cache" in line
+    assert "+ a teacher last.pt while it is replaced (last.pt.tmp) 90.1 MB + logs and small files (10% on top)" in line
+    assert "has 50.0 MB free. Free at least 304.4 MB on that disk" in line
+    assert "teacher.cache: false" not in line  # it would save 9.2 KB of the 304.4 MB missing
     assert not (tmp_path / "small" / "teacher").exists()  # refused before any training
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from distill.deploy.onnx_graph import fold_batchnorm, split_prelu
 from distill.utils.atomic import ensure_writable, unwritable
-from distill.utils.errors import ConfigError, DistillError
+from distill.utils.errors import ConfigError, DataFormatError, DistillError
 
 INPUT_NAME = "input.1"
 OUTPUT_NAME = "embedding"
@@ -137,9 +137,15 @@ def _check_paths(out: str, int8: bool, calibrate, check_bins) -> str:
     from distill.deploy.quantize import check_calibration
 
     check_calibration(int8, calibrate, None)
+    from distill.data.verification import read_verification_pickle
+
     for path in check_bins:
         if not os.path.isfile(path):
             raise ConfigError(f"--check-bin {path}: verification set not found")
+        try:  # read whole (structure; nothing decoded) now, not after the .onnx files are written
+            read_verification_pickle(path)
+        except DataFormatError as err:
+            raise DataFormatError(f"--check-bin {err}; nothing was exported") from None
     ensure_writable(out_dir, "the exported model")  # before the export's work, not after
     return out_dir
 

@@ -119,7 +119,7 @@ def load_runs(run_dirs: list) -> list:
 
 def comparison_table(runs: list) -> str:
     """One markdown table: a row per run and stage."""
-    rows = [{**s, "run": r["label"]} for r in runs for s in r["stages"]]
+    rows = [{**s, "run": r["label"], "run_dir": r["run_dir"]} for r in runs for s in r["stages"]]
     after = (("status", lambda s: s["status"]),) if any(s["status"] != "done" for s in rows) else ()
     return markdown_table({"stages": rows}, fars=VERIFICATION_FARS, before=(("run", lambda s: s["run"]),),
                           after=after)

@@ -224,7 +224,7 @@ def _check_centres(cfg, run_dir: str, embedding_size: int, identities: int | Non
 
 
 def check_disk(cfg, run_dir: str, counts) -> list:
-    from distill.run.disk import estimate, human
+    from distill.run.disk import describe, estimate, human
 
     if counts is None:
         return [Check(NOTE, "disk", "not estimated: the training set could not be read")]
@@ -232,10 +232,8 @@ def check_disk(cfg, run_dir: str, counts) -> list:
         est = estimate(cfg, run_dir, *counts)
     except (DistillError, OSError) as err:
         return [Check(FAIL, "disk", str(err))]
-    parts = ", ".join(f"{what} {human(n)}" for what, n in est["items"]) or "nothing left to write"
     status = OK if est["needed"] <= est["free"] else FAIL
-    return [Check(status, "disk", f"the run will write about {human(est['needed'])} ({parts}); {est['path']} has "
-                                  f"{human(est['free'])} free")]
+    return [Check(status, "disk", f"the run will write {describe(est)}; {est['path']} has {human(est['free'])} free")]
 
 
 def check_wandb(cfg) -> list:
