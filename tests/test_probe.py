@@ -81,6 +81,7 @@ BENCH_MISTAKES = [
     ("bench_ijb", ["--workers", "-2"], "argument --workers: must be at least 0, got -2"),
     ("bench_cpu", ["--steps", "0"], "argument --steps: must be at least 1, got 0"),
     ("gpu_check", ["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+    ("bench_digest", ["--mb", "0"], "argument --mb: must be at least 1, got 0"),
 ]
 
 

@@ -22,30 +22,26 @@ import os
 import shutil
 
 from distill.config.schema import ExperimentConfig, dump_config
-from distill.eval.ijb_stage import read_meta as read_ijb_meta
-from distill.eval.verification import set_name_of, size_note
 from distill.losses.terms import describe_terms, stage_terms
 from distill.models.files import load_student, model_input_size
 from distill.run.context import RunContext, run_context
-from distill.run.disk import DiskSpaceError, check_disk
 from distill.run.hooks import StageHooks
+from distill.run.inputs import check_before_work, open_inputs
 from distill.run.lock import run_directory_lock
 from distill.run.plan import LOAD_TEACHER, STUDENT, TEACHER_CACHE, TEACHER_STAGE, TRAIN_TEACHER, PlannedStage, plan_run
-from distill.run.preflight import preflight
 from distill.run.rundir import check_run_dir, default_run_dir, restart_stages
 from distill.run.summary import summary_text, write_summary
 from distill.run.teacher_stage import frozen_teacher, previous_student, run_teacher, teacher_cache
 from distill.train.engine import run_stage
-from distill.utils.dist import from_rank0, rank0_first
-from distill.utils.errors import ConfigError, DistillError
-from teachers.prepare import check_recorded_teacher, teacher_source
+from distill.utils.dist import rank0_first
+from distill.utils.errors import DistillError
+from teachers.prepare import teacher_source
 
 # --------------------------------------------------------------------------------------- before any work
 
 def open_data(cfg: ExperimentConfig, ctx: RunContext):
-    """(training set, {set name: (images, issame)}); synthetic data is generated on first use."""
-    from distill.data import load_verification_bin, open_training_set
-
+    """(training set, {set name: (images, issame)}), each file read whole (distill/run/inputs.py: open_inputs);
+    synthetic data is generated on first use."""
     if cfg.data.synthetic is not None:
         from distill.data.synthetic import ensure_synthetic, synthetic_is_current
         params = dataclasses.asdict(cfg.data.synthetic)
@@ -53,19 +49,7 @@ def open_data(cfg: ExperimentConfig, ctx: RunContext):
             ctx.log.info(f"synthetic faces: generating {cfg.data.train} (first use)")
         # an existing dataset is used as it is, or refused when its settings differ: never replaced
         rank0_first(lambda: ensure_synthetic(cfg.data.train, replace=False, **params))
-    if not os.path.exists(cfg.data.train):
-        raise ConfigError(f"data.train: {cfg.data.train} does not exist (a RecordIO folder such as faces_emore/, "
-                          f"a .rec file, or an identity-per-folder tree)")
-    for path in cfg.data.val:
-        if not os.path.exists(path):
-            raise ConfigError(f"data.val: verification set {path} does not exist")
-    train_set = open_training_set(cfg.data.train, flip=True, input_size=cfg.data.input_size)
-    val = {set_name_of(p): load_verification_bin(p) for p in cfg.data.val}
-    if ctx.is_main:  # resizing, a property file that disagrees: one note each, before any work
-        train_set.warn_notes()
-        for name, (images, _) in val.items():
-            size_note(f"verification set {name}", images, cfg.data.input_size)
-    return train_set, val
+    return open_inputs(cfg, notes=ctx.is_main)  # resizing, a property file that disagrees: one note each
 
 
 def _before_the_lock(cfg: ExperimentConfig) -> None:
@@ -80,9 +64,10 @@ def _before_the_lock(cfg: ExperimentConfig) -> None:
 
 def _before_any_work(ctx: RunContext, cfg: ExperimentConfig, restart):
     """What `distill run` and `distill cache build` check and prepare before any training, after _before_the_lock
-    (device, teacher file): the run directory holds this experiment (and its teacher), the data opens, the disk
-    has room, the IJB meta files read, the preflight checks pass; then experiment.yaml is written. Returns
-    (training set, verification sets, IJB meta)."""
+    (device, teacher file): the run directory holds this experiment, the data opens, then check_before_work (the
+    disk has room, the teacher recorded here is this one, the IJB meta files read, the preflight checks pass: the
+    checks `--dry-run` makes); then experiment.yaml is written. Returns (training set, verification sets, IJB
+    meta)."""
     run_dir = ctx.run_dir
     check_run_dir(cfg, run_dir, restart)
     if restart:  # rank 0 moves the folders; the other ranks wait for it
@@ -91,23 +76,11 @@ def _before_any_work(ctx: RunContext, cfg: ExperimentConfig, restart):
     train_set, val = open_data(cfg, ctx)
     ctx.log.info(f"{cfg.name}: {len(train_set)} training images of {train_set.num_classes} identities; "
                  f"verification: {', '.join(f'{k} ({len(v[1])} pairs)' for k, v in val.items()) or 'none'}")
-    problem = None
-    if ctx.is_main:  # what the run will write against the free disk, before any work (rank 0 measures for all)
-        try:
-            check_disk(cfg, run_dir, len(train_set), train_set.num_classes)
-        except DiskSpaceError as err:
-            problem = str(err)
-    problem = from_rank0(problem)
-    if problem:
-        raise DiskSpaceError(problem)
-    note = check_recorded_teacher(cfg, run_dir, train_set, record=ctx.is_main)
-    if note:
-        ctx.log.info(note)
-    note = _note_identity_groups(cfg, train_set)
-    if note:
-        ctx.log.info(note)
-    ijb_meta = read_ijb_meta(cfg.data.ijb) if cfg.data.ijb is not None else None  # a wrong root fails here, first
-    preflight(cfg, run_dir, train_set, ijb_meta)  # decode, embedding sizes, teacher.head, IJB images
+    # disk, the teacher recorded here, IJB meta, preflight: what `--dry-run` checks too (distill/run/inputs.py)
+    ijb_meta, notes = check_before_work(cfg, run_dir, train_set, record=ctx.is_main)
+    for note in notes + [_note_identity_groups(cfg, train_set)]:
+        if note:
+            ctx.log.info(note)
     if ctx.is_main:
         dump_config(cfg, ctx.layout.experiment)
     return train_set, val, ijb_meta
