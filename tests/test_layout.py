@@ -127,7 +127,7 @@ def test_without_a_process_group_this_is_rank_0_of_1(monkeypatch):
     dist.barrier()  # a no-op
 
 
-def test_changing_arch_in_a_child_file_starts_the_model_arguments_afresh(tmp_path):
+def test_changing_arch_in_a_child_file_keeps_the_model_arguments_the_new_model_takes(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({
         "data": {"train": "d"},
         "teacher": {"arch": "vargfacenet", "multiplier": 0.5, "input_size": 32, "checkpoint": "t.pth",
@@ -136,7 +136,9 @@ def test_changing_arch_in_a_child_file_starts_the_model_arguments_afresh(tmp_pat
     (tmp_path / "child.yaml").write_text(yaml.safe_dump({"base": "base.yaml", "teacher": {"arch": "iresnet18"}}))
     cfg = load_config(str(tmp_path / "child.yaml"))
     assert cfg.teacher.arch == "iresnet18" and "multiplier" not in cfg.teacher.model
-    assert cfg.teacher.input_size == 112 and cfg.teacher.checkpoint == "t.pth" and cfg.teacher.train.epochs == 3.0
+    # input_size is an argument of both models: kept (as an override of teacher.arch keeps it, issue 37)
+    assert cfg.teacher.input_size == 32 and cfg.teacher.checkpoint == "t.pth" and cfg.teacher.train.epochs == 3.0
     same = load_config(str(tmp_path / "base.yaml"), ["teacher.arch=vargfacenet", "student.arch=vargfacenet_depthwise"])
     assert same.teacher.multiplier == 0.5 and same.teacher.input_size == 32  # same arch: arguments kept
-    assert same.student.group_size == 1 and same.student.multiplier == 1.25 and same.student.init == "s.pt"
+    # another arch keeps the file's arguments it takes (multiplier), its own defaults for the rest (group_size 1)
+    assert same.student.group_size == 1 and same.student.multiplier == 0.5 and same.student.init == "s.pt"

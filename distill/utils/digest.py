@@ -19,9 +19,9 @@ import json
 import os
 
 from distill.utils.errors import CheckpointError
+from distill.utils.layout import RESULT as _RESULT
 
 RECORD_KEY = "sha256"  # result.json: {file name in the stage folder: SHA-256 (hex) of its bytes when recorded}
-_RESULT = "result.json"  # distill/utils/layout.py: StageLayout.result (a stage folder's result file)
 
 _SHA256: dict = {}  # file_state -> hex digest
 

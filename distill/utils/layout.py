@@ -29,6 +29,8 @@ import json
 import os
 import re
 
+RESULT = "result.json"  # a stage folder's result file: written last, its presence means the stage is finished
+
 EXPERIMENT = "experiment.yaml"
 TEACHER = "teacher"
 BASELINE = "baseline"
@@ -74,7 +76,7 @@ class StageLayout:
     student = property(lambda self: self._path("student.pt"))
     backbone = property(lambda self: self._path("backbone.pth"))
     metrics = property(lambda self: self._path("metrics.jsonl"))
-    result = property(lambda self: self._path("result.json"))
+    result = property(lambda self: self._path(RESULT))
     wandb_run_id = property(lambda self: self._path("wandb_run_id.txt"))
     wandb_artifact = property(lambda self: self._path("wandb_artifact.txt"))
     # this stage's student as the next generation's teacher (recursive.teacher: previous): its embeddings
