@@ -1,4 +1,5 @@
-"""Teacher-cache builds under torchrun on CPU (gloo): `torchrun --nproc_per_node=2 cache_child.py ROOT`.
+"""Teacher-cache builds under torchrun on CPU (gloo): `torchrun --nproc_per_node=2 cache_child.py ROOT`, or `main(ROOT)`
+in ranks forked with torchrun's environment (tests/forked_ranks.py, as tests/test_teacher_cache.py does).
 
 Used by tests/test_teacher_cache.py. In ROOT, every rank builds (each build is one call of build_cache on
 both ranks): two/ straight through; resumed/ twice, first with rank 1 stopped by an exception in its third

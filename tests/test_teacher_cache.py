@@ -4,12 +4,11 @@ every rank builds its slice, and the bytes do not depend on the number of ranks.
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from forked_ranks import call_ranks
 from tiny import TinyFaces
 
 import teachers
@@ -165,16 +164,15 @@ def test_an_unfinished_build_of_another_teacher_is_rebuilt_not_resumed(tmp_path)
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    """(root, one-process cache bytes, rank results) after tests/cache_child.py ran under torchrun with 2 ranks."""
+    """(root, one-process cache bytes, rank results) after tests/cache_child.py ran in 2 ranks (forked, torchrun's
+    environment: tests/forked_ranks.py)."""
     root = tmp_path_factory.mktemp("ranks")
     torch.set_num_threads(1)
     build_cache(_teacher(), cache_data(), str(root / "one"), batch_size=BATCH, progress=False)
     shutil.copytree(root / "one", root / "reuse")
-    torchrun = Path(sys.executable).with_name("torchrun")
-    child = Path(__file__).with_name("cache_child.py")
-    proc = subprocess.run([str(torchrun), "--nproc_per_node=2", str(child), str(root)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    import cache_child  # here: it imports this module's helpers
+
+    call_ranks(root, 2, cache_child.main, str(root))
     results = [json.loads((root / f"result.rank{r}.json").read_text()) for r in range(2)]
     return root, _bytes(root / "one"), results
 
