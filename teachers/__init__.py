@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from distill.compat import fingerprint_state_dict, upgrade_legacy_teacher
-from distill.models.registry import check_model_kwargs, create_model
+from distill.models.registry import check_model_kwargs, create_model, create_model_to_load
 from distill.utils.checkpoint import extract_state_dict, load_state_dict_strict, safe_torch_load
 from distill.utils.digest import check_recorded_file, file_state
 from distill.utils.errors import ConfigDeprecationWarning, ConfigError
@@ -119,7 +119,8 @@ def build_teacher(spec: dict) -> FrozenTeacher:
             raise ConfigError("teacher: say which model it is: arch: <registered name> (e.g. iresnet100) or onnx: "
                               "<file>")
         check_model_kwargs(spec["arch"], kwargs, section="teacher.", other_keys=("arch", "checkpoint", "onnx"))
-        model = create_model(spec["arch"], **kwargs)
+        # a checkpoint fills every weight: no random initialisation first (create_model_to_load)
+        model = (create_model_to_load if spec.get("checkpoint") else create_model)(spec["arch"], **kwargs)
         if spec.get("checkpoint"):
             path = spec["checkpoint"]
             before = file_state(path) if isinstance(path, str) else None

@@ -15,7 +15,7 @@ import os
 from torch import nn
 
 from distill.compat import upgrade_model_kwargs
-from distill.models.registry import canonical_name, create_model
+from distill.models.registry import canonical_name, create_model, create_model_to_load
 from distill.utils.checkpoint import atomic_torch_save, extract_state_dict, load_state_dict_strict, safe_torch_load
 from distill.utils.digest import check_recorded_file
 from distill.utils.errors import CheckpointError, ConfigError
@@ -62,7 +62,7 @@ def load_student(path, map_location="cpu"):
     if not is_student_checkpoint(payload):
         raise CheckpointError(f"{path}: not a facedistill student checkpoint (no 'format': {STUDENT_FORMAT!r})")
     payload["kwargs"] = upgrade_model_kwargs(canonical_name(payload["arch"]), payload["kwargs"])
-    model = create_model(payload["arch"], **payload["kwargs"])
+    model = create_model_to_load(payload["arch"], **payload["kwargs"])
     load_state_dict_strict(model, payload["state_dict"], source=path)
     return model, payload
 
@@ -108,6 +108,6 @@ def load_model(source: str, arch: str | None = None, input_size: int | None = No
         input_size = _iresnet_input_size(state)
     if input_size is None:
         raise ConfigError(f"{source}: cannot infer the input size of this {arch} checkpoint; pass --input-size")
-    model = create_model(arch, input_size=input_size)
+    model = create_model_to_load(arch, input_size=input_size)
     load_state_dict_strict(model, state, source=source)
     return model.eval(), input_size
