@@ -1,11 +1,11 @@
 """The training engine: exact resume after a kill, preemption, divergence, config changes, safe saves."""
 
+import contextlib
 import errno
 import json
+import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +20,39 @@ from distill.utils.checkpoint import safe_torch_load
 from distill.utils.errors import CheckpointError
 
 HERE = Path(__file__).resolve().parent
-CHILD = [sys.executable, str(HERE / "engine_child.py")]
+
+
+def _child_main(out: str) -> None:
+    """engine_child.py's main, slowed so that it can be interrupted, its lines in OUT/../child.out; exits with
+    its code (75: preempted)."""
+    import engine_child
+    with open(Path(out).parent / "child.out", "w") as log, contextlib.redirect_stdout(log):
+        code = engine_child.main(out, 0.01)
+    os._exit(code)
+
+
+class _Child:
+    """The stage to interrupt, in a forked copy of this process: the test's imports are done, so it starts in
+    milliseconds where `python engine_child.py` spends seconds importing torch and timm. Popen's poll,
+    send_signal and wait."""
+
+    def __init__(self, out):
+        self.out = Path(out)
+        self.process = multiprocessing.get_context("fork").Process(target=_child_main, args=(str(out),))
+        self.process.start()
+
+    def poll(self):
+        return self.process.exitcode
+
+    def send_signal(self, sig) -> None:
+        os.kill(self.process.pid, sig)
+
+    def wait(self, timeout: float = 60) -> int:
+        self.process.join(timeout)
+        return self.process.exitcode
+
+    def printed(self) -> str:
+        return (self.out.parent / "child.out").read_text()
 
 
 def _run(out, **train):
@@ -82,7 +114,8 @@ def test_run_writes_the_stage_files(tmp_path):
 
 
 def test_kill_then_rerun_equals_uninterrupted_bit_for_bit(tmp_path, uninterrupted):
-    proc = subprocess.Popen(CHILD + [str(tmp_path), "0.01"])
+    proc = _Child(tmp_path / "stage")
+    tmp_path = tmp_path / "stage"
     _wait_for_step(tmp_path, 4, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -95,11 +128,11 @@ def test_kill_then_rerun_equals_uninterrupted_bit_for_bit(tmp_path, uninterrupte
 
 
 def test_sigterm_checkpoints_and_exits_cleanly_then_resumes(tmp_path, uninterrupted):
-    proc = subprocess.Popen(CHILD + [str(tmp_path), "0.01"], stdout=subprocess.PIPE, text=True)
+    proc = _Child(tmp_path / "stage")
+    tmp_path = tmp_path / "stage"
     _wait_for_step(tmp_path, 2, proc)
     proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 75 and "SIGTERM received" in out
+    assert proc.wait() == 75 and "SIGTERM received" in proc.printed()
     assert safe_torch_load(tmp_path / "last.pt")["step"] < 12
     _child_in_this_process(tmp_path)
     assert _same(_final_weights(tmp_path), _final_weights(uninterrupted))
