@@ -1,4 +1,5 @@
-"""A torchrun job's ranks, forked from the test process: each gets torchrun's environment (WORLD_SIZE, RANK,
+"""Processes forked from the test process, its imports done (cli_in_fork: one `distill` command as a new process
+would run it); and a torchrun job's ranks, forked so: each gets torchrun's environment (WORLD_SIZE, RANK,
 LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and runs `distill.cli.main(argv)`, as
 `torchrun --nproc_per_node=N -m distill.cli ...` does (or any function, as torchrun runs a script): the same code,
 without N+1 fresh interpreters importing torch and timm (seconds each on this CPU). torchrun itself adds only its
@@ -62,3 +63,21 @@ def cli_ranks(tmp, world: int, argv: list) -> tuple[list, list]:
     _start(tmp, world, _rank, (argv,))
     codes = [int((tmp / f"rank{r}.code").read_text()) for r in range(world)]
     return codes, [(tmp / f"rank{r}.out").read_text() for r in range(world)]
+
+
+def _cli_child(log: str, cwd: str, argv: list) -> None:
+    os.chdir(cwd)
+    with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = main(list(argv))
+        sys.stdout.flush()
+    os._exit(code)
+
+
+def cli_in_fork(argv: list, cwd, log) -> tuple[int, str]:
+    """(exit code, what it printed) of `distill <argv>` run in `cwd` by a forked copy of this process: a fresh
+    `python -m distill.cli` without its seconds of imports, and this process's state (working folder, torch's
+    threads) left as it was."""
+    process = multiprocessing.get_context("fork").Process(target=_cli_child, args=(str(log), str(cwd), argv))
+    process.start()
+    process.join()
+    return process.exitcode, open(log).read()

@@ -4,14 +4,12 @@ were made and how expected.json was computed)."""
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import REPO
+from forked_ranks import cli_in_fork
 
 OLD_RUNS = REPO / "tests" / "fixtures" / "old_runs"
 EXPECTED = json.loads((OLD_RUNS / "expected.json").read_text())
@@ -60,10 +58,9 @@ def test_an_old_interrupted_run_directory_resumes_bit_identically(run, tmp_path)
     steps_before = _steps(run_dir / stopped / "metrics.jsonl")
     assert max(steps_before) == 2
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "distill.cli", "run", f"{run}.yaml", "--out", run, "--no-progress"],
-                          cwd=copy, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    # `distill run` as a new process would run it (tests/forked_ranks.py: a fork, without the imports)
+    code, printed = cli_in_fork(["run", f"{run}.yaml", "--out", run, "--no-progress"], copy, tmp_path / "run.log")
+    assert code == 0, printed[-4000:]
 
     # the finished stages were not trained again, the stopped one went on from its step 2 (an exact resume and
     # a restart from scratch reach the same digits: the metrics log tells them apart)
