@@ -147,7 +147,8 @@ def cosface(embedding_size, num_classes, s=64.0, m=0.4, **options):
 
 @register_head
 def combined(embedding_size, num_classes, s=64.0, m1=1.0, m2=0.5, m3=0.0, **options):
-    """Combined margin (insightface): target logit s·(cos(m1·θ + m2) − m3); defaults are ArcFace's."""
+    """Combined margin (insightface's MXNet formula): target logit s·(cos(m1·θ + m2) − m3); defaults are ArcFace's.
+    arcface_torch's CombinedMarginLoss drops m1 and m2 whenever m3 > 0 (margin_head.py's module docstring)."""
     return MarginHead(embedding_size, num_classes, s=s, m1=m1, m2=m2, m3=m3, **options)
 
 

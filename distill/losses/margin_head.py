@@ -13,9 +13,11 @@ so acos is never differentiated at ±1 (its derivative is infinite there); other
 acos(clamp(cosθ, −1+eps, 1−eps)). Past θ* = (π − m2)/m1 the angle m1·θ + m2 wraps beyond π and
 cos(m1·θ + m2) would rise again, rewarding a worse embedding. There the target logit is
 cosθ − m3 − (1 + cos θ*): it meets the margin curve at θ* (both equal −1 − m3) and keeps falling, so the
-target logit is continuous and monotone in θ. (arcface_torch's ArcFace class uses cosθ − m·sin m there,
-which jumps at θ*; its CombinedMarginLoss has no fallback. The region is θ > 151° for m = 0.5, which a
-target class leaves within the first steps of training.)
+target logit is continuous and monotone in θ. (arcface_torch's ArcFace used cosθ − m·sin m there until
+December 2022, which jumps at θ*, and has no fallback since; its CombinedMarginLoss has none either, and
+whenever m3 > 0 it applies cosθ − m3 alone, dropping m1 and m2, so its combined target differs from
+insightface's MXNet formula above, which this head follows. The region is θ > 151° for m = 0.5, which a
+target class leaves within the first steps of training. docs/methods.md has the comparison.)
 
 Gradients. By default the gradient is the true gradient of the margin logit. `straight_through=True`
 reproduces arcface_torch, which applies the margin without gradient: the forward value is the margin
