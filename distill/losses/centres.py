@@ -15,15 +15,17 @@ margin_distillation and proxyless_kd set the head's centres at every stage start
                          logits: z = scale · cos(e, W_t) over the teacher's centres for the student's embedding
                          (projected with distill.project when the sizes differ) and for the teacher's, no margin
                          on either; loss = τ² · KL(softmax(z_t / τ) ‖ softmax(z_s / τ)), mean over the global batch.
-                         Options: temperature τ (4, the value MarginDistillation's code uses for its KD
-                         baseline), scale (64, ArcFace's s). Sharded: the softmax's max and normaliser are
-                         reduced over the ranks' centre shards, as the margin head's are.
+                         Options: temperature τ (4, our choice: MarginDistillation's KD baseline computes the
+                         teacher's logits but never uses them, so no released code gives a τ to follow), scale
+                         (64, ArcFace's s). Sharded: the softmax's max and normaliser are reduced over the ranks'
+                         centre shards, as the margin head's are.
     margin_distillation  Svitov & Alyamkin, "MarginDistillation: distillation for margin-based softmax", 2020:
-                         the student's class centres start as the teacher's (trained with the student), and the
-                         ArcFace margin of each sample is m_i = m_min + (m_max − m_min) · c_i / max_batch c, with
-                         c_i = cos(t_i, W_{y_i}) the teacher embedding's cosine to the sample's (current) centre,
-                         the maximum over the global batch, as the authors' released code computes it (per sample,
-                         m_max 0.5, m_min 0.2, s from margin.s). Replaces the head's margin term (its m2); margin.m1
+                         the student's class centres start as the teacher's, and the ArcFace margin of each sample
+                         is m_i = m_min + (m_max − m_min) · c_i / max_batch c, with c_i = cos(t_i, W_{y_i}) the
+                         teacher embedding's cosine to the sample's (current) centre (per sample, as the authors'
+                         released code computes it; m_max 0.5, m_min 0.2, s from margin.s). Here the centres train
+                         with the student and the maximum is over the global batch; the authors' train.py freezes
+                         the teacher's centres and takes the maximum over one GPU's batch (docs/methods.md). Replaces the head's margin term (its m2); margin.m1
                          and m3 stay as configured (the paper: ArcFace, m1 = 1, m3 = 0).
     proxyless_kd         Shi et al., "ProxylessKD: Direct Knowledge Distillation with Inherited Classifier for
                          Face Recognition", 2020: the student's head is the teacher's classifier, frozen; the
