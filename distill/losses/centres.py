@@ -25,8 +25,9 @@ margin_distillation and proxyless_kd set the head's centres at every stage start
                          teacher embedding's cosine to the sample's (current) centre (per sample, as the authors'
                          released code computes it; m_max 0.5, m_min 0.2, s from margin.s). Here the centres train
                          with the student and the maximum is over the global batch; the authors' train.py freezes
-                         the teacher's centres and takes the maximum over one GPU's batch (docs/methods.md). Replaces the head's margin term (its m2); margin.m1
-                         and m3 stay as configured (the paper: ArcFace, m1 = 1, m3 = 0).
+                         the teacher's centres and takes the maximum over one GPU's batch (docs/methods.md).
+                         Replaces the head's margin term (its m2); margin.m1 and m3 stay as configured (the paper:
+                         ArcFace, m1 = 1, m3 = 0).
     proxyless_kd         Shi et al., "ProxylessKD: Direct Knowledge Distillation with Inherited Classifier for
                          Face Recognition", 2020: the student's head is the teacher's classifier, frozen; the
                          student trains with the usual margin loss against those centres, so its embeddings land
