@@ -78,7 +78,9 @@ def shrinkteanet_angular(student_emb, teacher_emb):
     """ShrinkTeaNet's angular loss: mean_i (1 − cos(t_i, s_i))².
 
     Paper: Duong et al. 2019, "ShrinkTeaNet: Million-scale Lightweight Face Recognition via Shrinking
-    Teacher-Student Networks". No options. Needs: teacher embeddings only."""
+    Teacher-Student Networks"; the squared form is VarGFaceNet's quote of it. No official code: the public
+    implementation linked to the paper (MarginDistillation's angular_distillation) computes mean_i (1 − cos), the
+    `cosine` loss. No options. Needs: teacher embeddings only."""
     s, t = _prepare(student_emb, teacher_emb)
     return (1.0 - _cos(s, t)).pow(2).mean()
 
@@ -239,10 +241,12 @@ class AdaDistill(nn.Module):
     centres, which replaces the classification term (no alpha × term is added; alpha > 0 turns it on).
     Early in training (student far from teacher) α is small and the centres follow the teacher; as the
     student aligns, α grows and the centres move less. Samples of one identity in a batch: their updated
-    centres are averaged (a choice: the paper does not say). Sharded heads: embeddings, labels and teacher
-    embeddings are gathered, and each rank updates the centres it holds. The centres are the head's weight,
-    so they are in last.pt already. Needs teacher and student embeddings of one size (the centres live in
-    the student's space).
+    centres are averaged (a choice: the paper does not say; the authors' indexed write keeps one). Sharded
+    heads: embeddings, labels and teacher embeddings are gathered, and each rank updates the centres it holds.
+    The centres are the head's weight, so they are in last.pt already, and they also train by SGD. The
+    authors' code (fdbtrs/AdaDistill) blends the raw centre, α W + (1 − α) t̂, and its optimizer holds only
+    the backbone (docs/methods.md). Needs teacher and student embeddings of one size (the centres live in the
+    student's space).
     """
 
     @torch.no_grad()
@@ -281,9 +285,11 @@ class EKD(nn.Module):
     In a batch (which needs repeated identities: data.images_per_id), S = the pairwise cosine similarities
     (pairs i < j), once for the student and once for the teacher. Positives: pairs of one identity;
     negatives: the `hard_negatives` pairs of different identities with the highest student similarity (all
-    of them when fewer). For each FAR r in `fars` the threshold a_r is the similarity that a share r of the
-    batch's negative pairs exceed (the ceil(r·N)-th highest, at least the highest), tracked by an EMA with
-    `momentum` (the first batch sets it), separately for student and teacher, without gradient. The soft
+    of them when fewer). For each FAR r in `fars` the threshold a_r is the ceil(r·N)-th highest of the batch's
+    N negative similarities (the highest when r·N < 1), so when r·N is whole r·N − 1 negatives exceed it;
+    TFace's code takes sorted_neg[int(r·N)], which r·N exceed (docs/methods.md). It is tracked by an EMA with
+    `momentum` (the first batch sets it; TFace's starts at zero), separately for student and teacher, without
+    gradient. The soft
     count of thresholds a similarity passes is c(x) = Σ_r σ((x − a_r) / `temperature`), and
 
         loss = `positive_weight` · MSE(c_s(S⁺_s), c_t(S⁺_t)) + `negative_weight` · MSE(c_s(S⁻_s), c_t(S⁻_t)),
