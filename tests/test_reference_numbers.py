@@ -90,3 +90,47 @@ def test_cosface_matches_arcface_torch():
     loss, grad = head_loss_and_grad("cosface")
     assert_matches(loss, grad, (15.8784584717828, -10.5630211590771, 8.09962004822395,
                                 [1.371607430706997, 1.603223455205251, -0.579898112728946]))
+
+
+def centre_inputs():
+    """seed 2: teacher centres W (10, 8) = randn; labels (0, 3, 3, 7, 9, 1); teacher = W[labels] + 0.5·randn(6, 8);
+    student = teacher + 0.5·randn(6, 8); float64."""
+    torch.manual_seed(2)
+    weight = torch.randn(10, 8, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 3, 7, 9, 1])
+    teacher = weight[labels] + 0.5 * torch.randn(6, 8, dtype=torch.float64)
+    student = teacher + 0.5 * torch.randn(6, 8, dtype=torch.float64)
+    return student.requires_grad_(), teacher, weight, labels
+
+
+def test_kd_on_margin_logits_matches_mdistiller():
+    """Source: megvii-research/mdistiller @ e8c5bb331e78c9d79a8894ca233caae78531cf7f, mdistiller/distillers/KD.py,
+    kd_loss(64·cos(ŝ, Ŵ), 64·cos(t̂, Ŵ), temperature=4) on centre_inputs(); gradient w.r.t. the student. Ours: `kd`
+    with its defaults (temperature 4, scale 64), the centres set through a one-rank softmax head."""
+    student, teacher, weight, _ = centre_inputs()
+    kd = create_distill_loss("kd")
+    kd.set_centres(weight, create_head("softmax", 8, 10).double())
+    loss = kd(student, teacher)
+    loss.backward()
+    assert_matches(loss, student.grad, (0.271342880196248, 0.398008799804369, 1.07535028456426,
+                                        [0.291049310864237, -0.263998917578685, 0.312143250571648]))
+
+
+def test_margin_distillation_matches_the_authors_train_py():
+    """Source: david-svitov/margindistillation @ 495ace6436fc7c608c77ab4782f35829f9757e59, train/train.py,
+    get_symbol, loss_name 'margin_distillation' (MXNet symbols re-typed op for op in torch: margin
+    m_i = (Mmax − Mmin)/max_batch c · c_i + Mmin with c_i = t̂_i·Ŵ_{y_i}, Mmax 0.5, Mmin 0.2, s 64, target logit
+    s·cos(arccos(cos θ) + m_i), then SoftmaxOutput(normalization='valid'), i.e. the mean cross-entropy) on
+    centre_inputs() with W as the student's (= the teacher's) centres; gradient w.r.t. the student's embeddings.
+    Ours: `margin_distillation` with its defaults, one rank, an `arcface` head (s 64)."""
+    student, teacher, weight, labels = centre_inputs()
+    head = create_head("arcface", 8, 10).double()
+    md = create_distill_loss("margin_distillation")
+    md.set_centres(weight, head)
+    margins = md.margins(head, labels, teacher)
+    assert margins.tolist() == pytest.approx([0.47029331785232, 0.5, 0.481733788085862, 0.482518373267695,
+                                              0.482977936629841, 0.488009403470031], abs=TOL)
+    loss, _ = md.classify(head, student, labels, teacher)
+    loss.backward()
+    assert_matches(loss, student.grad, (7.30580660607649, -9.4070096880256, 8.45282507530399,
+                                        [-1.179798598572989, 0.638285810182488, -1.383875566443233]))
