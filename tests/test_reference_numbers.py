@@ -16,6 +16,12 @@ from distill.losses.registry import create_distill_loss
 TOL = 1e-6
 
 
+def close(expected):
+    """Agreement to 1e-6, relative for numbers above 1e-3 (the small gradients of cc and sp would pass any
+    absolute 1e-6), else absolute to 1e-9."""
+    return pytest.approx(expected, rel=TOL, abs=1e-9)
+
+
 def relational_inputs():
     """seed 0: student (6, 8), then teacher (6, 12), both torch.randn in float64."""
     torch.manual_seed(0)
@@ -36,12 +42,12 @@ def head_inputs():
 
 
 def assert_matches(loss, grad, expected):
-    """loss, grad.sum(), grad.norm() and grad[0, :3] against the authors' numbers, each to 1e-6."""
+    """loss, grad.sum(), grad.norm() and grad[0, :3] against the authors' numbers, each to 1e-6 (`close`)."""
     value, grad_sum, grad_norm, first = expected
-    assert loss.item() == pytest.approx(value, abs=TOL)
-    assert grad.sum().item() == pytest.approx(grad_sum, abs=TOL)
-    assert grad.norm().item() == pytest.approx(grad_norm, abs=TOL)
-    assert grad[0, :3].tolist() == pytest.approx(first, abs=TOL)
+    assert loss.item() == close(value)
+    assert grad.sum().item() == close(grad_sum)
+    assert grad.norm().item() == close(grad_norm)
+    assert grad[0, :3].tolist() == close(first)
 
 
 def head_loss_and_grad(name, **options):
@@ -79,7 +85,7 @@ def test_arcface_default_has_arcface_torch_value_and_the_true_gradient():
     """Same source and inputs as above: the default `arcface` head (true gradient of the margin logit) has
     arcface_torch's loss value; its gradient is the true one, not arcface_torch's straight-through one."""
     loss, grad = head_loss_and_grad("arcface")
-    assert loss.item() == pytest.approx(15.44259024934, abs=TOL)
+    assert loss.item() == close(15.44259024934)
     assert abs(grad.sum().item() - (-10.606075013386)) > 1.0  # arcface_torch's gradient sum; ours: about -12.86
 
 
@@ -128,9 +134,33 @@ def test_margin_distillation_matches_the_authors_train_py():
     md = create_distill_loss("margin_distillation")
     md.set_centres(weight, head)
     margins = md.margins(head, labels, teacher)
-    assert margins.tolist() == pytest.approx([0.47029331785232, 0.5, 0.481733788085862, 0.482518373267695,
-                                              0.482977936629841, 0.488009403470031], abs=TOL)
+    assert margins.tolist() == close([0.47029331785232, 0.5, 0.481733788085862, 0.482518373267695,
+                                      0.482977936629841, 0.488009403470031])
     loss, _ = md.classify(head, student, labels, teacher)
     loss.backward()
     assert_matches(loss, student.grad, (7.30580660607649, -9.4070096880256, 8.45282507530399,
                                         [-1.179798598572989, 0.638285810182488, -1.383875566443233]))
+
+
+def test_cc_matches_tface():
+    """Source: Tencent/TFace @ 82c9cbbf77af427e6301e5eb9e6d76ea3038d0a1, recognition/tasks/ekd/distillation/cc.py,
+    CC(gamma=0.4, P_order=2) (F.mse_loss of the two Taylor-expanded correlation matrices) on relational_inputs();
+    gradient w.r.t. the student. Ours: `cc` with its defaults (gamma 0.4, order 2)."""
+    student, teacher = relational_inputs()
+    loss = create_distill_loss("cc")(student, teacher)
+    loss.backward()
+    assert_matches(loss, student.grad, (0.0216394287547855, 0.00876564200914487, 0.00979572084683705,
+                                        [-0.000534336740922, 0.001231498261237, 0.000742356822908]))
+
+
+def test_cosine_matches_tface():
+    """Source: Tencent/TFace @ 82c9cbbf77af427e6301e5eb9e6d76ea3038d0a1,
+    recognition/tasks/ekd/distillation/cosine_distance.py, Cosine_distance (1 − mean cos) on seed 0: student
+    randn(6, 8), then teacher randn(6, 8), float64; gradient w.r.t. the student. Ours: `cosine`."""
+    torch.manual_seed(0)
+    student = torch.randn(6, 8, dtype=torch.float64).requires_grad_()
+    teacher = torch.randn(6, 8, dtype=torch.float64)
+    loss = create_distill_loss("cosine")(student, teacher)
+    loss.backward()
+    assert_matches(loss, student.grad, (1.22145379178774, -0.0733985586646419, 0.146314505571754,
+                                        [0.031733048987393, 0.00104880539176, -0.017898444725811]))
