@@ -17,9 +17,10 @@ margin_distillation and proxyless_kd set the head's centres at every stage start
                          on either; loss = τ² · KL(softmax(z_t / τ) ‖ softmax(z_s / τ)), mean over the global batch.
                          Options: temperature τ (4: the T of MarginDistillation's KD baseline configuration,
                          `margin_base_with_T`, whose code computes the teacher's logits but never uses them: its
-                         term is the student's softmax at T against the hard label, so no released code computes
-                         this loss at τ = 4), scale (64, ArcFace's s). Sharded: the softmax's max and normaliser
-                         are reduced over the ranks' centre shards, as the margin head's are.
+                         term is the student's softmax at T against the hard label; mdistiller's kd_loss is the
+                         reference, tests/test_reference_numbers.py), scale (64, ArcFace's s). Sharded: the
+                         softmax's max and normaliser are reduced over the ranks' centre shards, as the margin
+                         head's are.
     margin_distillation  Svitov & Alyamkin, "MarginDistillation: distillation for margin-based softmax", 2020:
                          the student's class centres start as the teacher's, and the ArcFace margin of each sample
                          is m_i = m_min + (m_max − m_min) · c_i / max_batch c, with c_i = cos(t_i, W_{y_i}) the
