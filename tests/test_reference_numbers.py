@@ -164,3 +164,16 @@ def test_cosine_matches_tface():
     loss.backward()
     assert_matches(loss, student.grad, (1.22145379178774, -0.0733985586646419, 0.146314505571754,
                                         [0.031733048987393, 0.00104880539176, -0.017898444725811]))
+
+
+def test_l2_matches_tface_hint_loss():
+    """Source: Tencent/TFace @ 82c9cbbf77af427e6301e5eb9e6d76ea3038d0a1, recognition/tasks/ekd/distillation/fitnet.py,
+    HintLoss (nn.MSELoss on the embeddings: the face-KD tables' FitNet baseline) on seed 0: student randn(6, 8),
+    then teacher randn(6, 8), float64; gradient w.r.t. the student. Ours: `l2`."""
+    torch.manual_seed(0)
+    student = torch.randn(6, 8, dtype=torch.float64).requires_grad_()
+    teacher = torch.randn(6, 8, dtype=torch.float64)
+    loss = create_distill_loss("l2")(student, teacher)
+    loss.backward()
+    assert_matches(loss, student.grad, (2.56871968730448, -0.695222765887695, 0.462666158198371,
+                                        [0.03478685303704, -0.010813315986741, -0.114875798294195]))
