@@ -14,9 +14,9 @@ acos(clamp(cosθ, −1+eps, 1−eps)). Past θ* = (π − m2)/m1 the angle m1·�
 cos(m1·θ + m2) would rise again, rewarding a worse embedding. There the target logit is
 cosθ − m3 − (1 + cos θ*): it meets the margin curve at θ* (both equal −1 − m3) and keeps falling, so the
 target logit is continuous and monotone in θ. (arcface_torch's ArcFace and CombinedMarginLoss used
-cosθ − m·sin m there from January to December 2022, which jumps at θ*, and have no fallback since; and
-whenever m3 > 0 it applies cosθ − m3 alone, dropping m1 and m2, so its combined target differs from
-insightface's MXNet formula above, which this head follows. The region is θ > 151° for m = 0.5, which a
+cosθ − m·sin m there in 2022 until December, which jumps at θ*, and have no fallback since. Whenever
+m3 > 0 its CombinedMarginLoss applies cosθ − m3 alone, dropping m1 and m2, so its combined target differs
+from insightface's MXNet formula above, which this head follows. The region is θ > 151° for m = 0.5, which a
 target class leaves within the first steps of training. docs/methods.md has the comparison.)
 
 Gradients. By default the gradient is the true gradient of the margin logit. `straight_through=True`
