@@ -20,6 +20,8 @@ is a config error), and it must be a torch model (an ONNX file gives no intermed
                          between a regressed student map (1×1 conv + BN to the teacher's channels, trained
                          with the student; resized bilinearly to the teacher's size when they differ) and the
                          teacher's map at each chosen stage (default the second to last), summed over stages.
+                         The paper trains the hint alone first, then the whole student with KD (its two
+                         stages); here the hint is one term of the one objective, trained from the start.
 
 Both resizes are F.adaptive_avg_pool2d's and F.interpolate's (bilinear, align_corners=False) numbers, computed as
 two matrix products (`resize`): those ops have no deterministic CUDA backward, so `deterministic: true` would
