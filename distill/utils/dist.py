@@ -20,6 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from distill.utils.device import resolve_device
 from distill.utils.errors import ConfigError, DistillError
 
 # Long enough for the longest step one rank does alone while the others wait (config `dist.timeout_minutes`).
@@ -35,22 +36,14 @@ _WAIT_GROUP = None  # the gloo group the waits use when the default group is not
 
 
 def _uses_cuda(device: str, world: int) -> bool:
-    """Whether the ranks train on GPUs (`device` as the config gives it); `cuda:N` with several ranks refused."""
-    device = device or "auto"
-    if device == "auto":
+    """Whether the ranks train on GPUs (`device` as the config gives it, checked by the one resolver:
+    distill.utils.device.resolve_device); `cuda:N` with several ranks refused."""
+    if (device or "auto") == "auto":
         return torch.cuda.is_available()
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"key 'device': {device!r} is not a device; use auto, cpu or cuda") from None
-    if parsed.type == "cpu":
-        return False
-    if parsed.type == "cuda" and parsed.index is not None:
+    parsed = resolve_device(device)  # a device, cpu or cuda, a GPU this machine has
+    if parsed.type == "cuda" and torch.device(device).index is not None:
         raise ConfigError(f"key 'device': {device!r} with {world} ranks: every rank would use GPU {parsed.index}; "
                           f"use device: cuda or auto under torchrun, torchrun gives each rank its GPU")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"key 'device': {device!r} but CUDA is not available to torch {torch.__version__}; "
-                          f"use device: cpu (or auto)")
     return parsed.type == "cuda"
 
 
