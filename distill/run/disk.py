@@ -18,7 +18,7 @@ import shutil
 import torch
 
 from distill.models.registry import create_model, resolve
-from distill.utils.atomic import full_disk
+from distill.utils.atomic import full_disk, human
 from distill.utils.errors import ConfigError, DistillError
 from distill.utils.layout import BASELINE, CacheLayout, RunLayout, generation_name
 from teachers.prepare import needs_cache, teacher_source
@@ -28,14 +28,6 @@ MARGIN = 1.10  # metrics logs, W&B offline files, JSON: a tenth on top of the co
 
 class DiskSpaceError(DistillError, OSError):
     """The run directory's disk cannot hold what the run will write."""
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000.0
-    return f"{n:.1f} TB"  # pragma: no cover
 
 
 _COUNTS: dict = {}  # (constructor, arch, kwargs) -> parameter_count: a sweep's points ask for the same few models

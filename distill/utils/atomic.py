@@ -40,17 +40,23 @@ def full_disk(err: BaseException | None) -> OSError | None:
     return None
 
 
+def human(n: float) -> str:
+    """A byte count as people read it: '512 B', '354.4 MB' (decimal units, as disk tools show them)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000.0
+    return f"{n:.1f} TB"
+
+
 def free_space(path) -> str:
     """'FOLDER has N MB free' for the folder of `path` ('' when it cannot be measured)."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
-        free = float(shutil.disk_usage(folder).free)
+        free = shutil.disk_usage(folder).free
     except OSError:
         return ""
-    units = ["B", "KB", "MB", "GB", "TB"]
-    while free >= 1000 and len(units) > 1:
-        free, units = free / 1000.0, units[1:]
-    return f"{folder} has {free:.1f} {units[0]} free"
+    return f"{folder} has {human(free)} free"
 
 
 @contextmanager
