@@ -207,23 +207,16 @@ def _joined(directory: str, key: dict, rank: int, world_size: int, batch_size: i
     return manifest
 
 
-def _all_ranks(value, collective: bool) -> list:
-    """`value` of every rank (a picklable object), in rank order; [value] without a process group. Through the
-    process group's waits (gloo, bounded by dist.timeout_minutes), as rank 0 prepares and finishes alone."""
-    return ddp.all_gather_objects(value) if collective else [value]
-
-
 def _settle(err, collective: bool, step: str, directory: str) -> None:
     """Every rank learns whether any rank failed at `step` (no rank is left waiting for another): the rank that
-    failed raises its own exception, the others a DistillError naming it."""
-    notes = _all_ranks(None if err is None else f"{type(err).__name__}: {err}", collective)
-    if err is not None:
-        raise err
-    for r, note in enumerate(notes):
-        if note is not None:
-            raise DistillError(f"{directory}: the teacher cache {step} stopped on rank {r} ({note}); the rows "
-                               f"written so far are kept: see rank {r}'s message, then rerun the same command with "
-                               f"the same number of processes to resume")
+    failed raises its own exception, the others a DistillError naming it (distill.utils.dist.any_failure, through
+    the process group's waits: gloo, bounded by dist.timeout_minutes)."""
+    failed = ddp.any_failure(err, collective)
+    if failed:
+        r, note = failed
+        raise DistillError(f"{directory}: the teacher cache {step} stopped on rank {r} ({note}); the rows "
+                           f"written so far are kept: see rank {r}'s message, then rerun the same command with "
+                           f"the same number of processes to resume")
 
 
 def _embed(online: OnlineTeacher, dataset, directory: str, manifest: dict, rank: int, world_size: int, start: int,

@@ -23,17 +23,11 @@ def rank_rows(num_rows: int, batch_size: int, rank: int, world_size: int) -> tup
     return min(lo * batch_size, num_rows), min(hi * batch_size, num_rows)
 
 
-def _note(err: BaseException | None) -> str | None:
-    return None if err is None else f"{type(err).__name__}: {err}"
-
-
 def _settle(err: Exception | None, notes: list, what: str) -> None:
     """Every rank stops when any rank failed: the failing one with its own error, the others naming it."""
-    if err is not None:
-        raise err
-    for r, note in enumerate(notes):
-        if note:
-            raise DistillError(f"{what} stopped on rank {r} ({note})")
+    failed = ddp.first_failure(err, notes)
+    if failed:
+        raise DistillError(f"{what} stopped on rank {failed[0]} ({failed[1]})")
 
 
 def gather_rows(embed, num_rows: int, batch_size: int, what: str) -> list:
@@ -45,7 +39,7 @@ def gather_rows(embed, num_rows: int, batch_size: int, what: str) -> list:
         value = embed(start, stop) if stop > start else None
     except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
         err = e
-    parts = ddp.all_gather_objects((start, stop, None if err else value, _note(err)))
+    parts = ddp.all_gather_objects((start, stop, None if err else value, ddp.failure_note(err)))
     _settle(err, [note for *_, note in parts], what)
     return [(a, b, v) for a, b, v, _ in parts]
 
@@ -58,6 +52,6 @@ def on_rank0(compute, what: str):
             value = compute()
         except Exception as e:  # noqa: BLE001 - reported to every rank, then re-raised
             err = e
-    value, note = ddp.from_rank0((None if err else value, _note(err)))
+    value, note = ddp.from_rank0((None if err else value, ddp.failure_note(err)))
     _settle(err, [note], what)
     return value

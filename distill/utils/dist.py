@@ -95,24 +95,42 @@ def barrier() -> None:
         dist.barrier(group=_WAIT_GROUP)
 
 
+def failure_note(err: BaseException | None) -> str | None:
+    """'Type: message' of a rank's failure, as the other ranks are told it; None when it did not fail."""
+    return None if err is None else f"{type(err).__name__}: {err}"
+
+
+def first_failure(err: BaseException | None, notes: list) -> tuple | None:
+    """After every rank shared its failure_note (`notes`, rank order): the rank that failed re-raises `err`; the
+    others get (rank, note) of the first rank that failed, to raise their own error naming it; None when none did.
+    So a rank that stops never leaves the others waiting in a later collective."""
+    if err is not None:
+        raise err
+    return next(((r, note) for r, note in enumerate(notes) if note is not None), None)
+
+
+def any_failure(err: BaseException | None, collective: bool = True) -> tuple | None:
+    """first_failure over every rank's note, shared now (one all-gather; `collective` False: this rank's alone)."""
+    note = failure_note(err)
+    return first_failure(err, all_gather_objects(note) if collective else [note])
+
+
 def rank0_first(fn):
     """Run `fn` on rank 0, then on the other ranks (which find its files ready: synthetic data, cache). When it
     raises on rank 0, rank 0 raises its error and the other ranks a DistillError naming it, at once (not after the
     timeout, waiting for a rank that has stopped)."""
     if not is_distributed():
         return fn()
+    out, err = None, None
     if dist.get_rank() == 0:
         try:
             out = fn()
-        except BaseException as err:
-            from_rank0(f"{type(err).__name__}: {err}")
-            raise
-        from_rank0(None)
-        return out
-    failed = from_rank0(None)
+        except BaseException as e:  # noqa: BLE001 - told to every rank, then re-raised (first_failure)
+            err = e
+    failed = first_failure(err, [from_rank0(failure_note(err))])
     if failed:
-        raise DistillError(f"rank 0 stopped before this rank could go on ({failed})")
-    return fn()
+        raise DistillError(f"rank 0 stopped before this rank could go on ({failed[1]})")
+    return out if dist.get_rank() == 0 else fn()
 
 
 def from_rank0(value):
