@@ -8,7 +8,8 @@ import torch
 from tiny import tiny_config, whole_and_resumed
 
 import teachers
-from distill.losses.distillation import AdaDistill, DistillationObjective
+from distill.losses.adadistill import AdaDistill
+from distill.losses.distillation import DistillationObjective
 from distill.losses.heads import create_head
 from distill.losses.registry import create_distill_loss, requirements
 from distill.train.engine import StageSpec

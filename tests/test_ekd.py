@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.losses.distillation import EKD, DistillationObjective
+from distill.losses.distillation import DistillationObjective
+from distill.losses.ekd import EKD
 from distill.losses.registry import create_distill_loss, requirements
 from distill.utils.errors import ConfigError
 

@@ -42,13 +42,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.losses.registry import create_distill_loss, register_loss, requirements
-from distill.losses.requirements import Requirements
 from distill.losses.term_checks import Setting, check_terms
 from distill.losses.terms import LossTerm
 from distill.utils.errors import CheckpointError, ConfigError
 
 
-def _prepare(student: torch.Tensor, teacher: torch.Tensor):
+def prepare_pair(student: torch.Tensor, teacher: torch.Tensor):
     """Check shapes, detach the teacher and bring both to one dtype of at least float32 precision."""
     if student.dim() != 2 or student.shape != teacher.shape:
         raise ConfigError(f"distillation loss needs student and teacher embeddings of one shape (batch, dim), got "
@@ -69,7 +68,7 @@ def equivalent_angular(student_emb, teacher_emb):
 
     Paper: VarGFaceNet (Yan et al., arXiv 1910.04985), weight alpha = 7. No options. Needs: teacher embeddings
     of the student's size (or distill.project: linear). Tested: tests/test_losses.py (hand-computed)."""
-    s, t = _prepare(student_emb, teacher_emb)
+    s, t = prepare_pair(student_emb, teacher_emb)
     return (F.normalize(t, dim=1) - F.normalize(s, dim=1)).pow(2).sum(1).mean()
 
 
@@ -81,14 +80,14 @@ def shrinkteanet_angular(student_emb, teacher_emb):
     Teacher-Student Networks"; the squared form is VarGFaceNet's quote of it. No official code: the public
     implementation linked to the paper (MarginDistillation's angular_distillation) computes mean_i (1 − cos), the
     `cosine` loss. No options. Needs: teacher embeddings only."""
-    s, t = _prepare(student_emb, teacher_emb)
+    s, t = prepare_pair(student_emb, teacher_emb)
     return (1.0 - _cos(s, t)).pow(2).mean()
 
 
 @register_loss
 def cosine(student_emb, teacher_emb):
     """Cosine distance: mean_i (1 − cos(t_i, s_i)). No options; needs teacher embeddings only."""
-    s, t = _prepare(student_emb, teacher_emb)
+    s, t = prepare_pair(student_emb, teacher_emb)
     return (1.0 - _cos(s, t)).mean()
 
 
@@ -97,7 +96,7 @@ def l2(student_emb, teacher_emb):
     """Mean squared error of the raw embeddings, averaged over all batch × dim elements (F.mse_loss).
 
     Plain feature regression (FitNets-style); scale depends on the embeddings' norms. Needs teacher embeddings."""
-    s, t = _prepare(student_emb, teacher_emb)
+    s, t = prepare_pair(student_emb, teacher_emb)
     return F.mse_loss(s, t, reduction="mean")
 
 
@@ -227,120 +226,3 @@ class DistillationObjective(nn.Module):
                                   f"needs {sorted(expected) or 'nothing'} (distill.loss, distill.terms or "
                                   f"distill.project changed?)")
         self.load_state_dict({**{k: v for k, v in self.state_dict().items() if k.startswith("head.")}, **state})
-
-
-@register_loss("adadistill", requires=Requirements(sizes="same", replaces_classification=True))
-class AdaDistill(nn.Module):
-    """AdaDistill (Boutros et al., ECCV 2024): the teacher's knowledge goes into the student's class centres.
-
-    For each sample i of identity y_i, with ŝ_i, t̂_i the normalised student and teacher embeddings and Ŵ_y the
-    normalised class centre, computed without gradient:
-        α_i = clip(cos(ŝ_i, t̂_i) · clip(cos(Ŵ_{y_i}, t̂_i), 1e-6, 1), 1e-6, 1)
-        W_{y_i} ← α_i Ŵ_{y_i} + (1 − α_i) t̂_i
-    then the head's usual margin loss (the paper: ArcFace s = 64, m = 0.45; here margin.*) on the updated
-    centres, which replaces the classification term (no alpha × term is added; alpha > 0 turns it on).
-    Early in training (student far from teacher) α is small and the centres follow the teacher; as the
-    student aligns, α grows and the centres move less. Samples of one identity in a batch: their updated
-    centres are averaged (a choice: the paper does not say; the authors' indexed write keeps one). Sharded
-    heads: embeddings, labels and teacher embeddings are gathered, and each rank updates the centres it holds.
-    The centres are the head's weight, so they are in last.pt already, and they also train by SGD. The
-    authors' code (fdbtrs/AdaDistill) blends the raw centre, α W + (1 − α) t̂, and its optimizer holds only
-    the backbone (docs/methods.md). Needs teacher and student embeddings of one size (the centres live in the
-    student's space).
-    """
-
-    @torch.no_grad()
-    def update_centres(self, head, student_emb, labels, teacher_emb) -> torch.Tensor:
-        """Move the centres of this batch's identities (those this rank holds) toward the teacher; returns the α
-        of every sample of the global batch whose centre is on this rank."""
-        s, t = _prepare(student_emb, teacher_emb)
-        shard = head.centre_shard()
-        comm = shard.comm
-        labels = labels.reshape(-1).long()
-        sizes = comm.batch_sizes(labels.shape[0], labels.device)
-        s_hat = comm.gather_rows(F.normalize(s, dim=1), sizes)
-        t_hat = comm.gather_rows(F.normalize(t, dim=1), sizes)
-        local, mine = shard.local(comm.gather_rows(labels, sizes))
-        rows, s_hat, t_hat = local[mine], s_hat[mine], t_hat[mine]
-        w_hat = F.normalize(head.local_centres()[rows].to(t_hat.dtype), dim=1)
-        alpha = ((s_hat * t_hat).sum(1) * (w_hat * t_hat).sum(1).clamp(1e-6, 1.0)).clamp(1e-6, 1.0)
-        updated = alpha[:, None] * w_hat + (1.0 - alpha[:, None]) * t_hat
-        classes, inverse = rows.unique(return_inverse=True)
-        summed = updated.new_zeros(len(classes), updated.shape[1]).index_add_(0, inverse, updated)
-        counts = torch.bincount(inverse, minlength=len(classes)).to(summed.dtype)
-        head.update_local_centres(classes, summed / counts[:, None])
-        return alpha
-
-    def classify(self, head, student_emb, labels, teacher_emb):
-        alpha = self.update_centres(head, student_emb, labels, teacher_emb)
-        loss, logs = head(student_emb, labels)
-        return loss, {**logs, "ada_alpha": alpha.mean() if alpha.numel() else alpha.new_zeros(())}
-
-
-@register_loss("ekd", requires=Requirements(labels=True, images_per_id=True))
-class EKD(nn.Module):
-    """EKD, evaluation-oriented knowledge distillation (Huang et al., CVPR 2022): match where pairs fall relative
-    to the verification thresholds, for student and teacher, instead of matching embeddings.
-
-    In a batch (which needs repeated identities: data.images_per_id), S = the pairwise cosine similarities
-    (pairs i < j), once for the student and once for the teacher. Positives: pairs of one identity;
-    negatives: the `hard_negatives` pairs of different identities with the highest student similarity (all
-    of them when fewer). For each FAR r in `fars` the threshold a_r is the ceil(r·N)-th highest of the batch's
-    N negative similarities (the highest when r·N < 1), so when r·N is whole r·N − 1 negatives exceed it;
-    TFace's code takes sorted_neg[int(r·N)], which r·N exceed (docs/methods.md). It is tracked by an EMA with
-    `momentum` (the first batch sets it; TFace's starts at zero), separately for student and teacher, without
-    gradient. The soft
-    count of thresholds a similarity passes is c(x) = Σ_r σ((x − a_r) / `temperature`), and
-
-        loss = `positive_weight` · MSE(c_s(S⁺_s), c_t(S⁺_t)) + `negative_weight` · MSE(c_s(S⁻_s), c_t(S⁻_t)),
-
-    added to the classification loss as alpha × loss: distill.alpha: 1 gives the paper's
-    ArcFace + 0.02·MSE⁺ + 0.01·MSE⁻. The thresholds are buffers: saved in last.pt, resumed.
-    """
-
-    def __init__(self, fars=(1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6), hard_negatives: int = 2000, momentum: float = 0.01,
-                 temperature: float = 0.01, positive_weight: float = 0.02, negative_weight: float = 0.01):
-        super().__init__()
-        self.fars = tuple(float(r) for r in fars)
-        self.hard_negatives, self.momentum, self.temperature = int(hard_negatives), float(momentum), float(temperature)
-        self.positive_weight, self.negative_weight = float(positive_weight), float(negative_weight)
-        self.register_buffer("thresholds", torch.zeros(2, len(self.fars)))  # [student, teacher] x FAR
-        self.register_buffer("seen", torch.zeros((), dtype=torch.long))     # batches folded into the EMA
-
-    def batch_thresholds(self, negatives: torch.Tensor) -> torch.Tensor:
-        """a_r of one batch: the ceil(r·N)-th highest negative similarity (the highest when r·N < 1)."""
-        ordered = negatives.detach().sort(descending=True).values
-        n = ordered.numel()
-        index = torch.tensor([max(math.ceil(r * n) - 1, 0) for r in self.fars], device=ordered.device)
-        return ordered[index]
-
-    def soft_count(self, x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid((x[:, None] - thresholds[None, :]) / self.temperature).sum(1)
-
-    def forward(self, student_emb, teacher_emb, labels):
-        s, t = _prepare(student_emb, teacher_emb)
-        s, t = F.normalize(s, dim=1), F.normalize(t, dim=1)
-        i, j = torch.triu_indices(len(s), len(s), offset=1, device=s.device)
-        labels = labels.reshape(-1)
-        same = labels[i] == labels[j]
-        if not bool(same.any()):
-            raise ConfigError("distill.loss ekd: this batch holds no two images of one identity; set "
-                              "data.images_per_id (e.g. 4) so every batch repeats identities")
-        sim_s, sim_t = (s[i] * s[j]).sum(1), (t[i] * t[j]).sum(1)
-        neg_s, neg_t = sim_s[~same], sim_t[~same]
-        if neg_s.numel() == 0:
-            raise ConfigError("distill.loss ekd: this batch holds only one identity; lower data.images_per_id so a "
-                              "batch holds several identities")
-        with torch.no_grad():
-            batch = torch.stack([self.batch_thresholds(neg_s), self.batch_thresholds(neg_t)])
-            if self.training:
-                if int(self.seen) == 0:
-                    self.thresholds.copy_(batch)
-                else:
-                    self.thresholds.mul_(1 - self.momentum).add_(self.momentum * batch)
-                self.seen += 1
-            thresholds = self.thresholds.to(sim_s.dtype) if int(self.seen) else batch
-        hard = neg_s.detach().topk(min(self.hard_negatives, neg_s.numel())).indices
-        pos_term = F.mse_loss(self.soft_count(sim_s[same], thresholds[0]), self.soft_count(sim_t[same], thresholds[1]))
-        neg_term = F.mse_loss(self.soft_count(neg_s[hard], thresholds[0]), self.soft_count(neg_t[hard], thresholds[1]))
-        return self.positive_weight * pos_term + self.negative_weight * neg_term
