@@ -26,6 +26,7 @@ def stage_objective(cfg, spec, head, model, signal, device) -> DistillationObjec
     objective.to(device)
     prepare_feature_loss(objective, model, signal, device)
     prepare_centres(objective, head, signal)
+    prepare_head(objective, head)
     return objective
 
 
@@ -40,3 +41,11 @@ def prepare_centres(objective, head, signal) -> None:
     full = signal.centres(head.num_classes)
     for _, fn in terms:
         fn.set_centres(full, head)
+
+
+def prepare_head(objective, head) -> None:
+    """Let each active term that defines `prepare_head(head)` set up the head before the optimizer is made (AdaDistill
+    with train_centres false freezes the centres, which then move only by its blend)."""
+    for _, fn, _ in objective.active():
+        if hasattr(fn, "prepare_head"):
+            fn.prepare_head(head)
