@@ -61,10 +61,12 @@ KEPT = [2, 3, 5, 7, 9, 10, 11, 16, 17, 18]   # int(0.5 · 20) = 10: the 4 positi
 REMAPPED = [0, 2, 2, 6, 8, 0]                 # LABELS as rows of the kept centres
 
 
-def test_arcface_straight_through_sampling_matches_partial_fc_v2():
+@pytest.mark.parametrize("name", ["arcface", "combined"])
+def test_arcface_straight_through_sampling_matches_partial_fc_v2(name):
     """PartialFC_V2(CombinedMarginLoss(64, 1, 0.5, 0), 8, 20, sample_rate=0.5) on the recipe: the kept classes,
-    the remapped labels, the loss and the gradients (embeddings, centres). Ours: `arcface`, straight_through."""
-    head, labels, loss, grad = sampled_forward("arcface", 0.5, LABELS, straight_through=True)
+    the remapped labels, the loss and the gradients (embeddings, centres). Ours: `arcface` and `combined` (its
+    defaults m1 1, m2 0.5, m3 0 are arcface), straight_through (arcface_torch's gradient)."""
+    head, labels, loss, grad = sampled_forward(name, 0.5, LABELS, straight_through=True)
     assert_reference(head, labels, loss, grad, KEPT, REMAPPED, (
         5.18495782727046, -3.02006150634089, 4.88671007288271,
         [0.02313608322513, -0.036049482965015, -0.092894105896794], -4.17443626611552, 6.3796634933415))
@@ -76,6 +78,15 @@ def test_cosface_sampling_matches_partial_fc_v2():
     assert_reference(head, labels, loss, grad, KEPT, REMAPPED, (
         5.03243239100959, -2.81232921022855, 4.82987172163391,
         [0.014666459630259, -0.022852540832142, -0.058887567129102], -4.27774198275436, 6.2613013598924))
+
+
+def test_softmax_sampling_matches_partial_fc_v2():
+    """PartialFC_V2(CombinedMarginLoss(64, 1, 0, 0), 8, 20, sample_rate=0.5) (arccos, + 0, cos: the normalised
+    softmax, whose straight-through gradient is the true one) on the recipe. Ours: `softmax`."""
+    head, labels, loss, grad = sampled_forward("softmax", 0.5, LABELS)
+    assert_reference(head, labels, loss, grad, KEPT, REMAPPED, (
+        0.0318482104500061, 0.0564674245143804, 0.446110028109738,
+        [1.24e-13, -1.92e-13, -4.96e-13], -0.142831835314512, 0.666286859509452))
 
 
 def test_more_positives_than_the_sample_size_keeps_exactly_the_positives_as_partial_fc_v2():
