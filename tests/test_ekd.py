@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from distill.losses.distillation import DistillationObjective
-from distill.losses.ekd import EKD
-from distill.losses.registry import create_distill_loss, requirements
+from distill.losses.ekd import EKD, threshold_position
+from distill.losses.registry import check_loss_options, create_distill_loss, requirements
 from distill.utils.errors import ConfigError
 
 
@@ -22,8 +22,9 @@ def sigmoid(x):
 
 def test_thresholds_ema_and_loss_by_hand():
     """Batch of 4 (identities 0, 0, 1, 1), 2-d embeddings at known angles; FAR levels 0.5 and 0.25 so that the
-    4 negative pairs give thresholds by hand: a_0.5 = 2nd highest negative, a_0.25 = the highest."""
-    ekd = EKD(fars=(0.5, 0.25), hard_negatives=3)
+    4 negative pairs give thresholds by hand, under the options of before issue 38 ("ceil": a_0.5 = 2nd highest
+    negative, a_0.25 = the highest; "first_batch": the first batch sets the running thresholds)."""
+    ekd = EKD(fars=(0.5, 0.25), hard_negatives=3, threshold_index="ceil", warm_start="first_batch")
     labels = torch.tensor([0, 0, 1, 1])
     # step 1. student at 0, 30, 90, 120 degrees: negatives (0,2) (0,3) (1,2) (1,3) = cos 90, 120, 60, 90
     #                                             = 0, -0.5, 0.5, 0 -> a_0.5 = 0, a_0.25 = 0.5
@@ -48,6 +49,62 @@ def test_thresholds_ema_and_loss_by_hand():
         + 0.01 * np.mean((count(neg_s, a_s) - count(neg_t, a_t)) ** 2)
     assert loss == pytest.approx(expected, rel=1e-6)  # the thresholds are float32 buffers
     assert int(ekd.seen) == 2
+
+
+def test_the_defaults_take_tfaces_index_and_start_the_thresholds_at_zero():
+    """The first batch of the test above under the defaults ("floor", "zero"). Sorted negatives: student 0.5, 0, 0,
+    −0.5; teacher cos 50, 0.5, 0.5, cos 70. "floor" takes sorted[int(r·N)]: r·N = 2 and 1, both whole, so a_0.5 =
+    sorted[2] and a_0.25 = sorted[1] (student 0, 0; teacher 0.5, 0.5), which 2 and 1 negatives exceed; the running
+    thresholds start at 0 and move by momentum 0.01 towards them."""
+    ekd = EKD(fars=(0.5, 0.25), hard_negatives=3)
+    assert (ekd.threshold_index, ekd.warm_start, ekd.batch) == ("floor", "zero", "global")
+    labels = torch.tensor([0, 0, 1, 1])
+    loss = ekd(unit([0, 30, 90, 120]), unit([0, 10, 60, 70]), labels).item()
+    a_s, a_t = np.array([0.0, 0.0]), np.array([0.005, 0.005])
+    assert ekd.thresholds.tolist() == [pytest.approx(a_s.tolist(), abs=1e-12), pytest.approx(a_t.tolist())]
+    c = lambda d: math.cos(math.radians(d))  # noqa: E731 - cos of degrees
+    count = lambda x, a: sigmoid((np.asarray(x)[:, None] - a[None, :]) / 0.01).sum(1)  # noqa: E731 - the soft count
+    pos_s, pos_t = [c(30), c(30)], [c(10), c(10)]                 # pairs (0,1) and (2,3)
+    neg_s, neg_t = [c(60), c(90), c(90)], [c(50), c(60), c(60)]   # the 3 hardest by student similarity
+    expected = 0.02 * np.mean((count(pos_s, a_s) - count(pos_t, a_t)) ** 2) \
+        + 0.01 * np.mean((count(neg_s, a_s) - count(neg_t, a_t)) ** 2)
+    assert loss == pytest.approx(expected, rel=1e-6)
+    # the student's two negatives at 0 sit on both of its thresholds (count σ(0) + σ(0) = 1), every other pair is far
+    # above every threshold (count 2): only those two differ from the teacher's 2
+    assert loss == pytest.approx(0.01 * (0 + 1 + 1) / 3, rel=1e-6)
+
+
+@pytest.mark.parametrize(("far", "n", "floor", "ceil"), [
+    (0.1, 160, 16, 15),         # r·N whole: 16 exceed TFace's, 15 exceed the ceil one
+    (0.1, 165, 16, 16),         # r·N = 16.5: the two agree
+    (1 / 3, 54, 18, 17),        # whole, though 1/3 is not a float: 54 · (1/3) counts as 18
+    (1e-6, 160, 0, 0),          # r·N < 1: the highest
+])
+def test_threshold_index_floor_is_int_r_n_and_ceil_the_ceil_r_n_th_highest(far, n, floor, ceil):
+    assert threshold_position(far, n, "floor") == floor and threshold_position(far, n, "ceil") == ceil
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"threshold_index": "round"}, "threshold_index must be one of 'floor', 'ceil', got 'round'"),
+    ({"warm_start": "first"}, "warm_start must be one of 'zero', 'first_batch', got 'first'"),
+    ({"batch": "all"}, "batch must be one of 'global', 'device', got 'all'"),
+    ({"fars": [0.1, 1.0]}, "every FAR in fars must lie between 0 and 1"),
+])
+def test_a_bad_option_value_names_the_allowed_ones(options, message):
+    with pytest.raises(ValueError, match=message):
+        EKD(**options)
+    with pytest.raises(ConfigError, match=rf"key 'distill.terms\[0\]': .*{message}"):
+        check_loss_options("ekd", options, "distill.terms[0]")
+
+
+def test_before_any_training_batch_first_batch_uses_the_batch_and_zero_the_zero_thresholds():
+    torch.manual_seed(0)
+    s, t, labels = torch.randn(8, 6), torch.randn(8, 6), torch.arange(4).repeat_interleave(2)
+    seeded, zero = EKD(warm_start="first_batch").eval(), EKD().eval()
+    assert seeded(s, t, labels) != zero(s, t, labels)
+    assert int(seeded.seen) == int(zero.seen) == 0 and not seeded.thresholds.any() and not zero.thresholds.any()
+    trained = EKD(warm_start="first_batch")
+    assert trained(s, t, labels).item() == pytest.approx(seeded(s, t, labels).item())  # the batch's thresholds
 
 
 def test_default_levels_gradients_and_contract():
