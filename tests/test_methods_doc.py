@@ -74,20 +74,32 @@ def problems(names, text: str, tests_dir: Path) -> list[str]:
     return out
 
 
+def shipped_methods() -> set[str]:
+    """The registered losses and heads whose code is in the distill package (a test's own registration, left
+    behind by another test module in the same process, is not a method of the project)."""
+    losses = {name for name, fn in DISTILL_LOSSES.items() if fn.__module__.startswith("distill.")}
+    heads = {name for name, entry in HEADS.items() if entry.factory.__module__.startswith("distill.")}
+    return losses | heads
+
+
 def test_every_registered_loss_and_head_has_a_row_naming_its_test():
-    names = set(DISTILL_LOSSES) | set(HEADS)
-    found = problems(names, METHODS.read_text(), ROOT / "tests")
+    found = problems(shipped_methods(), METHODS.read_text(), ROOT / "tests")
     assert not found, "docs/methods.md:\n" + "\n".join(found)
 
 
 def test_a_loss_or_head_registered_without_a_row_fails_the_check():
-    @register_loss(name="undocumented_dummy")
     def undocumented_dummy(student, teacher):
         return (student - teacher).pow(2).mean()
 
-    register_head(lambda embedding_size, num_classes: torch.nn.Identity(), name="undocumented_head")
+    def undocumented_head(embedding_size, num_classes):
+        return torch.nn.Identity()
+
+    for fn in (undocumented_dummy, undocumented_head):
+        fn.__module__ = "distill.losses.undocumented"  # as if a new module of the package registered them
+    register_loss(undocumented_dummy)
+    register_head(undocumented_head)
     try:
-        found = problems(set(DISTILL_LOSSES) | set(HEADS), METHODS.read_text(), ROOT / "tests")
+        found = problems(shipped_methods(), METHODS.read_text(), ROOT / "tests")
     finally:
         unregister_loss("undocumented_dummy")
         unregister_head("undocumented_head")
