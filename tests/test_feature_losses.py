@@ -26,15 +26,23 @@ def test_attention_map_and_loss_by_hand():
     s = torch.tensor([[[[1.0, 2.0]], [[3.0, 0.0]]]])
     a = attention_map(s)
     assert torch.allclose(a, torch.tensor([[5.0, 2.0]]) / math.sqrt(29))
-    # the teacher's attention (3 channels, other values) [1, 0] after normalising: the loss is |a_s - a_t|^2
+    # the teacher's attention (3 channels, other values) [1, 0] after normalising: |a_s - a_t|^2 summed over the
+    # two positions, and by default (the authors' at_loss) averaged over them
     t = torch.tensor([[[[2.0, 0.0]], [[0.0, 0.0]], [[1.0, 0.0]]]])
-    expected = (5 / math.sqrt(29) - 1) ** 2 + (2 / math.sqrt(29)) ** 2
-    loss = AttentionTransfer(stages=(0,))([s], [t])
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    summed = (5 / math.sqrt(29) - 1) ** 2 + (2 / math.sqrt(29)) ** 2
+    assert AttentionTransfer(stages=(0,))([s], [t]).item() == pytest.approx(summed / 2, rel=1e-6)
+    assert AttentionTransfer(stages=(0,), reduction="sum")([s], [t]).item() == pytest.approx(summed, rel=1e-6)
+    # a batch of two: "mean" is over batch × positions, "sum" over positions then mean over the batch
+    s2, t2 = torch.cat([s, s]), torch.cat([t, torch.ones(1, 3, 1, 2)])  # the second teacher: uniform, [1, 1]/√2
+    uniform = (5 / math.sqrt(29) - 1 / math.sqrt(2)) ** 2 + (2 / math.sqrt(29) - 1 / math.sqrt(2)) ** 2
+    assert AttentionTransfer(reduction="sum")([s2], [t2]).item() == pytest.approx((summed + uniform) / 2, rel=1e-6)
+    assert AttentionTransfer()([s2], [t2]).item() == pytest.approx((summed + uniform) / 4, rel=1e-6)
     # two stages add; a teacher map of another size is pooled to the student's: [5, 2] vs mean of 2x2 -> 1x2
     big = torch.tensor([[[[2.0, 0.0, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0]]]])  # |f|^2 = [[4,0,0,0],[4,0,0,0]] -> [2, 0]
-    assert AttentionTransfer()([s, s], [t, big]).item() == pytest.approx(2 * expected, rel=1e-6)
+    assert AttentionTransfer()([s, s], [t, big]).item() == pytest.approx(summed, rel=1e-6)
     assert requirements("attention_transfer").feature_maps
+    with pytest.raises(ValueError, match="reduction must be one of mean, sum, got 'max'"):
+        AttentionTransfer(reduction="max")
 
 
 def test_the_objective_adds_alpha_times_the_feature_loss():

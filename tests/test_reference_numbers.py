@@ -177,3 +177,41 @@ def test_l2_matches_tface_hint_loss():
     loss.backward()
     assert_matches(loss, student.grad, (2.56871968730448, -0.695222765887695, 0.462666158198371,
                                         [0.03478685303704, -0.010813315986741, -0.114875798294195]))
+
+
+def test_rkd_matches_lenscloth_rkd():
+    """Source: lenscloth/RKD @ 21fae208ea58a60f8e273e6eeadad195e97284c2, metric/loss.py, RkdDistance and RKdAngle
+    (pdist from metric/utils.py; Huber 'mean' over the whole b × b distance matrix and b³ angle tensor, the
+    degenerate entries included), 25 × distance + 50 × angle, on relational_inputs(); gradient w.r.t. the student.
+    Tencent/TFace @ 82c9cbb, recognition/tasks/ekd/distillation/rkd.py, RKDLoss gives the same. Ours: `rkd` with
+    its defaults (pairs "all")."""
+    student, teacher = relational_inputs()
+    loss = create_distill_loss("rkd")(student, teacher)
+    loss.backward()
+    assert_matches(loss, student.grad, (3.5206080161702, -2.70616862252382e-16, 2.10973818447858,
+                                        [0.670607742897541, 0.255708163604799, 0.215304871032154]))
+    student, teacher = relational_inputs()  # the two parts, as the authors' two modules return them
+    assert create_distill_loss("rkd", angle_weight=0.0, distance_weight=1.0)(student, teacher).item() == \
+        close(0.0438043711870664)
+    assert create_distill_loss("rkd", angle_weight=1.0, distance_weight=0.0)(student, teacher).item() == \
+        close(0.0485099747298708)
+
+
+def maps_inputs():
+    """seed 3: student maps randn(2, 3, 4, 4), then teacher maps randn(2, 5, 4, 4), float64."""
+    torch.manual_seed(3)
+    student = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    teacher = torch.randn(2, 5, 4, 4, dtype=torch.float64)
+    return student.requires_grad_(), teacher
+
+
+def test_attention_transfer_matches_szagoruyko_at_loss():
+    """Source: szagoruyko/attention-transfer @ 893df5488f93691799f082a70e2521a9dc2ddf2d, utils.py, at and at_loss
+    ((at(x) − at(y)).pow(2).mean(): the mean over batch × H·W positions), one stage, on maps_inputs(); gradient
+    w.r.t. the student's maps, flattened per image. Ours: `attention_transfer` with its defaults (p 2, reduction
+    "mean") on that one stage."""
+    student, teacher = maps_inputs()
+    loss = create_distill_loss("attention_transfer", stages=[0])([student], [teacher])
+    loss.backward()
+    assert_matches(loss, student.grad.flatten(1), (0.0361475071691385, -0.000415961398735025, 0.0118222230777887,
+                                                   [0.000165142142574, -0.00074067984798, 0.000974708647082]))

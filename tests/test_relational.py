@@ -23,7 +23,8 @@ def huber(x: float) -> float:
 
 def test_rkd_by_hand():
     # a similar triangle (twice as large) has the same normalised distances and angles: nothing to learn
-    assert create_distill_loss("rkd")(RIGHT, 2 * RIGHT).item() == pytest.approx(0.0, abs=1e-12)
+    for pairs in ("all", "distinct"):
+        assert create_distill_loss("rkd", pairs=pairs)(RIGHT, 2 * RIGHT).item() == pytest.approx(0.0, abs=1e-12)
     line = torch.tensor([[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]], dtype=torch.float64)
     # distances / their mean: student (1, 1, √2) / ((2 + √2) / 3), teacher (1, 2, 1) / (4 / 3)
     ms, mt = (2 + math.sqrt(2)) / 3, 4 / 3
@@ -34,10 +35,16 @@ def test_rkd_by_hand():
     # triplets with i != j, k != j hold each of these twice and 6 with i == k (cos 1 on both sides)
     r = 1 / math.sqrt(2)
     angle = 2 * sum(huber(a - b) for a, b in zip([0, r, r], [1, -1, 1], strict=True)) / 12
-    rkd_distance = create_distill_loss("rkd", distance_weight=1.0, angle_weight=0.0)
-    assert rkd_distance(RIGHT, line).item() == pytest.approx(distance)
-    assert create_distill_loss("rkd", distance_weight=0.0, angle_weight=1.0)(RIGHT, line).item() == pytest.approx(angle)
-    assert create_distill_loss("rkd")(RIGHT, line).item() == pytest.approx(25 * distance + 50 * angle)
+    # pairs "distinct": those means; "all" (the default, the authors'): the same sums over the 9 pairs and 27
+    # triplets, the degenerate ones 0 on both sides
+    for pairs, d_scale, a_scale in (("distinct", 1, 1), ("all", 6 / 9, 12 / 27)):
+        rkd_distance = create_distill_loss("rkd", distance_weight=1.0, angle_weight=0.0, pairs=pairs)
+        assert rkd_distance(RIGHT, line).item() == pytest.approx(distance * d_scale)
+        rkd_angle = create_distill_loss("rkd", distance_weight=0.0, angle_weight=1.0, pairs=pairs)
+        assert rkd_angle(RIGHT, line).item() == pytest.approx(angle * a_scale)
+    assert create_distill_loss("rkd")(RIGHT, line).item() == pytest.approx(25 * distance * 6 / 9 + 50 * angle * 12 / 27)
+    with pytest.raises(ValueError, match="rkd: pairs must be one of all, distinct, got 'some'"):
+        create_distill_loss("rkd", pairs="some")
 
 
 def test_cc_by_hand():

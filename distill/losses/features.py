@@ -10,12 +10,14 @@ is a config error), and it must be a torch model (an ONNX file gives no intermed
 
     attention_transfer   Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017: per stage the
                          spatial attention a(f) = mean over channels of |f|^p (p = 2), flattened and
-                         L2-normalised per image; the loss is sum over stages of mean_i |a(s_i) − a(t_i)|².
+                         L2-normalised per image; the loss is the sum over stages of (a(s) − a(t))² reduced by
+                         `reduction`: "mean" (default, the authors' at_loss in szagoruyko/attention-transfer:
+                         the mean over batch × H·W positions, so a stage's weight does not grow with its map) or
+                         "sum" (summed over positions, mean over the batch: H·W times "mean"). The authors weight
+                         the "mean" loss by β = 1000 (`--beta 1e+3` in their README's commands; the paper writes
+                         β/2 with β = 10³ / (H·W · batch)): distill.alpha 1000 is their recipe.
                          Channels may differ (attention has none); spatial sizes that differ are brought to
                          the smaller by adaptive average pooling of the attention before normalising.
-                         The paper's reference code averages (a_s − a_t)² over batch × positions and weights it
-                         β/2 = 500; this sum over positions is H·W times that mean, so the paper's weight is
-                         distill.alpha ≈ 500 / (H·W) per stage (e.g. ~10 for 7×7 maps).
     fitnet               Romero et al., "FitNets: Hints for Thin Deep Nets", ICLR 2015: mean squared error
                          between a regressed student map (1×1 conv + BN to the teacher's channels, trained
                          with the student; resized bilinearly to the teacher's size when they differ) and the
@@ -73,36 +75,43 @@ def resize(x: torch.Tensor, size: tuple, mode: str) -> torch.Tensor:
 
 
 def attention_map(feature: torch.Tensor, p: float = 2.0, size: tuple | None = None) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H·W): mean over channels of |f|^p, pooled to `size` if given, L2-normalised per image."""
-    a = feature.float().abs().pow(p).mean(1, keepdim=True)
+    """(B, C, H, W) -> (B, H·W): mean over channels of |f|^p, pooled to `size` if given, L2-normalised per image;
+    in float32 at least (half-precision maps are cast, float64 stays)."""
+    a = feature.to(torch.promote_types(feature.dtype, torch.float32)).abs().pow(p).mean(1, keepdim=True)
     if size is not None and tuple(a.shape[-2:]) != tuple(size):
         a = resize(a, size, "pool")
     return F.normalize(a.flatten(1), dim=1)
+
+
+REDUCTIONS = ("mean", "sum")
 
 
 @register_loss("attention_transfer", requires=MAPS)
 class AttentionTransfer(nn.Module):
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017); see the module docstring for the formula.
 
-    Options: p (2, the paper's), stages (feature indices, default the last three). Needs: the student's and the
+    Options: p (2, the paper's), stages (feature indices, default the last three), reduction ("mean": the authors'
+    at_loss, over batch × positions; "sum": over positions, mean over the batch). Needs: the student's and the
     teacher's feature maps at those stages (an online torch teacher). Tested: tests/test_feature_losses.py
-    (hand-computed)."""
+    (hand-computed), tests/test_reference_numbers.py (the authors' at_loss numbers)."""
 
-    def __init__(self, p: float = 2.0, stages: tuple = (-3, -2, -1)):
+    def __init__(self, p: float = 2.0, stages: tuple = (-3, -2, -1), reduction: str = "mean"):
         super().__init__()
         if not isinstance(p, (int, float)) or p <= 0:
             raise ValueError(f"attention_transfer: p must be a positive number, got {p!r}")
-        self.p, self.stages = float(p), tuple(int(s) for s in stages)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"attention_transfer: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+        self.p, self.stages, self.reduction = float(p), tuple(int(s) for s in stages), reduction
 
     def extra_repr(self) -> str:
-        return f"p={self.p}, stages={self.stages}"
+        return f"p={self.p}, stages={self.stages}, reduction={self.reduction}"
 
     def forward(self, student_maps: list, teacher_maps: list) -> torch.Tensor:
         total = None
         for s, t in zip(student_maps, teacher_maps, strict=True):
             size = tuple(min(a, b) for a, b in zip(s.shape[-2:], t.shape[-2:], strict=True))
-            diff = attention_map(s, self.p, size) - attention_map(t.detach(), self.p, size)
-            term = diff.pow(2).sum(1).mean()
+            squared = (attention_map(s, self.p, size) - attention_map(t.detach(), self.p, size)).pow(2)
+            term = squared.mean() if self.reduction == "mean" else squared.sum(1).mean()
             total = term if total is None else total + term
         return total
 

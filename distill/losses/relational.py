@@ -5,12 +5,14 @@ student and teacher embeddings may differ in size (relations have none), so no d
 
     rkd   Park et al., "Relational Knowledge Distillation", CVPR 2019.
           Distance-wise: ψ_D(i, j) = |e_i − e_j| / μ with μ the mean distance over the batch's pairs i ≠ j, for
-          student and teacher; Huber (smooth L1, δ = 1) between them, averaged over the ordered pairs i ≠ j.
-          Angle-wise: ψ_A(i, j, k) = cos ∠(e_i − e_j, e_k − e_j), Huber averaged over the triplets with i ≠ j,
-          k ≠ j. loss = distance_weight (25, the paper's) × distance + angle_weight (50) × angle, on the raw
-          embeddings as the paper does (the mean normalisation makes the distances scale-free). The paper's
-          reference code averages over the whole b × b (b³) tensor including the degenerate entries; the
-          average here leaves those (zero on both sides) out.
+          student and teacher; Huber (smooth L1, δ = 1) between them. Angle-wise: ψ_A(i, j, k) =
+          cos ∠(e_i − e_j, e_k − e_j), Huber between them. loss = distance_weight (25, the paper's) × distance +
+          angle_weight (50) × angle, on the raw embeddings as the paper does (the mean normalisation makes the
+          distances scale-free). `pairs` (default "all", the authors' code, lenscloth/RKD's RkdDistance and
+          RKdAngle): the Huber terms are averaged over the whole b × b matrix and b × b × b tensor, whose
+          degenerate entries (a pair i = j; a triplet with i = j or k = j) are 0 on both sides and only dilute
+          the mean; "distinct": over the b(b−1) pairs i ≠ j and the b(b−1)² triplets i ≠ j, k ≠ j, which is the
+          "all" value times b/(b−1) (distance) and b²/(b−1)² (angle).
     cc    Peng et al., "Correlation Congruence for Knowledge Distillation", ICCV 2019. On L2-normalised
           embeddings, the Gaussian RBF kernel k(x, y) = exp(−γ|x − y|²) = exp(−2γ) exp(2γ x·y) is replaced by its
           Taylor expansion of order P: k(x, y) ≈ Σ_{p=0..P} exp(−2γ) (2γ)^p / p! (x·y)^p. C is the batch's
@@ -48,44 +50,59 @@ def _pair(student, teacher, name: str, least: int = 2):
     return student.to(dtype), teacher.detach().to(dtype)
 
 
-def pair_distances(e: torch.Tensor) -> torch.Tensor:
-    """Distances |e_i − e_j| of the ordered pairs i ≠ j, divided by their mean (ψ_D of RKD)."""
+PAIRS = ("all", "distinct")
+
+
+def pair_distances(e: torch.Tensor, pairs: str = "all") -> torch.Tensor:
+    """ψ_D of RKD: |e_i − e_j| / μ, μ the mean distance over the pairs i ≠ j. `pairs` "all": the b × b matrix,
+    its diagonal 0 (the authors' code); "distinct": the b(b−1) ordered pairs i ≠ j only."""
     d = torch.cdist(e, e)
     off = ~torch.eye(len(e), dtype=torch.bool, device=e.device)
-    d = d[off]
-    return d / d.mean().clamp_min(1e-12)
+    scaled = d / d[off].mean().clamp_min(1e-12)
+    return scaled[off] if pairs == "distinct" else torch.where(off, scaled, torch.zeros_like(scaled))
 
 
-def triplet_angles(e: torch.Tensor) -> torch.Tensor:
-    """cos ∠(e_i − e_j, e_k − e_j) for the triplets with i ≠ j and k ≠ j (ψ_A of RKD)."""
+def triplet_angles(e: torch.Tensor, pairs: str = "all") -> torch.Tensor:
+    """ψ_A of RKD: cos ∠(e_i − e_j, e_k − e_j). `pairs` "all": the b × b × b tensor, 0 where i = j or k = j (a
+    zero vector's direction; the authors' code); "distinct": the triplets with i ≠ j and k ≠ j only."""
     n = len(e)
-    v = F.normalize(e[None, :, :] - e[:, None, :], dim=2)  # v[j, i] = unit(e_i − e_j)
+    v = F.normalize(e[None, :, :] - e[:, None, :], dim=2)  # v[j, i] = unit(e_i − e_j), 0 for i = j
     cos = torch.bmm(v, v.transpose(1, 2))                   # cos[j, i, k]
+    if pairs == "all":
+        return cos
     eye = torch.eye(n, dtype=torch.bool, device=e.device)
-    keep = ~(eye[:, :, None] | eye[:, None, :])              # i ≠ j and k ≠ j
-    return cos[keep]
+    return cos[~(eye[:, :, None] | eye[:, None, :])]       # i ≠ j and k ≠ j
 
 
 @register_loss("rkd", requires=Requirements(sizes="any", min_batch=3))  # the angle term's triplets
 class RKD(nn.Module):
     """RKD (Park et al., CVPR 2019), distance- and angle-wise; see the module docstring. Options: distance_weight
-    (25), angle_weight (50). Needs: teacher embeddings (the cache serves), batches of >= 3 images for the angle
-    term (2 with angle_weight 0). Tested: tests/test_relational.py (hand-computed)."""
+    (25), angle_weight (50), pairs ("all": the authors' means over the b² pairs and b³ triplets, the degenerate
+    ones included; "distinct": over the pairs i ≠ j and triplets i ≠ j, k ≠ j only). Needs: teacher embeddings (the
+    cache serves), batches of >= 3 images for the angle term (2 with angle_weight 0). Tested:
+    tests/test_relational.py (hand-computed), tests/test_reference_numbers.py (lenscloth/RKD's numbers)."""
 
-    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0):
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, pairs: str = "all"):
         super().__init__()
         if distance_weight < 0 or angle_weight < 0 or not math.isfinite(distance_weight + angle_weight):
             raise ValueError(f"rkd: distance_weight and angle_weight must be finite and >= 0, got "
                              f"{distance_weight!r}, {angle_weight!r}")
-        self.distance_weight, self.angle_weight = float(distance_weight), float(angle_weight)
+        if pairs not in PAIRS:
+            raise ValueError(f"rkd: pairs must be one of {', '.join(PAIRS)}, got {pairs!r}")
+        self.distance_weight, self.angle_weight, self.pairs = float(distance_weight), float(angle_weight), pairs
+
+    def extra_repr(self) -> str:
+        return f"distance_weight={self.distance_weight:g}, angle_weight={self.angle_weight:g}, pairs={self.pairs}"
 
     def forward(self, student_emb, teacher_emb):
         s, t = _pair(student_emb, teacher_emb, "rkd", 3 if self.angle_weight else 2)
         loss = s.new_zeros(())
         if self.distance_weight:
-            loss = loss + self.distance_weight * F.smooth_l1_loss(pair_distances(s), pair_distances(t))
+            distance = F.smooth_l1_loss(pair_distances(s, self.pairs), pair_distances(t, self.pairs))
+            loss = loss + self.distance_weight * distance
         if self.angle_weight:
-            loss = loss + self.angle_weight * F.smooth_l1_loss(triplet_angles(s), triplet_angles(t))
+            angle = F.smooth_l1_loss(triplet_angles(s, self.pairs), triplet_angles(t, self.pairs))
+            loss = loss + self.angle_weight * angle
         return loss
 
 
