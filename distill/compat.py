@@ -21,6 +21,9 @@ Entries (one section each below):
   `kind: iresnet, depth: N` -> `arch: iresnetN`; `kind: timm, name: X` -> `arch: timm/X`; `kind: facedistill`
   (`student:` / `model_kwargs:`) -> `arch:` with its arguments directly under `teacher`; `kind: onnx,
   checkpoint: F` -> `onnx: F`; with a ConfigDeprecationWarning saying what to write instead.
+- Loss options of a stage that started before last.pt recorded them (`LEGACY_LOSS_DEFAULTS`): each option's
+  default in that version, which the stage resumes under where the config leaves the option unset
+  (distill.train.state.started_terms), so it does not finish under other defaults than it started with.
 """
 
 from __future__ import annotations
@@ -186,3 +189,20 @@ def upgrade_legacy_teacher(spec: dict, error: type = ValueError) -> tuple[dict, 
     for key in ("depth", "name", "student", "model_kwargs"):
         spec.pop(key, None)
     return spec, f"teacher: 'kind: {kind}' is deprecated; write {new}"
+
+
+# ------------------------------------------------------------------------------------------ loss options
+# A stage's last.pt records every term's options (distill/train/state.py: `loss_options`, format
+# facedistill.train/3). A last.pt without that record was written before these options' defaults became the
+# authors' code (docs/methods.md), by code that computed what the values below say; such a stage resumes each term
+# with them for the options its config leaves unset, with one note. An option the loss does not take is skipped;
+# a value equal to the current default changes nothing.
+#   loss -> {option: what the code computed when last.pt recorded no options}
+LEGACY_LOSS_DEFAULTS: dict[str, dict[str, object]] = {
+    "adadistill": {"centre_update": "normalised", "train_centres": True, "same_class": "mean"},
+    "ekd": {"threshold_index": "ceil", "warm_start": "first_batch", "batch": "device"},
+    "margin_distillation": {"train_centres": True, "margin_max": "global"},
+    "rkd": {"pairs": "distinct"},
+    "attention_transfer": {"reduction": "sum"},
+    "shrinkteanet_angular": {"form": "squared"},
+}

@@ -65,7 +65,7 @@ from distill.train.setup import (
     preemption_signals,
     use_channels_last,
 )
-from distill.train.state import resume_state, save_state
+from distill.train.state import LastPt, read_last, resume_state, save_state
 from distill.train.tracking import LogWindow, Tracker, val_scalars
 from distill.train.update import replicate_outside_ddp, update
 from distill.utils.atomic import atomic_write_json
@@ -147,6 +147,7 @@ class _Stage:
     watch: _LossWatch | None = None  # the loss's finiteness, kept on the device
     decode: dict | None = None      # data.decode: cuda: images decoded, and on the CPU after nvJPEG failed
     centres_sha256: str | None = None  # the class centres' file (spec.centres) as this (re)start reads it
+    last: LastPt | None = None      # last.pt as _build read it (None: a fresh start); resume_state loads it
 
     def lap(self) -> None:
         """Add the time since the clock last (re)started to train_seconds, and restart it."""
@@ -175,9 +176,11 @@ def _model_and_head(cfg: ExperimentConfig, spec: StageSpec, num_classes: int, de
     return model, head
 
 
-def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, teacher, cache=None) -> _Stage:
-    """Device, seed, model, head, objective, optimizer, scheduler, scaler and DDP wrapper of a fresh stage.
-    `teacher`, `cache`: the stage's teacher signal, or what teachers.signal.stage_signal makes one of."""
+def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, teacher, cache=None,
+           log: logging.Logger | None = None) -> _Stage:
+    """Device, seed, model, head, objective, optimizer, scheduler, scaler and DDP wrapper of a fresh stage, and its
+    last.pt when it has one. `teacher`, `cache`: the stage's teacher signal, or what teachers.signal.stage_signal
+    makes one of; `log`: where notes go."""
     device = resolve_device(cfg.device)
     check_decode(cfg.data.decode, device, train_set)
     rank, world = dist_rank(), world_size()
@@ -198,7 +201,10 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
         centres_sha256 = named_files_sha256(spec.centres)
     # an online teacher moves to the device here; the signal keeps where its class centres are
     signal = stage_signal(teacher, cache, tr, device, centres=spec.centres)
-    objective = stage_objective(cfg, spec, head, model, signal, device)  # (FitNet's regressors: before the optimizer)
+    paths = StageLayout(stage_dir, spec.name)
+    last = read_last(paths.last, spec.name)  # a resumed stage's terms keep the options they started with
+    # (FitNet's regressors, and what a loss's options make trainable: before the optimizer)
+    objective = stage_objective(cfg, spec, head, model, signal, device, last, log)
     replicate_outside_ddp(objective.trained_modules(), world)  # as DDP does for the model
 
     # the full global batches of plan_epoch, and of plan_identity_epoch too (it has as many)
@@ -215,7 +221,6 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
     ddp = None
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    paths = StageLayout(stage_dir, spec.name)
     signal = signal.compiled(lambda m: maybe_compile(m, tr, "teacher")) if spec.alpha > 0 and signal else None
     return _Stage(cfg=cfg, spec=spec, device=device, rank=rank, world=world, paths=paths,
                   compat=_compat_key(cfg, spec, train_set, world), model=model, head=head, objective=objective,
@@ -224,7 +229,7 @@ def _build(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set, te
                   amp_dtype=amp_dtype, signal=signal, channels_last=use_channels_last(tr, device),
                   batches_per_epoch=int(steps_per_epoch * tr.accumulate), total_steps=total_steps,
                   decode={"images": 0, "cpu_fallback": 0} if cfg.data.decode == "cuda" else None,
-                  centres_sha256=centres_sha256)
+                  centres_sha256=centres_sha256, last=last)
 
 
 # ------------------------------------------------------------------------------------------ logging
@@ -398,10 +403,10 @@ def run_stage(cfg: ExperimentConfig, spec: StageSpec, stage_dir: str, train_set,
     (its TeacherCache), read from the cache (teachers.signal.stage_signal); needed when spec.alpha > 0.
     `logger`: where the stage's lines go (the run's: distill/run/context.py; default this module's logger)."""
     log = logger or logging.getLogger(__name__)
-    st = _build(cfg, spec, stage_dir, train_set, teacher, cache)  # refusals first: no stage folder is left behind
+    st = _build(cfg, spec, stage_dir, train_set, teacher, cache, log)  # refusals first: no stage folder is left behind
     os.makedirs(stage_dir, exist_ok=True)
     st.threads = apply_threads(plan_threads(loader_workers(cfg.data.num_workers, st.device.type), spec.train.threads))
-    if os.path.exists(st.paths.last):
+    if st.last is not None:
         resume_state(st, log)  # a stage resumes with the thread count it started with (its digits depend on it)
     how = describe_precision(spec.name, spec.train, st.device, st.signal.online if st.signal else None, st.model)
     if st.rank == 0:

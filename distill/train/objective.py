@@ -9,15 +9,18 @@ from distill.losses.term_checks import Setting, check_terms
 from distill.losses.terms import stage_terms
 from distill.models.files import model_embedding_size
 from distill.train.feature_taps import prepare_feature_loss
+from distill.train.state import started_terms
 
 
-def stage_objective(cfg, spec, head, model, signal, device) -> DistillationObjective:
+def stage_objective(cfg, spec, head, model, signal, device, last=None, log=None) -> DistillationObjective:
     """classification + the stage's terms (distill/losses/terms.py: stage_terms, every term at 0 in a stage that
-    does not distil), on `device`; `signal`: the stage's teacher signal (teachers/signal.py)."""
+    does not distil), on `device`; `signal`: the stage's teacher signal (teachers/signal.py). `last`: the stage's
+    last.pt when it resumes (distill/train/state.py: read_last); its terms keep the options they started with
+    (state.started_terms, notes to `log`)."""
     project = None
     if cfg.distill.project == "linear" and spec.alpha > 0 and signal is not None:
         project = (model_embedding_size(model), int(signal.embedding_size))
-    terms = stage_terms(cfg.distill, spec.alpha)
+    terms = started_terms(stage_terms(cfg.distill, spec.alpha), last, spec.name, log)
     if signal is not None:  # what the terms need against what this stage has (the sizes: preflight's, and each
         # loss's own shape check; a teacher given to run_stage need not state its embedding size)
         check_terms(terms, Setting(cached=signal.online is None, centres=bool(signal.centres_source),

@@ -12,34 +12,63 @@ shards restart their momentum.
 
 last.pt also records the SHA-256 of the class centres' file a stage reads (`centres_sha256`, StageSpec.centres:
 teacher.head, ...) as it was when the stage (re)started; a resume with a changed file says so in one note and goes
-on against the new file."""
+on against the new file.
+
+Format /3 adds `loss_options`: {term name: {option: value}}, every option of each term's loss (its default unless
+the term sets it), so that a stage resumes under the options it started with (`started_terms`, applied when the
+stage's objective is built, before its optimizer: an option may change what the optimizer holds). An option the
+config leaves unset keeps its recorded value when the default has changed since, with one note; one the config
+sets to another value is refused, naming its key. A last.pt without the record (/2, /1) resumes each term under
+the defaults of the code that wrote it (distill.compat.LEGACY_LOSS_DEFAULTS), with the same note."""
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import json
 import logging
+import os
 
 import torch
 
+from distill.compat import LEGACY_LOSS_DEFAULTS
 from distill.config.schema import to_dict
+from distill.losses.registry import loss_options
 from distill.utils.checkpoint import atomic_torch_save, capture_rng_state, restore_rng_state, safe_torch_load
 from distill.utils.dist import all_gather_objects
 from distill.utils.errors import CheckpointError
 from distill.utils.threads import apply_threads
 
-TRAIN_FORMAT = "facedistill.train/2"
+TRAIN_FORMAT = "facedistill.train/3"
+LOSS_OPTIONS = "loss_options"  # last.pt's record of every term's options (format /3)
+
+
+@dataclasses.dataclass(frozen=True)
+class LastPt:
+    """A stage's last.pt as the stage's build read it, once: its terms' options are decided from it before the
+    optimizer is made (`started_terms`), and `resume_state` loads the rest into the built stage."""
+    path: str
+    state: dict
+
+
+def read_last(path: str, stage: str) -> LastPt | None:
+    """The stage's last.pt (None: there is none, the stage starts from its beginning); an unreadable one is refused
+    saying what to do."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return LastPt(path, safe_torch_load(path, map_location="cpu"))
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}. Stage {stage} cannot resume from it: delete {path} to start the stage from "
+                              f"its beginning, or rerun with --restart-stage {stage} (which keeps the old stage "
+                              f"folder aside)") from None
 
 
 def resume_state(st, log: logging.Logger) -> None:
-    """Load last.pt into the freshly built stage: weights, optimizer, scheduler, scaler, counters, RNG; what it
-    notes goes to `log`."""
+    """Load last.pt (st.last, read when the stage was built) into the freshly built stage: weights, optimizer,
+    scheduler, scaler, counters, RNG; what it notes goes to `log`."""
     path, name = st.paths.last, st.spec.name
-    try:
-        ck = safe_torch_load(path, map_location="cpu")
-    except CheckpointError as err:
-        raise CheckpointError(f"{err}. Stage {name} cannot resume from it: delete {path} to start the stage from "
-                              f"its beginning, or rerun with --restart-stage {name} (which keeps the old stage "
-                              f"folder aside)") from None
+    ck, st.last = st.last.state, None  # (the stage keeps no second copy of the checkpoint once it is loaded)
     differ = sorted(k for k in st.compat if ck.get("compat", {}).get(k) != st.compat[k])
     if differ:
         raise CheckpointError(f"{path}: cannot resume: the config changed in a way that breaks it "
@@ -98,8 +127,73 @@ def save_state(st) -> None:
         "epoch": st.micro // bpe, "batch_in_epoch": st.micro % bpe,
         "train_seconds": st.train_seconds, "best": st.best, "rng": rng,
         "config": to_dict(st.cfg), "compat": st.compat, "threads": st.threads.threads if st.threads else None,
-        "centres_sha256": st.centres_sha256,
+        "centres_sha256": st.centres_sha256, LOSS_OPTIONS: recorded_options(st.objective.terms),
     }, st.paths.last)
+
+
+# ------------------------------------------------------------------------------------------ loss options
+
+def _options(loss: str) -> dict:
+    """{option: default} of registered loss `loss` (distill.losses.registry.loss_options), as plain values."""
+    return {k: _plain(v) for k, v in loss_options(loss).items() if v is not inspect.Parameter.empty}
+
+
+def _plain(value):
+    """An option's value as a config gives it and last.pt keeps it: tuples as lists."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def _shown(value) -> str:
+    """An option's value as a config writes it: ceil, true, [-2]."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def recorded_options(terms) -> dict:
+    """last.pt's `loss_options`: {term name: {option: value}}, every option of each term's loss, its default unless
+    the term sets it."""
+    return {t.name: {**_options(t.loss), **{k: _plain(v) for k, v in t.options.items()}} for t in terms}
+
+
+def started_terms(terms: list, last: LastPt | None, stage: str, log: logging.Logger | None = None) -> list:
+    """The stage's terms under the options it started with. A fresh stage (`last` None): as configured. A resumed
+    one: an option the config leaves unset takes the value its last.pt records, or, in a last.pt written before
+    that record, the value of the code that wrote it (LEGACY_LOSS_DEFAULTS), with one note per term that so keeps
+    a value other than today's default; an option the config sets to another value than the recorded one is a
+    CheckpointError naming its key (the options of a last.pt without the record were the config's: not compared)."""
+    if last is None:
+        return terms
+    log = log or logging.getLogger(__name__)
+    recorded = last.state.get(LOSS_OPTIONS)
+    out = []
+    for term in terms:
+        defaults = _options(term.loss)
+        if recorded is None:
+            started = LEGACY_LOSS_DEFAULTS.get(term.loss, {})
+            why = "its last.pt was written before last.pt recorded them: the defaults of then"
+        else:
+            started, why = recorded.get(term.name, {}), "recorded in its last.pt"
+            _refuse_changed(term, started, last.path, stage)
+        kept = {k: v for k, v in started.items() if k in defaults and k not in term.options and v != defaults[k]}
+        if kept:
+            label = term.name if term.name == term.loss else f"{term.name} ({term.loss})"
+            log.info(f"{stage}: note: term {label} resumes with the options it started with, "
+                     f"{', '.join(f'{k} {_shown(v)}' for k, v in kept.items())} ({why}; the defaults are now: "
+                     f"{', '.join(f'{k} {_shown(defaults[k])}' for k in kept)}); to train it under the current "
+                     f"defaults, rerun with --restart-stage {stage}")
+            term = dataclasses.replace(term, options={**term.options, **kept})
+        out.append(term)
+    return out
+
+
+def _refuse_changed(term, started: dict, path: str, stage: str) -> None:
+    """A CheckpointError when the config sets one of the term's options to another value than the stage started
+    with (an option the record lacks is left to the resume's other checks)."""
+    for option, value in term.options.items():
+        if option in started and _plain(value) != started[option]:
+            key = f"{term.key}.{option}" if term.key else f"{option} of term {term.name}"
+            raise CheckpointError(f"{path}: cannot resume: key '{key}' is {_shown(_plain(value))}, the stage started "
+                                  f"with {_shown(started[option])}; set it back to {_shown(started[option])}, or "
+                                  f"rerun with --restart-stage {stage} (which keeps the old stage folder aside)")
 
 
 def _head_moments(st) -> dict:
