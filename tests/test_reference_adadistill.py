@@ -6,8 +6,10 @@ as train/train_AdaDistill.py applies it, with the header called as that script c
 header(F.normalize(student), F.normalize(teacher), labels). Re-typed as released and run once in float64 outside
 this repository; only its outputs are here (docs/reference_numbers.md: the recipe). Its ArcFace applies the
 margin as acos, + m, cos with the gradient through it, which is our `arcface` head's default (true gradient); all
-target angles here are below 47°, far from θ* where the two heads' conventions part. Ours: `adadistill` with its
-defaults (centre_update raw, same_class last) on an `arcface` head (s 64, m 0.45), one rank; must agree to 1e-6."""
+target angles here are below 47°, far from θ* where the two heads' conventions part. Their margin lives in a
+float32 tensor (m_hot = torch.zeros(...) in the default dtype), so their m is 0.45 rounded to float32
+(0.44999998807907104): ours, at m 0.45, differs by ~6e-8 relative (at that m, by ~1e-15). Ours: `adadistill` with
+its defaults (centre_update raw, same_class last) on an `arcface` head (s 64, m 0.45), one rank; agreement to 1e-6."""
 
 import pytest
 import torch
