@@ -1,6 +1,7 @@
 """Run directories written by an earlier version (commit c38a1d9) and interrupted mid-stage resume with this code
 to the weights and metrics that version reached, bit for bit (tests/fixtures/old_runs; its README says how they
-were made and how expected.json was computed)."""
+were made and how expected.json was computed). A term whose loss's defaults changed since keeps the options that
+version computed with (distill.compat.LEGACY_LOSS_DEFAULTS) and the resume says so, once per term."""
 
 import hashlib
 import json
@@ -8,8 +9,12 @@ import shutil
 
 import pytest
 import torch
+import yaml
 from conftest import REPO
 from forked_ranks import cli_in_fork
+
+from distill.compat import LEGACY_LOSS_DEFAULTS
+from distill.losses.registry import loss_options
 
 OLD_RUNS = REPO / "tests" / "fixtures" / "old_runs"
 EXPECTED = json.loads((OLD_RUNS / "expected.json").read_text())
@@ -37,6 +42,21 @@ def outcome(run_dir) -> dict:
     return stages
 
 
+def old_defaults_kept(run) -> list:
+    """The note each term of `run` should resume with: the options whose default changed since the old code
+    (distill.compat.LEGACY_LOSS_DEFAULTS), which it keeps, as that code computed them."""
+    distill = yaml.safe_load((OLD_RUNS / f"{run}.yaml").read_text())["distill"]
+    notes = []
+    for term in distill.get("terms") or [{"loss": distill["loss"]}]:
+        now = {k: list(v) if isinstance(v, tuple) else v for k, v in loss_options(term["loss"]).items()}
+        kept = {k: v for k, v in LEGACY_LOSS_DEFAULTS.get(term["loss"], {}).items()
+                if k in now and k not in term and v != now[k]}
+        if kept:
+            notes.append(f"{STOPPED[run][1]}: note: term {term['loss']} resumes with the options it started with, "
+                         + ", ".join(f"{k} {json.dumps(v) if not isinstance(v, str) else v}" for k, v in kept.items()))
+    return notes
+
+
 def _steps(metrics_jsonl) -> list:
     return [json.loads(line)["step"] for line in metrics_jsonl.read_text().splitlines() if line.strip()]
 
@@ -61,6 +81,8 @@ def test_an_old_interrupted_run_directory_resumes_bit_identically(run, tmp_path)
     # `distill run` as a new process would run it (tests/forked_ranks.py: a fork, without the imports)
     code, printed = cli_in_fork(["run", f"{run}.yaml", "--out", run, "--no-progress"], copy, tmp_path / "run.log")
     assert code == 0, printed[-4000:]
+    # the stopped stage's terms resumed under the loss options the old code computed with, and said so
+    assert [line.split(" (")[0] for line in printed.splitlines() if ": note: term " in line] == old_defaults_kept(run)
 
     # the finished stages were not trained again, the stopped one went on from its step 2 (an exact resume and
     # a restart from scratch reach the same digits: the metrics log tells them apart)
