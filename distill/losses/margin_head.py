@@ -229,12 +229,17 @@ class MarginHead(nn.Module):
         return (cosine * self.s).scatter_(1, index, target * self.s)
 
     def _sample(self, local_labels: torch.Tensor) -> torch.Tensor:
-        """Sorted local ids of this step's classes: every positive, then random others up to the sample size."""
+        """Sorted local ids of this step's classes: every positive, then random others up to the sample size, as
+        arcface_torch's PartialFC_V2.sample (tests/test_reference_partial_fc.py): the scores are drawn by the CPU
+        generator on every device (so a seed keeps the same classes on a GPU as on a CPU), and when the positives
+        alone fill the sample nothing is drawn (the generator's state stays as theirs)."""
         n = self.num_local_classes
         positive = torch.bincount(local_labels + 1, minlength=n + 1)[1:] > 0  # label -1 lands in bin 0
-        score = torch.rand(n, device=local_labels.device).masked_fill_(positive, 2.0)
-        k = max(int(self.sample_rate * n), int(positive.sum()), 1)
-        return score.topk(k).indices.sort().values
+        num_positive, num_sample = int(positive.sum()), int(self.sample_rate * n)
+        if num_positive > num_sample:
+            return positive.nonzero().view(-1)
+        score = torch.rand(n).to(local_labels.device).masked_fill_(positive, 2.0)
+        return score.topk(max(num_sample, 1)).indices.sort().values
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, margins: torch.Tensor | None = None):
         """(loss, logs): cross-entropy over all ranks' classes of the global batch; logs hold detached tensors.
