@@ -98,6 +98,21 @@ def test_margin_distillation_margins_and_loss_by_hand():
     assert "loss_kd/margin_distillation" not in logs and logs["md_margin"].item() == pytest.approx(0.35)
 
 
+def test_margin_distillation_freezes_the_teachers_centres_unless_train_centres():
+    centres = torch.randn(3, 3, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 2, 0])
+    student, teacher = torch.randn(4, 3, dtype=torch.float64, requires_grad=True), centres[labels]
+    for train_centres in (False, True):  # false: the authors' fixed_param_names; true: trained with the student
+        head = _head(torch.randn(3, 3, dtype=torch.float64))
+        objective = DistillationObjective(head, loss="margin_distillation", alpha=1.0, train_centres=train_centres)
+        objective.distill_loss.set_centres(centres, head)
+        assert torch.equal(head.weight.detach(), centres) and head.weight.requires_grad is train_centres
+        objective(student, labels, teacher)[0].backward()
+        assert (head.weight.grad is not None) is train_centres
+    with pytest.raises(ValueError, match="margin_max must be one of device, global, got 'batch'"):
+        create_distill_loss("margin_distillation", margin_max="batch")
+
+
 def test_proxyless_kd_trains_against_the_teachers_frozen_head():
     centres = torch.randn(4, 3, dtype=torch.float64)
     head = _head(torch.randn(4, 3, dtype=torch.float64))
@@ -134,13 +149,24 @@ def test_a_stage_with_the_teachers_centres_resumes_bit_identically(tmp_path, mon
     if loss == "proxyless_kd":
         assert torch.equal(whole["head_weight"], centres)  # the inherited classifier never moved
     elif loss == "margin_distillation":
-        assert not torch.equal(whole["head_weight"], centres)  # started there, then trained
+        assert torch.equal(whole["head_weight"], centres)  # the teacher's centres, frozen (train_centres: false)
 
 
 # ------------------------------------------------------------------------------------------- two gloo ranks
 
 E, C, B = 4, 5, 6           # 5 classes: shards of 3 and 2; 6 samples, 3 per rank
 ROWS = [(0, 3), (3, 6)]
+
+
+MD = {"margin_distillation": {"margin_max": "global"}, "md_device": {"margin_max": "device"}}
+
+
+def _objective(data, name):
+    head = _head(data["head"])
+    objective = DistillationObjective(head, loss="kd" if name == "kd" else "margin_distillation", alpha=1.0,
+                                      **MD.get(name, {}))
+    objective.distill_loss.set_centres(data["centres"], head)
+    return objective
 
 
 def _gloo_worker(rank, tmp):
@@ -151,39 +177,52 @@ def _gloo_worker(rank, tmp):
     try:
         out = {}
         lo, hi = ROWS[rank]
-        for name in ("kd", "margin_distillation"):
-            head = _head(data["head"])
-            objective = DistillationObjective(head, loss=name, alpha=1.0)
-            objective.distill_loss.set_centres(data["centres"], head)
+        for name in ("kd", *MD):
+            objective = _objective(data, name)
             student = data["student"][lo:hi].clone().requires_grad_()
             total, _ = objective(student, data["labels"][lo:hi], data["teacher"][lo:hi])
             total.backward()
-            out[name] = (total.detach(), student.grad)
+            margins = None
+            if name != "kd":
+                margins = objective.distill_loss.margins(objective.head, data["labels"][lo:hi], data["teacher"][lo:hi])
+            out[name] = (total.detach(), student.grad, margins)
         torch.save(out, tmp / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_holding_halves_of_the_centres_equal_one_process(tmp_path):
+    """kd and margin_distillation with margin_max global: the one-process loss and gradients; margin_max device:
+    each rank's margins are its own batch's, as one process computes them on that batch alone."""
     torch.manual_seed(0)
-    data = dict(head=torch.randn(C, E, dtype=torch.float64), centres=torch.randn(C, E, dtype=torch.float64),
-                student=torch.randn(B, E, dtype=torch.float64), teacher=torch.randn(B, E, dtype=torch.float64),
-                labels=torch.tensor([0, 4, 2, 3, 1, 4]))
+    centres, labels = torch.randn(C, E, dtype=torch.float64), torch.tensor([0, 4, 2, 3, 1, 4])
+    data = dict(head=torch.randn(C, E, dtype=torch.float64), centres=centres, labels=labels,
+                student=torch.randn(B, E, dtype=torch.float64),
+                teacher=centres[labels] + 0.5 * torch.randn(B, E, dtype=torch.float64))  # c_i > 0 on each rank
     torch.save(data, tmp_path / "data.pt")
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
     torch.multiprocessing.start_processes(_gloo_worker, args=(tmp_path,), nprocs=2, join=True, start_method=method)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for name in ("kd", "margin_distillation"):
-        head = _head(data["head"])
-        objective = DistillationObjective(head, loss=name, alpha=1.0)
-        objective.distill_loss.set_centres(data["centres"], head)
+    own = _objective(data, "md_device").distill_loss  # one process: the device maximum of each half alone
+    each = torch.cat([own.margins(_objective(data, "md_device").head, labels[lo:hi], data["teacher"][lo:hi])
+                      for lo, hi in ROWS])
+    whole = _objective(data, "margin_distillation")
+    assert not torch.allclose(each, whole.distill_loss.margins(whole.head, labels, data["teacher"]))  # they differ
+    for name in ("kd", *MD):
+        objective = _objective(data, name)
         student = data["student"].clone().requires_grad_()
-        total, _ = objective(student, data["labels"], data["teacher"])
+        if name == "md_device":
+            total, _ = objective.head(student, labels, margins=each)
+        else:
+            total, _ = objective(student, labels, data["teacher"])
         total.backward()
         for r, (lo, hi) in zip(ranks, ROWS, strict=True):
             torch.testing.assert_close(r[name][0], total.detach(), msg=name)
             # kd's loss (not the head's) is the global batch's too: each rank's rows get 2 × ∂loss/∂e, as the head's
             torch.testing.assert_close(r[name][1], 2 * student.grad[lo:hi], msg=name)
+        if name == "md_device":
+            for r in ranks:
+                torch.testing.assert_close(r[name][2], each)  # every rank holds every rank's own-batch margins
 
 
 # ------------------------------------------------------------------------------------------- config errors

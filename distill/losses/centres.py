@@ -25,9 +25,11 @@ margin_distillation and proxyless_kd set the head's centres at every stage start
                          the student's class centres start as the teacher's, and the ArcFace margin of each sample
                          is m_i = m_min + (m_max − m_min) · c_i / max_batch c, with c_i = cos(t_i, W_{y_i}) the
                          teacher embedding's cosine to the sample's (current) centre (per sample, as the authors'
-                         released code computes it; m_max 0.5, m_min 0.2, s from margin.s). Here the centres train
-                         with the student and the maximum is over the global batch; the authors' train.py freezes
-                         the teacher's centres and takes the maximum over one GPU's batch (docs/methods.md).
+                         released code computes it; m_max 0.5, m_min 0.2, s from margin.s). Options:
+                         train_centres (false: the centres stay the teacher's, frozen, as the authors' train.py
+                         keeps them with `fixed_param_names`; true: they train with the student) and margin_max
+                         ("device": the maximum over this rank's own batch, as their symbol computes it on each
+                         GPU; "global": over the gathered batch of every rank; one process: the same).
                          Replaces the head's margin term (its m2); margin.m1 and m3 stay as configured (the paper:
                          ArcFace, m1 = 1, m3 = 0).
     proxyless_kd         Shi et al., "ProxylessKD: Direct Knowledge Distillation with Inherited Classifier for
@@ -107,24 +109,42 @@ class MarginKD(_CentresLoss):
         return (SumOverShards.apply(partial, comm) + log_norm_s.squeeze(1)).mean() * self.temperature ** 2
 
 
+MARGIN_MAX = ("device", "global")
+
+
 @register_loss("margin_distillation", requires=Requirements(centres=True, sizes="same", replaces_classification=True))
 class MarginDistillation(_CentresLoss):
-    """MarginDistillation (Svitov & Alyamkin 2020); see the module docstring. Options: m_max (0.5), m_min (0.2).
-    Needs: teacher centres and embeddings of the student's size. Tested: tests/test_centre_losses.py."""
+    """MarginDistillation (Svitov & Alyamkin 2020); see the module docstring. Options: m_max (0.5), m_min (0.2),
+    train_centres (false: the teacher's centres stay frozen, as the authors' train.py keeps them; true: they train
+    with the student), margin_max ("device": the maximum of c over this rank's own batch, as the authors' per-GPU
+    symbol computes it; "global": over every rank's batch). Needs: teacher centres and embeddings of the student's
+    size. Tested: tests/test_centre_losses.py (hand-computed, two gloo ranks), tests/test_reference_numbers.py."""
 
-    def __init__(self, m_max: float = 0.5, m_min: float = 0.2):
+    def __init__(self, m_max: float = 0.5, m_min: float = 0.2, train_centres: bool = False,
+                 margin_max: str = "device"):
         super().__init__()
         if not (0 <= m_min <= m_max < math.pi):
             raise ValueError(f"margin_distillation: need 0 <= m_min <= m_max < pi, got m_min={m_min!r}, "
                              f"m_max={m_max!r}")
+        if margin_max not in MARGIN_MAX:
+            raise ValueError(f"margin_distillation: margin_max must be one of {', '.join(MARGIN_MAX)}, got "
+                             f"{margin_max!r}")
         self.m_max, self.m_min = float(m_max), float(m_min)
+        self.train_centres, self.margin_max = bool(train_centres), margin_max
+
+    def extra_repr(self) -> str:
+        return (f"m_max={self.m_max:g}, m_min={self.m_min:g}, train_centres={self.train_centres}, "
+                f"margin_max={self.margin_max}")
 
     def set_centres(self, full, head) -> None:
         head.load_full_weight(full.to(head.local_centres().dtype))  # the student's centres start as the teacher's
+        if not self.train_centres:
+            head.freeze_centres()  # before the optimizer is made (distill/train/objective.py), so it never holds them
 
     @torch.no_grad()
     def margins(self, head, labels, teacher_emb) -> torch.Tensor:
-        """m_i of every sample of the global batch (every rank computes the same)."""
+        """m_i of every sample of the global batch (every rank computes the same); c_i / max c with the maximum
+        over the sample's own rank's batch ("device") or over the global batch ("global")."""
         shard = head.centre_shard()
         comm = shard.comm
         sizes = comm.batch_sizes(labels.shape[0], labels.device)
@@ -134,8 +154,13 @@ class MarginDistillation(_CentresLoss):
         w = F.normalize(head.local_centres()[local.clamp(0, shard.count - 1)].to(dtype), dim=1)
         cos = torch.where(mine, (t * w).sum(1), torch.zeros_like(t[:, 0]))
         comm.all_reduce_(cos, dist.ReduceOp.SUM)  # each sample's centre lives on one rank
-        peak = cos.max().clamp_min(1e-6)
-        return self.m_min + (self.m_max - self.m_min) * cos / peak
+        if self.margin_max == "global":
+            peak = cos.max()
+        else:  # each rank's rows of the gathered batch take that rank's maximum
+            rank_of = torch.repeat_interleave(torch.arange(len(sizes), device=cos.device),
+                                              torch.tensor(sizes, device=cos.device))
+            peak = cos.new_zeros(len(sizes)).scatter_reduce(0, rank_of, cos, "amax", include_self=False)[rank_of]
+        return self.m_min + (self.m_max - self.m_min) * cos / peak.clamp_min(1e-6)
 
     def classify(self, head, student_emb, labels, teacher_emb):
         m = self.margins(head, labels, teacher_emb)
