@@ -145,3 +145,78 @@ def test_a_stage_with_ekd_resumes_exactly_thresholds_included(tmp_path, monkeypa
 def test_an_unknown_loss_option_gets_did_you_mean():
     with pytest.raises(ConfigError, match=r"does not take hard_negative; did you mean 'hard_negatives'\?"):
         create_distill_loss("ekd", hard_negative=10)
+
+
+# --- batch: "global" over two gloo ranks equals one process holding the whole batch -----------------------------
+
+ROWS = [(0, 5), (5, 12)]  # uneven: rank 0 holds 5 rows, rank 1 holds 7
+
+
+def _two_ranks_data():
+    torch.manual_seed(3)
+    labels = torch.arange(4).repeat_interleave(3)
+    x = torch.randn(4, 6, dtype=torch.float64)[labels] + 0.5 * torch.randn(12, 6, dtype=torch.float64)
+    teacher = torch.randn(4, 16, dtype=torch.float64)[labels] + torch.randn(12, 16, dtype=torch.float64)
+    backbone = torch.nn.Linear(6, 16).double()
+    return dict(x=x, labels=labels, teacher=teacher, backbone=backbone.state_dict())
+
+
+def _ekd_step(backbone, data, rows, **options):
+    """One training step of a Linear backbone under EKD (FARs with whole r·N for the global batch's 54 negatives; a
+    temperature at which no pair's sigmoid saturates, so every embedding gets a gradient); returns the loss, the
+    embeddings' and the backbone's gradient and the thresholds."""
+    lo, hi = rows
+    ekd = EKD(fars=(1 / 2, 1 / 6, 1 / 100), hard_negatives=20, temperature=0.5, **options).double()
+    emb = backbone(data["x"][lo:hi])
+    emb.retain_grad()
+    loss = ekd(emb, data["teacher"][lo:hi], data["labels"][lo:hi])
+    loss.backward()
+    return dict(loss=loss.detach(), emb_grad=emb.grad, backbone_grad=backbone.weight.grad.clone(),
+                thresholds=ekd.thresholds.clone())
+
+
+def _ekd_worker(rank, tmp):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    data = torch.load(tmp / "data.pt")
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2)
+    try:
+        backbone = torch.nn.Linear(6, 16).double()
+        backbone.load_state_dict(data["backbone"])
+        out = {"global": _ekd_step(backbone, data, ROWS[rank])}
+        dist.all_reduce(out["global"]["backbone_grad"])  # DDP's average, without DDP's seconds of imports
+        out["global"]["backbone_grad"] /= 2
+        backbone.zero_grad()
+        out["device"] = _ekd_step(backbone, data, ROWS[rank], batch="device")  # no DDP: this rank's own gradient
+        torch.save(out, tmp / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_batch_over_two_gloo_ranks_equals_one_process_and_device_is_each_ranks_own(tmp_path):
+    import multiprocessing
+    data = _two_ranks_data()
+    torch.save(data, tmp_path / "data.pt")
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    torch.multiprocessing.start_processes(_ekd_worker, args=(tmp_path,), nprocs=2, join=True, start_method=method)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+    def one_process(rows, **options):
+        backbone = torch.nn.Linear(6, 16).double()
+        backbone.load_state_dict(data["backbone"])
+        return _ekd_step(backbone, data, rows, **options)
+
+    whole = one_process((0, 12))
+    assert whole["emb_grad"].norm(dim=1).gt(1e-4).all()  # every row's gradient counts in the comparison
+    for r, rows in zip(ranks, ROWS, strict=True):
+        mine = r["global"]
+        torch.testing.assert_close(mine["loss"], whole["loss"])
+        torch.testing.assert_close(mine["thresholds"], whole["thresholds"])
+        # each rank's embeddings get 2 × ∂loss/∂e, so that the average over the ranks (DDP's) ...
+        torch.testing.assert_close(mine["emb_grad"] / 2, whole["emb_grad"][rows[0]:rows[1]])
+        # ... is the single process's gradient of the backbone
+        torch.testing.assert_close(mine["backbone_grad"], whole["backbone_grad"])
+        alone = one_process(rows, batch="device")
+        torch.testing.assert_close(r["device"]["loss"], alone["loss"])
+        torch.testing.assert_close(r["device"]["emb_grad"], alone["emb_grad"])
+        assert not torch.allclose(r["device"]["loss"], whole["loss"])
