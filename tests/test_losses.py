@@ -59,6 +59,23 @@ def test_batch_loss_is_the_mean(name):
     assert create_distill_loss(name)(student, teacher).item() == pytest.approx(expected, abs=1e-12)
 
 
+@pytest.mark.parametrize("case", range(4), ids=["orthogonal", "same_direction", "opposite", "sixty_degrees"])
+def test_shrinkteanet_linear_form_is_one_minus_cos(case):
+    """form "linear" (MarginDistillation's angular_distillation): mean_i (1 − cos), the `cosine` values; the default
+    "squared" is checked with HAND above."""
+    student, teacher = pair(PAIRS[case])
+    linear = create_distill_loss("shrinkteanet_angular", form="linear")(student, teacher)
+    assert linear.item() == pytest.approx(HAND["cosine"][case], abs=1e-12)
+    squared = create_distill_loss("shrinkteanet_angular", form="squared")(student, teacher)
+    assert squared.item() == pytest.approx(HAND["shrinkteanet_angular"][case], abs=1e-12)
+
+
+def test_shrinkteanet_form_other_than_squared_or_linear_is_refused():
+    student, teacher = pair(ORTHOGONAL)
+    with pytest.raises(ValueError, match="shrinkteanet_angular: form must be one of squared, linear, got 'cubic'"):
+        DISTILL_LOSSES["shrinkteanet_angular"](student, teacher, form="cubic")
+
+
 def test_equivalent_angular_is_two_minus_two_cos_on_random_embeddings():
     torch.manual_seed(0)
     student, teacher = torch.randn(16, 512), torch.randn(16, 512) * 5
