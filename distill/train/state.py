@@ -51,16 +51,16 @@ class LastPt:
     state: dict
 
 
-def read_last(path: str, stage: str) -> LastPt | None:
-    """The stage's last.pt (None: there is none, the stage starts from its beginning); an unreadable one is refused
-    saying what to do."""
+def read_last(path: str, name: str) -> LastPt | None:
+    """Stage `name`'s last.pt (None: there is none, the stage starts from its beginning); an unreadable one is
+    refused saying what to do."""
     if not os.path.exists(path):
         return None
     try:
         return LastPt(path, safe_torch_load(path, map_location="cpu"))
     except CheckpointError as err:
-        raise CheckpointError(f"{err}. Stage {stage} cannot resume from it: delete {path} to start the stage from "
-                              f"its beginning, or rerun with --restart-stage {stage} (which keeps the old stage "
+        raise CheckpointError(f"{err}. Stage {name} cannot resume from it: delete {path} to start the stage from "
+                              f"its beginning, or rerun with --restart-stage {name} (which keeps the old stage "
                               f"folder aside)") from None
 
 
@@ -191,9 +191,10 @@ def _refuse_changed(term, started: dict, path: str, stage: str) -> None:
     for option, value in term.options.items():
         if option in started and _plain(value) != started[option]:
             key = f"{term.key}.{option}" if term.key else f"{option} of term {term.name}"
-            raise CheckpointError(f"{path}: cannot resume: key '{key}' is {_shown(_plain(value))}, the stage started "
-                                  f"with {_shown(started[option])}; set it back to {_shown(started[option])}, or "
-                                  f"rerun with --restart-stage {stage} (which keeps the old stage folder aside)")
+            now, was = _shown(_plain(value)), _shown(started[option])
+            raise CheckpointError(f"{path}: cannot resume: key '{key}' is {now}, the stage started with {was}; set "
+                                  f"it back to {was}, or rerun with --restart-stage {stage} (which keeps the old "
+                                  f"stage folder aside)")
 
 
 def _head_moments(st) -> dict:
