@@ -3,6 +3,8 @@ class docstring and docs/methods.md (the authors' code, and where ours differs).
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,11 +13,12 @@ from distill.losses.distillation import prepare_pair
 from distill.losses.registry import register_loss
 from distill.losses.requirements import Requirements
 
-CENTRE_UPDATES = ("raw", "normalised")
-SAME_CLASS = ("last", "mean")
+CentreUpdate = Literal["raw", "normalised"]
+SameClass = Literal["last", "mean"]
 
 
-def _choice(name: str, value, allowed: tuple) -> str:
+def _choice(name: str, value, values) -> str:
+    allowed = get_args(values)
     if value not in allowed:
         raise ValueError(f"{name} must be {' or '.join(repr(a) for a in allowed)}, got {value!r}")
     return value
@@ -47,10 +50,11 @@ class AdaDistill(nn.Module):
     live in the student's space).
     """
 
-    def __init__(self, centre_update: str = "raw", train_centres: bool = False, same_class: str = "last"):
+    def __init__(self, centre_update: CentreUpdate = "raw", train_centres: bool = False,
+                 same_class: SameClass = "last"):
         super().__init__()
-        self.centre_update = _choice("centre_update", centre_update, CENTRE_UPDATES)
-        self.same_class = _choice("same_class", same_class, SAME_CLASS)
+        self.centre_update = _choice("centre_update", centre_update, CentreUpdate)
+        self.same_class = _choice("same_class", same_class, SameClass)
         if not isinstance(train_centres, bool):
             raise ValueError(f"train_centres must be true or false, got {train_centres!r}")
         self.train_centres = train_centres
