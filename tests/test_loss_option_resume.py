@@ -94,8 +94,8 @@ def test_a_stage_stopped_before_the_record_resumes_under_the_old_defaults(probe,
     lines = _run(cfg, spec, teacher, tmp_path / "stage")
     notes = [line for line in lines if "note" in line]
     assert notes == [f"gen1: note: term {PROBE} resumes with the options it started with, trained true (its last.pt "
-                     f"was written before last.pt recorded them: the defaults of then; the defaults are now: trained "
-                     f"false); to train it under the current defaults, rerun with --restart-stage gen1"]
+                     f"predates the record of loss options: the defaults of the code that wrote it; the defaults are "
+                     f"now: trained false); to train it under the current defaults, rerun with --restart-stage gen1"]
     resumed, whole = safe_torch_load(last), safe_torch_load(tmp_path / "whole" / "last.pt")
     assert resumed["loss_options"] == {PROBE: {"trained": True, "power": 2}}  # what it ran with, recorded now
     assert resumed["step"] == 2 and all(torch.equal(resumed["model"][k], whole["model"][k]) for k in whole["model"])

@@ -131,6 +131,32 @@ def save_state(st) -> None:
     }, st.paths.last)
 
 
+def _head_moments(st) -> dict:
+    """The optimizer's state of the head's centres shaped like them (SGD's momentum, Adam's moments), every rank's
+    rows gathered into one (classes × embedding) tensor per entry, as head_weight is: a collective. {} with one
+    rank, whose optimizer state dict holds it all."""
+    if st.world == 1:
+        return {}
+    weight, shard = st.head.weight, st.head.centre_shard()
+    state = st.optimizer.state.get(weight, {})
+    rows = {k: v for k, v in sorted(state.items()) if torch.is_tensor(v) and v.shape == weight.shape}
+    sizes = shard.comm.batch_sizes(shard.count, weight.device) if rows else []
+    return {k: shard.comm.gather_rows(v, sizes).cpu() for k, v in rows.items()}
+
+
+def _resume_head_moments(st, gathered: dict | None) -> None:
+    """Each rank's own rows of the head's optimizer state; the file's optimizer state dict holds rank 0's."""
+    if st.rank == 0:
+        return
+    from_rank0 = st.optimizer.state.pop(st.head.weight, None)
+    if from_rank0 is None or not gathered:  # an older last.pt: this rank's shard restarts its momentum
+        return
+    shard = st.head.centre_shard()
+    st.optimizer.state[st.head.weight] = {**from_rank0, **{
+        k: shard.rows_of(full).to(device=st.head.weight.device, dtype=from_rank0[k].dtype)
+        for k, full in gathered.items()}}
+
+
 # ------------------------------------------------------------------------------------------ loss options
 
 def _options(loss: str) -> dict:
@@ -169,7 +195,7 @@ def started_terms(terms: list, last: LastPt | None, stage: str, log: logging.Log
         defaults = _options(term.loss)
         if recorded is None:
             started = LEGACY_LOSS_DEFAULTS.get(term.loss, {})
-            why = "its last.pt was written before last.pt recorded them: the defaults of then"
+            why = "its last.pt predates the record of loss options: the defaults of the code that wrote it"
         else:
             started, why = recorded.get(term.name, {}), "recorded in its last.pt"
             _refuse_changed(term, started, last.path, stage)
@@ -195,29 +221,3 @@ def _refuse_changed(term, started: dict, path: str, stage: str) -> None:
             raise CheckpointError(f"{path}: cannot resume: key '{key}' is {now}, the stage started with {was}; set "
                                   f"it back to {was}, or rerun with --restart-stage {stage} (which keeps the old "
                                   f"stage folder aside)")
-
-
-def _head_moments(st) -> dict:
-    """The optimizer's state of the head's centres shaped like them (SGD's momentum, Adam's moments), every rank's
-    rows gathered into one (classes × embedding) tensor per entry, as head_weight is: a collective. {} with one
-    rank, whose optimizer state dict holds it all."""
-    if st.world == 1:
-        return {}
-    weight, shard = st.head.weight, st.head.centre_shard()
-    state = st.optimizer.state.get(weight, {})
-    rows = {k: v for k, v in sorted(state.items()) if torch.is_tensor(v) and v.shape == weight.shape}
-    sizes = shard.comm.batch_sizes(shard.count, weight.device) if rows else []
-    return {k: shard.comm.gather_rows(v, sizes).cpu() for k, v in rows.items()}
-
-
-def _resume_head_moments(st, gathered: dict | None) -> None:
-    """Each rank's own rows of the head's optimizer state; the file's optimizer state dict holds rank 0's."""
-    if st.rank == 0:
-        return
-    from_rank0 = st.optimizer.state.pop(st.head.weight, None)
-    if from_rank0 is None or not gathered:  # an older last.pt: this rank's shard restarts its momentum
-        return
-    shard = st.head.centre_shard()
-    st.optimizer.state[st.head.weight] = {**from_rank0, **{
-        k: shard.rows_of(full).to(device=st.head.weight.device, dtype=from_rank0[k].dtype)
-        for k, full in gathered.items()}}
