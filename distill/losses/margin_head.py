@@ -315,7 +315,8 @@ class MarginHead(nn.Module):
         self.weight[rows] = values.to(self.weight.dtype)
 
     def freeze_centres(self) -> None:
-        """The centres stay as they are: no gradient, so the optimizer never moves them (ProxylessKD)."""
+        """The centres stay as they are: no gradient, so the optimizer never moves them (ProxylessKD; adadistill and
+        margin_distillation with train_centres false)."""
         self.weight.requires_grad_(False)
 
     @torch.no_grad()
