@@ -41,6 +41,7 @@ margin_distillation and proxyless_kd set the head's centres at every stage start
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -109,7 +110,7 @@ class MarginKD(_CentresLoss):
         return (SumOverShards.apply(partial, comm) + log_norm_s.squeeze(1)).mean() * self.temperature ** 2
 
 
-MARGIN_MAX = ("device", "global")
+MarginMax = Literal["device", "global"]
 
 
 @register_loss("margin_distillation", requires=Requirements(centres=True, sizes="same", replaces_classification=True))
@@ -121,13 +122,13 @@ class MarginDistillation(_CentresLoss):
     size. Tested: tests/test_centre_losses.py (hand-computed, two gloo ranks), tests/test_reference_numbers.py."""
 
     def __init__(self, m_max: float = 0.5, m_min: float = 0.2, train_centres: bool = False,
-                 margin_max: str = "device"):
+                 margin_max: MarginMax = "device"):
         super().__init__()
         if not (0 <= m_min <= m_max < math.pi):
             raise ValueError(f"margin_distillation: need 0 <= m_min <= m_max < pi, got m_min={m_min!r}, "
                              f"m_max={m_max!r}")
-        if margin_max not in MARGIN_MAX:
-            raise ValueError(f"margin_distillation: margin_max must be one of {', '.join(MARGIN_MAX)}, got "
+        if margin_max not in get_args(MarginMax):
+            raise ValueError(f"margin_distillation: margin_max must be one of {', '.join(get_args(MarginMax))}, got "
                              f"{margin_max!r}")
         self.m_max, self.m_min = float(m_max), float(m_min)
         self.train_centres, self.margin_max = bool(train_centres), margin_max

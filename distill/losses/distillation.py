@@ -36,8 +36,7 @@ stage's objective call it). The engine knows none of this: it calls the objectiv
 from __future__ import annotations
 
 import math
-import typing
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +86,7 @@ def shrinkteanet_angular(student_emb, teacher_emb, *, form: ShrinkTeaNetForm = "
     ‖1 − cos‖², so it is the default; the one public implementation linked to the paper (MarginDistillation's
     angular_distillation) computes the linear form, the `cosine` loss's value. Needs: teacher embeddings only.
     Tested: tests/test_losses.py (hand-computed, both forms)."""
-    forms = typing.get_args(ShrinkTeaNetForm)
+    forms = get_args(ShrinkTeaNetForm)
     if form not in forms:
         raise ValueError(f"shrinkteanet_angular: form must be one of {', '.join(forms)}, got {form!r}")
     s, t = prepare_pair(student_emb, teacher_emb)

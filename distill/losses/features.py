@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -83,7 +84,7 @@ def attention_map(feature: torch.Tensor, p: float = 2.0, size: tuple | None = No
     return F.normalize(a.flatten(1), dim=1)
 
 
-REDUCTIONS = ("mean", "sum")
+Reduction = Literal["mean", "sum"]
 
 
 @register_loss("attention_transfer", requires=MAPS)
@@ -95,12 +96,13 @@ class AttentionTransfer(nn.Module):
     teacher's feature maps at those stages (an online torch teacher). Tested: tests/test_feature_losses.py
     (hand-computed), tests/test_reference_numbers.py (the authors' at_loss numbers)."""
 
-    def __init__(self, p: float = 2.0, stages: tuple = (-3, -2, -1), reduction: str = "mean"):
+    def __init__(self, p: float = 2.0, stages: tuple = (-3, -2, -1), reduction: Reduction = "mean"):
         super().__init__()
         if not isinstance(p, (int, float)) or p <= 0:
             raise ValueError(f"attention_transfer: p must be a positive number, got {p!r}")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"attention_transfer: reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+        if reduction not in get_args(Reduction):
+            raise ValueError(f"attention_transfer: reduction must be one of {', '.join(get_args(Reduction))}, got "
+                             f"{reduction!r}")
         self.p, self.stages, self.reduction = float(p), tuple(int(s) for s in stages), reduction
 
     def extra_repr(self) -> str:

@@ -29,6 +29,7 @@ student and teacher embeddings may differ in size (relations have none), so no d
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +51,10 @@ def _pair(student, teacher, name: str, least: int = 2):
     return student.to(dtype), teacher.detach().to(dtype)
 
 
-PAIRS = ("all", "distinct")
+Pairs = Literal["all", "distinct"]
 
 
-def pair_distances(e: torch.Tensor, pairs: str = "all") -> torch.Tensor:
+def pair_distances(e: torch.Tensor, pairs: Pairs = "all") -> torch.Tensor:
     """ψ_D of RKD: |e_i − e_j| / μ, μ the mean distance over the pairs i ≠ j. `pairs` "all": the b × b matrix,
     its diagonal 0 (the authors' code); "distinct": the b(b−1) ordered pairs i ≠ j only."""
     d = torch.cdist(e, e)
@@ -62,7 +63,7 @@ def pair_distances(e: torch.Tensor, pairs: str = "all") -> torch.Tensor:
     return scaled[off] if pairs == "distinct" else torch.where(off, scaled, torch.zeros_like(scaled))
 
 
-def triplet_angles(e: torch.Tensor, pairs: str = "all") -> torch.Tensor:
+def triplet_angles(e: torch.Tensor, pairs: Pairs = "all") -> torch.Tensor:
     """ψ_A of RKD: cos ∠(e_i − e_j, e_k − e_j). `pairs` "all": the b × b × b tensor, 0 where i = j or k = j (a
     zero vector's direction; the authors' code); "distinct": the triplets with i ≠ j and k ≠ j only."""
     n = len(e)
@@ -82,13 +83,13 @@ class RKD(nn.Module):
     cache serves), batches of >= 3 images for the angle term (2 with angle_weight 0). Tested:
     tests/test_relational.py (hand-computed), tests/test_reference_numbers.py (lenscloth/RKD's numbers)."""
 
-    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, pairs: str = "all"):
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, pairs: Pairs = "all"):
         super().__init__()
         if distance_weight < 0 or angle_weight < 0 or not math.isfinite(distance_weight + angle_weight):
             raise ValueError(f"rkd: distance_weight and angle_weight must be finite and >= 0, got "
                              f"{distance_weight!r}, {angle_weight!r}")
-        if pairs not in PAIRS:
-            raise ValueError(f"rkd: pairs must be one of {', '.join(PAIRS)}, got {pairs!r}")
+        if pairs not in get_args(Pairs):
+            raise ValueError(f"rkd: pairs must be one of {', '.join(get_args(Pairs))}, got {pairs!r}")
         self.distance_weight, self.angle_weight, self.pairs = float(distance_weight), float(angle_weight), pairs
 
     def extra_repr(self) -> str:
