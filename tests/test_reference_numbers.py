@@ -128,7 +128,9 @@ def test_margin_distillation_matches_the_authors_train_py():
     m_i = (Mmax − Mmin)/max_batch c · c_i + Mmin with c_i = t̂_i·Ŵ_{y_i}, Mmax 0.5, Mmin 0.2, s 64, target logit
     s·cos(arccos(cos θ) + m_i), then SoftmaxOutput(normalization='valid'), i.e. the mean cross-entropy) on
     centre_inputs() with W as the student's (= the teacher's) centres; gradient w.r.t. the student's embeddings.
-    Ours: `margin_distillation` with its defaults, one rank, an `arcface` head (s 64)."""
+    Ours: `margin_distillation` with its defaults (train_centres false: the centres stay W, as the authors'
+    fixed_param_names; margin_max device, the max over one GPU's batch, as theirs: one rank here), an `arcface`
+    head (s 64)."""
     student, teacher, weight, labels = centre_inputs()
     head = create_head("arcface", 8, 10).double()
     md = create_distill_loss("margin_distillation")
