@@ -4,6 +4,7 @@ docs/methods.md (TFace's code, and where ours differs)."""
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -15,18 +16,19 @@ from distill.losses.registry import register_loss
 from distill.losses.requirements import Requirements
 from distill.utils.errors import ConfigError
 
-THRESHOLD_INDEX = ("floor", "ceil")
-WARM_START = ("zero", "first_batch")
-BATCH = ("global", "device")
+ThresholdIndex = Literal["floor", "ceil"]
+WarmStart = Literal["zero", "first_batch"]
+Batch = Literal["global", "device"]
 
 
-def _one_of(option: str, value, allowed: tuple) -> str:
+def _one_of(option: str, value, values) -> str:
+    allowed = get_args(values)
     if value not in allowed:
         raise ValueError(f"ekd: {option} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
     return value
 
 
-def threshold_position(far: float, n: int, rule: str) -> int:
+def threshold_position(far: float, n: int, rule: ThresholdIndex) -> int:
     """Where a_r sits among N negative similarities sorted from the highest: "floor" → int(r·N), the one that r·N
     of them exceed (TFace's `N // anchor`); "ceil" → ceil(r·N) − 1, exceeded by r·N − 1 when r·N is whole. The two
     agree unless r·N is whole. r·N within 1e-9 of a whole number counts as whole (1/3 of 54 is 18)."""
@@ -65,16 +67,16 @@ class EKD(nn.Module):
 
     def __init__(self, fars=(1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6), hard_negatives: int = 2000, momentum: float = 0.01,
                  temperature: float = 0.01, positive_weight: float = 0.02, negative_weight: float = 0.01,
-                 threshold_index: str = "floor", warm_start: str = "zero", batch: str = "global"):
+                 threshold_index: ThresholdIndex = "floor", warm_start: WarmStart = "zero", batch: Batch = "global"):
         super().__init__()
         self.fars = tuple(float(r) for r in fars)
         if not all(0 < r < 1 for r in self.fars):
             raise ValueError(f"ekd: every FAR in fars must lie between 0 and 1, got {list(fars)!r}")
         self.hard_negatives, self.momentum, self.temperature = int(hard_negatives), float(momentum), float(temperature)
         self.positive_weight, self.negative_weight = float(positive_weight), float(negative_weight)
-        self.threshold_index = _one_of("threshold_index", threshold_index, THRESHOLD_INDEX)
-        self.warm_start = _one_of("warm_start", warm_start, WARM_START)
-        self.batch = _one_of("batch", batch, BATCH)
+        self.threshold_index = _one_of("threshold_index", threshold_index, ThresholdIndex)
+        self.warm_start = _one_of("warm_start", warm_start, WarmStart)
+        self.batch = _one_of("batch", batch, Batch)
         self.register_buffer("thresholds", torch.zeros(2, len(self.fars)))  # [student, teacher] x FAR
         self.register_buffer("seen", torch.zeros((), dtype=torch.long))     # batches folded into the EMA
 
