@@ -18,7 +18,9 @@ then docs/results.md (experiments/studies/report.py). What run_study.sh runs:
 8. the report. Seconds per phase go to <runs>/study/timing-<stream>.json and into the report.
 
 Every student of the study trains with one torch thread (train.threads: 1, so a number does not depend on how busy
-the machine was: the thread policy would pick 1 or 2 threads by load, and the two give different numbers) and in
+the machine was: the thread policy would pick 1 or 2 threads by load, and the two give different numbers), and so
+does the teacher (teacher.train.threads: 1; until issue 38 it took the policy's choice, so its accuracy moved with
+the load of the machine it was trained on) and in
 channels-last memory format (train.channels_last: true: measured on this 2-core CPU, 2 epochs of the study's
 student in 5.4 s instead of 7.8 s; the IResNet teacher under bf16 gains nothing, so its recipe is left as it is).
 """
@@ -45,6 +47,7 @@ from distill.run.sweep import CASE, load_grid, run_sweep
 from distill.utils.atomic import atomic_write_json
 
 STUDENT_SETTINGS = ["train.threads=1", "train.channels_last=true"]  # every student of the study (module docstring)
+TEACHER_SETTINGS = ["teacher.train.threads=1"]  # the teacher too: its numbers must not depend on the load either
 # The budget curve in two halves of about equal epochs (26 and 28 an epoch-seed), one per process in run_study.sh
 CURVE_HALVES = {"curve-1": ["scratch-e24", "scratch-e2"], "curve-2": ["scratch-e16", "scratch-e8", "scratch-e4"]}
 # Stages that two study files train with the same settings and seed: (stage, (sweep, case), (sweep, case)). Whichever
@@ -153,7 +156,7 @@ class Study:
 
     def train_teacher(self) -> None:
         base = self.base or FILES["study"]
-        cfg = load_config(base, ["generations=0", "baseline=false", *self.more])
+        cfg = load_config(base, ["generations=0", "baseline=false", *TEACHER_SETTINGS, *self.more])
         run_experiment(cfg, self.teacher_dir, progress=False, logger=run_logger(self.log))
 
     def synth_ijb(self) -> None:
