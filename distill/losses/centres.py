@@ -155,12 +155,10 @@ class MarginDistillation(_CentresLoss):
         w = F.normalize(head.local_centres()[local.clamp(0, shard.count - 1)].to(dtype), dim=1)
         cos = torch.where(mine, (t * w).sum(1), torch.zeros_like(t[:, 0]))
         comm.all_reduce_(cos, dist.ReduceOp.SUM)  # each sample's centre lives on one rank
-        if self.margin_max == "global":
+        if self.margin_max == "global" or len(sizes) == 1:
             peak = cos.max()
-        else:  # each rank's rows of the gathered batch take that rank's maximum
-            rank_of = torch.repeat_interleave(torch.arange(len(sizes), device=cos.device),
-                                              torch.tensor(sizes, device=cos.device))
-            peak = cos.new_zeros(len(sizes)).scatter_reduce(0, rank_of, cos, "amax", include_self=False)[rank_of]
+        else:  # each rank's rows of the gathered batch (rank order) take that rank's maximum
+            peak = torch.cat([part.max().expand(len(part)) for part in cos.split(sizes) if len(part)])
         return self.m_min + (self.m_max - self.m_min) * cos / peak.clamp_min(1e-6)
 
     def classify(self, head, student_emb, labels, teacher_emb):
