@@ -17,6 +17,7 @@ from tiny_experiment import write_experiment
 from distill.config.schema import load_config
 from distill.losses.distillation import DistillationObjective, create_distill_loss
 from distill.losses.heads import create_head
+from distill.losses.registry import check_loss_options
 from distill.train.engine import StageSpec
 from distill.utils.errors import ConfigError, UnsafeFileError
 from teachers.head_file import load_centres
@@ -111,6 +112,12 @@ def test_margin_distillation_freezes_the_teachers_centres_unless_train_centres()
         assert (head.weight.grad is not None) is train_centres
     with pytest.raises(ValueError, match="margin_max must be one of device, global, got 'batch'"):
         create_distill_loss("margin_distillation", margin_max="batch")
+    with pytest.raises(ConfigError, match=r"key 'distill.loss': distillation loss 'margin_distillation' refuses these "
+                                          r"options: .*margin_max must be one of device, global, got 'batch'"):
+        check_loss_options("margin_distillation", {"margin_max": "batch"}, "distill.loss")  # as the config load does
+    with pytest.raises(ConfigError, match=r"key 'distill.loss.train_centres': distillation loss 'margin_distillation' "
+                                          r"takes true or false for train_centres \(default False\), got 'no'"):
+        check_loss_options("margin_distillation", {"train_centres": "no"}, "distill.loss")
 
 
 def test_proxyless_kd_trains_against_the_teachers_frozen_head():

@@ -13,7 +13,7 @@ import teachers
 from distill.config.schema import load_config
 from distill.losses.distillation import DistillationObjective
 from distill.losses.features import AttentionTransfer, attention_map
-from distill.losses.registry import requirements
+from distill.losses.registry import check_loss_options, requirements
 from distill.models.registry import create_model
 from distill.train.engine import StageSpec, run_stage
 from distill.train.feature_taps import FeatureTaps
@@ -43,6 +43,9 @@ def test_attention_map_and_loss_by_hand():
     assert requirements("attention_transfer").feature_maps
     with pytest.raises(ValueError, match="reduction must be one of mean, sum, got 'max'"):
         AttentionTransfer(reduction="max")
+    with pytest.raises(ConfigError, match=r"key 'distill.terms\[1\]': distillation loss 'attention_transfer' refuses "
+                                          r"these options: .*reduction must be one of mean, sum, got 'max'"):
+        check_loss_options("attention_transfer", {"reduction": "max"}, "distill.terms[1]")  # as the config load does
 
 
 def test_the_objective_adds_alpha_times_the_feature_loss():

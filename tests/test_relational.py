@@ -10,7 +10,7 @@ from tiny import tiny_config
 from tiny_experiment import write_experiment
 
 from distill.config.schema import load_config
-from distill.losses.registry import create_distill_loss, requirements
+from distill.losses.registry import check_loss_options, create_distill_loss, requirements
 from distill.train.engine import StageSpec
 from distill.utils.errors import ConfigError
 
@@ -45,6 +45,9 @@ def test_rkd_by_hand():
     assert create_distill_loss("rkd")(RIGHT, line).item() == pytest.approx(25 * distance * 6 / 9 + 50 * angle * 12 / 27)
     with pytest.raises(ValueError, match="rkd: pairs must be one of all, distinct, got 'some'"):
         create_distill_loss("rkd", pairs="some")
+    with pytest.raises(ConfigError, match=r"key 'distill.terms\[0\]': distillation loss 'rkd' refuses these options: "
+                                          r"rkd: pairs must be one of all, distinct, got 'some'"):
+        check_loss_options("rkd", {"pairs": "some"}, "distill.terms[0]")  # as the config load checks it
 
 
 def test_cc_by_hand():
