@@ -19,7 +19,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from study_numbers import (
+    BEFORE,
     SWEEPS,
+    before_pairs,
     best_row,
     budget,
     collect,
@@ -185,11 +187,20 @@ def table_section(table: dict, plot: str | None, n: int) -> list:
                           f"{EKD[case]:.2f}" if case in EKD else "-"))
     if plot:
         lines += ["", f"![the table with error bars]({plot})"]
-    ranked = sorted(((stats(table[c]["gen1"]["acc"])[0], c) for c in table if "gen1" in table[c]), reverse=True)
+    ranked = sorted(((stats(table[c]["gen1"]["acc"])[0], c) for c in table
+                     if "gen1" in table[c] and not c.endswith(BEFORE)), reverse=True)
     if len(ranked) >= 2:
         lines += ["", f"Best row by accuracy: **{ranked[0][1]}** ({ranked[0][0]:.2f}), then {ranked[1][1]} "
                   f"({ranked[1][0]:.2f}): "
                   f"{diff_text(table[ranked[0][1]]['gen1']['acc'], table[ranked[1][1]]['gen1']['acc'])}."]
+    pairs = before_pairs(table)
+    if pairs:
+        lines += ["", f"The authors' defaults against the previous ones (issue 38; docs/methods.md): each `{BEFORE}` "
+                  "row is its loss with the options it had before, the same teacher, batches and seeds. Accuracy, "
+                  "then IJB-C TAR@1e-4, defaults minus previous: "
+                  + "; ".join(f"{row}: {diff_text(only_stage(table, row)['acc'], only_stage(table, old)['acc'])}, "
+                              f"{diff_text(only_stage(table, row)['ijb'], only_stage(table, old)['ijb'])}"
+                              for row, old in pairs) + "."]
     return lines + [""]
 
 
@@ -306,7 +317,17 @@ def plain_words(sweeps: dict, e: int, best: str, answer: str, recal: dict) -> li
                                                           "no difference beyond noise")
         + "; against shuffled batches " + _verdict(only_stage(pk, "pk4-mix50")["acc"], shuffled, "it is better",
                                                    "it still costs", "no difference beyond noise") + ".",
-    ]
+    ] + _defaults_in_words(table)
+
+
+def _defaults_in_words(table: dict) -> list:
+    """One line on issue 38's change of defaults, from the table's -pre38 rows (none without them)."""
+    pairs = before_pairs(table)
+    if not pairs:
+        return []
+    return ["- The authors' defaults (issue 38) against each loss's previous options, accuracy: " + "; ".join(
+        f"{row} " + _verdict(only_stage(table, row)["acc"], only_stage(table, old)["acc"], "better", "worse",
+                             "no difference beyond noise") for row, old in pairs) + "."]
 
 
 def _causes_in_words(pk: dict, shuffled: dict, recal: dict) -> str:
