@@ -53,8 +53,9 @@ class LastPt:
 
 def read_last(path: str, name: str) -> LastPt | None:
     """Stage `name`'s last.pt (None: there is none, the stage starts from its beginning); an unreadable one is
-    refused saying what to do."""
-    if not os.path.exists(path):
+    refused saying what to do. Every rank calls it (a collective): rank 0, which writes last.pt, decides whether
+    the stage resumes, once it has finished writing (a stage run again in the same job), and every rank reads it."""
+    if not all_gather_objects(os.path.exists(path))[0]:
         return None
     try:
         return LastPt(path, safe_torch_load(path, map_location="cpu"))
