@@ -7,7 +7,7 @@ import torch
 
 from distill.losses.distillation import DistillationObjective
 from distill.losses.heads import create_head
-from distill.losses.registry import DISTILL_LOSSES, create_distill_loss
+from distill.losses.registry import DISTILL_LOSSES, check_loss_options, create_distill_loss
 from distill.utils.errors import ConfigError, UnknownNameError
 
 # (student, teacher) pairs whose losses are worked out by hand below
@@ -178,3 +178,10 @@ def test_plain_training_computes_no_distillation_term(alpha, with_teacher):
 def test_bad_alpha_is_a_config_error(alpha):
     with pytest.raises(ConfigError, match="alpha"):
         DistillationObjective(create_head("softmax", 8, 10), alpha=alpha)
+
+
+def test_shrinkteanet_form_is_checked_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"key 'distill.terms\[0\]': distillation loss 'shrinkteanet_angular' refuses "
+                                          r"these options: shrinkteanet_angular: form must be one of squared, linear, "
+                                          r"got 'cubic'"):
+        check_loss_options("shrinkteanet_angular", {"form": "cubic"}, "distill.terms[0]")

@@ -15,6 +15,7 @@ import importlib
 import inspect
 import math
 import pkgutil
+import typing
 
 from distill.losses.requirements import Requirements
 from distill.models.registry import did_you_mean, same_kind
@@ -135,7 +136,17 @@ def create_distill_loss(name: str, **kwargs):
     _check_options(name, kwargs, list(loss_options(name)))
     if isinstance(fn, type):
         return fn(**kwargs)
+    for option, value in kwargs.items():  # a function's options are checked here, as a class checks its own
+        allowed = _allowed_values(fn, option)
+        if allowed and value not in allowed:
+            raise ValueError(f"{name}: {option} must be one of {', '.join(map(str, allowed))}, got {value!r}")
     return functools.partial(fn, **kwargs) if kwargs else fn
+
+
+def _allowed_values(fn, option: str) -> tuple:
+    """The values a function loss's keyword option takes when annotated with typing.Literal, else () (any)."""
+    hint = typing.get_type_hints(fn).get(option)
+    return typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else ()
 
 
 def _check_options(name: str, kwargs: dict, accepted: list, key: str | None = None) -> None:
