@@ -71,6 +71,17 @@ def test_sp_matches_repdistiller():
                                         [-0.000546605798055, 0.004857048328688, 0.005129081991927]))
 
 
+def test_sp_gram_cosine_matches_tface():
+    """Source: Tencent/TFace @ 82c9cbbf77af427e6301e5eb9e6d76ea3038d0a1, recognition/tasks/ekd/distillation/
+    similarity_perserving.py, Similarity_perserving (the cosine matrix of L2-normalised embeddings, rows not
+    normalised), on relational_inputs(); gradient w.r.t. the student. Our `sp` with gram: cosine."""
+    student, teacher = relational_inputs()
+    loss = create_distill_loss("sp", gram="cosine")(student, teacher)
+    loss.backward()
+    assert_matches(loss, student.grad, (0.200843541191045, 0.0915243894135826, 0.085802567414373,
+                                        [-0.003566282753432, 0.007811777827559, 0.0055188554741]))
+
+
 def test_arcface_matches_arcface_torch_straight_through():
     """Source: deepinsight/insightface, recognition/arcface_torch/losses.py, CombinedMarginLoss(s=64, m1=1, m2=0.5,
     m3=0) (the master version, margin applied under no_grad) on the cosines F.linear(normalize(e), normalize(W)),

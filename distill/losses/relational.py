@@ -23,7 +23,7 @@ student and teacher embeddings may differ in size (relations have none), so no d
           L2-normalised; loss = |G̃_s − G̃_t|²_F / b². The paper applies it to flattened feature maps; here to
           the embeddings, as TFace's face-KD baseline does, but with the paper's row normalisation: TFace's SP
           takes the cosine matrix of the normalised embeddings, not row-normalised (0.00905 against this
-          0.00840 on issue 38's batch).
+          0.00840 on issue 38's batch): option gram: cosine gives TFace's.
 """
 
 from __future__ import annotations
@@ -132,13 +132,32 @@ class CorrelationCongruence(nn.Module):
         return diff.pow(2).sum() / len(s) ** 2
 
 
+Gram = Literal["row_normalised", "cosine"]
+
+
 @register_loss("sp", requires=Requirements(sizes="any", min_batch=2))
 class SimilarityPreserving(nn.Module):
-    """Similarity-preserving KD (Tung & Mori, ICCV 2019): |G̃_s − G̃_t|²_F / b² with G̃ the row-normalised Gram
-    matrix of the batch's embeddings. No options. Needs: teacher embeddings (the cache serves), batches of >= 2
-    images. Tested: tests/test_relational.py (hand-computed)."""
+    """Similarity-preserving KD (Tung & Mori, ICCV 2019): |G̃_s − G̃_t|²_F / b² with G̃ the batch's similarity matrix.
+    Option gram: "row_normalised" (default: the paper's G = E·Eᵀ with each row L2-normalised, as RepDistiller's
+    code) or "cosine" (TFace's face-KD baseline: the cosine matrix of the L2-normalised embeddings, rows not
+    normalised). Needs: teacher embeddings (the cache serves), batches of >= 2 images. Tested:
+    tests/test_relational.py (hand-computed), tests/test_reference_numbers.py (RepDistiller's and TFace's numbers)."""
+
+    def __init__(self, gram: Gram = "row_normalised"):
+        super().__init__()
+        if gram not in get_args(Gram):
+            raise ValueError(f"sp: gram must be one of {', '.join(get_args(Gram))}, got {gram!r}")
+        self.gram = gram
+
+    def extra_repr(self) -> str:
+        return f"gram={self.gram}"
+
+    def matrix(self, e: torch.Tensor) -> torch.Tensor:
+        if self.gram == "cosine":
+            x = F.normalize(e, dim=1)
+            return x @ x.t()
+        return F.normalize(e @ e.t(), dim=1)
 
     def forward(self, student_emb, teacher_emb):
         s, t = _pair(student_emb, teacher_emb, "sp")
-        gs, gt = F.normalize(s @ s.t(), dim=1), F.normalize(t @ t.t(), dim=1)
-        return (gs - gt).pow(2).sum() / len(s) ** 2
+        return (self.matrix(s) - self.matrix(t)).pow(2).sum() / len(s) ** 2
