@@ -58,7 +58,8 @@ _MODELS: dict = {}     # canonical name (or family prefix) -> ModelEntry
 _ALIASES: dict = {}    # alias -> canonical name
 _FAMILIES: dict = {}   # prefix -> ModelEntry
 
-BUILTIN_FAMILIES = ("distill.models.vargfacenet", "distill.models.iresnet", "distill.models.timm_backbone")
+BUILTIN_FAMILIES = ("distill.models.vargfacenet", "distill.models.iresnet", "distill.models.mobilefacenet",
+                    "distill.models.timm_backbone")
 _builtins = "not loaded"  # -> "loading" (their modules call register_model while imported) -> "loaded"
 
 
