@@ -151,6 +151,14 @@ class MarginConfig:
     m3: float = 0.0
     straight_through: bool = False  # arcface_torch's margin without gradient
     sample_rate: float = 1.0        # PartialFC class sampling
+    # the head's own options, by name (AdaFace's h, t_alpha; MagFace's l_a, u_a ...), checked against its factory;
+    # null (none) reads as an absent key, so the teacher identities and last.pt files recorded before it still match
+    options: dict | None = None
+
+    def __post_init__(self):
+        if self.options is not None and not isinstance(self.options, dict):
+            raise ConfigError(f"key 'margin.options' must be a mapping of the head's options (e.g. {{h: 0.333}}), "
+                              f"got {self.options!r}")
 
 
 @dataclass

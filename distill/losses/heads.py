@@ -18,11 +18,17 @@ both passes validation and is the one that trains. A custom head:
     register_head(my_factory, name="other", config_kwargs=lambda margin: {"scale": margin.s})
 
 A head is an nn.Module whose forward(embeddings, labels) returns (loss, logs of detached scalar tensors);
-the engine also checkpoints it through full_weight() / load_full_weight(), and the losses through the
-teacher's class centres (AdaDistill, margin_distillation, proxyless_kd, kd) use its centre API (centre_shard,
-local_centres, update_local_centres, freeze_centres): subclassing MarginHead gives all of that. An option the
+the engine also checkpoints it through full_weight() / load_full_weight() and head_state() / load_head_state(),
+and the losses through the teacher's class centres (AdaDistill, margin_distillation, proxyless_kd, kd) use its
+centre API (centre_shard, local_centres, update_local_centres, freeze_centres): subclassing MarginHead gives all
+of that. An option the
 factory cannot take (straight_through, sample_rate) set away from its default is a ConfigError, never silently
 dropped; `unregister_head(name)` removes an entry (tests), `register_head(..., replace=True)` replaces one.
+
+A head's own options: `margin.options: {h: 0.333, t_alpha: 0.01}` (AdaFace's) are passed to its factory as keyword
+arguments, checked when the config loads: a name the factory does not take, or a value it refuses (a ValueError;
+a HeadOptionError names its option), is a ConfigError naming `margin.options.<name>`. `head_traits(margin)` says
+what the distillation losses may ask of the head (one centre per class, a margin per sample; term_checks.py).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from distill.losses.margin_head import MarginHead
+from distill.losses.margin_head import HeadOptionError, MarginHead
+from distill.models.registry import did_you_mean
 from distill.utils.errors import ConfigError, UnknownNameError
 
 # --------------------------------------------------------------------------- the registry
@@ -52,8 +59,23 @@ class HeadEntry:
     config_kwargs: Callable
 
     def build(self, margin, embedding_size: int, num_classes: int) -> nn.Module:
-        """The head `margin` (a MarginConfig) describes, for these sizes."""
-        return create_head(self.name, embedding_size, num_classes, **self.config_kwargs(margin))
+        """The head `margin` (a MarginConfig) describes, for these sizes; a value the head refuses is a
+        ConfigError naming its key (margin.options.<name>, or margin.<name> for the section's own keys)."""
+        options = dict(margin.options or {})
+        check_head_options(self.name, options, self.factory)
+        kwargs = {**self.config_kwargs(margin), **options}
+        try:
+            return create_head(self.name, embedding_size, num_classes, **kwargs)
+        except HeadOptionError as err:
+            own = err.option in CONFIG_FIELDS
+            key = f"margin.{err.option}" if own else f"margin.options.{err.option}"
+            value = kwargs.get(err.option)
+            raise ConfigError(f"key '{key}': margin head {self.name!r} refuses {err.option}={value!r}: {err}") from None
+        except (ValueError, TypeError) as err:
+            if not options:
+                raise
+            raise ConfigError(f"key 'margin.options': margin head {self.name!r} refuses its options "
+                              f"{options}: {err}") from None
 
     def __call__(self, embedding_size, num_classes, **kwargs) -> nn.Module:
         return self.factory(embedding_size, num_classes, **kwargs)
@@ -87,6 +109,44 @@ def _by_parameter_name(name: str, fn) -> Callable:
         return {f: getattr(margin, f) for f in CONFIG_FIELDS if f in accepted}
 
     return config_kwargs
+
+
+def head_options(fn) -> list:
+    """The options `margin.options` may give factory `fn`: its keyword arguments besides margin's own keys
+    (CONFIG_FIELDS) and the process group."""
+    return [p for p in _accepted(fn) if p not in CONFIG_FIELDS and p != "process_group"]
+
+
+def check_head_options(name: str, options: dict, fn) -> None:
+    """`margin.options` against head `name`'s factory: an option it does not take, or one of the margin section's
+    own keys, is a ConfigError naming margin.options.<option>."""
+    takes = head_options(fn)
+    for option in options:
+        if option in CONFIG_FIELDS:
+            raise ConfigError(f"key 'margin.options.{option}': {option} is a key of the margin section; set "
+                              f"margin.{option} instead")
+        if option not in takes:
+            raise ConfigError(f"key 'margin.options.{option}': margin head {name!r} does not take {option}"
+                              f"{did_you_mean(option, takes)}; its options are {', '.join(takes) or 'none'}")
+
+
+@dataclass(frozen=True)
+class HeadTraits:
+    """What the distillation losses may ask of a head (distill/losses/term_checks.py checks them at config load):
+    `centres_per_class` rows of weight per class, `takes_sample_margins` forward(..., margins=) sets the target
+    margin m2 per sample. None: not a MarginHead, nothing known."""
+    name: str
+    centres_per_class: int | None
+    takes_sample_margins: bool | None
+
+
+def head_traits(margin) -> HeadTraits:
+    """The traits of the head `margin` (a MarginConfig) builds, read from a tiny one (the values may depend on
+    its options, e.g. k sub-centres)."""
+    head = head_entry(margin.margin).build(margin, 2, 4096)  # classes enough for any world size
+    if not isinstance(head, MarginHead):
+        return HeadTraits(margin.margin, None, None)
+    return HeadTraits(margin.margin, int(head.centres_per_class), bool(head.takes_sample_margins))
 
 
 def register_head(fn=None, *, name: str | None = None, config_kwargs: Callable | None = None,

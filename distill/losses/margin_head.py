@@ -40,6 +40,15 @@ Class centres, the public API the distillation losses use (distill/losses/centre
 rank's rows, the live parameter), `update_local_centres(rows, values)` (an in-place move without gradient),
 `full_weight()` (every class, gathered), `load_full_weight(full)` (this rank's rows of a full matrix) and
 `freeze_centres()` (the centres train no more).
+
+Hooks for heads built on this one (distill/losses/heads_adaptive.py): `class_cosines(embeddings, weight)` (the
+cosine of each sample to each class held here: k sub-centres override only it), `logits(cosine, local, margins,
+batch)` (the scaled logits; `batch` holds the gathered embeddings before normalisation, for heads whose margin
+reads the feature norm), `regulariser(batch)` (an extra term added to the loss, e.g. MagFace's g(a)), and
+`head_state()` / `load_head_state(state)` (the head's buffers in last.pt). Capabilities the distillation losses
+check when the config loads (distill/losses/term_checks.py): `centres_per_class` (rows of `weight` per class)
+and `takes_sample_margins` (whether `forward(..., margins=)` sets the target margin m2, as margin_distillation
+needs). `weight`'s first dimension is always the class: sampling, sharding and the centre API index it.
 """
 
 from __future__ import annotations
@@ -144,8 +153,40 @@ class CentreShard:
         return local, (local >= 0) & (local < self.count)
 
 
+class HeadOptionError(ValueError):
+    """A head option's value the head refuses; `option` names it, so the config load can name its key."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+
+
+@dataclass
+class GatheredBatch:
+    """What a head's hooks may read besides the cosines: the global batch's embeddings before normalisation (all
+    ranks' rows, rank order; gradient flows back through GatherEmbeddings), their labels and the collectives."""
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    comm: Collectives
+
+    def norms(self) -> torch.Tensor:
+        """‖e_i‖ of every sample of the global batch, in at least float32 (the feature norm of AdaFace, MagFace)."""
+        return self.embeddings.to(torch.promote_types(self.embeddings.dtype, torch.float32)).norm(dim=1)
+
+
+def once_over_ranks(x: torch.Tensor, comm: Collectives) -> torch.Tensor:
+    """`x`, a term every rank computes alike from the gathered batch, whose gradient counts once: GatherEmbeddings
+    sums the ranks' gradients (each rank's covers its own classes), so each rank sends back 1/W of this one."""
+    if comm.world_size == 1:
+        return x
+    return x.detach() + (x - x.detach()) / comm.world_size
+
+
 class MarginHead(nn.Module):
     """Combined-margin softmax head s·(cos(m1·θ + m2) − m3), class centres sharded over ranks."""
+
+    centres_per_class = 1         # rows of `weight` per class (sub-centre heads hold k)
+    takes_sample_margins = True   # forward(..., margins=) sets each sample's m2 (margin_distillation)
 
     def __init__(self, embedding_size: int, num_classes: int, s: float = 64.0, m1: float = 1.0, m2: float = 0.0,
                  m3: float = 0.0, *, straight_through: bool = False, sample_rate: float = 1.0, process_group=None):
@@ -171,7 +212,7 @@ class MarginHead(nn.Module):
         theta_limit = (math.pi - self.m2) / self.m1
         self._wraps = theta_limit < math.pi
         self._cos_limit = math.cos(theta_limit)
-        self.weight = nn.Parameter(torch.normal(0, 0.01, (self.num_local_classes, self.embedding_size)))
+        self.weight = nn.Parameter(torch.normal(0, 0.01, self.centre_shape(self.num_local_classes)))
         self.sampled_classes = None  # global ids of the classes the last sampled forward used
 
     def extra_repr(self) -> str:
@@ -180,6 +221,10 @@ class MarginHead(nn.Module):
                 f"m2={self.m2}, m3={self.m3}, straight_through={self.straight_through}, "
                 f"sample_rate={self.sample_rate}, classes=[{self.class_start}, {end}) on rank "
                 f"{self.rank} of {self.world_size}")
+
+    def centre_shape(self, classes: int) -> tuple:
+        """The shape of `weight` for `classes` classes (the class first; a sub-centre head: (classes, k, d))."""
+        return (classes, self.embedding_size)
 
     def collectives(self) -> Collectives:
         comm = Collectives(self.process_group)
@@ -254,6 +299,9 @@ class MarginHead(nn.Module):
         if labels.numel() and bool(((labels < 0) | (labels >= self.num_classes)).any()):
             raise ConfigError(f"margin head: labels must lie in [0, {self.num_classes}) (its num_classes), got "
                               f"min {int(labels.min())}, max {int(labels.max())}")
+        if margins is not None and not self.takes_sample_margins:
+            raise ConfigError(f"margin head {type(self).__name__} sets its own target margins and takes no margin per "
+                              f"sample (margins=); use a head with a fixed margin (arcface, combined)")
         comm = self.collectives()
         sizes = comm.batch_sizes(embeddings.shape[0], embeddings.device)
         embeddings = GatherEmbeddings.apply(embeddings, comm, sizes)
@@ -268,14 +316,50 @@ class MarginHead(nn.Module):
             weight = weight[index]
             local = torch.where(local >= 0, torch.searchsorted(index, local.clamp(min=0)), -1)
 
-        cosine = F.linear(F.normalize(embeddings), F.normalize(weight))
+        cosine = self.class_cosines(embeddings, weight)
+        batch = GatheredBatch(embeddings, labels, comm)
         # margin and softmax in at least float32 even under autocast: exp(64·cos) overflows float16
         with torch.autocast(device_type=cosine.device.type, enabled=False):
             if cosine.dtype in (torch.float16, torch.bfloat16):
                 cosine = cosine.float()
             cosine = cosine.clamp(-1.0, 1.0)  # rounding can leave |cos| a hair above 1
-            logits = self.apply_margin(cosine, local, margins)
-            return self._cross_entropy(logits, cosine, local, comm)
+            logits = self.logits(cosine, local, margins, batch)
+            loss, logs = self._cross_entropy(logits, cosine, local, comm)
+            extra = self.regulariser(batch)
+            if extra is not None:
+                term, extra_logs = extra
+                loss, logs = loss + term, {**logs, **extra_logs}
+            return loss, logs
+
+    def class_cosines(self, embeddings: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(batch × classes held here) cosines of the gathered embeddings to this step's centres `weight`."""
+        return F.linear(F.normalize(embeddings), F.normalize(weight))
+
+    def logits(self, cosine: torch.Tensor, local: torch.Tensor, margins, batch: GatheredBatch) -> torch.Tensor:
+        """The scaled logits of this shard's classes (float32 or wider, |cos| <= 1); `local`: each sample's target
+        column here, or -1; `margins`: an m2 per sample or None. This head: apply_margin."""
+        return self.apply_margin(cosine, local, margins)
+
+    def regulariser(self, batch: GatheredBatch):
+        """(term added to the loss, its logs) or None. A term every rank computes alike from the gathered batch goes
+        through once_over_ranks, so its gradient counts once."""
+        return None
+
+    def head_state(self) -> dict:
+        """The head's own state for last.pt (its buffers: statistics it keeps across steps), on the CPU. Heads that
+        keep one compute it from the gathered, global batch, so every rank holds the same and rank 0's is saved."""
+        return {name: b.detach().cpu().clone() for name, b in self.named_buffers()}
+
+    def load_head_state(self, state: dict) -> None:
+        """Restore `head_state()`'s values; a name this head does not keep, or one it keeps but `state` lacks, is a
+        ConfigError naming it."""
+        own = dict(self.named_buffers())
+        if set(state) != set(own):
+            raise ConfigError(f"margin head keeps state {sorted(own)}, the checkpoint holds {sorted(state)}: it was "
+                              f"written by another head")
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value.to(own[name].device, own[name].dtype))
 
     def _cross_entropy(self, logits, cosine, local, comm):
         """Softmax cross-entropy whose max and normaliser are reduced over the ranks' class shards."""
@@ -329,7 +413,8 @@ class MarginHead(nn.Module):
     @torch.no_grad()
     def load_full_weight(self, weight: torch.Tensor) -> None:
         """Copy this rank's rows out of a full (num_classes × embedding_size) matrix of class centres."""
-        if tuple(weight.shape) != (self.num_classes, self.embedding_size):
-            raise ConfigError(f"margin head holds {self.num_classes} classes × {self.embedding_size}, "
+        shape = self.centre_shape(self.num_classes)
+        if tuple(weight.shape) != shape:
+            raise ConfigError(f"margin head holds {self.num_classes} classes × {' × '.join(map(str, shape[1:]))}, "
                               f"got class centres of shape {tuple(weight.shape)}")
         self.weight.copy_(weight[self.class_start : self.class_start + self.num_local_classes])

@@ -29,6 +29,10 @@ class Requirements:
     replaces_classification  the loss owns the classification term: the objective calls
                              loss.classify(head, student, labels, teacher) -> (loss, logs) instead of
                              head(student, labels) and adds no alpha × term (alpha > 0 turns it on)
+    one_centre_per_class     reads or moves the margin head's centres as one row per class (AdaDistill's update;
+                             `centres` implies it: the teacher's head file holds one row per identity)
+    sample_margins           sets each sample's target margin m2 (head(..., margins=)): the head's margin must be
+                             that m2, not one of its own (MarginHead.takes_sample_margins)
     """
     labels: bool = False
     teacher_embedding: bool = True
@@ -38,6 +42,8 @@ class Requirements:
     sizes: str = "projectable"
     min_batch: int = 1
     replaces_classification: bool = False
+    one_centre_per_class: bool = False
+    sample_margins: bool = False
 
     def __post_init__(self):
         if self.sizes not in SIZES:

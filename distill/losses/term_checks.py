@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distill.losses.heads import HeadTraits
 from distill.losses.registry import loss_options, requirements
 from distill.losses.requirements import Requirements
 from distill.utils.errors import ConfigError
@@ -31,6 +32,8 @@ class Setting:
     student_dim, teacher_dim  the embedding sizes
     project        distill.project ('none' or 'linear')
     stages         [(role, arch, number of feature stages or None)] of the student and the teacher
+    head           the margin head's traits (distill.losses.heads.head_traits: centres per class, whether it takes
+                   a margin per sample), which the centre losses check
     """
     teacher: str | None = None
     cached: bool | None = None
@@ -41,6 +44,7 @@ class Setting:
     teacher_dim: int | None = None
     project: str | None = None
     stages: tuple | None = None
+    head: HeadTraits | None = None
 
 
 def term_label(term) -> str:
@@ -76,7 +80,8 @@ def term_problems(terms, setting: Setting) -> list:
         checks = (_maps_problem(term, label, setting) if needs.feature_maps else None,
                   _batch_problem(needs, label, setting),
                   _centres_problem(label, setting) if needs.centres else None,
-                  _identity_problem(label, setting) if needs.images_per_id else None)
+                  _identity_problem(label, setting) if needs.images_per_id else None,
+                  _head_problem(needs, label, setting.head))
         problems += [p for p in checks if p is not None]
         if not (needs.feature_maps or needs.sizes == "any"):
             compared.append((needs, label))
@@ -124,6 +129,24 @@ def _centres_problem(label: str, setting: Setting) -> RequirementError | None:
                             f"{onnx}teacher does not carry: set teacher.head: FILE (see docs: a state dict, last.pt or "
                             f"arcface_torch's checkpoint_gpu_*.pt), or let the run train the teacher (teacher.train)",
                             "teacher")
+
+
+def _head_problem(needs: Requirements, label: str, head: HeadTraits | None) -> RequirementError | None:
+    """What the margin head (margin.margin) lacks for the term: one centre per class, or a margin per sample."""
+    if head is None:
+        return None
+    per_class = needs.centres or needs.one_centre_per_class
+    if per_class and head.centres_per_class not in (None, 1):
+        return RequirementError(f"{label} reads the class centres as one row per identity, but margin.margin "
+                                f"{head.name} keeps {head.centres_per_class} centres per class: use a head with one "
+                                f"centre per class (arcface, cosface, adaface, curricularface, magface, ...) or "
+                                f"another distillation loss", "margin.margin")
+    if needs.sample_margins and head.takes_sample_margins is False:
+        return RequirementError(f"{label} sets each sample's margin (the paper's m_i on ArcFace), but margin.margin "
+                                f"{head.name} decides its own margins and takes none per sample: set margin.margin "
+                                f"arcface (the paper's), combined or curricularface, or use another distillation "
+                                f"loss", "margin.margin")
+    return None
 
 
 def _identity_problem(label: str, setting: Setting) -> RequirementError | None:

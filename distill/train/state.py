@@ -19,7 +19,13 @@ the term sets it), so that a stage resumes under the options it started with (`s
 stage's objective is built, before its optimizer: an option may change what the optimizer holds). An option the
 config leaves unset keeps its recorded value when the default has changed since, with one note; one the config
 sets to another value is refused, naming its key. A last.pt without the record (/2, /1) resumes each term under
-the defaults of the code that wrote it (distill.compat.LEGACY_LOSS_DEFAULTS), with the same note."""
+the defaults of the code that wrote it (distill.compat.LEGACY_LOSS_DEFAULTS), with the same note.
+
+`head_state` (optional, beside /3) holds the margin head's own state (MarginHead.head_state: AdaFace's feature-norm
+EMA, CurricularFace's running t). Those heads compute it from the gathered, global batch, so every rank holds the
+same values and rank 0's is the one saved; every rank restores it. A last.pt without it (written before, or by a
+head that keeps none) resumes the head's state as built; a compat entry recorded before a key was added to its
+section (ADDED_KEYS, e.g. margin.options) compares as that key's value then."""
 
 from __future__ import annotations
 
@@ -41,6 +47,10 @@ from distill.utils.threads import apply_threads
 
 TRAIN_FORMAT = "facedistill.train/3"
 LOSS_OPTIONS = "loss_options"  # last.pt's record of every term's options (format /3)
+HEAD_STATE = "head_state"      # the margin head's own state (MarginHead.head_state), rank 0's
+# {compat entry: {key: value}} of keys added to a section declared RESUME after last.pt files were written without
+# them: such a file's entry reads as if it held the key at this value (what the code that wrote it did)
+ADDED_KEYS = {"margin": {"options": None}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +80,16 @@ def resume_state(st, log: logging.Logger) -> None:
     scheduler, scaler, counters, RNG; what it notes goes to `log`."""
     path, name = st.paths.last, st.spec.name
     ck, st.last = st.last.state, None  # (the stage keeps no second copy of the checkpoint once it is loaded)
-    differ = sorted(k for k in st.compat if ck.get("compat", {}).get(k) != st.compat[k])
+    recorded = ck.get("compat", {})
+    differ = sorted(k for k in st.compat if _with_added_keys(k, recorded.get(k)) != st.compat[k])
     if differ:
         raise CheckpointError(f"{path}: cannot resume: the config changed in a way that breaks it "
                               f"({', '.join(differ)} differ from the checkpoint). Use another output "
                               f"directory, restore the previous settings, or rerun with --restart-stage {name}.")
     st.model.load_state_dict(ck["model"])
     st.head.load_full_weight(ck["head_weight"].to(st.device))
+    if ck.get(HEAD_STATE) is not None:
+        st.head.load_head_state(ck[HEAD_STATE])
     st.objective.load_training_state(ck.get("objective", {}), source=path)
     st.optimizer.load_state_dict(ck["optimizer"])
     _resume_head_moments(st, ck.get("head_optimizer"))
@@ -95,6 +108,13 @@ def resume_state(st, log: logging.Logger) -> None:
                      f"({st.threads.source}): the rest of the stage will not be bit-identical to an uninterrupted run")
     _note_changed_centres(st, ck.get("centres_sha256"), log)
     log.info(f"{st.spec.name}: resuming from {path} at step {st.step}/{st.total_steps}")
+
+
+def _with_added_keys(name: str, entry):
+    """A recorded compat entry completed with the keys added to its section since (ADDED_KEYS)."""
+    if isinstance(entry, dict) and name in ADDED_KEYS:
+        return {**ADDED_KEYS[name], **entry}
+    return entry
 
 
 def _note_changed_centres(st, recorded: str | None, log: logging.Logger) -> None:
@@ -122,6 +142,7 @@ def save_state(st) -> None:
     atomic_torch_save({
         "format": TRAIN_FORMAT, "stage": spec.name, "arch": spec.arch, "model_kwargs": spec.model_kwargs,
         "model": st.model.state_dict(), "head_weight": head_weight, "head_optimizer": head_moments,
+        HEAD_STATE: st.head.head_state(),
         "objective": st.objective.training_state(),  # the projection and a loss's own state (distillation.py)
         "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
         "scaler": st.scaler.state_dict() if st.scaler.is_enabled() else None, "step": st.step, "micro": st.micro,
