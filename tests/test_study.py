@@ -26,7 +26,8 @@ def _module(name):
 
 TABLE_ROWS = ("scratch", "scratch-pk4", "scratch-pk2", "equivalent_angular", "shrinkteanet", "kd", "fitnet", "rkd",
               "margin_distillation", "ekd", "ekd-k2", "scratch-pk4-mix50", "ekd-mix50", "adadistill",
-              "attention_transfer", "cc", "sp", "proxyless_kd")
+              "attention_transfer", "cc", "sp", "proxyless_kd", "margin_distillation-pre38", "ekd-pre38",
+              "adadistill-pre38", "rkd-pre38", "attention_transfer-pre38")
 
 
 def test_the_study_files_plan_every_arm_with_three_seeds_and_one_teacher():
@@ -213,7 +214,7 @@ def test_the_report_writes_the_readme_summary_between_its_markers_and_nothing_el
     for g in (1, 2, 3):
         assert re.search(rf"^  \| {g * e} \({g}E\) \| [\d.]+ ± [\d.]+ \|", block, re.M)
     for row in TABLE_ROWS:
-        if not row.startswith(("scratch", "ekd")):
+        if not row.startswith(("scratch", "ekd")) and not row.endswith("-pre38"):  # a -pre38 row: results.md only
             assert f"; {row} " in block or f": {row} " in block, row
     assert "minutes of wall time" in block or "not measured" in block
     # a README without the markers is refused before anything is written
