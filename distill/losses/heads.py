@@ -25,6 +25,9 @@ of that. An option the
 factory cannot take (straight_through, sample_rate) set away from its default is a ConfigError, never silently
 dropped; `unregister_head(name)` removes an entry (tests), `register_head(..., replace=True)` replaces one.
 
+Besides the four built here, every module distill/losses/heads_*.py is imported with this one and registers its
+heads (heads_adaptive: adaface, curricularface, magface).
+
 A head's own options: `margin.options: {h: 0.333, t_alpha: 0.01}` (AdaFace's) are passed to its factory as keyword
 arguments, checked when the config loads: a name the factory does not take, or a value it refuses (a ValueError;
 a HeadOptionError names its option), is a ConfigError naming `margin.options.<name>`. `head_traits(margin)` says
@@ -33,7 +36,9 @@ what the distillation losses may ask of the head (one centre per class, a margin
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -222,3 +227,16 @@ def head_from_config(margin, embedding_size: int, num_classes: int) -> nn.Module
     """The head an experiment's `margin:` section (distill.config.schema.MarginConfig) describes: its
     registered entry, `margin.margin`, builds itself (HeadEntry.build). An unknown name is an error."""
     return head_entry(margin.margin).build(margin, embedding_size, num_classes)
+
+
+def _import_head_modules() -> None:
+    """Import every distill/losses/heads_*.py (AdaFace, CurricularFace, MagFace, ...): each registers its heads,
+    so `margin.margin` knows them as soon as this registry is imported."""
+    import distill.losses as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        if module.name.startswith("heads_"):
+            importlib.import_module(f"{package.__name__}.{module.name}")
+
+
+_import_head_modules()
