@@ -53,7 +53,7 @@ def test_the_class_cosine_is_the_max_over_its_sub_centres_and_only_that_one_lear
     assert moved.tolist() == [[False, True], [True, False]]
 
 
-def test_the_loss_by_hand_and_k_1_is_arcface():
+def test_the_loss_by_hand_k_1_is_arcface_and_the_centre_api_refuses_k_centres():
     emb, weight, labels = problem()
     head = create_head("subcenter_arcface", 6, 7, s=16.0, m=0.5).double()
     assert head.weight.shape == (7, 3, 6) and head.centres_per_class == 3 and "k=3" in repr(head)
@@ -61,9 +61,14 @@ def test_the_loss_by_hand_and_k_1_is_arcface():
     torch.testing.assert_close(head(emb, labels)[0], by_hand(emb, weight, labels, 16.0, 0.5))
     one = create_head("subcenter_arcface", 6, 7, s=16.0, m=0.5, k=1).double()
     arcface = create_head("arcface", 6, 7, s=16.0, m=0.5).double()
-    one.load_full_weight(weight[:, :1])
     arcface.load_full_weight(weight[:, 0])
+    one.load_full_weight(arcface.full_weight())  # k = 1 holds ArcFace's (classes, d) centres
     torch.testing.assert_close(one(emb, labels)[0], arcface(emb, labels)[0])
+    assert one.local_centres() is one.weight
+    with pytest.raises(ConfigError, match="keeps 3 centres per class, and a loss that reads or moves one centre"):
+        head.local_centres()
+    with pytest.raises(ConfigError, match="set margin.margin arcface"):
+        head.update_local_centres(torch.tensor([0]), torch.zeros(1, 6))
 
 
 def test_sampling_keeps_all_k_sub_centres_of_a_kept_class():

@@ -18,8 +18,9 @@ as for every head; the authors' fc7 weight (classes·k rows, class c's sub-centr
 its reshape to (classes·k, embedding_size). The margin, the softmax and the sharded cross-entropy are
 MarginHead's (margin_head.py), with its differences to the authors' code (continuous fallback past θ* = π − m;
 arcface's straight_through option). The losses that read one centre per identity (kd, proxyless_kd, adadistill,
-margin_distillation's teacher centres) refuse this head when the config loads (`centres_per_class` = k,
-distill/losses/term_checks.py); k = 1 is ArcFace.
+margin_distillation) cannot use k of them: distill/losses/term_checks.py refuses them against `centres_per_class`
+= k, and the centre API (local_centres, update_local_centres) refuses them too; k = 1 is ArcFace, its weight
+(classes, embedding_size) as ArcFace's.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from distill.losses.heads import register_head
 from distill.losses.margin_head import HeadOptionError, MarginHead
+from distill.utils.errors import ConfigError
 
 
 class SubCenterArcFace(MarginHead):
@@ -47,14 +49,34 @@ class SubCenterArcFace(MarginHead):
         return f"{super().extra_repr()}, k={self._k}"
 
     def centre_shape(self, classes: int) -> tuple:
-        """(classes, k, embedding_size): a class's k sub-centres stay together through sharding and sampling."""
-        return (classes, self._k, self.embedding_size)
+        """(classes, k, embedding_size): a class's k sub-centres stay together through sharding and sampling;
+        k = 1: (classes, embedding_size), ArcFace's own, so its centres and the centre losses' files fit."""
+        return (classes, self.embedding_size) if self._k == 1 else (classes, self._k, self.embedding_size)
 
     def class_cosines(self, embeddings: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """(batch × classes) cosine to each class: the largest of the cosines to its k sub-centres."""
+        if weight.dim() == 2:
+            return super().class_cosines(embeddings, weight)
         classes, k, d = weight.shape
         cos = F.linear(F.normalize(embeddings), F.normalize(weight, dim=-1).reshape(classes * k, d))
         return cos.view(-1, classes, k).max(dim=2).values
+
+    # the centre API reads and moves one centre per class: with k > 1 there is none (term_checks refuses the losses
+    # that use it when the config loads; this says the same if one is reached without that check)
+    def _one_centre_per_class(self) -> None:
+        if self._k > 1:
+            raise ConfigError(f"margin head subcenter_arcface keeps {self._k} centres per class, and a loss that reads "
+                              f"or moves one centre per identity (kd, proxyless_kd, margin_distillation, adadistill) "
+                              f"cannot use them: set margin.margin arcface (or margin.options.k 1), or choose another "
+                              f"distillation loss")
+
+    def local_centres(self) -> torch.Tensor:
+        self._one_centre_per_class()
+        return super().local_centres()
+
+    def update_local_centres(self, rows: torch.Tensor, values: torch.Tensor) -> None:
+        self._one_centre_per_class()
+        super().update_local_centres(rows, values)
 
 
 @register_head
