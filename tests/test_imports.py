@@ -33,6 +33,64 @@ def _loaded(proc: subprocess.CompletedProcess) -> list:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# One interpreter imports timm (torch with it: 3-4 s of CPU), then forks a child per snippet, whose output and exit
+# status come back as a subprocess.CompletedProcess's: each child starts as a fresh interpreter with timm imported
+# first and nothing of distill loaded, which is all its test needs (the test of an import without torch or timm runs
+# a fresh interpreter of its own).
+_AFTER_TIMM = """
+import json, os, sys, tempfile, traceback
+import timm
+snippets, results = json.loads(sys.stdin.read()), {}
+for name, code in snippets.items():
+    out, err = (tempfile.TemporaryFile(mode="w+") for _ in range(2))
+    sys.stdout.flush(), sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(out.fileno(), 1), os.dup2(err.fileno(), 2)
+        status = 0
+        try:
+            exec(compile(code, name, "exec"), {"__name__": "__main__"})
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            status = 1
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(status)
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    results[name] = [status] + [(f.seek(0), f.read())[1] for f in (out, err)]
+print(json.dumps(results))
+"""
+
+
+def _python_after_timm(snippets: dict) -> dict:
+    """{name: CompletedProcess} of each snippet, each run in a child forked after `import timm` (above)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    proc = subprocess.run([sys.executable, "-c", _AFTER_TIMM], input=json.dumps(snippets), capture_output=True,
+                          text=True, cwd=Path(REPO), env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {name: subprocess.CompletedProcess(name, *result)
+            for name, result in json.loads(proc.stdout.strip().splitlines()[-1]).items()}
+
+
+@pytest.fixture(scope="module")
+def after_timm(tmp_path_factory) -> dict:
+    """The snippets of this file's tests that import timm anyway, run once (_python_after_timm)."""
+    from tiny_experiment import write_experiment
+
+    tmp = tmp_path_factory.mktemp("imports")
+    exp = write_experiment(tmp / "x.yaml", tmp / "faces", side=16, generations=1, tracking={"wandb": "disabled"})
+    return _python_after_timm({
+        "timm before": "import timm\nimport distill\n"
+                       "m = timm.create_model('vargfacenet_depthwise', input_size=32, multiplier=0.25, "
+                       "last_channels=32, units=[1, 1, 1])\nprint(type(m).__name__, m.config['group_size'])",
+        "registry": "from distill.registry import canonical_name, list_models\n"
+                    "print(canonical_name('r100'), ' '.join(list_models()))",
+        "dry run": "import json, sys\nfrom distill.cli import main\n"
+                   f"code = main(['run', {str(exp)!r}, '--dry-run', '--no-progress', '--out', {str(tmp / 'run')!r}])\n"
+                   "assert code == 0, code\nprint(json.dumps(sorted(sys.modules)))"})
+
+
 def test_every_command_module_is_registered():
     import distill.cli
 
@@ -102,30 +160,20 @@ def test_import_distill_is_light_and_registers_the_students_with_timm_imported_l
     assert "distill" in loaded and not [m for m in loaded if _within(m, ("torch", "timm", "numpy"))]
 
 
-def test_import_distill_registers_the_students_with_timm_imported_before():
-    proc = _python("import timm\nimport distill\n"
-                   "m = timm.create_model('vargfacenet_depthwise', input_size=32, multiplier=0.25, last_channels=32, "
-                   "units=[1, 1, 1])\nprint(type(m).__name__, m.config['group_size'])")
+def test_import_distill_registers_the_students_with_timm_imported_before(after_timm):
+    proc = after_timm["timm before"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ["VarGFaceNet", "1"]
 
 
-def test_the_registry_knows_every_builtin_family_unasked():
-    proc = _python("from distill.registry import canonical_name, list_models\n"
-                   "print(canonical_name('r100'), ' '.join(list_models()))")
+def test_the_registry_knows_every_builtin_family_unasked(after_timm):
+    proc = after_timm["registry"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, *names = proc.stdout.split()
     assert first == "iresnet100" and {"vargfacenet", "vargfacenet_depthwise", "iresnet18", "timm/<name>"} <= set(names)
 
 
-def test_distill_run_loads_no_onnx_code(tmp_path):
-    from tiny_experiment import write_experiment
-
-    exp = write_experiment(tmp_path / "x.yaml", tmp_path / "faces", side=16, generations=1,
-                           tracking={"wandb": "disabled"})
-    loaded = _loaded(_python(
-        "import json, sys\nfrom distill.cli import main\n"
-        f"code = main(['run', {str(exp)!r}, '--dry-run', '--no-progress', '--out', {str(tmp_path / 'run')!r}])\n"
-        "assert code == 0, code\nprint(json.dumps(sorted(sys.modules)))"))
+def test_distill_run_loads_no_onnx_code(after_timm):
+    loaded = _loaded(after_timm["dry run"])
     assert "distill.run.dry_run" in loaded and "distill.models.iresnet" in loaded  # the run did run
     assert not [m for m in loaded if _within(m, ONNX_CODE)]
