@@ -233,3 +233,32 @@ def test_a_stage_resumes_bit_identically_with_the_heads_state(name, tmp_path, mo
         assert torch.equal(again["head_state"][key], value) and not torch.equal(stopped["head_state"][key], value)
     assert torch.equal(again["head_weight"], whole["head_weight"])
     assert all(torch.equal(again["model"][k], whole["model"][k]) for k in whole["model"])
+
+
+# --- with the centre losses that accept them ------------------------------------------------------------------
+
+def test_the_centre_losses_train_through_these_heads():
+    from distill.losses.registry import create_distill_loss
+
+    x, weight, y = problem()
+    teacher = x + 0.1 * torch.randn_like(x)
+    # margin_distillation on CurricularFace: its per-sample margins replace m in the target and the threshold
+    head = built("curricularface", weight)
+    md = create_distill_loss("margin_distillation").double()
+    md.set_centres(weight, head)
+    m = md.margins(head, y, teacher)
+    loss, logs = md.classify(head, x, y, teacher)
+    torch.testing.assert_close(loss, built("curricularface", weight)(x, y, margins=m)[0])
+    assert not head.weight.requires_grad and "md_margin" in logs  # frozen teacher centres, the paper's default
+    # proxyless_kd on MagFace and adadistill on AdaFace: the heads' own loss against the centres the loss keeps
+    for name, loss_name in (("magface", "proxyless_kd"), ("adaface", "adadistill")):
+        head = built(name, weight)
+        term = create_distill_loss(loss_name).double()
+        if loss_name == "proxyless_kd":
+            term.set_centres(weight, head)
+        else:
+            term.prepare_head(head)
+        emb = x.clone().requires_grad_(True)
+        loss, _ = term.classify(head, emb, y, teacher)
+        loss.backward()
+        assert torch.isfinite(loss) and emb.grad.abs().sum() > 0 and head.weight.grad is None

@@ -1,6 +1,8 @@
 """The margin heads' extension points: margin.options checked at config load, the hooks a head overrides
 (class_cosines, logits, regulariser, head_state), and the traits the centre losses check (term_checks)."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,13 +110,14 @@ def _term(loss):
 def test_centre_losses_refuse_heads_they_cannot_use(two_centres):
     register_loss("sets_margins_test", requires=Requirements(sample_margins=True))(lambda s, t: (s - t).sum())
     try:
-        traits = head_traits(tiny_config(margin={"margin": two_centres}).margin)
+        head = functools.partial(head_traits, tiny_config(margin={"margin": two_centres}).margin)  # as checks.py
         for loss in ("kd", "proxyless_kd"):
-            problems = term_problems([_term(loss)], Setting(head=traits))
+            problems = term_problems([_term(loss)], Setting(head=head))
             assert problems and problems[0].key == "margin.margin"
             assert "keeps 2 centres per class" in str(problems[0])
-        problems = term_problems([_term("sets_margins_test")], Setting(head=traits))
+        problems = term_problems([_term("sets_margins_test")], Setting(head=head))
         assert problems[0].key == "margin.margin" and "takes none per sample" in str(problems[0])
+        assert term_problems([_term("equivalent_angular")], Setting(head=lambda: 1 / 0)) == []  # never built
         arcface = head_traits(tiny_config().margin)
         assert term_problems([_term(n) for n in ("kd", "sets_margins_test")], Setting(head=arcface)) == []
     finally:

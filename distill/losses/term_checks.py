@@ -12,6 +12,7 @@ call it, each with what it knows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from distill.losses.heads import HeadTraits
@@ -32,8 +33,9 @@ class Setting:
     student_dim, teacher_dim  the embedding sizes
     project        distill.project ('none' or 'linear')
     stages         [(role, arch, number of feature stages or None)] of the student and the teacher
-    head           the margin head's traits (distill.losses.heads.head_traits: centres per class, whether it takes
-                   a margin per sample), which the centre losses check
+    head           the margin head's traits (distill.losses.heads.HeadTraits: centres per class, whether it takes a
+                   margin per sample), or a function returning them, called only when a term needs them (the config
+                   check passes functools.partial(head_traits, cfg.margin): no head is built for other terms)
     """
     teacher: str | None = None
     cached: bool | None = None
@@ -44,7 +46,7 @@ class Setting:
     teacher_dim: int | None = None
     project: str | None = None
     stages: tuple | None = None
-    head: HeadTraits | None = None
+    head: HeadTraits | Callable[[], HeadTraits] | None = None
 
 
 def term_label(term) -> str:
@@ -131,11 +133,12 @@ def _centres_problem(label: str, setting: Setting) -> RequirementError | None:
                             "teacher")
 
 
-def _head_problem(needs: Requirements, label: str, head: HeadTraits | None) -> RequirementError | None:
+def _head_problem(needs: Requirements, label: str, head) -> RequirementError | None:
     """What the margin head (margin.margin) lacks for the term: one centre per class, or a margin per sample."""
-    if head is None:
-        return None
     per_class = needs.centres or needs.one_centre_per_class
+    if head is None or not (per_class or needs.sample_margins):
+        return None
+    head = head() if callable(head) else head
     if per_class and head.centres_per_class not in (None, 1):
         return RequirementError(f"{label} reads the class centres as one row per identity, but margin.margin "
                                 f"{head.name} keeps {head.centres_per_class} centres per class: use a head with one "
