@@ -79,6 +79,7 @@ def test_bad_options_are_refused_when_the_config_loads_naming_the_key(two_centre
 def test_options_must_be_a_mapping_and_builtin_heads_take_none():
     with pytest.raises(ConfigError, match="key 'margin.options' must be a mapping"):
         tiny_config(margin={"options": [1]})
+    assert tiny_config(margin={"options": {}}).margin.options is None  # the same run as no options
     with pytest.raises(ConfigError, match="margin.options.h': margin head 'arcface' does not take h; its options are "
                                           "none"):
         tiny_config(margin={"options": {"h": 0.3}})

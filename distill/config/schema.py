@@ -159,6 +159,7 @@ class MarginConfig:
         if self.options is not None and not isinstance(self.options, dict):
             raise ConfigError(f"key 'margin.options' must be a mapping of the head's options (e.g. {{h: 0.333}}), "
                               f"got {self.options!r}")
+        self.options = self.options or None  # {} is no option: the same run as null
 
 
 @dataclass
