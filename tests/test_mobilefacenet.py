@@ -142,6 +142,10 @@ def test_either_spelling_of_the_embedding_size():
         assert "num_features" not in model.config  # student.pt records the registry's spelling
     with pytest.raises(ValueError, match="num_features .arcface_torch's name. and embedding_size are the same"):
         create_model("mbf", num_features=128, embedding_size=256)
+    plain, half = (create_model("mbf", input_size=32, fp16=fp16).eval() for fp16 in (False, True))
+    half.load_state_dict(plain.state_dict())
+    with torch.no_grad():  # arcface_torch's switch: CUDA float16 autocast on the layers, nothing on a CPU
+        assert torch.equal(half(x), plain(x)) and half.config["fp16"] is True
     with pytest.raises(ValueError, match="blocks must be 4 counts"):
         create_model("mbf", blocks=[1, 4, 6])
     with pytest.raises(ValueError, match="scale must be a whole number >= 1"):
