@@ -123,3 +123,22 @@ def test_centre_losses_refuse_heads_they_cannot_use(two_centres):
         assert term_problems([_term(n) for n in ("kd", "sets_margins_test")], Setting(head=arcface)) == []
     finally:
         unregister_loss("sets_margins_test")
+
+
+@pytest.mark.parametrize("head, loss, refused", [
+    ("adaface", "margin_distillation", "decides its own margins"),
+    ("magface", "margin_distillation", "decides its own margins"),
+    ("curricularface", "margin_distillation", None),
+    ("adaface", "adadistill", None),
+    ("magface", "proxyless_kd", None),
+    ("two_centres_test", "adadistill", "keeps 2 centres per class"),
+    ("two_centres_test", "kd", "keeps 2 centres per class"),
+])
+def test_the_config_load_refuses_a_head_a_centre_loss_cannot_use(two_centres, head, loss, refused):
+    sections = dict(margin={"margin": head}, distill={"loss": loss, "alpha": 1.0},
+                    teacher={"head": "teacher_head.pt", "embedding_size": 64}, student={"embedding_size": 64})
+    if refused is None:
+        tiny_config(**sections)
+        return
+    with pytest.raises(ConfigError, match=f"distill.loss {loss} .*margin.margin {head} .*{refused}"):
+        tiny_config(**sections)

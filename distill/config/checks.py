@@ -6,13 +6,14 @@ divisibility; and, on the configs a user gives (not a run's saved copy), the bou
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
 
 from timm.optim import list_optimizers
 
-from distill.losses.heads import HEADS
+from distill.losses.heads import HEADS, head_traits
 from distill.losses.registry import DISTILL_LOSSES, check_loss_options
 from distill.losses.term_checks import Setting, term_problems
 from distill.losses.terms import config_terms
@@ -209,8 +210,8 @@ def _check_terms(cfg, where) -> None:
 
 def config_setting(cfg) -> Setting:
     """What the config tells of the run the terms will train in (requirements.Setting): the teacher's kind and
-    cache, whether its class centres will be there, the batches and the models' feature stages; the embedding
-    sizes are preflight's (a teacher's size may be known only once it is loaded)."""
+    cache, whether its class centres will be there, the batches, the models' feature stages and the margin head's
+    traits; the embedding sizes are preflight's (a teacher's size may be known only once it is loaded)."""
     teacher = cfg.teacher
     stages = None
     if teacher is not None and not teacher.onnx:
@@ -222,4 +223,5 @@ def config_setting(cfg) -> Setting:
         centres = True if teacher.head else False if (teacher.onnx or teacher.train is None) else None
     return Setting(teacher=None if teacher is None else "onnx" if teacher.onnx else "torch",
                    cached=None if teacher is None else bool(teacher.cache), centres=centres,
-                   images_per_id=cfg.data.images_per_id or 0, batch_size=cfg.train.batch_size, stages=stages)
+                   images_per_id=cfg.data.images_per_id or 0, batch_size=cfg.train.batch_size, stages=stages,
+                   head=functools.partial(head_traits, cfg.margin))  # built only for a term that asks

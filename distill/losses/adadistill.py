@@ -24,7 +24,8 @@ def _choice(name: str, value, values) -> str:
     return value
 
 
-@register_loss("adadistill", requires=Requirements(sizes="same", replaces_classification=True))
+@register_loss("adadistill", requires=Requirements(sizes="same", replaces_classification=True,
+                                                   one_centre_per_class=True))
 class AdaDistill(nn.Module):
     """AdaDistill (Boutros et al., ECCV 2024): the teacher's knowledge goes into the student's class centres.
 

@@ -113,7 +113,8 @@ class MarginKD(_CentresLoss):
 MarginMax = Literal["device", "global"]
 
 
-@register_loss("margin_distillation", requires=Requirements(centres=True, sizes="same", replaces_classification=True))
+@register_loss("margin_distillation", requires=Requirements(centres=True, sizes="same", replaces_classification=True,
+                                                            sample_margins=True))
 class MarginDistillation(_CentresLoss):
     """MarginDistillation (Svitov & Alyamkin 2020); see the module docstring. Options: m_max (0.5), m_min (0.2),
     train_centres (false: the teacher's centres stay frozen, as the authors' train.py keeps them; true: they train
