@@ -19,6 +19,7 @@ from distill.models.files import load_student, save_student
 from distill.models.registry import create_model, model_defaults
 from distill.train.engine import StageSpec, run_stage
 from distill.utils.checkpoint import safe_torch_load
+from distill.utils.errors import ConfigError
 
 # arcface_torch's state dicts (deepinsight/insightface, recognition/arcface_torch/backbones/mobilefacenet.py; get_mbf:
 # blocks (1, 4, 6, 2), scale 2; get_mbf_large: (2, 8, 12, 4), scale 4), one line a block: `prefix kind sizes`.
@@ -140,15 +141,15 @@ def test_either_spelling_of_the_embedding_size():
         model = timm.create_model("mbf", input_size=32, **kwargs).eval()
         assert model(x).shape == (2, 128) and model.config["embedding_size"] == 128
         assert "num_features" not in model.config  # student.pt records the registry's spelling
-    with pytest.raises(ValueError, match="num_features .arcface_torch's name. and embedding_size are the same"):
+    with pytest.raises(ConfigError, match="num_features .arcface_torch's name. and embedding_size are the same"):
         create_model("mbf", num_features=128, embedding_size=256)
     plain, half = (create_model("mbf", input_size=32, fp16=fp16).eval() for fp16 in (False, True))
     half.load_state_dict(plain.state_dict())
     with torch.no_grad():  # arcface_torch's switch: CUDA float16 autocast on the layers, nothing on a CPU
         assert torch.equal(half(x), plain(x)) and half.config["fp16"] is True
-    with pytest.raises(ValueError, match="blocks must be 4 counts"):
+    with pytest.raises(ConfigError, match=r"key 'blocks' must be 4 counts of at least 1 .*got \[1, 4, 6\]"):
         create_model("mbf", blocks=[1, 4, 6])
-    with pytest.raises(ValueError, match="scale must be a whole number >= 1"):
+    with pytest.raises(ConfigError, match="key 'scale' must be a whole number >= 1"):
         create_model("mbf", scale=0)
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from distill.models.contract import FaceModelContract, check_in_chans, face_pretrained_cfg
 from distill.models.registry import register_model
+from distill.utils.errors import ConfigError
 
 
 class ConvBNPReLU(nn.Module):
@@ -113,11 +114,13 @@ class MobileFaceNet(FaceModelContract, nn.Module):
                  input_size: int = 112, num_classes: int = 0, in_chans: int = 3):
         super().__init__()
         check_in_chans(in_chans, "MobileFaceNet")
-        if len(blocks) != 4 or not all(isinstance(b, int) and b >= 1 for b in blocks):
-            raise ValueError(f"MobileFaceNet blocks must be 4 counts of at least 1 (arcface_torch's mbf: "
-                             f"[1, 4, 6, 2]), got {blocks!r}")
+        # ConfigError (a ValueError): a config's student.<key> / teacher.<key> gets one line, not a traceback
+        if len(blocks) != 4 or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in blocks):
+            raise ConfigError(f"MobileFaceNet: key 'blocks' must be 4 counts of at least 1 (mbf: [1, 4, 6, 2], "
+                              f"mbf_large: [2, 8, 12, 4]), got {list(blocks)!r}")
         if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
-            raise ValueError(f"MobileFaceNet scale must be a whole number >= 1 (mbf: 2, mbf_large: 4), got {scale!r}")
+            raise ConfigError(f"MobileFaceNet: key 'scale' must be a whole number >= 1 (mbf: 2, mbf_large: 4), "
+                              f"got {scale!r}")
         self.fp16 = fp16
         self.config = dict(embedding_size=embedding_size, blocks=list(blocks), scale=scale, fp16=fp16,
                            input_size=input_size)
@@ -192,8 +195,8 @@ def _embedding_size(embedding_size: int, num_features: int | None, name: str) ->
     if num_features is None:
         return embedding_size
     if embedding_size not in (512, num_features):
-        raise ValueError(f"{name}: num_features (arcface_torch's name) and embedding_size are the same argument; "
-                         f"got num_features={num_features} and embedding_size={embedding_size}: give one of them")
+        raise ConfigError(f"{name}: num_features (arcface_torch's name) and embedding_size are the same argument; "
+                          f"got num_features={num_features} and embedding_size={embedding_size}: give one of them")
     return num_features
 
 
