@@ -9,6 +9,7 @@ import yaml
 from tiny import tame
 
 from distill.config.schema import load_config
+from distill.models import cost
 from distill.models.files import load_student, save_student
 from distill.models.registry import (
     canonical_name,
@@ -55,6 +56,43 @@ def test_every_registered_model_builds_runs_at_two_sizes_saves_and_loads_strictl
     assert payload["arch"] == name and type(loaded) is type(model)
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), out)
+
+
+def test_model_cost_counts_on_the_meta_device_as_the_cpu_counts(monkeypatch):
+    """A model of cost.META_FROM parameters or more (IResNet-50 and deeper; here every one) is counted on the meta
+    device with the CPU's counts; a model the meta device cannot run (a value read from a tensor) is counted on the
+    CPU; neither draws a random number."""
+    import distill.models.registry
+
+    monkeypatch.setattr(cost, "_COSTS", {})
+    seen, count_flops = [], cost.count_flops
+
+    def spy(model, size):
+        seen.append(cost._device(model).type)
+        return count_flops(model, size)
+
+    monkeypatch.setattr(cost, "count_flops", spy)
+    monkeypatch.setattr(cost, "META_FROM", 0)  # every model goes to the meta device first (an IResNet-18: cheap)
+    kwargs = {"embedding_size": 24, "input_size": 16}
+    state = torch.random.get_rng_state()
+    counted = cost.model_cost("iresnet18", kwargs)
+    assert seen == ["meta"] and torch.equal(torch.random.get_rng_state(), state)
+    on_cpu = create_model("iresnet18", **kwargs)
+    assert counted == (cost.params_in_use(on_cpu, 16), count_flops(on_cpu, 16) / 1e9)
+
+    monkeypatch.setattr(distill.models.registry, "_MODELS", dict(distill.models.registry._MODELS))
+
+    class ReadsAValue(torch.nn.Linear):
+        def forward(self, x):
+            return super().forward(x.flatten(1)) * float(x.abs().max() > 0)  # .item(): none on the meta device
+
+    @register_model(builds=torch.nn.Linear)
+    def test_only_reads_a_value(embedding_size: int = 8, input_size: int = 4):
+        return ReadsAValue(3 * input_size * input_size, embedding_size)
+
+    seen.clear()
+    assert cost.model_cost("test_only_reads_a_value", {"input_size": 4}) == (8 * 48 + 8, 2 * 48 * 8 / 1e9)
+    assert seen == ["cpu"]
 
 
 def test_aliases_build_the_same_architecture():
