@@ -12,8 +12,8 @@ Entries (one section each below):
   plain `model.load_state_dict` (last.pt's model state), so student.pt, last.pt and teacher checkpoints written
   with the old keys load unchanged. Teacher fingerprints keep hashing the old key names
   (`fingerprint_state_dict`), so the teacher caches keyed by them stay valid.
-- Constructor arguments in student.pt (`MODEL_KWARG_RENAMES`; `upgrade_model_kwargs`): IResNet `num_features`
-  (arcface_torch's name) -> `embedding_size`.
+- Constructor arguments in student.pt and in a config's student/teacher section (`MODEL_KWARG_RENAMES`;
+  `upgrade_model_kwargs`): IResNet's and MobileFaceNet's `num_features` (arcface_torch's name) -> `embedding_size`.
 - FAR keys of result.json / summary.json in eval_ijbc.py's spelling ('1e-06', '0.0001') -> far_key's ('1e-6',
   '1e-4'): distill.eval.far.normalise_results (kept beside far_key, whose rule it applies; this module imports
   nothing of distill).
@@ -118,6 +118,7 @@ def fingerprint_state_dict(model) -> dict:
 # canonical registry name's prefix) -> the current argument.
 MODEL_KWARG_RENAMES: dict[str, dict[str, str]] = {
     "iresnet": {"num_features": "embedding_size"},  # arcface_torch's name for the embedding size
+    "mbf": {"num_features": "embedding_size"},      # the same in its MobileFaceNets (mbf, mbf_large)
 }
 
 

@@ -151,6 +151,9 @@ def test_either_spelling_of_the_embedding_size():
         create_model("mbf", blocks=[1, 4, 6])
     with pytest.raises(ConfigError, match="key 'scale' must be a whole number >= 1"):
         create_model("mbf", scale=0)
+    for arch in ("mbf", "r50"):  # a config in arcface_torch's spelling sizes the embedding the run records
+        cfg = build_config({"data": {"train": "faces"}, "student": {"arch": arch, "num_features": 64}}, quiet=True)
+        assert cfg.student.embedding_size == 64 and cfg.student.model_kwargs(32)["embedding_size"] == 64
 
 
 # ------------------------------------------------------------------------------ timm's contract, the shared checks

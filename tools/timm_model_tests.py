@@ -17,7 +17,7 @@ import tarfile
 import tempfile
 
 FACE_MODELS = ("vargfacenet", "vargfacenet_depthwise", "iresnet18", "iresnet34", "iresnet50", "iresnet100",
-               "iresnet200", "r18", "r34", "r50", "r100", "r200")
+               "iresnet200", "r18", "r34", "r50", "r100", "r200", "mbf", "mbf_large")
 
 CONFTEST = '''
 import distill  # noqa: F401 - registers the face models with timm

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from distill.compat import upgrade_legacy_teacher
+from distill.compat import upgrade_legacy_teacher, upgrade_model_kwargs
 from distill.config.checks import check_machine, check_semantics
 from distill.config.files import key_paths, load_with_bases, merge_experiment, parse_overrides, read_yaml_mapping
 from distill.config.keys import Affects, affects, flat_dict, is_harmless, resume_entries, teacher_keys
@@ -29,7 +29,13 @@ from distill.data.gpu_decode import DECODES
 from distill.data.ijb import TARGETS as IJB_TARGETS
 from distill.losses.heads import HEADS
 from distill.losses.terms import parse_terms
-from distill.models.registry import check_model_kwargs, check_model_name, did_you_mean, model_defaults
+from distill.models.registry import (
+    canonical_name,
+    check_model_kwargs,
+    check_model_name,
+    did_you_mean,
+    model_defaults,
+)
 from distill.utils.atomic import atomic_open
 from distill.utils.device import AMP_MODES
 from distill.utils.dist import DEFAULT_TIMEOUT_MINUTES
@@ -103,7 +109,10 @@ def _spread(effect: Affects, **resume):
 
 
 def _model_kwargs(arch: str, given: dict, section: str, own: tuple) -> dict:
-    """`given` checked against `arch`'s constructor, completed with its defaults (tuples as lists, for YAML)."""
+    """`given` checked against `arch`'s constructor, completed with its defaults (tuples as lists, for YAML);
+    arcface_torch's argument names first become the registry's (distill/compat.py: num_features, which wins over
+    an embedding_size beside it: a base file's embedding_size is overridden by the file that names num_features)."""
+    given = upgrade_model_kwargs(canonical_name(arch), given)
     check_model_kwargs(arch, given, section=section, other_keys=own)
     defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in model_defaults(arch).items()}
     return {**defaults, **given}
