@@ -18,14 +18,44 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
 
 
-def test_gpu_check_runs_every_part_on_cpu_and_prints_one_json_line(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "WANDB_MODE": "disabled"}
-    done = subprocess.run([str(SCRIPT), "--device", "cpu", "--tiny", "--compile-backend", "eager",
-                           "--keep", str(tmp_path), "--threads", "1"],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 1, done.stdout  # one JSON line, nothing else on stdout
+def _gpu_check(monkeypatch):
+    """benchmarks/gpu_check.py as a module of this process, with its folder on sys.path (its parts' modules)."""
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT.with_suffix(".py"))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    import distill.train.setup
+    monkeypatch.setattr(distill.train.setup, "COMPILE_BACKEND", distill.train.setup.COMPILE_BACKEND)  # main sets it
+    return gpu_check
+
+
+def test_the_wrapper_runs_gpu_check_py_from_the_checkout_with_its_arguments(tmp_path):
+    """gpu_check.sh checks that $PYTHON imports torch and facedistill, then runs gpu_check.py with its arguments from
+    the checkout's root with the root on PYTHONPATH (a stand-in python reports how it was started)."""
+    stub = tmp_path / "python"
+    stub.write_text(f'#!/bin/sh\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\n'
+                    f"exec {sys.executable} -c 'import json, os, sys; "
+                    "print(json.dumps([os.getcwd(), os.environ[\"PYTHONPATH\"], sys.argv[1:]]))' \"$@\"\n")
+    stub.chmod(0o755)
+    done = subprocess.run([str(SCRIPT), "--device", "cpu", "--tiny"], env={**os.environ, "PYTHON": str(stub)},
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    cwd, path, argv = json.loads(done.stdout)
+    root = str(SCRIPT.parents[1])
+    assert cwd == root and path.split(os.pathsep)[0] == root
+    assert argv == ["benchmarks/gpu_check.py", "--device", "cpu", "--tiny"]
+
+
+def test_gpu_check_runs_every_part_on_cpu_and_prints_one_json_line(tmp_path, monkeypatch, capfd):
+    # in this process, its children forked from it (the shell wrapper: the test above): a fresh interpreter would
+    # spend seconds importing torch and timm again
+    gpu_check = _gpu_check(monkeypatch)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    argv = ["--device", "cpu", "--tiny", "--compile-backend", "eager", "--keep", str(tmp_path), "--threads", "1"]
+    assert gpu_check.run(lambda: gpu_check.main(argv), "gpu_check") == 0
+    stdout, stderr = capfd.readouterr()
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 1, stdout  # one JSON line, nothing else on stdout
     r = json.loads(lines[0])
     assert r["device"] == "cpu" and r["sizes"] == "tiny"
     for key in ("train_img_s", "train_compiled_img_s", "kd_cached_img_s", "kd_online_img_s", "kd_cached_time_ratio",
@@ -55,13 +85,8 @@ def test_gpu_check_runs_every_part_on_cpu_and_prints_one_json_line(tmp_path):
 
 
 def test_gpu_check_without_cuda_says_so(monkeypatch, capsys):
-    # in this process (the shell wrapper is run above): a second interpreter would spend its time importing torch
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT.with_suffix(".py"))
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = _gpu_check(monkeypatch)
     monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: False)
-    import distill.train.setup
-    monkeypatch.setattr(distill.train.setup, "COMPILE_BACKEND", distill.train.setup.COMPILE_BACKEND)  # main sets it
     assert gpu_check.main([]) == 2
     assert "no CUDA device here" in json.loads(capsys.readouterr().out)["error"]
 
