@@ -92,16 +92,17 @@ def tiny_finished_run(tmp_path_factory):
 
 
 # The modules that take longest on one worker, longest first: seconds for the file alone on this project's 2-core CPU
-# (its tests, without the interpreter's start): study 53, recursive 24, imports 24, teacher_identity 23 (the session's
-# tiny finished run included), synthetic_r100 23, gpu_check 21, engine 21, shared_teacher 20, onnx 17,
-# self_contained 17, user_mistakes 15, teacher_cache 15, bad_inputs 15, registry 14, compare_sweep 14, distributed 12,
-# gpu_path 12, old_runs 12; every other module takes under 12 s and follows in file-name order. Started first, they
-# run while the other worker shares the rest, and the short modules even out the two workers at the end.
-LONGEST_FIRST = ("test_study.py", "test_recursive.py", "test_imports.py", "test_teacher_identity.py",
-                 "test_synthetic_r100.py", "test_gpu_check.py", "test_engine.py", "test_shared_teacher.py",
-                 "test_onnx.py", "test_self_contained.py", "test_user_mistakes.py", "test_teacher_cache.py",
-                 "test_bad_inputs.py", "test_registry.py", "test_compare_sweep.py", "test_distributed.py",
-                 "test_gpu_path.py", "test_old_runs.py")
+# (its tests, without the interpreter's start): study 42, teacher_identity 23 (the session's tiny finished run
+# included), recursive 22, engine 21, synthetic_r100 20, shared_teacher 20, gpu_check 17, onnx 17, user_mistakes 15,
+# teacher_cache 15, bad_inputs 15, imports 14, registry 14, compare_sweep 14, distributed 12, gpu_path 12, old_runs 12,
+# self_contained 11 (study, recursive, synthetic_r100, gpu_check, imports and self_contained measured again after
+# their speed-ups of issue 38); every other module takes under 12 s and follows in file-name order. Started first,
+# they run while the other worker shares the rest, and the short modules even out the two workers at the end.
+LONGEST_FIRST = ("test_study.py", "test_teacher_identity.py", "test_recursive.py", "test_engine.py",
+                 "test_synthetic_r100.py", "test_shared_teacher.py", "test_gpu_check.py", "test_onnx.py",
+                 "test_user_mistakes.py", "test_teacher_cache.py", "test_bad_inputs.py", "test_imports.py",
+                 "test_registry.py", "test_compare_sweep.py", "test_distributed.py", "test_gpu_path.py",
+                 "test_old_runs.py", "test_self_contained.py")
 
 
 def pytest_configure(config):
