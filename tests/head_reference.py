@@ -1,5 +1,5 @@
 """Shared by tests/test_reference_{adaface,curricularface,magface}.py: the inputs their reference script made (outside
-the repository, /work/ref39/h8_heads_ref.py, the authors' heads re-typed and run in float64), and the pinned checks."""
+the repository, ref39/h8_heads_ref.py, the authors' heads re-typed and run in float64), and the pinned checks."""
 
 import torch
 

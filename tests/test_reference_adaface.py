@@ -1,6 +1,6 @@
 """AdaFace (`adaface`) against its authors' head: mk-minchul/AdaFace @ 9cb981642eb7b579487bfadb0ee9ad8fc3772b74,
 head.py, class AdaFace (forward(embbedings, norms, label), norms = ‖x‖ before l2_norm as their backbone returns them),
-re-typed and run once in float64 outside the repository (/work/ref39/h8_heads_ref.py; docs/reference_numbers.md):
+re-typed and run once in float64 outside the repository (ref39/h8_heads_ref.py; docs/reference_numbers.md):
 m 0.4, h 0.333, s 64, t_alpha 0.01, the EMA starting at μ 20, σ 100, two steps on the same batch, the loss their
 cross-entropy of the logits. Inputs: seed 0, norms 5 .. 150 (150 past their clip at 100). Second case: σ preset to
 5 so the margin scaler reaches its clip at −1 and +1."""

@@ -1,6 +1,6 @@
 """CurricularFace (`curricularface`) against its authors' head: HuangYG123/CurricularFace @
 d3802651f9672ae4ac0d09235c292252ba53a364, head/metrics.py, class CurricularFace, re-typed and run once in float64
-outside the repository (/work/ref39/h8_heads_ref.py; docs/reference_numbers.md): m 0.5, s 64, t from 0, two steps on
+outside the repository (ref39/h8_heads_ref.py; docs/reference_numbers.md): m 0.5, s 64, t from 0, two steps on
 the same batch (t moves, so do the hard negatives' weights), the loss their cross-entropy of the logits. Inputs:
 seed 0, row norms 1 .. 6; every target angle below π − m, where their fallback and ours differ."""
 

@@ -1,7 +1,7 @@
 """MagFace (`magface`) against its authors' code: IrvingMeng/MagFace @ 719001a07b3cb87811450d53062d5ae678a4908e,
 models/magface.py (MagLinear with its default easy_margin, SoftmaxBuilder._margin, MagLoss) and run/trainer.py (loss =
 loss_id + lambda_g · loss_g), with run/run.sh's l_a 10, u_a 110, l_margin 0.45, u_margin 0.8, lambda_g 35, scale 64;
-re-typed and run once in float64 outside the repository (/work/ref39/h8_heads_ref.py; docs/reference_numbers.md).
+re-typed and run once in float64 outside the repository (ref39/h8_heads_ref.py; docs/reference_numbers.md).
 Inputs: seed 0, row norms 5 .. 130 (below l_a and above u_a: clipped, no gradient through the magnitude there)."""
 
 import pytest

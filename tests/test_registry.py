@@ -24,7 +24,8 @@ from distill.utils.errors import ConfigDeprecationWarning, ConfigError, UnknownN
 # every registered name (aliases resolve to these), plus one member of the timm/ family
 WALK = [n for n in list_models() if not n.endswith("<name>")] + ["timm/resnet10t"]
 SMALL = {"vargfacenet": dict(multiplier=0.25, last_channels=32, units=[1, 1, 1]),
-         "vargfacenet_depthwise": dict(multiplier=0.25, last_channels=32, units=[1, 1, 1])}
+         "vargfacenet_depthwise": dict(multiplier=0.25, last_channels=32, units=[1, 1, 1]),
+         "mbf": dict(scale=1, blocks=[1, 1, 1, 1]), "mbf_large": dict(scale=1, blocks=[2, 1, 1, 1])}
 
 
 def test_registry_lists_students_iresnets_aliases_and_the_timm_family():
