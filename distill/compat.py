@@ -130,7 +130,9 @@ def upgrade_model_kwargs(arch: str, kwargs: dict) -> dict:
         if arch.startswith(family):
             for old, new in renames.items():
                 if old in kwargs:
-                    kwargs[new] = kwargs.pop(old)
+                    value = kwargs.pop(old)
+                    if value is not None:  # None: not given (a config's recorded default), the current name stays
+                        kwargs[new] = value
     return kwargs
 
 # ------------------------------------------------------------------------------------------ teacher specs
