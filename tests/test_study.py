@@ -228,6 +228,13 @@ def test_the_report_writes_the_readme_summary_between_its_markers_and_nothing_el
     assert not out2.exists() and readme.read_text() == "# no markers\n"
 
 
+def test_the_cost_section_says_not_measured_without_timing_files():
+    report = _module("report")
+    assert report.time_section({})[2].startswith("Not measured in this run: no timing-<stream>.json")
+    measured = report.time_section({"prepare": {"teacher": 60.0}, "wall": 120.0})
+    assert "**2.0 minutes of wall time**" in measured[2] and "| prepare | teacher | 1.0 |" in measured
+
+
 def test_the_numbers_skip_a_point_another_process_is_still_creating(miniature, tmp_path):
     """Two study processes run side by side: one reads a sweep's folder while the other has made a point's folder
     but not yet its experiment.yaml (the curve's halves crashed on exactly that)."""

@@ -260,6 +260,11 @@ def diagnosis(pk: dict, shuffled: dict, recal: dict) -> str:
 def time_section(timing: dict) -> list:
     t = study_seconds(timing)
     streams, total, phases, wall = t["streams"], t["total"], t["phases"], t["wall"]
+    if not streams and not wall:
+        return ["## 5. What it cost", "",
+                "Not measured in this run: no timing-<stream>.json in <runs>/study (a run of the study in parts, "
+                "several processes at once on a machine busy with other work, leaves none that stands for "
+                "`experiments/studies/run_study.sh`). Run that script alone to measure it.", ""]
     lines = ["## 5. What it cost", "",
              "Measured on this project's 2-core CPU, `experiments/studies/run_study.sh` (the teacher and IJB set, then "
              "the budget curve in two halves side by side, then streams 1 and 2 side by side, one torch thread each, "
