@@ -10,8 +10,10 @@ import multiprocessing
 import os
 import socket
 import sys
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from distill.cli import main
 
@@ -55,6 +57,25 @@ def call_ranks(tmp, world: int, fn, *args) -> None:
     """`fn(*args)` in each of `world` forked ranks with torchrun's environment (fn joins the group itself:
     distill.utils.dist.init_distributed); a rank that raises fails the call."""
     _start(tmp, world, _call, (fn, args))
+
+
+def _gloo_rank(rank, tmp, world, port, body):
+    torch.set_num_threads(1)
+    data = torch.load(f"{tmp}/data.pt")
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        torch.save(body(rank, data), f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def gloo_ranks(tmp, data: dict, body, world: int = 2) -> list:
+    """[body(rank, data) of each rank]: `world` forked ranks joined in one gloo group (one torch thread each), each
+    given the tensors of `data` and returning what it computed (saved and read back through `tmp`)."""
+    torch.save(data, f"{tmp}/data.pt")
+    _start(tmp, world, _gloo_rank, (body,))
+    return [torch.load(f"{tmp}/rank{r}.pt") for r in range(world)]
 
 
 def cli_ranks(tmp, world: int, argv: list) -> tuple[list, list]:

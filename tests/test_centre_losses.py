@@ -4,13 +4,11 @@ that resume bit-identically, two gloo ranks holding halves of the centres equal 
 errors before any work."""
 
 import math
-import multiprocessing
 import os
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
+from forked_ranks import gloo_ranks
 from tiny import tiny_config, whole_and_resumed
 from tiny_experiment import write_experiment
 
@@ -176,26 +174,19 @@ def _objective(data, name):
     return objective
 
 
-def _gloo_worker(rank, tmp):
-    torch.set_num_threads(1)
-    data = torch.load(tmp / "data.pt")
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    try:
-        out = {}
-        lo, hi = ROWS[rank]
-        for name in ("kd", *MD):
-            objective = _objective(data, name)
-            student = data["student"][lo:hi].clone().requires_grad_()
-            total, _ = objective(student, data["labels"][lo:hi], data["teacher"][lo:hi])
-            total.backward()
-            margins = None
-            if name != "kd":
-                margins = objective.distill_loss.margins(objective.head, data["labels"][lo:hi], data["teacher"][lo:hi])
-            out[name] = (total.detach(), student.grad, margins)
-        torch.save(out, tmp / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _rank_work(rank, data):
+    out = {}
+    lo, hi = ROWS[rank]
+    for name in ("kd", *MD):
+        objective = _objective(data, name)
+        student = data["student"][lo:hi].clone().requires_grad_()
+        total, _ = objective(student, data["labels"][lo:hi], data["teacher"][lo:hi])
+        total.backward()
+        margins = None
+        if name != "kd":
+            margins = objective.distill_loss.margins(objective.head, data["labels"][lo:hi], data["teacher"][lo:hi])
+        out[name] = (total.detach(), student.grad, margins)
+    return out
 
 
 def test_two_gloo_ranks_holding_halves_of_the_centres_equal_one_process(tmp_path):
@@ -206,10 +197,7 @@ def test_two_gloo_ranks_holding_halves_of_the_centres_equal_one_process(tmp_path
     data = dict(head=torch.randn(C, E, dtype=torch.float64), centres=centres, labels=labels,
                 student=torch.randn(B, E, dtype=torch.float64),
                 teacher=centres[labels] + 0.5 * torch.randn(B, E, dtype=torch.float64))  # c_i > 0 on each rank
-    torch.save(data, tmp_path / "data.pt")
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    torch.multiprocessing.start_processes(_gloo_worker, args=(tmp_path,), nprocs=2, join=True, start_method=method)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = gloo_ranks(tmp_path, data, _rank_work)
     own = _objective(data, "md_device").distill_loss  # one process: the device maximum of each half alone
     each = torch.cat([own.margins(_objective(data, "md_device").head, labels[lo:hi], data["teacher"][lo:hi])
                       for lo, hi in ROWS])

@@ -4,13 +4,11 @@ process in loss, gradients and state (sharded and with PartialFC sampling), the 
 for bit. Their authors' numbers: tests/test_reference_{adaface,curricularface,magface}.py."""
 
 import math
-import multiprocessing
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from forked_ranks import gloo_ranks
 from tiny import tiny_config, whole_and_resumed
 from torch import nn
 
@@ -149,32 +147,25 @@ E, C, IN = 6, 23, 5
 ROWS = [(0, 3), (3, 5)]  # rank 0 holds 3 samples, rank 1 holds 2
 
 
-def _gloo_worker(rank, tmp):
-    torch.set_num_threads(1)
-    data = torch.load(tmp / "data.pt")
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    try:
-        lo, hi = ROWS[rank]
-        out = {}
-        for name in HEADS:
-            head = built(name, data["weight"])
-            backbone = nn.Linear(IN, E).double()
-            backbone.load_state_dict(data["backbone"])
-            ddp = nn.parallel.DistributedDataParallel(backbone)
-            emb = ddp(data["x"][lo:hi])
-            emb.retain_grad()
-            loss, _ = head(emb, data["y"][lo:hi])
-            loss.backward()
-            torch.manual_seed(10 + rank)
-            sampled = built(name, data["weight"], sample_rate=0.5)
-            out[name] = dict(loss=loss.detach(), emb_grad=emb.grad, backbone_grad=backbone.weight.grad,
-                             weight_grad=head.weight.grad, state=head.head_state(),
-                             sampled_loss=sampled(data["x"][lo:hi] @ data["proj"], data["y"][lo:hi])[0].detach(),
-                             sampled_classes=sampled.sampled_classes, sampled_state=sampled.head_state())
-        torch.save(out, tmp / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _rank_work(rank, data):
+    lo, hi = ROWS[rank]
+    out = {}
+    for name in HEADS:
+        head = built(name, data["weight"])
+        backbone = nn.Linear(IN, E).double()
+        backbone.load_state_dict(data["backbone"])
+        ddp = nn.parallel.DistributedDataParallel(backbone)
+        emb = ddp(data["x"][lo:hi])
+        emb.retain_grad()
+        loss, _ = head(emb, data["y"][lo:hi])
+        loss.backward()
+        torch.manual_seed(10 + rank)
+        sampled = built(name, data["weight"], sample_rate=0.5)
+        out[name] = dict(loss=loss.detach(), emb_grad=emb.grad, backbone_grad=backbone.weight.grad,
+                         weight_grad=head.weight.grad, state=head.head_state(),
+                         sampled_loss=sampled(data["x"][lo:hi] @ data["proj"], data["y"][lo:hi])[0].detach(),
+                         sampled_classes=sampled.sampled_classes, sampled_state=sampled.head_state())
+    return out
 
 
 def test_two_gloo_ranks_equal_one_process_in_loss_gradients_and_state(tmp_path):
@@ -185,10 +176,7 @@ def test_two_gloo_ranks_equal_one_process_in_loss_gradients_and_state(tmp_path):
     data = dict(x=torch.randn(5, IN, dtype=torch.float64), y=torch.tensor([0, 22, 11, 12, 5]),
                 weight=torch.randn(C, E, dtype=torch.float64), backbone=backbone.state_dict(),
                 proj=30.0 * torch.randn(IN, E, dtype=torch.float64))
-    torch.save(data, tmp_path / "data.pt")
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    torch.multiprocessing.start_processes(_gloo_worker, args=(tmp_path,), nprocs=2, join=True, start_method=method)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = gloo_ranks(tmp_path, data, _rank_work)
     for name in HEADS:
         reference = built(name, data["weight"])
         net = nn.Linear(IN, E).double()

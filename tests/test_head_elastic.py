@@ -2,13 +2,11 @@
 the draw's seed and resume, two gloo ranks equal to one process, and a stage that resumes bit for bit."""
 
 import math
-import multiprocessing
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from forked_ranks import gloo_ranks
 from tiny import tiny_config, whole_and_resumed
 
 from distill.losses.heads import create_head, head_from_config, head_traits
@@ -116,29 +114,22 @@ CASES = {  # name: (head, options)
 }
 
 
-def _gloo_worker(rank, tmp):
-    torch.set_num_threads(1)
-    data = torch.load(tmp / "data.pt")
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    try:
-        out, (lo, hi) = {}, ROWS[rank]
-        for case, (name, options) in CASES.items():
-            torch.manual_seed(42)  # as the engine seeds every rank alike before it builds the head
-            head = create_head(name, E, C, s=S, **options).double()
-            head.load_full_weight(data["weight"])
-            emb = data["emb"][lo:hi].clone().requires_grad_()
-            loss, _ = head(emb, data["y"][lo:hi])
-            loss.backward()
-            out[case] = dict(loss=loss.detach(), emb_grad=emb.grad, weight_grad=head.weight.grad, seed=head.seed)
-        torch.manual_seed(10 + rank)
-        sampled = create_head("elasticface_arc", E, C, s=S, std=0.2, sample_rate=0.5, seed=4).double()
-        sampled.load_full_weight(data["weight"])
-        out["sampled"] = dict(loss=sampled(data["emb"][lo:hi], data["y"][lo:hi])[0].detach(),
-                              classes=sampled.sampled_classes)
-        torch.save(out, tmp / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _rank_work(rank, data):
+    out, (lo, hi) = {}, ROWS[rank]
+    for case, (name, options) in CASES.items():
+        torch.manual_seed(42)  # as the engine seeds every rank alike before it builds the head
+        head = create_head(name, E, C, s=S, **options).double()
+        head.load_full_weight(data["weight"])
+        emb = data["emb"][lo:hi].clone().requires_grad_()
+        loss, _ = head(emb, data["y"][lo:hi])
+        loss.backward()
+        out[case] = dict(loss=loss.detach(), emb_grad=emb.grad, weight_grad=head.weight.grad, seed=head.seed)
+    torch.manual_seed(10 + rank)
+    sampled = create_head("elasticface_arc", E, C, s=S, std=0.2, sample_rate=0.5, seed=4).double()
+    sampled.load_full_weight(data["weight"])
+    out["sampled"] = dict(loss=sampled(data["emb"][lo:hi], data["y"][lo:hi])[0].detach(),
+                          classes=sampled.sampled_classes)
+    return out
 
 
 def paired_by_segment(margins, target, sizes, pairing):
@@ -157,10 +148,7 @@ def test_two_gloo_ranks_equal_one_process_with_the_same_draw(tmp_path):
     weight = torch.randn(C, E, generator=g, dtype=torch.float64)
     y = torch.tensor([0, 22, 11, 12, 5])
     data = dict(weight=weight, y=y, emb=weight[y] + 0.8 * torch.randn(5, E, generator=g, dtype=torch.float64))
-    torch.save(data, tmp_path / "data.pt")
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    torch.multiprocessing.start_processes(_gloo_worker, args=(tmp_path,), nprocs=2, join=True, start_method=method)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = gloo_ranks(tmp_path, data, _rank_work)
 
     torch.manual_seed(42)
     seed = create_head("elasticface_arc", E, C).seed  # the seed each rank drew from the same generator state

@@ -1,13 +1,11 @@
 """Sub-center ArcFace (subcenter_arcface): the max over k sub-centres by hand, k = 1 is ArcFace, PartialFC keeps a
 class's k sub-centres together, two gloo ranks equal one process, the centre losses refuse it, a stage resumes."""
 
-import multiprocessing
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from forked_ranks import gloo_ranks
 from tiny import tiny_config, whole_and_resumed
 
 from distill.losses.heads import create_head, head_from_config, head_traits
@@ -110,28 +108,21 @@ E, C, K, S = 6, 23, 3, 16.0   # 23 classes: shards of 12 and 11
 ROWS = [(0, 3), (3, 5)]       # rank 0 holds 3 samples, rank 1 holds 2
 
 
-def _gloo_worker(rank, tmp):
-    torch.set_num_threads(1)
-    data = torch.load(tmp / "data.pt")
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
-    try:
-        lo, hi = ROWS[rank]
-        head = create_head("subcenter_arcface", E, C, s=S).double()
-        head.load_full_weight(data["weight"])
-        emb = data["emb"][lo:hi].clone().requires_grad_()
-        loss, _ = head(emb, data["y"][lo:hi])
-        loss.backward()
-        out = dict(loss=loss.detach(), emb_grad=emb.grad, weight_grad=head.weight.grad, full=head.full_weight(),
-                   shard=tuple(head.weight.shape))
-        torch.manual_seed(10 + rank)
-        sampled = create_head("subcenter_arcface", E, C, s=S, sample_rate=0.5).double()
-        sampled.load_full_weight(data["weight"])
-        out.update(sampled_loss=sampled(data["emb"][lo:hi], data["y"][lo:hi])[0].detach(),
-                   sampled_classes=sampled.sampled_classes)
-        torch.save(out, tmp / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _rank_work(rank, data):
+    lo, hi = ROWS[rank]
+    head = create_head("subcenter_arcface", E, C, s=S).double()
+    head.load_full_weight(data["weight"])
+    emb = data["emb"][lo:hi].clone().requires_grad_()
+    loss, _ = head(emb, data["y"][lo:hi])
+    loss.backward()
+    out = dict(loss=loss.detach(), emb_grad=emb.grad, weight_grad=head.weight.grad, full=head.full_weight(),
+               shard=tuple(head.weight.shape))
+    torch.manual_seed(10 + rank)
+    sampled = create_head("subcenter_arcface", E, C, s=S, sample_rate=0.5).double()
+    sampled.load_full_weight(data["weight"])
+    out.update(sampled_loss=sampled(data["emb"][lo:hi], data["y"][lo:hi])[0].detach(),
+               sampled_classes=sampled.sampled_classes)
+    return out
 
 
 def test_two_gloo_ranks_equal_one_process_holding_every_sub_centre(tmp_path):
@@ -140,10 +131,7 @@ def test_two_gloo_ranks_equal_one_process_holding_every_sub_centre(tmp_path):
     y = torch.tensor([0, 22, 11, 12, 5])
     near = torch.tensor([0, 1, 2, 1, 0])  # the sub-centre each sample starts near
     data = dict(weight=weight, y=y, emb=weight[y, near] + 0.6 * torch.randn(5, E, generator=g, dtype=torch.float64))
-    torch.save(data, tmp_path / "data.pt")
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    torch.multiprocessing.start_processes(_gloo_worker, args=(tmp_path,), nprocs=2, join=True, start_method=method)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = gloo_ranks(tmp_path, data, _rank_work)
 
     emb, w = data["emb"].clone().requires_grad_(), weight.clone().requires_grad_()
     loss = by_hand(emb, w, y, S, 0.5)
