@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from study_numbers import diff_text, fmt, only_stage, stats
+from study_numbers import BEFORE, diff_text, fmt, only_stage, stats
 
 BEGIN = ("<!-- study summary: written by experiments/studies/report.py --readme; edits between these lines are "
          "overwritten -->")
@@ -56,7 +56,7 @@ def summary(sweeps: dict, choice: dict, best: str, arms: list, words: list, seco
         lines.append("  " + _row(*row))
     table = sweeps["face_kd_table"]
     scratch = only_stage(table, "scratch")
-    ranked = sorted((r for r in table_rows if not r.startswith(("scratch", "ekd")) and not r.endswith("-pre38")),
+    ranked = sorted((r for r in table_rows if not r.startswith(("scratch", "ekd")) and not r.endswith(BEFORE)),
                     key=lambda r: -(stats(only_stage(table, r)["acc"])[0] or 0))
     lines += ["", "- **The face-KD table** (one stage of E epochs per row, shuffled batches; accuracy %, synthetic "
               f"IJB-C TAR@FAR=1e-4 %, accuracy minus scratch): scratch {fmt(scratch['acc'])}, "
